@@ -1,0 +1,73 @@
+/*
+ * Small POSIX helpers Node's standard library lacks, for qledger:
+ *   seekData(fd, offset) / seekHole(fd, offset): lseek(2) with SEEK_DATA /
+ *     SEEK_HOLE; -1 when there is no data at or after offset (ENXIO).
+ *     `map` needs them to tell holes from data the way QEMU does.
+ *   fallocate(fd, mode, offset, length): fallocate(2); mode 0 allocates,
+ *     1 punches a hole (PUNCH_HOLE|KEEP_SIZE), 2 zeroes a range (ZERO_RANGE).
+ * Errors are thrown as JS errors carrying the errno name in `code`.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <unistd.h>
+#include <node_api.h>
+
+static napi_value throw_errno(napi_env env, int err, const char *what) {
+  char msg[128];
+  const char *code = err == ENXIO ? "ENXIO" : err == EOPNOTSUPP ? "EOPNOTSUPP" : err == EINVAL ? "EINVAL" : err == ENOSPC ? "ENOSPC" : "EIO";
+  snprintf(msg, sizeof msg, "%s: %s", what, strerror(err));
+  napi_throw_error(env, code, msg);
+  return NULL;
+}
+
+static int get_args(napi_env env, napi_callback_info info, size_t want, double *out) {
+  napi_value argv[4];
+  size_t argc = 4;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < want) return -1;
+  for (size_t i = 0; i < want; i++)
+    if (napi_get_value_double(env, argv[i], &out[i]) != napi_ok) return -1;
+  return 0;
+}
+
+static napi_value do_seek(napi_env env, napi_callback_info info, int whence) {
+  double a[2];
+  napi_value r;
+  if (get_args(env, info, 2, a)) return throw_errno(env, EINVAL, "seek");
+  off_t o = lseek((int)a[0], (off_t)a[1], whence);
+  if (o < 0) {
+    if (errno == ENXIO) {
+      napi_create_double(env, -1, &r);
+      return r;
+    }
+    return throw_errno(env, errno, "lseek");
+  }
+  napi_create_double(env, (double)o, &r);
+  return r;
+}
+
+static napi_value seek_data(napi_env env, napi_callback_info info) { return do_seek(env, info, SEEK_DATA); }
+static napi_value seek_hole(napi_env env, napi_callback_info info) { return do_seek(env, info, SEEK_HOLE); }
+
+static napi_value do_fallocate(napi_env env, napi_callback_info info) {
+  double a[4];
+  if (get_args(env, info, 4, a)) return throw_errno(env, EINVAL, "fallocate");
+  int mode = 0;
+  if ((int)a[1] == 1) mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+  else if ((int)a[1] == 2) mode = FALLOC_FL_ZERO_RANGE;
+  if (fallocate((int)a[0], mode, (off_t)a[2], (off_t)a[3]) < 0) return throw_errno(env, errno, "fallocate");
+  return NULL;
+}
+
+static napi_value init(napi_env env, napi_value exports) {
+  napi_property_descriptor d[] = {
+    {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_default, NULL},
+    {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_default, NULL},
+    {"fallocate", NULL, do_fallocate, NULL, NULL, NULL, napi_default, NULL},
+  };
+  napi_define_properties(env, exports, sizeof d / sizeof d[0], d);
+  return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, init)

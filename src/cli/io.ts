@@ -1,0 +1,193 @@
+/**
+ * `qledger io`: qemu-io's -c command language. Read-only commands for now:
+ * read, map, alloc, info, length. Output matches qemu-io's; a failing command
+ * makes the exit status 1, as in qemu-io.
+ */
+
+import { QledgerError, UsageError } from '../errors.ts';
+import { getopt, parseSize, splitCommand } from './args.ts';
+import { Image } from '../engine/image.ts';
+import { Qcow2Layer } from '../engine/qcow2-layer.ts';
+import { formatInfoHuman } from '../engine/info.ts';
+import { guest } from '../engine/layer.ts';
+import type { Output } from './main.ts';
+
+/** qemu-io's cvtstr(): "%.3f" with ".000" trimmed, binary units. */
+export function cvtstr(v: number): string {
+  const units: Array<[number, string]> = [
+    [2 ** 60, ' EiB'],
+    [2 ** 50, ' PiB'],
+    [2 ** 40, ' TiB'],
+    [2 ** 30, ' GiB'],
+    [2 ** 20, ' MiB'],
+    [2 ** 10, ' KiB'],
+  ];
+  let suffix = ' bytes';
+  for (const [u, s] of units) {
+    if (v >= u) {
+      v /= u;
+      suffix = s;
+      break;
+    }
+  }
+  const t = v.toFixed(3);
+  return (t.endsWith('.000') ? t.slice(0, -4) : t) + suffix;
+}
+
+function report(io: Output, verb: string, bytes: number, offset: number, secs: number): void {
+  io.out(`${verb} ${bytes}/${bytes} bytes at offset ${offset}\n`);
+  const s = Math.max(secs, 1e-9);
+  const whole = Math.floor(secs);
+  const ts = `${String(whole).padStart(2, '0')}.${String(Math.floor((secs - whole) * 100)).padStart(2, '0')} sec`;
+  io.out(`${cvtstr(bytes)}, 1 ops; ${ts} (${cvtstr(bytes / s)}/sec and ${(1 / s).toFixed(4)} ops/sec)\n`);
+}
+
+function isalnum(c: number): boolean {
+  return (c >= 48 && c <= 57) || (c >= 65 && c <= 90) || (c >= 97 && c <= 122);
+}
+
+function dump(io: Output, buf: Uint8Array, offset: number): void {
+  for (let i = 0; i < buf.length; i += 16) {
+    const row = buf.subarray(i, Math.min(buf.length, i + 16));
+    let line = (offset + i).toString(16).padStart(8, '0') + ':  ';
+    for (const b of row) line += b.toString(16).padStart(2, '0') + ' ';
+    line += ' ';
+    for (const b of row) line += isalnum(b) ? String.fromCharCode(b) : '.';
+    io.out(line + '\n');
+  }
+}
+
+function num(text: string | undefined, what: string): number {
+  if (text === undefined) throw new UsageError(`missing ${what}`);
+  return parseSize(text, what);
+}
+
+async function ioRead(img: Image, args: string[], io: Output): Promise<boolean> {
+  const p = getopt(args, { withArg: 'P', flags: 'vqbCpl', long: {} }, 'read');
+  if (p.positional.length !== 2) throw new UsageError('read: expecting offset and length');
+  const offset = num(p.positional[0], 'offset');
+  const len = num(p.positional[1], 'length');
+  if (offset + len > img.size) {
+    io.err(`read failed: Input/output error\n`);
+    return false;
+  }
+  const t0 = process.hrtime.bigint();
+  const buf = await img.read(offset, len);
+  const secs = Number(process.hrtime.bigint() - t0) / 1e9;
+  let ok = true;
+  const pat = p.opts.find(([k]) => k === 'P')?.[1];
+  if (typeof pat === 'string') {
+    const v = Number(pat);
+    if (!Number.isInteger(v) || v < 0 || v > 255) throw new UsageError(`read: invalid pattern '${pat}'`);
+    if (buf.some((b) => b !== v)) {
+      io.out(`Pattern verification failed at offset ${offset}, ${len} bytes\n`);
+      ok = false;
+    }
+  }
+  if (p.opts.some(([k]) => k === 'v')) dump(io, buf, offset);
+  if (!p.opts.some(([k]) => k === 'q')) report(io, 'read', len, offset, secs);
+  return ok;
+}
+
+/** Allocation in the top image only (bdrv_is_allocated), as qemu-io's map and alloc use. */
+async function topAllocated(img: Image, offset: number, bytes: number): Promise<{ allocated: boolean; length: number }> {
+  const st = await img.top.status(guest(offset), bytes);
+  const allocated = st.type === 'normal' || st.type === 'compressed' || st.type === 'raw-data' || st.type === 'zero-plain' || st.type === 'zero-alloc';
+  return { allocated, length: st.length };
+}
+
+async function ioMap(img: Image, io: Output): Promise<boolean> {
+  let off = 0;
+  while (off < img.size) {
+    let { allocated, length } = await topAllocated(img, off, img.size - off);
+    while (off + length < img.size) {
+      const n = await topAllocated(img, off + length, img.size - off - length);
+      if (n.allocated !== allocated) break;
+      length += n.length;
+    }
+    io.out(`${cvtstr(length)} (0x${length.toString(16)}) bytes ${allocated ? '    allocated' : 'not allocated'} at offset ${cvtstr(off)} (0x${off.toString(16)})\n`);
+    off += length;
+  }
+  return true;
+}
+
+async function ioAlloc(img: Image, args: string[], io: Output): Promise<boolean> {
+  if (args.length < 1 || args.length > 2) throw new UsageError('alloc: expecting offset [count]');
+  const offset = num(args[0], 'offset');
+  const count = args[1] !== undefined ? num(args[1], 'count') : 512;
+  let sum = 0;
+  for (let o = offset; o < offset + count; ) {
+    const s = await topAllocated(img, o, offset + count - o);
+    if (s.allocated) sum += s.length;
+    o += s.length;
+  }
+  io.out(`${sum}/${count} bytes allocated at offset ${cvtstr(offset)}\n`);
+  return true;
+}
+
+async function ioInfo(img: Image, io: Output): Promise<boolean> {
+  const top = img.top;
+  io.out(`format name: ${top.format}\n`);
+  if (top instanceof Qcow2Layer) {
+    const g = top.geometry;
+    io.out(`cluster size: ${cvtstr(g.clusterSize)}\n`);
+    const span = g.clusterSize * g.l2Entries;
+    io.out(`vm state offset: ${cvtstr(Math.ceil(top.header.size / span) * span)}\n`);
+    const info = await img.info();
+    const text = formatInfoHuman(info, []);
+    const at = text.indexOf('Format specific information:');
+    if (at >= 0) io.out(text.slice(at));
+  }
+  return true;
+}
+
+export async function runIo(argv: string[], io: Output): Promise<number> {
+  const p = getopt(argv, { withArg: 'cfot', flags: 'rUnqkmhTs', long: { 'force-share': false, 'image-opts': false, 'read-only': false, format: true, cmd: true } }, 'io');
+  if (p.positional.length !== 1) throw new UsageError('io: expecting one image filename');
+  const cmds = p.opts.filter(([k]) => k === 'c' || k === 'cmd').map(([, v]) => String(v));
+  const fmt = p.opts.find(([k]) => k === 'f' || k === 'format')?.[1];
+  if (fmt !== undefined && fmt !== 'qcow2' && fmt !== 'raw') throw new UsageError(`Unknown file format '${String(fmt)}'`);
+  const img = await Image.open(p.positional[0]!, { format: fmt as 'qcow2' | 'raw' | undefined });
+  let failed = false;
+  try {
+    for (const line of cmds) {
+      const [name, ...args] = splitCommand(line);
+      if (!name) continue;
+      try {
+        let ok: boolean;
+        switch (name) {
+          case 'read':
+          case 'r':
+            ok = await ioRead(img, args, io);
+            break;
+          case 'map':
+            ok = await ioMap(img, io);
+            break;
+          case 'alloc':
+            ok = await ioAlloc(img, args, io);
+            break;
+          case 'info':
+          case 'i':
+            ok = await ioInfo(img, io);
+            break;
+          case 'length':
+          case 'len':
+            io.out(`${cvtstr(img.size)}\n`);
+            ok = true;
+            break;
+          default:
+            io.err(`command "${name}" not found\n`);
+            ok = false;
+        }
+        if (!ok) failed = true;
+      } catch (e) {
+        if (!(e instanceof QledgerError)) throw e;
+        io.err(`${name}: ${e.message}\n`);
+        failed = true;
+      }
+    }
+  } finally {
+    await img.close();
+  }
+  return failed ? 1 : 0;
+}

@@ -1,0 +1,241 @@
+/**
+ * The qledger command line. Subcommands, options, output and exit codes
+ * follow qemu-img (and qemu-io for `io`), so scripts can swap the command.
+ */
+
+import { QledgerError, UsageError, UnsupportedError } from '../errors.ts';
+import { getopt, parseOptionList, parseSize } from './args.ts';
+import { Image } from '../engine/image.ts';
+import { convertToRaw, compareImages } from '../engine/convert.ts';
+import { formatInfoHuman, qemuJson, snapshotLine, type ImageInfo } from '../engine/info.ts';
+import { formatMapHuman, formatMapJson, MapHumanError, type MapEntry } from '../engine/map.ts';
+import { Qcow2Layer } from '../engine/qcow2-layer.ts';
+import type { ImageFormat } from '../engine/open.ts';
+import { runIo } from './io.ts';
+
+export interface Output {
+  out(s: string): void;
+  err(s: string): void;
+}
+
+const stdio: Output = {
+  out: (s) => process.stdout.write(s),
+  err: (s) => process.stderr.write(s),
+};
+
+const USAGE = `usage: qledger COMMAND [options]
+Commands (options as in qemu-img / qemu-io):
+  info [-f fmt] [--output=human|json] [--backing-chain] FILE
+  map [-f fmt] [--output=human|json] [--start-offset=N] [--max-length=N] FILE
+  convert [-f fmt] [-O raw] [-l SNAPSHOT] [-p] [-q] IN OUT
+  snapshot -l [-f fmt] FILE
+  compare [-f fmt] [-F fmt] [-s] [-q] FILE1 FILE2
+  io [-r] [-f fmt] -c CMD [-c CMD ...] FILE
+     io commands: read [-P pattern] [-v] [-q] OFF LEN | map | alloc OFF [LEN] | info | length
+`;
+
+function formatArg(v: string | true | undefined): ImageFormat | undefined {
+  if (v === undefined) return undefined;
+  if (v === 'qcow2' || v === 'raw') return v;
+  throw new UsageError(`Unknown file format '${String(v)}' (qledger reads qcow2 and raw)`);
+}
+
+function outputArg(v: string | true | undefined): 'human' | 'json' {
+  if (v === undefined || v === 'human') return 'human';
+  if (v === 'json') return 'json';
+  throw new UsageError(`--output must be used with human or json as argument.`);
+}
+
+function last(opts: Array<[string, string | true]>, ...names: string[]): string | true | undefined {
+  let v: string | true | undefined;
+  for (const [k, x] of opts) if (names.includes(k)) v = x;
+  return v;
+}
+
+function one(positional: string[], n: number, cmd: string): void {
+  if (positional.length < n) throw new UsageError(`${cmd}: expecting ${n === 1 ? 'a filename' : `${n} filenames`}`);
+  if (positional.length > n) throw new UsageError(`${cmd}: unexpected argument '${positional[n]}'`);
+}
+
+async function cmdInfo(argv: string[], io: Output): Promise<number> {
+  const p = getopt(argv, { withArg: 'f', flags: 'hU', long: { output: true, 'backing-chain': false, 'force-share': false, 'image-opts': false } }, 'info');
+  one(p.positional, 1, 'info');
+  const output = outputArg(last(p.opts, 'output'));
+  const chain = last(p.opts, 'backing-chain') === true;
+  const img = await Image.open(p.positional[0]!, { format: formatArg(last(p.opts, 'f')), noBacking: !chain });
+  try {
+    const layers = chain ? img.chain : [img.top];
+    const infos: ImageInfo[] = [];
+    for (const l of layers) infos.push(await img.info(l));
+    if (output === 'json') io.out(qemuJson(chain ? infos : infos[0]) + '\n');
+    else {
+      io.out(
+        layers
+          .map((l, i) => formatInfoHuman(infos[i]!, l instanceof Qcow2Layer ? l.snapshots : []))
+          .join('\n'),
+      );
+    }
+    return 0;
+  } finally {
+    await img.close();
+  }
+}
+
+async function cmdMap(argv: string[], io: Output): Promise<number> {
+  const p = getopt(argv, { withArg: 'f', flags: 'hU', long: { output: true, 'start-offset': true, 'max-length': true, 'force-share': false, 'image-opts': false } }, 'map');
+  one(p.positional, 1, 'map');
+  const output = outputArg(last(p.opts, 'output'));
+  const img = await Image.open(p.positional[0]!, { format: formatArg(last(p.opts, 'f')) });
+  try {
+    const so = last(p.opts, 'start-offset');
+    const ml = last(p.opts, 'max-length');
+    const start = typeof so === 'string' ? parseSize(so, 'start offset') : 0;
+    const maxLen = typeof ml === 'string' ? parseSize(ml, 'max length') : Infinity;
+    const end = Math.min(img.size, start + maxLen);
+    const entries: MapEntry[] = [];
+    for await (const e of img.map(Math.min(start, img.size), Math.max(0, end - start))) entries.push(e);
+    if (output === 'json') io.out(formatMapJson(entries));
+    else {
+      try {
+        io.out(formatMapHuman(entries));
+      } catch (e) {
+        if (e instanceof MapHumanError) throw new UnsupportedError(e.message);
+        throw e;
+      }
+    }
+    return 0;
+  } finally {
+    await img.close();
+  }
+}
+
+/** -l takes "snapshot.id=ID,snapshot.name=NAME" or a bare id-or-name. */
+function snapshotParam(v: string): string {
+  if (!v.includes('=')) return v;
+  const o = parseOptionList(v);
+  const id = o.get('snapshot.id');
+  const name = o.get('snapshot.name');
+  const key = id ?? name;
+  if (key === undefined) throw new UsageError(`invalid snapshot parameter '${v}'`);
+  return key;
+}
+
+async function cmdConvert(argv: string[], io: Output): Promise<number> {
+  const p = getopt(argv, { withArg: 'fOlsoSmtTW', flags: 'pqnchUC', long: { 'force-share': false, 'image-opts': false, 'target-image-opts': false } }, 'convert');
+  if (p.positional.length < 2) throw new UsageError('convert: expecting an input and an output filename');
+  if (p.positional.length > 2) throw new UnsupportedError('convert: concatenating several input images is not supported');
+  const outFmt = last(p.opts, 'O') ?? 'raw';
+  if (outFmt !== 'raw') throw new UnsupportedError(`convert: output format '${String(outFmt)}' is not supported yet (raw is)`);
+  const l = last(p.opts, 'l');
+  const s = last(p.opts, 's');
+  const snapshot = typeof l === 'string' ? snapshotParam(l) : typeof s === 'string' ? s : undefined;
+  const progress = last(p.opts, 'p') === true && last(p.opts, 'q') !== true;
+  const img = await Image.open(p.positional[0]!, { format: formatArg(last(p.opts, 'f')), snapshot });
+  try {
+    await convertToRaw(
+      img,
+      p.positional[1]!,
+      progress ? (done, total) => io.out(`    (${total ? ((100 * done) / total).toFixed(2) : '100.00'}/100%)\r`) : undefined,
+    );
+    if (progress) io.out('\n');
+    return 0;
+  } finally {
+    await img.close();
+  }
+}
+
+async function cmdSnapshot(argv: string[], io: Output): Promise<number> {
+  const p = getopt(argv, { withArg: 'fcad', flags: 'lqhU', long: { 'force-share': false, 'image-opts': false } }, 'snapshot');
+  one(p.positional, 1, 'snapshot');
+  for (const k of ['c', 'a', 'd']) {
+    if (last(p.opts, k) !== undefined) throw new UnsupportedError(`snapshot -${k}: creating, applying and deleting snapshots are not supported yet`);
+  }
+  if (last(p.opts, 'l') !== true) throw new UsageError('snapshot: expecting -l');
+  const img = await Image.open(p.positional[0]!, { format: formatArg(last(p.opts, 'f')), noBacking: true });
+  try {
+    if (img.snapshots.length > 0) {
+      io.out('Snapshot list:\n' + snapshotLine() + '\n');
+      for (const s of img.snapshots) io.out(snapshotLine(s) + '\n');
+    }
+    return 0;
+  } finally {
+    await img.close();
+  }
+}
+
+async function cmdCompare(argv: string[], io: Output): Promise<number> {
+  // qemu-img compare: 0 identical, 1 different, 2 error
+  try {
+    const p = getopt(argv, { withArg: 'fFT', flags: 'sqpU', long: { 'force-share': false, 'image-opts': false } }, 'compare');
+    one(p.positional, 2, 'compare');
+    const quiet = last(p.opts, 'q') === true;
+    const a = await Image.open(p.positional[0]!, { format: formatArg(last(p.opts, 'f')) });
+    try {
+      const b = await Image.open(p.positional[1]!, { format: formatArg(last(p.opts, 'F') ?? last(p.opts, 'f')) });
+      try {
+        const strict = last(p.opts, 's') === true;
+        const r = await compareImages(a, b, strict);
+        if (r.sizeMismatch && !quiet) io.out(strict ? 'Strict mode: Image size mismatch!\n' : 'Warning: Image size mismatch!\n');
+        if (r.identical) {
+          if (!quiet) io.out('Images are identical.\n');
+          return 0;
+        }
+        if (r.reason === 'content' && !quiet) io.out(`Content mismatch at offset ${r.offset}!\n`);
+        return 1;
+      } finally {
+        await b.close();
+      }
+    } finally {
+      await a.close();
+    }
+  } catch (e) {
+    if (e instanceof QledgerError) {
+      io.err(`qledger: ${e.message}\n`);
+      return 2;
+    }
+    throw e;
+  }
+}
+
+export async function main(argv: string[], io: Output = stdio): Promise<number> {
+  const [cmd, ...rest] = argv;
+  try {
+    switch (cmd) {
+      case 'info':
+        return await cmdInfo(rest, io);
+      case 'map':
+        return await cmdMap(rest, io);
+      case 'convert':
+        return await cmdConvert(rest, io);
+      case 'snapshot':
+        return await cmdSnapshot(rest, io);
+      case 'compare':
+        return await cmdCompare(rest, io);
+      case 'io':
+        return await runIo(rest, io);
+      case undefined:
+      case '-h':
+      case '--help':
+      case 'help':
+        io.out(USAGE);
+        return cmd === undefined ? 1 : 0;
+      default:
+        throw new UsageError(`unknown command '${cmd}' (try 'qledger --help')`);
+    }
+  } catch (e) {
+    if (e instanceof QledgerError) {
+      io.err(`qledger: ${e.message}\n`);
+      return 1;
+    }
+    const err = e as Error;
+    io.err(`qledger: internal error (a bug, please report it): ${err?.message}\n${err?.stack ?? ''}\n`);
+    return 1;
+  }
+}
+
+const isEntry = process.argv[1] !== undefined && import.meta.url === new URL(`file://${process.argv[1]}`).href;
+if (isEntry) {
+  main(process.argv.slice(2)).then((code) => {
+    process.exitCode = code;
+  });
+}

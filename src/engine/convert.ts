@@ -1,0 +1,118 @@
+/** Whole-image copies and comparisons: `convert -O raw` and `compare`. */
+
+import { FileDevice } from '../io/file-device.ts';
+import { isZero } from '../format/bytes.ts';
+import type { Image } from './image.ts';
+
+const CHUNK = 2 * 1024 * 1024;
+/** qemu-img convert's default -S: all-zero 4 KiB blocks are left as holes. */
+const SPARSE = 4096;
+
+export interface ProgressFn {
+  (done: number, total: number): void;
+}
+
+/** Write the guest content of `img` to a raw file at `outPath`, sparse where zero. */
+export async function convertToRaw(img: Image, outPath: string, progress?: ProgressFn): Promise<void> {
+  const out = await FileDevice.open(outPath, { readOnly: false, create: true });
+  try {
+    const size = img.size;
+    const buf = new Uint8Array(CHUNK);
+    let pos = 0;
+    progress?.(0, size);
+    while (pos < size) {
+      const st = await img.status(pos, Math.min(size - pos, 1 << 30));
+      if (st.zero && !st.data) {
+        pos += st.length;
+      } else {
+        const end = pos + st.length;
+        while (pos < end) {
+          const n = Math.min(CHUNK, end - pos);
+          const b = buf.subarray(0, n);
+          await img.readInto(b, pos);
+          await writeSparse(out, pos, b);
+          pos += n;
+        }
+      }
+      progress?.(pos, size);
+    }
+    await out.truncate(size);
+    await out.flush();
+  } finally {
+    await out.close();
+  }
+}
+
+async function writeSparse(out: FileDevice, offset: number, b: Uint8Array): Promise<void> {
+  let runStart = -1;
+  for (let i = 0; i < b.length; i += SPARSE) {
+    const blk = b.subarray(i, Math.min(b.length, i + SPARSE));
+    const zero = isZero(blk);
+    if (!zero && runStart < 0) runStart = i;
+    if (zero && runStart >= 0) {
+      await out.write(offset + runStart, b.subarray(runStart, i));
+      runStart = -1;
+    }
+  }
+  if (runStart >= 0) await out.write(offset + runStart, b.subarray(runStart));
+}
+
+export type CompareResult =
+  | { identical: true; sizeMismatch: boolean }
+  | { identical: false; offset: number; sizeMismatch: boolean; reason: 'content' | 'size' };
+
+const SECTOR = 512;
+
+/** qemu-img compare: first differing 512-byte sector, sizes beyond the shorter image must read as zero. */
+export async function compareImages(a: Image, b: Image, strict = false): Promise<CompareResult> {
+  const common = Math.min(a.size, b.size);
+  const sizeMismatch = a.size !== b.size;
+  if (sizeMismatch && strict) return { identical: false, offset: common, sizeMismatch, reason: 'size' };
+  const ba = new Uint8Array(CHUNK);
+  const bb = new Uint8Array(CHUNK);
+  let pos = 0;
+  while (pos < common) {
+    const [sa, sb] = await Promise.all([a.status(pos, common - pos), b.status(pos, common - pos)]);
+    const len = Math.min(sa.length, sb.length);
+    if (sa.zero && !sa.data && sb.zero && !sb.data) {
+      pos += len;
+      continue;
+    }
+    const end = pos + len;
+    while (pos < end) {
+      const n = Math.min(CHUNK, end - pos);
+      await Promise.all([a.readInto(ba.subarray(0, n), pos), b.readInto(bb.subarray(0, n), pos)]);
+      if (!Buffer.from(ba.buffer, 0, n).equals(Buffer.from(bb.buffer, 0, n))) {
+        for (let s = 0; s < n; s += SECTOR) {
+          const e = Math.min(n, s + SECTOR);
+          if (!Buffer.from(ba.buffer, s, e - s).equals(Buffer.from(bb.buffer, s, e - s))) {
+            return { identical: false, offset: pos + s, sizeMismatch, reason: 'content' };
+          }
+        }
+      }
+      pos += n;
+    }
+  }
+  const longer = a.size > b.size ? a : b;
+  pos = common;
+  while (pos < longer.size) {
+    const st = await longer.status(pos, longer.size - pos);
+    if (st.zero && !st.data) {
+      pos += st.length;
+      continue;
+    }
+    const end = pos + st.length;
+    while (pos < end) {
+      const n = Math.min(CHUNK, end - pos);
+      const buf = ba.subarray(0, n);
+      await longer.readInto(buf, pos);
+      if (!isZero(buf)) {
+        for (let s = 0; s < n; s += SECTOR) {
+          if (!isZero(buf.subarray(s, Math.min(n, s + SECTOR)))) return { identical: false, offset: pos + s, sizeMismatch, reason: 'content' };
+        }
+      }
+      pos += n;
+    }
+  }
+  return { identical: true, sizeMismatch };
+}

@@ -1,0 +1,115 @@
+/**
+ * Opening an image and its backing chain, read-only. Backing names resolve
+ * as QEMU's path_combine() does: relative names against the directory of the
+ * image that names them. A chain that revisits a file, or is deeper than
+ * MAX_BACKING_CHAIN, is an error rather than a hang.
+ */
+
+import { realpath } from 'node:fs/promises';
+import { FormatError, NotFoundError, QledgerError, UnsupportedError, UsageError } from '../errors.ts';
+import { FileDevice } from '../io/file-device.ts';
+import type { BlockDevice } from '../io/device.ts';
+import { readAt } from '../io/device.ts';
+import { QCOW2_MAGIC } from '../format/header.ts';
+import { u32 } from '../format/bytes.ts';
+import { MAX_BACKING_CHAIN } from '../format/limits.ts';
+import { INCOMPAT_DATA_FILE } from '../format/features.ts';
+import type { SnapshotEntry } from '../format/snapshot.ts';
+import { Qcow2Layer, loadQcow2 } from './qcow2-layer.ts';
+import { RawLayer } from './raw-layer.ts';
+import type { Layer } from './layer.ts';
+
+export type ImageFormat = 'qcow2' | 'raw';
+
+export interface OpenOptions {
+  /** the format; probed from the magic when absent */
+  readonly format?: ImageFormat | undefined;
+  /** open the content of this internal snapshot (by id, then by name) instead of the active state */
+  readonly snapshot?: string | undefined;
+  /** do not open backing files (info without --backing-chain needs none) */
+  readonly noBacking?: boolean | undefined;
+}
+
+/** QEMU's path_combine(): a relative name is taken relative to the directory of `base`. */
+export function combinePath(base: string, name: string): string {
+  if (name.startsWith('/') || /^[a-z][a-z0-9+.-]*:/i.test(name)) return name;
+  const slash = base.lastIndexOf('/');
+  return slash < 0 ? name : base.slice(0, slash + 1) + name;
+}
+
+export async function probeFormat(dev: BlockDevice): Promise<ImageFormat> {
+  const head = await readAt(dev, 0, 4);
+  return u32(head, 0) === QCOW2_MAGIC ? 'qcow2' : 'raw';
+}
+
+export async function openLayer(path: string, opts: OpenOptions = {}): Promise<Layer> {
+  return openAt(path, opts, new Set(), 0);
+}
+
+async function openAt(path: string, opts: OpenOptions, seen: Set<string>, depth: number): Promise<Layer> {
+  if (depth > MAX_BACKING_CHAIN) throw new UnsupportedError(`${path}: backing chain is deeper than ${MAX_BACKING_CHAIN} images`, { path });
+  const real = await realpath(path).catch(() => path);
+  if (seen.has(real)) throw new FormatError('backing chain', 'backing_file_offset', 8, `${path} is its own backing file (chain loop)`, { path });
+  seen.add(real);
+
+  const dev = await FileDevice.open(path, { readOnly: true });
+  try {
+    const format = opts.format ?? (await probeFormat(dev));
+    if (format === 'raw') {
+      if (opts.snapshot !== undefined) throw new UsageError(`${path}: raw images have no snapshots`);
+      return new RawLayer(path, dev, await dev.size());
+    }
+    const { parsed, fileSize, snapshots } = await loadQcow2(dev);
+    const h = parsed.header;
+    let l1TableOffset = h.l1TableOffset;
+    let l1Size = h.l1Size;
+    let size = h.size;
+    if (opts.snapshot !== undefined) {
+      const sn = findSnapshot(snapshots, opts.snapshot);
+      if (!sn) throw new NotFoundError(`${path}: no snapshot with id or name '${opts.snapshot}'`, { path, snapshot: opts.snapshot });
+      l1TableOffset = sn.l1TableOffset;
+      l1Size = sn.l1Size;
+      size = sn.diskSize ?? h.size;
+    }
+    const l1 = await readAt(dev, l1TableOffset, l1Size * 8);
+
+    let dataDev: BlockDevice | undefined;
+    if ((h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n && parsed.dataFile !== undefined) {
+      const dataPath = combinePath(path, parsed.dataFile);
+      dataDev = await FileDevice.open(dataPath, { readOnly: true }).catch((e: unknown) => {
+        throw new NotFoundError(`${path}: could not open external data file '${dataPath}': ${(e as Error).message}`, { path, dataFile: dataPath });
+      });
+    }
+
+    let backing: Layer | undefined;
+    if (parsed.backingFile !== undefined && !opts.noBacking) {
+      const bpath = combinePath(path, parsed.backingFile);
+      const bfmt = parsed.backingFormat;
+      if (bfmt !== undefined && bfmt !== 'qcow2' && bfmt !== 'raw') {
+        throw new UnsupportedError(`${path}: backing file format '${bfmt}' is not supported (qcow2 and raw are)`, { path, backingFormat: bfmt });
+      }
+      try {
+        backing = await openAt(bpath, { format: bfmt as ImageFormat | undefined }, seen, depth + 1);
+      } catch (e) {
+        await dataDev?.close();
+        if (e instanceof NotFoundError && e.data['path'] === bpath) {
+          throw new NotFoundError(`${path}: could not open backing file '${bpath}': no such file`, { path, backingFile: bpath });
+        }
+        throw e;
+      }
+    }
+    return new Qcow2Layer({ filename: path, dev, dataDev, parsed, fileSize, snapshots, l1, l1Size, size, backing });
+  } catch (e) {
+    await dev.close();
+    if (e instanceof QledgerError && !e.message.includes(path)) {
+      // Name the file in messages from deeper in the chain.
+      Object.defineProperty(e, 'message', { value: `${path}: ${e.message}` });
+    }
+    throw e;
+  }
+}
+
+/** QEMU's lookup for -l: by id first, then by name. */
+export function findSnapshot(list: readonly SnapshotEntry[], key: string): SnapshotEntry | undefined {
+  return list.find((s) => s.id === key) ?? list.find((s) => s.name === key);
+}

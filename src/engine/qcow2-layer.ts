@@ -1,0 +1,342 @@
+/**
+ * One qcow2 image as a read-only layer: header, active (or snapshot) L1
+ * table, L2 tables on demand through a bounded cache, and the guest -> host
+ * translation of QEMU's qcow2_get_host_offset().
+ */
+
+import { CorruptionError, hex } from '../errors.ts';
+import type { BlockDevice } from '../io/device.ts';
+import { readAt } from '../io/device.ts';
+import { FileDevice } from '../io/file-device.ts';
+import { decodeHeader, geometryOf, type Geometry, type ParsedHeader } from '../format/header.ts';
+import { l1Offset } from '../format/l1.ts';
+import {
+  compressedDescriptor,
+  readL2Entry,
+  standardOffset,
+  subclusterType,
+  type RawL2Entry,
+} from '../format/l2.ts';
+import { AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DATA_FILE } from '../format/features.ts';
+import { decodeSnapshotTable, type SnapshotEntry } from '../format/snapshot.ts';
+import { decodeBitmapDirectory, type BitmapDirectoryEntry } from '../format/bitmaps.ts';
+import { refcountTableEntry, getRefcount } from '../format/refcount.ts';
+import { decompressCluster } from './compress.ts';
+import { guest, host, type GuestOffset, type HostOffset, type Layer, type LayerStatus } from './layer.ts';
+
+/** Bytes of L2 tables kept in memory per image. */
+const L2_CACHE_BYTES = 32 * 1024 * 1024;
+
+export interface Qcow2LayerOptions {
+  readonly filename: string;
+  readonly dev: BlockDevice;
+  /** the external data file, when the image has one */
+  readonly dataDev?: BlockDevice | undefined;
+  readonly parsed: ParsedHeader;
+  readonly fileSize: number;
+  readonly snapshots: readonly SnapshotEntry[];
+  readonly l1: Uint8Array;
+  readonly l1Size: number;
+  readonly size: number;
+  readonly backing: Layer | undefined;
+}
+
+export class Qcow2Layer implements Layer {
+  readonly format = 'qcow2' as const;
+  readonly filename: string;
+  readonly size: number;
+  readonly backing: Layer | undefined;
+  readonly parsed: ParsedHeader;
+  readonly geometry: Geometry;
+  readonly snapshots: readonly SnapshotEntry[];
+  readonly fileSize: number;
+  readonly dev: BlockDevice;
+  readonly dataDev: BlockDevice | undefined;
+  private readonly l1: Uint8Array;
+  private readonly l1Size: number;
+  private readonly l2Cache = new Map<number, Promise<Uint8Array>>();
+  private readonly l2CacheMax: number;
+  private readonly hasDataFile: boolean;
+  private readonly dataFileRaw: boolean;
+  private lastCompressed: { offset: number; data: Uint8Array } | undefined;
+  private readonly scratch: RawL2Entry = { hi: 0, lo: 0, bitmapHi: 0, bitmapLo: 0 };
+
+  constructor(o: Qcow2LayerOptions) {
+    this.filename = o.filename;
+    this.dev = o.dev;
+    this.dataDev = o.dataDev;
+    this.parsed = o.parsed;
+    this.geometry = geometryOf(o.parsed.header);
+    this.fileSize = o.fileSize;
+    this.snapshots = o.snapshots;
+    this.l1 = o.l1;
+    this.l1Size = o.l1Size;
+    this.size = o.size;
+    this.backing = o.backing;
+    this.hasDataFile = (o.parsed.header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
+    this.dataFileRaw = (o.parsed.header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n;
+    this.l2CacheMax = Math.max(16, Math.floor(L2_CACHE_BYTES / this.geometry.clusterSize));
+  }
+
+  get header() {
+    return this.parsed.header;
+  }
+
+  async status(offset: GuestOffset, bytes: number): Promise<LayerStatus> {
+    const g = this.geometry;
+    const cs = g.clusterSize;
+    const clusterIndex = Math.floor(offset / cs);
+    const l1Index = Math.floor(clusterIndex / g.l2Entries);
+    const l2Index = clusterIndex % g.l2Entries;
+    const l2Span = g.l2Entries * cs;
+    const untilL2End = (l1Index + 1) * l2Span - offset;
+    const maxLen = Math.min(bytes, untilL2End, this.size - offset);
+    if (l1Index >= this.l1Size) return { length: maxLen, type: 'unallocated-plain', hostOffset: undefined };
+    const l2Offset = l1Offset(this.l1, l1Index);
+    if (l2Offset === 0) return { length: maxLen, type: 'unallocated-plain', hostOffset: undefined };
+    if (l2Offset % cs !== 0) {
+      throw new CorruptionError(`${this.filename}: L2 table offset ${hex(l2Offset)} unaligned (L1 index: ${hex(l1Index)})`, { l1Index, l2Offset });
+    }
+    const table = await this.l2Table(l2Offset, l1Index);
+
+    const scSize = g.subclusterSize;
+    const e = readL2Entry(table, l2Index, g, this.scratch);
+    const inCluster = offset % cs;
+    const sc = Math.floor(inCluster / scSize);
+    const type = subclusterType(e, sc, g, this.hasDataFile);
+    if (type === 'invalid') {
+      throw new CorruptionError(`${this.filename}: invalid cluster entry found (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(l2Index)})`, { l2Offset, l2Index });
+    }
+    if (type === 'compressed') {
+      return { length: Math.min(maxLen, cs - inCluster), type, hostOffset: undefined };
+    }
+    const hasOffset = type === 'normal' || type === 'zero-alloc' || type === 'unallocated-alloc';
+    let hostStart = 0;
+    if (hasOffset) {
+      const hc = standardOffset(e);
+      this.checkHostCluster(hc, l2Offset, l2Index, clusterIndex);
+      hostStart = hc + inCluster;
+    }
+    // Extend the run over following subclusters and clusters of the same type
+    // (and, where there is a host offset, contiguous on the host).
+    let end = (sc + 1) * scSize - inCluster; // bytes covered so far
+    let idx = l2Index;
+    let s = sc + 1;
+    while (end < maxLen) {
+      if (s === g.subclustersPerCluster) {
+        idx++;
+        s = 0;
+        if (idx >= g.l2Entries) break;
+        readL2Entry(table, idx, g, e);
+      }
+      const t = subclusterType(e, s, g, this.hasDataFile);
+      if (t !== type) break;
+      if (hasOffset) {
+        const hc = standardOffset(e);
+        if (hc + s * scSize !== hostStart - inCluster + (idx - l2Index) * cs + s * scSize) break;
+        if (s === 0) this.checkHostCluster(hc, l2Offset, idx, clusterIndex + (idx - l2Index));
+      }
+      end += scSize;
+      s++;
+    }
+    return { length: Math.min(end, maxLen), type, hostOffset: hasOffset ? host(hostStart) : undefined };
+  }
+
+  private checkHostCluster(hc: number, l2Offset: number, l2Index: number, guestCluster: number): void {
+    const cs = this.geometry.clusterSize;
+    if (hc % cs !== 0) {
+      throw new CorruptionError(
+        `${this.filename}: cluster allocation offset ${hex(hc)} unaligned (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(l2Index)})`,
+        { l2Offset, l2Index, hostOffset: hc },
+      );
+    }
+    if (this.dataFileRaw && hc !== guestCluster * cs) {
+      throw new CorruptionError(
+        `${this.filename}: external data file host cluster offset ${hex(hc)} does not match guest cluster offset ${hex(guestCluster * cs)}`,
+        { hostOffset: hc },
+      );
+    }
+  }
+
+  async readOwn(st: LayerStatus, offset: GuestOffset, out: Uint8Array): Promise<void> {
+    if (st.type === 'normal') {
+      await (this.dataDev ?? this.dev).readInto(out, st.hostOffset!);
+      return;
+    }
+    if (st.type !== 'compressed') throw new Error(`readOwn on ${st.type}`);
+    const cs = this.geometry.clusterSize;
+    const clusterStart = offset - (offset % cs);
+    const data = await this.compressedCluster(guest(clusterStart));
+    const from = offset - clusterStart;
+    out.set(data.subarray(from, from + out.length));
+  }
+
+  private async compressedCluster(clusterStart: GuestOffset): Promise<Uint8Array> {
+    const g = this.geometry;
+    const clusterIndex = clusterStart / g.clusterSize;
+    const l1Index = Math.floor(clusterIndex / g.l2Entries);
+    const l2Offset = l1Offset(this.l1, l1Index);
+    const table = await this.l2Table(l2Offset, l1Index);
+    const e = readL2Entry(table, clusterIndex % g.l2Entries, g, { hi: 0, lo: 0, bitmapHi: 0, bitmapLo: 0 });
+    const d = compressedDescriptor(e, g.clusterBits);
+    if (this.lastCompressed?.offset === d.offset) return this.lastCompressed.data;
+    if (d.offset + d.length > this.fileSize + 512 || d.offset < this.geometry.clusterSize) {
+      throw new CorruptionError(`${this.filename}: compressed cluster at host offset ${hex(d.offset)} lies outside the image`, { hostOffset: d.offset });
+    }
+    const raw = await readAt(this.dev, d.offset, d.length);
+    const data = decompressCluster(this.header.compressionType, raw, g.clusterSize, d.offset);
+    this.lastCompressed = { offset: d.offset, data };
+    return data;
+  }
+
+  /** Load (or get from the cache) the L2 table at `l2Offset`. */
+  l2Table(l2Offset: number, l1Index: number): Promise<Uint8Array> {
+    const hit = this.l2Cache.get(l2Offset);
+    if (hit) {
+      this.l2Cache.delete(l2Offset);
+      this.l2Cache.set(l2Offset, hit);
+      return hit;
+    }
+    const cs = this.geometry.clusterSize;
+    if (l2Offset + cs > this.fileSize) {
+      return Promise.reject(
+        new CorruptionError(`${this.filename}: L2 table at ${hex(l2Offset)} (L1 index: ${hex(l1Index)}) lies past the end of the file`, { l2Offset, l1Index }),
+      );
+    }
+    if (l2Offset < cs) {
+      return Promise.reject(new CorruptionError(`${this.filename}: L2 table at ${hex(l2Offset)} (L1 index: ${hex(l1Index)}) overlaps the header`, { l2Offset, l1Index }));
+    }
+    const p = readAt(this.dev, l2Offset, cs);
+    this.l2Cache.set(l2Offset, p);
+    p.catch(() => this.l2Cache.delete(l2Offset));
+    if (this.l2Cache.size > this.l2CacheMax) {
+      const oldest = this.l2Cache.keys().next().value as number;
+      this.l2Cache.delete(oldest);
+    }
+    return p;
+  }
+
+  /** Refcount of a host cluster, or undefined when no refcount block covers it. */
+  async refcount(clusterIndex: number, reftable: Uint8Array, blocks: Map<number, Uint8Array>): Promise<number> {
+    const g = this.geometry;
+    const rtIndex = Math.floor(clusterIndex / g.refcountBlockEntries);
+    if (rtIndex * 8 >= reftable.length) return 0;
+    const { offset } = refcountTableEntry(reftable, rtIndex);
+    if (offset === 0 || offset + g.clusterSize > this.fileSize) return 0;
+    let block = blocks.get(offset);
+    if (!block) {
+      block = await readAt(this.dev, offset, g.clusterSize);
+      blocks.set(offset, block);
+    }
+    return getRefcount(block, clusterIndex % g.refcountBlockEntries, g.refcountOrder);
+  }
+
+  private metadataPrealloc: Promise<boolean> | undefined;
+
+  /**
+   * QEMU's qcow2_detect_metadata_preallocation(): an image with many more
+   * clusters in use (by refcount) than the file really occupies was
+   * preallocated with metadata only, so its data clusters may be holes.
+   */
+  isMetadataPreallocated(): Promise<boolean> {
+    this.metadataPrealloc ??= (async () => {
+      const g = this.geometry;
+      const allocated = await this.dev.allocatedBytes();
+      if (allocated === undefined) return false;
+      const realClusters = Math.floor(allocated / g.clusterSize);
+      const threshold = Math.max(Math.floor((realClusters * 10) / 9), realClusters + 2);
+      const h = this.header;
+      const reftable = await readAt(this.dev, h.refcountTableOffset, h.refcountTableClusters * g.clusterSize);
+      const blocks = new Map<number, Uint8Array>();
+      const endCluster = Math.ceil(this.fileSize / g.clusterSize);
+      let count = 0;
+      for (let i = 0; i < endCluster && count < threshold; i++) {
+        if ((await this.refcount(i, reftable, blocks)) !== 0) count++;
+      }
+      return count >= threshold;
+    })();
+    return this.metadataPrealloc;
+  }
+
+  async hostZeroRun(hostOffset: HostOffset, bytes: number): Promise<{ zero: boolean; length: number }> {
+    return zeroRun(this.dataDev ?? this.dev, hostOffset, bytes);
+  }
+
+  async bitmapDirectory(): Promise<BitmapDirectoryEntry[]> {
+    const b = this.parsed.bitmaps;
+    if (!b) return [];
+    const dir = await readAt(this.dev, b.directoryOffset, b.directorySize);
+    return decodeBitmapDirectory(dir, b.nbBitmaps, b.directoryOffset);
+  }
+
+  async close(): Promise<void> {
+    await this.backing?.close();
+    await this.dataDev?.close();
+    await this.dev.close();
+  }
+}
+
+/**
+ * Hole detection: SEEK_DATA/SEEK_HOLE through the native helper, as QEMU
+ * does. Without it, 4 KiB blocks that read as zero are taken as holes, which
+ * differs from QEMU where a file holds explicitly written zeros.
+ */
+export const HOLE_GRANULARITY = 4096;
+
+export async function zeroRun(dev: BlockDevice, offset: number, bytes: number): Promise<{ zero: boolean; length: number }> {
+  const size = await dev.size();
+  const end = offset + bytes;
+  if (offset >= size) return { zero: true, length: bytes };
+  const fromFs = dev instanceof FileDevice ? dev.holeRun(offset, bytes) : undefined;
+  if (fromFs) return fromFs;
+  const G = HOLE_GRANULARITY;
+  const buf = new Uint8Array(1 << 20);
+  let pos = offset;
+  let first: boolean | undefined;
+  while (pos < end) {
+    if (pos >= size) {
+      // past the end of the file reads as a hole
+      if (first === false) break;
+      pos = end;
+      break;
+    }
+    const base = pos - (pos % G);
+    const n = Math.min(buf.length, Math.ceil((Math.min(end, size) - base) / G) * G);
+    await dev.readInto(buf.subarray(0, n), base);
+    let stopped = false;
+    for (let i = 0; i < n; i += G) {
+      const z = allZero(buf.subarray(i, i + G));
+      first ??= z;
+      if (z !== first) {
+        stopped = true;
+        break;
+      }
+      pos = Math.min(end, base + i + G);
+    }
+    if (stopped) break;
+  }
+  return { zero: first ?? true, length: Math.max(1, pos - offset) };
+}
+
+function allZero(b: Uint8Array): boolean {
+  for (let i = 0; i < b.length; i++) if (b[i] !== 0) return false;
+  return true;
+}
+
+
+/** Read and validate everything a Qcow2Layer needs, short of opening its backing file. */
+export async function loadQcow2(dev: BlockDevice) {
+  const fileSize = await dev.size();
+  const head = await readAt(dev, 0, Math.min(fileSize, 2 * 1024 * 1024));
+  const parsed = decodeHeader(head, fileSize);
+  const h = parsed.header;
+  const cs = 2 ** h.clusterBits;
+  let snapshots: SnapshotEntry[] = [];
+  if (h.nbSnapshots > 0) {
+    // Entries are variable-sized: read a generous window, bounded by the file.
+    const window = Math.min(fileSize - h.snapshotsOffset, h.nbSnapshots * (40 + 1024 + 65535 * 2 + 8));
+    const raw = await readAt(dev, h.snapshotsOffset, window);
+    snapshots = decodeSnapshotTable(raw, h.nbSnapshots, h.snapshotsOffset, cs, fileSize).entries;
+  }
+  return { parsed, fileSize, snapshots };
+}

@@ -1,0 +1,87 @@
+/**
+ * Error classes shared by every layer. Modelled on isomorphic-git: each error
+ * carries a stable machine-readable `code` and a `data` payload, and its
+ * message is one line a user can act on. The CLI prints the message only;
+ * anything that is not a QledgerError is a bug and keeps its stack.
+ */
+
+export type ErrorCode =
+  | 'E_FORMAT' // a field of an on-disk structure is invalid
+  | 'E_CORRUPT' // metadata is inconsistent (a reference that cannot be right)
+  | 'E_UNSUPPORTED' // valid qcow2 that qledger refuses to handle (encryption, ...)
+  | 'E_USAGE' // bad command line or API arguments
+  | 'E_NOT_FOUND' // a file, snapshot or backing file is missing
+  | 'E_RANGE' // a guest request outside the virtual disk
+  | 'E_READ_ONLY' // a write to something opened read-only
+  | 'E_IO'; // the device failed or returned short data
+
+export class QledgerError extends Error {
+  readonly code: ErrorCode;
+  readonly data: Readonly<Record<string, unknown>>;
+  constructor(code: ErrorCode, message: string, data: Record<string, unknown> = {}) {
+    super(message);
+    this.name = new.target.name;
+    this.code = code;
+    this.data = data;
+  }
+}
+
+/** A field of an on-disk structure fails validation. */
+export class FormatError extends QledgerError {
+  constructor(
+    readonly structure: string,
+    readonly field: string,
+    readonly offset: number,
+    problem: string,
+    data: Record<string, unknown> = {},
+  ) {
+    super('E_FORMAT', `${structure}: ${field} at offset ${hex(offset)}: ${problem}`, {
+      structure,
+      field,
+      offset,
+      ...data,
+    });
+  }
+}
+
+/** Metadata references something it cannot (unaligned, past the end, into metadata). */
+export class CorruptionError extends QledgerError {
+  constructor(message: string, data: Record<string, unknown> = {}) {
+    super('E_CORRUPT', message, data);
+  }
+}
+
+export class UnsupportedError extends QledgerError {
+  constructor(message: string, data: Record<string, unknown> = {}) {
+    super('E_UNSUPPORTED', message, data);
+  }
+}
+
+export class UsageError extends QledgerError {
+  constructor(message: string, data: Record<string, unknown> = {}) {
+    super('E_USAGE', message, data);
+  }
+}
+
+export class NotFoundError extends QledgerError {
+  constructor(message: string, data: Record<string, unknown> = {}) {
+    super('E_NOT_FOUND', message, data);
+  }
+}
+
+export class RangeRequestError extends QledgerError {
+  constructor(message: string, data: Record<string, unknown> = {}) {
+    super('E_RANGE', message, data);
+  }
+}
+
+export class IoError extends QledgerError {
+  constructor(message: string, data: Record<string, unknown> = {}) {
+    super('E_IO', message, data);
+  }
+}
+
+/** Offsets in messages are hex, as in QEMU's. */
+export function hex(n: number | bigint): string {
+  return '0x' + n.toString(16);
+}

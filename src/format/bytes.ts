@@ -1,0 +1,62 @@
+/**
+ * Big-endian helpers. qcow2 stores 64-bit fields, but every offset and size
+ * qledger accepts fits in 2^53 (8 PiB), so 64-bit fields are read as two
+ * 32-bit halves and combined into a number; callers that need all 64 bits
+ * (feature masks, entries with flag bits) use the bigint or half readers.
+ */
+
+export const TWO_32 = 0x1_0000_0000;
+
+export function view(b: Uint8Array): DataView {
+  return new DataView(b.buffer, b.byteOffset, b.byteLength);
+}
+
+export function u16(b: Uint8Array, off: number): number {
+  return (b[off]! << 8) | b[off + 1]!;
+}
+
+export function u32(b: Uint8Array, off: number): number {
+  return ((b[off]! << 24) >>> 0) + ((b[off + 1]! << 16) | (b[off + 2]! << 8) | b[off + 3]!);
+}
+
+/** A 64-bit field as a number; values above 2^53 come back imprecise but still above 2^53. */
+export function u64(b: Uint8Array, off: number): number {
+  return u32(b, off) * TWO_32 + u32(b, off + 4);
+}
+
+export function u64big(b: Uint8Array, off: number): bigint {
+  return (BigInt(u32(b, off)) << 32n) | BigInt(u32(b, off + 4));
+}
+
+export function putU16(b: Uint8Array, off: number, v: number): void {
+  b[off] = (v >>> 8) & 0xff;
+  b[off + 1] = v & 0xff;
+}
+
+export function putU32(b: Uint8Array, off: number, v: number): void {
+  b[off] = (v >>> 24) & 0xff;
+  b[off + 1] = (v >>> 16) & 0xff;
+  b[off + 2] = (v >>> 8) & 0xff;
+  b[off + 3] = v & 0xff;
+}
+
+export function putU64(b: Uint8Array, off: number, v: number | bigint): void {
+  const big = BigInt(v);
+  putU32(b, off, Number((big >> 32n) & 0xffff_ffffn));
+  putU32(b, off + 4, Number(big & 0xffff_ffffn));
+}
+
+export function isZero(b: Uint8Array): boolean {
+  // Word-at-a-time when aligned; the scan stops at the first non-zero byte.
+  let i = 0;
+  const n = b.length;
+  if ((b.byteOffset & 7) === 0) {
+    const words = new BigUint64Array(b.buffer, b.byteOffset, n >>> 3);
+    for (let w = 0; w < words.length; w++) if (words[w] !== 0n) return false;
+    i = words.length << 3;
+  }
+  for (; i < n; i++) if (b[i] !== 0) return false;
+  return true;
+}
+
+export const MAX_SAFE_OFFSET = Number.MAX_SAFE_INTEGER;

@@ -1,0 +1,85 @@
+/**
+ * Refcount table and refcount blocks.
+ *
+ * Refcount table entry (8 bytes):
+ *   Bit  0 -  8: reserved (0)
+ *        9 - 63: offset of a refcount block, cluster aligned; 0 = not allocated
+ *
+ * Refcount block: cluster_size * 8 / refcount_bits entries of refcount_bits
+ * each, refcount_bits = 1 << refcount_order (1 .. 64). Entries narrower than a
+ * byte are packed starting at the least significant bit; wider ones are
+ * big-endian.
+ */
+
+import { u16, u32, putU16, putU32, TWO_32 } from './bytes.ts';
+
+export function refcountTableEntry(table: Uint8Array, index: number): { offset: number; reservedBits: boolean } {
+  const hi = u32(table, index * 8);
+  const lo = u32(table, index * 8 + 4);
+  return { offset: hi * TWO_32 + ((lo & 0xffff_fe00) >>> 0), reservedBits: (lo & 0x1ff) !== 0 };
+}
+
+export function setRefcountTableEntry(table: Uint8Array, index: number, offset: number): void {
+  putU32(table, index * 8, Math.floor(offset / TWO_32));
+  putU32(table, index * 8 + 4, offset % TWO_32);
+}
+
+/** Refcount of entry `index` of a block; 64-bit refcounts above 2^53 come back imprecise. */
+export function getRefcount(block: Uint8Array, index: number, order: number): number {
+  switch (order) {
+    case 0:
+      return (block[index >>> 3]! >>> (index & 7)) & 1;
+    case 1:
+      return (block[index >>> 2]! >>> ((index & 3) * 2)) & 3;
+    case 2:
+      return (block[index >>> 1]! >>> ((index & 1) * 4)) & 15;
+    case 3:
+      return block[index]!;
+    case 4:
+      return u16(block, index * 2);
+    case 5:
+      return u32(block, index * 4);
+    case 6:
+      return u32(block, index * 8) * TWO_32 + u32(block, index * 8 + 4);
+    default:
+      throw new RangeError(`refcount_order ${order}`);
+  }
+}
+
+export function maxRefcount(order: number): number {
+  return order === 6 ? Number.MAX_SAFE_INTEGER : 2 ** (2 ** order) - 1;
+}
+
+export function setRefcount(block: Uint8Array, index: number, order: number, value: number): void {
+  if (value < 0 || value > maxRefcount(order) || !Number.isInteger(value)) {
+    throw new RangeError(`refcount ${value} does not fit in ${2 ** order} bits`);
+  }
+  switch (order) {
+    case 0:
+    case 1:
+    case 2: {
+      const bits = 1 << order;
+      const perByte = 8 >>> order;
+      const byte = Math.floor(index / perByte);
+      const shift = (index % perByte) * bits;
+      const mask = ((1 << bits) - 1) << shift;
+      block[byte] = (block[byte]! & ~mask) | (value << shift);
+      return;
+    }
+    case 3:
+      block[index] = value;
+      return;
+    case 4:
+      putU16(block, index * 2, value);
+      return;
+    case 5:
+      putU32(block, index * 4, value);
+      return;
+    case 6:
+      putU32(block, index * 8, Math.floor(value / TWO_32));
+      putU32(block, index * 8 + 4, value % TWO_32);
+      return;
+    default:
+      throw new RangeError(`refcount_order ${order}`);
+  }
+}

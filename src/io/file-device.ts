@@ -1,0 +1,111 @@
+import { open, stat, type FileHandle } from 'node:fs/promises';
+import { IoError, NotFoundError, QledgerError } from '../errors.ts';
+import { ZERO_CHUNK, type BlockDevice } from './device.ts';
+import { native } from './native.ts';
+
+/** A BlockDevice over a file, through node:fs/promises. */
+export class FileDevice implements BlockDevice {
+  private closed = false;
+  private constructor(
+    readonly name: string,
+    readonly readOnly: boolean,
+    private readonly fh: FileHandle,
+  ) {}
+
+  static async open(path: string, opts: { readOnly: boolean; create?: boolean }): Promise<FileDevice> {
+    const flags = opts.readOnly ? 'r' : opts.create ? 'w+' : 'r+';
+    try {
+      const st = await stat(path).catch(() => undefined);
+      if (st && st.isDirectory()) throw new IoError(`${path}: is a directory`, { path });
+      return new FileDevice(path, opts.readOnly, await open(path, flags));
+    } catch (e) {
+      if (e instanceof QledgerError) throw e;
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT') throw new NotFoundError(`${path}: no such file`, { path });
+      if (code === 'EACCES' || code === 'EPERM') throw new IoError(`${path}: permission denied`, { path, errno: code });
+      throw new IoError(`${path}: cannot open (${code ?? String(e)})`, { path, errno: code });
+    }
+  }
+
+  async size(): Promise<number> {
+    return (await this.fh.stat()).size;
+  }
+
+  async allocatedBytes(): Promise<number | undefined> {
+    return (await this.fh.stat()).blocks * 512;
+  }
+
+  async readInto(buf: Uint8Array, offset: number): Promise<void> {
+    let done = 0;
+    while (done < buf.length) {
+      const { bytesRead } = await this.fh.read(buf, done, buf.length - done, offset + done);
+      if (bytesRead === 0) {
+        buf.fill(0, done);
+        return;
+      }
+      done += bytesRead;
+    }
+  }
+
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    this.assertWritable();
+    let done = 0;
+    while (done < data.length) {
+      const { bytesWritten } = await this.fh.write(data, done, data.length - done, offset + done);
+      done += bytesWritten;
+    }
+  }
+
+  async flush(): Promise<void> {
+    if (!this.readOnly) await this.fh.datasync();
+  }
+
+  async truncate(size: number): Promise<void> {
+    this.assertWritable();
+    await this.fh.truncate(size);
+  }
+
+  async writeZeroes(offset: number, length: number, _unmap: boolean): Promise<void> {
+    this.assertWritable();
+    // Node has no fallocate: past the end of the file, extending leaves a sparse hole.
+    const size = await this.size();
+    const end = offset + length;
+    const inFile = Math.max(0, Math.min(end, size) - offset);
+    for (let done = 0; done < inFile; done += ZERO_CHUNK.length) {
+      await this.write(offset + done, ZERO_CHUNK.subarray(0, Math.min(ZERO_CHUNK.length, inFile - done)));
+    }
+    if (end > size) await this.fh.truncate(end);
+  }
+
+  /**
+   * Whether the file holds data or a hole at `offset`, and for how long (at
+   * most `bytes`), from SEEK_DATA/SEEK_HOLE as QEMU's file driver asks it.
+   * Undefined without the native helper.
+   */
+  holeRun(offset: number, bytes: number): { zero: boolean; length: number } | undefined {
+    if (!native) return undefined;
+    try {
+      const data = native.seekData(this.fh.fd, offset);
+      if (data === -1) return { zero: true, length: bytes };
+      if (data > offset) return { zero: true, length: Math.min(bytes, data - offset) };
+      const hole = native.seekHole(this.fh.fd, offset);
+      return { zero: false, length: Math.min(bytes, Math.max(1, hole - offset)) };
+    } catch {
+      return undefined;
+    }
+  }
+
+  async discard(_offset: number, _length: number): Promise<void> {
+    // No hole punching from Node's standard library; a discard is only a hint.
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.fh.close();
+  }
+
+  private assertWritable(): void {
+    if (this.readOnly) throw new QledgerError('E_READ_ONLY', `${this.name}: opened read-only`);
+  }
+}

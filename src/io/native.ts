@@ -1,0 +1,25 @@
+/**
+ * The optional native helper (native/qledger-native.c, built by `npm install`
+ * through node-gyp): SEEK_DATA/SEEK_HOLE and fallocate, which Node's fs lacks.
+ * Everything works without it; only hole detection becomes a content guess.
+ */
+
+import { createRequire } from 'node:module';
+
+export interface NativeHelper {
+  seekData(fd: number, offset: number): number;
+  seekHole(fd: number, offset: number): number;
+  fallocate(fd: number, mode: 0 | 1 | 2, offset: number, length: number): void;
+}
+
+function load(): NativeHelper | undefined {
+  if (process.env['QLEDGER_NO_NATIVE']) return undefined;
+  try {
+    const require = createRequire(import.meta.url);
+    return require('../../build/Release/qledger_native.node') as NativeHelper;
+  } catch {
+    return undefined;
+  }
+}
+
+export const native: NativeHelper | undefined = load();
