@@ -5,7 +5,7 @@
  * `qemu-img map --output=json`. Every image is generated here.
  */
 
-import { describe, it, expect, beforeAll, afterAll } from 'vitest';
+import { describe, it, expect, afterAll } from 'vitest';
 import { readFileSync, writeFileSync, openSync, writeSync, closeSync, ftruncateSync } from 'node:fs';
 import { join } from 'node:path';
 import { Image, convertToRaw } from '../src/index.ts';

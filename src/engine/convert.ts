@@ -4,7 +4,7 @@ import { FileDevice } from '../io/file-device.ts';
 import { isZero } from '../format/bytes.ts';
 import type { Image } from './image.ts';
 
-const CHUNK = 2 * 1024 * 1024;
+const CHUNK = 8 * 1024 * 1024;
 /** qemu-img convert's default -S: all-zero 4 KiB blocks are left as holes. */
 const SPARSE = 4096;
 

@@ -46,16 +46,15 @@ export function putU64(b: Uint8Array, off: number, v: number | bigint): void {
   putU32(b, off + 4, Number(big & 0xffff_ffffn));
 }
 
+const ZERO_4K = new Uint8Array(4096);
+
+/** All bytes zero? Compared 4 KiB at a time against zeros (a native memcmp), stopping at the first difference. */
 export function isZero(b: Uint8Array): boolean {
-  // Word-at-a-time when aligned; the scan stops at the first non-zero byte.
-  let i = 0;
-  const n = b.length;
-  if ((b.byteOffset & 7) === 0) {
-    const words = new BigUint64Array(b.buffer, b.byteOffset, n >>> 3);
-    for (let w = 0; w < words.length; w++) if (words[w] !== 0n) return false;
-    i = words.length << 3;
+  const buf = Buffer.from(b.buffer, b.byteOffset, b.byteLength);
+  for (let i = 0; i < b.length; i += 4096) {
+    const n = Math.min(4096, b.length - i);
+    if (buf.compare(ZERO_4K, 0, n, i, i + n) !== 0) return false;
   }
-  for (; i < n; i++) if (b[i] !== 0) return false;
   return true;
 }
 

@@ -1,0 +1,150 @@
+/**
+ * Bad input: malformed images get a one-line error naming the field and the
+ * offset, a non-zero exit, no stack trace, and no write to any file.
+ */
+
+import { describe, it, expect, afterAll } from 'vitest';
+import { readFileSync, writeFileSync, statSync } from 'node:fs';
+import { join } from 'node:path';
+import { main, type Output } from '../src/cli/main.ts';
+import { decodeHeader, encodeHeader, QCOW2_MAGIC, putU32, putU64 } from '../src/format/index.ts';
+import { FormatError, UnsupportedError } from '../src/errors.ts';
+import { tempDir } from './helpers/qemu.ts';
+
+const { dir, cleanup } = tempDir('qledger-bad-');
+afterAll(cleanup);
+
+async function cli(...argv: string[]): Promise<{ code: number; out: string; err: string }> {
+  let out = '';
+  let err = '';
+  const io: Output = { out: (s) => void (out += s), err: (s) => void (err += s) };
+  const code = await main(argv, io);
+  return { code, out, err };
+}
+
+/** A minimal valid v3 image built by our own encoder: header, L1, refcount table and block. */
+function validImage(): Uint8Array {
+  const cs = 65536;
+  const img = new Uint8Array(4 * cs);
+  const hdr = encodeHeader({
+    header: {
+      version: 3, backingFileOffset: 0, backingFileSize: 0, clusterBits: 16, size: 1 << 20, cryptMethod: 0,
+      l1Size: 1, l1TableOffset: 3 * cs, refcountTableOffset: cs, refcountTableClusters: 1, nbSnapshots: 0,
+      snapshotsOffset: 0, incompatibleFeatures: 0n, compatibleFeatures: 0n, autoclearFeatures: 0n,
+      refcountOrder: 4, headerLength: 112, compressionType: 0, extraHeaderBytes: new Uint8Array(0),
+    },
+    extensions: [],
+  });
+  img.set(hdr, 0);
+  putU64(img, cs, 2 * cs); // refcount table -> block at cluster 2
+  for (let i = 0; i < 4; i++) img[2 * cs + i * 2 + 1] = 1;
+  return img;
+}
+
+function withField(mut: (b: Uint8Array) => void): Uint8Array {
+  const b = validImage();
+  mut(b);
+  return b;
+}
+
+const cases: Array<[string, Uint8Array, RegExp]> = [
+  ['empty file', new Uint8Array(0), /magic at offset 0x0: file is too short/],
+  ['wrong magic', withField((b) => putU32(b, 0, 0x12345678)), /magic at offset 0x0: not a qcow2 image/],
+  ['version 4', withField((b) => putU32(b, 4, 4)), /version at offset 0x4: unsupported qcow2 version 4/],
+  ['cluster_bits 30', withField((b) => putU32(b, 20, 30)), /cluster_bits at offset 0x14/],
+  ['header_length 100', withField((b) => putU32(b, 100, 100)), /header_length at offset 0x64/],
+  ['L1 past the end', withField((b) => putU64(b, 40, 1 << 30)), /l1_table_offset at offset 0x28: .*past the end/],
+  ['unaligned L1', withField((b) => putU64(b, 40, 65536 * 3 + 8)), /l1_table_offset at offset 0x28: .*not aligned/],
+  ['L1 too small', withField((b) => putU64(b, 24, 2 ** 40)), /l1_size at offset 0x24: L1 table of 1 entries is too small/],
+  ['absurd size', withField((b) => putU64(b, 24, 2n ** 62n)), /size at offset 0x18/],
+  ['refcount table past the end', withField((b) => putU64(b, 48, 1 << 30)), /refcount_table_offset at offset 0x30/],
+  ['no refcount table', withField((b) => putU32(b, 56, 0)), /refcount_table_clusters at offset 0x38/],
+  ['refcount_order 7', withField((b) => putU32(b, 96, 7)), /refcount_order at offset 0x60/],
+  ['unknown incompatible bit', withField((b) => (b[79] = 0x80)), /incompatible_features at offset 0x48: unsupported feature/],
+  ['encrypted', withField((b) => putU32(b, 32, 2)), /crypt_method at offset 0x20: encrypted images .* not supported/],
+  ['too many snapshots', withField((b) => putU32(b, 60, 70000)), /nb_snapshots at offset 0x3c/],
+  ['backing name too long', withField((b) => { putU64(b, 8, 200); putU32(b, 16, 5000); }), /backing_file_size at offset 0x10/],
+  ['L2 past the end', withField((b) => putU64(b, 3 * 65536, 1 << 30)), /L2 table at 0x40000000 .* past the end/],
+  ['unaligned L2 offset', withField((b) => putU64(b, 3 * 65536, 65536 * 2 + 512)), /L2 table offset 0x20200 unaligned \(L1 index: 0x0\)/],
+  ['extension too long', withField((b) => { putU32(b, 112, 0x1234); putU32(b, 116, 1 << 20); }), /length at offset 0x74/],
+];
+
+describe('bad input', () => {
+  it('the valid base image opens', async () => {
+    const f = join(dir, 'valid.qcow2');
+    writeFileSync(f, validImage());
+    const r = await cli('convert', '-O', 'raw', f, join(dir, 'valid.raw'));
+    expect(r.err).toBe('');
+    expect(r.code).toBe(0);
+    expect(statSync(join(dir, 'valid.raw')).size).toBe(1 << 20);
+  });
+
+  for (const [name, bytes, msg] of cases) {
+    it(`${name}: one-line error, exit 1, image untouched`, async () => {
+      const f = join(dir, name.replace(/\W+/g, '-') + '.qcow2');
+      writeFileSync(f, bytes);
+      const before = statSync(f).mtimeMs;
+      // map reads every L2 table, info only the header
+      // -f qcow2 as a script would pass it: without -f, like qemu-img, a non-qcow2 file is probed as raw
+      for (const cmd of [['map', '-f', 'qcow2', f], ['convert', '-f', 'qcow2', '-O', 'raw', f, join(dir, 'out.raw')], ...(/L2/.test(msg.source) ? [] : [['info', '-f', 'qcow2', f]])]) {
+        // (info reads no L2 table, so L2 damage only shows in map and convert, as with qemu-img)
+        const r = await cli(...cmd);
+        expect(r.code).toBe(1);
+        expect(r.err).toMatch(msg);
+        expect(r.err.trim().split('\n')).toHaveLength(1);
+        expect(r.err).not.toMatch(/\n\s+at /);
+      }
+      expect(Buffer.compare(readFileSync(f), Buffer.from(bytes))).toBe(0);
+      expect(statSync(f).mtimeMs).toBe(before);
+    });
+  }
+
+  it('a backing file that does not exist', async () => {
+    const f = join(dir, 'orphan.qcow2');
+    const b = validImage();
+    const name = new TextEncoder().encode('missing.qcow2');
+    putU64(b, 8, 0x400);
+    putU32(b, 16, name.length);
+    b.set(name, 0x400);
+    writeFileSync(f, b);
+    const r = await cli('convert', '-O', 'raw', f, join(dir, 'o.raw'));
+    expect(r.code).toBe(1);
+    expect(r.err).toMatch(/could not open backing file '.*missing\.qcow2': no such file/);
+  });
+
+  it('a backing chain loop is an error, not a hang', async () => {
+    const f = join(dir, 'loop.qcow2');
+    const b = validImage();
+    const name = new TextEncoder().encode('loop.qcow2');
+    putU64(b, 8, 0x400);
+    putU32(b, 16, name.length);
+    b.set(name, 0x400);
+    writeFileSync(f, b);
+    const r = await cli('map', f);
+    expect(r.code).toBe(1);
+    expect(r.err).toMatch(/chain loop/);
+  });
+
+  it('usage errors', async () => {
+    expect((await cli('info')).code).toBe(1);
+    expect((await cli('info', '--output=xml', 'x')).err).toMatch(/--output must be used with human or json/);
+    expect((await cli('frobnicate')).err).toMatch(/unknown command 'frobnicate'/);
+    expect((await cli('info', join(dir, 'nope.qcow2'))).err).toMatch(/no such file/);
+    expect((await cli('compare', join(dir, 'nope.qcow2'), join(dir, 'nope2.qcow2'))).code).toBe(2);
+  });
+
+  it('decoder errors are typed and carry field and offset', () => {
+    const bad = withField((b) => putU32(b, 20, 3));
+    try {
+      decodeHeader(bad, bad.length);
+      expect.unreachable();
+    } catch (e) {
+      expect(e).toBeInstanceOf(FormatError);
+      expect((e as FormatError).code).toBe('E_FORMAT');
+      expect((e as FormatError).data).toMatchObject({ field: 'cluster_bits', offset: 20 });
+    }
+    const enc = withField((b) => putU32(b, 32, 1));
+    expect(() => decodeHeader(enc, enc.length)).toThrow(UnsupportedError);
+    expect(QCOW2_MAGIC).toBe(0x514649fb);
+  });
+});
