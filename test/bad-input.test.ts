@@ -47,6 +47,18 @@ function withField(mut: (b: Uint8Array) => void): Uint8Array {
   return b;
 }
 
+/** Write the valid image as `file`, naming `backing` as its backing file. */
+function withBackingName(file: string, backing: string): string {
+  const f = join(dir, file);
+  const b = validImage();
+  const name = new TextEncoder().encode(backing);
+  putU64(b, 8, 0x400);
+  putU32(b, 16, name.length);
+  b.set(name, 0x400);
+  writeFileSync(f, b);
+  return f;
+}
+
 const cases: Array<[string, Uint8Array, RegExp]> = [
   ['empty file', new Uint8Array(0), /magic at offset 0x0: file is too short/],
   ['wrong magic', withField((b) => putU32(b, 0, 0x12345678)), /magic at offset 0x0: not a qcow2 image/],
@@ -100,26 +112,14 @@ describe('bad input', () => {
   }
 
   it('a backing file that does not exist', async () => {
-    const f = join(dir, 'orphan.qcow2');
-    const b = validImage();
-    const name = new TextEncoder().encode('missing.qcow2');
-    putU64(b, 8, 0x400);
-    putU32(b, 16, name.length);
-    b.set(name, 0x400);
-    writeFileSync(f, b);
+    const f = withBackingName('orphan.qcow2', 'missing.qcow2');
     const r = await cli('convert', '-O', 'raw', f, join(dir, 'o.raw'));
     expect(r.code).toBe(1);
     expect(r.err).toMatch(/could not open backing file '.*missing\.qcow2': no such file/);
   });
 
   it('a backing chain loop is an error, not a hang', async () => {
-    const f = join(dir, 'loop.qcow2');
-    const b = validImage();
-    const name = new TextEncoder().encode('loop.qcow2');
-    putU64(b, 8, 0x400);
-    putU32(b, 16, name.length);
-    b.set(name, 0x400);
-    writeFileSync(f, b);
+    const f = withBackingName('loop.qcow2', 'loop.qcow2');
     const r = await cli('map', f);
     expect(r.code).toBe(1);
     expect(r.err).toMatch(/chain loop/);

@@ -19,8 +19,6 @@ export interface L1Entry {
   readonly l2Offset: number;
   readonly copied: boolean;
   readonly reservedBits: boolean;
-  /** The raw offset field before masking its low bits, to report misalignment. */
-  readonly unaligned: boolean;
 }
 
 export function decodeL1Entry(table: Uint8Array, index: number): L1Entry {
@@ -31,7 +29,6 @@ export function decodeL1Entry(table: Uint8Array, index: number): L1Entry {
     l2Offset,
     copied: (hi & COPIED_HI) !== 0,
     reservedBits: (hi & L1E_RESERVED_MASK_HI) !== 0 || (lo & L1E_RESERVED_MASK_LO) !== 0,
-    unaligned: false,
   };
 }
 
