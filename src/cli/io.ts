@@ -1,7 +1,9 @@
 /**
- * `qledger io`: qemu-io's -c command language. Read-only commands for now:
- * read, map, alloc, info, length. Output matches qemu-io's; a failing command
- * makes the exit status 1, as in qemu-io.
+ * `qledger io`: qemu-io's -c command language: read, write (-P, -z, -u),
+ * discard, flush, truncate, abort, map, alloc, info, length. Output matches
+ * qemu-io's; a failing command makes the exit status 1, as in qemu-io.
+ * `abort` ends the process at once without flushing or closing, like
+ * qemu-io's abort(), to leave the image as a crash would.
  */
 
 import { QledgerError, UsageError } from '../errors.ts';
@@ -61,6 +63,68 @@ function num(text: string | undefined, what: string): number {
   if (text === undefined) throw new UsageError(`missing ${what}`);
   return parseSize(text, what);
 }
+
+function pattern(text: string | true | undefined, dflt: number): number {
+  if (text === undefined) return dflt;
+  const v = Number(text);
+  if (typeof text !== 'string' || !Number.isInteger(v) || v < 0 || v > 255) throw new UsageError(`invalid pattern '${String(text)}'`);
+  return v;
+}
+
+async function ioWrite(img: Image, args: string[], io: Output): Promise<boolean> {
+  const p = getopt(args, { withArg: 'Ps', flags: 'bcfCquzn', long: {} }, 'write');
+  const has = (k: string) => p.opts.some(([x]) => x === k);
+  if (has('c')) throw new UsageError('write -c (compressed write) is not supported yet');
+  if (has('u') && !has('z')) {
+    io.err('-u requires -z to be specified\n');
+    return false;
+  }
+  if (has('z') && has('P')) {
+    io.err('-z and -P cannot be specified at the same time\n');
+    return false;
+  }
+  if (p.positional.length !== 2) throw new UsageError('write: expecting offset and length');
+  const offset = num(p.positional[0], 'offset');
+  const len = num(p.positional[1], 'length');
+  if (offset + len > img.size) {
+    io.err(`write failed: Input/output error\n`);
+    return false;
+  }
+  const t0 = process.hrtime.bigint();
+  if (has('z')) await img.writeZeroes(offset, len, { unmap: has('u') });
+  else await img.write(offset, new Uint8Array(len).fill(pattern(p.opts.find(([k]) => k === 'P')?.[1], 0xcd)));
+  const secs = Number(process.hrtime.bigint() - t0) / 1e9;
+  if (!has('q')) report(io, 'wrote', len, offset, secs);
+  return true;
+}
+
+async function ioDiscard(img: Image, args: string[], io: Output): Promise<boolean> {
+  const p = getopt(args, { withArg: '', flags: 'Cq', long: {} }, 'discard');
+  if (p.positional.length !== 2) throw new UsageError('discard: expecting offset and length');
+  const offset = num(p.positional[0], 'offset');
+  const len = num(p.positional[1], 'length');
+  if (offset + len > img.size) {
+    io.err(`discard failed: Input/output error\n`);
+    return false;
+  }
+  const t0 = process.hrtime.bigint();
+  await img.discard(offset, len);
+  const secs = Number(process.hrtime.bigint() - t0) / 1e9;
+  if (!p.opts.some(([k]) => k === 'q')) report(io, 'discard', len, offset, secs);
+  return true;
+}
+
+async function ioTruncate(img: Image, args: string[]): Promise<boolean> {
+  const p = getopt(args, { withArg: 'm', flags: '', long: {} }, 'truncate');
+  if (p.positional.length !== 1) throw new UsageError('truncate: expecting a size');
+  const mode = p.opts.find(([k]) => k === 'm')?.[1];
+  if (mode !== undefined && mode !== 'off') throw new UsageError(`truncate: preallocation mode '${String(mode)}' is not supported yet`);
+  await img.truncate(num(p.positional[0], 'size'));
+  return true;
+}
+
+/** Commands that need the image open read-write. */
+const WRITE_COMMANDS = new Set(['write', 'w', 'discard', 'd', 'flush', 'f', 'truncate', 't', 'abort']);
 
 async function ioRead(img: Image, args: string[], io: Output): Promise<boolean> {
   const p = getopt(args, { withArg: 'P', flags: 'vqbCpl', long: {} }, 'read');
@@ -147,8 +211,11 @@ export async function runIo(argv: string[], io: Output): Promise<number> {
   const cmds = p.opts.filter(([k]) => k === 'c' || k === 'cmd').map(([, v]) => String(v));
   const fmt = p.opts.find(([k]) => k === 'f' || k === 'format')?.[1];
   if (fmt !== undefined && fmt !== 'qcow2' && fmt !== 'raw') throw new UsageError(`Unknown file format '${String(fmt)}'`);
-  const img = await Image.open(p.positional[0]!, { format: fmt as 'qcow2' | 'raw' | undefined });
+  const readOnly = p.opts.some(([k]) => k === 'r' || k === 'read-only');
+  const wantsWrite = cmds.some((c) => WRITE_COMMANDS.has(splitCommand(c)[0] ?? ''));
+  const img = await Image.open(p.positional[0]!, { format: fmt as 'qcow2' | 'raw' | undefined, write: wantsWrite && !readOnly });
   let failed = false;
+  let aborted = false;
   try {
     for (const line of cmds) {
       const [name, ...args] = splitCommand(line);
@@ -156,6 +223,27 @@ export async function runIo(argv: string[], io: Output): Promise<number> {
       try {
         let ok: boolean;
         switch (name) {
+          case 'write':
+          case 'w':
+            ok = await ioWrite(img, args, io);
+            break;
+          case 'discard':
+          case 'd':
+            ok = await ioDiscard(img, args, io);
+            break;
+          case 'flush':
+          case 'f':
+            await img.flush();
+            ok = true;
+            break;
+          case 'truncate':
+          case 't':
+            ok = await ioTruncate(img, args);
+            break;
+          case 'abort':
+            aborted = true;
+            await img.abandon();
+            return 134; // what a shell reports for qemu-io's abort() (SIGABRT)
           case 'read':
           case 'r':
             ok = await ioRead(img, args, io);
@@ -187,7 +275,7 @@ export async function runIo(argv: string[], io: Output): Promise<number> {
       }
     }
   } finally {
-    await img.close();
+    if (!aborted) await img.close();
   }
   return failed ? 1 : 0;
 }

@@ -12,6 +12,7 @@ import { formatMapHuman, formatMapJson, MapHumanError, type MapEntry } from '../
 import { Qcow2Layer } from '../engine/qcow2-layer.ts';
 import type { ImageFormat } from '../engine/open.ts';
 import { runIo } from './io.ts';
+import { createOptionsFrom, CREATE_OPTION_NAMES } from '../engine/create.ts';
 
 export interface Output {
   out(s: string): void;
@@ -25,13 +26,17 @@ const stdio: Output = {
 
 const USAGE = `usage: qledger COMMAND [options]
 Commands (options as in qemu-img / qemu-io):
+  create -f qcow2 [-o OPTIONS] [-b BACKING -F FMT] [-q] FILE [SIZE]
+     options: cluster_size compat refcount_bits lazy_refcounts extended_l2 compression_type
+              backing_file backing_fmt data_file data_file_raw preallocation=off|metadata|falloc|full
   info [-f fmt] [--output=human|json] [--backing-chain] FILE
   map [-f fmt] [--output=human|json] [--start-offset=N] [--max-length=N] FILE
   convert [-f fmt] [-O raw] [-l SNAPSHOT] [-p] [-q] IN OUT
   snapshot -l [-f fmt] FILE
   compare [-f fmt] [-F fmt] [-s] [-q] FILE1 FILE2
   io [-r] [-f fmt] -c CMD [-c CMD ...] FILE
-     io commands: read [-P pattern] [-v] [-q] OFF LEN | map | alloc OFF [LEN] | info | length
+     io commands: read [-P pattern] [-v] [-q] OFF LEN | write [-P pattern] [-z [-u]] [-q] OFF LEN
+                  | discard OFF LEN | flush | truncate SIZE | abort | map | alloc OFF [LEN] | info | length
 `;
 
 function formatArg(v: string | true | undefined): ImageFormat | undefined {
@@ -197,6 +202,41 @@ async function cmdCompare(argv: string[], io: Output): Promise<number> {
   }
 }
 
+async function cmdCreate(argv: string[], io: Output): Promise<number> {
+  const p = getopt(argv, { withArg: 'fobFB', flags: 'quh', long: { 'object': true } }, 'create');
+  const fmt = last(p.opts, 'f');
+  if (fmt !== undefined && fmt !== 'qcow2') throw new UsageError(`create: only -f qcow2 is supported (got '${String(fmt)}')`);
+  const opts = new Map<string, string>();
+  for (const [k, v] of p.opts) {
+    if (k !== 'o' || typeof v !== 'string') continue;
+    if (v === 'help' || v === '?') {
+      io.out(`Supported options:\n${CREATE_OPTION_NAMES.map((n) => `  ${n}\n`).join('')}`);
+      return 0;
+    }
+    for (const [ok, ov] of parseOptionList(v)) opts.set(ok, ov);
+  }
+  const b = last(p.opts, 'b', 'B');
+  if (typeof b === 'string') opts.set('backing_file', b);
+  const bf = last(p.opts, 'F');
+  if (typeof bf === 'string') opts.set('backing_fmt', bf);
+  if (p.positional.length < 1) throw new UsageError('create: expecting a filename');
+  if (p.positional.length > 2) throw new UsageError(`create: unexpected argument '${p.positional[2]}'`);
+  const path = p.positional[0]!;
+  if (p.positional[1] !== undefined) {
+    let size: number;
+    try {
+      size = parseSize(p.positional[1], 'size');
+    } catch {
+      throw new UsageError(`Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.`);
+    }
+    opts.set('size', String(size));
+  }
+  const co = createOptionsFrom(opts, parseSize);
+  const summary = await Image.create(path, co);
+  if (!p.opts.some(([k]) => k === 'q')) io.out(summary + '\n');
+  return 0;
+}
+
 export async function main(argv: string[], io: Output = stdio): Promise<number> {
   const [cmd, ...rest] = argv;
   try {
@@ -213,6 +253,8 @@ export async function main(argv: string[], io: Output = stdio): Promise<number> 
         return await cmdCompare(rest, io);
       case 'io':
         return await runIo(rest, io);
+      case 'create':
+        return await cmdCreate(rest, io);
       case undefined:
       case '-h':
       case '--help':

@@ -10,18 +10,74 @@ import { imageInfo, type ImageInfo } from './info.ts';
 import { Qcow2Layer } from './qcow2-layer.ts';
 import { guest, type Layer } from './layer.ts';
 import type { SnapshotEntry } from '../format/snapshot.ts';
+import { QledgerError } from '../errors.ts';
+import { openWriter, createImage, type WritableOpenOptions } from './writable.ts';
+import type { Qcow2Writer, TraceEvent, ZeroOptions } from './writer.ts';
+import type { CreateOptions } from './create.ts';
+
+export interface ImageOpenOptions extends OpenOptions {
+  /** open read-write (qcow2 only); the backing chain stays read-only */
+  readonly write?: boolean | undefined;
+  /** receives every metadata record, device write and flush (write mode) */
+  readonly trace?: TraceEvent[] | undefined;
+}
 
 export class Image {
-  private constructor(readonly top: Layer) {}
+  private constructor(
+    readonly top: Layer,
+    /** the write engine, when opened read-write */
+    readonly writer?: Qcow2Writer | undefined,
+  ) {}
 
-  /** Open `path` read-only with its backing chain. */
-  static async open(path: string, opts: OpenOptions = {}): Promise<Image> {
+  /** Open `path` with its backing chain; read-only unless `write` is set. */
+  static async open(path: string, opts: ImageOpenOptions = {}): Promise<Image> {
+    if (opts.write) {
+      if (opts.snapshot !== undefined) throw new QledgerError('E_USAGE', `${path}: a snapshot can only be opened read-only`);
+      const o: WritableOpenOptions = { format: opts.format, trace: opts.trace };
+      const w = await openWriter(path, o);
+      return new Image(w.layer, w);
+    }
     return new Image(await openLayer(path, opts));
+  }
+
+  /** Create a qcow2 image (qemu-img create -f qcow2); returns qemu-img's "Formatting ..." line. */
+  static async create(path: string, opts: CreateOptions): Promise<string> {
+    return (await createImage(path, opts)).summary;
+  }
+
+  private w(): Qcow2Writer {
+    if (!this.writer) throw new QledgerError('E_READ_ONLY', `${this.top.filename}: opened read-only`);
+    return this.writer;
+  }
+
+  write(offset: number, data: Uint8Array): Promise<void> {
+    return this.w().write(offset, data);
+  }
+
+  writeZeroes(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
+    return this.w().writeZeroes(offset, length, opts);
+  }
+
+  discard(offset: number, length: number): Promise<void> {
+    return this.w().discard(offset, length);
+  }
+
+  flush(): Promise<void> {
+    return this.w().flush();
+  }
+
+  truncate(size: number): Promise<void> {
+    return this.w().truncate(size);
+  }
+
+  /** Drop the image without flushing or closing cleanly: what a crash leaves. */
+  abandon(): Promise<void> {
+    return this.writer ? this.writer.abandon() : this.top.close();
   }
 
   /** virtual disk size in bytes */
   get size(): number {
-    return this.top.size;
+    return this.writer ? this.writer.size : this.top.size;
   }
 
   get format(): 'qcow2' | 'raw' {
@@ -41,12 +97,13 @@ export class Image {
 
   async read(offset: number, length: number): Promise<Uint8Array> {
     const out = new Uint8Array(length);
-    await readGuest(this.top, guest(offset), out);
+    await this.readInto(out, offset);
     return out;
   }
 
   async readInto(out: Uint8Array, offset: number): Promise<void> {
-    await readGuest(this.top, guest(offset), out);
+    if (this.writer) await this.writer.read(offset, out);
+    else await readGuest(this.top, guest(offset), out);
   }
 
   /** Extents as `qemu-img map` reports them. */
@@ -63,7 +120,8 @@ export class Image {
     return imageInfo(layer);
   }
 
+  /** Flush (write mode) and close the chain. */
   close(): Promise<void> {
-    return this.top.close();
+    return this.writer ? this.writer.close() : this.top.close();
   }
 }

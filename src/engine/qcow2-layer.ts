@@ -39,18 +39,31 @@ export interface Qcow2LayerOptions {
   readonly l1Size: number;
   readonly size: number;
   readonly backing: Layer | undefined;
+  /** A writable image supplies its live tables instead of the on-disk L1 (see writer.ts). */
+  readonly source?: TableSource | undefined;
+}
+
+/** Live metadata for a layer whose tables change under it (the write engine). */
+export interface TableSource {
+  l1Size(): number;
+  /** L2 table offset of L1 entry `index`, or 0. */
+  l1Offset(index: number): number;
+  l2Table(l2Offset: number, l1Index: number): Promise<Uint8Array>;
+  fileSize(): number;
 }
 
 export class Qcow2Layer implements Layer {
   readonly format = 'qcow2' as const;
   readonly filename: string;
-  readonly size: number;
+  /** virtual size; the write engine changes it on truncate */
+  size: number;
   readonly backing: Layer | undefined;
   readonly parsed: ParsedHeader;
   readonly geometry: Geometry;
   readonly snapshots: readonly SnapshotEntry[];
-  readonly fileSize: number;
+  private readonly fileSizeAtOpen: number;
   readonly dev: BlockDevice;
+  private readonly source: TableSource | undefined;
   readonly dataDev: BlockDevice | undefined;
   private readonly l1: Uint8Array;
   private readonly l1Size: number;
@@ -67,7 +80,8 @@ export class Qcow2Layer implements Layer {
     this.dataDev = o.dataDev;
     this.parsed = o.parsed;
     this.geometry = geometryOf(o.parsed.header);
-    this.fileSize = o.fileSize;
+    this.fileSizeAtOpen = o.fileSize;
+    this.source = o.source;
     this.snapshots = o.snapshots;
     this.l1 = o.l1;
     this.l1Size = o.l1Size;
@@ -76,6 +90,18 @@ export class Qcow2Layer implements Layer {
     this.hasDataFile = (o.parsed.header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
     this.dataFileRaw = (o.parsed.header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n;
     this.l2CacheMax = Math.max(16, Math.floor(L2_CACHE_BYTES / this.geometry.clusterSize));
+  }
+
+  get fileSize(): number {
+    return this.source ? this.source.fileSize() : this.fileSizeAtOpen;
+  }
+
+  private l1Count(): number {
+    return this.source ? this.source.l1Size() : this.l1Size;
+  }
+
+  private l1At(index: number): number {
+    return this.source ? this.source.l1Offset(index) : l1Offset(this.l1, index);
   }
 
   get header() {
@@ -91,8 +117,8 @@ export class Qcow2Layer implements Layer {
     const l2Span = g.l2Entries * cs;
     const untilL2End = (l1Index + 1) * l2Span - offset;
     const maxLen = Math.min(bytes, untilL2End, this.size - offset);
-    if (l1Index >= this.l1Size) return { length: maxLen, type: 'unallocated-plain', hostOffset: undefined };
-    const l2Offset = l1Offset(this.l1, l1Index);
+    if (l1Index >= this.l1Count()) return { length: maxLen, type: 'unallocated-plain', hostOffset: undefined };
+    const l2Offset = this.l1At(l1Index);
     if (l2Offset === 0) return { length: maxLen, type: 'unallocated-plain', hostOffset: undefined };
     if (l2Offset % cs !== 0) {
       throw new CorruptionError(`${this.filename}: L2 table offset ${hex(l2Offset)} unaligned (L1 index: ${hex(l1Index)})`, { l1Index, l2Offset });
@@ -175,11 +201,11 @@ export class Qcow2Layer implements Layer {
     const g = this.geometry;
     const clusterIndex = clusterStart / g.clusterSize;
     const l1Index = Math.floor(clusterIndex / g.l2Entries);
-    const l2Offset = l1Offset(this.l1, l1Index);
+    const l2Offset = this.l1At(l1Index);
     const table = await this.l2Table(l2Offset, l1Index);
     const e = readL2Entry(table, clusterIndex % g.l2Entries, g, { hi: 0, lo: 0, bitmapHi: 0, bitmapLo: 0 });
     const d = compressedDescriptor(e, g.clusterBits);
-    if (this.lastCompressed?.offset === d.offset) return this.lastCompressed.data;
+    if (this.lastCompressed?.offset === d.offset && !this.source) return this.lastCompressed.data;
     if (d.offset + d.length > this.fileSize + 512 || d.offset < this.geometry.clusterSize) {
       throw new CorruptionError(`${this.filename}: compressed cluster at host offset ${hex(d.offset)} lies outside the image`, { hostOffset: d.offset });
     }
@@ -191,6 +217,7 @@ export class Qcow2Layer implements Layer {
 
   /** Load (or get from the cache) the L2 table at `l2Offset`. */
   l2Table(l2Offset: number, l1Index: number): Promise<Uint8Array> {
+    if (this.source) return this.source.l2Table(l2Offset, l1Index);
     const hit = this.l2Cache.get(l2Offset);
     if (hit) {
       this.l2Cache.delete(l2Offset);
@@ -332,11 +359,14 @@ export async function loadQcow2(dev: BlockDevice) {
   const h = parsed.header;
   const cs = 2 ** h.clusterBits;
   let snapshots: SnapshotEntry[] = [];
+  let snapshotTableBytes = 0;
   if (h.nbSnapshots > 0) {
     // Entries are variable-sized: read a generous window, bounded by the file.
     const window = Math.min(fileSize - h.snapshotsOffset, h.nbSnapshots * (40 + 1024 + 65535 * 2 + 8));
     const raw = await readAt(dev, h.snapshotsOffset, window);
-    snapshots = decodeSnapshotTable(raw, h.nbSnapshots, h.snapshotsOffset, cs, fileSize).entries;
+    const table = decodeSnapshotTable(raw, h.nbSnapshots, h.snapshotsOffset, cs, fileSize);
+    snapshots = table.entries;
+    snapshotTableBytes = table.size;
   }
-  return { parsed, fileSize, snapshots };
+  return { parsed, fileSize, snapshots, snapshotTableBytes };
 }

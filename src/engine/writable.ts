@@ -1,0 +1,87 @@
+/**
+ * Opening a qcow2 image for writing, and creating one. The backing chain
+ * stays read-only; an external data file opens read-write with the image.
+ */
+
+import { NotFoundError, QledgerError, UnsupportedError } from '../errors.ts';
+import { FileDevice } from '../io/file-device.ts';
+import type { BlockDevice } from '../io/device.ts';
+import { INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, AUTOCLEAR_DATA_FILE_RAW } from '../format/features.ts';
+import { loadQcow2 } from './qcow2-layer.ts';
+import { combinePath, openLayer, probeFormat, type ImageFormat } from './open.ts';
+import { Qcow2Writer, type TraceEvent } from './writer.ts';
+import { collectReferences } from './references.ts';
+import { planCreate, writeSkeleton, type CreateOptions } from './create.ts';
+import type { Layer } from './layer.ts';
+
+export interface WritableOpenOptions {
+  readonly format?: ImageFormat | undefined;
+  readonly trace?: TraceEvent[] | undefined;
+  readonly writebackRecords?: number | undefined;
+}
+
+export async function openWriter(path: string, opts: WritableOpenOptions = {}): Promise<Qcow2Writer> {
+  const dev = await FileDevice.open(path, { readOnly: false });
+  let dataDev: BlockDevice | undefined;
+  let backing: Layer | undefined;
+  try {
+    const format = opts.format ?? (await probeFormat(dev));
+    if (format !== 'qcow2') throw new UnsupportedError(`${path}: writing is supported for qcow2 images only (this one is ${format})`, { path });
+    const { parsed, fileSize, snapshots, snapshotTableBytes } = await loadQcow2(dev);
+    const h = parsed.header;
+    if ((h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n && parsed.dataFile !== undefined) {
+      const dataPath = combinePath(path, parsed.dataFile);
+      dataDev = await FileDevice.open(dataPath, { readOnly: false }).catch((e: unknown) => {
+        throw new NotFoundError(`${path}: could not open external data file '${dataPath}': ${(e as Error).message}`, { path, dataFile: dataPath });
+      });
+    }
+    if (parsed.backingFile !== undefined) {
+      const bfmt = parsed.backingFormat;
+      if (bfmt !== undefined && bfmt !== 'qcow2' && bfmt !== 'raw') throw new UnsupportedError(`${path}: backing file format '${bfmt}' is not supported`, { path });
+      backing = await openLayer(combinePath(path, parsed.backingFile), { format: bfmt as ImageFormat | undefined });
+    }
+    const writer = await Qcow2Writer.open({ filename: path, dev, dataDev, parsed, fileSize, snapshots, backing, trace: opts.trace, writebackRecords: opts.writebackRecords });
+    if ((h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n) {
+      // A crash under lazy refcounts: refcounts are rebuilt from the
+      // references before anything else is written, as QEMU does on open.
+      const refs = await collectReferences(dev, parsed, snapshots, snapshotTableBytes);
+      await writer.applyRefcounts(refs.counts, refs.endCluster);
+      await writer.markClean();
+    }
+    return writer;
+  } catch (e) {
+    await backing?.close();
+    await dataDev?.close();
+    await dev.close();
+    throw e;
+  }
+}
+
+export interface CreateResult {
+  readonly summary: string;
+}
+
+/** qemu-img create -f qcow2: write the skeleton, grow it to its size, preallocate. */
+export async function createImage(path: string, o: CreateOptions, trace?: TraceEvent[]): Promise<CreateResult> {
+  const plan = await planCreate(path, o);
+  if (o.dataFile !== undefined) {
+    const d = await FileDevice.open(combinePath(path, o.dataFile), { readOnly: false, create: true });
+    try {
+      if ((plan.header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n) await d.truncate(plan.size);
+    } finally {
+      await d.close();
+    }
+  }
+  await writeSkeleton(path, plan, o.backingFile);
+  const w = await openWriter(path, { trace });
+  try {
+    if (plan.size > 0) await w.truncate(plan.size);
+    if (plan.preallocation !== 'off') await w.preallocate(plan.preallocation);
+    await w.close();
+  } catch (e) {
+    await w.abandon().catch(() => undefined);
+    if (e instanceof QledgerError) throw e;
+    throw e;
+  }
+  return { summary: plan.summary };
+}

@@ -1,0 +1,106 @@
+/**
+ * Metadata records: every change the write engine makes to qcow2 metadata is
+ * one of these, in order. They name domain objects (a refcount, an L2 entry,
+ * a table swap), carry the old and the new value, and are what the reducer
+ * in src/state applies and what the ordering module persists. The binary
+ * encoding is specified in journal-format.md ("Record encoding").
+ *
+ * Values are kept as the raw on-disk words (two unsigned 32-bit halves for a
+ * 64-bit entry) so that flag bits such as COPIED survive without bigint.
+ */
+
+/** A 64-bit table entry as its two big-endian halves. */
+export interface Word64 {
+  readonly hi: number;
+  readonly lo: number;
+}
+
+/** An L2 entry: descriptor words and, with extended L2, the subcluster bitmap words. */
+export interface L2Word {
+  readonly hi: number;
+  readonly lo: number;
+  readonly bitmapHi: number;
+  readonly bitmapLo: number;
+}
+
+/** Header fields a header record can change. */
+export type HeaderField = 'size' | 'incompatible_features' | 'compatible_features' | 'autoclear_features';
+
+export type TableRole = 'l2' | 'refblock';
+
+export type MetaRecord =
+  /** Refcount of host cluster `cluster` goes from `old` to `new`. */
+  | { readonly kind: 'refcount'; readonly cluster: number; readonly old: number; readonly new: number }
+  /** Entry `index` of the L2 table at host offset `table` (the table of L1 index `l1Index`). */
+  | { readonly kind: 'l2'; readonly l1Index: number; readonly table: number; readonly index: number; readonly old: L2Word; readonly new: L2Word }
+  /** Entry `index` of the active L1 table. */
+  | { readonly kind: 'l1'; readonly index: number; readonly old: Word64; readonly new: Word64 }
+  /** The active L1 table moves: entries below min(oldSize, newSize) are kept, the rest read as 0. */
+  | { readonly kind: 'l1-swap'; readonly oldOffset: number; readonly oldSize: number; readonly newOffset: number; readonly newSize: number }
+  /** Entry `index` of the refcount table. */
+  | { readonly kind: 'reftable'; readonly index: number; readonly old: number; readonly new: number }
+  /** The refcount table moves (entries are kept, new ones read as 0). */
+  | { readonly kind: 'reftable-swap'; readonly oldOffset: number; readonly oldClusters: number; readonly newOffset: number; readonly newClusters: number }
+  /**
+   * A table comes into existence at host offset `offset` in slot `slot` (an
+   * L1 index for L2 tables, a refcount-table index for refcount blocks),
+   * either zero-filled (`copyOf` 0) or as a copy of the table at `copyOf`.
+   */
+  | { readonly kind: 'table-new'; readonly role: TableRole; readonly slot: number; readonly offset: number; readonly copyOf: number }
+  /** A header field changes. */
+  | { readonly kind: 'header'; readonly field: HeaderField; readonly old: bigint; readonly new: bigint };
+
+/** Markers that are part of an operation's trace but change no metadata. */
+export type MarkerRecord =
+  /** Guest data (or copy-on-write data) written at a host offset. */
+  | { readonly kind: 'data'; readonly host: number; readonly length: number }
+  /** A flush barrier: everything before it is durable before anything after it is written. */
+  | { readonly kind: 'barrier' }
+  /** Transaction boundaries: one guest operation. */
+  | { readonly kind: 'begin'; readonly tx: number; readonly op: string }
+  | { readonly kind: 'commit'; readonly tx: number };
+
+export type JournalRecord = MetaRecord | MarkerRecord;
+
+export function isMeta(r: JournalRecord): r is MetaRecord {
+  return r.kind !== 'data' && r.kind !== 'barrier' && r.kind !== 'begin' && r.kind !== 'commit';
+}
+
+/** Is this refcount record an increment (it must persist before any reference)? */
+export function isIncrement(r: MetaRecord): boolean {
+  return r.kind === 'refcount' && r.new > r.old;
+}
+
+const hex = (n: number) => '0x' + n.toString(16);
+const w = (x: Word64) => '0x' + (x.hi >>> 0).toString(16).padStart(8, '0') + (x.lo >>> 0).toString(16).padStart(8, '0');
+
+/** One line per record, for traces, `journal dump` and failing-test output. */
+export function describe(r: JournalRecord): string {
+  switch (r.kind) {
+    case 'refcount':
+      return `refcount cluster ${hex(r.cluster)}: ${r.old} -> ${r.new}`;
+    case 'l2':
+      return `l2 table ${hex(r.table)} [${r.index}] (l1 ${r.l1Index}): ${w(r.old)} -> ${w(r.new)}` +
+        (r.old.bitmapHi | r.old.bitmapLo | r.new.bitmapHi | r.new.bitmapLo ? ` bitmap ${w({ hi: r.old.bitmapHi, lo: r.old.bitmapLo })} -> ${w({ hi: r.new.bitmapHi, lo: r.new.bitmapLo })}` : '');
+    case 'l1':
+      return `l1 [${r.index}]: ${w(r.old)} -> ${w(r.new)}`;
+    case 'l1-swap':
+      return `l1 swap ${hex(r.oldOffset)} (${r.oldSize} entries) -> ${hex(r.newOffset)} (${r.newSize} entries)`;
+    case 'reftable':
+      return `reftable [${r.index}]: ${hex(r.old)} -> ${hex(r.new)}`;
+    case 'reftable-swap':
+      return `reftable swap ${hex(r.oldOffset)} (${r.oldClusters} clusters) -> ${hex(r.newOffset)} (${r.newClusters} clusters)`;
+    case 'table-new':
+      return `new ${r.role} at ${hex(r.offset)} slot ${r.slot}${r.copyOf ? ` copy of ${hex(r.copyOf)}` : ''}`;
+    case 'header':
+      return `header ${r.field}: 0x${r.old.toString(16)} -> 0x${r.new.toString(16)}`;
+    case 'data':
+      return `data ${hex(r.host)} +${hex(r.length)}`;
+    case 'barrier':
+      return 'barrier';
+    case 'begin':
+      return `begin tx ${r.tx} ${r.op}`;
+    case 'commit':
+      return `commit tx ${r.tx}`;
+  }
+}
