@@ -982,6 +982,13 @@ export class Qcow2Writer {
       }
     }
     this.emit({ kind: 'header', field: 'size', old: BigInt(h.size), new: BigInt(size) });
+    // The new space must read as zero, not as whatever a longer backing file
+    // holds there (QEMU does the same since 5.1).
+    const b = this.layer.backing;
+    if (b && b.size > h.size) {
+      this.layer.size = size;
+      await this.zeroRange(h.size, Math.min(size, b.size) - h.size, false);
+    }
   }
 
   /** Preallocate metadata (and, with a data callback, data) for the whole disk, as qemu-img create does. */
