@@ -45,7 +45,7 @@ export class PTrie<V> {
   }
 
   edit(): TrieEditor<V> {
-    return new TrieEditor(this.root, this.shift);
+    return new TrieEditor(this.root, this.shift, this);
   }
 
   /** Every (key, value) pair, in key order. */
@@ -96,9 +96,12 @@ function* diffNodes<V>(a: Node<V> | undefined, b: Node<V> | undefined, shift: nu
 export class TrieEditor<V> {
   private readonly owner = {};
   private done = false;
+  private changed = false;
   constructor(
     private root: Node<V> | undefined,
     private shift: number,
+    /** returned by finish() when nothing was set, so unchanged tries stay identical */
+    private readonly original?: PTrie<V>,
   ) {}
 
   get(key: number): V | undefined {
@@ -111,6 +114,7 @@ export class TrieEditor<V> {
   set(key: number, value: V | undefined): void {
     if (this.done) throw new Error('TrieEditor used after finish()');
     if (!Number.isInteger(key) || key < 0 || key > MAX_KEY) throw new RangeError(`trie key ${key} out of range`);
+    this.changed = true;
     if (!this.root) this.root = { owner: this.owner, slots: [] };
     while (key >= 2 ** (this.shift + BITS)) {
       this.root = { owner: this.owner, slots: [this.root] };
@@ -130,6 +134,7 @@ export class TrieEditor<V> {
 
   finish(): PTrie<V> {
     this.done = true;
+    if (!this.changed && this.original) return this.original;
     return new (PTrie as unknown as new (r: Node<V> | undefined, s: number) => PTrie<V>)(this.root, this.shift);
   }
 

@@ -1,0 +1,142 @@
+/**
+ * Bad input on the write path: requests past the end, negative or
+ * misaligned sizes, read-only opens, the corrupt bit, unknown incompatible
+ * bits, live metadata found corrupted. Each gets a one-line error and leaves
+ * the image untouched (or, for corruption found while writing, marked corrupt
+ * and nothing else).
+ */
+
+import { describe, it, expect, afterAll } from 'vitest';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { main } from '../src/cli/main.ts';
+import { Image } from '../src/engine/image.ts';
+import { putU32, putU64, u32, u64 } from '../src/format/bytes.ts';
+import { tempDir } from './helpers/qemu.ts';
+
+const { dir, cleanup } = tempDir('qledger-badw-');
+afterAll(cleanup);
+
+async function cli(...argv: string[]): Promise<{ code: number; out: string; err: string }> {
+  let out = '';
+  let err = '';
+  const code = await main(argv, { out: (s) => void (out += s), err: (s) => void (err += s) });
+  return { code, out, err };
+}
+
+async function fresh(name: string, opts = {}): Promise<string> {
+  const f = join(dir, name);
+  await Image.create(f, { size: 1 << 20, ...opts });
+  return f;
+}
+
+function untouched(f: string, fn: () => Promise<void>) {
+  return async () => {
+    const before = readFileSync(f);
+    await fn();
+    expect(readFileSync(f).equals(before)).toBe(true);
+  };
+}
+
+describe('bad input on the write path', () => {
+  it('a write past the virtual size fails like qemu-io and changes nothing', async () => {
+    const f = await fresh('past.qcow2');
+    await untouched(f, async () => {
+      const r = await cli('io', '-c', 'write 1020k 8k', f);
+      expect(r.code).toBe(1);
+      expect(r.err).toBe('write failed: Input/output error\n');
+    })();
+  });
+
+  it('library: negative, fractional and past-the-end requests are E_RANGE errors', async () => {
+    const f = await fresh('range.qcow2');
+    const img = await Image.open(f, { write: true });
+    try {
+      await expect(img.write(-1, new Uint8Array(1))).rejects.toMatchObject({ code: 'E_RANGE' });
+      await expect(img.writeZeroes(0, 1.5)).rejects.toMatchObject({ code: 'E_RANGE' });
+      await expect(img.discard(1 << 20, 1)).rejects.toMatchObject({ code: 'E_RANGE' });
+      await expect(img.truncate(1000)).rejects.toMatchObject({ code: 'E_USAGE' });
+      await expect(img.truncate(-512)).rejects.toMatchObject({ code: 'E_RANGE' });
+    } finally {
+      await img.close();
+    }
+    expect(readFileSync(f).length).toBeGreaterThan(0);
+  });
+
+  it('-r (read-only) refuses writes', async () => {
+    const f = await fresh('ro.qcow2');
+    await untouched(f, async () => {
+      const r = await cli('io', '-r', '-c', 'write 0 4k', f);
+      expect(r.code).toBe(1);
+      expect(r.err).toMatch(/^write: .*opened read-only\n$/);
+    })();
+  });
+
+  it('an image with the corrupt bit is refused read-write, untouched', async () => {
+    const f = await fresh('corrupt.qcow2');
+    const b = readFileSync(f);
+    putU64(b, 72, 2n); // incompatible_features: corrupt
+    writeFileSync(f, b);
+    await untouched(f, async () => {
+      const r = await cli('io', '-c', 'write 0 4k', f);
+      expect(r.code).toBe(1);
+      expect(r.err).toMatch(/^qledger: .*marked corrupt .*incompatible_features bit 1 at offset 0x48.*\n$/);
+      expect(r.err).not.toMatch(/\n\s+at /);
+    })();
+  });
+
+  it('unknown incompatible bits are refused, untouched', async () => {
+    const f = await fresh('incompat.qcow2');
+    const b = readFileSync(f);
+    putU64(b, 72, 1n << 40n);
+    writeFileSync(f, b);
+    await untouched(f, async () => {
+      const r = await cli('io', '-c', 'write 0 4k', f);
+      expect(r.code).toBe(1);
+      expect(r.err).toMatch(/incompatible_features/);
+    })();
+  });
+
+  it('a bad create option gets qemu-img\'s message and creates nothing', async () => {
+    for (const [opt, msg] of [
+      ['cluster_size=1000', 'Cluster size must be a power of two between 512 and 2048k'],
+      ['refcount_bits=3', 'Refcount width must be a power of two and may not exceed 64 bits'],
+      ['compat=0.10,lazy_refcounts=on', 'Lazy refcounts only supported with compatibility level 1.1'],
+      ['extended_l2=on,cluster_size=4k', 'Extended L2 entries are only supported with cluster sizes of at least 16384 bytes'],
+      ['bogus=1', "Invalid parameter 'bogus'"],
+      ['preallocation=foo', "Parameter 'preallocation' does not accept value 'foo'"],
+    ] as const) {
+      const f = join(dir, 'never.qcow2');
+      const r = await cli('create', '-f', 'qcow2', '-o', opt, f, '1M');
+      expect(r.code, opt).toBe(1);
+      expect(r.err).toContain(msg);
+      expect(() => readFileSync(f)).toThrow();
+    }
+    const r = await cli('create', '-f', 'qcow2', '-b', 'x.qcow2', join(dir, 'never.qcow2'));
+    expect(r.err).toContain('Backing file specified without backing format');
+  });
+
+  it('an L2 entry pointing into the L1 table: the write is refused and the image marked corrupt', async () => {
+    const f = await fresh('overlap.qcow2', { clusterSize: 4096 });
+    {
+      const img = await Image.open(f, { write: true });
+      await img.write(0, new Uint8Array(4096).fill(1));
+      await img.close();
+    }
+    const b = readFileSync(f);
+    const l1 = u64(b, 40);
+    const l2 = (u32(b, l1 + 4) & 0xffff_fe00) >>> 0; // small image: the offset fits the low word
+    putU32(b, l2, 0x8000_0000); // COPIED, offset -> the L1 table's cluster
+    putU32(b, l2 + 4, l1);
+    writeFileSync(f, b);
+    const r = await cli('io', '-c', 'write -P 7 0 512', f);
+    expect(r.code).toBe(1);
+    expect(r.err).toMatch(/preventing a write .* onto the active L1 table/);
+    const after = readFileSync(f);
+    expect(after.subarray(l1, l1 + 8).equals(b.subarray(l1, l1 + 8))).toBe(true);
+    expect(after[79]! & 2).toBe(2); // corrupt bit set
+    const again = await cli('io', '-c', 'write 0 512', f);
+    expect(again.code).toBe(1);
+    expect(again.err).toMatch(/marked corrupt/);
+  });
+});
