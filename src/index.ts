@@ -2,13 +2,21 @@
  * qledger: a qcow2 engine for Node.
  *
  *   import { Image } from 'qledger';
- *   const img = await Image.open('disk.qcow2');
+ *   await Image.create('disk.qcow2', { size: 1 << 30 });
+ *   const img = await Image.open('disk.qcow2', { write: true });
+ *   await img.write(0, new Uint8Array(4096).fill(1));
  *   const bytes = await img.read(0, 4096);
  *   for await (const e of img.map()) console.log(e);
  *   await img.close();
  */
 
-export { Image } from './engine/image.ts';
+export { Image, type ImageOpenOptions } from './engine/image.ts';
+export type { CreateOptions, Preallocation } from './engine/create.ts';
+export type { TraceEvent, ZeroOptions } from './engine/writer.ts';
+export type { JournalRecord, MetaRecord, MarkerRecord, L2Word, Word64, HeaderField } from './journal/records.ts';
+export { describe as describeRecord } from './journal/records.ts';
+export { encodeRecord, decodeRecord } from './journal/codec.ts';
+export { apply, applyAll, type MetaState, type HeaderState } from './state/state.ts';
 export type { OpenOptions, ImageFormat } from './engine/open.ts';
 export type { MapEntry } from './engine/map.ts';
 export type { ImageInfo, SnapshotInfo, Qcow2SpecificInfo } from './engine/info.ts';

@@ -1,0 +1,115 @@
+/**
+ * Write-engine features that need a particular image state: lazy refcounts
+ * and the dirty bit (set before the first deferred refcount, rebuilt on a
+ * read-write open after a crash), autoclear bits, COPIED flags after
+ * copy-on-write of snapshot-shared clusters.
+ */
+
+import { describe, it, expect, afterAll } from 'vitest';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { spawnSync } from 'node:child_process';
+import { Image } from '../src/engine/image.ts';
+import { main } from '../src/cli/main.ts';
+import type { TraceEvent } from '../src/engine/writer.ts';
+import { putU64, u64big } from '../src/format/bytes.ts';
+import { qemuAvailable, qemuImg, qemuIo, tempDir } from './helpers/qemu.ts';
+
+const { dir, cleanup } = tempDir('qledger-feat-');
+afterAll(cleanup);
+
+const dirtyBit = (f: string) => (u64big(readFileSync(f), 72) & 1n) === 1n;
+const check = (f: string) => spawnSync('qemu-img', ['check', f], { encoding: 'utf8' });
+const quiet = { out: () => {}, err: () => {} };
+
+describe.skipIf(!qemuAvailable)('lazy refcounts', () => {
+  it('the dirty bit is durable before the first L2 write, and cleared on close', async () => {
+    const f = join(dir, 'lazy.qcow2');
+    await Image.create(f, { size: 8 << 20, lazyRefcounts: true, clusterSize: 4096 });
+    const trace: TraceEvent[] = [];
+    const img = await Image.open(f, { write: true, trace });
+    await img.write(0, new Uint8Array(8192).fill(3));
+    await img.flush();
+    expect(dirtyBit(f)).toBe(true);
+    await img.close();
+    expect(dirtyBit(f)).toBe(false);
+    const dirty = trace.findIndex((e) => e.type === 'write' && e.what === 'header (dirty bit)');
+    const flushAfter = trace.findIndex((e, i) => i > dirty && e.type === 'flush');
+    const firstRef = trace.findIndex((e) => e.type === 'write' && /^(l1|l2 )/.test(e.what));
+    expect(dirty).toBeGreaterThanOrEqual(0);
+    expect(flushAfter).toBeLessThan(firstRef);
+    expect(check(f).status).toBe(0);
+  });
+
+  it('a crash leaves the image dirty; a read-write open rebuilds the refcounts', async () => {
+    const f = join(dir, 'crash.qcow2');
+    await Image.create(f, { size: 8 << 20, lazyRefcounts: true, clusterSize: 4096 });
+    const code = await main(['io', '-c', 'write -P 9 0 1M', '-c', 'flush', '-c', 'write -P 8 2M 64k', '-c', 'discard 0 64k', '-c', 'flush', '-c', 'abort', f], quiet);
+    expect(code).toBe(134);
+    expect(dirtyBit(f)).toBe(true);
+    expect(spawnSync('qemu-img', ['check', f]).status).not.toBe(0); // stale refcounts: QEMU sees them too
+    const img = await Image.open(f, { write: true });
+    await img.close();
+    expect(dirtyBit(f)).toBe(false);
+    const c = check(f);
+    expect(c.status, c.stdout).toBe(0);
+    expect(qemuIo(f, ['read -P 9 64k 960k', 'read -P 8 2M 64k', 'read -P 0 0 64k'])).not.toContain('Pattern verification failed');
+  });
+
+  it('an image QEMU left dirty (killed qemu-io) is repaired by a read-write open', async () => {
+    const f = join(dir, 'qemu-dirty.qcow2');
+    qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'lazy_refcounts=on,cluster_size=4096', f, '16M']);
+    spawnSync('qemu-io', ['-c', 'write -P 0x5a 0 3M', '-c', 'write -P 0x5b 8M 100k', '-c', 'sigraise 9', f]);
+    expect(dirtyBit(f)).toBe(true);
+    const img = await Image.open(f, { write: true });
+    await img.write(12 << 20, new Uint8Array(4096).fill(1));
+    await img.close();
+    expect(dirtyBit(f)).toBe(false);
+    const c = check(f);
+    expect(c.status, c.stdout).toBe(0);
+    expect(qemuIo(f, ['read -P 0x5a 0 3M', 'read -P 0x5b 8M 100k', 'read -P 1 12M 4k'])).not.toContain('Pattern verification failed');
+  });
+});
+
+describe.skipIf(!qemuAvailable)('header bits', () => {
+  it('unknown autoclear bits (and the bitmaps bit) are cleared before the first write; known incompatible bits stay', async () => {
+    const f = join(dir, 'autoclear.qcow2');
+    await Image.create(f, { size: 1 << 20, extendedL2: true });
+    const b = readFileSync(f);
+    putU64(b, 88, (1n << 33n) | 1n); // unknown bit 33 and the bitmaps bit
+    writeFileSync(f, b);
+    const trace: TraceEvent[] = [];
+    const img = await Image.open(f, { write: true, trace });
+    expect(u64big(readFileSync(f), 88)).toBe(0n); // on disk before any write was asked for
+    await img.write(0, new Uint8Array(512).fill(1));
+    await img.close();
+    const after = readFileSync(f);
+    expect(u64big(after, 88)).toBe(0n);
+    expect(u64big(after, 72)).toBe(1n << 4n); // extended L2 kept
+    const first = trace.findIndex((e) => e.type === 'record' && e.record.kind === 'header');
+    const firstData = trace.findIndex((e) => e.type === 'write' && e.what.startsWith('data'));
+    expect(first).toBeGreaterThanOrEqual(0);
+    expect(first).toBeLessThan(firstData);
+    expect(check(f).status).toBe(0);
+  });
+
+  it('COPIED flags are right after copy-on-write of snapshot-shared clusters (qemu-img check counts them)', async () => {
+    const f = join(dir, 'copied.qcow2');
+    qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', f, '4M']);
+    qemuIo(f, ['write -P 1 0 4M']);
+    qemuImg(['snapshot', '-c', 'a', f]);
+    qemuImg(['snapshot', '-c', 'b', f]);
+    const img = await Image.open(f, { write: true });
+    await img.write(100, new Uint8Array(9000).fill(2));
+    await img.writeZeroes(1 << 20, 64 << 10, { unmap: true });
+    await img.discard(2 << 20, 1 << 20);
+    await img.close();
+    const c = check(f);
+    expect(c.status, c.stdout).toBe(0);
+    qemuImg(['snapshot', '-d', 'a', f]);
+    qemuImg(['snapshot', '-d', 'b', f]);
+    const c2 = check(f);
+    expect(c2.status, c2.stdout).toBe(0);
+    expect(qemuIo(f, ['read -P 2 100 9000', 'read -P 0 1M 64k', 'read -P 1 1088k 960k'])).not.toContain('Pattern verification failed');
+  });
+});
