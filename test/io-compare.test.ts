@@ -110,7 +110,12 @@ describe.skipIf(!qemuAvailable)('qledger io and qemu-io agree', () => {
       ['-o', 'preallocation=metadata'],
       ['-o', 'preallocation=falloc'],
       ['-o', 'preallocation=full,cluster_size=2M'],
+      ['-b', 'cbase.qcow2', '-F', 'qcow2', '-o', 'cluster_size=4k'],
+      ['-b', 'cbase.qcow2', '-F', 'qcow2', '-o', 'extended_l2=on,preallocation=metadata'],
     ];
+    // a backing file with data: the new image must show it (size taken from it when none is given)
+    qemuImg(['create', '-q', '-f', 'qcow2', join(tmp.dir, 'cbase.qcow2'), '3M']);
+    qemuIo(join(tmp.dir, 'cbase.qcow2'), ['write -P 0x61 0 3M']);
     for (const [i, opts] of sets.entries()) {
       const a = join(tmp.dir, `create-a-${i}.qcow2`);
       const b = join(tmp.dir, `create-b-${i}.qcow2`);

@@ -75,7 +75,7 @@ export async function createImage(path: string, o: CreateOptions, trace?: TraceE
   await writeSkeleton(path, plan, o.backingFile);
   const w = await openWriter(path, { trace });
   try {
-    if (plan.size > 0) await w.truncate(plan.size);
+    if (plan.size > 0) await w.truncate(plan.size, true);
     if (plan.preallocation !== 'off') await w.preallocate(plan.preallocation);
     await w.close();
   } catch (e) {

@@ -284,12 +284,17 @@ export class Qcow2Writer {
     });
   }
 
-  truncate(size: number): Promise<void> {
+  /**
+   * Change the virtual size. Growing over a longer backing file zeroes the
+   * new space so the backing data stays hidden, as QEMU does; image creation
+   * passes `fromCreate` because there the backing data must show through.
+   */
+  truncate(size: number, fromCreate = false): Promise<void> {
     return this.serial(async () => {
       this.checkWritable();
       if (!Number.isSafeInteger(size) || size < 0) throw new RangeRequestError(`invalid size ${size}`, { size });
       if (size % 512 !== 0) throw new UsageError(`${this.filename}: the new size must be a multiple of 512 bytes (got ${size})`);
-      await this.run('truncate', () => this.resize(size));
+      await this.run('truncate', () => this.resize(size, !fromCreate));
       this.layer.size = size;
       await this.flushNow();
     });
@@ -927,7 +932,7 @@ export class Qcow2Writer {
 
   // ---- resize ----------------------------------------------------------------
 
-  private async resize(size: number): Promise<void> {
+  private async resize(size: number, hideBacking: boolean): Promise<void> {
     const t = this.t();
     const g = this.geometry;
     const cs = g.clusterSize;
@@ -985,7 +990,7 @@ export class Qcow2Writer {
     // The new space must read as zero, not as whatever a longer backing file
     // holds there (QEMU does the same since 5.1).
     const b = this.layer.backing;
-    if (b && b.size > h.size) {
+    if (hideBacking && b && b.size > h.size) {
       this.layer.size = size;
       await this.zeroRange(h.size, Math.min(size, b.size) - h.size, false);
     }
