@@ -113,3 +113,24 @@ describe.skipIf(!qemuAvailable)('header bits', () => {
     expect(qemuIo(f, ['read -P 2 100 9000', 'read -P 0 1M 64k', 'read -P 1 1088k 960k'])).not.toContain('Pattern verification failed');
   });
 });
+
+describe.skipIf(!qemuAvailable)('external data files', () => {
+  for (const raw of [false, true]) {
+    it(`create, write, zero and discard with data_file${raw ? ', data_file_raw' : ''}: qemu-img check clean, content equal to qemu-io's`, async () => {
+      const d = join(dir, `df-${raw}`);
+      spawnSync('mkdir', ['-p', d]);
+      const opts = `data_file=${raw ? 'ours-raw.data' : 'ours.data'}${raw ? ',data_file_raw=on' : ''}`;
+      const code = await main(['create', '-q', '-f', 'qcow2', '-o', opts, join(d, 'ours.qcow2'), '4M'], quiet);
+      expect(code).toBe(0);
+      // QEMU 7.2 resolves a relative data file name against its working directory
+      spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', opts.replaceAll('ours', 'theirs'), 'theirs.qcow2', '4M'], { cwd: d });
+      const cmds = ['write -P 5 1000 200000', 'write -z 64k 64k', 'discard 1M 1M', 'write -P 6 3M 4096'];
+      expect(await main(['io', ...cmds.flatMap((c) => ['-c', c]), join(d, 'ours.qcow2')], quiet)).toBe(0);
+      spawnSync('qemu-io', [...cmds.flatMap((c) => ['-c', c]), 'theirs.qcow2'], { cwd: d });
+      const c = spawnSync('qemu-img', ['check', 'ours.qcow2'], { cwd: d, encoding: 'utf8' });
+      expect(c.status, c.stdout + c.stderr).toBe(0);
+      const cmp = spawnSync('qemu-img', ['compare', 'ours.qcow2', 'theirs.qcow2'], { cwd: d, encoding: 'utf8' });
+      expect(cmp.stdout.trim(), cmp.stderr).toBe('Images are identical.');
+    });
+  }
+});

@@ -13,6 +13,7 @@ import { Qcow2Layer } from '../engine/qcow2-layer.ts';
 import type { ImageFormat } from '../engine/open.ts';
 import { runIo } from './io.ts';
 import { createOptionsFrom, CREATE_OPTION_NAMES } from '../engine/create.ts';
+import { checkImage, checkExitCode, checkHuman, checkJson, type RepairMode } from '../engine/check.ts';
 
 export interface Output {
   out(s: string): void;
@@ -29,6 +30,8 @@ Commands (options as in qemu-img / qemu-io):
   create -f qcow2 [-o OPTIONS] [-b BACKING -F FMT] [-q] FILE [SIZE]
      options: cluster_size compat refcount_bits lazy_refcounts extended_l2 compression_type
               backing_file backing_fmt data_file data_file_raw preallocation=off|metadata|falloc|full
+  check [-f qcow2] [--output=human|json] [-r leaks|all] [-q] FILE
+     exit: 0 clean, 1 check not completed, 2 corruptions, 3 leaks only
   info [-f fmt] [--output=human|json] [--backing-chain] FILE
   map [-f fmt] [--output=human|json] [--start-offset=N] [--max-length=N] FILE
   convert [-f fmt] [-O raw] [-l SNAPSHOT] [-p] [-q] IN OUT
@@ -237,6 +240,26 @@ async function cmdCreate(argv: string[], io: Output): Promise<number> {
   return 0;
 }
 
+async function cmdCheck(argv: string[], io: Output): Promise<number> {
+  const p = getopt(argv, { withArg: 'fr', flags: 'qU', long: { output: true, 'force-share': false, 'image-opts': false } }, 'check');
+  one(p.positional, 1, 'check');
+  const fmt = last(p.opts, 'f');
+  if (fmt !== undefined && fmt !== 'qcow2') throw new UsageError(`check: only qcow2 images can be checked (got -f ${String(fmt)})`);
+  const output = outputArg(last(p.opts, 'output'));
+  const r = last(p.opts, 'r');
+  if (r !== undefined && r !== 'leaks' && r !== 'all') throw new UsageError(`Unknown option value for -r (expecting 'leaks' or 'all'): ${String(r)}`);
+  const quiet = p.opts.some(([k]) => k === 'q');
+  const report = await checkImage(p.positional[0]!, { repair: r as RepairMode | undefined });
+  for (const f of [...report.repairedFindings, ...report.findings]) io.err(f.message + '\n');
+  if (report.failure) {
+    io.err(`qledger: ${report.failure}\n`);
+    return 1;
+  }
+  if (output === 'json') io.out(qemuJson(checkJson(report)) + '\n');
+  else if (!quiet) io.out(checkHuman(report));
+  return checkExitCode(report);
+}
+
 export async function main(argv: string[], io: Output = stdio): Promise<number> {
   const [cmd, ...rest] = argv;
   try {
@@ -255,6 +278,8 @@ export async function main(argv: string[], io: Output = stdio): Promise<number> 
         return await runIo(rest, io);
       case 'create':
         return await cmdCreate(rest, io);
+      case 'check':
+        return await cmdCheck(rest, io);
       case undefined:
       case '-h':
       case '--help':

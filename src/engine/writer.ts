@@ -1165,6 +1165,9 @@ export class Qcow2Writer {
             continue;
           }
           const have = await this.refcount(c);
+          if (want > maxRefcount(this.geometry.refcountOrder)) {
+            throw new QledgerError('E_OVERFLOW', `${this.filename}: cluster ${hex(c * this.geometry.clusterSize)} has ${want} references, more than refcount_bits=${this.geometry.refcountBits} can count`, { cluster: c });
+          }
           if (have !== want) {
             this.emit({ kind: 'refcount', cluster: c, old: have, new: want });
             fixed++;

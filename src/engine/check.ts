@@ -1,0 +1,576 @@
+/**
+ * Consistency check and repair of a qcow2 image, counted the way QEMU's
+ * qcow2_check_refcounts() counts so that totals agree with `qemu-img check`:
+ *
+ *  1. Count every reference to every host cluster: the header, the active
+ *     L1 and every snapshot L1 table, each L2 table once per L1 entry that
+ *     names it, data and compressed clusters once per L2 entry visit, the
+ *     snapshot table, the refcount table, the bitmap directory and tables,
+ *     and every refcount block. A reference past the end of the file is a
+ *     corruption and is not counted.
+ *  2. Compare with the stored refcounts over the clusters of the file:
+ *     stored < counted is a corruption, stored > counted a leak, and a
+ *     counted cluster with stored 0 means the refcount structure itself must
+ *     be rebuilt.
+ *  3. Check COPIED flags of the active L1 and L2 entries against the stored
+ *     refcounts.
+ *
+ * Repair (-r leaks / -r all) lowers leaked refcounts, raises low ones,
+ * rebuilds the refcount table and blocks at the end of the file when they
+ * are broken, and fixes COPIED flags, then checks again. Every repair write
+ * only ever adds references or removes ones nothing uses, and a rebuilt
+ * refcount structure is complete and flushed before the header switches to
+ * it, so a crash during repair leaves the image no worse.
+ *
+ * Memory is proportional to the file (one 32-bit counter per cluster,
+ * allocated in 64 Ki-cluster chunks only where references land), never to
+ * what a damaged table claims.
+ */
+
+import { QledgerError } from '../errors.ts';
+import type { BlockDevice } from '../io/device.ts';
+import { readAt } from '../io/device.ts';
+import { FileDevice } from '../io/file-device.ts';
+import { geometryOf, type Geometry, type ParsedHeader } from '../format/header.ts';
+import { putU32, putU64, u32 } from '../format/bytes.ts';
+import { AUTOCLEAR_BITMAPS, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY } from '../format/features.ts';
+import { COPIED_HI } from '../format/l1.ts';
+import { compressedDescriptor, readL2Entry, standardOffset, type RawL2Entry, L2E_COMPRESSED_HI, L2E_COPIED_HI } from '../format/l2.ts';
+import { getRefcount, setRefcount, refcountTableEntry, setRefcountTableEntry, maxRefcount } from '../format/refcount.ts';
+import { decodeBitmapDirectory } from '../format/bitmaps.ts';
+import type { SnapshotEntry } from '../format/snapshot.ts';
+import { loadQcow2 } from './qcow2-layer.ts';
+import { probeFormat } from './open.ts';
+
+export type RepairMode = 'leaks' | 'all';
+
+export interface CheckFinding {
+  /** what qemu-img counts it as ('none': reported, not counted by QEMU either) */
+  readonly counts: 'corruption' | 'leak' | 'check-error' | 'none';
+  /** QEMU's message for it, with the host offset in hex added */
+  readonly message: string;
+  readonly cluster?: number | undefined;
+  readonly offset?: number | undefined;
+  /** repaired by this run */
+  fixed: boolean;
+}
+
+export interface CheckReport {
+  readonly filename: string;
+  readonly format: 'qcow2';
+  checkErrors: number;
+  corruptions: number;
+  leaks: number;
+  corruptionsFixed: number;
+  leaksFixed: number;
+  imageEndOffset: number;
+  totalClusters: number;
+  allocatedClusters: number;
+  fragmentedClusters: number;
+  compressedClusters: number;
+  /** findings of the (last) check, in the order found */
+  findings: CheckFinding[];
+  /** findings of the first pass, before any repair (when repairing) */
+  repairedFindings: CheckFinding[];
+  /** set when the check could not complete; the CLI prints it and exits 1 */
+  failure?: string | undefined;
+}
+
+/** One counter per host cluster, in chunks allocated where references land. */
+class Counts {
+  private readonly chunks = new Map<number, Uint32Array>();
+  get(c: number): number {
+    return this.chunks.get(Math.floor(c / 65536))?.[c % 65536] ?? 0;
+  }
+  add(c: number, d: number): void {
+    const k = Math.floor(c / 65536);
+    let a = this.chunks.get(k);
+    if (!a) this.chunks.set(k, (a = new Uint32Array(65536)));
+    a[c % 65536] = Math.max(0, a[c % 65536]! + d);
+  }
+}
+
+interface Analysis {
+  readonly counts: Counts;
+  readonly findings: CheckFinding[];
+  corruptions: number;
+  leaks: number;
+  checkErrors: number;
+  rebuild: boolean;
+  allocated: number;
+  fragmented: number;
+  compressed: number;
+  highest: number;
+  nbClusters: number;
+  /** refcount-table entries of usable refcount blocks (index -> cluster) */
+  readonly validBlocks: Map<number, number>;
+  /** clusters counted as refcount blocks (a rebuild drops these references) */
+  readonly countedBlocks: number[];
+  /** cluster -> stored refcount, for clusters whose stored value differs */
+  readonly mismatches: Array<{ cluster: number; stored: number; counted: number }>;
+}
+
+interface Image {
+  readonly dev: BlockDevice;
+  readonly parsed: ParsedHeader;
+  readonly snapshots: readonly SnapshotEntry[];
+  readonly snapshotTableBytes: number;
+  readonly g: Geometry;
+  readonly filename: string;
+}
+
+const S = (n: number) => n.toString(16);
+
+/** Stored refcounts, read through the refcount table with a block cache. */
+class Stored {
+  private readonly blocks = new Map<number, Uint8Array>();
+  reftable: Uint8Array;
+  constructor(
+    private readonly img: Image,
+    reftable: Uint8Array,
+    private readonly fileSize: number,
+  ) {
+    this.reftable = reftable;
+  }
+  async get(cluster: number): Promise<number> {
+    const g = this.img.g;
+    const rt = Math.floor(cluster / g.refcountBlockEntries);
+    if (rt * 8 >= this.reftable.length) return 0;
+    const { offset } = refcountTableEntry(this.reftable, rt);
+    if (offset === 0 || offset % g.clusterSize !== 0 || offset + g.clusterSize > this.fileSize) return 0;
+    let b = this.blocks.get(offset);
+    if (!b) this.blocks.set(offset, (b = await readAt(this.img.dev, offset, g.clusterSize)));
+    return getRefcount(b, cluster % g.refcountBlockEntries, g.refcountOrder);
+  }
+  /** Change a stored refcount on disk (block must exist). */
+  async set(cluster: number, value: number): Promise<boolean> {
+    const g = this.img.g;
+    const rt = Math.floor(cluster / g.refcountBlockEntries);
+    if (rt * 8 >= this.reftable.length) return false;
+    const { offset } = refcountTableEntry(this.reftable, rt);
+    if (offset === 0 || offset % g.clusterSize !== 0 || offset + g.clusterSize > this.fileSize) return false;
+    await this.get(cluster);
+    const b = this.blocks.get(offset)!;
+    const i = cluster % g.refcountBlockEntries;
+    setRefcount(b, i, g.refcountOrder, Math.min(value, maxRefcount(g.refcountOrder)));
+    // write the sector holding the entry (refcount entries never straddle sectors)
+    const byte = Math.floor((i * g.refcountBits) / 8);
+    const sector = byte - (byte % 512);
+    await this.img.dev.write(offset + sector, b.subarray(sector, Math.min(sector + 512, b.length)));
+    return true;
+  }
+}
+
+async function analyze(img: Image): Promise<Analysis> {
+  const { dev, parsed, g } = img;
+  const h = parsed.header;
+  const cs = g.clusterSize;
+  const fileSize = await dev.size();
+  const hasDataFile = (h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
+  const a: Analysis = {
+    counts: new Counts(),
+    findings: [],
+    corruptions: 0,
+    leaks: 0,
+    checkErrors: 0,
+    rebuild: false,
+    allocated: 0,
+    fragmented: 0,
+    compressed: 0,
+    highest: -1,
+    nbClusters: Math.ceil(fileSize / cs),
+    validBlocks: new Map(),
+    countedBlocks: [],
+    mismatches: [],
+  };
+  const corrupt = (message: string, offset?: number) => {
+    a.corruptions++;
+    a.findings.push({ counts: 'corruption', message, offset, cluster: offset === undefined ? undefined : Math.floor(offset / cs), fixed: false });
+  };
+  const inc = (offset: number, size: number) => {
+    if (size <= 0) return;
+    if (offset + size - fileSize >= cs) {
+      corrupt(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${S(offset)} size 0x${S(size)}`, offset);
+      return;
+    }
+    const last = Math.floor((offset + size - 1) / cs);
+    for (let c = Math.floor(offset / cs); c <= last; c++) a.counts.add(c, 1);
+  };
+
+  const e: RawL2Entry = { hi: 0, lo: 0, bitmapHi: 0, bitmapLo: 0 };
+  const walkL2 = (table: Uint8Array, l2Offset: number, frag: boolean) => {
+    let next = 0;
+    for (let j = 0; j < g.l2Entries; j++) {
+      readL2Entry(table, j, g, e);
+      if ((e.hi & L2E_COMPRESSED_HI) !== 0) {
+        if (hasDataFile) {
+          corrupt(`ERROR compressed cluster ${j} with data file, entry=0x${S(e.hi * 2 ** 32 + e.lo)} (L2 table at 0x${S(l2Offset)})`, l2Offset);
+          continue;
+        }
+        if (frag) {
+          a.allocated++;
+          a.compressed++;
+          a.fragmented++;
+        }
+        const d = compressedDescriptor(e, g.clusterBits);
+        inc(d.offset, d.length);
+        continue;
+      }
+      const off = standardOffset(e);
+      const allocated = off !== 0 || (hasDataFile && (e.hi & L2E_COPIED_HI) !== 0);
+      if (!allocated) {
+        if (g.extendedL2 && (e.bitmapLo >>> 0) !== 0) corrupt(`ERROR: Unallocated cluster has non-zero subcluster allocation map (L2 table at 0x${S(l2Offset)}, index ${j})`, l2Offset);
+        continue;
+      }
+      if (frag) {
+        a.allocated++;
+        if (next && off !== next) a.fragmented++;
+        next = off + cs;
+      }
+      if (off % cs !== 0) {
+        corrupt(`ERROR offset=${S(off)}: Cluster is not properly aligned; L2 entry corrupted. (L2 table at 0x${S(l2Offset)}, index ${j})`, off);
+        continue;
+      }
+      if (!hasDataFile) inc(off, cs);
+    }
+  };
+
+  const tables = new Map<number, Uint8Array>();
+  const walkL1 = async (l1Off: number, l1Size: number, frag: boolean) => {
+    inc(l1Off, l1Size * 8);
+    if (l1Off + l1Size * 8 > fileSize) return;
+    const l1 = await readAt(dev, l1Off, l1Size * 8);
+    for (let i = 0; i < l1Size; i++) {
+      const hi = u32(l1, i * 8);
+      const lo = u32(l1, i * 8 + 4);
+      const l2 = (hi & 0x00ff_ffff) * 2 ** 32 + ((lo & 0xffff_fe00) >>> 0);
+      if (!l2) continue;
+      inc(l2, cs);
+      if (l2 % cs !== 0) {
+        corrupt(`ERROR l2_offset=${S(l2)}: Table is not cluster aligned; L1 entry corrupted (L1 index ${i})`, l2);
+        continue;
+      }
+      if (l2 + cs > fileSize) continue; // counted above as past the end
+      let t = tables.get(l2);
+      if (!t) {
+        t = await readAt(dev, l2, cs);
+        if (tables.size < 4096) tables.set(l2, t);
+      }
+      walkL2(t, l2, frag);
+    }
+  };
+
+  inc(0, cs);
+  await walkL1(h.l1TableOffset, h.l1Size, true);
+  for (const sn of img.snapshots) {
+    if (sn.l1TableOffset % cs !== 0) {
+      corrupt(`ERROR snapshot ${sn.id} (${sn.name}) l1_offset=0x${S(sn.l1TableOffset)}: L1 table is not cluster aligned; snapshot table entry corrupted`, sn.l1TableOffset);
+      continue;
+    }
+    await walkL1(sn.l1TableOffset, sn.l1Size, false);
+  }
+  if (h.nbSnapshots) inc(h.snapshotsOffset, img.snapshotTableBytes);
+  inc(h.refcountTableOffset, h.refcountTableClusters * cs);
+  if ((h.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n && parsed.bitmaps) {
+    const b = parsed.bitmaps;
+    inc(b.directoryOffset, b.directorySize);
+    try {
+      const dir = await readAt(dev, b.directoryOffset, b.directorySize);
+      for (const bm of decodeBitmapDirectory(dir, b.nbBitmaps, b.directoryOffset)) {
+        inc(bm.tableOffset, bm.tableSize * 8);
+        if (bm.tableOffset + bm.tableSize * 8 > fileSize) continue;
+        const t = await readAt(dev, bm.tableOffset, bm.tableSize * 8);
+        for (let i = 0; i < bm.tableSize; i++) {
+          const off = (u32(t, i * 8) & 0x00ff_ffff) * 2 ** 32 + ((u32(t, i * 8 + 4) & 0xffff_fe00) >>> 0);
+          if (off) inc(off, cs);
+        }
+      }
+    } catch (err) {
+      if (!(err instanceof QledgerError)) throw err;
+      a.checkErrors++;
+      a.findings.push({ counts: 'check-error', message: `ERROR bitmap directory: ${err.message}`, fixed: false });
+    }
+  }
+  // refcount blocks: each must be aligned, inside the image, and referenced exactly once
+  const reftable = await readAt(dev, h.refcountTableOffset, h.refcountTableClusters * cs);
+  for (let i = 0; i < reftable.length / 8; i++) {
+    const { offset } = refcountTableEntry(reftable, i);
+    if (!offset) continue;
+    const cluster = Math.floor(offset / cs);
+    if (offset % cs !== 0) {
+      corrupt(`ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted (offset 0x${S(offset)})`, offset);
+      a.rebuild = true;
+      continue;
+    }
+    if (cluster >= a.nbClusters) {
+      corrupt(`ERROR refcount block ${i} is outside image (offset 0x${S(offset)})`, offset);
+      a.rebuild = true;
+      continue;
+    }
+    inc(offset, cs);
+    a.countedBlocks.push(cluster);
+    if (a.counts.get(cluster) !== 1) {
+      corrupt(`ERROR refcount block ${i} refcount=${a.counts.get(cluster)} (offset 0x${S(offset)})`, offset);
+      a.rebuild = true;
+      continue;
+    }
+    a.validBlocks.set(i, cluster);
+  }
+  return a;
+}
+
+async function compare(img: Image, a: Analysis, stored: Stored, repair: RepairMode | undefined, report: CheckReport): Promise<void> {
+  const cs = img.g.clusterSize;
+  for (let c = 0; c < a.nbClusters; c++) {
+    const s = await stored.get(c);
+    const n = a.counts.get(c);
+    if (s > 0 || n > 0) a.highest = c;
+    if (s === n) continue;
+    a.mismatches.push({ cluster: c, stored: s, counted: n });
+    let fix: 'leak' | 'corruption' | undefined;
+    if (s === 0) a.rebuild = true;
+    else if (s > n && repair) fix = 'leak';
+    else if (s < n && repair === 'all') fix = 'corruption';
+    const word = fix ? 'Repairing' : s < n ? 'ERROR' : 'Leaked';
+    const finding: CheckFinding = { counts: s < n ? 'corruption' : 'leak', message: `${word} cluster ${c} refcount=${s} reference=${n} (host offset 0x${S(c * cs)})`, cluster: c, offset: c * cs, fixed: false };
+    a.findings.push(finding);
+    if (fix && (await stored.set(c, n))) {
+      finding.fixed = true;
+      if (fix === 'leak') report.leaksFixed++;
+      else report.corruptionsFixed++;
+      continue;
+    }
+    if (s < n) a.corruptions++;
+    else a.leaks++;
+  }
+}
+
+async function checkCopied(img: Image, a: Analysis, stored: Stored, repair: boolean, report: CheckReport): Promise<void> {
+  const { dev, parsed, g } = img;
+  const h = parsed.header;
+  const cs = g.clusterSize;
+  const fileSize = await dev.size();
+  const hasDataFile = (h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
+  if (h.l1TableOffset + h.l1Size * 8 > fileSize) return;
+  const l1 = await readAt(dev, h.l1TableOffset, h.l1Size * 8);
+  const e: RawL2Entry = { hi: 0, lo: 0, bitmapHi: 0, bitmapLo: 0 };
+  for (let i = 0; i < h.l1Size; i++) {
+    const hi = u32(l1, i * 8);
+    const lo = u32(l1, i * 8 + 4);
+    const l2 = (hi & 0x00ff_ffff) * 2 ** 32 + ((lo & 0xffff_fe00) >>> 0);
+    if (!l2) continue;
+    const rc = await stored.get(Math.floor(l2 / cs));
+    if ((rc === 1) !== ((hi & COPIED_HI) !== 0)) {
+      const f: CheckFinding = { counts: 'corruption', message: `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${S(hi * 2 ** 32 + lo)} refcount=${rc} (L2 table at 0x${S(l2)})`, offset: l2, cluster: Math.floor(l2 / cs), fixed: false };
+      a.findings.push(f);
+      if (repair) {
+        putU32(l1, i * 8, rc === 1 ? (hi | COPIED_HI) >>> 0 : (hi & ~COPIED_HI) >>> 0);
+        await dev.write(h.l1TableOffset + i * 8, l1.subarray(i * 8, i * 8 + 8));
+        f.fixed = true;
+        report.corruptionsFixed++;
+      } else a.corruptions++;
+    }
+    if (l2 % cs !== 0 || l2 + cs > fileSize) continue;
+    const t = await readAt(dev, l2, cs);
+    let dirty = false;
+    for (let j = 0; j < g.l2Entries; j++) {
+      readL2Entry(t, j, g, e);
+      if ((e.hi & L2E_COMPRESSED_HI) !== 0) continue;
+      const off = standardOffset(e);
+      if (off === 0 && !(hasDataFile && (e.hi & L2E_COPIED_HI) !== 0)) continue;
+      const rc2 = hasDataFile ? 1 : await stored.get(Math.floor(off / cs));
+      if ((rc2 === 1) !== ((e.hi & L2E_COPIED_HI) !== 0)) {
+        const f: CheckFinding = { counts: 'corruption', message: `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${S(e.hi * 2 ** 32 + e.lo).padStart(16, '0')} refcount=${rc2} (host offset 0x${S(off)})`, offset: off, cluster: Math.floor(off / cs), fixed: false };
+        a.findings.push(f);
+        if (repair) {
+          putU32(t, j * g.l2EntrySize, rc2 === 1 ? (e.hi | L2E_COPIED_HI) >>> 0 : (e.hi & ~L2E_COPIED_HI) >>> 0);
+          dirty = true;
+          f.fixed = true;
+          report.corruptionsFixed++;
+        } else a.corruptions++;
+      }
+    }
+    if (dirty) await dev.write(l2, t);
+  }
+}
+
+/**
+ * QEMU's rebuild_refcount_structure(): a new refcount table and blocks,
+ * counting every reference found (and themselves), written after the end of
+ * the file and flushed before the header points at them.
+ */
+async function rebuildRefcounts(img: Image, a: Analysis): Promise<void> {
+  const { dev, g, parsed } = img;
+  const h = parsed.header;
+  const cs = g.clusterSize;
+  const E = g.refcountBlockEntries;
+  // the old structure is dropped: its clusters are no longer referenced
+  for (let c = Math.floor(h.refcountTableOffset / cs); c < Math.floor(h.refcountTableOffset / cs) + h.refcountTableClusters; c++) a.counts.add(c, -1);
+  for (const cluster of a.countedBlocks) a.counts.add(cluster, -1);
+  const start = a.nbClusters;
+  let blocks = 1;
+  let tableClusters = 1;
+  for (;;) {
+    const total = start + blocks + tableClusters;
+    const nb = Math.ceil(total / E);
+    const nt = Math.ceil((nb * 8) / cs);
+    if (nb <= blocks && nt <= tableClusters) break;
+    blocks = Math.max(blocks, nb);
+    tableClusters = Math.max(tableClusters, nt);
+  }
+  for (let c = start; c < start + blocks + tableClusters; c++) a.counts.add(c, 1);
+  const table = new Uint8Array(tableClusters * cs);
+  const max = maxRefcount(g.refcountOrder);
+  for (let b = 0; b < blocks; b++) {
+    const block = new Uint8Array(cs);
+    for (let i = 0; i < E; i++) {
+      const v = a.counts.get(b * E + i);
+      if (v) setRefcount(block, i, g.refcountOrder, Math.min(v, max));
+    }
+    await dev.write((start + b) * cs, block);
+    setRefcountTableEntry(table, b, (start + b) * cs);
+  }
+  await dev.write((start + blocks) * cs, table);
+  await dev.flush();
+  const hdr = new Uint8Array(12);
+  putU64(hdr, 0, (start + blocks) * cs);
+  putU32(hdr, 8, tableClusters);
+  await dev.write(48, hdr);
+  await dev.flush();
+}
+
+async function loadImage(dev: BlockDevice, filename: string): Promise<Image> {
+  const { parsed, snapshots, snapshotTableBytes } = await loadQcow2(dev);
+  return { dev, parsed, snapshots, snapshotTableBytes, g: geometryOf(parsed.header), filename };
+}
+
+function emptyReport(filename: string): CheckReport {
+  return {
+    filename,
+    format: 'qcow2',
+    checkErrors: 0,
+    corruptions: 0,
+    leaks: 0,
+    corruptionsFixed: 0,
+    leaksFixed: 0,
+    imageEndOffset: 0,
+    totalClusters: 0,
+    allocatedClusters: 0,
+    fragmentedClusters: 0,
+    compressedClusters: 0,
+    findings: [],
+    repairedFindings: [],
+  };
+}
+
+async function onePass(img: Image, repair: RepairMode | undefined, report: CheckReport): Promise<Analysis> {
+  const a = await analyze(img);
+  const h = img.parsed.header;
+  const reftable = await readAt(img.dev, h.refcountTableOffset, h.refcountTableClusters * img.g.clusterSize);
+  const stored = new Stored(img, reftable, await img.dev.size());
+  await compare(img, a, stored, repair, report);
+  if (a.rebuild && repair === 'all') {
+    await rebuildRefcounts(img, a);
+    report.corruptionsFixed += a.corruptions;
+    a.corruptions = 0;
+    a.rebuild = false;
+    a.findings.push({ counts: 'none', message: 'Rebuilding refcount structure', fixed: true });
+    return a;
+  }
+  if (a.rebuild && repair === 'leaks') {
+    a.findings.push({ counts: 'check-error', message: 'ERROR need to rebuild refcount structures', fixed: false });
+    a.checkErrors++;
+    report.failure = 'Check failed: Input/output error';
+    return a;
+  }
+  const fixCopied = repair === 'all' || (repair === 'leaks' && !a.checkErrors && !a.corruptions && !a.leaks);
+  await checkCopied(img, a, stored, fixCopied, report);
+  return a;
+}
+
+/** Check (and with `repair`, repair) the qcow2 image at `path`. */
+export async function checkImage(path: string, opts: { repair?: RepairMode | undefined } = {}): Promise<CheckReport> {
+  const dev = await FileDevice.open(path, { readOnly: opts.repair === undefined });
+  try {
+    if ((await probeFormat(dev)) !== 'qcow2') throw new QledgerError('E_FORMAT', `${path}: not a qcow2 image (check supports qcow2 only)`);
+    let img = await loadImage(dev, path);
+    const report = emptyReport(path);
+    let a = await onePass(img, opts.repair, report);
+    if (opts.repair && !report.failure) {
+      await dev.flush();
+      report.repairedFindings = a.findings;
+      // double check the fixed image, without repairing
+      img = await loadImage(dev, path);
+      a = await onePass(img, undefined, report);
+      if (a.corruptions === 0 && a.leaks === 0 && a.checkErrors === 0 && (img.parsed.header.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n) {
+        const b = new Uint8Array(8);
+        putU64(b, 0, img.parsed.header.incompatibleFeatures & ~INCOMPAT_DIRTY);
+        await dev.write(72, b);
+        await dev.flush();
+      }
+    }
+    const h = img.parsed.header;
+    report.findings = a.findings;
+    report.corruptions = a.corruptions;
+    report.leaks = a.leaks;
+    report.checkErrors = a.checkErrors;
+    report.imageEndOffset = (a.highest + 1) * img.g.clusterSize;
+    report.totalClusters = Math.ceil(h.size / img.g.clusterSize);
+    report.allocatedClusters = a.allocated;
+    report.fragmentedClusters = a.fragmented;
+    report.compressedClusters = a.compressed;
+    return report;
+  } finally {
+    await dev.close();
+  }
+}
+
+/** qemu-img check's exit code for a report: 0 clean, 1 not completed, 2 corruptions, 3 leaks only. */
+export function checkExitCode(r: CheckReport): number {
+  if (r.failure || r.checkErrors) return 1;
+  if (r.corruptions) return 2;
+  if (r.leaks) return 3;
+  return 0;
+}
+
+/** qemu-img check --output=json, field order as QEMU 7.2 prints it; zero counters omitted as QEMU does. */
+export function checkJson(r: CheckReport): Record<string, unknown> {
+  const o: Record<string, unknown> = {};
+  const put = (k: string, v: number) => {
+    if (v) o[k] = v;
+  };
+  put('image-end-offset', r.imageEndOffset);
+  put('compressed-clusters', r.compressedClusters);
+  put('total-clusters', r.totalClusters);
+  put('corruptions', r.corruptions);
+  put('corruptions-fixed', r.corruptionsFixed);
+  o['check-errors'] = r.checkErrors;
+  put('leaks', r.leaks);
+  put('leaks-fixed', r.leaksFixed);
+  put('allocated-clusters', r.allocatedClusters);
+  o['filename'] = r.filename;
+  o['format'] = r.format;
+  put('fragmented-clusters', r.fragmentedClusters);
+  return o;
+}
+
+/** qemu-img check's human output (stdout part). */
+export function checkHuman(r: CheckReport): string {
+  let s = '';
+  if (r.leaksFixed || r.corruptionsFixed) {
+    s += `The following inconsistencies were found and repaired:\n\n    ${r.leaksFixed} leaked clusters\n    ${r.corruptionsFixed} corruptions\n\nDouble checking the fixed image now...\n`;
+  }
+  if (!r.corruptions && !r.leaks && !r.checkErrors) s += 'No errors were found on the image.\n';
+  else {
+    if (r.corruptions) s += `\n${r.corruptions} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n`;
+    if (r.leaks) s += `\n${r.leaks} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n`;
+    if (r.checkErrors) s += `\n${r.checkErrors} internal errors have occurred during the check.\n`;
+  }
+  if (r.totalClusters && r.allocatedClusters) {
+    const pct = (x: number) => ((x / r.allocatedClusters) * 100).toFixed(2);
+    s += `${r.allocatedClusters}/${r.totalClusters} = ${((r.allocatedClusters / r.totalClusters) * 100).toFixed(2)}% allocated, ${pct(r.fragmentedClusters)}% fragmented, ${pct(r.compressedClusters)}% compressed clusters\n`;
+  }
+  if (r.imageEndOffset > 0) s += `Image end offset: ${r.imageEndOffset}\n`;
+  return s;
+}
+
