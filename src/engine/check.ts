@@ -198,22 +198,35 @@ async function analyze(img: Image): Promise<Analysis> {
   };
 
   const e: RawL2Entry = { hi: 0, lo: 0, bitmapHi: 0, bitmapLo: 0 };
+  const entryHex = () => S((e.hi >>> 0) * 2 ** 32 + (e.lo >>> 0));
   const walkL2 = (table: Uint8Array, l2Offset: number, frag: boolean) => {
     let next = 0;
     for (let j = 0; j < g.l2Entries; j++) {
       readL2Entry(table, j, g, e);
-      if ((e.hi & L2E_COMPRESSED_HI) !== 0) {
+      const compressed = (e.hi & L2E_COMPRESSED_HI) !== 0;
+      if (!compressed && ((e.hi & 0x3f00_0000) !== 0 || (e.lo & 0x1fe) !== 0)) {
+        corrupt(`ERROR found l2 entry with reserved bits set: ${entryHex()} (L2 table at 0x${S(l2Offset)}, index ${j})`, l2Offset);
+      }
+      if (compressed) {
+        if ((e.hi & L2E_COPIED_HI) !== 0) {
+          const d = compressedDescriptor({ ...e, hi: e.hi & ~L2E_COPIED_HI }, g.clusterBits);
+          corrupt(`ERROR: coffset=0x${S(d.offset)}: copied flag must never be set for compressed clusters`, d.offset);
+        }
         if (hasDataFile) {
-          corrupt(`ERROR compressed cluster ${j} with data file, entry=0x${S(e.hi * 2 ** 32 + e.lo)} (L2 table at 0x${S(l2Offset)})`, l2Offset);
+          corrupt(`ERROR compressed cluster ${j} with data file, entry=0x${entryHex()} (L2 table at 0x${S(l2Offset)})`, l2Offset);
           continue;
         }
+        if (g.extendedL2 && ((e.bitmapHi | e.bitmapLo) >>> 0) !== 0) {
+          corrupt(`ERROR compressed cluster ${j} with non-zero subcluster allocation bitmap, entry=0x${entryHex()}`, l2Offset);
+          continue;
+        }
+        const d = compressedDescriptor({ ...e, hi: e.hi & ~L2E_COPIED_HI }, g.clusterBits);
+        inc(d.offset, d.length);
         if (frag) {
           a.allocated++;
           a.compressed++;
           a.fragmented++;
         }
-        const d = compressedDescriptor(e, g.clusterBits);
-        inc(d.offset, d.length);
         continue;
       }
       const off = standardOffset(e);
@@ -222,14 +235,18 @@ async function analyze(img: Image): Promise<Analysis> {
         if (g.extendedL2 && (e.bitmapLo >>> 0) !== 0) corrupt(`ERROR: Unallocated cluster has non-zero subcluster allocation map (L2 table at 0x${S(l2Offset)}, index ${j})`, l2Offset);
         continue;
       }
+      if (g.extendedL2 && ((e.bitmapHi & e.bitmapLo) >>> 0) !== 0) {
+        corrupt(`ERROR offset=${S(off)}: Allocated cluster has corrupted subcluster allocation bitmap`, off);
+      }
+      if (off % cs !== 0) {
+        const containsData = g.extendedL2 ? (e.bitmapLo >>> 0) !== 0 : (e.lo & 1) === 0;
+        // QEMU reports it and still counts the (misaligned) range it names
+        corrupt(`ERROR offset=${S(off)}: ${containsData ? 'Data' : 'Preallocated'} cluster is not properly aligned; L2 entry corrupted. (L2 table at 0x${S(l2Offset)}, index ${j})`, off);
+      }
       if (frag) {
         a.allocated++;
         if (next && off !== next) a.fragmented++;
         next = off + cs;
-      }
-      if (off % cs !== 0) {
-        corrupt(`ERROR offset=${S(off)}: Cluster is not properly aligned; L2 entry corrupted. (L2 table at 0x${S(l2Offset)}, index ${j})`, off);
-        continue;
       }
       if (!hasDataFile) inc(off, cs);
     }
@@ -237,20 +254,18 @@ async function analyze(img: Image): Promise<Analysis> {
 
   const tables = new Map<number, Uint8Array>();
   const walkL1 = async (l1Off: number, l1Size: number, frag: boolean) => {
+    if (!l1Size) return;
     inc(l1Off, l1Size * 8);
-    if (l1Off + l1Size * 8 > fileSize) return;
     const l1 = await readAt(dev, l1Off, l1Size * 8);
     for (let i = 0; i < l1Size; i++) {
       const hi = u32(l1, i * 8);
       const lo = u32(l1, i * 8 + 4);
+      if (hi === 0 && lo === 0) continue;
+      if ((hi & 0x7f00_0000) !== 0 || (lo & 0x1ff) !== 0) corrupt(`ERROR found L1 entry with reserved bits set: ${S(hi * 2 ** 32 + lo)}`, l1Off + i * 8);
       const l2 = (hi & 0x00ff_ffff) * 2 ** 32 + ((lo & 0xffff_fe00) >>> 0);
-      if (!l2) continue;
       inc(l2, cs);
-      if (l2 % cs !== 0) {
-        corrupt(`ERROR l2_offset=${S(l2)}: Table is not cluster aligned; L1 entry corrupted (L1 index ${i})`, l2);
-        continue;
-      }
-      if (l2 + cs > fileSize) continue; // counted above as past the end
+      if (l2 % cs !== 0) corrupt(`ERROR l2_offset=${S(l2)}: Table is not cluster aligned; L1 entry corrupted (L1 index ${i})`, l2);
+      // like QEMU, read the table where the entry says (past the end reads as zeros)
       let t = tables.get(l2);
       if (!t) {
         t = await readAt(dev, l2, cs);
@@ -262,7 +277,12 @@ async function analyze(img: Image): Promise<Analysis> {
 
   inc(0, cs);
   await walkL1(h.l1TableOffset, h.l1Size, true);
+  if (hasDataFile && img.snapshots.length) corrupt(`ERROR ${img.snapshots.length} snapshots in image with data file`);
   for (const sn of img.snapshots) {
+    if (sn.l1Size > 32 * 1024 * 1024 / 8) {
+      corrupt(`ERROR snapshot ${sn.id} (${sn.name}) l1_size=0x${S(sn.l1Size)}: L1 table is too large; snapshot table entry corrupted`);
+      continue;
+    }
     if (sn.l1TableOffset % cs !== 0) {
       corrupt(`ERROR snapshot ${sn.id} (${sn.name}) l1_offset=0x${S(sn.l1TableOffset)}: L1 table is not cluster aligned; snapshot table entry corrupted`, sn.l1TableOffset);
       continue;
@@ -294,7 +314,12 @@ async function analyze(img: Image): Promise<Analysis> {
   // refcount blocks: each must be aligned, inside the image, and referenced exactly once
   const reftable = await readAt(dev, h.refcountTableOffset, h.refcountTableClusters * cs);
   for (let i = 0; i < reftable.length / 8; i++) {
-    const { offset } = refcountTableEntry(reftable, i);
+    const { offset, reservedBits } = refcountTableEntry(reftable, i);
+    if (reservedBits) {
+      corrupt(`ERROR refcount table entry ${i} has reserved bits set`, h.refcountTableOffset + i * 8);
+      a.rebuild = true;
+      continue;
+    }
     if (!offset) continue;
     const cluster = Math.floor(offset / cs);
     if (offset % cs !== 0) {
@@ -463,21 +488,34 @@ function emptyReport(filename: string): CheckReport {
   };
 }
 
+/** Does some counted cluster have a stored refcount of 0 (no refcount block, or a lost entry)? */
+async function needsRebuild(a: Analysis, stored: Stored): Promise<boolean> {
+  for (let c = 0; c < a.nbClusters; c++) if (a.counts.get(c) > 0 && (await stored.get(c)) === 0) return true;
+  return false;
+}
+
 async function onePass(img: Image, repair: RepairMode | undefined, report: CheckReport): Promise<Analysis> {
   const a = await analyze(img);
   const h = img.parsed.header;
   const reftable = await readAt(img.dev, h.refcountTableOffset, h.refcountTableClusters * img.g.clusterSize);
   const stored = new Stored(img, reftable, await img.dev.size());
-  await compare(img, a, stored, repair, report);
-  if (a.rebuild && repair === 'all') {
+  // As QEMU: compare without fixing first. When the refcount structure must
+  // be rebuilt, nothing is written to the old one (its blocks may be guest
+  // data now, a block an L2 entry points into), and -r leaks stops there.
+  const rebuildNeeded = a.rebuild || (await needsRebuild(a, stored));
+  await compare(img, a, stored, rebuildNeeded ? undefined : repair, report);
+  if (rebuildNeeded && repair === 'all') {
+    for (const f of a.findings) if (f.message.startsWith('ERROR cluster') || f.message.startsWith('Leaked cluster')) f.fixed = true;
     await rebuildRefcounts(img, a);
     report.corruptionsFixed += a.corruptions;
+    report.leaksFixed += a.leaks;
     a.corruptions = 0;
+    a.leaks = 0;
     a.rebuild = false;
     a.findings.push({ counts: 'none', message: 'Rebuilding refcount structure', fixed: true });
     return a;
   }
-  if (a.rebuild && repair === 'leaks') {
+  if (rebuildNeeded && repair === 'leaks') {
     a.findings.push({ counts: 'check-error', message: 'ERROR need to rebuild refcount structures', fixed: false });
     a.checkErrors++;
     report.failure = 'Check failed: Input/output error';
