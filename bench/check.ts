@@ -1,0 +1,83 @@
+/**
+ * Check benchmark (issue 4): `qledger check` against `qemu-img check` on the
+ * same images with about 1,000,000 allocated clusters, whole processes,
+ * median of BENCH_RUNS (default 3):
+ *   preallocated  qemu-img create -o preallocation=metadata,cluster_size=4k, 4 GiB (1,048,576 clusters, contiguous)
+ *   scattered     1,000,000 4 KiB clusters written one by one in random order over an 8 GiB image
+ * The scattered image is built once with qledger's own writer (far faster
+ * than 1,000,000 qemu-io commands); both tools must report the same JSON
+ * for it before anything is timed.
+ */
+
+import { execFileSync, spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Image } from '../src/engine/image.ts';
+
+const runs = Number(process.env['BENCH_RUNS'] ?? 3);
+const root = new URL('..', import.meta.url).pathname;
+const qledger = join(root, 'tools/qledger');
+const dir = mkdtempSync(join(tmpdir(), 'qledger-cbench-'));
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+
+function timed(cmd: string, args: string[]): { s: number; out: string } {
+  const t0 = process.hrtime.bigint();
+  const r = spawnSync(cmd, args, { encoding: 'utf8', maxBuffer: 1 << 26 });
+  const s = Number(process.hrtime.bigint() - t0) / 1e9;
+  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')}: exit ${r.status}\n${r.stdout}${r.stderr}`);
+  return { s, out: r.stdout };
+}
+
+async function scattered(path: string): Promise<void> {
+  // 4 KiB clusters, 1,000,000 of them allocated one at a time in a shuffled order
+  const n = 1_000_000;
+  const size = 8 * 2 ** 30; // 2,097,152 guest clusters
+  await Image.create(path, { size, clusterSize: 4096 });
+  const img = await Image.open(path, { write: true });
+  const order = Array.from({ length: 2 * n }, (_, i) => i);
+  let x = 12345;
+  for (let i = order.length - 1; i > 0; i--) {
+    x = (x * 1103515245 + 12345) >>> 0;
+    const j = x % (i + 1);
+    [order[i], order[j]] = [order[j]!, order[i]!];
+  }
+  const buf = new Uint8Array(4096).fill(0x5a);
+  for (let i = 0; i < n; i++) await img.write(order[i]! * 4096, buf);
+  await img.close();
+}
+
+try {
+  if (spawnSync('qemu-img', ['--version'], { stdio: 'ignore' }).status !== 0) {
+    console.error('bench: qemu-img not found (apt-get install qemu-utils)');
+    process.exit(1);
+  }
+  const cases: Array<[string, string]> = [];
+  const pre = join(dir, 'pre.qcow2');
+  execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'preallocation=metadata,cluster_size=4k', pre, '4G']);
+  cases.push(['preallocated: 1,048,576 contiguous 4 KiB clusters (qemu-img preallocation=metadata)', pre]);
+  const sc = join(dir, 'scattered.qcow2');
+  await scattered(sc);
+  cases.push(['scattered: 1,000,000 4 KiB clusters written in random order', sc]);
+  console.log(`check benchmarks: ${runs} runs each, median, whole process`);
+  console.log('| image | qemu-img check | qledger check | ratio (qemu-img time / qledger time) |');
+  console.log('|---|---|---|---|');
+  for (const [name, f] of cases) {
+    const q = timed('qemu-img', ['check', '--output=json', f]);
+    const o = timed(qledger, ['check', '--output=json', f]);
+    const qj = JSON.parse(q.out);
+    const oj = JSON.parse(o.out);
+    if (JSON.stringify(qj) !== JSON.stringify(oj)) throw new Error(`${name}: reports differ\n${q.out}\n${o.out}`);
+    const ours: number[] = [];
+    const theirs: number[] = [];
+    for (let i = 0; i < runs; i++) {
+      theirs.push(timed('qemu-img', ['check', f]).s);
+      ours.push(timed(qledger, ['check', f]).s);
+    }
+    const t = median(theirs);
+    const ou = median(ours);
+    console.log(`| ${name} (${qj['allocated-clusters']} allocated) | ${t.toFixed(3)} s | ${ou.toFixed(3)} s | **${(t / ou).toFixed(2)}** |`);
+  }
+} finally {
+  rmSync(dir, { recursive: true, force: true });
+}
