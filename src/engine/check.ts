@@ -79,14 +79,25 @@ export interface CheckReport {
 /** One counter per host cluster, in chunks allocated where references land. */
 class Counts {
   private readonly chunks = new Map<number, Uint32Array>();
+  private lastKey = -1;
+  private last: Uint32Array | undefined;
+  private chunk(k: number, create: boolean): Uint32Array | undefined {
+    if (k === this.lastKey) return this.last;
+    let a = this.chunks.get(k);
+    if (!a && create) this.chunks.set(k, (a = new Uint32Array(65536)));
+    if (a) {
+      this.lastKey = k;
+      this.last = a;
+    }
+    return a;
+  }
   get(c: number): number {
-    return this.chunks.get(Math.floor(c / 65536))?.[c % 65536] ?? 0;
+    return this.chunk(Math.floor(c / 65536), false)?.[c % 65536] ?? 0;
   }
   add(c: number, d: number): void {
-    const k = Math.floor(c / 65536);
-    let a = this.chunks.get(k);
-    if (!a) this.chunks.set(k, (a = new Uint32Array(65536)));
-    a[c % 65536] = Math.max(0, a[c % 65536]! + d);
+    const a = this.chunk(Math.floor(c / 65536), true)!;
+    const i = c % 65536;
+    a[i] = Math.max(0, a[i]! + d);
   }
 }
 
@@ -106,6 +117,8 @@ interface Analysis {
   readonly validBlocks: Map<number, number>;
   /** clusters counted as refcount blocks (a rebuild drops these references) */
   readonly countedBlocks: number[];
+  /** active L2 tables as read, kept (up to BATCH_BYTES) for the COPIED check */
+  readonly activeTables: Map<number, Uint8Array>;
   /** cluster -> stored refcount, for clusters whose stored value differs */
   readonly mismatches: Array<{ cluster: number; stored: number; counted: number }>;
 }
@@ -120,6 +133,50 @@ interface Image {
 }
 
 const S = (n: number) => n.toString(16);
+
+/** Tables read per batch: bounds memory whatever the image claims. */
+const BATCH_BYTES = 64 * 1024 * 1024;
+
+/**
+ * Read the clusters at `offsets` (cluster-sized each), merging runs of
+ * adjacent clusters into one read of up to 8 MiB: a million-cluster image
+ * has thousands of tables, mostly laid out back to back.
+ */
+async function readClusters(dev: BlockDevice, offsets: Iterable<number>, cs: number): Promise<Map<number, Uint8Array>> {
+  const sorted = [...new Set(offsets)].sort((x, y) => x - y);
+  const out = new Map<number, Uint8Array>();
+  const maxRun = Math.max(1, Math.floor((8 << 20) / cs));
+  const runs: Array<[number, number]> = [];
+  for (let i = 0; i < sorted.length; ) {
+    let j = i + 1;
+    while (j < sorted.length && j - i < maxRun && sorted[j] === sorted[j - 1]! + cs) j++;
+    runs.push([i, j]);
+    i = j;
+  }
+  // several reads in flight: scattered tables cost a thread-pool round trip each
+  let next = 0;
+  const worker = async () => {
+    while (next < runs.length) {
+      const [i, j] = runs[next++]!;
+      const buf = await readAt(dev, sorted[i]!, (j - i) * cs);
+      for (let k = i; k < j; k++) out.set(sorted[k]!, buf.subarray((k - i) * cs, (k - i + 1) * cs));
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(16, runs.length) }, worker));
+  return out;
+}
+
+/** L2 table offsets named by an L1 table, in L1 order, with their indices. */
+function l1Entries(l1: Uint8Array, count: number): Array<{ i: number; hi: number; lo: number; l2: number }> {
+  const out: Array<{ i: number; hi: number; lo: number; l2: number }> = [];
+  for (let i = 0; i < count; i++) {
+    const hi = u32(l1, i * 8);
+    const lo = u32(l1, i * 8 + 4);
+    if (hi === 0 && lo === 0) continue;
+    out.push({ i, hi, lo, l2: (hi & 0x00ff_ffff) * 2 ** 32 + ((lo & 0xffff_fe00) >>> 0) });
+  }
+  return out;
+}
 
 /**
  * Stored refcounts, read through the refcount table. `load` reads every
@@ -143,10 +200,18 @@ class Stored {
   }
   async load(nbClusters: number): Promise<void> {
     const E = this.img.g.refcountBlockEntries;
+    const want = new Map<number, number>();
     for (let rt = 0; rt * E < nbClusters; rt++) {
       const off = this.blockOffset(rt);
-      if (off && !this.blocks.has(rt)) this.blocks.set(rt, await readAt(this.img.dev, off, this.img.g.clusterSize));
+      if (off) want.set(rt, off);
     }
+    const got = await readClusters(this.img.dev, want.values(), this.img.g.clusterSize);
+    // a private copy per block: two entries may name the same cluster
+    for (const [rt, off] of want) this.blocks.set(rt, got.get(off)!.slice());
+  }
+  /** The loaded refcount block of refcount-table index `rt`, if any. */
+  block(rt: number): Uint8Array | undefined {
+    return this.blocks.get(rt);
   }
   get(cluster: number): number {
     const g = this.img.g;
@@ -190,6 +255,7 @@ async function analyze(img: Image): Promise<Analysis> {
     nbClusters: Math.ceil(fileSize / cs),
     validBlocks: new Map(),
     countedBlocks: [],
+    activeTables: new Map(),
     mismatches: [],
   };
   const corrupt = (message: string, offset?: number) => {
@@ -261,26 +327,22 @@ async function analyze(img: Image): Promise<Analysis> {
     }
   };
 
-  const tables = new Map<number, Uint8Array>();
   const walkL1 = async (l1Off: number, l1Size: number, frag: boolean) => {
     if (!l1Size) return;
     inc(l1Off, l1Size * 8);
-    const l1 = await readAt(dev, l1Off, l1Size * 8);
-    for (let i = 0; i < l1Size; i++) {
-      const hi = u32(l1, i * 8);
-      const lo = u32(l1, i * 8 + 4);
-      if (hi === 0 && lo === 0) continue;
-      if ((hi & 0x7f00_0000) !== 0 || (lo & 0x1ff) !== 0) corrupt(`ERROR found L1 entry with reserved bits set: ${S(hi * 2 ** 32 + lo)}`, l1Off + i * 8);
-      const l2 = (hi & 0x00ff_ffff) * 2 ** 32 + ((lo & 0xffff_fe00) >>> 0);
-      inc(l2, cs);
-      if (l2 % cs !== 0) corrupt(`ERROR l2_offset=${S(l2)}: Table is not cluster aligned; L1 entry corrupted (L1 index ${i})`, l2);
-      // like QEMU, read the table where the entry says (past the end reads as zeros)
-      let t = tables.get(l2);
-      if (!t) {
-        t = await readAt(dev, l2, cs);
-        if (tables.size < 4096) tables.set(l2, t);
+    const entries = l1Entries(await readAt(dev, l1Off, l1Size * 8), l1Size);
+    const perBatch = Math.max(1, Math.floor(BATCH_BYTES / cs));
+    for (let b = 0; b < entries.length; b += perBatch) {
+      const batch = entries.slice(b, b + perBatch);
+      // like QEMU, read each table where the entry says, aligned or not (past the end reads as zeros)
+      const aligned = await readClusters(dev, batch.filter((x) => x.l2 % cs === 0).map((x) => x.l2), cs);
+      if (frag) for (const [o, t] of aligned) if ((a.activeTables.size + 1) * cs <= BATCH_BYTES) a.activeTables.set(o, t);
+      for (const { i, hi, lo, l2 } of batch) {
+        if ((hi & 0x7f00_0000) !== 0 || (lo & 0x1ff) !== 0) corrupt(`ERROR found L1 entry with reserved bits set: ${S(hi * 2 ** 32 + lo)}`, l1Off + i * 8);
+        inc(l2, cs);
+        if (l2 % cs !== 0) corrupt(`ERROR l2_offset=${S(l2)}: Table is not cluster aligned; L1 entry corrupted (L1 index ${i})`, l2);
+        walkL2(aligned.get(l2) ?? (await readAt(dev, l2, cs)), l2, frag);
       }
-      walkL2(t, l2, frag);
     }
   };
 
@@ -353,18 +415,30 @@ async function analyze(img: Image): Promise<Analysis> {
   return a;
 }
 
+/**
+ * Compare stored and counted refcounts over the clusters of the file. A
+ * first pass only finds the mismatches (a block at a time, no per-cluster
+ * lookups); fixes, when asked for and possible without a rebuild, follow.
+ */
 async function compare(img: Image, a: Analysis, stored: Stored, repair: RepairMode | undefined, report: CheckReport): Promise<void> {
   const cs = img.g.clusterSize;
-  for (let c = 0; c < a.nbClusters; c++) {
-    const s = stored.get(c);
-    const n = a.counts.get(c);
-    if (s > 0 || n > 0) a.highest = c;
-    if (s === n) continue;
-    a.mismatches.push({ cluster: c, stored: s, counted: n });
-    let fix: 'leak' | 'corruption' | undefined;
-    if (s === 0) a.rebuild = true;
-    else if (s > n && repair) fix = 'leak';
-    else if (s < n && repair === 'all') fix = 'corruption';
+  const E = img.g.refcountBlockEntries;
+  const order = img.g.refcountOrder;
+  for (let base = 0; base < a.nbClusters; base += E) {
+    const block = stored.block(base / E);
+    const end = Math.min(a.nbClusters, base + E);
+    for (let c = base; c < end; c++) {
+      const s = block ? getRefcount(block, c - base, order) : 0;
+      const n = a.counts.get(c);
+      if (s > 0 || n > 0) a.highest = c;
+      if (s === n) continue;
+      a.mismatches.push({ cluster: c, stored: s, counted: n });
+      if (s === 0) a.rebuild = true;
+    }
+  }
+  const fixing = repair !== undefined && !a.rebuild;
+  for (const { cluster: c, stored: s, counted: n } of a.mismatches) {
+    const fix = fixing && ((s > n && repair !== undefined) || (s < n && repair === 'all')) ? (s > n ? 'leak' : 'corruption') : undefined;
     const word = fix ? 'Repairing' : s < n ? 'ERROR' : 'Leaked';
     const finding: CheckFinding = { counts: s < n ? 'corruption' : 'leak', message: `${word} cluster ${c} refcount=${s} reference=${n} (host offset 0x${S(c * cs)})`, cluster: c, offset: c * cs, fixed: false };
     a.findings.push(finding);
@@ -388,43 +462,49 @@ async function checkCopied(img: Image, a: Analysis, stored: Stored, repair: bool
   if (h.l1TableOffset + h.l1Size * 8 > fileSize) return;
   const l1 = await readAt(dev, h.l1TableOffset, h.l1Size * 8);
   const e: RawL2Entry = { hi: 0, lo: 0, bitmapHi: 0, bitmapLo: 0 };
-  for (let i = 0; i < h.l1Size; i++) {
-    const hi = u32(l1, i * 8);
-    const lo = u32(l1, i * 8 + 4);
-    const l2 = (hi & 0x00ff_ffff) * 2 ** 32 + ((lo & 0xffff_fe00) >>> 0);
-    if (!l2) continue;
-    const rc = stored.get(Math.floor(l2 / cs));
-    if ((rc === 1) !== ((hi & COPIED_HI) !== 0)) {
-      const f: CheckFinding = { counts: 'corruption', message: `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${S(hi * 2 ** 32 + lo)} refcount=${rc} (L2 table at 0x${S(l2)})`, offset: l2, cluster: Math.floor(l2 / cs), fixed: false };
-      a.findings.push(f);
-      if (repair) {
-        putU32(l1, i * 8, rc === 1 ? (hi | COPIED_HI) >>> 0 : (hi & ~COPIED_HI) >>> 0);
-        await dev.write(h.l1TableOffset + i * 8, l1.subarray(i * 8, i * 8 + 8));
-        f.fixed = true;
-        report.corruptionsFixed++;
-      } else a.corruptions++;
-    }
-    if (l2 % cs !== 0 || l2 + cs > fileSize) continue;
-    const t = await readAt(dev, l2, cs);
-    let dirty = false;
-    for (let j = 0; j < g.l2Entries; j++) {
-      readL2Entry(t, j, g, e);
-      if ((e.hi & L2E_COMPRESSED_HI) !== 0) continue;
-      const off = standardOffset(e);
-      if (off === 0 && !(hasDataFile && (e.hi & L2E_COPIED_HI) !== 0)) continue;
-      const rc2 = hasDataFile ? 1 : stored.get(Math.floor(off / cs));
-      if ((rc2 === 1) !== ((e.hi & L2E_COPIED_HI) !== 0)) {
-        const f: CheckFinding = { counts: 'corruption', message: `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${S(e.hi * 2 ** 32 + e.lo).padStart(16, '0')} refcount=${rc2} (host offset 0x${S(off)})`, offset: off, cluster: Math.floor(off / cs), fixed: false };
+  const entries = l1Entries(l1, h.l1Size).filter((x) => x.l2 !== 0);
+  const perBatch = Math.max(1, Math.floor(BATCH_BYTES / cs));
+  for (let b = 0; b < entries.length; b += perBatch) {
+    const batch = entries.slice(b, b + perBatch);
+    const wanted = batch.filter((x) => x.l2 % cs === 0 && x.l2 + cs <= fileSize).map((x) => x.l2);
+    const tables = await readClusters(dev, wanted.filter((o) => !a.activeTables.has(o)), cs);
+    for (const o of wanted) if (a.activeTables.has(o)) tables.set(o, a.activeTables.get(o)!);
+    for (const { i, hi, lo, l2 } of batch) {
+      const rc = stored.get(Math.floor(l2 / cs));
+      if ((rc === 1) !== ((hi & COPIED_HI) !== 0)) {
+        const f: CheckFinding = { counts: 'corruption', message: `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${S(hi * 2 ** 32 + lo)} refcount=${rc} (L2 table at 0x${S(l2)})`, offset: l2, cluster: Math.floor(l2 / cs), fixed: false };
         a.findings.push(f);
         if (repair) {
-          putU32(t, j * g.l2EntrySize, rc2 === 1 ? (e.hi | L2E_COPIED_HI) >>> 0 : (e.hi & ~L2E_COPIED_HI) >>> 0);
-          dirty = true;
+          putU32(l1, i * 8, rc === 1 ? (hi | COPIED_HI) >>> 0 : (hi & ~COPIED_HI) >>> 0);
+          await dev.write(h.l1TableOffset + i * 8, l1.subarray(i * 8, i * 8 + 8));
           f.fixed = true;
           report.corruptionsFixed++;
         } else a.corruptions++;
       }
+      const t0 = tables.get(l2);
+      if (!t0) continue;
+      // repairing: read it again, an L1 repair above may have written into it
+      const t = repair ? await readAt(dev, l2, cs) : t0;
+      let dirty = false;
+      for (let j = 0; j < g.l2Entries; j++) {
+        readL2Entry(t, j, g, e);
+        if ((e.hi & L2E_COMPRESSED_HI) !== 0) continue;
+        const off = standardOffset(e);
+        if (off === 0 && !(hasDataFile && (e.hi & L2E_COPIED_HI) !== 0)) continue;
+        const rc2 = hasDataFile ? 1 : stored.get(Math.floor(off / cs));
+        if ((rc2 === 1) !== ((e.hi & L2E_COPIED_HI) !== 0)) {
+          const f: CheckFinding = { counts: 'corruption', message: `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${S(e.hi * 2 ** 32 + e.lo).padStart(16, '0')} refcount=${rc2} (host offset 0x${S(off)})`, offset: off, cluster: Math.floor(off / cs), fixed: false };
+          a.findings.push(f);
+          if (repair) {
+            putU32(t, j * g.l2EntrySize, rc2 === 1 ? (e.hi | L2E_COPIED_HI) >>> 0 : (e.hi & ~L2E_COPIED_HI) >>> 0);
+            dirty = true;
+            f.fixed = true;
+            report.corruptionsFixed++;
+          } else a.corruptions++;
+        }
+      }
+      if (dirty) await dev.write(l2, t);
     }
-    if (dirty) await dev.write(l2, t);
   }
 }
 
@@ -497,12 +577,6 @@ function emptyReport(filename: string): CheckReport {
   };
 }
 
-/** Does some counted cluster have a stored refcount of 0 (no refcount block, or a lost entry)? */
-async function needsRebuild(a: Analysis, stored: Stored): Promise<boolean> {
-  for (let c = 0; c < a.nbClusters; c++) if (a.counts.get(c) > 0 && stored.get(c) === 0) return true;
-  return false;
-}
-
 async function onePass(img: Image, repair: RepairMode | undefined, report: CheckReport): Promise<Analysis> {
   const a = await analyze(img);
   const h = img.parsed.header;
@@ -512,8 +586,8 @@ async function onePass(img: Image, repair: RepairMode | undefined, report: Check
   // As QEMU: compare without fixing first. When the refcount structure must
   // be rebuilt, nothing is written to the old one (its blocks may be guest
   // data now, a block an L2 entry points into), and -r leaks stops there.
-  const rebuildNeeded = a.rebuild || (await needsRebuild(a, stored));
-  await compare(img, a, stored, rebuildNeeded ? undefined : repair, report);
+  await compare(img, a, stored, repair, report);
+  const rebuildNeeded = a.rebuild;
   if (rebuildNeeded && repair === 'all') {
     for (const f of a.findings) if (f.message.startsWith('ERROR cluster') || f.message.startsWith('Leaked cluster')) f.fixed = true;
     await rebuildRefcounts(img, a);
