@@ -614,6 +614,15 @@ async function onePass(img: Image, repair: RepairMode | undefined, report: Check
 export async function checkImage(path: string, opts: { repair?: RepairMode | undefined } = {}): Promise<CheckReport> {
   const dev = await FileDevice.open(path, { readOnly: opts.repair === undefined });
   try {
+    return await checkDevice(dev, path, opts);
+  } finally {
+    await dev.close();
+  }
+}
+
+/** Check (and repair) the qcow2 image on any device; the crash harness checks in-memory images. */
+export async function checkDevice(dev: BlockDevice, path: string, opts: { repair?: RepairMode | undefined } = {}): Promise<CheckReport> {
+  {
     if ((await probeFormat(dev)) !== 'qcow2') throw new QledgerError('E_FORMAT', `${path}: not a qcow2 image (check supports qcow2 only)`);
     let img = await loadImage(dev, path);
     const report = emptyReport(path);
@@ -642,8 +651,6 @@ export async function checkImage(path: string, opts: { repair?: RepairMode | und
     report.fragmentedClusters = a.fragmented;
     report.compressedClusters = a.compressed;
     return report;
-  } finally {
-    await dev.close();
   }
 }
 

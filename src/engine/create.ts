@@ -8,6 +8,7 @@
 
 import { UsageError, UnsupportedError } from '../errors.ts';
 import { FileDevice } from '../io/file-device.ts';
+import type { BlockDevice } from '../io/device.ts';
 import { encodeHeader, encodeFeatureTable, type Qcow2Header } from '../format/header.ts';
 import {
   AUTOCLEAR_DATA_FILE_RAW,
@@ -220,6 +221,16 @@ export async function planCreate(path: string, o: CreateOptions): Promise<Create
  * caller then grows it to its size with the write engine.
  */
 export async function writeSkeleton(path: string, plan: CreatePlan, backingFile: string | undefined): Promise<void> {
+  const dev = await FileDevice.open(path, { readOnly: false, create: true });
+  try {
+    await writeSkeletonTo(dev, plan, backingFile);
+  } finally {
+    await dev.close();
+  }
+}
+
+/** The skeleton on any device (an empty one): the crash harness creates images in memory. */
+export async function writeSkeletonTo(dev: BlockDevice, plan: CreatePlan, backingFile: string | undefined): Promise<void> {
   const h = plan.header;
   const cs = 2 ** h.clusterBits;
   const head = encodeHeader({ header: h, extensions: plan.extensions, backingFile });
@@ -228,11 +239,6 @@ export async function writeSkeleton(path: string, plan: CreatePlan, backingFile:
   setRefcountTableEntry(image.subarray(cs, 2 * cs), 0, 2 * cs);
   const block = image.subarray(2 * cs, 3 * cs);
   for (let c = 0; c < 3; c++) setRefcount(block, c, h.refcountOrder, 1);
-  const dev = await FileDevice.open(path, { readOnly: false, create: true });
-  try {
-    await dev.write(0, image);
-    await dev.flush();
-  } finally {
-    await dev.close();
-  }
+  await dev.write(0, image);
+  await dev.flush();
 }

@@ -33,6 +33,20 @@ import type { MetaRecord } from '../journal/records.ts';
 import { PTrie } from '../state/ptrie.ts';
 import { CHUNK_ENTRIES, l1Bytes, l1TableOffset, reftableBytes, reftableEntry, type HeaderState, type MetaState } from '../state/state.ts';
 
+/**
+ * Test-only fault switches: each breaks one ordering rule, so the crash
+ * harness can show it catches the breakage (a harness that cannot fail
+ * proves nothing). Never set outside tests and `crash-test --fault`.
+ */
+export const FAULTS = {
+  'l2-before-refcount': 'L1/L2 entries are written with the refcount increments, no barrier between',
+  'free-before-unmap': 'refcount decrements are written before the L2/L1 change that drops the reference',
+  'header-before-table': 'the header switches to a new L1 or refcount table before the table is durable',
+  'data-after-mapping': 'guest data reaches the device only after the L2 entry that maps it',
+  'reuse-before-durable': 'a cluster freed since the last flush may be reallocated at once',
+} as const;
+export type Fault = keyof typeof FAULTS;
+
 export interface DeviceWrite {
   readonly offset: number;
   readonly data: Uint8Array;
@@ -56,6 +70,7 @@ export interface PlanInput {
   readonly lazy: boolean;
   /** guest or COW data went to the device since the last flush */
   readonly dataWritten: boolean;
+  readonly fault?: Fault | undefined;
 }
 
 /** A plan is phases; a barrier (device flush) goes after every phase that has writes, and at the end. */
@@ -200,6 +215,20 @@ export function planFlush(p: PlanInput): Plan {
     }
   }
 
+  if (p.fault === 'l2-before-refcount') {
+    phase0.unshift(...phase2.splice(0), ...phase1.splice(0));
+  } else if (p.fault === 'free-before-unmap' && phase3.length) {
+    phase0.unshift(...phase3.splice(0));
+  } else if (p.fault === 'header-before-table' && (l1Moved || reftableMoved)) {
+    const at = [...phase1, ...phase2].find((w) => w.what === 'header');
+    if (at) {
+      for (const list of [phase1, phase2]) {
+        const i = list.indexOf(at);
+        if (i >= 0) list.splice(i, 1);
+      }
+      phase0.unshift(at);
+    }
+  }
   const phases: Phase[] = [];
   if (phase0.length || p.dataWritten) phases.push({ name: 'allocate', writes: phase0 });
   if (phase1.length) phases.push({ name: 'hook refcount blocks', writes: phase1 });

@@ -11,13 +11,50 @@ import { loadQcow2 } from './qcow2-layer.ts';
 import { combinePath, openLayer, probeFormat, type ImageFormat } from './open.ts';
 import { Qcow2Writer, type TraceEvent } from './writer.ts';
 import { collectReferences } from './references.ts';
-import { planCreate, writeSkeleton, type CreateOptions } from './create.ts';
+import { planCreate, writeSkeleton, writeSkeletonTo, type CreateOptions } from './create.ts';
+import type { Fault } from './ordering.ts';
 import type { Layer } from './layer.ts';
+import { RawLayer } from './raw-layer.ts';
+import { MemoryDevice } from '../io/memory-device.ts';
 
 export interface WritableOpenOptions {
   readonly format?: ImageFormat | undefined;
   readonly trace?: TraceEvent[] | undefined;
   readonly writebackRecords?: number | undefined;
+  /** test-only: break one ordering rule (the crash harness must catch it) */
+  readonly fault?: Fault | undefined;
+}
+
+/**
+ * Open a qcow2 image on any device for writing (the crash harness uses
+ * in-memory recording devices). `backing` is the already opened backing
+ * layer, if the image has one.
+ */
+export async function openWriterOnDevice(dev: BlockDevice, name: string, opts: WritableOpenOptions & { backing?: Layer | undefined } = {}): Promise<Qcow2Writer> {
+  const { parsed, fileSize, snapshots, snapshotTableBytes } = await loadQcow2(dev);
+  const writer = await Qcow2Writer.open({ filename: name, dev, parsed, fileSize, snapshots, backing: opts.backing, trace: opts.trace, writebackRecords: opts.writebackRecords, fault: opts.fault });
+  if ((parsed.header.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n) {
+    const refs = await collectReferences(dev, parsed, snapshots, snapshotTableBytes);
+    await writer.applyRefcounts(refs.counts, refs.endCluster);
+    await writer.markClean();
+  }
+  return writer;
+}
+
+/**
+ * Create a qcow2 image on an empty device. A backing file, if named, must
+ * be given as raw bytes (`backing`); data files are not supported here.
+ */
+export async function createOnDevice(dev: BlockDevice, name: string, o: CreateOptions, backing?: Uint8Array): Promise<void> {
+  if (o.dataFile !== undefined) throw new UnsupportedError('in-memory images take no data file');
+  if ((o.backingFile !== undefined) !== (backing !== undefined)) throw new UnsupportedError('an in-memory image names a backing file exactly when its bytes are given');
+  const plan = await planCreate(name, { ...o, size: o.size ?? backing?.length });
+  await writeSkeletonTo(dev, plan, o.backingFile);
+  const layer = backing ? new RawLayer(o.backingFile!, new MemoryDevice(o.backingFile!, backing, { readOnly: true }), backing.length) : undefined;
+  const w = await openWriterOnDevice(dev, name, { backing: layer });
+  if (plan.size > 0) await w.truncate(plan.size, true);
+  if (plan.preallocation !== 'off') await w.preallocate(plan.preallocation);
+  await w.close();
 }
 
 export async function openWriter(path: string, opts: WritableOpenOptions = {}): Promise<Qcow2Writer> {
@@ -40,7 +77,7 @@ export async function openWriter(path: string, opts: WritableOpenOptions = {}): 
       if (bfmt !== undefined && bfmt !== 'qcow2' && bfmt !== 'raw') throw new UnsupportedError(`${path}: backing file format '${bfmt}' is not supported`, { path });
       backing = await openLayer(combinePath(path, parsed.backingFile), { format: bfmt as ImageFormat | undefined });
     }
-    const writer = await Qcow2Writer.open({ filename: path, dev, dataDev, parsed, fileSize, snapshots, backing, trace: opts.trace, writebackRecords: opts.writebackRecords });
+    const writer = await Qcow2Writer.open({ filename: path, dev, dataDev, parsed, fileSize, snapshots, backing, trace: opts.trace, writebackRecords: opts.writebackRecords, fault: opts.fault });
     if ((h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n) {
       // A crash under lazy refcounts: refcounts are rebuilt from the
       // references before anything else is written, as QEMU does on open.

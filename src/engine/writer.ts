@@ -53,7 +53,7 @@ import { PTrie } from '../state/ptrie.ts';
 import { Qcow2Layer, type TableSource } from './qcow2-layer.ts';
 import { guest, type Layer } from './layer.ts';
 import { readGuest } from './read.ts';
-import { planFlush, type DeviceWrite } from './ordering.ts';
+import { planFlush, type DeviceWrite, type Fault } from './ordering.ts';
 
 export type TraceEvent =
   | { readonly type: 'record'; readonly record: JournalRecord }
@@ -76,6 +76,8 @@ export interface WriterOptions {
    * (a flush without the final barrier's guarantee to the caller).
    */
   readonly writebackRecords?: number | undefined;
+  /** test-only: break one ordering rule (see FAULTS in ordering.ts) */
+  readonly fault?: Fault | undefined;
 }
 
 export interface ZeroOptions {
@@ -139,6 +141,9 @@ export class Qcow2Writer {
   private closed = false;
   private dirtyOnDisk: boolean;
   private queue: Promise<unknown> = Promise.resolve();
+  private readonly fault: Fault | undefined;
+  /** fault 'data-after-mapping': guest data held back until the references are written */
+  private readonly holding: HoldingDevice | undefined;
 
   private constructor(o: WriterOptions, state: MetaState, snapshots: readonly SnapshotEntry[]) {
     this.filename = o.filename;
@@ -146,6 +151,8 @@ export class Qcow2Writer {
     this.dataDev = o.dataDev;
     this.trace = o.trace;
     this.writeback = o.writebackRecords ?? 200_000;
+    this.fault = o.fault;
+    this.holding = o.fault === 'data-after-mapping' && !o.dataDev ? new HoldingDevice(o.dev) : undefined;
     const h = o.parsed.header;
     this.version = h.version;
     this.geometry = geometryOf(h);
@@ -167,7 +174,7 @@ export class Qcow2Writer {
     this.layer = new Qcow2Layer({
       filename: o.filename,
       dev: o.dev,
-      dataDev: o.dataDev,
+      dataDev: this.holding ?? o.dataDev,
       parsed: o.parsed,
       fileSize: o.fileSize,
       snapshots,
@@ -373,6 +380,7 @@ export class Qcow2Writer {
     if (r.kind === 'refcount' && r.new === 0 && r.old > 0) {
       this.metadata.delete(r.cluster);
       if (r.cluster < this.freedMin) this.freedMin = r.cluster;
+      if (this.fault === 'reuse-before-durable' && r.cluster < this.cursor) this.cursor = r.cluster;
     }
   }
 
@@ -509,7 +517,8 @@ export class Qcow2Writer {
         continue;
       }
       await this.refblock(rt, off);
-      if (t.refcount(c) !== 0 || this.durableRefcount(c) !== 0 || this.metadata.has(c)) {
+      const durablyUsed = this.fault === 'reuse-before-durable' ? false : this.durableRefcount(c) !== 0;
+      if (t.refcount(c) !== 0 || durablyUsed || this.metadata.has(c)) {
         start = c + 1;
         run = 0;
         continue;
@@ -772,7 +781,7 @@ export class Qcow2Writer {
 
   /** Device writes, merged where they are contiguous both on the device and in memory. */
   private async deviceWrites(writes: DeviceWrite[]): Promise<void> {
-    const dev = this.dataDev ?? this.dev;
+    const dev = this.holding ?? this.dataDev ?? this.dev;
     let i = 0;
     while (i < writes.length) {
       let cur = writes[i]!;
@@ -1087,6 +1096,7 @@ export class Qcow2Writer {
       },
       lazy,
       dataWritten: this.dataWritten,
+      fault: this.fault,
     });
     // Every cluster an entry may point at must exist in the file.
     const needed = this.endCluster * cs;
@@ -1099,8 +1109,10 @@ export class Qcow2Writer {
         await this.dev.write(w.offset, w.data);
         this.traceEvent({ type: 'write', offset: w.offset, length: w.data.length, what: w.what });
       }
+      if (phase.name === 'reference' && this.holding) await this.holding.release((w) => this.traceEvent({ type: 'write', offset: w.offset, length: w.length, what: 'data (held back by fault)' }));
       await this.barrier();
     }
+    if (this.holding) await this.holding.release(() => {});
     if (plan.phases.length === 0) await this.barrier();
     let durable = this.cur;
     if (plan.lazySkipped.length) {
@@ -1196,4 +1208,56 @@ export class Qcow2Writer {
   get allocatedEnd(): number {
     return this.endCluster;
   }
+}
+
+/**
+ * Fault 'data-after-mapping' only: a device that holds data writes back
+ * (reads see them) until release(), which the flush calls after writing
+ * the references. Never used otherwise.
+ */
+class HoldingDevice implements BlockDevice {
+  private held: Array<{ offset: number; data: Uint8Array }> = [];
+  constructor(private readonly dev: BlockDevice) {}
+  get name() {
+    return this.dev.name;
+  }
+  get readOnly() {
+    return this.dev.readOnly;
+  }
+  size() {
+    return this.dev.size();
+  }
+  allocatedBytes() {
+    return this.dev.allocatedBytes();
+  }
+  async readInto(buf: Uint8Array, offset: number): Promise<void> {
+    await this.dev.readInto(buf, offset);
+    for (const w of this.held) {
+      const from = Math.max(offset, w.offset);
+      const to = Math.min(offset + buf.length, w.offset + w.data.length);
+      if (from < to) buf.set(w.data.subarray(from - w.offset, to - w.offset), from - offset);
+    }
+  }
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    this.held.push({ offset, data: data.slice() });
+  }
+  async release(onWrite: (w: { offset: number; length: number }) => void): Promise<void> {
+    for (const w of this.held.splice(0)) {
+      await this.dev.write(w.offset, w.data);
+      onWrite({ offset: w.offset, length: w.data.length });
+    }
+  }
+  flush() {
+    return this.dev.flush();
+  }
+  truncate(size: number) {
+    return this.dev.truncate(size);
+  }
+  writeZeroes(offset: number, length: number, unmap: boolean) {
+    return this.dev.writeZeroes(offset, length, unmap);
+  }
+  discard(offset: number, length: number) {
+    return this.dev.discard(offset, length);
+  }
+  async close(): Promise<void> {}
 }

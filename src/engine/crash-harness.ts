@@ -1,0 +1,354 @@
+/**
+ * The crash-injection harness: run a guest workload on an in-memory image
+ * through a recording device, materialise the crash states the recording
+ * allows (src/io/crash-device.ts), and apply the oracles to each:
+ *
+ *  (a) no corruption: the checker finds no corruption and no check error
+ *      (leaks are allowed); an image left dirty by lazy refcounts is judged
+ *      after the recovery of (d) instead;
+ *  (b) every sector acknowledged by a completed guest flush reads back as
+ *      it was then, and
+ *  (c) every sector written after it reads back as its content at that
+ *      flush or after one of the later guest operations, never anything
+ *      else (no stale data from another guest location);
+ *  (d) a read-write open (which rebuilds refcounts of a dirty image) and a
+ *      close leave no corruption;
+ *  (e) on a sample of states, `qemu-img check` exits 0 or 3.
+ */
+
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { QledgerError } from '../errors.ts';
+import { MemoryDevice } from '../io/memory-device.ts';
+import { RecordingDevice, crashStates } from '../io/crash-device.ts';
+import { u64big } from '../format/bytes.ts';
+import { INCOMPAT_DIRTY } from '../format/features.ts';
+import { readAt } from '../io/device.ts';
+import { Qcow2Layer, loadQcow2 } from './qcow2-layer.ts';
+import { RawLayer } from './raw-layer.ts';
+import { readGuest } from './read.ts';
+import { guest, type Layer } from './layer.ts';
+import { checkDevice } from './check.ts';
+import { createOnDevice, openWriterOnDevice } from './writable.ts';
+import type { CreateOptions } from './create.ts';
+import type { Fault } from './ordering.ts';
+
+export type GuestOp =
+  | { readonly op: 'write'; readonly offset: number; readonly length: number; readonly pattern: number }
+  | { readonly op: 'zero'; readonly offset: number; readonly length: number; readonly unmap: boolean }
+  | { readonly op: 'discard'; readonly offset: number; readonly length: number }
+  | { readonly op: 'flush' }
+  | { readonly op: 'truncate'; readonly size: number };
+
+export interface CrashTestOptions {
+  /** the image: qemu-img create options (size included) */
+  readonly create: CreateOptions;
+  /** raw backing data (the image is created over it, named backing.raw) */
+  readonly backing?: Uint8Array | undefined;
+  readonly maxStates: number;
+  readonly seed: number;
+  readonly fault?: Fault | undefined;
+  /** run qemu-img check on this many states (0: none) */
+  readonly qemuSamples?: number | undefined;
+  /** stop at the first failing state */
+  readonly stopAtFirst?: boolean | undefined;
+}
+
+export interface CrashFailure {
+  readonly state: string;
+  readonly problem: string;
+}
+
+export interface CrashTestResult {
+  readonly states: number;
+  /** states with corruption found by (a), (d) or (e) */
+  readonly corruptions: number;
+  /** states with data that broke (b)/(c) */
+  readonly dataErrors: number;
+  /** states with leaked clusters (allowed) */
+  readonly leaks: number;
+  readonly failures: CrashFailure[];
+  readonly seconds: number;
+  /** device operations the workload produced */
+  readonly deviceOps: number;
+}
+
+const SECTOR = 512;
+
+function qemuSize(n: number): string {
+  return String(n);
+}
+
+/** The workload as qemu-io commands (qledger io and qemu-io both take them). */
+export function workloadCommands(ops: readonly GuestOp[]): string[] {
+  return ops.map((o) => {
+    switch (o.op) {
+      case 'write':
+        return `write -P ${o.pattern} ${o.offset} ${o.length}`;
+      case 'zero':
+        return `write -z${o.unmap ? ' -u' : ''} ${o.offset} ${o.length}`;
+      case 'discard':
+        return `discard ${o.offset} ${o.length}`;
+      case 'flush':
+        return 'flush';
+      case 'truncate':
+        return `truncate ${o.size}`;
+    }
+  });
+}
+
+/** Parse qemu-io-style commands (one per line, '#' comments) into guest ops. */
+export function parseWorkload(text: string): GuestOp[] {
+  const out: GuestOp[] = [];
+  for (const [n, raw] of text.split('\n').entries()) {
+    const line = raw.replace(/#.*/, '').trim();
+    if (!line) continue;
+    const w = line.split(/\s+/);
+    const bad = () => new QledgerError('E_USAGE', `workload line ${n + 1}: cannot parse '${line}'`);
+    const num = (s: string | undefined) => {
+      if (s === undefined) throw bad();
+      const m = /^(\d+)([kKmMgG]?)$/.exec(s);
+      if (!m) throw bad();
+      return Number(m[1]) * ({ '': 1, k: 1024, m: 1 << 20, g: 1 << 30 } as Record<string, number>)[m[2]!.toLowerCase()]!;
+    };
+    if (w[0] === 'flush') out.push({ op: 'flush' });
+    else if (w[0] === 'truncate') out.push({ op: 'truncate', size: num(w[1]) });
+    else if (w[0] === 'discard') out.push({ op: 'discard', offset: num(w[1]), length: num(w[2]) });
+    else if (w[0] === 'write') {
+      const args = w.slice(1);
+      const z = args.includes('-z');
+      const u = args.includes('-u');
+      const pi = args.indexOf('-P');
+      const pattern = pi >= 0 ? Number(args[pi + 1]) : 0xcd;
+      const pos = args.filter((a, i) => !a.startsWith('-') && !(pi >= 0 && i === pi + 1));
+      if (pos.length !== 2 || !Number.isInteger(pattern) || pattern < 0 || pattern > 255) throw bad();
+      if (z) out.push({ op: 'zero', offset: num(pos[0]), length: num(pos[1]), unmap: u });
+      else out.push({ op: 'write', offset: num(pos[0]), length: num(pos[1]), pattern });
+    } else throw bad();
+  }
+  return out;
+}
+
+/** Open an in-memory qcow2 image read-only (with an in-memory raw backing file). */
+async function layerOn(dev: MemoryDevice, backing: Uint8Array | undefined): Promise<Qcow2Layer> {
+  const { parsed, fileSize, snapshots } = await loadQcow2(dev);
+  const h = parsed.header;
+  const l1 = await readAt(dev, h.l1TableOffset, h.l1Size * 8);
+  const b: Layer | undefined = backing ? new RawLayer('backing.raw', new MemoryDevice('backing.raw', backing, { readOnly: true }), backing.length) : undefined;
+  return new Qcow2Layer({ filename: 'crash.qcow2', dev, parsed, fileSize, snapshots, l1, l1Size: h.l1Size, size: h.size, backing: b });
+}
+
+interface Step {
+  readonly op: GuestOp;
+  readonly devStart: number;
+  readonly devEnd: number;
+  /** guest range the op changed and its content afterwards */
+  readonly lo: number;
+  readonly content: Uint8Array;
+  readonly size: number;
+}
+
+/** Run one workload and judge every crash state within the budget. */
+export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): Promise<CrashTestResult> {
+  const t0 = process.hrtime.bigint();
+  const name = 'crash.qcow2';
+  const base = new MemoryDevice(name);
+  const create = o.backing ? { ...o.create, backingFile: 'backing.raw', backingFormat: 'raw' as const } : o.create;
+  await createOnDevice(base, name, create, o.backing);
+  const initial = base.snapshot();
+  const backingLayer = () => (o.backing ? new RawLayer('backing.raw', new MemoryDevice('backing.raw', o.backing, { readOnly: true }), o.backing.length) : undefined);
+
+  // ---- run the workload, keeping the guest model ----
+  const rec = new RecordingDevice(name, initial);
+  const w = await openWriterOnDevice(rec, name, { fault: o.fault, backing: backingLayer() });
+  const cs = w.geometry.clusterSize;
+  const v2 = (u64big(initial, 4) >> 32n) === 2n;
+  let model = new Uint8Array(w.size);
+  await w.read(0, model);
+  const initialModel = model.slice();
+  const steps: Step[] = [];
+  for (const op of ops) {
+    const devStart = rec.ops.length;
+    let lo = 0;
+    let hi = 0;
+    switch (op.op) {
+      case 'write':
+        await w.write(op.offset, new Uint8Array(op.length).fill(op.pattern));
+        model.fill(op.pattern, op.offset, op.offset + op.length);
+        [lo, hi] = [op.offset, op.offset + op.length];
+        break;
+      case 'zero':
+        await w.writeZeroes(op.offset, op.length, { unmap: op.unmap });
+        model.fill(0, op.offset, op.offset + op.length);
+        [lo, hi] = [op.offset, op.offset + op.length];
+        break;
+      case 'discard': {
+        await w.discard(op.offset, op.length);
+        const end = op.offset + op.length;
+        lo = Math.ceil(op.offset / cs) * cs;
+        hi = end === model.length ? end : end - (end % cs);
+        for (let c = lo; c < hi; c += cs) {
+          const to = Math.min(hi, c + cs);
+          if (v2 && o.backing) {
+            model.fill(0, c, to);
+            model.set(o.backing.subarray(c, Math.min(to, o.backing.length)), c);
+          } else model.fill(0, c, to);
+        }
+        hi = Math.max(lo, hi);
+        break;
+      }
+      case 'flush':
+        await w.flush();
+        break;
+      case 'truncate': {
+        await w.truncate(op.size);
+        const next = new Uint8Array(op.size);
+        next.set(model.subarray(0, Math.min(model.length, op.size)));
+        [lo, hi] = [Math.min(model.length, op.size), op.size];
+        model = next;
+        break;
+      }
+    }
+    // whole sectors: a partial-sector write leaves the rest of its sector as it was
+    lo = Math.floor(lo / SECTOR) * SECTOR;
+    hi = Math.min(model.length, Math.ceil(hi / SECTOR) * SECTOR);
+    steps.push({ op, devStart, devEnd: rec.ops.length, lo, content: model.slice(lo, Math.max(lo, hi)), size: model.length });
+  }
+  await w.close();
+
+  // ---- judge the crash states ----
+  const failures: CrashFailure[] = [];
+  let states = 0;
+  let corruptions = 0;
+  let dataErrors = 0;
+  let leaks = 0;
+  let qemuLeft = o.qemuSamples ?? 0;
+  const tmp = qemuLeft > 0 ? mkdtempSync(join(tmpdir(), 'qledger-crash-')) : undefined;
+  try {
+    for (const st of crashStates(initial, rec.ops, { maxStates: o.maxStates, seed: o.seed })) {
+      states++;
+      const fail = (problem: string, kind: 'corruption' | 'data') => {
+        if (kind === 'corruption') corruptions++;
+        else dataErrors++;
+        failures.push({ state: st.description, problem });
+      };
+      const before = failures.length;
+      const dirty = (u64big(st.image, 72) & INCOMPAT_DIRTY) !== 0n && (u64big(st.image, 4) >> 32n) === 3n;
+      // (a)
+      if (!dirty) {
+        try {
+          const r = await checkDevice(new MemoryDevice(name, st.image, { readOnly: true }), name);
+          if (r.corruptions || r.checkErrors) fail(`check: ${r.corruptions} corruptions, ${r.checkErrors} check errors: ${r.findings.filter((f) => f.counts !== 'leak').map((f) => f.message).slice(0, 3).join('; ')}`, 'corruption');
+          else if (r.leaks) leaks++;
+        } catch (e) {
+          fail(`check failed: ${(e as Error).message}`, 'corruption');
+        }
+      }
+      // (b) and (c)
+      try {
+        const layer = await layerOn(new MemoryDevice(name, st.image, { readOnly: true }), o.backing);
+        const got = new Uint8Array(layer.size);
+        await readGuest(layer, guest(0), got);
+        const problem = judgeData(got, st.image.length ? st : st, steps, initialModel);
+        if (problem) fail(problem, 'data');
+      } catch (e) {
+        fail(`read failed: ${(e as Error).message}`, 'corruption');
+      }
+      // (d)
+      try {
+        const dev = new MemoryDevice(name, st.image);
+        const rw = await openWriterOnDevice(dev, name, { backing: backingLayer() });
+        await rw.close();
+        const r = await checkDevice(new MemoryDevice(name, dev.snapshot(), { readOnly: true }), name);
+        if (r.corruptions || r.checkErrors) fail(`after a read-write open: ${r.corruptions} corruptions: ${r.findings.filter((f) => f.counts !== 'leak').map((f) => f.message).slice(0, 3).join('; ')}`, 'corruption');
+      } catch (e) {
+        fail(`read-write open failed: ${(e as Error).message}`, 'corruption');
+      }
+      // (e)
+      if (tmp && qemuLeft > 0 && !dirty) {
+        qemuLeft--;
+        const f = join(tmp, 'state.qcow2');
+        writeFileSync(f, st.image);
+        if (o.backing) writeFileSync(join(tmp, 'backing.raw'), o.backing);
+        const q = spawnSync('qemu-img', ['check', f], { encoding: 'utf8' });
+        if (q.status !== 0 && q.status !== 3) fail(`qemu-img check exit ${q.status}: ${(q.stdout + q.stderr).trim().split('\n').slice(0, 3).join('; ')}`, 'corruption');
+      }
+      if (o.stopAtFirst && failures.length > before) break;
+    }
+  } finally {
+    if (tmp) rmSync(tmp, { recursive: true, force: true });
+  }
+  return { states, corruptions, dataErrors, leaks, failures, seconds: Number(process.hrtime.bigint() - t0) / 1e9, deviceOps: rec.ops.length };
+
+  function judgeData(got: Uint8Array, st: { crashPoint: number; epoch: number; description: string }, all: readonly Step[], init: Uint8Array): string | undefined {
+    // the flush that opens this state's epoch is its last durable point
+    const durableUpTo = (() => {
+      let flushes = 0;
+      let idx = -1;
+      for (let i = 0; i < rec.ops.length && flushes < st.epoch; i++) {
+        if (rec.ops[i]!.kind === 'flush') {
+          flushes++;
+          idx = i;
+        }
+      }
+      return idx;
+    })();
+    // last guest flush whose device operations all completed by then
+    let g = -1;
+    for (let k = 0; k < all.length; k++) if (all[k]!.op.op === 'flush' && all[k]!.devEnd - 1 <= durableUpTo) g = k;
+    let baseModel = init;
+    if (g >= 0) {
+      baseModel = new Uint8Array(all[g]!.size);
+      baseModel.set(init.subarray(0, Math.min(init.length, baseModel.length)));
+      for (let k = 0; k <= g; k++) {
+        const s = all[k]!;
+        if (s.op.op === 'truncate') {
+          const n = new Uint8Array(s.size);
+          n.set(baseModel.subarray(0, Math.min(baseModel.length, s.size)));
+          baseModel = n;
+        }
+        baseModel.set(s.content.subarray(0, Math.max(0, Math.min(s.content.length, baseModel.length - s.lo))), s.lo);
+      }
+    }
+    const later = all.slice(g + 1).filter((s) => s.devStart < st.crashPoint);
+    const sizes = new Set([baseModel.length, ...later.map((s) => s.size)]);
+    if (!sizes.has(got.length)) return `virtual size ${got.length} is none of ${[...sizes].join(', ')}`;
+    for (let x = 0; x < got.length; x += SECTOR) {
+      const end = Math.min(got.length, x + SECTOR);
+      const sector = got.subarray(x, end);
+      if (x < baseModel.length && end <= baseModel.length && equal(sector, baseModel.subarray(x, end))) continue;
+      let ok = false;
+      for (const s of later) {
+        if (x >= s.lo && end <= s.lo + s.content.length && equal(sector, s.content.subarray(x - s.lo, end - s.lo))) {
+          ok = true;
+          break;
+        }
+      }
+      // a sector beyond every earlier size reads as zero when the disk grew
+      if (!ok && x >= Math.min(...sizes) && sector.every((b) => b === 0)) ok = true;
+      if (!ok) {
+        return `guest sector at 0x${x.toString(16)} reads neither its content at the last completed flush nor any later write (first bytes ${Buffer.from(sector.subarray(0, 8)).toString('hex')})`;
+      }
+    }
+    return undefined;
+  }
+}
+
+function equal(a: Uint8Array, b: Uint8Array): boolean {
+  return a.length === b.length && Buffer.compare(Buffer.from(a.buffer, a.byteOffset, a.length), Buffer.from(b.buffer, b.byteOffset, b.length)) === 0;
+}
+
+/** A shell line that replays a workload with qledger (for failure reports). */
+export function reproduction(ops: readonly GuestOp[], o: Pick<CrashTestOptions, 'create' | 'seed' | 'fault'>): string {
+  const c = o.create;
+  const opts: string[] = [];
+  if (c.clusterSize) opts.push(`cluster_size=${c.clusterSize}`);
+  if (c.compat) opts.push(`compat=${c.compat}`);
+  if (c.refcountBits) opts.push(`refcount_bits=${c.refcountBits}`);
+  if (c.lazyRefcounts) opts.push('lazy_refcounts=on');
+  if (c.extendedL2) opts.push('extended_l2=on');
+  const cmds = workloadCommands(ops).map((x) => `-c '${x}'`).join(' ');
+  return `qledger create -f qcow2${opts.length ? ` -o ${opts.join(',')}` : ''} crash.qcow2 ${qemuSize(c.size ?? 0)} && qledger io ${cmds} crash.qcow2   # crash-test --seed ${o.seed}${o.fault ? ` --fault ${o.fault}` : ''}`;
+}

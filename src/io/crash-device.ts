@@ -1,0 +1,277 @@
+/**
+ * A device that records every write and flush, and the crash states a
+ * recording allows.
+ *
+ * Crash model (../shared/design-notes.md): the write log splits into epochs
+ * at each completed flush. After a power cut in epoch e, everything before
+ * its opening flush is on the disk; of the writes issued in epoch e, any
+ * subset may have reached the disk, in any order, each 512-byte sector of a
+ * write independently (a torn write). The file length lies between the
+ * durable and the cached length; the extension reads as zero.
+ *
+ * `crashStates` enumerates that space cheapest first under a budget: for
+ * each epoch the durable state plus every prefix of its writes; all subsets
+ * when there are few, otherwise each write alone and all but each one;
+ * torn writes (the first or last sectors only); an older write landing
+ * after a newer one it overlaps; then seeded random per-sector choices.
+ * Identical images are produced once.
+ */
+
+import { createHash } from 'node:crypto';
+import type { BlockDevice } from './device.ts';
+import { MemoryDevice } from './memory-device.ts';
+
+export type RecordedOp =
+  | { readonly kind: 'write'; readonly offset: number; readonly data: Uint8Array }
+  | { readonly kind: 'flush' }
+  | { readonly kind: 'truncate'; readonly size: number };
+
+export const SECTOR = 512;
+
+/** Wraps an in-memory image and records what is done to it. */
+export class RecordingDevice implements BlockDevice {
+  readonly ops: RecordedOp[] = [];
+  readonly initial: Uint8Array;
+  private readonly mem: MemoryDevice;
+  readonly readOnly = false;
+
+  constructor(
+    readonly name: string,
+    initial: Uint8Array,
+  ) {
+    this.initial = initial.slice();
+    this.mem = new MemoryDevice(name, initial);
+  }
+
+  /** The device's current (cached) content. */
+  snapshot(): Uint8Array {
+    return this.mem.snapshot();
+  }
+
+  size(): Promise<number> {
+    return this.mem.size();
+  }
+  allocatedBytes(): Promise<number | undefined> {
+    return this.mem.allocatedBytes();
+  }
+  readInto(buf: Uint8Array, offset: number): Promise<void> {
+    return this.mem.readInto(buf, offset);
+  }
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    this.ops.push({ kind: 'write', offset, data: data.slice() });
+    await this.mem.write(offset, data);
+  }
+  async flush(): Promise<void> {
+    this.ops.push({ kind: 'flush' });
+  }
+  async truncate(size: number): Promise<void> {
+    this.ops.push({ kind: 'truncate', size });
+    await this.mem.truncate(size);
+  }
+  async writeZeroes(offset: number, length: number): Promise<void> {
+    await this.write(offset, new Uint8Array(length));
+  }
+  async discard(): Promise<void> {}
+  async close(): Promise<void> {}
+}
+
+export interface CrashState {
+  /** which epoch (0 = before the first flush) and how the pending writes were chosen */
+  readonly epoch: number;
+  readonly description: string;
+  readonly image: Uint8Array;
+  /** index into the recording of the first op not covered by the crash (for the oracle) */
+  readonly crashPoint: number;
+}
+
+interface Epoch {
+  /** op index of the flush that opens it (-1 for the first) */
+  readonly start: number;
+  /** op index where it ends (its closing flush, or the end of the recording) */
+  readonly end: number;
+  readonly writes: Array<{ index: number; op: Extract<RecordedOp, { kind: 'write' | 'truncate' }> }>;
+}
+
+function epochs(ops: readonly RecordedOp[]): Epoch[] {
+  const out: Epoch[] = [];
+  let start = -1;
+  let writes: Epoch['writes'] = [];
+  for (let i = 0; i < ops.length; i++) {
+    const op = ops[i]!;
+    if (op.kind === 'flush') {
+      out.push({ start, end: i, writes });
+      start = i;
+      writes = [];
+    } else writes.push({ index: i, op });
+  }
+  out.push({ start, end: ops.length, writes });
+  return out.filter((e) => e.writes.length > 0 || e.start === -1);
+}
+
+class Image {
+  buf: Uint8Array;
+  length: number;
+  constructor(base: Uint8Array, length: number) {
+    this.buf = new Uint8Array(Math.max(base.length, length));
+    this.buf.set(base.subarray(0, Math.min(base.length, this.buf.length)));
+    this.length = length;
+  }
+  ensure(end: number): void {
+    if (end > this.buf.length) {
+      const n = new Uint8Array(Math.max(end, this.buf.length * 2));
+      n.set(this.buf.subarray(0, this.length));
+      this.buf = n;
+    }
+  }
+  apply(op: RecordedOp, sectors?: { from: number; to: number }): void {
+    if (op.kind === 'truncate') {
+      if (op.size < this.length) this.buf.fill(0, op.size, this.length);
+      this.ensure(op.size);
+      this.length = op.size;
+      return;
+    }
+    if (op.kind !== 'write') return;
+    const from = sectors ? op.offset + sectors.from * SECTOR : op.offset;
+    const to = sectors ? Math.min(op.offset + op.data.length, op.offset + sectors.to * SECTOR) : op.offset + op.data.length;
+    if (to <= from) return;
+    this.ensure(to);
+    this.buf.set(op.data.subarray(from - op.offset, to - op.offset), from);
+    if (to > this.length) this.length = to;
+  }
+  bytes(): Uint8Array {
+    return this.buf.slice(0, this.length);
+  }
+}
+
+/** xorshift32: seeded choices, reproducible from the seed alone. */
+export function rng(seed: number): () => number {
+  let x = seed >>> 0 || 0x9e3779b9;
+  return () => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return (x >>> 0) / 2 ** 32;
+  };
+}
+
+export interface EnumerateOptions {
+  /** stop after this many distinct states */
+  readonly maxStates: number;
+  readonly seed: number;
+  /** all subsets when an epoch has at most this many writes */
+  readonly subsetLimit?: number | undefined;
+}
+
+/** The distinct crash states of a recording, cheapest first, at most maxStates. */
+export function* crashStates(initial: Uint8Array, ops: readonly RecordedOp[], o: EnumerateOptions): Generator<CrashState> {
+  const seen = new Set<string>();
+  const eps = epochs(ops);
+  const random = rng(o.seed);
+  const limit = o.subsetLimit ?? 8;
+  let produced = 0;
+  // durable image at the start of each epoch
+  const durable: Image[] = [];
+  {
+    const img = new Image(initial, initial.length);
+    let i = 0;
+    for (const e of eps) {
+      for (; i <= e.start; i++) img.apply(ops[i]!);
+      durable.push(new Image(img.bytes(), img.length));
+    }
+  }
+  const emit = function* (epoch: number, description: string, image: Uint8Array, crashPoint: number): Generator<CrashState> {
+    const h = createHash('sha1').update(image).digest('hex');
+    if (seen.has(h)) return;
+    seen.add(h);
+    produced++;
+    yield { epoch, description, image, crashPoint };
+  };
+  const build = (e: number, choose: (k: number) => boolean | { from: number; to: number }, order?: number[]): Uint8Array => {
+    const ep = eps[e]!;
+    const img = new Image(durable[e]!.bytes(), durable[e]!.length);
+    const idx = order ?? ep.writes.map((_, k) => k);
+    for (const k of idx) {
+      const c = choose(k);
+      if (c === false) continue;
+      img.apply(ep.writes[k]!.op, c === true ? undefined : c);
+    }
+    return img.bytes();
+  };
+  // Round 1 for every epoch: prefixes (what an ordered disk would show). Round 2: subsets
+  // or leave-one-out/only-one. Round 3: torn and reordered writes. Round 4: random sectors.
+  const rounds: Array<(e: number) => Generator<CrashState>> = [
+    function* prefixes(e) {
+      const ep = eps[e]!;
+      for (let n = 0; n <= ep.writes.length; n++) {
+        yield* emit(e, `epoch ${e}: first ${n} of ${ep.writes.length} writes`, build(e, (k) => k < n), ep.writes[n]?.index ?? ep.end);
+      }
+    },
+    function* subsets(e) {
+      const ep = eps[e]!;
+      const n = ep.writes.length;
+      if (n <= limit) {
+        for (let mask = 0; mask < 2 ** n; mask++) {
+          yield* emit(e, `epoch ${e}: writes {${[...Array(n).keys()].filter((k) => mask & (2 ** k)).join(',')}} of ${n}`, build(e, (k) => (mask & (2 ** k)) !== 0), ep.end);
+        }
+      } else {
+        for (let j = 0; j < n; j++) {
+          yield* emit(e, `epoch ${e}: all writes but #${j} of ${n}`, build(e, (k) => k !== j), ep.end);
+          yield* emit(e, `epoch ${e}: only write #${j} of ${n}`, build(e, (k) => k === j), ep.end);
+        }
+      }
+    },
+    function* tornAndReordered(e) {
+      const ep = eps[e]!;
+      const n = ep.writes.length;
+      for (let j = 0; j < n; j++) {
+        const op = ep.writes[j]!.op;
+        if (op.kind !== 'write') continue;
+        const sectors = Math.ceil(op.data.length / SECTOR);
+        if (sectors < 2) continue;
+        for (const [what, range] of [
+          ['first sector', { from: 0, to: 1 }],
+          ['all but the last sector', { from: 0, to: sectors - 1 }],
+          ['last sector', { from: sectors - 1, to: sectors }],
+          ['all but the first sector', { from: 1, to: sectors }],
+        ] as const) {
+          yield* emit(e, `epoch ${e}: writes before #${j} and ${what} of #${j} (torn)`, build(e, (k) => (k < j ? true : k === j ? range : false)), ep.writes[j]!.index + 1);
+          yield* emit(e, `epoch ${e}: all writes but ${what} of #${j} only (torn)`, build(e, (k) => (k === j ? range : true)), ep.end);
+        }
+      }
+      for (let i = 0; i < n; i++) {
+        for (let j = i + 1; j < n; j++) {
+          const a = ep.writes[i]!.op;
+          const b = ep.writes[j]!.op;
+          if (a.kind !== 'write' || b.kind !== 'write') continue;
+          if (a.offset >= b.offset + b.data.length || b.offset >= a.offset + a.data.length) continue;
+          const order = [...Array(n).keys()].filter((k) => k !== i);
+          order.push(i);
+          yield* emit(e, `epoch ${e}: write #${i} lands after the newer #${j} it overlaps`, build(e, () => true, order), ep.end);
+        }
+      }
+    },
+    function* randomSectors(e) {
+      const ep = eps[e]!;
+      for (let r = 0; r < 4 * ep.writes.length + 4; r++) {
+        // per write: persisted, dropped, or a random run of its sectors
+        const picks = ep.writes.map(({ op }) => {
+          const x = random();
+          if (op.kind !== 'write' || x < 0.3) return x < 0.15 ? false : true;
+          const sectors = Math.ceil(op.data.length / SECTOR);
+          const from = Math.floor(random() * sectors);
+          const to = from + 1 + Math.floor(random() * (sectors - from));
+          return x < 0.65 ? true : { from, to };
+        });
+        yield* emit(e, `epoch ${e}: random sector choice ${r}`, build(e, (k) => picks[k]!), ep.end);
+      }
+    },
+  ];
+  for (const round of rounds) {
+    for (let e = eps.length - 1; e >= 0; e--) {
+      for (const s of round(e)) {
+        yield s;
+        if (produced >= o.maxStates) return;
+      }
+    }
+  }
+}
