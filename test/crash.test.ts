@@ -103,3 +103,48 @@ describe('the harness bites: every fault switch is caught within the default bud
     });
   }
 });
+
+describe('qledger crash-test (CLI)', () => {
+  const cli = async (...argv: string[]) => {
+    const { main } = await import('../src/cli/main.ts');
+    let out = '';
+    let err = '';
+    const code = await main(argv, { out: (s) => void (out += s), err: (s) => void (err += s) });
+    return { code, out, err };
+  };
+
+  it('--fault list prints one name a line', async () => {
+    const r = await cli('crash-test', '--fault', 'list');
+    expect(r.code).toBe(0);
+    expect(r.out.trim().split('\n').map((l) => l.split('\t')[0])).toEqual(Object.keys(FAULTS));
+  });
+
+  it('random workloads: JSON keys, exit 0 with no corruption', async () => {
+    const r = await cli('crash-test', '-o', 'cluster_size=4k,size=512k', '--random', '--runs', '3', '--seed', '5', '--max-states', '60', '--output=json');
+    expect(r.code).toBe(0);
+    const j = JSON.parse(r.out);
+    expect(Object.keys(j)).toEqual(['workloads', 'states', 'corruptions', 'data-errors', 'leaks', 'states-per-second', 'failures']);
+    expect(j.workloads).toBe(3);
+    expect(j.states).toBeGreaterThan(0);
+    expect(j.failures).toEqual([]);
+  });
+
+  it('a workload file with a fault: caught, exit 2, with a command line that replays it', async () => {
+    const { writeFileSync, mkdtempSync } = await import('node:fs');
+    const { tmpdir } = await import('node:os');
+    const { join } = await import('node:path');
+    const f = join(mkdtempSync(join(tmpdir(), 'qledger-wl-')), 'w.txt');
+    writeFileSync(f, '# allocate, make it durable, free it\nwrite -P 1 0 4k\nflush\ndiscard 0 4k\nflush\n');
+    const r = await cli('crash-test', '-o', 'cluster_size=4k', '--workload', f, '--fault', 'free-before-unmap');
+    expect(r.code).toBe(2);
+    expect(r.out).toMatch(/corruptions: [1-9]/);
+    expect(r.out).toContain("replay: qledger create -f qcow2 -o cluster_size=4096 crash.qcow2 1048576 && qledger io -c 'write -P 1 0 4096' -c 'flush' -c 'discard 0 4096' -c 'flush' crash.qcow2");
+    const clean = await cli('crash-test', '-o', 'cluster_size=4k', '--workload', f);
+    expect(clean.code).toBe(0);
+  });
+
+  it('bad options are one-line errors', async () => {
+    expect((await cli('crash-test', '--fault', 'nope')).err).toBe("qledger: crash-test: unknown fault 'nope' (try --fault list)\n");
+    expect((await cli('crash-test', '--runs', '-1')).code).toBe(1);
+  });
+});

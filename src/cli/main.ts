@@ -12,6 +12,7 @@ import { formatMapHuman, formatMapJson, MapHumanError, type MapEntry } from '../
 import { Qcow2Layer } from '../engine/qcow2-layer.ts';
 import type { ImageFormat } from '../engine/open.ts';
 import { runIo } from './io.ts';
+import { runCrashTest } from './crash-test.ts';
 import { createOptionsFrom, CREATE_OPTION_NAMES } from '../engine/create.ts';
 import { checkImage, checkExitCode, checkHuman, checkJson, type RepairMode } from '../engine/check.ts';
 
@@ -32,6 +33,9 @@ Commands (options as in qemu-img / qemu-io):
               backing_file backing_fmt data_file data_file_raw preallocation=off|metadata|falloc|full
   check [-f qcow2] [--output=human|json] [-r leaks|all] [-q] FILE
      exit: 0 clean, 1 check not completed, 2 corruptions, 3 leaks only
+  crash-test [-o CREATE_OPTS] [--workload FILE | --random] [--seed N] [--runs N] [--max-states N]
+             [--fault NAME|list] [--qemu-samples N] [--output=human|json]
+     exit: 0 no corruption and no wrong data in any crash state, 2 otherwise
   info [-f fmt] [--output=human|json] [--backing-chain] FILE
   map [-f fmt] [--output=human|json] [--start-offset=N] [--max-length=N] FILE
   convert [-f fmt] [-O raw] [-l SNAPSHOT] [-p] [-q] IN OUT
@@ -280,6 +284,8 @@ export async function main(argv: string[], io: Output = stdio): Promise<number> 
         return await cmdCreate(rest, io);
       case 'check':
         return await cmdCheck(rest, io);
+      case 'crash-test':
+        return await runCrashTest(rest, io);
       case undefined:
       case '-h':
       case '--help':

@@ -145,7 +145,15 @@ class Image {
 
 /** xorshift32: seeded choices, reproducible from the seed alone. */
 export function rng(seed: number): () => number {
-  let x = seed >>> 0 || 0x9e3779b9;
+  // spread small seeds over the state space (murmur3's finaliser), then warm up
+  let x = Math.imul((seed >>> 0) ^ 0x9e3779b9, 0x85ebca6b) >>> 0;
+  x = Math.imul(x ^ (x >>> 13), 0xc2b2ae35) >>> 0;
+  x = (x ^ (x >>> 16)) >>> 0 || 0x9e3779b9;
+  for (let i = 0; i < 4; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+  }
   return () => {
     x ^= x << 13;
     x ^= x >>> 17;
