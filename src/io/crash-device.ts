@@ -131,8 +131,11 @@ class Image {
       return;
     }
     if (op.kind !== 'write') return;
-    const from = sectors ? op.offset + sectors.from * SECTOR : op.offset;
-    const to = sectors ? Math.min(op.offset + op.data.length, op.offset + sectors.to * SECTOR) : op.offset + op.data.length;
+    // Sectors are the disk's: numbered from the first one the write touches,
+    // so a torn unaligned write keeps whole disk sectors, never half of one.
+    const first = Math.floor(op.offset / SECTOR);
+    const from = sectors ? Math.max(op.offset, (first + sectors.from) * SECTOR) : op.offset;
+    const to = sectors ? Math.min(op.offset + op.data.length, (first + sectors.to) * SECTOR) : op.offset + op.data.length;
     if (to <= from) return;
     this.ensure(to);
     this.buf.set(op.data.subarray(from - op.offset, to - op.offset), from);
@@ -141,6 +144,11 @@ class Image {
   bytes(): Uint8Array {
     return this.buf.slice(0, this.length);
   }
+}
+
+/** Number of disk sectors a write touches. */
+function sectorSpan(op: { offset: number; data: Uint8Array }): number {
+  return Math.ceil((op.offset + op.data.length) / SECTOR) - Math.floor(op.offset / SECTOR);
 }
 
 /** xorshift32: seeded choices, reproducible from the seed alone. */
@@ -234,7 +242,7 @@ export function* crashStates(initial: Uint8Array, ops: readonly RecordedOp[], o:
       for (let j = 0; j < n; j++) {
         const op = ep.writes[j]!.op;
         if (op.kind !== 'write') continue;
-        const sectors = Math.ceil(op.data.length / SECTOR);
+        const sectors = sectorSpan(op);
         if (sectors < 2) continue;
         for (const [what, range] of [
           ['first sector', { from: 0, to: 1 }],
@@ -265,7 +273,7 @@ export function* crashStates(initial: Uint8Array, ops: readonly RecordedOp[], o:
         const picks = ep.writes.map(({ op }) => {
           const x = random();
           if (op.kind !== 'write' || x < 0.3) return x < 0.15 ? false : true;
-          const sectors = Math.ceil(op.data.length / SECTOR);
+          const sectors = sectorSpan(op);
           const from = Math.floor(random() * sectors);
           const to = from + 1 + Math.floor(random() * (sectors - from));
           return x < 0.65 ? true : { from, to };
