@@ -148,3 +148,78 @@ describe('qledger crash-test (CLI)', () => {
     expect((await cli('crash-test', '--runs', '-1')).code).toBe(1);
   });
 });
+
+/** The first ordering violation in the trace of a workload, if any. */
+async function traceViolation(ops: GuestOp[], cs: number, fault?: Fault): Promise<string | undefined> {
+  const { MemoryDevice } = await import('../src/io/memory-device.ts');
+  const { createOnDevice, openWriterOnDevice } = await import('../src/engine/writable.ts');
+  const PHASES = ['allocate', 'hook refcount blocks', 'reference', 'free'];
+  const dev = new MemoryDevice('t');
+  await createOnDevice(dev, 't', { size: SIZE, clusterSize: cs });
+  const trace: import('../src/engine/writer.ts').TraceEvent[] = [];
+  const w = await openWriterOnDevice(dev, 't', { trace, fault });
+  for (const o of ops) {
+    if (o.op === 'write') await w.write(o.offset, new Uint8Array(o.length).fill(o.pattern));
+    else if (o.op === 'zero') await w.writeZeroes(o.offset, o.length, { unmap: o.unmap });
+    else if (o.op === 'discard') await w.discard(o.offset, o.length);
+    else if (o.op === 'flush') await w.flush();
+    else await w.truncate(o.size);
+  }
+  await w.close();
+  // 1. between two barriers, metadata writes all belong to one phase of the
+  //    rules, and within one write-back the phases never go backwards
+  let group: string[] = [];
+  let lastPhase = -1;
+  for (const e of trace) {
+    if (e.type === 'write') {
+      const m = /\[(.+)\]$/.exec(e.what);
+      if (m) group.push(m[1]!);
+    } else if (e.type === 'record' && e.record.kind === 'begin' && e.record.op === 'writeback') {
+      lastPhase = -1;
+    } else if (e.type === 'flush') {
+      const phases = [...new Set(group)];
+      if (phases.length > 1) return `one barrier group mixes phases: ${phases.join(', ')}`;
+      if (phases.length === 1) {
+        const p = PHASES.indexOf(phases[0]!);
+        if (p <= lastPhase) return `phase '${phases[0]}' after '${PHASES[lastPhase]}'`;
+        lastPhase = p;
+      }
+      group = [];
+    }
+  }
+  // 2. in the record stream, every cluster an L2 or L1 entry starts to
+  //    reference got its refcount increment earlier
+  const incremented = new Set<number>();
+  for (const e of trace) {
+    if (e.type !== 'record') continue;
+    const r = e.record;
+    if (r.kind === 'refcount' && r.new > r.old) incremented.add(r.cluster);
+    const target = r.kind === 'l2' && (r.new.hi & 0x4000_0000) === 0 && r.old.hi !== r.new.hi ? r.new : r.kind === 'l1' ? r.new : undefined;
+    if (!target) continue;
+    const off = (target.hi & 0xff_ffff) * 2 ** 32 + ((target.lo & 0xffff_fe00) >>> 0);
+    if (off && !incremented.has(off / cs)) return `reference to cluster ${off / cs} before its refcount increment`;
+  }
+  return undefined;
+}
+
+describe('ordering properties on the trace of random workloads', () => {
+  it('each write-back writes its phases in order, one barrier apart; references follow their refcounts', async () => {
+    await fc.assert(
+      fc.asyncProperty(workload(SIZE, 4096), fc.constantFrom(512, 4096, 65536), async (ops, cs) => {
+        expect(await traceViolation(ops, cs)).toBeUndefined();
+      }),
+      { numRuns: RUNS * 3 },
+    );
+  });
+
+  for (const fault of ['l2-before-refcount', 'free-before-unmap', 'header-before-table'] as const) {
+    it(`the trace property catches fault ${fault}`, async () => {
+      let found: string | undefined;
+      for (const ops of fc.sample(workload(SIZE, 4096), { numRuns: 60, seed: 42 })) {
+        found = await traceViolation(ops, 4096, fault);
+        if (found) break;
+      }
+      expect(found).toBeDefined();
+    });
+  }
+});

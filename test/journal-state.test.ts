@@ -143,7 +143,7 @@ describe.skipIf(!qemuAvailable)('trace of an operation', () => {
     const data = idx(trace, isWrite(/^data/));
     const block = idx(trace, isWrite(/^refblock/));
     const newL2 = idx(trace, isWrite(/^new l2/));
-    const l1 = idx(trace, isWrite(/^l1$/));
+    const l1 = idx(trace, isWrite(/^l1 \[/));
     expect(Math.min(data, block, newL2)).toBeGreaterThanOrEqual(0);
     expect(l1).toBeGreaterThan(Math.max(data, block, newL2));
     const barrier = idx(trace, isFlush, Math.max(data, block, newL2));
@@ -172,7 +172,7 @@ describe.skipIf(!qemuAvailable)('trace of an operation', () => {
     await img.flush();
     await img.close();
     const l2 = idx(trace, isWrite(/^new l2|^l2 /));
-    const l1 = idx(trace, isWrite(/^l1$/));
+    const l1 = idx(trace, isWrite(/^l1 \[/));
     const lastRef = Math.max(l2, l1);
     expect(lastRef).toBeGreaterThan(0);
     const barrier = idx(trace, isFlush, lastRef);

@@ -52,6 +52,8 @@ export interface DeviceWrite {
   readonly data: Uint8Array;
   /** what the bytes are, for traces: "l2 0x50000", "refblock 0x20000", ... */
   readonly what: string;
+  /** the ordering phase the rules assign it to (traces show it; tests check barriers between them) */
+  readonly category?: string | undefined;
 }
 
 export interface Phase {
@@ -215,6 +217,11 @@ export function planFlush(p: PlanInput): Plan {
     }
   }
 
+  const tag = (ws: DeviceWrite[], category: string) => ws.splice(0, ws.length, ...ws.map((w) => ({ ...w, category })));
+  tag(phase0, 'allocate');
+  tag(phase1, 'hook refcount blocks');
+  tag(phase2, 'reference');
+  tag(phase3, 'free');
   if (p.fault === 'l2-before-refcount') {
     phase0.unshift(...phase2.splice(0), ...phase1.splice(0));
   } else if (p.fault === 'free-before-unmap' && phase3.length) {

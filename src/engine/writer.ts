@@ -1098,6 +1098,7 @@ export class Qcow2Writer {
       dataWritten: this.dataWritten,
       fault: this.fault,
     });
+    this.traceEvent({ type: 'record', record: { kind: 'begin', tx: 0, op: 'writeback' } });
     // Every cluster an entry may point at must exist in the file.
     const needed = this.endCluster * cs;
     if ((await this.dev.size()) < needed) {
@@ -1107,7 +1108,7 @@ export class Qcow2Writer {
     for (const phase of plan.phases) {
       for (const w of phase.writes) {
         await this.dev.write(w.offset, w.data);
-        this.traceEvent({ type: 'write', offset: w.offset, length: w.data.length, what: w.what });
+        this.traceEvent({ type: 'write', offset: w.offset, length: w.data.length, what: `${w.what} [${w.category ?? phase.name}]` });
       }
       if (phase.name === 'reference' && this.holding) await this.holding.release((w) => this.traceEvent({ type: 'write', offset: w.offset, length: w.length, what: 'data (held back by fault)' }));
       await this.barrier();
@@ -1121,6 +1122,7 @@ export class Qcow2Writer {
       durable = { ...durable, refblocks: ed.finish() };
     }
     this.durable = durable;
+    this.traceEvent({ type: 'record', record: { kind: 'commit', tx: 0 } });
     this.pending = [];
     this.dataWritten = false;
     if (this.freedMin < this.cursor) this.cursor = this.freedMin;
