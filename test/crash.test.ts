@@ -13,7 +13,7 @@
 
 import { describe, it, expect } from 'vitest';
 import fc from 'fast-check';
-import { crashTest, reproduction, type GuestOp, type CrashTestOptions } from '../src/engine/crash-harness.ts';
+import { crashTest, reproduction, workloadCommands, type GuestOp, type CrashTestOptions } from '../src/engine/crash-harness.ts';
 import { FAULTS, type Fault } from '../src/engine/ordering.ts';
 import type { CreateOptions } from '../src/engine/create.ts';
 import { qemuAvailable } from './helpers/qemu.ts';
@@ -45,14 +45,20 @@ const KINDS: Kind[] = [
   { name: 'v2 over a raw backing file, 8 KiB clusters', create: { size: SIZE, clusterSize: 8192, compat: '0.10' }, backing: backingData },
 ];
 
-function workload(size: number, cs: number): fc.Arbitrary<GuestOp[]> {
-  // Whole clusters anywhere, unaligned ranges anywhere, and whole clusters in
-  // a small hot area, so that frees, reuse and overwrites meet often.
-  const range = fc.oneof(
+/**
+ * Whole clusters anywhere, unaligned ranges anywhere, and whole clusters in
+ * a small hot area, so that frees, reuse and overwrites meet often.
+ */
+function ranges(size: number, cs: number): fc.Arbitrary<readonly [number, number]> {
+  return fc.oneof(
     fc.tuple(fc.integer({ min: 0, max: size / cs - 1 }), fc.integer({ min: 1, max: 4 })).map(([c, n]) => [c * cs, Math.min(n * cs, size - c * cs)] as const),
     fc.tuple(fc.integer({ min: 0, max: size - 1 }), fc.integer({ min: 1, max: 2 * cs + 300 })).map(([o, l]) => [o, Math.min(l, size - o)] as const),
     fc.tuple(fc.integer({ min: 0, max: 7 }), fc.integer({ min: 1, max: 2 })).map(([c, n]) => [c * cs, n * cs] as const),
   );
+}
+
+function workload(size: number, cs: number): fc.Arbitrary<GuestOp[]> {
+  const range = ranges(size, cs);
   const op: fc.Arbitrary<GuestOp> = fc.oneof(
     { weight: 5, arbitrary: fc.tuple(range, fc.integer({ min: 1, max: 255 })).map(([[offset, length], pattern]) => ({ op: 'write' as const, offset, length, pattern })) },
     { weight: 2, arbitrary: fc.tuple(range, fc.boolean()).map(([[offset, length], unmap]) => ({ op: 'zero' as const, offset, length, unmap })) },
@@ -69,12 +75,58 @@ async function judge(ops: GuestOp[], kind: Kind, extra: Partial<CrashTestOptions
   return { r, repro: reproduction(ops, o) };
 }
 
+/**
+ * Model-based form: one command class per operation. Running a command only
+ * appends it to the workload (the model); the harness then runs the whole
+ * workload on a recording device and judges its crash states. fast-check
+ * shrinks failing command lists like any other.
+ */
+interface Workload {
+  ops: GuestOp[];
+}
+class OpCommand implements fc.AsyncCommand<Workload, object> {
+  constructor(readonly op: GuestOp) {}
+  check(_m: Readonly<Workload>): boolean {
+    return true;
+  }
+  async run(m: Workload) {
+    m.ops.push(this.op);
+  }
+  toString = () => workloadCommands([this.op])[0]!;
+}
+class WriteCommand extends OpCommand {}
+class ZeroCommand extends OpCommand {}
+class DiscardCommand extends OpCommand {}
+class FlushCommand extends OpCommand {}
+class GrowCommand extends OpCommand {
+  override check(m: Readonly<Workload>): boolean {
+    return !m.ops.some((o) => o.op === 'truncate');
+  }
+}
+
+function commands(size: number, cs: number) {
+  const range = ranges(size, cs);
+  return fc.commands(
+    [
+      fc.tuple(range, fc.integer({ min: 1, max: 255 })).map(([[offset, length], pattern]) => new WriteCommand({ op: 'write', offset, length, pattern })),
+      fc.tuple(range, fc.boolean()).map(([[offset, length], unmap]) => new ZeroCommand({ op: 'zero', offset, length, unmap })),
+      range.map(([offset, length]) => new DiscardCommand({ op: 'discard', offset, length })),
+      fc.constant(new FlushCommand({ op: 'flush' })),
+      fc.constant(new GrowCommand({ op: 'truncate', size: size * 4 })),
+    ],
+    { maxCommands: 10 },
+  );
+}
+
 describe('crash states of random workloads: leaks at worst, never corruption', () => {
   for (const kind of KINDS) {
     it(kind.name, async () => {
       await fc.assert(
-        fc.asyncProperty(workload(SIZE, kind.create.clusterSize ?? 65536), async (ops) => {
-          const { r, repro } = await judge(ops, kind);
+        fc.asyncProperty(commands(SIZE, kind.create.clusterSize ?? 65536), async (cmds) => {
+          const model: Workload = { ops: [] };
+          await fc.asyncModelRun(() => ({ model, real: {} }), cmds);
+          if (model.ops.length === 0) return;
+          const { r, repro } = await judge(model.ops, kind);
           expect(r.failures, `${r.failures.slice(0, 3).map((f) => `${f.state}: ${f.problem}`).join('\n')}\nreplay: ${repro}`).toEqual([]);
           expect(r.states).toBeGreaterThan(0);
         }),
