@@ -14,8 +14,8 @@
 import { CorruptionError, QledgerError, RangeRequestError, UsageError, hex } from '../errors.ts';
 import type { BlockDevice } from '../io/device.ts';
 import { readAt } from '../io/device.ts';
-import { putU32, putU64, isZero } from '../format/bytes.ts';
-import { geometryOf, type Geometry, type ParsedHeader } from '../format/header.ts';
+import { isZero } from '../format/bytes.ts';
+import { geometryOf, putMutableFields, type Geometry } from '../format/header.ts';
 import {
   AUTOCLEAR_KNOWN,
   AUTOCLEAR_BITMAPS,
@@ -50,8 +50,8 @@ import {
   type MetaState,
 } from '../state/state.ts';
 import { PTrie } from '../state/ptrie.ts';
-import { Qcow2Layer, type TableSource } from './qcow2-layer.ts';
-import { guest, type Layer } from './layer.ts';
+import { Qcow2Layer, type Qcow2LayerOptions, type TableSource } from './qcow2-layer.ts';
+import { guest } from './layer.ts';
 import { readGuest } from './read.ts';
 import { planFlush, type DeviceWrite, type Fault } from './ordering.ts';
 
@@ -61,14 +61,8 @@ export type TraceEvent =
   | { readonly type: 'flush' }
   | { readonly type: 'truncate'; readonly size: number };
 
-export interface WriterOptions {
-  readonly filename: string;
-  readonly dev: BlockDevice;
-  readonly dataDev?: BlockDevice | undefined;
-  readonly parsed: ParsedHeader;
-  readonly fileSize: number;
-  readonly snapshots: readonly SnapshotEntry[];
-  readonly backing: Layer | undefined;
+/** What a writer opens: the image's files and header, as a read-only layer takes them, plus options. */
+export interface WriterOptions extends Pick<Qcow2LayerOptions, 'filename' | 'dev' | 'dataDev' | 'parsed' | 'fileSize' | 'snapshots' | 'backing'> {
   /** receives every record, device write and flush, in order */
   readonly trace?: TraceEvent[] | undefined;
   /**
@@ -1052,16 +1046,7 @@ export class Qcow2Writer {
 
   encodeHeader(h: HeaderState): Uint8Array {
     const b = this.headerTemplate.slice();
-    putU64(b, 24, h.size);
-    putU32(b, 36, h.l1Size);
-    putU64(b, 40, h.l1Offset);
-    putU64(b, 48, h.reftableOffset);
-    putU32(b, 56, h.reftableClusters);
-    if (this.version === 3) {
-      putU64(b, 72, h.incompatibleFeatures);
-      putU64(b, 80, h.compatibleFeatures);
-      putU64(b, 88, h.autoclearFeatures);
-    }
+    putMutableFields(b, this.version, { ...h, l1TableOffset: h.l1Offset, refcountTableOffset: h.reftableOffset, refcountTableClusters: h.reftableClusters });
     return b;
   }
 

@@ -398,18 +398,11 @@ export function encodeHeader(input: EncodeHeaderInput): Uint8Array {
   putU64(b, 8, backingOffset);
   putU32(b, 16, name?.length ?? 0);
   putU32(b, 20, h.clusterBits);
-  putU64(b, 24, h.size);
   putU32(b, 32, h.cryptMethod);
-  putU32(b, 36, h.l1Size);
-  putU64(b, 40, h.l1TableOffset);
-  putU64(b, 48, h.refcountTableOffset);
-  putU32(b, 56, h.refcountTableClusters);
   putU32(b, 60, h.nbSnapshots);
   putU64(b, 64, h.snapshotsOffset);
+  putMutableFields(b, h.version, h);
   if (h.version === 3) {
-    putU64(b, 72, h.incompatibleFeatures);
-    putU64(b, 80, h.compatibleFeatures);
-    putU64(b, 88, h.autoclearFeatures);
     putU32(b, 96, h.refcountOrder);
     putU32(b, 100, headerLength);
     if (headerLength > 104) b[104] = h.compressionType;
@@ -425,6 +418,26 @@ export function encodeHeader(input: EncodeHeaderInput): Uint8Array {
   off += 8; // end marker: already zero
   if (name) b.set(name, off);
   return b;
+}
+
+/** The header fields a running image changes (size, tables, feature bits). */
+export type MutableHeaderFields = Pick<
+  Qcow2Header,
+  'size' | 'l1Size' | 'l1TableOffset' | 'refcountTableOffset' | 'refcountTableClusters' | 'incompatibleFeatures' | 'compatibleFeatures' | 'autoclearFeatures'
+>;
+
+/** Write the mutable fields into header bytes `b` (the feature words only for v3). */
+export function putMutableFields(b: Uint8Array, version: 2 | 3, f: MutableHeaderFields): void {
+  putU64(b, 24, f.size);
+  putU32(b, 36, f.l1Size);
+  putU64(b, 40, f.l1TableOffset);
+  putU64(b, 48, f.refcountTableOffset);
+  putU32(b, 56, f.refcountTableClusters);
+  if (version === 3) {
+    putU64(b, 72, f.incompatibleFeatures);
+    putU64(b, 80, f.compatibleFeatures);
+    putU64(b, 88, f.autoclearFeatures);
+  }
 }
 
 /** The feature name table QEMU writes, as extension data. */
