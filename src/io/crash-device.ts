@@ -57,9 +57,20 @@ export class RecordingDevice implements BlockDevice {
   readInto(buf: Uint8Array, offset: number): Promise<void> {
     return this.mem.readInto(buf, offset);
   }
+  /**
+   * A write is recorded as the whole disk sectors it touches, with their
+   * content after it: a sector reaches the disk as the cache holds it, so a
+   * crash can show an older or newer state of a sector, never a mix of
+   * bytes from writes that the cache never held together.
+   */
   async write(offset: number, data: Uint8Array): Promise<void> {
-    this.ops.push({ kind: 'write', offset, data: data.slice() });
     await this.mem.write(offset, data);
+    const from = Math.floor(offset / SECTOR) * SECTOR;
+    const to = Math.ceil((offset + data.length) / SECTOR) * SECTOR;
+    const size = await this.mem.size();
+    const sectors = new Uint8Array(Math.min(to, Math.max(size, offset + data.length)) - from);
+    await this.mem.readInto(sectors, from);
+    this.ops.push({ kind: 'write', offset: from, data: sectors });
   }
   async flush(): Promise<void> {
     this.ops.push({ kind: 'flush' });
