@@ -16,7 +16,8 @@ import fc from 'fast-check';
 import { crashTest, reproduction, workloadCommands, type GuestOp, type CrashTestOptions } from '../src/engine/crash-harness.ts';
 import { FAULTS, type Fault } from '../src/engine/ordering.ts';
 import type { CreateOptions } from '../src/engine/create.ts';
-import { qemuAvailable } from './helpers/qemu.ts';
+import { readFileSync } from 'node:fs';
+import { qemuAvailable, qemuImg, qemuIo, tempDir } from './helpers/qemu.ts';
 
 const RUNS = Number(process.env['QLEDGER_CRASH_RUNS'] ?? 4);
 const STATES = Number(process.env['QLEDGER_CRASH_STATES'] ?? 120);
@@ -26,7 +27,31 @@ interface Kind {
   readonly name: string;
   readonly create: CreateOptions;
   readonly backing?: Uint8Array;
+  /** a QEMU-made starting image, built once */
+  readonly image?: () => Uint8Array;
 }
+
+/** QEMU writes an image, snapshots it twice, writes between: clusters and L2 tables shared with snapshots. */
+const snapshotImage = (() => {
+  let bytes: Uint8Array | undefined;
+  return () => {
+    if (!bytes) {
+      const t = tempDir('qledger-crash-snap-');
+      try {
+        const f = `${t.dir}/snap.qcow2`;
+        qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', f, String(SIZE)]);
+        qemuIo(f, ['write -P 1 0 256k', 'write -P 2 512k 64k']);
+        qemuImg(['snapshot', '-c', 'one', f]);
+        qemuIo(f, ['write -P 3 8k 8k']);
+        qemuImg(['snapshot', '-c', 'two', f]);
+        bytes = new Uint8Array(readFileSync(f));
+      } finally {
+        t.cleanup();
+      }
+    }
+    return bytes;
+  };
+})();
 
 const backingData = (() => {
   const b = new Uint8Array(SIZE);
@@ -43,6 +68,7 @@ const KINDS: Kind[] = [
   { name: 'lazy refcounts, 2 KiB clusters', create: { size: SIZE, clusterSize: 2048, lazyRefcounts: true } },
   { name: 'over a raw backing file, 4 KiB clusters', create: { size: SIZE, clusterSize: 4096 }, backing: backingData },
   { name: 'v2 over a raw backing file, 8 KiB clusters', create: { size: SIZE, clusterSize: 8192, compat: '0.10' }, backing: backingData },
+  ...(qemuAvailable ? [{ name: 'internal snapshots sharing clusters and L2 tables (QEMU-made)', create: { size: SIZE, clusterSize: 4096 }, image: snapshotImage }] : []),
 ];
 
 /**
@@ -70,7 +96,7 @@ function workload(size: number, cs: number): fc.Arbitrary<GuestOp[]> {
 }
 
 async function judge(ops: GuestOp[], kind: Kind, extra: Partial<CrashTestOptions> = {}) {
-  const o: CrashTestOptions = { create: kind.create, backing: kind.backing, maxStates: STATES, seed: 7, qemuSamples: qemuAvailable ? 2 : 0, ...extra };
+  const o: CrashTestOptions = { create: kind.create, backing: kind.backing, image: kind.image?.(), maxStates: STATES, seed: 7, qemuSamples: qemuAvailable ? 2 : 0, ...extra };
   const r = await crashTest(ops, o);
   return { r, repro: reproduction(ops, o) };
 }

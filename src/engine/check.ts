@@ -262,6 +262,7 @@ async function analyze(img: Image): Promise<Analysis> {
     a.corruptions++;
     a.findings.push({ counts: 'corruption', message, offset, cluster: offset === undefined ? undefined : Math.floor(offset / cs), fixed: false });
   };
+  const maxCount = Math.min(maxRefcount(g.refcountOrder), 0xffff_ffff);
   const inc = (offset: number, size: number) => {
     if (size <= 0) return;
     if (offset + size - fileSize >= cs) {
@@ -269,7 +270,14 @@ async function analyze(img: Image): Promise<Analysis> {
       return;
     }
     const last = Math.floor((offset + size - 1) / cs);
-    for (let c = Math.floor(offset / cs); c <= last; c++) a.counts.add(c, 1);
+    for (let c = Math.floor(offset / cs); c <= last; c++) {
+      if (a.counts.get(c) >= maxCount) {
+        // QEMU stops counting at what refcount_bits can hold, and says so
+        corrupt(`ERROR: overflow cluster offset=0x${S(c * cs)} (more references than refcount_bits=${g.refcountBits} can count)`, c * cs);
+        continue;
+      }
+      a.counts.add(c, 1);
+    }
   };
 
   const e: RawL2Entry = { hi: 0, lo: 0, bitmapHi: 0, bitmapLo: 0 };

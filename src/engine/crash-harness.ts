@@ -47,6 +47,8 @@ export interface CrashTestOptions {
   readonly create: CreateOptions;
   /** raw backing data (the image is created over it, named backing.raw) */
   readonly backing?: Uint8Array | undefined;
+  /** start from these image bytes (a QEMU-made image, say) instead of creating one */
+  readonly image?: Uint8Array | undefined;
   readonly maxStates: number;
   readonly seed: number;
   readonly fault?: Fault | undefined;
@@ -155,8 +157,11 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
   const t0 = process.hrtime.bigint();
   const name = 'crash.qcow2';
   const base = new MemoryDevice(name);
-  const create = o.backing ? { ...o.create, backingFile: 'backing.raw', backingFormat: 'raw' as const } : o.create;
-  await createOnDevice(base, name, create, o.backing);
+  if (o.image) await base.write(0, o.image);
+  else {
+    const create = o.backing ? { ...o.create, backingFile: 'backing.raw', backingFormat: 'raw' as const } : o.create;
+    await createOnDevice(base, name, create, o.backing);
+  }
   const initial = base.snapshot();
   const backingLayer = () => (o.backing ? new RawLayer('backing.raw', new MemoryDevice('backing.raw', o.backing, { readOnly: true }), o.backing.length) : undefined);
 
