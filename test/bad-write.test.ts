@@ -140,3 +140,19 @@ describe('bad input on the write path', () => {
     expect(again.err).toMatch(/marked corrupt/);
   });
 });
+
+describe('refcount overflow', () => {
+  it('a refcount that refcount_bits cannot hold is refused with E_OVERFLOW, and nothing is written', async () => {
+    const { openWriter } = await import('../src/engine/writable.ts');
+    const f = await fresh('overflow.qcow2', { refcountBits: 1, clusterSize: 4096 });
+    const before = readFileSync(f);
+    const w = await openWriter(f);
+    try {
+      // two references to the header cluster: more than a 1-bit refcount can count
+      await expect(w.applyRefcounts(new Map([[0, 2], [1, 1], [2, 1], [3, 1]]), 4)).rejects.toMatchObject({ code: 'E_OVERFLOW' });
+    } finally {
+      await w.close();
+    }
+    expect(readFileSync(f).equals(before)).toBe(true);
+  });
+});
