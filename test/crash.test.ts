@@ -134,7 +134,7 @@ function commands(size: number, cs: number) {
   const range = ranges(size, cs);
   return fc.commands(
     [
-      fc.tuple(range, fc.integer({ min: 1, max: 255 })).map(([[offset, length], pattern]) => new WriteCommand({ op: 'write', offset, length, pattern })),
+      fc.tuple(range, fc.integer({ min: 0, max: 255 })).map(([[offset, length], pattern]) => new WriteCommand({ op: 'write', offset, length, pattern })),
       fc.tuple(range, fc.boolean()).map(([[offset, length], unmap]) => new ZeroCommand({ op: 'zero', offset, length, unmap })),
       range.map(([offset, length]) => new DiscardCommand({ op: 'discard', offset, length })),
       fc.constant(new FlushCommand({ op: 'flush' })),

@@ -222,7 +222,7 @@ function commands(kind: Kind) {
   const r = range(kind.clusterSize);
   return fc.commands(
     [
-      fc.tuple(r, fc.integer({ min: 1, max: 255 })).map(([[o, l], p]) => new WriteCmd(o, l, p)),
+      fc.tuple(r, fc.integer({ min: 0, max: 255 })).map(([[o, l], p]) => new WriteCmd(o, l, p)),
       fc.tuple(r, fc.boolean()).map(([[o, l], u]) => new ZeroCmd(o, l, u)),
       r.map(([o, l]) => new DiscardCmd(o, l)),
       fc.constant(new FlushCmd()),

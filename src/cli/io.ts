@@ -206,14 +206,16 @@ async function ioInfo(img: Image, io: Output): Promise<boolean> {
 }
 
 export async function runIo(argv: string[], io: Output): Promise<number> {
-  const p = getopt(argv, { withArg: 'cfot', flags: 'rUnqkmhTs', long: { 'force-share': false, 'image-opts': false, 'read-only': false, format: true, cmd: true } }, 'io');
+  const p = getopt(argv, { withArg: 'cfot', flags: 'rUnqkmhTs', long: { 'force-share': false, 'image-opts': false, 'read-only': false, format: true, cmd: true, 'detect-zeroes': true } }, 'io');
+  const dz = p.opts.find(([k]) => k === 'detect-zeroes')?.[1];
+  if (dz !== undefined && dz !== 'off' && dz !== 'on' && dz !== 'unmap') throw new UsageError(`--detect-zeroes expects off, on or unmap`);
   if (p.positional.length !== 1) throw new UsageError('io: expecting one image filename');
   const cmds = p.opts.filter(([k]) => k === 'c' || k === 'cmd').map(([, v]) => String(v));
   const fmt = p.opts.find(([k]) => k === 'f' || k === 'format')?.[1];
   if (fmt !== undefined && fmt !== 'qcow2' && fmt !== 'raw') throw new UsageError(`Unknown file format '${String(fmt)}'`);
   const readOnly = p.opts.some(([k]) => k === 'r' || k === 'read-only');
   const wantsWrite = cmds.some((c) => WRITE_COMMANDS.has(splitCommand(c)[0] ?? ''));
-  const img = await Image.open(p.positional[0]!, { format: fmt as 'qcow2' | 'raw' | undefined, write: wantsWrite && !readOnly });
+  const img = await Image.open(p.positional[0]!, { format: fmt as 'qcow2' | 'raw' | undefined, write: wantsWrite && !readOnly, detectZeroes: dz as 'off' | 'on' | 'unmap' | undefined });
   let failed = false;
   let aborted = false;
   try {

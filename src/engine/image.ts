@@ -12,7 +12,7 @@ import { guest, type Layer } from './layer.ts';
 import type { SnapshotEntry } from '../format/snapshot.ts';
 import { QledgerError } from '../errors.ts';
 import { openWriter, createImage, type WritableOpenOptions } from './writable.ts';
-import type { Qcow2Writer, TraceEvent, ZeroOptions } from './writer.ts';
+import type { DetectZeroes, Qcow2Writer, TraceEvent, ZeroOptions } from './writer.ts';
 import type { CreateOptions } from './create.ts';
 
 export interface ImageOpenOptions extends OpenOptions {
@@ -20,6 +20,8 @@ export interface ImageOpenOptions extends OpenOptions {
   readonly write?: boolean | undefined;
   /** receives every metadata record, device write and flush (write mode) */
   readonly trace?: TraceEvent[] | undefined;
+  /** all-zero data writes become zero writes: 'unmap' (default), 'on', or 'off' (QEMU's default) */
+  readonly detectZeroes?: DetectZeroes | undefined;
 }
 
 export class Image {
@@ -33,7 +35,7 @@ export class Image {
   static async open(path: string, opts: ImageOpenOptions = {}): Promise<Image> {
     if (opts.write) {
       if (opts.snapshot !== undefined) throw new QledgerError('E_USAGE', `${path}: a snapshot can only be opened read-only`);
-      const o: WritableOpenOptions = { format: opts.format, trace: opts.trace };
+      const o: WritableOpenOptions = { format: opts.format, trace: opts.trace, detectZeroes: opts.detectZeroes };
       const w = await openWriter(path, o);
       return new Image(w.layer, w);
     }

@@ -9,7 +9,7 @@ import type { BlockDevice } from '../io/device.ts';
 import { INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, AUTOCLEAR_DATA_FILE_RAW } from '../format/features.ts';
 import { loadQcow2 } from './qcow2-layer.ts';
 import { combinePath, openLayer, probeFormat, type ImageFormat } from './open.ts';
-import { Qcow2Writer, type TraceEvent } from './writer.ts';
+import { Qcow2Writer, type DetectZeroes, type TraceEvent } from './writer.ts';
 import { collectReferences } from './references.ts';
 import { planCreate, writeSkeleton, writeSkeletonTo, type CreateOptions } from './create.ts';
 import type { Fault } from './ordering.ts';
@@ -23,6 +23,7 @@ export interface WritableOpenOptions {
   readonly writebackRecords?: number | undefined;
   /** test-only: break one ordering rule (the crash harness must catch it) */
   readonly fault?: Fault | undefined;
+  readonly detectZeroes?: DetectZeroes | undefined;
 }
 
 /**
@@ -32,7 +33,7 @@ export interface WritableOpenOptions {
  */
 export async function openWriterOnDevice(dev: BlockDevice, name: string, opts: WritableOpenOptions & { backing?: Layer | undefined } = {}): Promise<Qcow2Writer> {
   const { parsed, fileSize, snapshots, snapshotTableBytes } = await loadQcow2(dev);
-  const writer = await Qcow2Writer.open({ filename: name, dev, parsed, fileSize, snapshots, backing: opts.backing, trace: opts.trace, writebackRecords: opts.writebackRecords, fault: opts.fault });
+  const writer = await Qcow2Writer.open({ filename: name, dev, parsed, fileSize, snapshots, backing: opts.backing, trace: opts.trace, writebackRecords: opts.writebackRecords, fault: opts.fault, detectZeroes: opts.detectZeroes });
   if ((parsed.header.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n) {
     const refs = await collectReferences(dev, parsed, snapshots, snapshotTableBytes);
     await writer.applyRefcounts(refs.counts, refs.endCluster);
@@ -77,7 +78,7 @@ export async function openWriter(path: string, opts: WritableOpenOptions = {}): 
       if (bfmt !== undefined && bfmt !== 'qcow2' && bfmt !== 'raw') throw new UnsupportedError(`${path}: backing file format '${bfmt}' is not supported`, { path });
       backing = await openLayer(combinePath(path, parsed.backingFile), { format: bfmt as ImageFormat | undefined });
     }
-    const writer = await Qcow2Writer.open({ filename: path, dev, dataDev, parsed, fileSize, snapshots, backing, trace: opts.trace, writebackRecords: opts.writebackRecords, fault: opts.fault });
+    const writer = await Qcow2Writer.open({ filename: path, dev, dataDev, parsed, fileSize, snapshots, backing, trace: opts.trace, writebackRecords: opts.writebackRecords, fault: opts.fault, detectZeroes: opts.detectZeroes });
     if ((h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n) {
       // A crash under lazy refcounts: refcounts are rebuilt from the
       // references before anything else is written, as QEMU does on open.

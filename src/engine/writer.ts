@@ -72,7 +72,15 @@ export interface WriterOptions extends Pick<Qcow2LayerOptions, 'filename' | 'dev
   readonly writebackRecords?: number | undefined;
   /** test-only: break one ordering rule (see FAULTS in ordering.ts) */
   readonly fault?: Fault | undefined;
+  /**
+   * QEMU's detect-zeroes: a data write whose payload is all zeros becomes a
+   * zero write ('on'), one that may deallocate ('unmap', the default here:
+   * zero writes are de-allocation hints), or stays a data write ('off').
+   */
+  readonly detectZeroes?: DetectZeroes | undefined;
 }
+
+export type DetectZeroes = 'off' | 'on' | 'unmap';
 
 export interface ZeroOptions {
   /** allow deallocation (qemu-io write -z -u) */
@@ -136,6 +144,7 @@ export class Qcow2Writer {
   private dirtyOnDisk: boolean;
   private queue: Promise<unknown> = Promise.resolve();
   private readonly fault: Fault | undefined;
+  private readonly detectZeroes: DetectZeroes;
   /** fault 'data-after-mapping': guest data held back until the references are written */
   private readonly holding: HoldingDevice | undefined;
 
@@ -146,6 +155,7 @@ export class Qcow2Writer {
     this.trace = o.trace;
     this.writeback = o.writebackRecords ?? 200_000;
     this.fault = o.fault;
+    this.detectZeroes = o.detectZeroes ?? 'unmap';
     this.holding = o.fault === 'data-after-mapping' && !o.dataDev ? new HoldingDevice(o.dev) : undefined;
     const h = o.parsed.header;
     this.version = h.version;
@@ -262,7 +272,10 @@ export class Qcow2Writer {
     return this.serial(async () => {
       this.checkRange('write', offset, data.length);
       if (data.length === 0) return;
-      await this.run('write', () => this.writeData(offset, data));
+      // isZero stops at the first 4 KiB block with a non-zero byte: data costs almost nothing
+      if (this.detectZeroes !== 'off' && isZero(data)) {
+        await this.run('write (zero detected)', () => this.zeroRange(offset, data.length, this.detectZeroes === 'unmap'));
+      } else await this.run('write', () => this.writeData(offset, data));
       await this.maybeWriteback();
     });
   }
@@ -655,6 +668,7 @@ export class Qcow2Writer {
     const t = this.t();
     const tableOffset = t.l1TableOffset(l1Index);
     const writes: DeviceWrite[] = [];
+    const zeroes: Array<{ offset: number; length: number }> = [];
     const updates: Array<{ index: number; old: L2Word; new: L2Word; free: boolean }> = [];
     const end = offset + data.length;
     for (let cstart = offset - (offset % cs); cstart < end; cstart += cs) {
@@ -728,6 +742,12 @@ export class Qcow2Writer {
           if (readsZero && N >= this.zeroFrom && !this.hasDataFile) {
             // Past everything ever written: the rest of the cluster already reads as zero.
             writes.push({ offset: N + a, data: piece, what: 'data' });
+          } else if (readsZero && !this.hasDataFile) {
+            // A reused cluster: the guest's bytes, and the rest made zero by
+            // the device (fallocate where it can), not by zero buffers.
+            writes.push({ offset: N + a, data: piece, what: 'data' });
+            if (a > 0) zeroes.push({ offset: N, length: a });
+            if (b < cs) zeroes.push({ offset: N + b, length: cs - b });
           } else {
             const buf = new Uint8Array(cs);
             if (!readsZero) await readGuest(this.layer, guest(cstart), buf);
@@ -740,6 +760,10 @@ export class Qcow2Writer {
       updates.push({ index, old: e, new: ne, free: ownData });
     }
     await this.deviceWrites(writes);
+    for (const z of zeroes) {
+      await (this.holding ?? this.dev).writeZeroes(z.offset, z.length, false);
+      this.traceEvent({ type: 'write', offset: z.offset, length: z.length, what: 'zeroes (cow)' });
+    }
     for (const u of updates) {
       this.emit({ kind: 'l2', l1Index, table: tableOffset, index: u.index, old: u.old, new: u.new });
       if (u.free) await this.unref(u.old);
@@ -809,7 +833,10 @@ export class Qcow2Writer {
       const cend = Math.min(cstart + cs, imageEnd);
       const a = pos;
       const b = Math.min(end, cend);
-      if (a === cstart && b === cend && this.version === 3) {
+      // v2 has no zero flag: whole clusters can only become zero by being
+      // deallocated, which is right when nothing shows through (no backing)
+      const wholeClusters = this.version === 3 || (unmap && !this.layer.backing);
+      if (a === cstart && b === cend && wholeClusters) {
         // whole clusters, as many as follow inside this L2 table: one batch
         const tableEnd = cstart - (cstart % span) + span;
         let stop = cend;
@@ -879,6 +906,10 @@ export class Qcow2Writer {
           ne = { hi: 0, lo: 0, bitmapHi: ALL_SUBCLUSTERS, bitmapLo: 0 };
           free = true;
         } else ne = { ...e, bitmapHi: ALL_SUBCLUSTERS, bitmapLo: 0 };
+      } else if (this.version === 2) {
+        if (!compressed && !hasHost) continue; // unallocated, no backing: reads as zero already
+        ne = ZERO_ENTRY;
+        free = true;
       } else {
         const type = compressed ? 'compressed' : hasHost ? ((e.lo & L2E_ZERO_LO) !== 0 ? 'zero-alloc' : 'normal') : (e.lo & L2E_ZERO_LO) !== 0 ? 'zero-plain' : 'unallocated';
         if (type === 'zero-plain' || (type === 'zero-alloc' && !unmap)) continue;
