@@ -117,9 +117,9 @@ async function ioDiscard(img: Image, args: string[], io: Output): Promise<boolea
 async function ioTruncate(img: Image, args: string[]): Promise<boolean> {
   const p = getopt(args, { withArg: 'm', flags: '', long: {} }, 'truncate');
   if (p.positional.length !== 1) throw new UsageError('truncate: expecting a size');
-  const mode = p.opts.find(([k]) => k === 'm')?.[1];
-  if (mode !== undefined && mode !== 'off') throw new UsageError(`truncate: preallocation mode '${String(mode)}' is not supported yet`);
-  await img.truncate(num(p.positional[0], 'size'));
+  const mode = p.opts.find(([k]) => k === 'm')?.[1] ?? 'off';
+  if (mode !== 'off' && mode !== 'metadata' && mode !== 'falloc' && mode !== 'full') throw new UsageError(`truncate: invalid preallocation mode '${String(mode)}'`);
+  await img.truncate(num(p.positional[0], 'size'), mode);
   return true;
 }
 

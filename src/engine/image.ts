@@ -68,8 +68,9 @@ export class Image {
     return this.w().flush();
   }
 
-  truncate(size: number): Promise<void> {
-    return this.w().truncate(size);
+  /** Resize; growth may preallocate the new space ('metadata', 'falloc' or 'full', as qemu-img resize --preallocation). */
+  truncate(size: number, preallocation: 'off' | 'metadata' | 'falloc' | 'full' = 'off'): Promise<void> {
+    return this.w().truncate(size, false, preallocation);
   }
 
   /** Drop the image without flushing or closing cleanly: what a crash leaves. */

@@ -303,15 +303,21 @@ export class Qcow2Writer {
    * new space so the backing data stays hidden, as QEMU does; image creation
    * passes `fromCreate` because there the backing data must show through.
    */
-  truncate(size: number, fromCreate = false): Promise<void> {
-    return this.serial(async () => {
+  truncate(size: number, fromCreate = false, prealloc: 'off' | 'metadata' | 'falloc' | 'full' = 'off'): Promise<void> {
+    const old = this.size;
+    const p = this.serial(async () => {
       this.checkWritable();
       if (!Number.isSafeInteger(size) || size < 0) throw new RangeRequestError(`invalid size ${size}`, { size });
       if (size % 512 !== 0) throw new UsageError(`${this.filename}: the new size must be a multiple of 512 bytes (got ${size})`);
+      if (prealloc !== 'off' && size < old) throw new UsageError(`${this.filename}: preallocation mode '${prealloc}' applies to growth only`);
+      if (prealloc !== 'off' && old % this.geometry.clusterSize !== 0) {
+        throw new QledgerError('E_UNSUPPORTED', `${this.filename}: growing with preallocation from a size that is not a multiple of the cluster size is not supported`);
+      }
       await this.run('truncate', () => this.resize(size, !fromCreate));
       this.layer.size = size;
       await this.flushNow();
     });
+    return prealloc === 'off' ? p : p.then(() => this.preallocate(prealloc, old));
   }
 
   flush(): Promise<void> {
@@ -1030,24 +1036,39 @@ export class Qcow2Writer {
     }
   }
 
-  /** Preallocate metadata (and, with a data callback, data) for the whole disk, as qemu-img create does. */
-  async preallocate(mode: 'metadata' | 'falloc' | 'full'): Promise<void> {
+  /**
+   * Preallocate the clusters of guest range [from, size), as qemu-img create
+   * -o preallocation=MODE does for a new image and growth with a
+   * preallocation mode does for the new space: 'metadata' maps clusters
+   * (the file grows sparse), 'falloc' also reserves their blocks, 'full'
+   * writes zeros into them. `from` must be cluster-aligned and the range
+   * unmapped.
+   */
+  async preallocate(mode: 'metadata' | 'falloc' | 'full', from = 0): Promise<void> {
     await this.serial(async () => {
       await this.run('preallocate', async () => {
         const g = this.geometry;
         const cs = g.clusterSize;
         const span = g.l2Entries * cs;
         const t = this.t();
-        for (let base = 0; base < this.size; base += span) {
+        for (let base = Math.floor(from / span) * span; base < this.size; base += span) {
           const l1Index = base / span;
           await this.l2ForWrite(l1Index);
           const table = t.l1TableOffset(l1Index);
-          const n = Math.min(g.l2Entries, Math.ceil((this.size - base) / cs));
-          const first = this.hasDataFile ? base / cs : await this.allocate(n);
-          for (let i = 0; i < n; i++) {
+          const firstIndex = Math.max(0, Math.floor((from - base) / cs));
+          const n = Math.min(g.l2Entries, Math.ceil((this.size - base) / cs)) - firstIndex;
+          if (n <= 0) continue;
+          for (let i = firstIndex; i < firstIndex + n; i++) {
+            if (!sameEntry(readL2Word(t.l2(l1Index)!, i, g), ZERO_ENTRY)) {
+              throw new QledgerError('E_UNSUPPORTED', `${this.filename}: preallocating over clusters that are already mapped is not supported`);
+            }
+          }
+          const first = this.hasDataFile ? base / cs + firstIndex : await this.allocate(n);
+          for (let k = 0; k < n; k++) {
+            const i = firstIndex + k;
             const e = readL2Word(t.l2(l1Index)!, i, g);
             // over a backing file the subclusters stay unallocated, so the backing data still shows
-            const ne: L2Word = { ...w64((first + i) * cs, true), bitmapLo: g.extendedL2 && !this.layer.backing ? ALL_SUBCLUSTERS : 0, bitmapHi: 0 };
+            const ne: L2Word = { ...w64((first + k) * cs, true), bitmapLo: g.extendedL2 && !this.layer.backing ? ALL_SUBCLUSTERS : 0, bitmapHi: 0 };
             this.emit({ kind: 'l2', l1Index, table, index: i, old: e, new: ne });
           }
           const dev = this.dataDev ?? this.dev;
@@ -1060,7 +1081,8 @@ export class Qcow2Writer {
             }
             this.dataWritten = true;
           } else if (mode === 'falloc') {
-            await dev.writeZeroes(first * cs, n * cs, false);
+            // reserve the blocks (fallocate), as qemu-img does; zeros where that is not possible
+            if (!(await dev.allocate?.(first * cs, n * cs))) await dev.writeZeroes(first * cs, n * cs, false);
             this.dataWritten = true;
           }
         }

@@ -20,6 +20,12 @@ export interface BlockDevice {
   writeZeroes(offset: number, length: number, unmap: boolean): Promise<void>;
   /** A hint that a range is no longer needed; contents afterwards are unspecified. */
   discard(offset: number, length: number): Promise<void>;
+  /**
+   * Reserve space for a range (reading as zero), extending the file as
+   * needed: fallocate(2) where the platform has it. Optional; callers fall
+   * back to writing zeros.
+   */
+  allocate?(offset: number, length: number): Promise<boolean>;
   close(): Promise<void>;
 }
 

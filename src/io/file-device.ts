@@ -86,7 +86,13 @@ export class FileDevice implements BlockDevice {
     if (end > size) await this.fh.truncate(end);
   }
 
-  private tryFallocate(mode: 1 | 2, offset: number, length: number): boolean {
+  /** fallocate(mode 0): reserve blocks, extending the file; false where unsupported. */
+  async allocate(offset: number, length: number): Promise<boolean> {
+    this.assertWritable();
+    return native !== undefined && this.tryFallocate(0, offset, length);
+  }
+
+  private tryFallocate(mode: 0 | 1 | 2, offset: number, length: number): boolean {
     try {
       native!.fallocate(this.fh.fd, mode, offset, length);
       return true;
