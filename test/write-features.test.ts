@@ -194,3 +194,34 @@ describe.skipIf(!qemuAvailable)('preallocation, at create and on growth, against
     });
   }
 });
+
+describe.skipIf(!qemuAvailable)('v2 over a backing file: the shared zero cluster', () => {
+  it('zero clusters share one host cluster, found again by the next session; a single reference never remains', async () => {
+    const d = join(dir, 'v2zero');
+    spawnSync('mkdir', ['-p', d]);
+    qemuImg(['create', '-q', '-f', 'raw', join(d, 'base.raw'), '4M']);
+    qemuIo(join(d, 'base.raw'), ['write -P 9 0 4M'], ['-f', 'raw']);
+    const f = join(d, 'img.qcow2');
+    qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'compat=0.10,cluster_size=4096', '-b', 'base.raw', '-F', 'raw', f]);
+    const hostOf = (guestOff: number) => {
+      const m = JSON.parse(qemuImg(['map', '--output=json', f])) as Array<{ start: number; length: number; offset?: number }>;
+      const e = m.find((x) => x.start <= guestOff && guestOff < x.start + x.length)!;
+      return e.offset === undefined ? undefined : e.offset + (guestOff - e.start);
+    };
+    // session 1: two zero clusters hide the backing data through one shared cluster
+    expect(await main(['io', '-c', 'write -z 0 8k', f], quiet)).toBe(0);
+    const z = hostOf(0);
+    expect(z).toBeDefined();
+    expect(hostOf(4096)).toBe(z);
+    // session 2: a single zero cluster joins it, found again instead of a new one
+    expect(await main(['io', '-c', 'write -P 0 1M 4k', f], quiet)).toBe(0);
+    expect(hostOf(1 << 20)).toBe(z);
+    expect(check(f).status).toBe(0);
+    // overwrite two of the three: the last one gets a cluster of its own, the shared one is freed
+    expect(await main(['io', '-c', 'write -P 1 0 4k', '-c', 'write -P 2 1M 4k', f], quiet)).toBe(0);
+    expect(hostOf(4096)).not.toBe(z);
+    const c = check(f);
+    expect(c.status, c.stdout).toBe(0);
+    expect(qemuIo(f, ['read -P 1 0 4k', 'read -P 0 4k 4k', 'read -P 2 1M 4k', 'read -P 9 8k 4k'])).not.toContain('Pattern verification failed');
+  });
+});

@@ -145,6 +145,14 @@ export class Qcow2Writer {
   private queue: Promise<unknown> = Promise.resolve();
   private readonly fault: Fault | undefined;
   private readonly detectZeroes: DetectZeroes;
+  /**
+   * v2 over a backing file has no zero flag: whole zero clusters map to one
+   * shared zero cluster instead. It only ever exists with two or more
+   * references (so no entry that maps it needs COPIED); `refs` are the
+   * active L2 entries known to map it.
+   */
+  private zero: { cluster: number; refs: Map<string, { l1Index: number; index: number }> } | undefined;
+  private zeroSearched = false;
   /** fault 'data-after-mapping': guest data held back until the references are written */
   private readonly holding: HoldingDevice | undefined;
 
@@ -377,6 +385,7 @@ export class Qcow2Writer {
     this.tx = new Transaction(this.cur);
     try {
       await fn();
+      if (this.zero) await this.settleZero();
     } finally {
       // Records already emitted describe changes that may already rely on
       // data written to the device; keep them even if the operation failed.
@@ -633,10 +642,13 @@ export class Qcow2Writer {
     return t.l2(l1Index)!;
   }
 
-  /** Drop this image's reference to the host clusters of an L2 entry. */
-  private async unref(e: L2Word): Promise<void> {
+  /** Drop this image's reference to the host clusters of an L2 entry (at its table position, if known). */
+  private async unref(e: L2Word, at?: { l1Index: number; index: number }): Promise<void> {
     const g = this.geometry;
     const cs = g.clusterSize;
+    if (this.zero && at && (e.hi & L2E_COMPRESSED_HI) === 0 && entryOffset(e) === this.zero.cluster * cs) {
+      this.zero.refs.delete(`${at.l1Index}:${at.index}`);
+    }
     if ((e.hi & L2E_COMPRESSED_HI) !== 0) {
       const d = compressedDescriptor(e as RawL2Entry, g.clusterBits);
       const first = Math.floor(d.offset / cs);
@@ -646,7 +658,33 @@ export class Qcow2Writer {
     }
     const off = entryOffset(e);
     if (off === 0 || this.hasDataFile) return; // data file clusters carry no refcount
+    if (!this.zero && this.version === 2 && this.layer.backing && (e.hi & L2E_COPIED_HI) === 0) await this.adoptSharedZero(off / cs);
     await this.changeRefcount(off / cs, -1);
+  }
+
+  /**
+   * A shared cluster is about to lose a reference. If it is a shared zero
+   * cluster of an earlier session that would be left with one active
+   * mapping, adopt it now so that settleZero gives that mapping a cluster of
+   * its own (a lone mapping would need COPIED).
+   */
+  private async adoptSharedZero(cluster: number): Promise<void> {
+    const g = this.geometry;
+    const cs = g.clusterSize;
+    if ((await this.refcount(cluster)) !== 2) return;
+    if (!isZero(await readAt(this.dev, cluster * cs, cs))) return;
+    const t = this.t();
+    const refs = new Map<string, { l1Index: number; index: number }>();
+    for (let i = 0; i < t.header.l1Size; i++) {
+      const off = t.l1TableOffset(i);
+      if (!off) continue;
+      const table = t.l2(i) ?? (await this.loadL2(i, off));
+      for (let j = 0; j < g.l2Entries; j++) {
+        const e = readL2Word(table, j, g);
+        if ((e.hi & (L2E_COMPRESSED_HI | L2E_COPIED_HI)) === 0 && entryOffset(e) === cluster * cs) refs.set(`${i}:${j}`, { l1Index: i, index: j });
+      }
+    }
+    if (refs.size === 1) this.zero = { cluster, refs };
   }
 
   // ---- data writes -----------------------------------------------------------
@@ -698,6 +736,7 @@ export class Qcow2Writer {
       if (hasHost && copied) {
         // In place: this image owns the cluster alone.
         await this.checkOverlap(hostOff, cstart);
+        if (this.zero && hostOff === this.zero.cluster * cs) this.zero = undefined;
         const stOf = (s: number) => subclusterType(e as RawL2Entry, s, g, this.hasDataFile);
         const needCow = [s0, s1].some((s) => partialEdge(s) && stOf(s) !== 'normal');
         if (!needCow) {
@@ -772,7 +811,7 @@ export class Qcow2Writer {
     }
     for (const u of updates) {
       this.emit({ kind: 'l2', l1Index, table: tableOffset, index: u.index, old: u.old, new: u.new });
-      if (u.free) await this.unref(u.old);
+      if (u.free) await this.unref(u.old, { l1Index, index: u.index });
     }
   }
 
@@ -842,6 +881,15 @@ export class Qcow2Writer {
       // v2 has no zero flag: whole clusters can only become zero by being
       // deallocated, which is right when nothing shows through (no backing)
       const wholeClusters = this.version === 3 || (unmap && !this.layer.backing);
+      if (a === cstart && b === cend && this.version === 2 && this.layer.backing && !this.hasDataFile) {
+        const tableEnd = cstart - (cstart % span) + span;
+        let stop = cend;
+        while (stop < end && stop < tableEnd && Math.min(stop + cs, imageEnd) <= end) stop = Math.min(stop + cs, imageEnd);
+        if (await this.mapSharedZero(cstart, stop)) {
+          pos = stop;
+          continue;
+        }
+      }
       if (a === cstart && b === cend && wholeClusters) {
         // whole clusters, as many as follow inside this L2 table: one batch
         const tableEnd = cstart - (cstart % span) + span;
@@ -926,7 +974,129 @@ export class Qcow2Writer {
       }
       if (sameEntry(e, ne)) continue;
       this.emit({ kind: 'l2', l1Index, table, index, old: e, new: ne });
-      if (free) await this.unref(e);
+      if (free) await this.unref(e, { l1Index, index });
+    }
+  }
+
+  /**
+   * v2 over a backing file: map whole clusters [start, stop) (one L2 table)
+   * to the shared zero cluster. False when that cannot be done (no shared
+   * cluster yet and fewer than two clusters to map, or its refcount is
+   * full); the caller then writes zero data.
+   */
+  private async mapSharedZero(start: number, stop: number): Promise<boolean> {
+    const g = this.geometry;
+    const cs = g.clusterSize;
+    const l1Index = Math.floor(start / (g.l2Entries * cs));
+    const t = this.t();
+    if (!this.zero && !this.zeroSearched) await this.findSharedZero();
+    const zoff = this.zero ? this.zero.cluster * cs : -1;
+    const todo: number[] = [];
+    if (t.l1TableOffset(l1Index) !== 0 && !t.l2(l1Index)) await this.loadL2(l1Index, t.l1TableOffset(l1Index));
+    for (let c = start; c < stop; c += cs) {
+      const index = (c / cs) % g.l2Entries;
+      const table = t.l2(l1Index);
+      if (table && entryOffset(readL2Word(table, index, g)) === zoff && (readL2Word(table, index, g).hi & L2E_COMPRESSED_HI) === 0) continue;
+      todo.push(index);
+    }
+    if (todo.length === 0) return true;
+    const max = maxRefcount(this.geometry.refcountOrder);
+    if (this.zero && (await this.refcount(this.zero.cluster)) + todo.length > max) return false;
+    if (!this.zero && (todo.length < 2 || todo.length > max)) return false;
+    await this.l2ForWrite(l1Index);
+    const table = t.l1TableOffset(l1Index);
+    if (!this.zero) {
+      const n = await this.allocate(1);
+      await this.zeroHostCluster(n);
+      await this.changeRefcount(n, todo.length - 1);
+      this.zero = { cluster: n, refs: new Map() };
+    } else await this.changeRefcount(this.zero.cluster, todo.length);
+    const z = this.zero;
+    for (const index of todo) {
+      const e = readL2Word(t.l2(l1Index)!, index, g);
+      await this.validateEntry(e, table, index, l1Index * g.l2Entries * cs + index * cs);
+      this.emit({ kind: 'l2', l1Index, table, index, old: e, new: { ...w64(z.cluster * cs, false), bitmapHi: 0, bitmapLo: 0 } });
+      const hasOwn = (e.hi & L2E_COMPRESSED_HI) !== 0 || entryOffset(e) !== 0;
+      if (hasOwn) await this.unref(e, { l1Index, index });
+      z.refs.set(`${l1Index}:${index}`, { l1Index, index });
+    }
+    return true;
+  }
+
+  /** Make a freshly allocated host cluster read as zero (nothing to do past everything ever written). */
+  private async zeroHostCluster(n: number): Promise<void> {
+    const cs = this.geometry.clusterSize;
+    if (n * cs >= this.zeroFrom) return;
+    await (this.holding ?? this.dev).writeZeroes(n * cs, cs, false);
+    this.traceEvent({ type: 'write', offset: n * cs, length: cs, what: 'zeroes (shared zero cluster)' });
+    this.dataWritten = true;
+  }
+
+  /**
+   * The end of every operation: a shared zero cluster left with a single
+   * reference would need COPIED on that entry, and a crash could then leave
+   * COPIED and the refcount disagreeing. So the last mapping gets a zero
+   * cluster of its own and the shared one goes.
+   */
+  private async settleZero(): Promise<void> {
+    const z = this.zero!;
+    const g = this.geometry;
+    const cs = g.clusterSize;
+    const t = this.t();
+    const rc = await this.refcount(z.cluster);
+    const live = [...z.refs.values()].filter((at) => {
+      const table = t.l2(at.l1Index);
+      return table !== undefined && entryOffset(readL2Word(table, at.index, g)) === z.cluster * cs;
+    });
+    if (rc >= 2 || rc === 0) {
+      if (rc === 0) this.zero = undefined;
+      return;
+    }
+    this.zero = undefined;
+    if (live.length !== 1) return; // the last reference is a snapshot's: its tables need no COPIED
+    const at = live[0]!;
+    await this.l2ForWrite(at.l1Index);
+    const table = t.l1TableOffset(at.l1Index);
+    const e = readL2Word(t.l2(at.l1Index)!, at.index, g);
+    const n = await this.allocate(1);
+    await this.zeroHostCluster(n);
+    this.emit({ kind: 'l2', l1Index: at.l1Index, table, index: at.index, old: e, new: { ...w64(n * cs, true), bitmapHi: 0, bitmapLo: 0 } });
+    await this.changeRefcount(z.cluster, -1);
+  }
+
+  /**
+   * Find the shared zero cluster an earlier session made: a cluster that
+   * two or more active entries map, whose refcount is exactly that (no
+   * snapshot shares it) and which reads as zero. One scan of the active L2
+   * tables, once per session and only when a zero write needs it.
+   */
+  private async findSharedZero(): Promise<void> {
+    this.zeroSearched = true;
+    const g = this.geometry;
+    const cs = g.clusterSize;
+    const t = this.t();
+    const seen = new Map<number, Array<{ l1Index: number; index: number }>>();
+    for (let i = 0; i < t.header.l1Size; i++) {
+      const off = t.l1TableOffset(i);
+      if (!off) continue;
+      const table = t.l2(i) ?? (await this.loadL2(i, off));
+      for (let j = 0; j < g.l2Entries; j++) {
+        const e = readL2Word(table, j, g);
+        if ((e.hi & (L2E_COMPRESSED_HI | L2E_COPIED_HI)) !== 0) continue;
+        const o = entryOffset(e);
+        if (!o) continue;
+        let list = seen.get(o);
+        if (!list) seen.set(o, (list = []));
+        list.push({ l1Index: i, index: j });
+      }
+    }
+    const candidates = [...seen.entries()].filter(([, l]) => l.length >= 2).sort((x, y) => y[1].length - x[1].length).slice(0, 4);
+    for (const [o, list] of candidates) {
+      if ((await this.refcount(o / cs)) !== list.length) continue;
+      const data = await readAt(this.dev, o, cs);
+      if (!isZero(data)) continue;
+      this.zero = { cluster: o / cs, refs: new Map(list.map((at) => [`${at.l1Index}:${at.index}`, at])) };
+      return;
     }
   }
 
@@ -965,7 +1135,7 @@ export class Qcow2Writer {
         if (!compressed && !hasHost && !this.layer.backing) ne = ZERO_ENTRY;
         if (sameEntry(e, ne)) continue;
         this.emit({ kind: 'l2', l1Index, table, index, old: e, new: ne });
-        if (compressed || hasHost) await this.unref(e);
+        if (compressed || hasHost) await this.unref(e, { l1Index, index });
       }
     }
   }
@@ -993,7 +1163,7 @@ export class Qcow2Writer {
             const e = readL2Word(t.l2(l1Index)!, index, g);
             if (sameEntry(e, ZERO_ENTRY)) continue;
             this.emit({ kind: 'l2', l1Index, table, index, old: e, new: ZERO_ENTRY });
-            await this.unref(e);
+            await this.unref(e, { l1Index, index });
           }
           if (c === l1Index * span && (l1Index * span >= size)) {
             // the whole table is past the end: unhook and free it
