@@ -669,22 +669,33 @@ export class Qcow2Writer {
    * its own (a lone mapping would need COPIED).
    */
   private async adoptSharedZero(cluster: number): Promise<void> {
-    const g = this.geometry;
-    const cs = g.clusterSize;
+    const cs = this.geometry.clusterSize;
     if ((await this.refcount(cluster)) !== 2) return;
     if (!isZero(await readAt(this.dev, cluster * cs, cs))) return;
+    const refs = (await this.sharedMappings()).get(cluster * cs) ?? [];
+    if (refs.length === 1) this.zero = { cluster, refs: new Map(refs.map((at) => [`${at.l1Index}:${at.index}`, at])) };
+  }
+
+  /** Every active L2 entry that maps a host cluster without COPIED, by host offset (one scan of the active tables). */
+  private async sharedMappings(): Promise<Map<number, Array<{ l1Index: number; index: number }>>> {
+    const g = this.geometry;
     const t = this.t();
-    const refs = new Map<string, { l1Index: number; index: number }>();
+    const seen = new Map<number, Array<{ l1Index: number; index: number }>>();
     for (let i = 0; i < t.header.l1Size; i++) {
       const off = t.l1TableOffset(i);
       if (!off) continue;
       const table = t.l2(i) ?? (await this.loadL2(i, off));
       for (let j = 0; j < g.l2Entries; j++) {
         const e = readL2Word(table, j, g);
-        if ((e.hi & (L2E_COMPRESSED_HI | L2E_COPIED_HI)) === 0 && entryOffset(e) === cluster * cs) refs.set(`${i}:${j}`, { l1Index: i, index: j });
+        if ((e.hi & (L2E_COMPRESSED_HI | L2E_COPIED_HI)) !== 0) continue;
+        const o = entryOffset(e);
+        if (!o) continue;
+        let list = seen.get(o);
+        if (!list) seen.set(o, (list = []));
+        list.push({ l1Index: i, index: j });
       }
     }
-    if (refs.size === 1) this.zero = { cluster, refs };
+    return seen;
   }
 
   // ---- data writes -----------------------------------------------------------
@@ -1072,24 +1083,8 @@ export class Qcow2Writer {
    */
   private async findSharedZero(): Promise<void> {
     this.zeroSearched = true;
-    const g = this.geometry;
-    const cs = g.clusterSize;
-    const t = this.t();
-    const seen = new Map<number, Array<{ l1Index: number; index: number }>>();
-    for (let i = 0; i < t.header.l1Size; i++) {
-      const off = t.l1TableOffset(i);
-      if (!off) continue;
-      const table = t.l2(i) ?? (await this.loadL2(i, off));
-      for (let j = 0; j < g.l2Entries; j++) {
-        const e = readL2Word(table, j, g);
-        if ((e.hi & (L2E_COMPRESSED_HI | L2E_COPIED_HI)) !== 0) continue;
-        const o = entryOffset(e);
-        if (!o) continue;
-        let list = seen.get(o);
-        if (!list) seen.set(o, (list = []));
-        list.push({ l1Index: i, index: j });
-      }
-    }
+    const cs = this.geometry.clusterSize;
+    const seen = await this.sharedMappings();
     const candidates = [...seen.entries()].filter(([, l]) => l.length >= 2).sort((x, y) => y[1].length - x[1].length).slice(0, 4);
     for (const [o, list] of candidates) {
       if ((await this.refcount(o / cs)) !== list.length) continue;
