@@ -195,7 +195,7 @@ class ReopenCmd implements fc.AsyncCommand<Model, Real> {
   check = () => true;
   async run(_m: Model, r: Real) {
     await r.img.close();
-    r.img = await Image.open(r.path, { write: true });
+    r.img = await Image.open(r.path, { write: true, cacheBytes: 0 });
   }
   toString = () => 'reopen';
 }
@@ -257,7 +257,7 @@ describe.skipIf(!qemuAvailable)('write engine against a byte-array model', () =>
       await fc.assert(
         fc.asyncProperty(commands(kind), async (cmds) => {
           copyFileSync(pristine, work);
-          const real: Real = { img: await Image.open(work, { write: true }), path: work };
+          const real: Real = { img: await Image.open(work, { write: true, cacheBytes: 0 }), path: work };
           const model: Model = { data: initial.slice(), kind, backingData };
           try {
             await fc.asyncModelRun(() => ({ model, real }), cmds);

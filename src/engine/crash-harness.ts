@@ -167,7 +167,8 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
 
   // ---- run the workload, keeping the guest model ----
   const rec = new RecordingDevice(name, initial);
-  const w = await openWriterOnDevice(rec, name, { fault: o.fault, backing: backingLayer() });
+  // a tiny table cache: tables are evicted and reloaded at every write-back
+  const w = await openWriterOnDevice(rec, name, { fault: o.fault, backing: backingLayer(), cacheBytes: 0 });
   const cs = w.geometry.clusterSize;
   const v2 = (u64big(initial, 4) >> 32n) === 2n;
   let model = new Uint8Array(w.size);

@@ -22,6 +22,8 @@ export interface ImageOpenOptions extends OpenOptions {
   readonly trace?: TraceEvent[] | undefined;
   /** all-zero data writes become zero writes: 'unmap' (default), 'on', or 'off' (QEMU's default) */
   readonly detectZeroes?: DetectZeroes | undefined;
+  /** memory bound for metadata tables kept between write-backs (default 64 MiB) */
+  readonly cacheBytes?: number | undefined;
 }
 
 export class Image {
@@ -35,7 +37,7 @@ export class Image {
   static async open(path: string, opts: ImageOpenOptions = {}): Promise<Image> {
     if (opts.write) {
       if (opts.snapshot !== undefined) throw new QledgerError('E_USAGE', `${path}: a snapshot can only be opened read-only`);
-      const o: WritableOpenOptions = { format: opts.format, trace: opts.trace, detectZeroes: opts.detectZeroes };
+      const o: WritableOpenOptions = { format: opts.format, trace: opts.trace, detectZeroes: opts.detectZeroes, cacheBytes: opts.cacheBytes };
       const w = await openWriter(path, o);
       return new Image(w.layer, w);
     }

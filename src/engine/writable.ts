@@ -24,6 +24,8 @@ export interface WritableOpenOptions {
   /** test-only: break one ordering rule (the crash harness must catch it) */
   readonly fault?: Fault | undefined;
   readonly detectZeroes?: DetectZeroes | undefined;
+  /** bytes of clean tables kept in memory between write-backs (default 64 MiB) */
+  readonly cacheBytes?: number | undefined;
 }
 
 /**
@@ -33,7 +35,7 @@ export interface WritableOpenOptions {
  */
 export async function openWriterOnDevice(dev: BlockDevice, name: string, opts: WritableOpenOptions & { backing?: Layer | undefined } = {}): Promise<Qcow2Writer> {
   const { parsed, fileSize, snapshots, snapshotTableBytes } = await loadQcow2(dev);
-  const writer = await Qcow2Writer.open({ filename: name, dev, parsed, fileSize, snapshots, backing: opts.backing, trace: opts.trace, writebackRecords: opts.writebackRecords, fault: opts.fault, detectZeroes: opts.detectZeroes });
+  const writer = await Qcow2Writer.open({ filename: name, dev, parsed, fileSize, snapshots, backing: opts.backing, trace: opts.trace, writebackRecords: opts.writebackRecords, fault: opts.fault, detectZeroes: opts.detectZeroes, cacheBytes: opts.cacheBytes });
   if ((parsed.header.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n) {
     const refs = await collectReferences(dev, parsed, snapshots, snapshotTableBytes);
     await writer.applyRefcounts(refs.counts, refs.endCluster);
@@ -78,7 +80,7 @@ export async function openWriter(path: string, opts: WritableOpenOptions = {}): 
       if (bfmt !== undefined && bfmt !== 'qcow2' && bfmt !== 'raw') throw new UnsupportedError(`${path}: backing file format '${bfmt}' is not supported`, { path });
       backing = await openLayer(combinePath(path, parsed.backingFile), { format: bfmt as ImageFormat | undefined });
     }
-    const writer = await Qcow2Writer.open({ filename: path, dev, dataDev, parsed, fileSize, snapshots, backing, trace: opts.trace, writebackRecords: opts.writebackRecords, fault: opts.fault, detectZeroes: opts.detectZeroes });
+    const writer = await Qcow2Writer.open({ filename: path, dev, dataDev, parsed, fileSize, snapshots, backing, trace: opts.trace, writebackRecords: opts.writebackRecords, fault: opts.fault, detectZeroes: opts.detectZeroes, cacheBytes: opts.cacheBytes });
     if ((h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n) {
       // A crash under lazy refcounts: refcounts are rebuilt from the
       // references before anything else is written, as QEMU does on open.

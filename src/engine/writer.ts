@@ -72,6 +72,8 @@ export interface WriterOptions extends Pick<Qcow2LayerOptions, 'filename' | 'dev
   readonly writebackRecords?: number | undefined;
   /** test-only: break one ordering rule (see FAULTS in ordering.ts) */
   readonly fault?: Fault | undefined;
+  /** bytes of clean L2 tables and refcount blocks kept after a write-back (default 64 MiB) */
+  readonly cacheBytes?: number | undefined;
   /**
    * QEMU's detect-zeroes: a data write whose payload is all zeros becomes a
    * zero write ('on'), one that may deallocate ('unmap', the default here:
@@ -118,6 +120,8 @@ export class Qcow2Writer {
   private readonly dataDev: BlockDevice | undefined;
   private readonly trace: TraceEvent[] | undefined;
   private readonly writeback: number;
+  /** table bytes kept in memory after a write-back (the rest reloads from disk) */
+  private readonly cacheBytes: number;
   private readonly hasDataFile: boolean;
   private readonly version: 2 | 3;
   /** header bytes 0 .. fixed-field end, patched on every header write */
@@ -162,6 +166,7 @@ export class Qcow2Writer {
     this.dataDev = o.dataDev;
     this.trace = o.trace;
     this.writeback = o.writebackRecords ?? 200_000;
+    this.cacheBytes = o.cacheBytes ?? 64 * 1024 * 1024;
     this.fault = o.fault;
     this.detectZeroes = o.detectZeroes ?? 'unmap';
     this.holding = o.fault === 'data-after-mapping' && !o.dataDev ? new HoldingDevice(o.dev) : undefined;
@@ -1055,10 +1060,13 @@ export class Qcow2Writer {
     const cs = g.clusterSize;
     const t = this.t();
     const rc = await this.refcount(z.cluster);
-    const live = [...z.refs.values()].filter((at) => {
-      const table = t.l2(at.l1Index);
-      return table !== undefined && entryOffset(readL2Word(table, at.index, g)) === z.cluster * cs;
-    });
+    const live: Array<{ l1Index: number; index: number }> = [];
+    for (const at of z.refs.values()) {
+      const off = t.l1TableOffset(at.l1Index);
+      if (!off) continue;
+      const table = t.l2(at.l1Index) ?? (await this.loadL2(at.l1Index, off)); // it may have been evicted
+      if (entryOffset(readL2Word(table, at.index, g)) === z.cluster * cs) live.push(at);
+    }
     if (rc >= 2 || rc === 0) {
       if (rc === 0) this.zero = undefined;
       return;
@@ -1330,6 +1338,39 @@ export class Qcow2Writer {
     this.dataWritten = false;
     if (this.freedMin < this.cursor) this.cursor = this.freedMin;
     this.freedMin = Infinity;
+    this.evictClean();
+  }
+
+  /**
+   * Bound the memory the state holds: after a write-back every table is
+   * clean (durable equals current), so tables beyond the budget can be
+   * dropped from both states and reloaded from disk when next needed.
+   * Lazy refcounts keep their refcount blocks: they are not on disk yet.
+   */
+  private evictClean(): void {
+    const cs = this.geometry.clusterSize;
+    const budget = Math.max(4, Math.floor(this.cacheBytes / cs));
+    for (const role of ['l2', 'refblock'] as const) {
+      if (role === 'refblock' && this.dirtyOnDisk) continue;
+      const trie = role === 'l2' ? this.cur.l2 : this.cur.refblocks;
+      const slots: number[] = [];
+      for (const [slot, t] of trie.entries()) if ((role === 'l2' ? this.durable.l2 : this.durable.refblocks).get(slot) === t) slots.push(slot);
+      if (slots.length <= budget) continue;
+      const ed = trie.edit();
+      const ded = (role === 'l2' ? this.durable.l2 : this.durable.refblocks).edit();
+      // no recency is tracked: the lowest slots go first, down to half the budget
+      for (const slot of slots.slice(0, slots.length - Math.floor(budget / 2))) {
+        ed.set(slot, undefined);
+        ded.set(slot, undefined);
+      }
+      if (role === 'l2') {
+        this.cur = { ...this.cur, l2: ed.finish() };
+        this.durable = { ...this.durable, l2: ded.finish() };
+      } else {
+        this.cur = { ...this.cur, refblocks: ed.finish() };
+        this.durable = { ...this.durable, refblocks: ded.finish() };
+      }
+    }
   }
 
   private async barrier(): Promise<void> {
