@@ -142,12 +142,16 @@ async function cmdConvert(argv: string[], io: Output): Promise<number> {
   const s = last(p.opts, 's');
   const snapshot = typeof l === 'string' ? snapshotParam(l) : typeof s === 'string' ? s : undefined;
   const progress = last(p.opts, 'p') === true && last(p.opts, 'q') !== true;
+  // -t: the output's cache mode; qemu-img's default for convert is 'unsafe' (no flush)
+  const cache = last(p.opts, 't') ?? 'unsafe';
+  if (!['unsafe', 'writeback', 'writethrough', 'none', 'directsync'].includes(String(cache))) throw new UsageError(`Invalid cache option: ${String(cache)}`);
   const img = await Image.open(p.positional[0]!, { format: formatArg(last(p.opts, 'f')), snapshot });
   try {
     await convertToRaw(
       img,
       p.positional[1]!,
       progress ? (done, total) => io.out(`    (${total ? ((100 * done) / total).toFixed(2) : '100.00'}/100%)\r`) : undefined,
+      cache !== 'unsafe',
     );
     if (progress) io.out('\n');
     return 0;

@@ -12,12 +12,20 @@ export interface ProgressFn {
   (done: number, total: number): void;
 }
 
-/** Write the guest content of `img` to a raw file at `outPath`, sparse where zero. */
-export async function convertToRaw(img: Image, outPath: string, progress?: ProgressFn): Promise<void> {
+/**
+ * Write the guest content of `img` to a raw file at `outPath`, sparse where
+ * zero. `flush`: make the output durable before returning; qemu-img
+ * convert's default output cache mode ('unsafe') does not, so neither does
+ * the CLI unless `-t` asks for another mode.
+ */
+export async function convertToRaw(img: Image, outPath: string, progress?: ProgressFn, flush = false): Promise<void> {
   const out = await FileDevice.open(outPath, { readOnly: false, create: true });
   try {
     const size = img.size;
-    const buf = new Uint8Array(CHUNK);
+    // two buffers: the next chunk is read while the last one is written
+    const bufs = [new Uint8Array(CHUNK), new Uint8Array(CHUNK)];
+    let k = 0;
+    let writing: Promise<void> | undefined;
     let pos = 0;
     progress?.(0, size);
     while (pos < size) {
@@ -28,16 +36,19 @@ export async function convertToRaw(img: Image, outPath: string, progress?: Progr
         const end = pos + st.length;
         while (pos < end) {
           const n = Math.min(CHUNK, end - pos);
-          const b = buf.subarray(0, n);
+          const b = bufs[k]!.subarray(0, n);
           await img.readInto(b, pos);
-          await writeSparse(out, pos, b);
+          if (writing) await writing;
+          writing = writeSparse(out, pos, b);
+          k ^= 1;
           pos += n;
         }
       }
       progress?.(pos, size);
     }
+    if (writing) await writing;
     await out.truncate(size);
-    await out.flush();
+    if (flush) await out.flush();
   } finally {
     await out.close();
   }
