@@ -27,9 +27,31 @@ interface Kind {
   readonly name: string;
   readonly create: CreateOptions;
   readonly backing?: Uint8Array;
+  readonly backingFormat?: 'raw' | 'qcow2';
   /** a QEMU-made starting image, built once */
   readonly image?: () => Uint8Array;
+  /** a QEMU-made backing file, built once */
+  readonly backingBytes?: () => Uint8Array;
 }
+
+/** A qcow2 backing file QEMU wrote (compressed and zero clusters included), built once. */
+const qcow2Backing = (() => {
+  let bytes: Uint8Array | undefined;
+  return () => {
+    if (!bytes) {
+      const t = tempDir('qledger-crash-base-');
+      try {
+        const f = `${t.dir}/base.qcow2`;
+        qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', f, String(SIZE)]);
+        qemuIo(f, ['write -P 0x21 0 512k', 'write -c -P 0x22 512k 64k', 'write -z 64k 64k', 'write -P 0x23 768k 128k']);
+        bytes = new Uint8Array(readFileSync(f));
+      } finally {
+        t.cleanup();
+      }
+    }
+    return bytes;
+  };
+})();
 
 /** QEMU writes an image, snapshots it twice, writes between: clusters and L2 tables shared with snapshots. */
 const snapshotImage = (() => {
@@ -68,7 +90,13 @@ const KINDS: Kind[] = [
   { name: 'lazy refcounts, 2 KiB clusters', create: { size: SIZE, clusterSize: 2048, lazyRefcounts: true } },
   { name: 'over a raw backing file, 4 KiB clusters', create: { size: SIZE, clusterSize: 4096 }, backing: backingData },
   { name: 'v2 over a raw backing file, 8 KiB clusters', create: { size: SIZE, clusterSize: 8192, compat: '0.10' }, backing: backingData },
-  ...(qemuAvailable ? [{ name: 'internal snapshots sharing clusters and L2 tables (QEMU-made)', create: { size: SIZE, clusterSize: 4096 }, image: snapshotImage }] : []),
+  ...(qemuAvailable
+    ? [
+        { name: 'internal snapshots sharing clusters and L2 tables (QEMU-made)', create: { size: SIZE, clusterSize: 4096 }, image: snapshotImage },
+        { name: 'over a qcow2 backing file (QEMU-made, compressed and zero clusters)', create: { size: SIZE, clusterSize: 8192 }, backingBytes: qcow2Backing, backingFormat: 'qcow2' as const },
+        { name: 'v2 over a qcow2 backing file (QEMU-made)', create: { size: SIZE, clusterSize: 4096, compat: '0.10' }, backingBytes: qcow2Backing, backingFormat: 'qcow2' as const },
+      ]
+    : []),
 ];
 
 /**
@@ -96,7 +124,7 @@ function workload(size: number, cs: number): fc.Arbitrary<GuestOp[]> {
 }
 
 async function judge(ops: GuestOp[], kind: Kind, extra: Partial<CrashTestOptions> = {}) {
-  const o: CrashTestOptions = { create: kind.create, backing: kind.backing, image: kind.image?.(), maxStates: STATES, seed: 7, qemuSamples: qemuAvailable ? 2 : 0, ...extra };
+  const o: CrashTestOptions = { create: kind.create, backing: kind.backing ?? kind.backingBytes?.(), backingFormat: kind.backingFormat, image: kind.image?.(), maxStates: STATES, seed: 7, qemuSamples: qemuAvailable ? 2 : 0, ...extra };
   const r = await crashTest(ops, o);
   return { r, repro: reproduction(ops, o) };
 }

@@ -45,8 +45,10 @@ export type GuestOp =
 export interface CrashTestOptions {
   /** the image: qemu-img create options (size included) */
   readonly create: CreateOptions;
-  /** raw backing data (the image is created over it, named backing.raw) */
+  /** backing file bytes (the image is created over it, named backing.raw or backing.qcow2) */
   readonly backing?: Uint8Array | undefined;
+  /** the backing file's format (default raw) */
+  readonly backingFormat?: 'raw' | 'qcow2' | undefined;
   /** start from these image bytes (a QEMU-made image, say) instead of creating one */
   readonly image?: Uint8Array | undefined;
   readonly maxStates: number;
@@ -133,13 +135,14 @@ export function parseWorkload(text: string): GuestOp[] {
   return out;
 }
 
-/** Open an in-memory qcow2 image read-only (with an in-memory raw backing file). */
-async function layerOn(dev: MemoryDevice, backing: Uint8Array | undefined): Promise<Qcow2Layer> {
+/** An in-memory image as a read-only layer (raw, or qcow2 over an optional backing layer). */
+async function memLayer(name: string, bytes: Uint8Array, format: 'raw' | 'qcow2', backing?: Layer): Promise<Layer> {
+  const dev = new MemoryDevice(name, bytes, { readOnly: true });
+  if (format === 'raw') return new RawLayer(name, dev, bytes.length);
   const { parsed, fileSize, snapshots } = await loadQcow2(dev);
   const h = parsed.header;
   const l1 = await readAt(dev, h.l1TableOffset, h.l1Size * 8);
-  const b: Layer | undefined = backing ? new RawLayer('backing.raw', new MemoryDevice('backing.raw', backing, { readOnly: true }), backing.length) : undefined;
-  return new Qcow2Layer({ filename: 'crash.qcow2', dev, parsed, fileSize, snapshots, l1, l1Size: h.l1Size, size: h.size, backing: b });
+  return new Qcow2Layer({ filename: name, dev, parsed, fileSize, snapshots, l1, l1Size: h.l1Size, size: h.size, backing });
 }
 
 interface Step {
@@ -157,18 +160,27 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
   const t0 = process.hrtime.bigint();
   const name = 'crash.qcow2';
   const base = new MemoryDevice(name);
+  const bfmt = o.backingFormat ?? 'raw';
+  const bname = `backing.${bfmt}`;
+  const backingLayer = async () => (o.backing ? memLayer(bname, o.backing, bfmt) : undefined);
   if (o.image) await base.write(0, o.image);
   else {
-    const create = o.backing ? { ...o.create, backingFile: 'backing.raw', backingFormat: 'raw' as const } : o.create;
-    await createOnDevice(base, name, create, o.backing);
+    const create = o.backing ? { ...o.create, backingFile: bname, backingFormat: bfmt } : o.create;
+    await createOnDevice(base, name, create, await backingLayer());
   }
   const initial = base.snapshot();
-  const backingLayer = () => (o.backing ? new RawLayer('backing.raw', new MemoryDevice('backing.raw', o.backing, { readOnly: true }), o.backing.length) : undefined);
+  // what the backing file reads as (a discard on v2 shows it again)
+  let backingGuest: Uint8Array | undefined;
+  if (o.backing) {
+    const l = (await backingLayer())!;
+    backingGuest = new Uint8Array(l.size);
+    await readGuest(l, guest(0), backingGuest);
+  }
 
   // ---- run the workload, keeping the guest model ----
   const rec = new RecordingDevice(name, initial);
   // a tiny table cache: tables are evicted and reloaded at every write-back
-  const w = await openWriterOnDevice(rec, name, { fault: o.fault, backing: backingLayer(), cacheBytes: 0 });
+  const w = await openWriterOnDevice(rec, name, { fault: o.fault, backing: await backingLayer(), cacheBytes: 0 });
   const cs = w.geometry.clusterSize;
   const v2 = (u64big(initial, 4) >> 32n) === 2n;
   let model = new Uint8Array(w.size);
@@ -197,9 +209,9 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
         hi = end === model.length ? end : end - (end % cs);
         for (let c = lo; c < hi; c += cs) {
           const to = Math.min(hi, c + cs);
-          if (v2 && o.backing) {
+          if (v2 && backingGuest) {
             model.fill(0, c, to);
-            model.set(o.backing.subarray(c, Math.min(to, o.backing.length)), c);
+            model.set(backingGuest.subarray(c, Math.min(to, backingGuest.length)), c);
           } else model.fill(0, c, to);
         }
         hi = Math.max(lo, hi);
@@ -254,7 +266,7 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
       }
       // (b) and (c)
       try {
-        const layer = await layerOn(new MemoryDevice(name, st.image, { readOnly: true }), o.backing);
+        const layer = await memLayer(name, st.image, 'qcow2', await backingLayer());
         const got = new Uint8Array(layer.size);
         await readGuest(layer, guest(0), got);
         const problem = judgeData(got, st.image.length ? st : st, steps, initialModel);
@@ -265,7 +277,7 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
       // (d)
       try {
         const dev = new MemoryDevice(name, st.image);
-        const rw = await openWriterOnDevice(dev, name, { backing: backingLayer() });
+        const rw = await openWriterOnDevice(dev, name, { backing: await backingLayer() });
         await rw.close();
         const r = await checkDevice(new MemoryDevice(name, dev.snapshot(), { readOnly: true }), name);
         if (r.corruptions || r.checkErrors) fail(`after a read-write open: ${r.corruptions} corruptions: ${r.findings.filter((f) => f.counts !== 'leak').map((f) => f.message).slice(0, 3).join('; ')}`, 'corruption');
@@ -277,7 +289,7 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
         qemuLeft--;
         const f = join(tmp, 'state.qcow2');
         writeFileSync(f, st.image);
-        if (o.backing) writeFileSync(join(tmp, 'backing.raw'), o.backing);
+        if (o.backing) writeFileSync(join(tmp, bname), o.backing);
         const q = spawnSync('qemu-img', ['check', f], { encoding: 'utf8' });
         if (q.status !== 0 && q.status !== 3) fail(`qemu-img check exit ${q.status}: ${(q.stdout + q.stderr).trim().split('\n').slice(0, 3).join('; ')}`, 'corruption');
       }

@@ -48,12 +48,12 @@ export async function openWriterOnDevice(dev: BlockDevice, name: string, opts: W
  * Create a qcow2 image on an empty device. A backing file, if named, must
  * be given as raw bytes (`backing`); data files are not supported here.
  */
-export async function createOnDevice(dev: BlockDevice, name: string, o: CreateOptions, backing?: Uint8Array): Promise<void> {
+export async function createOnDevice(dev: BlockDevice, name: string, o: CreateOptions, backing?: Uint8Array | Layer): Promise<void> {
   if (o.dataFile !== undefined) throw new UnsupportedError('in-memory images take no data file');
   if ((o.backingFile !== undefined) !== (backing !== undefined)) throw new UnsupportedError('an in-memory image names a backing file exactly when its bytes are given');
-  const plan = await planCreate(name, { ...o, size: o.size ?? backing?.length });
+  const layer = backing instanceof Uint8Array ? new RawLayer(o.backingFile!, new MemoryDevice(o.backingFile!, backing, { readOnly: true }), backing.length) : backing;
+  const plan = await planCreate(name, { ...o, size: o.size ?? layer?.size });
   await writeSkeletonTo(dev, plan, o.backingFile);
-  const layer = backing ? new RawLayer(o.backingFile!, new MemoryDevice(o.backingFile!, backing, { readOnly: true }), backing.length) : undefined;
   const w = await openWriterOnDevice(dev, name, { backing: layer });
   if (plan.size > 0) await w.truncate(plan.size, true);
   if (plan.preallocation !== 'off') await w.preallocate(plan.preallocation);
