@@ -34,52 +34,40 @@ interface Kind {
   readonly backingBytes?: () => Uint8Array;
 }
 
-/** A qcow2 backing file QEMU wrote (compressed and zero clusters included), built once. */
-const qcow2Backing = (() => {
+/** Bytes of an image QEMU makes in a scratch directory, built on first use. */
+function qemuMade(build: (dir: string) => string): () => Uint8Array {
   let bytes: Uint8Array | undefined;
   return () => {
     if (!bytes) {
-      const t = tempDir('qledger-crash-base-');
+      const t = tempDir('qledger-crash-qemu-');
       try {
-        const f = `${t.dir}/base.qcow2`;
-        qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', f, String(SIZE)]);
-        qemuIo(f, ['write -P 0x21 0 512k', 'write -c -P 0x22 512k 64k', 'write -z 64k 64k', 'write -P 0x23 768k 128k']);
-        bytes = new Uint8Array(readFileSync(f));
+        bytes = new Uint8Array(readFileSync(build(t.dir)));
       } finally {
         t.cleanup();
       }
     }
     return bytes;
   };
-})();
+}
+
+/** A qcow2 backing file QEMU wrote, compressed and zero clusters included. */
+const qcow2Backing = qemuMade((dir) => {
+  const f = `${dir}/base.qcow2`;
+  qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', f, String(SIZE)]);
+  qemuIo(f, ['write -P 0x21 0 512k', 'write -c -P 0x22 512k 64k', 'write -z 64k 64k', 'write -P 0x23 768k 128k']);
+  return f;
+});
 
 /** QEMU writes an image, snapshots it twice, writes between: clusters and L2 tables shared with snapshots. */
-const snapshotImage = (() => {
-  let bytes: Uint8Array | undefined;
-  return () => {
-    if (!bytes) {
-      const t = tempDir('qledger-crash-snap-');
-      try {
-        const f = `${t.dir}/snap.qcow2`;
-        qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', f, String(SIZE)]);
-        qemuIo(f, ['write -P 1 0 256k', 'write -P 2 512k 64k']);
-        qemuImg(['snapshot', '-c', 'one', f]);
-        qemuIo(f, ['write -P 3 8k 8k']);
-        qemuImg(['snapshot', '-c', 'two', f]);
-        bytes = new Uint8Array(readFileSync(f));
-      } finally {
-        t.cleanup();
-      }
-    }
-    return bytes;
-  };
-})();
-
-const backingData = (() => {
-  const b = new Uint8Array(SIZE);
-  for (let i = 0; i < SIZE; i += 512) b.fill((i >> 9) % 251 + 1, i, i + 512);
-  return b;
-})();
+const snapshotImage = qemuMade((dir) => {
+  const f = `${dir}/snap.qcow2`;
+  qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', f, String(SIZE)]);
+  qemuIo(f, ['write -P 1 0 256k', 'write -P 2 512k 64k']);
+  qemuImg(['snapshot', '-c', 'one', f]);
+  qemuIo(f, ['write -P 3 8k 8k']);
+  qemuImg(['snapshot', '-c', 'two', f]);
+  return f;
+});
 
 const KINDS: Kind[] = [
   { name: '4 KiB clusters', create: { size: SIZE, clusterSize: 4096 } },
