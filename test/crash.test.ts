@@ -69,6 +69,12 @@ const snapshotImage = qemuMade((dir) => {
   return f;
 });
 
+const backingData = (() => {
+  const b = new Uint8Array(SIZE);
+  for (let i = 0; i < SIZE; i += 512) b.fill((i >> 9) % 251 + 1, i, i + 512);
+  return b;
+})();
+
 const KINDS: Kind[] = [
   { name: '4 KiB clusters', create: { size: SIZE, clusterSize: 4096 } },
   { name: '512 B clusters, 64-bit refcounts', create: { size: SIZE, clusterSize: 512, refcountBits: 64 } },
