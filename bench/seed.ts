@@ -133,7 +133,8 @@ try {
       const m = JSON.parse(execFileSync('qemu-img', ['map', '--output=json', f], { encoding: 'utf8' })) as Array<{ data: boolean; length: number }>;
       return m.filter((e) => e.data).reduce((n, e) => n + e.length, 0);
     };
-    console.log(`mixed workload (20 rounds of 100 writes of 1-4 clusters and 40 unmapping zero writes, 64 MiB disk): guest data ${mib(used(a))}; qemu-io image end ${mib(alloc(a))}, file ${mib(statSync(a).size)}; qledger image end ${mib(alloc(b))}, file ${mib(statSync(b).size)}`);
+    const du = (f: string) => Number(execFileSync('du', ['-B1', f], { encoding: 'utf8' }).split('\t')[0]);
+    console.log(`mixed workload (20 rounds of 100 writes of 1-4 clusters and 40 unmapping zero writes, 64 MiB disk): guest data ${mib(used(a))}; qemu-io image end ${mib(alloc(a))}, file ${mib(statSync(a).size)}, disk use ${mib(du(a))}; qledger image end ${mib(alloc(b))}, file ${mib(statSync(b).size)}, disk use ${mib(du(b))}`);
   }
 } finally {
   rmSync(dir, { recursive: true, force: true });

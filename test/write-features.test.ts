@@ -225,3 +225,24 @@ describe.skipIf(!qemuAvailable)('v2 over a backing file: the shared zero cluster
     expect(qemuIo(f, ['read -P 1 0 4k', 'read -P 0 4k 4k', 'read -P 2 1M 4k', 'read -P 9 8k 4k'])).not.toContain('Pattern verification failed');
   });
 });
+
+describe('freed clusters go back to the file system', () => {
+  it('after the write-back that frees them, their space is punched out of the file (native helper)', async (ctx) => {
+    const { native } = await import('../src/io/native.ts');
+    if (!native) {
+      console.warn('native helper not built: hole punching is not tested');
+      ctx.skip();
+    }
+    const f = join(dir, 'punch.qcow2');
+    await Image.create(f, { size: 8 << 20 });
+    const img = await Image.open(f, { write: true });
+    await img.write(0, new Uint8Array(4 << 20).fill(7));
+    await img.flush();
+    const du = () => Number(spawnSync('du', ['-B1', f], { encoding: 'utf8' }).stdout.split('\t')[0]);
+    const before = du();
+    await img.discard(0, 4 << 20);
+    await img.close();
+    expect(before - du()).toBeGreaterThanOrEqual(4 << 20);
+    if (qemuAvailable) expect(check(f).status).toBe(0);
+  });
+});

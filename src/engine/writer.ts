@@ -157,6 +157,8 @@ export class Qcow2Writer {
    */
   private zero: { cluster: number; refs: Map<string, { l1Index: number; index: number }> } | undefined;
   private zeroSearched = false;
+  /** clusters freed since the last write-back: their space goes back to the file system after it */
+  private readonly freedInEpoch = new Set<number>();
   /** fault 'data-after-mapping': guest data held back until the references are written */
   private readonly holding: HoldingDevice | undefined;
 
@@ -405,6 +407,7 @@ export class Qcow2Writer {
     this.pending.push(r);
     this.traceEvent({ type: 'record', record: r });
     if (r.kind === 'refcount' && r.new === 0 && r.old > 0) {
+      this.freedInEpoch.add(r.cluster);
       this.metadata.delete(r.cluster);
       if (r.cluster < this.freedMin) this.freedMin = r.cluster;
       if (this.fault === 'reuse-before-durable' && r.cluster < this.cursor) this.cursor = r.cluster;
@@ -1338,7 +1341,28 @@ export class Qcow2Writer {
     this.dataWritten = false;
     if (this.freedMin < this.cursor) this.cursor = this.freedMin;
     this.freedMin = Infinity;
+    await this.punchFreed();
     this.evictClean();
+  }
+
+  /**
+   * Give the space of clusters freed in the epoch just made durable back to
+   * the file system (QEMU's discard=unmap): nothing references them any
+   * more, on disk or in memory, and a later reuse rewrites them anyway.
+   * Runs of adjacent clusters become one hole punch.
+   */
+  private async punchFreed(): Promise<void> {
+    if (this.freedInEpoch.size === 0) return;
+    const cs = this.geometry.clusterSize;
+    const free = [...this.freedInEpoch].filter((c) => refcountOf(this.cur, c) === 0).sort((a, b) => a - b);
+    this.freedInEpoch.clear();
+    for (let i = 0; i < free.length; ) {
+      let j = i + 1;
+      while (j < free.length && free[j] === free[j - 1]! + 1) j++;
+      await this.dev.discard(free[i]! * cs, (j - i) * cs);
+      this.traceEvent({ type: 'write', offset: free[i]! * cs, length: (j - i) * cs, what: 'hole (freed clusters)' });
+      i = j;
+    }
   }
 
   /**

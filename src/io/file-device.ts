@@ -119,8 +119,10 @@ export class FileDevice implements BlockDevice {
     }
   }
 
-  async discard(_offset: number, _length: number): Promise<void> {
-    // No hole punching from Node's standard library; a discard is only a hint.
+  /** Punch a hole (fallocate PUNCH_HOLE through the native helper); a no-op without it, as discard is only a hint. */
+  async discard(offset: number, length: number): Promise<void> {
+    this.assertWritable();
+    if (native && length > 0) this.tryFallocate(1, offset, length);
   }
 
   async close(): Promise<void> {
