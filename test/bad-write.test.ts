@@ -44,7 +44,7 @@ describe('bad input on the write path', () => {
     await untouched(f, async () => {
       const r = await cli('io', '-c', 'write 1020k 8k', f);
       expect(r.code).toBe(1);
-      expect(r.err).toBe('write failed: Input/output error\n');
+      expect(r.out).toBe('write failed: Input/output error\n'); // qemu-io prints it on stdout
     })();
   });
 

@@ -144,6 +144,7 @@ class OpCommand implements fc.AsyncCommand<Workload, object> {
 }
 class WriteCommand extends OpCommand {}
 class ZeroCommand extends OpCommand {}
+class CompressCommand extends OpCommand {}
 class DiscardCommand extends OpCommand {}
 class FlushCommand extends OpCommand {}
 class GrowCommand extends OpCommand {
@@ -158,6 +159,9 @@ function commands(size: number, cs: number) {
     [
       fc.tuple(range, fc.integer({ min: 0, max: 255 })).map(([[offset, length], pattern]) => new WriteCommand({ op: 'write', offset, length, pattern })),
       fc.tuple(range, fc.boolean()).map(([[offset, length], unmap]) => new ZeroCommand({ op: 'zero', offset, length, unmap })),
+      fc.tuple(fc.integer({ min: 0, max: size / cs - 2 }), fc.integer({ min: 1, max: 2 }), fc.integer({ min: 0, max: 255 })).map(
+        ([c, n, pattern]) => new CompressCommand({ op: 'compress', offset: c * cs, length: n * cs, pattern }),
+      ),
       range.map(([offset, length]) => new DiscardCommand({ op: 'discard', offset, length })),
       fc.constant(new FlushCommand({ op: 'flush' })),
       fc.constant(new GrowCommand({ op: 'truncate', size: size * 4 })),
@@ -263,6 +267,7 @@ async function traceViolation(ops: GuestOp[], cs: number, fault?: Fault): Promis
     else if (o.op === 'zero') await w.writeZeroes(o.offset, o.length, { unmap: o.unmap });
     else if (o.op === 'discard') await w.discard(o.offset, o.length);
     else if (o.op === 'flush') await w.flush();
+    else if (o.op === 'compress') await w.writeCompressed(o.offset, new Uint8Array(o.length).fill(o.pattern)).catch(() => undefined);
     else await w.truncate(o.size);
   }
   await w.close();

@@ -18,6 +18,7 @@ const SCRIPTS: Record<string, string[]> = {
   'overwrite, zero, rewrite': ['write -P 7 0 2M', 'write -z -u 0 2M', 'write -P 8 100k 1k', 'write -z 4096 4096', 'write -P 9 1M 4096'],
   'grow with truncate, then write the new space': ['write -P 10 0 64k', 'truncate 8M', 'write -P 11 7M 1M', 'write -P 12 4M 12k', 'read -P 11 7M 1M'],
   'shrink with truncate': ['write -P 13 0 4M', 'truncate 1M', 'truncate 2M', 'read -P 0 1M 1M'],
+  'compressed writes, and the ones QEMU refuses': ['write -c -P 21 0 128k', 'write -c -P 22 0 64k', 'write -c -P 23 1000 64k', 'write -c -P 24 256k 6k', 'write -z 1M 64k', 'write -c -P 25 1M 64k', 'write -P 26 4k 100', 'write -c -P 0 2M 64k', 'read -P 21 64k 64k'],
 };
 
 interface ImageKind {

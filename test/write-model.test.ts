@@ -154,6 +154,21 @@ class WriteCmd implements fc.AsyncCommand<Model, Real> {
   toString = () => `write -P ${this.pat} ${this.off} ${this.len}`;
 }
 
+/** qemu-io write -c of one cluster: refused (guest unchanged) when the cluster already holds data. */
+class CompressCmd implements fc.AsyncCommand<Model, Real> {
+  constructor(readonly off: number, readonly len: number, readonly pat: number) {}
+  check = () => true;
+  async run(m: Model, r: Real) {
+    try {
+      await r.img.writeCompressed(this.off, new Uint8Array(this.len).fill(this.pat));
+      m.data.fill(this.pat, this.off, this.off + this.len);
+    } catch (e) {
+      expect((e as { code?: string }).code).toBe('E_IO');
+    }
+  }
+  toString = () => `write -c -P ${this.pat} ${this.off} ${this.len}`;
+}
+
 class ZeroCmd implements fc.AsyncCommand<Model, Real> {
   constructor(readonly off: number, readonly len: number, readonly unmap: boolean) {}
   check = () => true;
@@ -224,6 +239,9 @@ function commands(kind: Kind) {
     [
       fc.tuple(r, fc.integer({ min: 0, max: 255 })).map(([[o, l], p]) => new WriteCmd(o, l, p)),
       fc.tuple(r, fc.boolean()).map(([[o, l], u]) => new ZeroCmd(o, l, u)),
+      fc.tuple(fc.integer({ min: 0, max: SIZE / kind.clusterSize - 1 }), fc.integer({ min: 0, max: 255 })).map(
+        ([c, p]) => new CompressCmd(c * kind.clusterSize, kind.clusterSize, p),
+      ),
       r.map(([o, l]) => new DiscardCmd(o, l)),
       fc.constant(new FlushCmd()),
       fc.constant(new ReopenCmd()),

@@ -74,24 +74,39 @@ function pattern(text: string | true | undefined, dflt: number): number {
 async function ioWrite(img: Image, args: string[], io: Output): Promise<boolean> {
   const p = getopt(args, { withArg: 'Ps', flags: 'bcfCquzn', long: {} }, 'write');
   const has = (k: string) => p.opts.some(([x]) => x === k);
-  if (has('c')) throw new UsageError('write -c (compressed write) is not supported yet');
   if (has('u') && !has('z')) {
-    io.err('-u requires -z to be specified\n');
+    io.out('-u requires -z to be specified\n');
     return false;
   }
   if (has('z') && has('P')) {
-    io.err('-z and -P cannot be specified at the same time\n');
+    io.out('-z and -P cannot be specified at the same time\n');
     return false;
   }
   if (p.positional.length !== 2) throw new UsageError('write: expecting offset and length');
   const offset = num(p.positional[0], 'offset');
   const len = num(p.positional[1], 'length');
   if (offset + len > img.size) {
-    io.err(`write failed: Input/output error\n`);
+    io.out(`write failed: Input/output error\n`);
+    return false;
+  }
+  if (has('c') && has('z')) {
+    io.out('-c and -z cannot be specified at the same time\n');
+    return false;
+  }
+  if (has('c') && offset % 512 !== 0) {
+    io.out(`${p.positional[0]} is not a sector-aligned value for 'offset'\n`);
     return false;
   }
   const t0 = process.hrtime.bigint();
-  if (has('z')) await img.writeZeroes(offset, len, { unmap: has('u') });
+  if (has('c')) {
+    try {
+      await img.writeCompressed(offset, new Uint8Array(len).fill(pattern(p.opts.find(([k]) => k === 'P')?.[1], 0xcd)));
+    } catch (e) {
+      if (!(e instanceof QledgerError) || (e.code !== 'E_RANGE' && e.code !== 'E_IO')) throw e;
+      io.out(`write failed: ${e.code === 'E_RANGE' ? 'Invalid argument' : 'Input/output error'}\n`);
+      return false;
+    }
+  } else if (has('z')) await img.writeZeroes(offset, len, { unmap: has('u') });
   else await img.write(offset, new Uint8Array(len).fill(pattern(p.opts.find(([k]) => k === 'P')?.[1], 0xcd)));
   const secs = Number(process.hrtime.bigint() - t0) / 1e9;
   if (!has('q')) report(io, 'wrote', len, offset, secs);
@@ -104,7 +119,7 @@ async function ioDiscard(img: Image, args: string[], io: Output): Promise<boolea
   const offset = num(p.positional[0], 'offset');
   const len = num(p.positional[1], 'length');
   if (offset + len > img.size) {
-    io.err(`discard failed: Input/output error\n`);
+    io.out(`discard failed: Input/output error\n`);
     return false;
   }
   const t0 = process.hrtime.bigint();
@@ -132,7 +147,7 @@ async function ioRead(img: Image, args: string[], io: Output): Promise<boolean> 
   const offset = num(p.positional[0], 'offset');
   const len = num(p.positional[1], 'length');
   if (offset + len > img.size) {
-    io.err(`read failed: Input/output error\n`);
+    io.out(`read failed: Input/output error\n`);
     return false;
   }
   const t0 = process.hrtime.bigint();

@@ -37,6 +37,8 @@ import type { Fault } from './ordering.ts';
 
 export type GuestOp =
   | { readonly op: 'write'; readonly offset: number; readonly length: number; readonly pattern: number }
+  /** qemu-io write -c: whole clusters that hold no data yet (refused otherwise, as by QEMU) */
+  | { readonly op: 'compress'; readonly offset: number; readonly length: number; readonly pattern: number }
   | { readonly op: 'zero'; readonly offset: number; readonly length: number; readonly unmap: boolean }
   | { readonly op: 'discard'; readonly offset: number; readonly length: number }
   | { readonly op: 'flush' }
@@ -91,6 +93,8 @@ export function workloadCommands(ops: readonly GuestOp[]): string[] {
     switch (o.op) {
       case 'write':
         return `write -P ${o.pattern} ${o.offset} ${o.length}`;
+      case 'compress':
+        return `write -c -P ${o.pattern} ${o.offset} ${o.length}`;
       case 'zero':
         return `write -z${o.unmap ? ' -u' : ''} ${o.offset} ${o.length}`;
       case 'discard':
@@ -129,6 +133,7 @@ export function parseWorkload(text: string): GuestOp[] {
       const pos = args.filter((a, i) => !a.startsWith('-') && !(pi >= 0 && i === pi + 1));
       if (pos.length !== 2 || !Number.isInteger(pattern) || pattern < 0 || pattern > 255) throw bad();
       if (z) out.push({ op: 'zero', offset: num(pos[0]), length: num(pos[1]), unmap: u });
+      else if (args.includes('-c')) out.push({ op: 'compress', offset: num(pos[0]), length: num(pos[1]), pattern });
       else out.push({ op: 'write', offset: num(pos[0]), length: num(pos[1]), pattern });
     } else throw bad();
   }
@@ -197,6 +202,20 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
         model.fill(op.pattern, op.offset, op.offset + op.length);
         [lo, hi] = [op.offset, op.offset + op.length];
         break;
+      case 'compress': {
+        // refused clusters (already holding data) leave the guest unchanged; the
+        // model takes what the image reads afterwards, cluster by cluster
+        try {
+          await w.writeCompressed(op.offset, new Uint8Array(op.length).fill(op.pattern));
+        } catch (e) {
+          if (!(e instanceof QledgerError) || (e.code !== 'E_IO' && e.code !== 'E_RANGE')) throw e;
+        }
+        const after = new Uint8Array(op.length);
+        await w.read(op.offset, after);
+        model.set(after, op.offset);
+        [lo, hi] = [op.offset, op.offset + op.length];
+        break;
+      }
       case 'zero':
         await w.writeZeroes(op.offset, op.length, { unmap: op.unmap });
         model.fill(0, op.offset, op.offset + op.length);

@@ -58,6 +58,11 @@ export class Image {
     return this.w().write(offset, data);
   }
 
+  /** Compressed write (deflate images): whole clusters that hold no data yet, as qemu-io write -c. */
+  writeCompressed(offset: number, data: Uint8Array): Promise<void> {
+    return this.w().writeCompressed(offset, data);
+  }
+
   writeZeroes(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
     return this.w().writeZeroes(offset, length, opts);
   }

@@ -11,6 +11,7 @@
  * read after a write sees it before any flush.
  */
 
+import { deflateRawSync } from 'node:zlib';
 import { CorruptionError, QledgerError, RangeRequestError, UsageError, hex } from '../errors.ts';
 import type { BlockDevice } from '../io/device.ts';
 import { readAt } from '../io/device.ts';
@@ -23,6 +24,7 @@ import {
   INCOMPAT_CORRUPT,
   INCOMPAT_DATA_FILE,
   INCOMPAT_DIRTY,
+  COMPRESSION_DEFLATE,
 } from '../format/features.ts';
 import {
   L2E_COMPRESSED_HI,
@@ -31,6 +33,7 @@ import {
   L2E_OFFSET_MASK_LO,
   L2E_ZERO_LO,
   compressedDescriptor,
+  encodeCompressedDescriptor,
   subclusterType,
   type RawL2Entry,
 } from '../format/l2.ts';
@@ -157,6 +160,9 @@ export class Qcow2Writer {
    */
   private zero: { cluster: number; refs: Map<string, { l1Index: number; index: number }> } | undefined;
   private zeroSearched = false;
+  /** the host cluster compressed writes are packing into, and the bytes used */
+  private compressedTail: { cluster: number; used: number } | undefined;
+  private readonly compressionType: number;
   /** clusters freed since the last write-back: their space goes back to the file system after it */
   private readonly freedInEpoch = new Set<number>();
   /** fault 'data-after-mapping': guest data held back until the references are written */
@@ -170,6 +176,7 @@ export class Qcow2Writer {
     this.writeback = o.writebackRecords ?? 200_000;
     this.cacheBytes = o.cacheBytes ?? 64 * 1024 * 1024;
     this.fault = o.fault;
+    this.compressionType = o.parsed.header.compressionType;
     this.detectZeroes = o.detectZeroes ?? 'unmap';
     this.holding = o.fault === 'data-after-mapping' && !o.dataDev ? new HoldingDevice(o.dev) : undefined;
     const h = o.parsed.header;
@@ -293,6 +300,74 @@ export class Qcow2Writer {
       } else await this.run('write', () => this.writeData(offset, data));
       await this.maybeWriteback();
     });
+  }
+
+  /**
+   * Compressed write (qemu-io write -c): whole clusters only, each into a
+   * cluster that has no data yet; deflate with QEMU's parameters. A cluster
+   * that does not compress below the cluster size is written normally.
+   */
+  writeCompressed(offset: number, data: Uint8Array): Promise<void> {
+    return this.serial(async () => {
+      this.checkRange('compressed write', offset, data.length);
+      const g = this.geometry;
+      const cs = g.clusterSize;
+      const end = offset + data.length;
+      if (offset % cs !== 0 || (end % cs !== 0 && end !== this.size)) {
+        throw new RangeRequestError(`compressed write at ${hex(offset)} of ${data.length} bytes: compressed writes take whole clusters`, { offset, length: data.length });
+      }
+      if (this.hasDataFile) throw new QledgerError('E_UNSUPPORTED', `${this.filename}: compressed writes are not possible with an external data file`);
+      if (this.compressionType !== COMPRESSION_DEFLATE) throw new QledgerError('E_UNSUPPORTED', `${this.filename}: compressed writes need compression_type=zlib (there is no zstd compressor here)`);
+      await this.run('compressed write', async () => {
+        for (let c = offset; c < end; c += cs) await this.writeCompressedCluster(c, data.subarray(c - offset, Math.min(end, c + cs) - offset));
+      });
+      await this.maybeWriteback();
+    });
+  }
+
+  private async writeCompressedCluster(guestOff: number, piece: Uint8Array): Promise<void> {
+    const g = this.geometry;
+    const cs = g.clusterSize;
+    const span = g.l2Entries * cs;
+    const l1Index = Math.floor(guestOff / span);
+    const t = this.t();
+    await this.l2ForWrite(l1Index);
+    const table = t.l1TableOffset(l1Index);
+    const index = (guestOff / cs) % g.l2Entries;
+    const e = readL2Word(t.l2(l1Index)!, index, g);
+    await this.validateEntry(e, table, index, guestOff);
+    if ((e.hi & L2E_COMPRESSED_HI) !== 0 || entryOffset(e) !== 0) {
+      // as QEMU: a compressed write never goes to a cluster that already holds data
+      throw new QledgerError('E_IO', `${this.filename}: compressed write to guest offset ${hex(guestOff)}, which already has a host cluster`, { guestOff });
+    }
+    const full = piece.length === cs ? piece : (() => {
+      const b = new Uint8Array(cs);
+      b.set(piece);
+      return b;
+    })();
+    // QEMU's deflate: raw stream, 4 KiB window (-12), default level, memLevel 9
+    const z = deflateRawSync(full, { windowBits: 12, memLevel: 9 });
+    if (z.length >= cs) {
+      await this.writeData(guestOff, piece);
+      return;
+    }
+    // pack into the cluster the last compressed write used, while it is still in use and has room
+    let at: number;
+    const tail = this.compressedTail;
+    const tailRefs = tail ? await this.refcount(tail.cluster) : 0;
+    // a full refcount (narrow refcount_bits) starts a new cluster, as QEMU's qcow2_alloc_bytes does
+    if (tail && tail.used + z.length <= cs && tailRefs > 0 && tailRefs < maxRefcount(g.refcountOrder)) {
+      at = tail.cluster * cs + tail.used;
+      await this.changeRefcount(tail.cluster, 1);
+      tail.used += z.length;
+    } else {
+      const n = await this.allocate(1);
+      at = n * cs;
+      this.compressedTail = { cluster: n, used: z.length };
+    }
+    await this.deviceWrites([{ offset: at, data: new Uint8Array(z.buffer, z.byteOffset, z.length), what: 'compressed data' }]);
+    const d = encodeCompressedDescriptor(at, z.length, g.clusterBits);
+    this.emit({ kind: 'l2', l1Index, table, index, old: e, new: { hi: d.hi, lo: d.lo, bitmapHi: 0, bitmapLo: 0 } });
   }
 
   writeZeroes(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
