@@ -235,7 +235,7 @@ class Stored {
   }
 }
 
-async function analyze(img: Image): Promise<Analysis> {
+async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Promise<Analysis> {
   const { dev, parsed, g } = img;
   const h = parsed.header;
   const cs = g.clusterSize;
@@ -370,7 +370,7 @@ async function analyze(img: Image): Promise<Analysis> {
   }
   if (h.nbSnapshots) inc(h.snapshotsOffset, img.snapshotTableBytes);
   inc(h.refcountTableOffset, h.refcountTableClusters * cs);
-  if ((h.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n && parsed.bitmaps) {
+  if ((h.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n && parsed.bitmaps && opts.bitmaps !== false) {
     const b = parsed.bitmaps;
     inc(b.directoryOffset, b.directorySize);
     try {
@@ -559,6 +559,20 @@ async function rebuildRefcounts(img: Image, a: Analysis): Promise<void> {
   putU32(hdr, 8, tableClusters);
   await dev.write(48, hdr);
   await dev.flush();
+}
+
+/**
+ * The references to every host cluster, counted as the checker counts them:
+ * the refcount rebuild of a dirty image uses it. `bitmaps: false` leaves
+ * out persistent bitmaps (a read-write open has just invalidated them).
+ * More references than refcount_bits can count is an E_OVERFLOW error.
+ */
+export async function countReferences(dev: BlockDevice, name: string, opts: { bitmaps?: boolean } = {}): Promise<{ get(cluster: number): number; endCluster: number }> {
+  const img = await loadImage(dev, name);
+  const a = await analyze(img, opts);
+  const overflow = a.findings.find((f) => f.message.startsWith('ERROR: overflow'));
+  if (overflow) throw new QledgerError('E_OVERFLOW', `${name}: ${overflow.message}`, { offset: overflow.offset });
+  return { get: (c) => a.counts.get(c), endCluster: a.nbClusters };
 }
 
 async function loadImage(dev: BlockDevice, filename: string): Promise<Image> {

@@ -10,7 +10,7 @@ import { INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, AUTOCLEAR_DATA_FILE_RAW } from '../
 import { loadQcow2 } from './qcow2-layer.ts';
 import { combinePath, openLayer, probeFormat, type ImageFormat } from './open.ts';
 import { Qcow2Writer, type DetectZeroes, type TraceEvent } from './writer.ts';
-import { collectReferences } from './references.ts';
+import { countReferences } from './check.ts';
 import { planCreate, writeSkeleton, writeSkeletonTo, type CreateOptions } from './create.ts';
 import type { Fault } from './ordering.ts';
 import type { Layer } from './layer.ts';
@@ -34,14 +34,23 @@ export interface WritableOpenOptions {
  * layer, if the image has one.
  */
 export async function openWriterOnDevice(dev: BlockDevice, name: string, opts: WritableOpenOptions & { backing?: Layer | undefined } = {}): Promise<Qcow2Writer> {
-  const { parsed, fileSize, snapshots, snapshotTableBytes } = await loadQcow2(dev);
+  const { parsed, fileSize, snapshots } = await loadQcow2(dev);
   const writer = await Qcow2Writer.open({ filename: name, dev, parsed, fileSize, snapshots, backing: opts.backing, trace: opts.trace, writebackRecords: opts.writebackRecords, fault: opts.fault, detectZeroes: opts.detectZeroes, cacheBytes: opts.cacheBytes });
-  if ((parsed.header.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n) {
-    const refs = await collectReferences(dev, parsed, snapshots, snapshotTableBytes);
-    await writer.applyRefcounts(refs.counts, refs.endCluster);
-    await writer.markClean();
-  }
+  await repairIfDirty(writer, dev, name, parsed.header.incompatibleFeatures);
   return writer;
+}
+
+/**
+ * A crash under lazy refcounts leaves the dirty bit: refcounts are rebuilt
+ * from the references, counted as the checker counts them, before anything
+ * else is written, as QEMU does on open. The open has just cleared the
+ * bitmaps' autoclear bit, so their clusters are no longer references.
+ */
+async function repairIfDirty(writer: Qcow2Writer, dev: BlockDevice, name: string, incompatible: bigint): Promise<void> {
+  if ((incompatible & INCOMPAT_DIRTY) === 0n) return;
+  const refs = await countReferences(dev, name, { bitmaps: false });
+  await writer.applyRefcounts(refs.get, refs.endCluster);
+  await writer.markClean();
 }
 
 /**
@@ -67,7 +76,7 @@ export async function openWriter(path: string, opts: WritableOpenOptions = {}): 
   try {
     const format = opts.format ?? (await probeFormat(dev));
     if (format !== 'qcow2') throw new UnsupportedError(`${path}: writing is supported for qcow2 images only (this one is ${format})`, { path });
-    const { parsed, fileSize, snapshots, snapshotTableBytes } = await loadQcow2(dev);
+    const { parsed, fileSize, snapshots } = await loadQcow2(dev);
     const h = parsed.header;
     if ((h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n && parsed.dataFile !== undefined) {
       const dataPath = combinePath(path, parsed.dataFile);
@@ -81,13 +90,7 @@ export async function openWriter(path: string, opts: WritableOpenOptions = {}): 
       backing = await openLayer(combinePath(path, parsed.backingFile), { format: bfmt as ImageFormat | undefined });
     }
     const writer = await Qcow2Writer.open({ filename: path, dev, dataDev, parsed, fileSize, snapshots, backing, trace: opts.trace, writebackRecords: opts.writebackRecords, fault: opts.fault, detectZeroes: opts.detectZeroes, cacheBytes: opts.cacheBytes });
-    if ((h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n) {
-      // A crash under lazy refcounts: refcounts are rebuilt from the
-      // references before anything else is written, as QEMU does on open.
-      const refs = await collectReferences(dev, parsed, snapshots, snapshotTableBytes);
-      await writer.applyRefcounts(refs.counts, refs.endCluster);
-      await writer.markClean();
-    }
+    await repairIfDirty(writer, dev, path, h.incompatibleFeatures);
     return writer;
   } catch (e) {
     await backing?.close();

@@ -1503,10 +1503,10 @@ export class Qcow2Writer {
 
   /**
    * Rebuild refcounts from references (after a crash under lazy refcounts):
-   * `expected` maps cluster -> references. Emits the refcount records that
-   * make the stored counts equal, then flushes.
+   * `expected(cluster)` is its number of references. Emits the refcount
+   * records that make the stored counts equal, then flushes.
    */
-  async applyRefcounts(expected: Map<number, number>, endCluster: number): Promise<{ fixed: number }> {
+  async applyRefcounts(expected: (cluster: number) => number, endCluster: number): Promise<{ fixed: number }> {
     let fixed = 0;
     await this.serial(() =>
       this.run('rebuild refcounts', async () => {
@@ -1515,7 +1515,7 @@ export class Qcow2Writer {
         const top = Math.max(endCluster, this.endCluster);
         for (let c = 0; c < top; c++) {
           const rt = Math.floor(c / E);
-          const want = expected.get(c) ?? 0;
+          const want = expected(c);
           if (t.reftableEntry(rt) === 0) {
             if (want !== 0) throw new CorruptionError(`${this.filename}: cluster ${hex(c * this.geometry.clusterSize)} is referenced but no refcount block covers it; run 'qledger check -r all'`);
             c = (rt + 1) * E - 1;
