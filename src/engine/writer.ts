@@ -45,7 +45,6 @@ import {
   Transaction,
   initialState,
   readL2Word,
-  l1Bytes,
   l1TableOffset as stateL1Offset,
   reftableEntry as stateReftableEntry,
   refcountOf,
@@ -261,7 +260,7 @@ export class Qcow2Writer {
       await w.run('clear autoclear bits', async () => {
         w.emit({ kind: 'header', field: 'autoclear_features', old: h.autoclearFeatures, new: keep });
       });
-      await w.writeHeaderNow();
+      await w.flushNow(); // the cleared bits reach the disk before any write
     }
     return w;
   }
@@ -269,21 +268,16 @@ export class Qcow2Writer {
   // ---- public operations ---------------------------------------------------
 
   get size(): number {
-    return this.view().size;
+    return this.header().size;
   }
 
   get lazyRefcounts(): boolean {
-    return (this.view().compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n;
+    return (this.header().compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n;
   }
 
   /** The committed metadata state (immutable). */
   get state(): MetaState {
     return this.cur;
-  }
-
-  /** Metadata records not yet written back. */
-  get pendingRecords(): readonly MetaRecord[] {
-    return this.pending;
   }
 
   read(offset: number, out: Uint8Array): Promise<void> {
@@ -444,15 +438,11 @@ export class Qcow2Writer {
     return p;
   }
 
-  /** Header fields and table lookups of the live state: through the open transaction, if any. */
-  private view(): HeaderState & { l1TableOffset(i: number): number; reftableEntry(i: number): number } {
-    const t = this.tx;
-    if (t) {
-      return { ...t.header, l1TableOffset: (i: number) => t.l1TableOffset(i), reftableEntry: (i: number) => t.reftableEntry(i) };
-    }
-    const s = this.cur;
-    return { ...s.header, l1TableOffset: (i: number) => stateL1Offset(s, i), reftableEntry: (i: number) => stateReftableEntry(s, i) };
+  /** Header fields of the live state: through the open transaction, if any. */
+  private header(): HeaderState {
+    return this.tx ? this.tx.header : this.cur.header;
   }
+
 
   private t(): Transaction {
     if (!this.tx) throw new Error('no transaction open');
@@ -1354,11 +1344,6 @@ export class Qcow2Writer {
     return b;
   }
 
-  /** Write the current header at once (used before the first write, outside a flush). */
-  private async writeHeaderNow(): Promise<void> {
-    await this.flushNow();
-  }
-
   private async markDirtyOnDisk(): Promise<void> {
     const dirty: HeaderState = { ...this.durable.header, incompatibleFeatures: this.durable.header.incompatibleFeatures | INCOMPAT_DIRTY };
     const b = this.encodeHeader(dirty);
@@ -1542,16 +1527,6 @@ export class Qcow2Writer {
       if (!this.dirtyOnDisk) return;
       await this.cleanDirty();
     });
-  }
-
-  /** The active L1 table bytes (for checks). */
-  l1Bytes(): Uint8Array {
-    return l1Bytes(this.cur);
-  }
-
-  /** Host cluster count the image uses (one past the highest allocated). */
-  get allocatedEnd(): number {
-    return this.endCluster;
   }
 }
 

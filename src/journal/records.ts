@@ -62,15 +62,6 @@ export type MarkerRecord =
 
 export type JournalRecord = MetaRecord | MarkerRecord;
 
-export function isMeta(r: JournalRecord): r is MetaRecord {
-  return r.kind !== 'data' && r.kind !== 'barrier' && r.kind !== 'begin' && r.kind !== 'commit';
-}
-
-/** Is this refcount record an increment (it must persist before any reference)? */
-export function isIncrement(r: MetaRecord): boolean {
-  return r.kind === 'refcount' && r.new > r.old;
-}
-
 const hex = (n: number) => '0x' + n.toString(16);
 const w = (x: Word64) => '0x' + (x.hi >>> 0).toString(16).padStart(8, '0') + (x.lo >>> 0).toString(16).padStart(8, '0');
 

@@ -155,11 +155,6 @@ export function withLoaded(s: MetaState, role: 'l2' | 'refblock', slot: number, 
   return role === 'l2' ? { ...s, l2: s.l2.set(slot, bytes) } : { ...s, refblocks: s.refblocks.set(slot, bytes) };
 }
 
-/** Drop loaded tables the state no longer needs (cache eviction); they reload from disk. */
-export function withoutLoaded(s: MetaState, role: 'l2' | 'refblock', slot: number): MetaState {
-  return role === 'l2' ? { ...s, l2: s.l2.set(slot, undefined) } : { ...s, refblocks: s.refblocks.set(slot, undefined) };
-}
-
 // ---- the reducer -----------------------------------------------------------
 
 export function apply(s: MetaState, r: JournalRecord): MetaState {
