@@ -64,6 +64,28 @@ function num(text: string | undefined, what: string): number {
   return parseSize(text, what);
 }
 
+/**
+ * OFFSET LENGTH of a read/write/discard command; a request past the end of
+ * the disk fails as qemu-io reports it (on stdout) and yields undefined.
+ */
+function range(p: { positional: string[] }, img: Image, verb: string, io: Output): [number, number] | undefined {
+  if (p.positional.length !== 2) throw new UsageError(`${verb}: expecting offset and length`);
+  const offset = num(p.positional[0], 'offset');
+  const len = num(p.positional[1], 'length');
+  if (offset + len > img.size) {
+    io.out(`${verb} failed: Input/output error\n`);
+    return undefined;
+  }
+  return [offset, len];
+}
+
+/** Seconds an operation took, for qemu-io's statistics line. */
+async function timed(fn: () => Promise<unknown>): Promise<number> {
+  const t0 = process.hrtime.bigint();
+  await fn();
+  return Number(process.hrtime.bigint() - t0) / 1e9;
+}
+
 function pattern(text: string | true | undefined, dflt: number): number {
   if (text === undefined) return dflt;
   const v = Number(text);
@@ -82,13 +104,9 @@ async function ioWrite(img: Image, args: string[], io: Output): Promise<boolean>
     io.out('-z and -P cannot be specified at the same time\n');
     return false;
   }
-  if (p.positional.length !== 2) throw new UsageError('write: expecting offset and length');
-  const offset = num(p.positional[0], 'offset');
-  const len = num(p.positional[1], 'length');
-  if (offset + len > img.size) {
-    io.out(`write failed: Input/output error\n`);
-    return false;
-  }
+  const r = range(p, img, 'write', io);
+  if (!r) return false;
+  const [offset, len] = r;
   if (has('c') && has('z')) {
     io.out('-c and -z cannot be specified at the same time\n');
     return false;
@@ -97,34 +115,26 @@ async function ioWrite(img: Image, args: string[], io: Output): Promise<boolean>
     io.out(`${p.positional[0]} is not a sector-aligned value for 'offset'\n`);
     return false;
   }
-  const t0 = process.hrtime.bigint();
-  if (has('c')) {
-    try {
-      await img.writeCompressed(offset, new Uint8Array(len).fill(pattern(p.opts.find(([k]) => k === 'P')?.[1], 0xcd)));
-    } catch (e) {
-      if (!(e instanceof QledgerError) || (e.code !== 'E_RANGE' && e.code !== 'E_IO')) throw e;
-      io.out(`write failed: ${e.code === 'E_RANGE' ? 'Invalid argument' : 'Input/output error'}\n`);
-      return false;
-    }
-  } else if (has('z')) await img.writeZeroes(offset, len, { unmap: has('u') });
-  else await img.write(offset, new Uint8Array(len).fill(pattern(p.opts.find(([k]) => k === 'P')?.[1], 0xcd)));
-  const secs = Number(process.hrtime.bigint() - t0) / 1e9;
+  const data = () => new Uint8Array(len).fill(pattern(p.opts.find(([k]) => k === 'P')?.[1], 0xcd));
+  let secs: number;
+  try {
+    secs = await timed(() => (has('c') ? img.writeCompressed(offset, data()) : has('z') ? img.writeZeroes(offset, len, { unmap: has('u') }) : img.write(offset, data())));
+  } catch (e) {
+    // what qemu-io reports for a compressed write it refuses
+    if (!has('c') || !(e instanceof QledgerError) || (e.code !== 'E_RANGE' && e.code !== 'E_IO')) throw e;
+    io.out(`write failed: ${e.code === 'E_RANGE' ? 'Invalid argument' : 'Input/output error'}\n`);
+    return false;
+  }
   if (!has('q')) report(io, 'wrote', len, offset, secs);
   return true;
 }
 
 async function ioDiscard(img: Image, args: string[], io: Output): Promise<boolean> {
   const p = getopt(args, { withArg: '', flags: 'Cq', long: {} }, 'discard');
-  if (p.positional.length !== 2) throw new UsageError('discard: expecting offset and length');
-  const offset = num(p.positional[0], 'offset');
-  const len = num(p.positional[1], 'length');
-  if (offset + len > img.size) {
-    io.out(`discard failed: Input/output error\n`);
-    return false;
-  }
-  const t0 = process.hrtime.bigint();
-  await img.discard(offset, len);
-  const secs = Number(process.hrtime.bigint() - t0) / 1e9;
+  const r = range(p, img, 'discard', io);
+  if (!r) return false;
+  const [offset, len] = r;
+  const secs = await timed(() => img.discard(offset, len));
   if (!p.opts.some(([k]) => k === 'q')) report(io, 'discard', len, offset, secs);
   return true;
 }
@@ -143,16 +153,13 @@ const WRITE_COMMANDS = new Set(['write', 'w', 'discard', 'd', 'flush', 'f', 'tru
 
 async function ioRead(img: Image, args: string[], io: Output): Promise<boolean> {
   const p = getopt(args, { withArg: 'P', flags: 'vqbCpl', long: {} }, 'read');
-  if (p.positional.length !== 2) throw new UsageError('read: expecting offset and length');
-  const offset = num(p.positional[0], 'offset');
-  const len = num(p.positional[1], 'length');
-  if (offset + len > img.size) {
-    io.out(`read failed: Input/output error\n`);
-    return false;
-  }
-  const t0 = process.hrtime.bigint();
-  const buf = await img.read(offset, len);
-  const secs = Number(process.hrtime.bigint() - t0) / 1e9;
+  const r = range(p, img, 'read', io);
+  if (!r) return false;
+  const [offset, len] = r;
+  let buf: Uint8Array = new Uint8Array(0);
+  const secs = await timed(async () => {
+    buf = await img.read(offset, len);
+  });
   let ok = true;
   const pat = p.opts.find(([k]) => k === 'P')?.[1];
   if (typeof pat === 'string') {
