@@ -167,7 +167,9 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
   const base = new MemoryDevice(name);
   const bfmt = o.backingFormat ?? 'raw';
   const bname = `backing.${bfmt}`;
-  const backingLayer = async () => (o.backing ? memLayer(bname, o.backing, bfmt) : undefined);
+  // opened once: it is read-only, and closing a layer over memory devices releases nothing
+  const backingOnce = o.backing ? memLayer(bname, o.backing, bfmt) : undefined;
+  const backingLayer = async () => backingOnce;
   if (o.image) await base.write(0, o.image);
   else {
     const create = o.backing ? { ...o.create, backingFile: bname, backingFormat: bfmt } : o.create;
