@@ -6,21 +6,15 @@
 import { describe, it, expect, afterAll } from 'vitest';
 import { readFileSync, writeFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
-import { main, type Output } from '../src/cli/main.ts';
 import { decodeHeader, encodeHeader, QCOW2_MAGIC, putU32, putU64 } from '../src/format/index.ts';
 import { FormatError, UnsupportedError } from '../src/errors.ts';
 import { tempDir } from './helpers/qemu.ts';
+import { runCli } from './helpers/cli.ts';
 
 const { dir, cleanup } = tempDir('qledger-bad-');
 afterAll(cleanup);
 
-async function cli(...argv: string[]): Promise<{ code: number; out: string; err: string }> {
-  let out = '';
-  let err = '';
-  const io: Output = { out: (s) => void (out += s), err: (s) => void (err += s) };
-  const code = await main(argv, io);
-  return { code, out, err };
-}
+const cli = runCli;
 
 /** A minimal valid v3 image built by our own encoder: header, L1, refcount table and block. */
 function validImage(): Uint8Array {

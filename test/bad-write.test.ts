@@ -9,20 +9,15 @@
 import { describe, it, expect, afterAll } from 'vitest';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { main } from '../src/cli/main.ts';
 import { Image } from '../src/engine/image.ts';
 import { putU32, putU64, u32, u64 } from '../src/format/bytes.ts';
 import { tempDir } from './helpers/qemu.ts';
+import { runCli } from './helpers/cli.ts';
 
 const { dir, cleanup } = tempDir('qledger-badw-');
 afterAll(cleanup);
 
-async function cli(...argv: string[]): Promise<{ code: number; out: string; err: string }> {
-  let out = '';
-  let err = '';
-  const code = await main(argv, { out: (s) => void (out += s), err: (s) => void (err += s) });
-  return { code, out, err };
-}
+const cli = runCli;
 
 async function fresh(name: string, opts = {}): Promise<string> {
   const f = join(dir, name);

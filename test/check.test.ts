@@ -10,9 +10,9 @@ import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { copyFileSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { spawnSync } from 'node:child_process';
-import { main } from '../src/cli/main.ts';
 import { u32, putU32, putU64 } from '../src/format/bytes.ts';
 import { qemuAvailable, qemuImg, qemuIo, tempDir } from './helpers/qemu.ts';
+import { runCli } from './helpers/cli.ts';
 
 const CS = 4096;
 
@@ -79,12 +79,7 @@ function json(args: string[], file: string): { code: number | null; json: unknow
   return { code: r.status, json: j, stderr: r.stderr };
 }
 
-async function ours(args: string[]): Promise<{ code: number; out: string; err: string }> {
-  let out = '';
-  let err = '';
-  const code = await main(args, { out: (s) => void (out += s), err: (s) => void (err += s) });
-  return { code, out, err };
-}
+const ours = (args: string[]) => runCli(...args);
 
 describe.skipIf(!qemuAvailable)('check agrees with qemu-img check', () => {
   let tmp: { dir: string; cleanup: () => void };

@@ -18,6 +18,7 @@ import { FAULTS, type Fault } from '../src/engine/ordering.ts';
 import type { CreateOptions } from '../src/engine/create.ts';
 import { readFileSync } from 'node:fs';
 import { qemuAvailable, qemuImg, qemuIo, tempDir } from './helpers/qemu.ts';
+import { runCli } from './helpers/cli.ts';
 
 const RUNS = Number(process.env['QLEDGER_CRASH_RUNS'] ?? 4);
 const STATES = Number(process.env['QLEDGER_CRASH_STATES'] ?? 120);
@@ -209,13 +210,7 @@ describe('the harness bites: every fault switch is caught within the default bud
 });
 
 describe('qledger crash-test (CLI)', () => {
-  const cli = async (...argv: string[]) => {
-    const { main } = await import('../src/cli/main.ts');
-    let out = '';
-    let err = '';
-    const code = await main(argv, { out: (s) => void (out += s), err: (s) => void (err += s) });
-    return { code, out, err };
-  };
+  const cli = runCli;
 
   it('--fault list prints one name a line', async () => {
     const r = await cli('crash-test', '--fault', 'list');

@@ -9,8 +9,8 @@ import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { copyFileSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { spawnSync } from 'node:child_process';
-import { main } from '../src/cli/main.ts';
 import { qemuAvailable, qemuImg, qemuIo, tempDir } from './helpers/qemu.ts';
+import { runCli } from './helpers/cli.ts';
 
 const SCRIPTS: Record<string, string[]> = {
   'aligned writes, zeroes, discard': ['write -P 1 0 1M', 'write -P 2 64k 64k', 'write -z 128k 128k', 'write -z -u 512k 64k', 'discard 768k 128k', 'flush', 'read -P 2 64k 64k'],
@@ -49,12 +49,7 @@ const KINDS: ImageKind[] = [
   },
 ];
 
-async function qledger(args: string[]): Promise<{ code: number; out: string; err: string }> {
-  let out = '';
-  let err = '';
-  const code = await main(args, { out: (s) => void (out += s), err: (s) => void (err += s) });
-  return { code, out, err };
-}
+const qledger = (args: string[]) => runCli(...args);
 
 const noTiming = (s: string) => s.split('\n').filter((l) => !/ops; /.test(l)).join('\n');
 
