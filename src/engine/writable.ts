@@ -6,7 +6,13 @@
 import { NotFoundError, QledgerError, UnsupportedError } from '../errors.ts';
 import { FileDevice } from '../io/file-device.ts';
 import type { BlockDevice } from '../io/device.ts';
-import { INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, AUTOCLEAR_DATA_FILE_RAW } from '../format/features.ts';
+import { INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, AUTOCLEAR_DATA_FILE_RAW } from '../format/features.ts';
+import { getRefcount } from '../format/refcount.ts';
+import { u64 } from '../format/bytes.ts';
+import { readAt } from '../io/device.ts';
+import type { SnapshotEntry } from '../format/snapshot.ts';
+import type { ParsedHeader } from '../format/header.ts';
+import { planJournal, recoverJournal, type JournalPlan, type RecoveryReport } from './journal.ts';
 import { loadQcow2 } from './qcow2-layer.ts';
 import { combinePath, openLayer, probeFormat, type ImageFormat } from './open.ts';
 import { Qcow2Writer, type DetectZeroes, type TraceEvent } from './writer.ts';
@@ -26,6 +32,23 @@ export interface WritableOpenOptions {
   readonly detectZeroes?: DetectZeroes | undefined;
   /** bytes of clean tables kept in memory between write-backs (default 64 MiB) */
   readonly cacheBytes?: number | undefined;
+  /**
+   * Keep a durable journal (v3 images; default on). Off gives QEMU's plain
+   * ordered write-back: a crash leaves leaked clusters. A live journal
+   * found on open is recovered either way.
+   */
+  readonly journal?: boolean | undefined;
+  /** size of a new journal area in bytes (default 4 MiB) */
+  readonly journalBytes?: number | undefined;
+  /** receives warnings (a journal ignored as stale or invalid, say) */
+  readonly onWarning?: ((message: string) => void) | undefined;
+  /** test-only: a write-back stops after this many phases, as a power cut would */
+  readonly stopAfterPhase?: number | undefined;
+}
+
+export interface OpenedWriter {
+  readonly writer: Qcow2Writer;
+  readonly recovery: RecoveryReport;
 }
 
 /**
@@ -34,23 +57,65 @@ export interface WritableOpenOptions {
  * layer, if the image has one.
  */
 export async function openWriterOnDevice(dev: BlockDevice, name: string, opts: WritableOpenOptions & { backing?: Layer | undefined } = {}): Promise<Qcow2Writer> {
-  const { parsed, fileSize, snapshots } = await loadQcow2(dev);
-  const writer = await Qcow2Writer.open({ filename: name, dev, parsed, fileSize, snapshots, backing: opts.backing, trace: opts.trace, writebackRecords: opts.writebackRecords, fault: opts.fault, detectZeroes: opts.detectZeroes, cacheBytes: opts.cacheBytes });
-  await repairIfDirty(writer, dev, name, parsed.header.incompatibleFeatures);
-  return writer;
+  return (await openSession(dev, undefined, name, opts.backing, opts)).writer;
 }
 
 /**
- * A crash under lazy refcounts leaves the dirty bit: refcounts are rebuilt
- * from the references, counted as the checker counts them, before anything
- * else is written, as QEMU does on open. The open has just cleared the
- * bitmaps' autoclear bit, so their clusters are no longer references.
+ * The read-write open: journal recovery, journal set-up, the writer, then
+ * the refcount rebuild a dirty image (or an unjournalled write-back) needs.
+ * Nothing is written before the header has been validated.
  */
-async function repairIfDirty(writer: Qcow2Writer, dev: BlockDevice, name: string, incompatible: bigint): Promise<void> {
-  if ((incompatible & INCOMPAT_DIRTY) === 0n) return;
+export async function openSession(dev: BlockDevice, dataDev: BlockDevice | undefined, name: string, backing: Layer | undefined, opts: WritableOpenOptions): Promise<OpenedWriter> {
+  let loaded = await loadQcow2(dev);
+  const h0 = loaded.parsed.header;
+  let recovery: RecoveryReport = { action: 'none', writes: 0, warnings: [] };
+  let journal: JournalPlan | undefined;
+  if ((h0.incompatibleFeatures & INCOMPAT_CORRUPT) === 0n) {
+    recovery = await recoverJournal(dev, name, loaded.parsed, loaded.fileSize);
+    for (const w of recovery.warnings) opts.onWarning?.(w);
+    if (recovery.writes) loaded = await loadQcow2(dev);
+    // nothing is written here: the journal starts with the first write-back that changes metadata
+    if (opts.journal !== false && h0.version === 3) journal = await planJournal(dev, loaded.parsed, loaded.fileSize, opts.journalBytes, diskRefcounts(dev, loaded.parsed));
+  }
+  const { parsed, fileSize, snapshots } = loaded;
+  const writer = await Qcow2Writer.open({ filename: name, dev, dataDev, parsed, fileSize, snapshots: snapshots as SnapshotEntry[], backing, trace: opts.trace, writebackRecords: opts.writebackRecords, fault: opts.fault, detectZeroes: opts.detectZeroes, cacheBytes: opts.cacheBytes, journal, onWarning: opts.onWarning, stopAfterPhase: opts.stopAfterPhase });
+  await rebuildRefcounts(writer, dev, name, parsed.header.incompatibleFeatures, recovery.action === 'scan');
+  return { writer, recovery };
+}
+
+/** Stored refcounts, read block by block from the header's refcount table (for placing the journal). */
+function diskRefcounts(dev: BlockDevice, parsed: ParsedHeader): (cluster: number) => Promise<number> {
+  const h = parsed.header;
+  const cs = 2 ** h.clusterBits;
+  const E = (cs * 8) / 2 ** h.refcountOrder;
+  let table: Uint8Array | undefined;
+  const blocks = new Map<number, Uint8Array>();
+  return async (c) => {
+    table ??= await readAt(dev, h.refcountTableOffset, h.refcountTableClusters * cs);
+    const rt = Math.floor(c / E);
+    if ((rt + 1) * 8 > table.length) return 0;
+    const off = u64(table, rt * 8) - (u64(table, rt * 8) % 512);
+    if (off === 0) return 0;
+    let b = blocks.get(off);
+    if (!b) blocks.set(off, (b = await readAt(dev, off, cs)));
+    return getRefcount(b, c % E, h.refcountOrder);
+  };
+}
+
+/**
+ * A crash under lazy refcounts leaves the dirty bit, and a crash in a
+ * write-back too big for the journal leaves an 'unjournalled' transaction:
+ * either way refcounts are rebuilt from the references, counted as the
+ * checker counts them, before anything else is written, as QEMU does on
+ * open. The open has just cleared the bitmaps' autoclear bit, so their
+ * clusters are no longer references.
+ */
+async function rebuildRefcounts(writer: Qcow2Writer, dev: BlockDevice, name: string, incompatible: bigint, unjournalled: boolean): Promise<void> {
+  const dirty = (incompatible & INCOMPAT_DIRTY) !== 0n;
+  if (!dirty && !unjournalled) return;
   const refs = await countReferences(dev, name, { bitmaps: false });
   await writer.applyRefcounts(refs.get, refs.endCluster);
-  await writer.markClean();
+  if (dirty) await writer.markClean();
 }
 
 /**
@@ -63,20 +128,26 @@ export async function createOnDevice(dev: BlockDevice, name: string, o: CreateOp
   const layer = backing instanceof Uint8Array ? new RawLayer(o.backingFile!, new MemoryDevice(o.backingFile!, backing, { readOnly: true }), backing.length) : backing;
   const plan = await planCreate(name, { ...o, size: o.size ?? layer?.size });
   await writeSkeletonTo(dev, plan, o.backingFile);
-  const w = await openWriterOnDevice(dev, name, { backing: layer });
+  // creation is not journalled: a crash during it leaves no image worth recovering
+  const w = await openWriterOnDevice(dev, name, { backing: layer, journal: false });
   if (plan.size > 0) await w.truncate(plan.size, true);
   if (plan.preallocation !== 'off') await w.preallocate(plan.preallocation);
   await w.close();
 }
 
 export async function openWriter(path: string, opts: WritableOpenOptions = {}): Promise<Qcow2Writer> {
+  return (await openWriterSession(path, opts)).writer;
+}
+
+/** openWriter, with the report of the journal recovery the open ran. */
+export async function openWriterSession(path: string, opts: WritableOpenOptions = {}): Promise<OpenedWriter> {
   const dev = await FileDevice.open(path, { readOnly: false });
   let dataDev: BlockDevice | undefined;
   let backing: Layer | undefined;
   try {
     const format = opts.format ?? (await probeFormat(dev));
     if (format !== 'qcow2') throw new UnsupportedError(`${path}: writing is supported for qcow2 images only (this one is ${format})`, { path });
-    const { parsed, fileSize, snapshots } = await loadQcow2(dev);
+    const { parsed } = await loadQcow2(dev);
     const h = parsed.header;
     if ((h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n && parsed.dataFile !== undefined) {
       const dataPath = combinePath(path, parsed.dataFile);
@@ -89,9 +160,7 @@ export async function openWriter(path: string, opts: WritableOpenOptions = {}): 
       if (bfmt !== undefined && bfmt !== 'qcow2' && bfmt !== 'raw') throw new UnsupportedError(`${path}: backing file format '${bfmt}' is not supported`, { path });
       backing = await openLayer(combinePath(path, parsed.backingFile), { format: bfmt as ImageFormat | undefined });
     }
-    const writer = await Qcow2Writer.open({ filename: path, dev, dataDev, parsed, fileSize, snapshots, backing, trace: opts.trace, writebackRecords: opts.writebackRecords, fault: opts.fault, detectZeroes: opts.detectZeroes, cacheBytes: opts.cacheBytes });
-    await repairIfDirty(writer, dev, path, h.incompatibleFeatures);
-    return writer;
+    return await openSession(dev, dataDev, path, backing, opts);
   } catch (e) {
     await backing?.close();
     await dataDev?.close();
@@ -116,7 +185,7 @@ export async function createImage(path: string, o: CreateOptions, trace?: TraceE
     }
   }
   await writeSkeleton(path, plan, o.backingFile);
-  const w = await openWriter(path, { trace });
+  const w = await openWriter(path, { trace, journal: false });
   try {
     if (plan.size > 0) await w.truncate(plan.size, true);
     if (plan.preallocation !== 'off') await w.preallocate(plan.preallocation);

@@ -20,6 +20,7 @@ import { geometryOf, putMutableFields, type Geometry } from '../format/header.ts
 import {
   AUTOCLEAR_KNOWN,
   AUTOCLEAR_BITMAPS,
+  AUTOCLEAR_JOURNAL,
   COMPAT_LAZY_REFCOUNTS,
   INCOMPAT_CORRUPT,
   INCOMPAT_DATA_FILE,
@@ -56,6 +57,10 @@ import { Qcow2Layer, type Qcow2LayerOptions, type TableSource } from './qcow2-la
 import { guest } from './layer.ts';
 import { readGuest } from './read.ts';
 import { planFlush, type DeviceWrite, type Fault } from './ordering.ts';
+import { encodedLength } from '../journal/codec.ts';
+import { l1Bytes as stateL1Bytes, reftableBytes as stateReftableBytes } from '../state/state.ts';
+import { activateJournal, type JournalLog, type JournalPlan } from './journal.ts';
+import type { ParsedHeader } from '../format/header.ts';
 
 export type TraceEvent =
   | { readonly type: 'record'; readonly record: JournalRecord }
@@ -74,6 +79,16 @@ export interface WriterOptions extends Pick<Qcow2LayerOptions, 'filename' | 'dev
   readonly writebackRecords?: number | undefined;
   /** test-only: break one ordering rule (see FAULTS in ordering.ts) */
   readonly fault?: Fault | undefined;
+  /**
+   * Keep a durable journal (journal.ts), started at the first write-back
+   * that changes metadata, so that an open that writes nothing changes
+   * nothing. None: QEMU's plain ordered write-back.
+   */
+  readonly journal?: JournalPlan | undefined;
+  /** receives warnings (no room for the journal, say) */
+  readonly onWarning?: ((message: string) => void) | undefined;
+  /** test-only: stop a write-back after this many ordered phases, as a power cut would (the writer is dead afterwards) */
+  readonly stopAfterPhase?: number | undefined;
   /** bytes of clean L2 tables and refcount blocks kept after a write-back (default 64 MiB) */
   readonly cacheBytes?: number | undefined;
   /**
@@ -166,6 +181,23 @@ export class Qcow2Writer {
   private readonly freedInEpoch = new Set<number>();
   /** fault 'data-after-mapping': guest data held back until the references are written */
   private readonly holding: HoldingDevice | undefined;
+  private journalPlan: JournalPlan | undefined;
+  private journal: JournalLog | undefined;
+  /** the journal is started and its bit durable in the header: write-backs are journalled */
+  private journalLive = false;
+  /**
+   * AUTOCLEAR_JOURNAL is on disk. The bit lives outside the state (as the
+   * dirty bit does): every header this writer encodes carries it while set.
+   */
+  private journalBitOnDisk = false;
+  private readonly extensions: ParsedHeader['extensions'];
+  private readonly onWarning: ((message: string) => void) | undefined;
+  /** records and operation markers since the last write-back, for the journal */
+  private stream: JournalRecord[] = [];
+  private streamBytes = 0;
+  /** a checkpoint was written and no barrier has followed yet */
+  private checkpointPending = false;
+  private readonly stopAfterPhase: number | undefined;
 
   private constructor(o: WriterOptions, state: MetaState, snapshots: readonly SnapshotEntry[]) {
     this.filename = o.filename;
@@ -178,6 +210,10 @@ export class Qcow2Writer {
     this.compressionType = o.parsed.header.compressionType;
     this.detectZeroes = o.detectZeroes ?? 'unmap';
     this.holding = o.fault === 'data-after-mapping' && !o.dataDev ? new HoldingDevice(o.dev) : undefined;
+    this.journalPlan = o.parsed.header.version === 3 ? o.journal : undefined;
+    this.extensions = o.parsed.extensions;
+    this.onWarning = o.onWarning;
+    this.stopAfterPhase = o.stopAfterPhase;
     const h = o.parsed.header;
     this.version = h.version;
     this.geometry = geometryOf(h);
@@ -214,6 +250,8 @@ export class Qcow2Writer {
     this.markMetadata(h.l1TableOffset, h.l1Size * 8, 'active L1 table');
     this.markMetadata(h.refcountTableOffset, h.refcountTableClusters * cs, 'refcount table');
     for (const sn of snapshots) this.markMetadata(sn.l1TableOffset, sn.l1Size * 8, 'inactive L1 table');
+    // the journal area has refcount 0 (QEMU must not count it): the allocator and overlap checks skip it by this map
+    if (this.journalPlan?.reuse) this.markMetadata(this.journalPlan.reuse.offset, this.journalPlan.reuse.size, 'journal');
   }
 
   /** Open for writing; the caller opened `dev` read-write and validated the header. */
@@ -235,12 +273,14 @@ export class Qcow2Writer {
         reftableClusters: h.refcountTableClusters,
         incompatibleFeatures: h.incompatibleFeatures,
         compatibleFeatures: h.compatibleFeatures,
-        autoclearFeatures: h.autoclearFeatures,
+        // a journalled session keeps the journal bit outside the state (see journalBitOnDisk)
+        autoclearFeatures: o.journal && h.version === 3 ? h.autoclearFeatures & ~AUTOCLEAR_JOURNAL : h.autoclearFeatures,
       },
       l1,
       reftable,
     );
     const w = new Qcow2Writer(o, state, o.snapshots);
+    w.journalBitOnDisk = w.journalPlan !== undefined && (h.autoclearFeatures & AUTOCLEAR_JOURNAL) !== 0n;
     w.headerTemplate.set((await readAt(o.dev, 0, w.headerTemplate.length)));
     const cs = g.clusterSize;
     for (let i = 0; i < h.l1Size; i++) {
@@ -254,13 +294,20 @@ export class Qcow2Writer {
     if (h.nbSnapshots) w.markMetadata(h.snapshotsOffset, 1, 'snapshot table');
     // Unknown autoclear bits say "an extension I do not maintain may be stale
     // now": clear them before the first write, as QEMU does. qledger does not
-    // maintain persistent bitmaps either, so their bit goes too.
-    const keep = h.autoclearFeatures & AUTOCLEAR_KNOWN & ~AUTOCLEAR_BITMAPS;
-    if (h.version === 3 && keep !== h.autoclearFeatures) {
+    // maintain persistent bitmaps either, so their bit goes too. A session
+    // without a journal clears the journal's bit too; a journalled one keeps
+    // it (outside the state) and sets it when the journal starts.
+    const had = w.cur.header.autoclearFeatures;
+    const keep = had & AUTOCLEAR_KNOWN & ~AUTOCLEAR_BITMAPS;
+    if (h.version === 3 && keep !== had) {
+      // one sector, safe at any crash: not worth starting the journal for
+      const plan = w.journalPlan;
+      w.journalPlan = undefined;
       await w.run('clear autoclear bits', async () => {
-        w.emit({ kind: 'header', field: 'autoclear_features', old: h.autoclearFeatures, new: keep });
+        w.emit({ kind: 'header', field: 'autoclear_features', old: had, new: keep });
       });
       await w.flushNow(); // the cleared bits reach the disk before any write
+      w.journalPlan = plan;
     }
     return w;
   }
@@ -269,6 +316,11 @@ export class Qcow2Writer {
 
   get size(): number {
     return this.header().size;
+  }
+
+  /** write-backs go through the durable journal (v3 image, journal on, room for its header extension) */
+  get journalled(): boolean {
+    return this.journalLive;
   }
 
   get lazyRefcounts(): boolean {
@@ -416,6 +468,10 @@ export class Qcow2Writer {
         if (!this.corrupt) {
           await this.flushNow();
           if (this.dirtyOnDisk) await this.cleanDirty();
+          // the last checkpoint is durable: a clean image has nothing to replay,
+          // and the frames are no longer needed (their space goes back to the file system)
+          if (this.checkpointPending) await this.barrier();
+          if (this.journal) await this.dev.discard(this.journal.ext.offset + 512, this.journal.ext.size - 512);
         }
       } finally {
         this.closed = true;
@@ -454,6 +510,7 @@ export class Qcow2Writer {
     this.checkWritable();
     const id = ++this.txCounter;
     this.traceEvent({ type: 'record', record: { kind: 'begin', tx: id, op } });
+    if (this.journalPlan) this.streamPush({ kind: 'begin', tx: id, op });
     this.tx = new Transaction(this.cur);
     try {
       await fn();
@@ -465,11 +522,25 @@ export class Qcow2Writer {
       this.tx = undefined;
     }
     this.traceEvent({ type: 'record', record: { kind: 'commit', tx: id } });
+    if (this.journalPlan) {
+      // an operation that changed no metadata leaves nothing in the stream
+      const last = this.stream[this.stream.length - 1];
+      if (last?.kind === 'begin' && last.tx === id) {
+        this.stream.pop();
+        this.streamBytes -= encodedLength(last);
+      } else this.streamPush({ kind: 'commit', tx: id });
+    }
+  }
+
+  private streamPush(r: JournalRecord): void {
+    this.stream.push(r);
+    this.streamBytes += encodedLength(r);
   }
 
   private emit(r: MetaRecord): void {
     this.t().apply(r);
     this.pending.push(r);
+    if (this.journalPlan) this.streamPush(r);
     this.traceEvent({ type: 'record', record: r });
     if (r.kind === 'refcount' && r.new === 0 && r.old > 0) {
       this.freedInEpoch.add(r.cluster);
@@ -605,14 +676,18 @@ export class Qcow2Writer {
       const rt = Math.floor(c / E);
       const off = t.reftableEntry(rt);
       if (off === 0) {
-        // No refcount block covers c, so c is free: the new block goes there.
-        const used = await this.newRefblock(rt, c);
-        start = c + used;
+        // No refcount block covers c, so c is free (unless reserved: the journal
+        // area has refcount 0 and may lie there): the new block goes there.
+        const used = this.metadata.has(c) ? -1 : await this.newRefblock(rt, c);
+        // negative: the clusters needed from c on run into reserved ones; go past them
+        start = c + Math.abs(used);
         run = 0;
         continue;
       }
       await this.refblock(rt, off);
-      const durablyUsed = this.fault === 'reuse-before-durable' ? false : this.durableRefcount(c) !== 0;
+      // Freed since the last write-back: its old references may still be durable. Lazy
+      // refcounts leave the durable refcount stale (0) here, so the set is what tells.
+      const durablyUsed = this.fault === 'reuse-before-durable' ? false : this.durableRefcount(c) !== 0 || this.freedInEpoch.has(c);
       if (t.refcount(c) !== 0 || durablyUsed || this.metadata.has(c)) {
         start = c + 1;
         run = 0;
@@ -675,6 +750,7 @@ export class Qcow2Writer {
     }
     const firstRt = Math.floor(c / E);
     const tableAt = c + blocks;
+    for (let x = c; x < tableAt + tableClusters; x++) if (this.metadata.has(x)) return -(x + 1 - c);
     for (let k = 0; k < blocks; k++) {
       this.emit({ kind: 'table-new', role: 'refblock', slot: firstRt + k, offset: (c + k) * cs, copyOf: 0 });
       this.metadata.set(c + k, 'refcount block');
@@ -1335,12 +1411,18 @@ export class Qcow2Writer {
   // ---- flush -------------------------------------------------------------
 
   private async maybeWriteback(): Promise<void> {
-    if (this.pending.length >= this.writeback) await this.flushNow();
+    // a write-back must fit the journal: go at half its capacity (the images of moved tables come on top)
+    const capacity = this.journal?.capacity ?? (this.journalPlan ? (this.journalPlan.reuse?.size ?? this.journalPlan.bytes) - 512 : Infinity);
+    if (this.pending.length >= this.writeback || this.streamBytes >= capacity / 2) await this.flushNow();
   }
 
+  /** The header's fixed fields for state `h`, with the bits kept outside the state: dirty (while on disk) and the journal's. */
   encodeHeader(h: HeaderState): Uint8Array {
     const b = this.headerTemplate.slice();
-    putMutableFields(b, this.version, { ...h, l1TableOffset: h.l1Offset, refcountTableOffset: h.reftableOffset, refcountTableClusters: h.reftableClusters });
+    // a dirty bit already on disk stays until the refcounts are clean
+    if (this.dirtyOnDisk) h = { ...h, incompatibleFeatures: h.incompatibleFeatures | INCOMPAT_DIRTY };
+    const autoclearFeatures = this.journalBitOnDisk ? h.autoclearFeatures | AUTOCLEAR_JOURNAL : h.autoclearFeatures;
+    putMutableFields(b, this.version, { ...h, autoclearFeatures, l1TableOffset: h.l1Offset, refcountTableOffset: h.reftableOffset, refcountTableClusters: h.reftableClusters });
     return b;
   }
 
@@ -1356,6 +1438,8 @@ export class Qcow2Writer {
 
   private async flushNow(): Promise<void> {
     if (this.closed) return;
+    // before anything is planned: starting the journal may move the backing file name in the header
+    if (this.journalPlan && !this.journalLive && this.pending.length) await this.startJournal();
     const lazy = this.lazyRefcounts;
     if (lazy && !this.dirtyOnDisk && this.pending.some((r) => r.kind === 'refcount')) await this.markDirtyOnDisk();
     const cs = this.geometry.clusterSize;
@@ -1363,11 +1447,7 @@ export class Qcow2Writer {
       durable: this.durable,
       current: this.cur,
       pending: this.pending,
-      encodeHeader: (h) => {
-        // a dirty bit already on disk stays until the refcounts are clean
-        const eff = this.dirtyOnDisk ? { ...h, incompatibleFeatures: h.incompatibleFeatures | INCOMPAT_DIRTY } : h;
-        return this.encodeHeader(eff);
-      },
+      encodeHeader: (h) => this.encodeHeader(h),
       lazy,
       dataWritten: this.dataWritten,
       fault: this.fault,
@@ -1379,7 +1459,25 @@ export class Qcow2Writer {
       await this.dev.truncate(needed);
       this.traceEvent({ type: 'truncate', size: needed });
     }
+    // The journal transaction is durable before any in-place write it describes (write-ahead).
+    let journalTx = 0;
+    if (this.journal && this.journalLive && this.pending.length) {
+      // guest data first: a committed transaction may map it, so it must be durable before the commit is
+      if (this.dataWritten) await this.barrier();
+      const r = await this.journal.append([...this.stream, ...this.tableImages()], this.pending.length);
+      this.traceEvent({ type: 'write', offset: this.journal.ext.offset, length: r.bytes, what: `journal tx ${r.tx}${r.fits ? '' : ' (unjournalled: too big)'} [journal]` });
+      await this.barrier();
+      journalTx = r.tx;
+    }
+    let phasesDone = 0;
     for (const phase of plan.phases) {
+      // with the journal flushed, guest data is durable already: an empty phase needs no barrier
+      if (journalTx && phase.writes.length === 0) continue;
+      if (this.stopAfterPhase !== undefined && phasesDone >= this.stopAfterPhase) {
+        this.closed = true;
+        throw new QledgerError('E_IO', `${this.filename}: write-back stopped after ${phasesDone} phases (stopAfterPhase)`);
+      }
+      phasesDone++;
       for (const w of phase.writes) {
         await this.dev.write(w.offset, w.data);
         this.traceEvent({ type: 'write', offset: w.offset, length: w.data.length, what: `${w.what} [${w.category ?? phase.name}]` });
@@ -1388,7 +1486,14 @@ export class Qcow2Writer {
       await this.barrier();
     }
     if (this.holding) await this.holding.release(() => {});
-    if (plan.phases.length === 0) await this.barrier();
+    if (plan.phases.length === 0 && !journalTx) await this.barrier();
+    if (journalTx) {
+      await this.journal!.checkpoint(journalTx);
+      this.traceEvent({ type: 'write', offset: this.journal!.ext.offset, length: 512, what: `journal checkpoint tx ${journalTx} [checkpoint]` });
+      this.checkpointPending = true;
+    }
+    this.stream = [];
+    this.streamBytes = 0;
     let durable = this.cur;
     if (plan.lazySkipped.length) {
       const ed = durable.refblocks.edit();
@@ -1457,7 +1562,64 @@ export class Qcow2Writer {
     }
   }
 
+  /**
+   * Start the journal at the first write-back that changes metadata: the
+   * area (reused, or new past every cluster allocated so far), its header
+   * and the header extension, then the autoclear bit, each flushed before
+   * the next. Before the bit is durable no transaction is trusted.
+   */
+  private async startJournal(): Promise<void> {
+    const plan = this.journalPlan!;
+    const cs = this.geometry.clusterSize;
+    let ext = plan.reuse;
+    if (!ext) {
+      const at = Math.max(this.endCluster, this.zeroFrom / cs);
+      ext = { offset: at * cs, size: plan.bytes };
+      this.markMetadata(ext.offset, ext.size, 'journal');
+      this.endCluster = at + plan.bytes / cs;
+      this.zeroFrom = Math.max(this.zeroFrom, ext.offset + ext.size);
+    }
+    const log = await activateJournal(this.dev, cs, ext, plan, this.extensions);
+    this.traceEvent({ type: 'write', offset: ext.offset, length: 512, what: 'journal area header [journal set-up]' });
+    this.traceEvent({ type: 'flush' });
+    if (!log) {
+      this.journalPlan = undefined;
+      this.onWarning?.(`${this.filename}: no room for the journal header extension in the header cluster; writing without a journal`);
+      return;
+    }
+    // the extension may have moved the backing file name: the header template follows
+    this.headerTemplate.set(await readAt(this.dev, 0, this.headerTemplate.length));
+    this.journal = log;
+    if (!this.journalBitOnDisk) {
+      this.journalBitOnDisk = true;
+      const b = this.encodeHeader(this.durable.header);
+      await this.dev.write(0, b);
+      this.traceEvent({ type: 'write', offset: 0, length: b.length, what: 'header (journal bit) [journal set-up]' });
+      await this.barrier();
+    }
+    this.journalLive = true;
+  }
+
+  /**
+   * What recovery cannot read back from the image safely: the final content
+   * of a moved L1 or refcount table (the old one may be reused once freed)
+   * and of an L2 table copied from a snapshot's.
+   */
+  private tableImages(): JournalRecord[] {
+    const out: JournalRecord[] = [];
+    const cur = this.cur;
+    if (this.pending.some((r) => r.kind === 'l1-swap')) out.push({ kind: 'image', role: 'l1', offset: cur.header.l1Offset, bytes: stateL1Bytes(cur) });
+    if (this.pending.some((r) => r.kind === 'reftable-swap')) out.push({ kind: 'image', role: 'reftable', offset: cur.header.reftableOffset, bytes: stateReftableBytes(cur) });
+    for (const r of this.pending) {
+      if (r.kind !== 'table-new' || r.role !== 'l2' || r.copyOf === 0 || stateL1Offset(cur, r.slot) !== r.offset) continue;
+      const t = cur.l2.get(r.slot);
+      if (t) out.push({ kind: 'image', role: 'l2', offset: r.offset, bytes: t });
+    }
+    return out;
+  }
+
   private async barrier(): Promise<void> {
+    this.checkpointPending = false;
     await this.dev.flush();
     if (this.dataDev) await this.dataDev.flush();
     this.traceEvent({ type: 'record', record: { kind: 'barrier' } });

@@ -15,6 +15,13 @@ export const COMPAT_LAZY_REFCOUNTS = 1n << 0n;
 
 export const AUTOCLEAR_BITMAPS = 1n << 0n;
 export const AUTOCLEAR_DATA_FILE_RAW = 1n << 1n;
+/**
+ * qledger's own autoclear bit: set while the journal named by the journal
+ * header extension is live (journal-format.md). QEMU clears unknown
+ * autoclear bits when it opens an image read-write, which is exactly how a
+ * journal made stale by another program is recognised.
+ */
+export const AUTOCLEAR_JOURNAL = 1n << 63n;
 export const AUTOCLEAR_KNOWN = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW;
 
 export const FEATURE_TYPE_INCOMPATIBLE = 0;
@@ -39,6 +46,8 @@ export const EXT_FEATURE_TABLE = 0x6803f857;
 export const EXT_CRYPTO_HEADER = 0x0537be77;
 export const EXT_BITMAPS = 0x23852875;
 export const EXT_DATA_FILE = 0x44415441;
+/** qledger journal location ("qljl"); unknown to QEMU, which keeps it verbatim */
+export const EXT_JOURNAL = 0x716c6a6c;
 
 export const COMPRESSION_DEFLATE = 0;
 export const COMPRESSION_ZSTD = 1;

@@ -7,7 +7,7 @@
 
 import { FormatError } from '../errors.ts';
 import { u32, u64, putU32, putU64 } from '../format/bytes.ts';
-import type { HeaderField, JournalRecord, L2Word, TableRole, Word64 } from './records.ts';
+import type { HeaderField, ImageRole, JournalRecord, L2Word, TableRole, Word64 } from './records.ts';
 
 export const RECORD_TYPE = {
   refcount: 1,
@@ -18,14 +18,16 @@ export const RECORD_TYPE = {
   'reftable-swap': 6,
   'table-new': 7,
   header: 8,
+  image: 9,
   data: 16,
   barrier: 17,
   begin: 18,
   commit: 19,
+  unjournalled: 20,
 } as const;
 
 /** Encoded length of each fixed-size record type, in bytes. */
-export const RECORD_LENGTH: Record<Exclude<JournalRecord['kind'], 'begin'>, number> = {
+export const RECORD_LENGTH: Record<Exclude<JournalRecord['kind'], 'begin' | 'image'>, number> = {
   refcount: 32,
   l2: 56,
   l1: 24,
@@ -37,6 +39,7 @@ export const RECORD_LENGTH: Record<Exclude<JournalRecord['kind'], 'begin'>, numb
   data: 24,
   barrier: 8,
   commit: 16,
+  unjournalled: 16,
 };
 
 export const HEADER_FIELD_ID: Record<HeaderField, number> = {
@@ -47,6 +50,7 @@ export const HEADER_FIELD_ID: Record<HeaderField, number> = {
 };
 
 const ROLE_ID: Record<TableRole, number> = { l2: 0, refblock: 1 };
+export const IMAGE_ROLE_ID: Record<ImageRole, number> = { l1: 0, reftable: 1, l2: 2 };
 
 function putWord(b: Uint8Array, off: number, x: Word64): void {
   putU32(b, off, x.hi);
@@ -62,6 +66,7 @@ function putL2(b: Uint8Array, off: number, x: L2Word): void {
 
 export function encodedLength(r: JournalRecord): number {
   if (r.kind === 'begin') return 16 + Math.ceil(new TextEncoder().encode(r.op).length / 8) * 8;
+  if (r.kind === 'image') return 16 + Math.ceil(r.bytes.length / 8) * 8;
   return RECORD_LENGTH[r.kind];
 }
 
@@ -132,6 +137,15 @@ export function encodeRecordInto(r: JournalRecord, b: Uint8Array, off: number): 
     case 'commit':
       putU64(b, off + 8, r.tx);
       break;
+    case 'image':
+      b[off + 1] = IMAGE_ROLE_ID[r.role];
+      putU32(b, off + 4, r.bytes.length);
+      putU64(b, off + 8, r.offset);
+      b.set(r.bytes, off + 16);
+      break;
+    case 'unjournalled':
+      putU64(b, off + 8, r.records);
+      break;
   }
   return n;
 }
@@ -156,7 +170,7 @@ export function decodeRecord(b: Uint8Array, off = 0): { record: JournalRecord; l
   const type = b[off]!;
   const kind = (Object.keys(RECORD_TYPE) as Array<keyof typeof RECORD_TYPE>).find((k) => RECORD_TYPE[k] === type);
   if (!kind) bad('type', off, `unknown record type ${type}`);
-  const length = kind === 'begin' ? 16 + Math.ceil(u32(b, off + 4) / 8) * 8 : RECORD_LENGTH[kind];
+  const length = kind === 'begin' || kind === 'image' ? 16 + Math.ceil(u32(b, off + 4) / 8) * 8 : RECORD_LENGTH[kind];
   if (off + length > b.length) bad('length', off, `record of type ${kind} is truncated`);
   let record: JournalRecord;
   switch (kind) {
@@ -200,6 +214,15 @@ export function decodeRecord(b: Uint8Array, off = 0): { record: JournalRecord; l
       break;
     case 'commit':
       record = { kind, tx: u64(b, off + 8) };
+      break;
+    case 'image': {
+      const role = (Object.keys(IMAGE_ROLE_ID) as ImageRole[]).find((k) => IMAGE_ROLE_ID[k] === b[off + 1]);
+      if (!role) bad('role', off + 1, `unknown image role ${b[off + 1]}`);
+      record = { kind, role, offset: u64(b, off + 8), bytes: b.slice(off + 16, off + 16 + u32(b, off + 4)) };
+      break;
+    }
+    case 'unjournalled':
+      record = { kind, records: u64(b, off + 8) };
       break;
   }
   return { record, length };

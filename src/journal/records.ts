@@ -60,7 +60,17 @@ export type MarkerRecord =
   | { readonly kind: 'begin'; readonly tx: number; readonly op: string }
   | { readonly kind: 'commit'; readonly tx: number };
 
-export type JournalRecord = MetaRecord | MarkerRecord;
+/** Whole-table images a journal transaction carries so that recovery needs no table that may have been reused. */
+export type ImageRole = 'l1' | 'reftable' | 'l2';
+
+/** Records only the on-disk journal holds (the reducer never sees them). */
+export type LogRecord =
+  /** The final content of a table the transaction moved (L1, refcount table) or created as a copy (L2). */
+  | { readonly kind: 'image'; readonly role: ImageRole; readonly offset: number; readonly bytes: Uint8Array }
+  /** The write-back did not fit the journal: its records are not here, and recovery must count references instead. */
+  | { readonly kind: 'unjournalled'; readonly records: number };
+
+export type JournalRecord = MetaRecord | MarkerRecord | LogRecord;
 
 const hex = (n: number) => '0x' + n.toString(16);
 const w = (x: Word64) => '0x' + (x.hi >>> 0).toString(16).padStart(8, '0') + (x.lo >>> 0).toString(16).padStart(8, '0');
@@ -93,5 +103,9 @@ export function describe(r: JournalRecord): string {
       return `begin tx ${r.tx} ${r.op}`;
     case 'commit':
       return `commit tx ${r.tx}`;
+    case 'image':
+      return `image ${r.role} at ${hex(r.offset)} (${r.bytes.length} bytes)`;
+    case 'unjournalled':
+      return `unjournalled write-back of ${r.records} records`;
   }
 }

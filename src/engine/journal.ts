@@ -1,0 +1,545 @@
+/**
+ * The durable journal, engine side (journal-format.md): finding it, setting
+ * it up for a read-write session, appending one transaction per write-back,
+ * checkpointing, and recovery on open.
+ *
+ * Recovery replays the one committed transaction the checkpoint does not
+ * cover. Records carry absolute new values, so replay computes the final
+ * value of every entry the transaction touched and writes it in place, in
+ * the same four ordered phases as a write-back: a crash during recovery
+ * leaves at worst leaks, and recovery simply runs again. Before writing,
+ * every touched entry on disk must hold the value the transaction started
+ * from or the one it ended with (or, for a refcount, the ordering module's
+ * intermediate bound); anything else means the journal does not describe
+ * this image, and it is ignored with a warning.
+ */
+
+import { randomBytes } from 'node:crypto';
+import { putU32, putU64, u32, u64, u64big } from '../format/bytes.ts';
+import { AUTOCLEAR_JOURNAL, EXT_JOURNAL, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../format/features.ts';
+import { geometryOf, putMutableFields, type Geometry, type ParsedHeader } from '../format/header.ts';
+import { getRefcount, maxRefcount, setRefcount } from '../format/refcount.ts';
+import { readAt, type BlockDevice } from '../io/device.ts';
+import {
+  AREA_HEADER_SIZE,
+  EXT_JOURNAL_LENGTH,
+  decodeAreaHeader,
+  decodeJournalExtension,
+  encodeAreaHeader,
+  encodeJournalExtension,
+  encodeTransaction,
+  scanFrames,
+  type JournalExtension,
+  type JournalTransaction,
+  type ScanResult,
+} from '../journal/log.ts';
+import type { HeaderField, JournalRecord, L2Word } from '../journal/records.ts';
+import { dirtySectors, type DeviceWrite } from './ordering.ts';
+
+/** Default journal area: big enough for a write-back of ~60,000 L2 updates. */
+export const DEFAULT_JOURNAL_BYTES = 4 * 1024 * 1024;
+
+const hex = (n: number) => '0x' + n.toString(16);
+
+// ---- finding the journal ---------------------------------------------------------
+
+export interface JournalView {
+  readonly ext: JournalExtension;
+  /** where the extension's type field is in the header cluster */
+  readonly extAt: number;
+  readonly generation: bigint;
+  readonly appliedTx: number;
+  readonly scan: ScanResult;
+}
+
+export type Located =
+  | { readonly kind: 'absent' }
+  | { readonly kind: 'invalid'; readonly reason: string; readonly ext?: JournalExtension | undefined }
+  | ({ readonly kind: 'valid' } & JournalView);
+
+/** Read the journal an image names, without trusting it: structure checks only. */
+export async function locateJournal(dev: BlockDevice, parsed: ParsedHeader, fileSize: number): Promise<Located> {
+  const e = parsed.extensions.find((x) => x.type === EXT_JOURNAL);
+  if (!e) return { kind: 'absent' };
+  let ext: JournalExtension;
+  try {
+    ext = decodeJournalExtension(e.data, e.offset);
+  } catch (err) {
+    return { kind: 'invalid', reason: (err as Error).message };
+  }
+  const cs = 2 ** parsed.header.clusterBits;
+  if (ext.offset === 0 || ext.offset % cs !== 0 || ext.size % cs !== 0 || ext.size < 2 * AREA_HEADER_SIZE || ext.size > MAX_AREA || ext.offset + ext.size > fileSize) {
+    return { kind: 'invalid', reason: `journal header extension at ${hex(e.offset)}: area ${hex(ext.offset)} of ${ext.size} bytes is not a cluster-aligned range inside the file`, ext };
+  }
+  const area = await readAt(dev, ext.offset, ext.size);
+  let hdr;
+  try {
+    hdr = decodeAreaHeader(area, ext.offset);
+  } catch (err) {
+    return { kind: 'invalid', reason: (err as Error).message, ext };
+  }
+  if (hdr.size !== ext.size) return { kind: 'invalid', reason: `journal area header at ${hex(ext.offset)}: size ${hdr.size} differs from the extension's ${ext.size}`, ext };
+  return { kind: 'valid', ext, extAt: e.offset, generation: hdr.generation, appliedTx: hdr.appliedTx, scan: scanFrames(area, hdr.generation) };
+}
+
+const MAX_AREA = 1024 * 1024 * 1024;
+
+// ---- recovery ------------------------------------------------------------------------
+
+export interface RecoveryReport {
+  /** 'replayed': a committed transaction was completed in place; 'scan': the
+   * transaction was too big for the journal and references must be counted;
+   * 'ignored': a journal was found but not trusted (see warnings) */
+  readonly action: 'none' | 'replayed' | 'scan' | 'ignored';
+  readonly tx?: number | undefined;
+  readonly records?: number | undefined;
+  /** device writes recovery made */
+  readonly writes: number;
+  readonly warnings: readonly string[];
+}
+
+/**
+ * Run on a read-write open, before anything else writes: replay the
+ * committed transaction that the checkpoint does not cover, if the journal
+ * is live (autoclear bit set), valid and consistent with the image.
+ */
+export async function recoverJournal(dev: BlockDevice, name: string, parsed: ParsedHeader, fileSize: number): Promise<RecoveryReport> {
+  const h = parsed.header;
+  const none: RecoveryReport = { action: 'none', writes: 0, warnings: [] };
+  if (h.version !== 3) return none;
+  const live = (h.autoclearFeatures & AUTOCLEAR_JOURNAL) !== 0n;
+  if ((h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n) return none;
+  const j = await locateJournal(dev, parsed, fileSize);
+  if (j.kind === 'absent') {
+    return live ? { ...none, action: 'ignored', warnings: [`${name}: the journal autoclear bit is set but there is no journal header extension; journal ignored`] } : none;
+  }
+  if (j.kind === 'invalid') {
+    return live ? { ...none, action: 'ignored', warnings: [`${name}: journal ignored, it fails validation: ${j.reason}. Leaked clusters, if any, stay until 'qledger check -r leaks'`] } : none;
+  }
+  const unapplied = j.scan.transactions.filter((t) => t.committed && t.tx > j.appliedTx);
+  if (!live) {
+    if (unapplied.length === 0) return none;
+    return { ...none, action: 'ignored', warnings: [`${name}: journal is stale (its autoclear bit was cleared, so another program opened the image read-write); transaction ${unapplied[0]!.tx} not replayed`] };
+  }
+  if (unapplied.length === 0) return none;
+  if (unapplied.length > 1) {
+    return { ...none, action: 'ignored', warnings: [`${name}: journal ignored, it holds ${unapplied.length} unapplied transactions where qledger writes at most one`] };
+  }
+  const tx = unapplied[0]!;
+  if (tx.records.some((r) => r.kind === 'unjournalled')) return { ...none, action: 'scan', tx: tx.tx };
+  const plan = await planReplay(dev, parsed, fileSize, j, tx);
+  if (typeof plan === 'string') {
+    return { ...none, action: 'ignored', warnings: [`${name}: journal transaction ${tx.tx} ignored, it does not match the image: ${plan}. Leaked clusters, if any, stay until 'qledger check -r leaks'`] };
+  }
+  let writes = 0;
+  for (const phase of plan) {
+    if (!phase.length) continue;
+    for (const w of phase) {
+      await dev.write(w.offset, w.data);
+      writes++;
+    }
+    await dev.flush();
+  }
+  await checkpoint(dev, j.ext, j.generation, tx.tx);
+  await dev.flush();
+  return { action: 'replayed', tx: tx.tx, records: tx.records.length, writes, warnings: [] };
+}
+
+/** Mark transactions up to `tx` as entirely in place (the caller orders it with a flush). */
+export async function checkpoint(dev: BlockDevice, ext: JournalExtension, generation: bigint, tx: number): Promise<void> {
+  await dev.write(ext.offset, encodeAreaHeader({ generation, size: ext.size, appliedTx: tx }));
+}
+
+interface Span<T> {
+  first: T;
+  last: T;
+}
+
+const sameL2 = (a: L2Word, b: L2Word) => a.hi === b.hi && a.lo === b.lo && a.bitmapHi === b.bitmapHi && a.bitmapLo === b.bitmapLo;
+
+/**
+ * Compute the in-place writes that complete `tx`, or a string saying why
+ * the transaction does not fit the image. Reads the header's tables named
+ * by the records only: the L1 table, the refcount table, and the L2 tables
+ * and refcount blocks the transaction changed.
+ */
+async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: number, j: JournalView, tx: JournalTransaction): Promise<DeviceWrite[][] | string> {
+  const h = parsed.header;
+  const g = geometryOf(h);
+  const cs = g.clusterSize;
+  const recs = tx.records;
+  const bound = Math.max(fileSize, j.ext.offset + j.ext.size) + 2 ** 40;
+  const checkTable = (what: string, off: number, len: number): string | undefined => {
+    if (!Number.isSafeInteger(off) || off <= 0 || off % cs !== 0 || off + len > bound) return `${what} at ${hex(off)} is not a valid table position`;
+    if (off < j.ext.offset + j.ext.size && off + len > j.ext.offset) return `${what} at ${hex(off)} overlaps the journal area`;
+    return undefined;
+  };
+
+  // ---- header fields and table moves
+  let l1Swap: Span<{ offset: number; size: number }> | undefined;
+  let rtSwap: Span<{ offset: number; clusters: number }> | undefined;
+  const fields = new Map<HeaderField, Span<bigint>>();
+  const images = new Map<string, Uint8Array>();
+  for (const r of recs) {
+    if (r.kind === 'l1-swap') {
+      const o = { offset: r.oldOffset, size: r.oldSize };
+      const n = { offset: r.newOffset, size: r.newSize };
+      l1Swap = l1Swap ? { first: l1Swap.first, last: n } : { first: o, last: n };
+    } else if (r.kind === 'reftable-swap') {
+      const o = { offset: r.oldOffset, clusters: r.oldClusters };
+      const n = { offset: r.newOffset, clusters: r.newClusters };
+      rtSwap = rtSwap ? { first: rtSwap.first, last: n } : { first: o, last: n };
+    } else if (r.kind === 'header') {
+      const f = fields.get(r.field);
+      fields.set(r.field, f ? { first: f.first, last: r.new } : { first: r.old, last: r.new });
+    } else if (r.kind === 'image') images.set(`${r.role}@${r.offset}`, r.bytes);
+  }
+  // bits qledger sets outside the record stream (dirty) or keeps live (journal) are not compared
+  const mask = ~(INCOMPAT_DIRTY | AUTOCLEAR_JOURNAL);
+  const diskField: Record<HeaderField, bigint> = {
+    size: BigInt(h.size),
+    incompatible_features: h.incompatibleFeatures,
+    compatible_features: h.compatibleFeatures,
+    autoclear_features: h.autoclearFeatures,
+  };
+  const finalField = { ...diskField };
+  for (const [f, s] of fields) {
+    const d = diskField[f] & mask;
+    if (d !== (s.first & mask) && d !== (s.last & mask)) return `header ${f} is 0x${diskField[f].toString(16)}, neither 0x${s.first.toString(16)} nor 0x${s.last.toString(16)}`;
+    finalField[f] = f === 'size' ? s.last : (s.last & mask) | (diskField[f] & ~mask);
+  }
+  if (l1Swap && h.l1TableOffset !== l1Swap.first.offset && h.l1TableOffset !== l1Swap.last.offset) return `header l1_table_offset is ${hex(h.l1TableOffset)}, neither ${hex(l1Swap.first.offset)} nor ${hex(l1Swap.last.offset)}`;
+  if (rtSwap && h.refcountTableOffset !== rtSwap.first.offset && h.refcountTableOffset !== rtSwap.last.offset) return `header refcount_table_offset is ${hex(h.refcountTableOffset)}, neither ${hex(rtSwap.first.offset)} nor ${hex(rtSwap.last.offset)}`;
+  const l1Off = l1Swap ? l1Swap.last.offset : h.l1TableOffset;
+  const l1Size = l1Swap ? l1Swap.last.size : h.l1Size;
+  const rtOff = rtSwap ? rtSwap.last.offset : h.refcountTableOffset;
+  const rtClusters = rtSwap ? rtSwap.last.clusters : h.refcountTableClusters;
+
+  const phase0: DeviceWrite[] = [];
+  const phase1: DeviceWrite[] = [];
+  const phase2: DeviceWrite[] = [];
+  const phase3: DeviceWrite[] = [];
+
+  // ---- the L1 table
+  let finalL1: Uint8Array;
+  if (l1Swap) {
+    const img = images.get(`l1@${l1Off}`);
+    if (!img || img.length !== l1Size * 8) return `the L1 table moved to ${hex(l1Off)} but the transaction has no image of it`;
+    const bad = checkTable('L1 table', l1Off, img.length);
+    if (bad) return bad;
+    finalL1 = img;
+    phase0.push({ offset: l1Off, data: padSector(img), what: 'replay: new l1' });
+  } else {
+    const disk = await readAt(dev, l1Off, l1Size * 8);
+    finalL1 = disk.slice();
+    const spans = new Map<number, Span<bigint>>();
+    for (const r of recs) {
+      if (r.kind !== 'l1') continue;
+      const v = (BigInt(r.new.hi >>> 0) << 32n) | BigInt(r.new.lo >>> 0);
+      const s = spans.get(r.index);
+      spans.set(r.index, s ? { first: s.first, last: v } : { first: (BigInt(r.old.hi >>> 0) << 32n) | BigInt(r.old.lo >>> 0), last: v });
+    }
+    for (const [i, s] of spans) {
+      if (i >= l1Size) return `L1 index ${i} is past the table's ${l1Size} entries`;
+      const d = u64big(disk, i * 8);
+      if (d !== s.first && d !== s.last) return `L1 entry ${i} is 0x${d.toString(16)}, neither 0x${s.first.toString(16)} nor 0x${s.last.toString(16)}`;
+      putU64(finalL1, i * 8, s.last);
+    }
+    phase2.push(...dirtySectors(disk, finalL1, l1Off, 'replay: l1'));
+  }
+  const l2At = (i: number) => (i < l1Size ? (u32(finalL1, i * 8) & 0x00ff_ffff) * 0x1_0000_0000 + ((u32(finalL1, i * 8 + 4) & 0xffff_fe00) >>> 0) : 0);
+
+  // ---- the refcount table
+  let finalRt: Uint8Array;
+  if (rtSwap) {
+    const img = images.get(`reftable@${rtOff}`);
+    if (!img || img.length !== rtClusters * cs) return `the refcount table moved to ${hex(rtOff)} but the transaction has no image of it`;
+    const bad = checkTable('refcount table', rtOff, img.length);
+    if (bad) return bad;
+    finalRt = img;
+    phase0.push({ offset: rtOff, data: img, what: 'replay: new reftable' });
+  } else {
+    const disk = await readAt(dev, rtOff, rtClusters * cs);
+    finalRt = disk.slice();
+    const spans = new Map<number, Span<number>>();
+    for (const r of recs) {
+      if (r.kind !== 'reftable') continue;
+      const s = spans.get(r.index);
+      spans.set(r.index, s ? { first: s.first, last: r.new } : { first: r.old, last: r.new });
+    }
+    for (const [i, s] of spans) {
+      if (i * 8 >= finalRt.length) return `refcount table index ${i} is past the table`;
+      const d = u64(disk, i * 8);
+      if (d !== s.first && d !== s.last) return `refcount table entry ${i} is ${hex(d)}, neither ${hex(s.first)} nor ${hex(s.last)}`;
+      putU64(finalRt, i * 8, s.last);
+    }
+    phase1.push(...dirtySectors(disk, finalRt, rtOff, 'replay: reftable'));
+  }
+  const blockAt = (rt: number) => (rt * 8 < finalRt.length ? u64(finalRt, rt * 8) - (u64(finalRt, rt * 8) % 512) : 0);
+
+  // ---- L2 tables
+  const newTables = new Map<string, number>(); // role@offset -> copyOf
+  for (const r of recs) if (r.kind === 'table-new') newTables.set(`${r.role}@${r.offset}`, r.copyOf);
+  const l2 = new Map<number, { l1Index: number; spans: Map<number, Span<L2Word>> }>();
+  for (const r of recs) {
+    if (r.kind === 'table-new' && r.role === 'l2' && !l2.has(r.offset)) l2.set(r.offset, { l1Index: r.slot, spans: new Map() });
+    if (r.kind !== 'l2') continue;
+    let t = l2.get(r.table);
+    if (!t) l2.set(r.table, (t = { l1Index: r.l1Index, spans: new Map() }));
+    const s = t.spans.get(r.index);
+    t.spans.set(r.index, s ? { first: s.first, last: r.new } : { first: r.old, last: r.new });
+  }
+  for (const [T, t] of l2) {
+    // a table the transaction dropped (copied away, freed) is left alone: it may be reused
+    if (l2At(t.l1Index) !== T) continue;
+    const bad = checkTable('L2 table', T, cs);
+    if (bad) return bad;
+    const isNew = newTables.has(`l2@${T}`);
+    let final: Uint8Array;
+    if (isNew) {
+      const copyOf = newTables.get(`l2@${T}`)!;
+      if (copyOf !== 0) {
+        const img = images.get(`l2@${T}`);
+        if (!img || img.length !== cs) return `L2 table ${hex(T)} copies ${hex(copyOf)} but the transaction has no image of it`;
+        final = img.slice();
+      } else final = new Uint8Array(cs);
+      for (const [i, s] of t.spans) {
+        if (i >= g.l2Entries) return `L2 index ${i} is past the table`;
+        putL2(final, i, g, s.last);
+      }
+      phase0.push({ offset: T, data: final, what: `replay: new l2 ${hex(T)}` });
+    } else {
+      const disk = await readAt(dev, T, cs);
+      final = disk.slice();
+      for (const [i, s] of t.spans) {
+        if (i >= g.l2Entries) return `L2 index ${i} is past the table`;
+        const d = getL2(disk, i, g);
+        if (!sameL2(d, s.first) && !sameL2(d, s.last)) return `L2 table ${hex(T)} entry ${i} holds neither the transaction's old nor its new value`;
+        putL2(final, i, g, s.last);
+      }
+      phase2.push(...dirtySectors(disk, final, T, `replay: l2 ${hex(T)}`));
+    }
+  }
+
+  // ---- refcounts
+  const max = maxRefcount(g.refcountOrder);
+  const E = g.refcountBlockEntries;
+  const counts = new Map<number, Map<number, { first: number; last: number; inc: number }>>();
+  for (const r of recs) {
+    if (r.kind !== 'refcount') continue;
+    const rt = Math.floor(r.cluster / E);
+    let m = counts.get(rt);
+    if (!m) counts.set(rt, (m = new Map()));
+    const s = m.get(r.cluster);
+    const inc = Math.max(0, r.new - r.old);
+    m.set(r.cluster, s ? { first: s.first, last: r.new, inc: s.inc + inc } : { first: r.old, last: r.new, inc });
+  }
+  for (const [rt, m] of counts) {
+    const B = blockAt(rt);
+    if (B === 0) return `refcount block ${rt} is not in the refcount table`;
+    const bad = checkTable('refcount block', B, cs);
+    if (bad) return bad;
+    const isNew = newTables.has(`refblock@${B}`);
+    const disk = isNew ? new Uint8Array(cs) : await readAt(dev, B, cs);
+    const bound = disk.slice();
+    const final = disk.slice();
+    for (const [c, s] of m) {
+      const i = c % E;
+      const d = getRefcount(disk, i, g.refcountOrder);
+      const upper = Math.min(max, s.first + s.inc);
+      if (!isNew && d !== s.first && d !== s.last && d !== upper) return `refcount of cluster ${hex(c * cs)} is ${d}, neither ${s.first}, ${upper} nor ${s.last}`;
+      setRefcount(bound, i, g.refcountOrder, Math.max(d, upper));
+      setRefcount(final, i, g.refcountOrder, s.last);
+    }
+    phase0.push(...dirtySectors(isNew ? undefined : disk, bound, B, `replay: refblock ${hex(B)}`));
+    phase3.push(...dirtySectors(bound, final, B, `replay: refblock ${hex(B)}`));
+  }
+
+  // ---- the header
+  const fixed = h.version === 2 ? 72 : Math.min(h.headerLength, 112);
+  const diskHeader = await readAt(dev, 0, fixed);
+  const finalHeader = diskHeader.slice();
+  putMutableFields(finalHeader, h.version, {
+    size: Number(finalField.size),
+    l1Size,
+    l1TableOffset: l1Off,
+    refcountTableOffset: rtOff,
+    refcountTableClusters: rtClusters,
+    incompatibleFeatures: finalField.incompatible_features,
+    compatibleFeatures: finalField.compatible_features,
+    autoclearFeatures: finalField.autoclear_features,
+  });
+  if (!Buffer.from(finalHeader).equals(Buffer.from(diskHeader))) {
+    (rtSwap ? phase1 : phase2).push({ offset: 0, data: finalHeader, what: 'replay: header' });
+  }
+  return [phase0, phase1, phase2, phase3];
+}
+
+function getL2(t: Uint8Array, i: number, g: Geometry): L2Word {
+  const o = i * g.l2EntrySize;
+  return g.extendedL2 ? { hi: u32(t, o), lo: u32(t, o + 4), bitmapHi: u32(t, o + 8), bitmapLo: u32(t, o + 12) } : { hi: u32(t, o), lo: u32(t, o + 4), bitmapHi: 0, bitmapLo: 0 };
+}
+
+function putL2(t: Uint8Array, i: number, g: Geometry, e: L2Word): void {
+  const o = i * g.l2EntrySize;
+  putU32(t, o, e.hi);
+  putU32(t, o + 4, e.lo);
+  if (g.extendedL2) {
+    putU32(t, o + 8, e.bitmapHi);
+    putU32(t, o + 12, e.bitmapLo);
+  }
+}
+
+function padSector(b: Uint8Array): Uint8Array {
+  const n = Math.ceil(b.length / 512) * 512;
+  if (n === b.length) return b;
+  const out = new Uint8Array(n);
+  out.set(b);
+  return out;
+}
+
+// ---- the writer's side -----------------------------------------------------------------
+
+/**
+ * A live journal: where it is, its generation, and the next frame and
+ * transaction numbers. The writer appends one transaction per write-back.
+ */
+export class JournalLog {
+  private seq = 1;
+  private tx = 0;
+  constructor(
+    readonly dev: BlockDevice,
+    readonly ext: JournalExtension,
+    readonly generation: bigint,
+  ) {}
+
+  /** bytes available for a transaction's frames */
+  get capacity(): number {
+    return this.ext.size - AREA_HEADER_SIZE;
+  }
+
+  /**
+   * Write `records` as the next transaction at the start of the frame
+   * area; when they do not fit, write an 'unjournalled' transaction in
+   * their place. Returns the transaction number and the bytes written. The
+   * caller flushes before any in-place write.
+   */
+  async append(records: readonly JournalRecord[], metaRecords: number): Promise<{ tx: number; bytes: number; fits: boolean }> {
+    const tx = ++this.tx;
+    let enc = encodeTransaction(records, { generation: this.generation, tx, seq: this.seq });
+    const fits = enc.bytes.length <= this.capacity;
+    if (!fits) enc = encodeTransaction([{ kind: 'unjournalled', records: metaRecords }], { generation: this.generation, tx, seq: this.seq });
+    await this.dev.write(this.ext.offset + AREA_HEADER_SIZE, enc.bytes);
+    this.seq = enc.nextSeq;
+    return { tx, bytes: enc.bytes.length, fits };
+  }
+
+  /** The transaction is entirely in place; durable with the next flush. */
+  checkpoint(tx: number): Promise<void> {
+    return checkpoint(this.dev, this.ext, this.generation, tx);
+  }
+}
+
+/**
+ * Where a session's journal will go, decided at open without writing
+ * anything: the area the extension names when its clusters are all still
+ * free (QEMU may have allocated them since), else a new one the writer
+ * places past everything it has allocated when the journal starts.
+ */
+export interface JournalPlan {
+  readonly reuse: JournalExtension | undefined;
+  /** the image already has a journal extension (it is updated rather than added) */
+  readonly extPresent: boolean;
+  /** size of a new area, in bytes */
+  readonly bytes: number;
+}
+
+export async function planJournal(dev: BlockDevice, parsed: ParsedHeader, fileSize: number, bytes: number | undefined, refcount: (cluster: number) => Promise<number>): Promise<JournalPlan> {
+  const cs = 2 ** parsed.header.clusterBits;
+  const want = Math.max(2 * cs, Math.ceil((bytes ?? DEFAULT_JOURNAL_BYTES) / cs) * cs);
+  const found = await locateJournal(dev, parsed, fileSize);
+  let reuse: JournalExtension | undefined;
+  if (found.kind === 'valid') {
+    reuse = found.ext;
+    for (let c = reuse.offset / cs; c < (reuse.offset + reuse.size) / cs; c++) {
+      if ((await refcount(c)) !== 0) {
+        reuse = undefined;
+        break;
+      }
+    }
+  }
+  return { reuse, extPresent: found.kind !== 'absent' && parsed.extensions.some((e) => e.type === EXT_JOURNAL && e.data.length === EXT_JOURNAL_LENGTH), bytes: want };
+}
+
+/**
+ * Start the journal in area `ext` (its clusters free and reserved by the
+ * caller): a fresh area header with a new generation, which makes every
+ * older frame invalid, flushed before the header extension points at the
+ * area. Returns undefined when the header cluster has no room for the
+ * extension. The caller then sets the autoclear bit.
+ */
+export async function activateJournal(dev: BlockDevice, clusterSize: number, ext: JournalExtension, plan: JournalPlan, parsedExtensions: ParsedHeader['extensions']): Promise<JournalLog | undefined> {
+  if ((await dev.size()) < ext.offset + ext.size) await dev.truncate(ext.offset + ext.size);
+  const generation = randomBytes(8).readBigUInt64BE() || 1n;
+  await dev.write(ext.offset, encodeAreaHeader({ generation, size: ext.size, appliedTx: 0 }));
+  await dev.flush();
+  const same = plan.reuse && plan.reuse.offset === ext.offset && plan.reuse.size === ext.size;
+  if (!same) {
+    const ok = plan.extPresent ? await updateExtension(dev, parsedExtensions, ext) : await insertExtension(dev, clusterSize, ext);
+    if (!ok) return undefined;
+  }
+  return new JournalLog(dev, ext, generation);
+}
+
+/** Rewrite the data of an existing journal extension (the area is not live: nothing can be lost). */
+async function updateExtension(dev: BlockDevice, extensions: ParsedHeader['extensions'], ext: JournalExtension): Promise<boolean> {
+  const e = extensions.find((x) => x.type === EXT_JOURNAL);
+  if (!e || e.data.length !== EXT_JOURNAL_LENGTH) return false;
+  await dev.write(e.offset + 8, encodeJournalExtension(ext));
+  await dev.flush();
+  return true;
+}
+
+/**
+ * Append the journal extension to the header's extension list so that the
+ * header is valid after every step: the new bytes go first beyond the
+ * current end marker, and the 8 bytes that turn the end marker into the
+ * extension's type and length go last, in one sector. A backing file name
+ * in the way moves to free space in the header cluster first.
+ */
+async function insertExtension(dev: BlockDevice, cs: number, ext: JournalExtension): Promise<boolean> {
+  const head = await readAt(dev, 0, cs);
+  const version = u32(head, 4);
+  const headerLength = version === 2 ? 72 : u32(head, 100);
+  let p = headerLength;
+  while (p + 8 <= cs && u32(head, p) !== 0) p += 8 + Math.ceil(u32(head, p + 4) / 8) * 8;
+  if (p + 8 > cs) return false;
+  const need = p + 8 + EXT_JOURNAL_LENGTH + 8;
+  const nameAt = u64(head, 8);
+  const nameLen = u32(head, 16);
+  if (nameAt > 0 && nameAt >= p && nameAt < need) {
+    const to = Math.ceil(Math.max(need, nameAt + nameLen) / 512) * 512;
+    if (to + nameLen > cs) return false;
+    await dev.write(to, head.slice(nameAt, nameAt + nameLen));
+    await dev.flush();
+    const field = new Uint8Array(8);
+    putU64(field, 0, to);
+    await dev.write(8, field);
+    await dev.flush();
+  } else if (need > cs) return false;
+  const body = new Uint8Array(EXT_JOURNAL_LENGTH + 8);
+  body.set(encodeJournalExtension(ext));
+  await dev.write(p + 8, body);
+  await dev.flush();
+  const tl = new Uint8Array(8);
+  putU32(tl, 0, EXT_JOURNAL);
+  putU32(tl, 4, EXT_JOURNAL_LENGTH);
+  await dev.write(p, tl);
+  await dev.flush();
+  return true;
+}
+
+/** The journal's event stream, for `journal dump` and research: every transaction the scan accepts. */
+export async function readJournal(dev: BlockDevice, parsed: ParsedHeader, fileSize: number): Promise<Located> {
+  return locateJournal(dev, parsed, fileSize);
+}
