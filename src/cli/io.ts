@@ -228,7 +228,9 @@ async function ioInfo(img: Image, io: Output): Promise<boolean> {
 }
 
 export async function runIo(argv: string[], io: Output): Promise<number> {
-  const p = getopt(argv, { withArg: 'cfot', flags: 'rUnqkmhTs', long: { 'force-share': false, 'image-opts': false, 'read-only': false, format: true, cmd: true, 'detect-zeroes': true } }, 'io');
+  const p = getopt(argv, { withArg: 'cfot', flags: 'rUnqkmhTs', long: { 'force-share': false, 'image-opts': false, 'read-only': false, format: true, cmd: true, 'detect-zeroes': true, journal: true } }, 'io');
+  const jo = p.opts.find(([k]) => k === 'journal')?.[1];
+  if (jo !== undefined && jo !== 'on' && jo !== 'off') throw new UsageError(`--journal expects on or off`);
   const dz = p.opts.find(([k]) => k === 'detect-zeroes')?.[1];
   if (dz !== undefined && dz !== 'off' && dz !== 'on' && dz !== 'unmap') throw new UsageError(`--detect-zeroes expects off, on or unmap`);
   if (p.positional.length !== 1) throw new UsageError('io: expecting one image filename');
@@ -237,7 +239,7 @@ export async function runIo(argv: string[], io: Output): Promise<number> {
   if (fmt !== undefined && fmt !== 'qcow2' && fmt !== 'raw') throw new UsageError(`Unknown file format '${String(fmt)}'`);
   const readOnly = p.opts.some(([k]) => k === 'r' || k === 'read-only');
   const wantsWrite = cmds.some((c) => WRITE_COMMANDS.has(splitCommand(c)[0] ?? ''));
-  const img = await Image.open(p.positional[0]!, { format: fmt as 'qcow2' | 'raw' | undefined, write: wantsWrite && !readOnly, detectZeroes: dz as 'off' | 'on' | 'unmap' | undefined });
+  const img = await Image.open(p.positional[0]!, { format: fmt as 'qcow2' | 'raw' | undefined, write: wantsWrite && !readOnly, detectZeroes: dz as 'off' | 'on' | 'unmap' | undefined, journal: jo !== 'off', onWarning: (m) => io.err(`qledger: warning: ${m}\n`) });
   let failed = false;
   let aborted = false;
   try {

@@ -13,6 +13,7 @@ import { Qcow2Layer } from '../engine/qcow2-layer.ts';
 import type { ImageFormat } from '../engine/open.ts';
 import { runIo } from './io.ts';
 import { runCrashTest } from './crash-test.ts';
+import { runJournal } from './journal.ts';
 import { createOptionsFrom, CREATE_OPTION_NAMES } from '../engine/create.ts';
 import { checkImage, checkExitCode, checkHuman, checkJson, type RepairMode } from '../engine/check.ts';
 
@@ -41,7 +42,9 @@ Commands (options as in qemu-img / qemu-io):
   convert [-f fmt] [-O raw] [-l SNAPSHOT] [-p] [-q] IN OUT
   snapshot -l [-f fmt] FILE
   compare [-f fmt] [-F fmt] [-s] [-q] FILE1 FILE2
-  io [-r] [-f fmt] -c CMD [-c CMD ...] FILE
+  journal dump [--output=human|json] FILE
+     the journal's transactions and records, read-only
+  io [-r] [-f fmt] [--journal=on|off] [--detect-zeroes=off|on|unmap] -c CMD [-c CMD ...] FILE
      io commands: read [-P pattern] [-v] [-q] OFF LEN | write [-P pattern] [-z [-u]] [-q] OFF LEN
                   | discard OFF LEN | flush | truncate SIZE | abort | map | alloc OFF [LEN] | info | length
 `;
@@ -290,6 +293,8 @@ export async function main(argv: string[], io: Output = stdio): Promise<number> 
         return await cmdCheck(rest, io);
       case 'crash-test':
         return await runCrashTest(rest, io);
+      case 'journal':
+        return await runJournal(rest, io);
       case undefined:
       case '-h':
       case '--help':

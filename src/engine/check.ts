@@ -33,7 +33,7 @@ import { readAt } from '../io/device.ts';
 import { FileDevice } from '../io/file-device.ts';
 import { geometryOf, type Geometry, type ParsedHeader } from '../format/header.ts';
 import { putU32, putU64, u32 } from '../format/bytes.ts';
-import { AUTOCLEAR_BITMAPS, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY } from '../format/features.ts';
+import { AUTOCLEAR_BITMAPS, AUTOCLEAR_JOURNAL, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY } from '../format/features.ts';
 import { COPIED_HI } from '../format/l1.ts';
 import { compressedDescriptor, readL2Entry, standardOffset, type RawL2Entry, L2E_COMPRESSED_HI, L2E_COPIED_HI } from '../format/l2.ts';
 import { getRefcount, setRefcount, refcountTableEntry, setRefcountTableEntry, maxRefcount } from '../format/refcount.ts';
@@ -648,6 +648,16 @@ export async function checkDevice(dev: BlockDevice, path: string, opts: { repair
     if ((await probeFormat(dev)) !== 'qcow2') throw new QledgerError('E_FORMAT', `${path}: not a qcow2 image (check supports qcow2 only)`);
     let img = await loadImage(dev, path);
     const report = emptyReport(path);
+    const h0 = img.parsed.header;
+    if (opts.repair && h0.version === 3 && (h0.autoclearFeatures & AUTOCLEAR_JOURNAL) !== 0n) {
+      // A repair changes refcounts behind the journal's back: the journal is stale from
+      // now on and must never be replayed (QEMU's repair clears the bit the same way).
+      const b = new Uint8Array(8);
+      putU64(b, 0, h0.autoclearFeatures & ~AUTOCLEAR_JOURNAL);
+      await dev.write(88, b);
+      await dev.flush();
+      img = await loadImage(dev, path);
+    }
     let a = await onePass(img, opts.repair, report);
     if (opts.repair && !report.failure) {
       await dev.flush();

@@ -11,7 +11,8 @@ import { Qcow2Layer } from './qcow2-layer.ts';
 import { guest, type Layer } from './layer.ts';
 import type { SnapshotEntry } from '../format/snapshot.ts';
 import { QledgerError } from '../errors.ts';
-import { openWriter, createImage, type WritableOpenOptions } from './writable.ts';
+import { openWriterSession, createImage, type WritableOpenOptions } from './writable.ts';
+import type { RecoveryReport } from './journal.ts';
 import type { DetectZeroes, Qcow2Writer, TraceEvent, ZeroOptions } from './writer.ts';
 import type { CreateOptions } from './create.ts';
 
@@ -24,6 +25,17 @@ export interface ImageOpenOptions extends OpenOptions {
   readonly detectZeroes?: DetectZeroes | undefined;
   /** memory bound for metadata tables kept between write-backs (default 64 MiB) */
   readonly cacheBytes?: number | undefined;
+  /**
+   * Keep the durable journal (v3 images; default true): after a crash the
+   * next read-write open completes the interrupted write-back and leaves no
+   * leaked cluster. false gives QEMU's plain ordered behaviour. A live
+   * journal found on open is recovered either way.
+   */
+  readonly journal?: boolean | undefined;
+  /** size of a new journal area (default 4 MiB) */
+  readonly journalBytes?: number | undefined;
+  /** receives warnings, such as a journal ignored as stale or invalid */
+  readonly onWarning?: ((message: string) => void) | undefined;
 }
 
 export class Image {
@@ -31,15 +43,17 @@ export class Image {
     readonly top: Layer,
     /** the write engine, when opened read-write */
     readonly writer?: Qcow2Writer | undefined,
+    /** what the read-write open's journal recovery did */
+    readonly recovery?: RecoveryReport | undefined,
   ) {}
 
   /** Open `path` with its backing chain; read-only unless `write` is set. */
   static async open(path: string, opts: ImageOpenOptions = {}): Promise<Image> {
     if (opts.write) {
       if (opts.snapshot !== undefined) throw new QledgerError('E_USAGE', `${path}: a snapshot can only be opened read-only`);
-      const o: WritableOpenOptions = { format: opts.format, trace: opts.trace, detectZeroes: opts.detectZeroes, cacheBytes: opts.cacheBytes };
-      const w = await openWriter(path, o);
-      return new Image(w.layer, w);
+      const o: WritableOpenOptions = { format: opts.format, trace: opts.trace, detectZeroes: opts.detectZeroes, cacheBytes: opts.cacheBytes, journal: opts.journal, journalBytes: opts.journalBytes, onWarning: opts.onWarning };
+      const { writer, recovery } = await openWriterSession(path, o);
+      return new Image(writer.layer, writer, recovery);
     }
     return new Image(await openLayer(path, opts));
   }

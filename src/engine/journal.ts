@@ -35,6 +35,10 @@ import {
 } from '../journal/log.ts';
 import type { HeaderField, JournalRecord, L2Word } from '../journal/records.ts';
 import { dirtySectors, type DeviceWrite } from './ordering.ts';
+import { FileDevice } from '../io/file-device.ts';
+import { UnsupportedError } from '../errors.ts';
+import { loadQcow2 } from './qcow2-layer.ts';
+import { probeFormat } from './open.ts';
 
 /** Default journal area: big enough for a write-back of ~60,000 L2 updates. */
 export const DEFAULT_JOURNAL_BYTES = 4 * 1024 * 1024;
@@ -289,9 +293,17 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
     const s = t.spans.get(r.index);
     t.spans.set(r.index, s ? { first: s.first, last: r.new } : { first: r.old, last: r.new });
   }
+  const changedL2: L2Word[] = [];
+  const l1First = new Map<number, number>();
+  for (const r of recs) if (r.kind === 'l1' && !l1First.has(r.index)) l1First.set(r.index, (r.old.hi & 0x00ff_ffff) * 0x1_0000_0000 + ((r.old.lo & 0xffff_fe00) >>> 0));
   for (const [T, t] of l2) {
-    // a table the transaction dropped (copied away, freed) is left alone: it may be reused
-    if (l2At(t.l1Index) !== T) continue;
+    // a table the transaction dropped (copied away, freed) is left alone: it may be reused;
+    // but it must be one the transaction did drop: the table its L1 entry pointed at before
+    if (l2At(t.l1Index) !== T) {
+      if (!newTables.has(`l2@${T}`) && l1First.get(t.l1Index) !== T) return `L2 records name table ${hex(T)}, which L1 entry ${t.l1Index} never points at`;
+      continue;
+    }
+    for (const sp of t.spans.values()) changedL2.push(sp.last);
     const bad = checkTable('L2 table', T, cs);
     if (bad) return bad;
     const isNew = newTables.has(`l2@${T}`);
@@ -353,6 +365,47 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
     }
     phase0.push(...dirtySectors(isNew ? undefined : disk, bound, B, `replay: refblock ${hex(B)}`));
     phase3.push(...dirtySectors(bound, final, B, `replay: refblock ${hex(B)}`));
+  }
+
+  // ---- the final entries must make sense with the final refcounts (a journal
+  // whose checksums pass but whose content does not describe a valid image is refused)
+  const refcountAt = async (c: number): Promise<number | undefined> => {
+    const m = counts.get(Math.floor(c / E));
+    const s = m?.get(c);
+    if (s) return s.last;
+    const B = blockAt(Math.floor(c / E));
+    if (B === 0) return 0;
+    if (B % cs !== 0) return undefined;
+    let b = blockCache.get(B);
+    if (!b) blockCache.set(B, (b = await readAt(dev, B, cs)));
+    return getRefcount(b, c % E, g.refcountOrder);
+  };
+  const blockCache = new Map<number, Uint8Array>();
+  const entryProblem = async (what: string, hi: number, lo: number, reservedHi: number, reservedLo: number): Promise<string | undefined> => {
+    const offset = (hi & 0x00ff_ffff) * 0x1_0000_0000 + ((lo & 0xffff_fe00) >>> 0);
+    if ((hi & reservedHi) !== 0 || (lo & reservedLo) !== 0) return `${what} has reserved bits set`;
+    if (offset === 0) return undefined;
+    if (offset % cs !== 0) return `${what} points at ${hex(offset)}, not cluster aligned`;
+    if (offset < j.ext.offset + j.ext.size && offset + cs > j.ext.offset) return `${what} points into the journal area`;
+    const rc = await refcountAt(offset / cs);
+    if (rc === undefined || rc === 0) return `${what} points at ${hex(offset)}, whose refcount would be 0`;
+    if (((hi & 0x8000_0000) !== 0) !== (rc === 1)) return `${what} has a COPIED flag that disagrees with refcount ${rc}`;
+    return undefined;
+  };
+  for (const e of changedL2) {
+    if ((e.hi & 0x4000_0000) !== 0) continue; // compressed: shared byte ranges, counted per cluster they touch
+    const bad = await entryProblem('an L2 entry', e.hi, e.lo, 0x3f00_0000, g.extendedL2 ? 0x0000_01ff : 0x0000_01fe);
+    if (bad) return bad;
+  }
+  const changedL1 = new Set<number>();
+  for (const r of recs) if (r.kind === 'l1') changedL1.add(r.index);
+  for (let i = 0; i < l1Size; i++) {
+    const hi = u32(finalL1, i * 8);
+    const lo = u32(finalL1, i * 8 + 4);
+    if (l1Swap || changedL1.has(i)) {
+      const bad = await entryProblem(`L1 entry ${i}`, hi, lo, 0x7f00_0000, 0x0000_01ff);
+      if (bad) return bad;
+    }
   }
 
   // ---- the header
@@ -539,7 +592,45 @@ async function insertExtension(dev: BlockDevice, cs: number, ext: JournalExtensi
   return true;
 }
 
-/** The journal's event stream, for `journal dump` and research: every transaction the scan accepts. */
-export async function readJournal(dev: BlockDevice, parsed: ParsedHeader, fileSize: number): Promise<Located> {
-  return locateJournal(dev, parsed, fileSize);
+/** An image's journal as an event stream: what `qledger journal dump` prints. */
+export interface JournalDump {
+  readonly state: 'absent' | 'invalid' | 'valid' | 'v2';
+  /** the autoclear bit is set: the journal is live */
+  readonly live: boolean;
+  /** why an invalid journal fails validation */
+  readonly reason?: string | undefined;
+  readonly area?: { readonly offset: number; readonly size: number; readonly generation: bigint; readonly appliedTx: number } | undefined;
+  /** every transaction the scan accepted, in order, the last one possibly torn (committed false) */
+  readonly transactions: ReadonlyArray<JournalTransaction & { readonly applied: boolean }>;
+  /** where and why the scan stopped */
+  readonly end?: { readonly at: number; readonly reason: string } | undefined;
+}
+
+/** The journal of the qcow2 image at `path`, read-only: the library's view of the event stream. */
+export async function readJournal(path: string): Promise<JournalDump> {
+  const dev = await FileDevice.open(path, { readOnly: true });
+  try {
+    if ((await probeFormat(dev)) !== 'qcow2') throw new UnsupportedError(`${path}: not a qcow2 image; only qcow2 images have a journal`, { path });
+    const { parsed, fileSize } = await loadQcow2(dev);
+    return await dumpJournal(dev, parsed, fileSize);
+  } finally {
+    await dev.close();
+  }
+}
+
+/** Read the journal of the qcow2 image on `dev` without changing anything. */
+export async function dumpJournal(dev: BlockDevice, parsed: ParsedHeader, fileSize: number): Promise<JournalDump> {
+  const h = parsed.header;
+  const live = h.version === 3 && (h.autoclearFeatures & AUTOCLEAR_JOURNAL) !== 0n;
+  if (h.version !== 3) return { state: 'v2', live: false, transactions: [] };
+  const j = await locateJournal(dev, parsed, fileSize);
+  if (j.kind === 'absent') return { state: 'absent', live, transactions: [] };
+  if (j.kind === 'invalid') return { state: 'invalid', live, reason: j.reason, transactions: [] };
+  return {
+    state: 'valid',
+    live,
+    area: { offset: j.ext.offset, size: j.ext.size, generation: j.generation, appliedTx: j.appliedTx },
+    transactions: j.scan.transactions.map((t) => ({ ...t, applied: t.tx <= j.appliedTx })),
+    end: j.scan.end,
+  };
 }
