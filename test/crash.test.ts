@@ -222,7 +222,8 @@ describe('qledger crash-test (CLI)', () => {
     const r = await cli('crash-test', '-o', 'cluster_size=4k,size=512k', '--random', '--runs', '3', '--seed', '5', '--max-states', '60', '--output=json');
     expect(r.code).toBe(0);
     const j = JSON.parse(r.out);
-    expect(Object.keys(j)).toEqual(['workloads', 'states', 'corruptions', 'data-errors', 'leaks', 'states-per-second', 'failures']);
+    expect(Object.keys(j)).toEqual(['workloads', 'states', 'corruptions', 'data-errors', 'leaks', 'journal-replays', 'leaks-after-recovery', 'states-per-second', 'failures']);
+    expect(j['leaks-after-recovery']).toBe(0);
     expect(j.workloads).toBe(3);
     expect(j.states).toBeGreaterThan(0);
     expect(j.failures).toEqual([]);

@@ -46,7 +46,7 @@ export function randomWorkload(seed: number, size: number, cs: number): GuestOp[
 }
 
 export async function runCrashTest(argv: string[], io: Output): Promise<number> {
-  const p = getopt(argv, { withArg: 'o', flags: 'q', long: { output: true, workload: true, random: false, seed: true, runs: true, 'max-states': true, fault: true, 'qemu-samples': true } }, 'crash-test');
+  const p = getopt(argv, { withArg: 'o', flags: 'q', long: { output: true, workload: true, random: false, seed: true, runs: true, 'max-states': true, fault: true, 'qemu-samples': true, journal: true } }, 'crash-test');
   const get = (k: string) => {
     let v: string | true | undefined;
     for (const [key, x] of p.opts) if (key === k) v = x;
@@ -59,6 +59,9 @@ export async function runCrashTest(argv: string[], io: Output): Promise<number> 
   }
   if (fault !== undefined && !(String(fault) in FAULTS)) throw new UsageError(`crash-test: unknown fault '${String(fault)}' (try --fault list)`);
   if (p.positional.length) throw new UsageError(`crash-test: unexpected argument '${p.positional[0]}' (images live in memory; give -o for their options)`);
+  const jo = get('journal');
+  if (jo !== undefined && jo !== 'on' && jo !== 'off') throw new UsageError('crash-test: --journal expects on or off');
+  const journal = jo !== 'off';
   const output = get('output');
   if (output !== undefined && output !== 'human' && output !== 'json') throw new UsageError('--output must be used with human or json as argument.');
   const opts = new Map<string, string>();
@@ -89,23 +92,27 @@ export async function runCrashTest(argv: string[], io: Output): Promise<number> 
   let corruptions = 0;
   let dataErrors = 0;
   let leaks = 0;
+  let replayed = 0;
+  let leaksAfter = 0;
   let seconds = 0;
   const failures: Array<CrashFailure & { workload: number; reproduce: string }> = [];
   for (const [i, ops] of workloads.entries()) {
-    const r = await crashTest(ops, { create, maxStates, seed: seed + i, fault: fault as Fault | undefined, qemuSamples });
+    const r = await crashTest(ops, { create, maxStates, seed: seed + i, fault: fault as Fault | undefined, qemuSamples, journal });
     states += r.states;
     corruptions += r.corruptions;
     dataErrors += r.dataErrors;
     leaks += r.leaks;
+    replayed += r.replayed;
+    leaksAfter += r.leaksAfterRecovery;
     seconds += r.seconds;
     const repro = reproduction(ops, { create, seed: seed + i, fault: fault as Fault | undefined });
     for (const f of r.failures.slice(0, 5)) failures.push({ ...f, workload: i, reproduce: repro });
   }
   const sps = seconds > 0 ? Math.round(states / seconds) : 0;
   if (output === 'json') {
-    io.out(qemuJson({ workloads: workloads.length, states, corruptions, 'data-errors': dataErrors, leaks, 'states-per-second': sps, failures }) + '\n');
+    io.out(qemuJson({ workloads: workloads.length, states, corruptions, 'data-errors': dataErrors, leaks, 'journal-replays': replayed, 'leaks-after-recovery': leaksAfter, 'states-per-second': sps, failures }) + '\n');
   } else {
-    io.out(`workloads: ${workloads.length}\nstates: ${states}\ncorruptions: ${corruptions}\ndata errors: ${dataErrors}\nstates with leaks (allowed): ${leaks}\nstates per second: ${sps}\n`);
+    io.out(`workloads: ${workloads.length}\nstates: ${states}\ncorruptions: ${corruptions}\ndata errors: ${dataErrors}\nstates with leaks before recovery (allowed): ${leaks}\nstates recovered by journal replay: ${replayed}\nstates with leaks after recovery: ${journal ? leaksAfter : 'not judged (journal off)'}\nstates per second: ${sps}\n`);
     for (const f of failures) io.out(`FAIL workload ${f.workload}, ${f.state}: ${f.problem}\n  replay: ${f.reproduce}\n`);
     if (!failures.length) io.out('No corruption and no wrong data in any crash state.\n');
   }

@@ -32,7 +32,7 @@ import { RawLayer } from './raw-layer.ts';
 import { readGuest } from './read.ts';
 import { guest, type Layer } from './layer.ts';
 import { checkDevice } from './check.ts';
-import { createOnDevice, openWriterOnDevice } from './writable.ts';
+import { createOnDevice, openSession, openWriterOnDevice } from './writable.ts';
 import type { CreateOptions } from './create.ts';
 import type { Fault } from './ordering.ts';
 
@@ -82,6 +82,8 @@ export interface CrashTestResult {
   readonly leaks: number;
   /** states that still had leaked clusters after the journal's recovery (counted in corruptions too) */
   readonly leaksAfterRecovery: number;
+  /** states whose read-write open (d) replayed a journal transaction */
+  readonly replayed: number;
   readonly failures: CrashFailure[];
   readonly seconds: number;
   /** device operations the workload produced */
@@ -276,6 +278,7 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
   let dataErrors = 0;
   let leaks = 0;
   let leaksAfterRecovery = 0;
+  let replayed = 0;
   let qemuLeft = o.qemuSamples ?? 0;
   const tmp = qemuLeft > 0 ? mkdtempSync(join(tmpdir(), 'qledger-crash-')) : undefined;
   try {
@@ -311,7 +314,11 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
       // (d)
       try {
         const dev = new MemoryDevice(name, st.image);
-        const rw = await openWriterOnDevice(dev, name, { backing: await backingLayer(), journal, journalBytes: o.journalBytes ?? 64 * 1024 });
+        const warnings: string[] = [];
+        const { writer: rw, recovery } = await openSession(dev, undefined, name, await backingLayer(), { journal, journalBytes: o.journalBytes ?? 64 * 1024, onWarning: (m) => warnings.push(m) });
+        if (recovery.action === 'replayed') replayed++;
+        // a journal qledger wrote and a crash cut is never invalid
+        if (recovery.action === 'ignored') fail(`the journal was ignored: ${warnings.join('; ')}`, 'corruption');
         await rw.close();
         const r = await checkDevice(new MemoryDevice(name, dev.snapshot(), { readOnly: true }), name);
         if (r.corruptions || r.checkErrors) fail(`after a read-write open: ${r.corruptions} corruptions: ${r.findings.filter((f) => f.counts !== 'leak').map((f) => f.message).slice(0, 3).join('; ')}`, 'corruption');
@@ -336,7 +343,7 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
   } finally {
     if (tmp) rmSync(tmp, { recursive: true, force: true });
   }
-  return { states, corruptions, dataErrors, leaks, leaksAfterRecovery, failures, seconds: Number(process.hrtime.bigint() - t0) / 1e9, deviceOps: rec.ops.length };
+  return { states, corruptions, dataErrors, leaks, leaksAfterRecovery, replayed, failures, seconds: Number(process.hrtime.bigint() - t0) / 1e9, deviceOps: rec.ops.length };
 
   function judgeData(got: Uint8Array, st: { crashPoint: number; epoch: number; description: string }, all: readonly Step[], init: Uint8Array): string | undefined {
     // the flush that opens this state's epoch is its last durable point

@@ -334,11 +334,14 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
   }
 
   // ---- refcounts
+  // A dirty image (lazy refcounts) has stale refcount blocks by design: they are
+  // neither compared nor written, the rebuild that follows recovery recounts them.
+  const dirty = (h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n;
   const max = maxRefcount(g.refcountOrder);
   const E = g.refcountBlockEntries;
   const counts = new Map<number, Map<number, { first: number; last: number; inc: number }>>();
   for (const r of recs) {
-    if (r.kind !== 'refcount') continue;
+    if (r.kind !== 'refcount' || dirty) continue;
     const rt = Math.floor(r.cluster / E);
     let m = counts.get(rt);
     if (!m) counts.set(rt, (m = new Map()));
@@ -387,6 +390,7 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
     if (offset === 0) return undefined;
     if (offset % cs !== 0) return `${what} points at ${hex(offset)}, not cluster aligned`;
     if (offset < j.ext.offset + j.ext.size && offset + cs > j.ext.offset) return `${what} points into the journal area`;
+    if (dirty) return undefined;
     const rc = await refcountAt(offset / cs);
     if (rc === undefined || rc === 0) return `${what} points at ${hex(offset)}, whose refcount would be 0`;
     if (((hi & 0x8000_0000) !== 0) !== (rc === 1)) return `${what} has a COPIED flag that disagrees with refcount ${rc}`;
