@@ -4,6 +4,8 @@
  *   seq     1 GiB written in 1 MiB requests to an empty 1 GiB image
  *   random  20,000 4 KiB writes to distinct unallocated 64 KiB clusters of a 100 GiB image
  *   zero    write -z over 1 GiB: of an empty image, and of a fully written one
+ * qledger runs twice per repetition, with its journal (the default) and with
+ * --journal=off, so the journal's cost is measured in the same run.
  * BENCH_CASE=<substring> runs only the matching cases.
  * Every result image must pass `qemu-img check` and equal qemu-io's (checked
  * outside the timing). Each timed run starts after `sync`, and the order
@@ -83,8 +85,8 @@ try {
     process.exit(1);
   }
   console.log(`write benchmarks: ${runs} runs each, median, whole process, 64 KiB clusters, fresh image per run`);
-  console.log('| case | qemu-io | qledger io | ratio (qledger throughput / qemu-io) |');
-  console.log('|---|---|---|---|');
+  console.log('| case | qemu-io | qledger io (journal on) | ratio (qledger / qemu-io throughput) | qledger io --journal=off | journal cost |');
+  console.log('|---|---|---|---|---|---|');
   const filter = process.env['BENCH_CASE'];
   for (const c of CASES) {
     if (filter && !c.name.includes(filter)) continue;
@@ -93,11 +95,14 @@ try {
     const args = c.cmds.flatMap((x) => ['-c', x]);
     const ours: number[] = [];
     const theirs: number[] = [];
+    const off: number[] = [];
     for (let i = 0; i < runs; i++) {
       const a = join(dir, 'a.qcow2');
       const b = join(dir, 'b.qcow2');
+      const n = join(dir, 'n.qcow2');
       copyFileSync(pristine, a);
       copyFileSync(pristine, b);
+      copyFileSync(pristine, n);
       // Start each timed run with no dirty pages left from the previous one,
       // and alternate who goes first: the disk, not the tool, sets the pace.
       const q = () => {
@@ -108,25 +113,28 @@ try {
         spawnSync('sync');
         ours.push(timed(qledger, ['io', ...args, b]));
       };
-      if (i % 2 === 0) {
-        q();
-        l();
-      } else {
-        l();
-        q();
+      const lo = () => {
+        spawnSync('sync');
+        off.push(timed(qledger, ['io', '--journal=off', ...args, n]));
+      };
+      const order = [[q, l, lo], [l, lo, q], [lo, q, l]][i % 3]!;
+      for (const f of order) f();
+      for (const img of [a, b, n]) check(img);
+      for (const img of [b, n]) {
+        const cmp = spawnSync('qemu-img', ['compare', a, img]);
+        if (cmp.status !== 0) throw new Error(`${c.name}: qledger's image differs from qemu-io's`);
       }
-      check(a);
-      check(b);
-      const cmp = spawnSync('qemu-img', ['compare', a, b]);
-      if (cmp.status !== 0) throw new Error(`${c.name}: qledger's image differs from qemu-io's`);
       rmSync(a);
       rmSync(b);
+      rmSync(n);
     }
     rmSync(pristine);
     const t = median(theirs);
     const o = median(ours);
+    const f = median(off);
     const mib = (s: number) => `${(c.bytes / 2 ** 20 / s).toFixed(0)} MiB/s`;
-    console.log(`| ${c.name} | ${t.toFixed(3)} s (${mib(t)}) | ${o.toFixed(3)} s (${mib(o)}) | **${(t / o).toFixed(2)}** |`);
+    const cost = ((o / f - 1) * 100).toFixed(1);
+    console.log(`| ${c.name} | ${t.toFixed(3)} s (${mib(t)}) | ${o.toFixed(3)} s (${mib(o)}) | **${(t / o).toFixed(2)}** | ${f.toFixed(3)} s (${mib(f)}) | ${cost}% |`);
   }
 } finally {
   rmSync(dir, { recursive: true, force: true });

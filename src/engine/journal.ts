@@ -23,6 +23,7 @@ import { readAt, type BlockDevice } from '../io/device.ts';
 import {
   AREA_HEADER_SIZE,
   EXT_JOURNAL_LENGTH,
+  FRAME_HEADER_SIZE,
   decodeAreaHeader,
   decodeJournalExtension,
   encodeAreaHeader,
@@ -40,8 +41,8 @@ import { UnsupportedError } from '../errors.ts';
 import { loadQcow2 } from './qcow2-layer.ts';
 import { probeFormat } from './open.ts';
 
-/** Default journal area: big enough for a write-back of ~60,000 L2 updates. */
-export const DEFAULT_JOURNAL_BYTES = 4 * 1024 * 1024;
+/** Default journal area: a write-back of up to ~4 MiB of records (~45,000 new clusters) fits. */
+export const DEFAULT_JOURNAL_BYTES = 8 * 1024 * 1024;
 
 const hex = (n: number) => '0x' + n.toString(16);
 
@@ -75,7 +76,10 @@ export async function locateJournal(dev: BlockDevice, parsed: ParsedHeader, file
   if (ext.offset === 0 || ext.offset % cs !== 0 || ext.size % cs !== 0 || ext.size < 2 * AREA_HEADER_SIZE || ext.size > MAX_AREA || ext.offset + ext.size > fileSize) {
     return { kind: 'invalid', reason: `journal header extension at ${hex(e.offset)}: area ${hex(ext.offset)} of ${ext.size} bytes is not a cluster-aligned range inside the file`, ext };
   }
-  const area = await readAt(dev, ext.offset, ext.size);
+  // Read what the frames need, not the whole area: start small and read more
+  // only while the scan runs into the end of what was read.
+  let n = Math.min(ext.size, 128 * 1024);
+  let area = await readAt(dev, ext.offset, n);
   let hdr;
   try {
     hdr = decodeAreaHeader(area, ext.offset);
@@ -83,7 +87,13 @@ export async function locateJournal(dev: BlockDevice, parsed: ParsedHeader, file
     return { kind: 'invalid', reason: (err as Error).message, ext };
   }
   if (hdr.size !== ext.size) return { kind: 'invalid', reason: `journal area header at ${hex(ext.offset)}: size ${hdr.size} differs from the extension's ${ext.size}`, ext };
-  return { kind: 'valid', ext, extAt: e.offset, generation: hdr.generation, appliedTx: hdr.appliedTx, scan: scanFrames(area, hdr.generation) };
+  let scan = scanFrames(area, hdr.generation);
+  while (n < ext.size && (scan.end.at + FRAME_HEADER_SIZE > n || /does not fit|end of the area/.test(scan.end.reason))) {
+    n = Math.min(ext.size, n * 4);
+    area = await readAt(dev, ext.offset, n);
+    scan = scanFrames(area, hdr.generation);
+  }
+  return { kind: 'valid', ext, extAt: e.offset, generation: hdr.generation, appliedTx: hdr.appliedTx, scan };
 }
 
 const MAX_AREA = 1024 * 1024 * 1024;
@@ -114,9 +124,9 @@ export async function recoverJournal(dev: BlockDevice, name: string, parsed: Par
   const live = (h.autoclearFeatures & AUTOCLEAR_JOURNAL) !== 0n;
   if ((h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n) return none;
   const j = await locateJournal(dev, parsed, fileSize);
-  if (j.kind === 'absent') {
-    return live ? { ...none, action: 'ignored', warnings: [`${name}: the journal autoclear bit is set but there is no journal header extension; journal ignored`] } : none;
-  }
+  // the bit can reach the disk in the same flush as the extension that it guards, or
+  // without it: either way no transaction was written yet, so there is nothing to say
+  if (j.kind === 'absent') return none;
   if (j.kind === 'invalid') {
     return live ? { ...none, action: 'ignored', warnings: [`${name}: journal ignored, it fails validation: ${j.reason}. Leaked clusters, if any, stay until 'qledger check -r leaks'`] } : none;
   }
@@ -138,14 +148,16 @@ export async function recoverJournal(dev: BlockDevice, name: string, parsed: Par
   let writes = 0;
   for (const phase of plan) {
     if (!phase.length) continue;
-    for (const w of phase) {
-      await dev.write(w.offset, w.data);
-      writes++;
+    // the writes of one phase have no order among them
+    for (let i = 0; i < phase.length; i += CONCURRENCY) {
+      await Promise.all(phase.slice(i, i + CONCURRENCY).map((w) => dev.write(w.offset, w.data)));
     }
+    writes += phase.length;
     await dev.flush();
   }
+  // no flush of its own: until it is durable a crash only means replaying again
+  // (idempotent), and the session's first write-back starts a new generation anyway
   await checkpoint(dev, j.ext, j.generation, tx.tx);
-  await dev.flush();
   return { action: 'replayed', tx: tx.tx, records: tx.records.length, writes, warnings: [] };
 }
 
@@ -296,6 +308,13 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
   const changedL2: L2Word[] = [];
   const l1First = new Map<number, number>();
   for (const r of recs) if (r.kind === 'l1' && !l1First.has(r.index)) l1First.set(r.index, (r.old.hi & 0x00ff_ffff) * 0x1_0000_0000 + ((r.old.lo & 0xffff_fe00) >>> 0));
+  // the tables to read, read concurrently: recovery time is their number, not the image's size
+  const existingL2 = [...l2.entries()].filter(([T, t]) => l2At(t.l1Index) === T && !newTables.has(`l2@${T}`)).map(([T]) => T);
+  for (const T of existingL2) {
+    const bad = checkTable('L2 table', T, cs);
+    if (bad) return bad;
+  }
+  const l2Disk = await readMany(dev, existingL2, cs);
   for (const [T, t] of l2) {
     // a table the transaction dropped (copied away, freed) is left alone: it may be reused;
     // but it must be one the transaction did drop: the table its L1 entry pointed at before
@@ -321,7 +340,7 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
       }
       phase0.push({ offset: T, data: final, what: `replay: new l2 ${hex(T)}` });
     } else {
-      const disk = await readAt(dev, T, cs);
+      const disk = l2Disk.get(T)!;
       final = disk.slice();
       for (const [i, s] of t.spans) {
         if (i >= g.l2Entries) return `L2 index ${i} is past the table`;
@@ -349,13 +368,17 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
     const inc = Math.max(0, r.new - r.old);
     m.set(r.cluster, s ? { first: s.first, last: r.new, inc: s.inc + inc } : { first: r.old, last: r.new, inc });
   }
-  for (const [rt, m] of counts) {
+  for (const rt of counts.keys()) {
     const B = blockAt(rt);
     if (B === 0) return `refcount block ${rt} is not in the refcount table`;
     const bad = checkTable('refcount block', B, cs);
     if (bad) return bad;
+  }
+  const blockDisk = await readMany(dev, [...counts.keys()].map(blockAt).filter((B) => !newTables.has(`refblock@${B}`)), cs);
+  for (const [rt, m] of counts) {
+    const B = blockAt(rt);
     const isNew = newTables.has(`refblock@${B}`);
-    const disk = isNew ? new Uint8Array(cs) : await readAt(dev, B, cs);
+    const disk = isNew ? new Uint8Array(cs) : blockDisk.get(B)!;
     const bound = disk.slice();
     const final = disk.slice();
     for (const [c, s] of m) {
@@ -383,7 +406,7 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
     if (!b) blockCache.set(B, (b = await readAt(dev, B, cs)));
     return getRefcount(b, c % E, g.refcountOrder);
   };
-  const blockCache = new Map<number, Uint8Array>();
+  const blockCache = blockDisk;
   const entryProblem = async (what: string, hi: number, lo: number, reservedHi: number, reservedLo: number): Promise<string | undefined> => {
     const offset = (hi & 0x00ff_ffff) * 0x1_0000_0000 + ((lo & 0xffff_fe00) >>> 0);
     if ((hi & reservedHi) !== 0 || (lo & reservedLo) !== 0) return `${what} has reserved bits set`;
@@ -430,6 +453,20 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
     (rtSwap ? phase1 : phase2).push({ offset: 0, data: finalHeader, what: 'replay: header' });
   }
   return [phase0, phase1, phase2, phase3];
+}
+
+/** Concurrent reads in flight during recovery (the file device's thread pool takes four at a time). */
+const CONCURRENCY = 32;
+
+async function readMany(dev: BlockDevice, offsets: readonly number[], len: number): Promise<Map<number, Uint8Array>> {
+  const out = new Map<number, Uint8Array>();
+  const list = [...new Set(offsets)];
+  for (let i = 0; i < list.length; i += CONCURRENCY) {
+    const part = list.slice(i, i + CONCURRENCY);
+    const got = await Promise.all(part.map((o) => readAt(dev, o, len)));
+    part.forEach((o, k) => out.set(o, got[k]!));
+  }
+  return out;
 }
 
 function getL2(t: Uint8Array, i: number, g: Geometry): L2Word {
@@ -531,29 +568,46 @@ export async function planJournal(dev: BlockDevice, parsed: ParsedHeader, fileSi
 /**
  * Start the journal in area `ext` (its clusters free and reserved by the
  * caller): a fresh area header with a new generation, which makes every
- * older frame invalid, flushed before the header extension points at the
- * area. Returns undefined when the header cluster has no room for the
- * extension. The caller then sets the autoclear bit.
+ * older frame invalid, durable before the header extension points at the
+ * area. `bit` writes the header with the autoclear bit; it goes with the
+ * last flush. Returns undefined when the header cluster has no room for
+ * the extension. Flushes: one when the area is reused, two for a new
+ * extension (three when the backing file name must move).
  */
-export async function activateJournal(dev: BlockDevice, clusterSize: number, ext: JournalExtension, plan: JournalPlan, parsedExtensions: ParsedHeader['extensions']): Promise<JournalLog | undefined> {
+export async function activateJournal(
+  dev: BlockDevice,
+  clusterSize: number,
+  ext: JournalExtension,
+  plan: JournalPlan,
+  parsedExtensions: ParsedHeader['extensions'],
+  bit: () => Promise<void>,
+  onFlush: (what: string) => void = () => {},
+): Promise<JournalLog | undefined> {
   if ((await dev.size()) < ext.offset + ext.size) await dev.truncate(ext.offset + ext.size);
   const generation = randomBytes(8).readBigUInt64BE() || 1n;
   await dev.write(ext.offset, encodeAreaHeader({ generation, size: ext.size, appliedTx: 0 }));
-  await dev.flush();
   const same = plan.reuse && plan.reuse.offset === ext.offset && plan.reuse.size === ext.size;
-  if (!same) {
-    const ok = plan.extPresent ? await updateExtension(dev, parsedExtensions, ext) : await insertExtension(dev, clusterSize, ext);
+  if (same) {
+    await bit();
+    await dev.flush();
+    onFlush('journal area header');
+  } else {
+    const ok = plan.extPresent ? await updateExtension(dev, parsedExtensions, ext, bit, onFlush) : await insertExtension(dev, clusterSize, ext, bit, onFlush);
     if (!ok) return undefined;
   }
   return new JournalLog(dev, ext, generation);
 }
 
 /** Rewrite the data of an existing journal extension (the area is not live: nothing can be lost). */
-async function updateExtension(dev: BlockDevice, extensions: ParsedHeader['extensions'], ext: JournalExtension): Promise<boolean> {
+async function updateExtension(dev: BlockDevice, extensions: ParsedHeader['extensions'], ext: JournalExtension, bit: () => Promise<void>, onFlush: (what: string) => void): Promise<boolean> {
   const e = extensions.find((x) => x.type === EXT_JOURNAL);
   if (!e || e.data.length !== EXT_JOURNAL_LENGTH) return false;
+  await dev.flush(); // the area header before the extension points at it
+  onFlush('journal area header');
   await dev.write(e.offset + 8, encodeJournalExtension(ext));
+  await bit();
   await dev.flush();
+  onFlush('journal extension');
   return true;
 }
 
@@ -564,7 +618,7 @@ async function updateExtension(dev: BlockDevice, extensions: ParsedHeader['exten
  * extension's type and length go last, in one sector. A backing file name
  * in the way moves to free space in the header cluster first.
  */
-async function insertExtension(dev: BlockDevice, cs: number, ext: JournalExtension): Promise<boolean> {
+async function insertExtension(dev: BlockDevice, cs: number, ext: JournalExtension, bit: () => Promise<void>, onFlush: (what: string) => void): Promise<boolean> {
   const head = await readAt(dev, 0, cs);
   const version = u32(head, 4);
   const headerLength = version === 2 ? 72 : u32(head, 100);
@@ -574,25 +628,35 @@ async function insertExtension(dev: BlockDevice, cs: number, ext: JournalExtensi
   const need = p + 8 + EXT_JOURNAL_LENGTH + 8;
   const nameAt = u64(head, 8);
   const nameLen = u32(head, 16);
+  const body = new Uint8Array(EXT_JOURNAL_LENGTH + 8);
+  body.set(encodeJournalExtension(ext));
   if (nameAt > 0 && nameAt >= p && nameAt < need) {
     const to = Math.ceil(Math.max(need, nameAt + nameLen) / 512) * 512;
     if (to + nameLen > cs) return false;
+    // the name's copy with the area header; the old name stays valid until the field moves
     await dev.write(to, head.slice(nameAt, nameAt + nameLen));
     await dev.flush();
+    onFlush('backing file name copy');
     const field = new Uint8Array(8);
     putU64(field, 0, to);
     await dev.write(8, field);
     await dev.flush();
-  } else if (need > cs) return false;
-  const body = new Uint8Array(EXT_JOURNAL_LENGTH + 8);
-  body.set(encodeJournalExtension(ext));
-  await dev.write(p + 8, body);
+    onFlush('backing_file_offset');
+    await dev.write(p + 8, body);
+  } else {
+    if (need > cs) return false;
+    // beyond the end marker: inactive until the marker becomes the extension's type and length
+    await dev.write(p + 8, body);
+  }
   await dev.flush();
+  onFlush('journal area header and extension body');
   const tl = new Uint8Array(8);
   putU32(tl, 0, EXT_JOURNAL);
   putU32(tl, 4, EXT_JOURNAL_LENGTH);
   await dev.write(p, tl);
+  await bit();
   await dev.flush();
+  onFlush('journal extension');
   return true;
 }
 

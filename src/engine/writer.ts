@@ -197,6 +197,8 @@ export class Qcow2Writer {
   private streamBytes = 0;
   /** a checkpoint was written and no barrier has followed yet */
   private checkpointPending = false;
+  /** guest data went to the device since the last barrier */
+  private dataSinceBarrier = false;
   private readonly stopAfterPhase: number | undefined;
 
   private constructor(o: WriterOptions, state: MetaState, snapshots: readonly SnapshotEntry[]) {
@@ -1020,6 +1022,7 @@ export class Qcow2Writer {
       this.traceEvent({ type: 'write', offset: cur.offset, length: cur.data.length, what: cur.what });
       if (!this.dataDev) this.zeroFrom = Math.max(this.zeroFrom, Math.ceil((cur.offset + cur.data.length) / this.geometry.clusterSize) * this.geometry.clusterSize);
       this.dataWritten = true;
+      this.dataSinceBarrier = true;
       i = j;
     }
   }
@@ -1190,6 +1193,7 @@ export class Qcow2Writer {
     await (this.holding ?? this.dev).writeZeroes(n * cs, cs, false);
     this.traceEvent({ type: 'write', offset: n * cs, length: cs, what: 'zeroes (shared zero cluster)' });
     this.dataWritten = true;
+      this.dataSinceBarrier = true;
   }
 
   /**
@@ -1397,10 +1401,12 @@ export class Qcow2Writer {
               this.traceEvent({ type: 'write', offset: first * cs + o, length: len, what: 'preallocated zeroes' });
             }
             this.dataWritten = true;
+      this.dataSinceBarrier = true;
           } else if (mode === 'falloc') {
             // reserve the blocks (fallocate), as qemu-img does; zeros where that is not possible
             if (!(await dev.allocate?.(first * cs, n * cs))) await dev.writeZeroes(first * cs, n * cs, false);
             this.dataWritten = true;
+      this.dataSinceBarrier = true;
           }
         }
       });
@@ -1463,7 +1469,7 @@ export class Qcow2Writer {
     let journalTx = 0;
     if (this.journal && this.journalLive && this.pending.length) {
       // guest data first: a committed transaction may map it, so it must be durable before the commit is
-      if (this.dataWritten) await this.barrier();
+      if (this.dataSinceBarrier) await this.barrier();
       const r = await this.journal.append([...this.stream, ...this.tableImages()], this.pending.length);
       this.traceEvent({ type: 'write', offset: this.journal.ext.offset, length: r.bytes, what: `journal tx ${r.tx}${r.fits ? '' : ' (unjournalled: too big)'} [journal]` });
       await this.barrier();
@@ -1579,24 +1585,29 @@ export class Qcow2Writer {
       this.endCluster = at + plan.bytes / cs;
       this.zeroFrom = Math.max(this.zeroFrom, ext.offset + ext.size);
     }
-    const log = await activateJournal(this.dev, cs, ext, plan, this.extensions);
-    this.traceEvent({ type: 'write', offset: ext.offset, length: 512, what: 'journal area header [journal set-up]' });
-    this.traceEvent({ type: 'flush' });
+    // The bit rides the last flush of the set-up: a bit without a usable area or
+    // extension is harmless (there is no transaction to replay yet).
+    const bitHeader = async (): Promise<void> => {
+      if (this.journalBitOnDisk) return;
+      // the extension may have moved the backing file name: the header template follows
+      this.headerTemplate.set(await readAt(this.dev, 0, this.headerTemplate.length));
+      this.journalBitOnDisk = true;
+      const b = this.encodeHeader(this.durable.header);
+      await this.dev.write(0, b);
+      this.traceEvent({ type: 'write', offset: 0, length: b.length, what: 'header (journal bit) [journal set-up]' });
+    };
+    const log = await activateJournal(this.dev, cs, ext, plan, this.extensions, bitHeader, (what) => {
+      this.traceEvent({ type: 'write', offset: ext.offset, length: 512, what: `${what} [journal set-up]` });
+      this.traceEvent({ type: 'flush' });
+    });
+    this.dataSinceBarrier = false;
     if (!log) {
       this.journalPlan = undefined;
       this.onWarning?.(`${this.filename}: no room for the journal header extension in the header cluster; writing without a journal`);
       return;
     }
-    // the extension may have moved the backing file name: the header template follows
     this.headerTemplate.set(await readAt(this.dev, 0, this.headerTemplate.length));
     this.journal = log;
-    if (!this.journalBitOnDisk) {
-      this.journalBitOnDisk = true;
-      const b = this.encodeHeader(this.durable.header);
-      await this.dev.write(0, b);
-      this.traceEvent({ type: 'write', offset: 0, length: b.length, what: 'header (journal bit) [journal set-up]' });
-      await this.barrier();
-    }
     this.journalLive = true;
   }
 
@@ -1620,6 +1631,7 @@ export class Qcow2Writer {
 
   private async barrier(): Promise<void> {
     this.checkpointPending = false;
+    this.dataSinceBarrier = false;
     await this.dev.flush();
     if (this.dataDev) await this.dataDev.flush();
     this.traceEvent({ type: 'record', record: { kind: 'barrier' } });
