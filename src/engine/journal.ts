@@ -88,8 +88,8 @@ export async function locateJournal(dev: BlockDevice, parsed: ParsedHeader, file
   }
   if (hdr.size !== ext.size) return { kind: 'invalid', reason: `journal area header at ${hex(ext.offset)}: size ${hdr.size} differs from the extension's ${ext.size}`, ext };
   let scan = scanFrames(area, hdr.generation);
-  while (n < ext.size && (scan.end.at + FRAME_HEADER_SIZE > n || /does not fit|end of the area/.test(scan.end.reason))) {
-    n = Math.min(ext.size, n * 4);
+  if (n < ext.size && (scan.end.at + FRAME_HEADER_SIZE > n || /does not fit|end of the area/.test(scan.end.reason))) {
+    n = ext.size;
     area = await readAt(dev, ext.offset, n);
     scan = scanFrames(area, hdr.generation);
   }

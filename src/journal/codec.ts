@@ -160,6 +160,13 @@ function bad(field: string, off: number, problem: string): never {
   throw new FormatError('journal record', field, off, problem);
 }
 
+/** type code -> kind, for decoding (a lookup per record, not a search) */
+const KIND_BY_TYPE: Array<keyof typeof RECORD_TYPE | undefined> = (() => {
+  const t: Array<keyof typeof RECORD_TYPE | undefined> = new Array(256).fill(undefined);
+  for (const k of Object.keys(RECORD_TYPE) as Array<keyof typeof RECORD_TYPE>) t[RECORD_TYPE[k]] = k;
+  return t;
+})();
+
 const word = (b: Uint8Array, o: number): Word64 => ({ hi: u32(b, o), lo: u32(b, o + 4) });
 const l2word = (b: Uint8Array, o: number): L2Word => ({ hi: u32(b, o), lo: u32(b, o + 4), bitmapHi: u32(b, o + 8), bitmapLo: u32(b, o + 12) });
 const big = (b: Uint8Array, o: number): bigint => (BigInt(u32(b, o)) << 32n) | BigInt(u32(b, o + 4));
@@ -168,7 +175,7 @@ const big = (b: Uint8Array, o: number): bigint => (BigInt(u32(b, o)) << 32n) | B
 export function decodeRecord(b: Uint8Array, off = 0): { record: JournalRecord; length: number } {
   if (off + 8 > b.length) bad('type', off, 'record is truncated');
   const type = b[off]!;
-  const kind = (Object.keys(RECORD_TYPE) as Array<keyof typeof RECORD_TYPE>).find((k) => RECORD_TYPE[k] === type);
+  const kind = KIND_BY_TYPE[type];
   if (!kind) bad('type', off, `unknown record type ${type}`);
   const length = kind === 'begin' || kind === 'image' ? 16 + Math.ceil(u32(b, off + 4) / 8) * 8 : RECORD_LENGTH[kind];
   if (off + length > b.length) bad('length', off, `record of type ${kind} is truncated`);
