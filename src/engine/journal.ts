@@ -567,12 +567,13 @@ export async function planJournal(dev: BlockDevice, parsed: ParsedHeader, fileSi
 
 /**
  * Start the journal in area `ext` (its clusters free and reserved by the
- * caller): a fresh area header with a new generation, which makes every
- * older frame invalid, durable before the header extension points at the
- * area. `bit` writes the header with the autoclear bit; it goes with the
- * last flush. Returns undefined when the header cluster has no room for
- * the extension. Flushes: one when the area is reused, two for a new
- * extension (three when the backing file name must move).
+ * caller), in two steps that cost no flush of their own. `activateJournal`
+ * writes a fresh area header (a new generation makes every older frame
+ * invalid) and, for a new extension, its body beyond the end marker
+ * (inactive); these become durable with the first transaction's frames.
+ * Then `finish` (after that flush) makes the extension part of the header,
+ * or rewrites a moved one. A reused area needs no `finish`. Returns
+ * undefined when the header cluster has no room for the extension.
  */
 export async function activateJournal(
   dev: BlockDevice,
@@ -580,35 +581,19 @@ export async function activateJournal(
   ext: JournalExtension,
   plan: JournalPlan,
   parsedExtensions: ParsedHeader['extensions'],
-  bit: () => Promise<void>,
-  onFlush: (what: string) => void = () => {},
-): Promise<JournalLog | undefined> {
+): Promise<{ log: JournalLog; finish: (() => Promise<void>) | undefined } | undefined> {
   if ((await dev.size()) < ext.offset + ext.size) await dev.truncate(ext.offset + ext.size);
   const generation = randomBytes(8).readBigUInt64BE() || 1n;
   await dev.write(ext.offset, encodeAreaHeader({ generation, size: ext.size, appliedTx: 0 }));
-  const same = plan.reuse && plan.reuse.offset === ext.offset && plan.reuse.size === ext.size;
-  if (same) {
-    await bit();
-    await dev.flush();
-    onFlush('journal area header');
-  } else {
-    const ok = plan.extPresent ? await updateExtension(dev, parsedExtensions, ext, bit, onFlush) : await insertExtension(dev, clusterSize, ext, bit, onFlush);
-    if (!ok) return undefined;
+  const log = new JournalLog(dev, ext, generation);
+  if (plan.reuse && plan.reuse.offset === ext.offset && plan.reuse.size === ext.size) return { log, finish: undefined };
+  if (plan.extPresent) {
+    const e = parsedExtensions.find((x) => x.type === EXT_JOURNAL);
+    if (!e || e.data.length !== EXT_JOURNAL_LENGTH) return undefined;
+    return { log, finish: () => dev.write(e.offset + 8, encodeJournalExtension(ext)) };
   }
-  return new JournalLog(dev, ext, generation);
-}
-
-/** Rewrite the data of an existing journal extension (the area is not live: nothing can be lost). */
-async function updateExtension(dev: BlockDevice, extensions: ParsedHeader['extensions'], ext: JournalExtension, bit: () => Promise<void>, onFlush: (what: string) => void): Promise<boolean> {
-  const e = extensions.find((x) => x.type === EXT_JOURNAL);
-  if (!e || e.data.length !== EXT_JOURNAL_LENGTH) return false;
-  await dev.flush(); // the area header before the extension points at it
-  onFlush('journal area header');
-  await dev.write(e.offset + 8, encodeJournalExtension(ext));
-  await bit();
-  await dev.flush();
-  onFlush('journal extension');
-  return true;
+  const finish = await insertExtension(dev, clusterSize, ext);
+  return finish ? { log, finish } : undefined;
 }
 
 /**
@@ -618,13 +603,13 @@ async function updateExtension(dev: BlockDevice, extensions: ParsedHeader['exten
  * extension's type and length go last, in one sector. A backing file name
  * in the way moves to free space in the header cluster first.
  */
-async function insertExtension(dev: BlockDevice, cs: number, ext: JournalExtension, bit: () => Promise<void>, onFlush: (what: string) => void): Promise<boolean> {
+async function insertExtension(dev: BlockDevice, cs: number, ext: JournalExtension): Promise<(() => Promise<void>) | undefined> {
   const head = await readAt(dev, 0, cs);
   const version = u32(head, 4);
   const headerLength = version === 2 ? 72 : u32(head, 100);
   let p = headerLength;
   while (p + 8 <= cs && u32(head, p) !== 0) p += 8 + Math.ceil(u32(head, p + 4) / 8) * 8;
-  if (p + 8 > cs) return false;
+  if (p + 8 > cs) return undefined;
   const need = p + 8 + EXT_JOURNAL_LENGTH + 8;
   const nameAt = u64(head, 8);
   const nameLen = u32(head, 16);
@@ -632,32 +617,21 @@ async function insertExtension(dev: BlockDevice, cs: number, ext: JournalExtensi
   body.set(encodeJournalExtension(ext));
   if (nameAt > 0 && nameAt >= p && nameAt < need) {
     const to = Math.ceil(Math.max(need, nameAt + nameLen) / 512) * 512;
-    if (to + nameLen > cs) return false;
-    // the name's copy with the area header; the old name stays valid until the field moves
+    if (to + nameLen > cs) return undefined;
+    // the old name stays valid until the field moves: copy, flush, switch, flush
     await dev.write(to, head.slice(nameAt, nameAt + nameLen));
     await dev.flush();
-    onFlush('backing file name copy');
     const field = new Uint8Array(8);
     putU64(field, 0, to);
     await dev.write(8, field);
     await dev.flush();
-    onFlush('backing_file_offset');
-    await dev.write(p + 8, body);
-  } else {
-    if (need > cs) return false;
-    // beyond the end marker: inactive until the marker becomes the extension's type and length
-    await dev.write(p + 8, body);
-  }
-  await dev.flush();
-  onFlush('journal area header and extension body');
+  } else if (need > cs) return undefined;
+  // beyond the end marker: inactive until the marker becomes the extension's type and length
+  await dev.write(p + 8, body);
   const tl = new Uint8Array(8);
   putU32(tl, 0, EXT_JOURNAL);
   putU32(tl, 4, EXT_JOURNAL_LENGTH);
-  await dev.write(p, tl);
-  await bit();
-  await dev.flush();
-  onFlush('journal extension');
-  return true;
+  return () => dev.write(p, tl);
 }
 
 /** An image's journal as an event stream: what `qledger journal dump` prints. */

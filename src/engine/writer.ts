@@ -191,12 +191,14 @@ export class Qcow2Writer {
    */
   private journalBitOnDisk = false;
   private readonly extensions: ParsedHeader['extensions'];
+  /** the bit is not on disk yet: the first transaction's flush carries it */
+  private journalBitToWrite = false;
+  /** after the first transaction's flush: make the new extension part of the header */
+  private journalFinish: (() => Promise<void>) | undefined;
   private readonly onWarning: ((message: string) => void) | undefined;
   /** records and operation markers since the last write-back, for the journal */
   private stream: JournalRecord[] = [];
   private streamBytes = 0;
-  /** a checkpoint was written and no barrier has followed yet */
-  private checkpointPending = false;
   /** guest data went to the device since the last barrier */
   private dataSinceBarrier = false;
   private readonly stopAfterPhase: number | undefined;
@@ -470,9 +472,8 @@ export class Qcow2Writer {
         if (!this.corrupt) {
           await this.flushNow();
           if (this.dirtyOnDisk) await this.cleanDirty();
-          // the last checkpoint is durable: a clean image has nothing to replay,
-          // and the frames are no longer needed (their space goes back to the file system)
-          if (this.checkpointPending) await this.barrier();
+          // The frames are no longer needed: their space goes back to the file system.
+          // The last checkpoint needs no flush: replaying an applied transaction is harmless.
           if (this.journal) await this.dev.discard(this.journal.ext.offset + 512, this.journal.ext.size - 512);
         }
       } finally {
@@ -1472,7 +1473,20 @@ export class Qcow2Writer {
       if (this.dataSinceBarrier) await this.barrier();
       const r = await this.journal.append([...this.stream, ...this.tableImages()], this.pending.length);
       this.traceEvent({ type: 'write', offset: this.journal.ext.offset, length: r.bytes, what: `journal tx ${r.tx}${r.fits ? '' : ' (unjournalled: too big)'} [journal]` });
+      // The first transaction carries the autoclear bit in the same flush: a bit
+      // without frames, or frames without the new area header (so of another
+      // generation), or without the extension, replay nothing, and no in-place
+      // write has started.
+      await this.writeJournalBit();
       await this.barrier();
+      if (this.journalFinish) {
+        // a new extension becomes part of the header only now that the bit, the
+        // area header, the extension's body and the frames are durable
+        await this.journalFinish();
+        this.traceEvent({ type: 'write', offset: 0, length: 8, what: 'header extension (journal) [journal set-up]' });
+        this.journalFinish = undefined;
+        await this.barrier();
+      }
       journalTx = r.tx;
     }
     let phasesDone = 0;
@@ -1496,7 +1510,6 @@ export class Qcow2Writer {
     if (journalTx) {
       await this.journal!.checkpoint(journalTx);
       this.traceEvent({ type: 'write', offset: this.journal!.ext.offset, length: 512, what: `journal checkpoint tx ${journalTx} [checkpoint]` });
-      this.checkpointPending = true;
     }
     this.stream = [];
     this.streamBytes = 0;
@@ -1585,30 +1598,31 @@ export class Qcow2Writer {
       this.endCluster = at + plan.bytes / cs;
       this.zeroFrom = Math.max(this.zeroFrom, ext.offset + ext.size);
     }
-    // The bit rides the last flush of the set-up: a bit without a usable area or
-    // extension is harmless (there is no transaction to replay yet).
-    const bitHeader = async (): Promise<void> => {
-      if (this.journalBitOnDisk) return;
-      // the extension may have moved the backing file name: the header template follows
-      this.headerTemplate.set(await readAt(this.dev, 0, this.headerTemplate.length));
-      this.journalBitOnDisk = true;
-      const b = this.encodeHeader(this.durable.header);
-      await this.dev.write(0, b);
-      this.traceEvent({ type: 'write', offset: 0, length: b.length, what: 'header (journal bit) [journal set-up]' });
-    };
-    const log = await activateJournal(this.dev, cs, ext, plan, this.extensions, bitHeader, (what) => {
-      this.traceEvent({ type: 'write', offset: ext.offset, length: 512, what: `${what} [journal set-up]` });
-      this.traceEvent({ type: 'flush' });
-    });
-    this.dataSinceBarrier = false;
-    if (!log) {
+    const started = await activateJournal(this.dev, cs, ext, plan, this.extensions);
+    this.traceEvent({ type: 'write', offset: ext.offset, length: 512, what: 'journal area header [journal set-up]' });
+    if (!started) {
       this.journalPlan = undefined;
       this.onWarning?.(`${this.filename}: no room for the journal header extension in the header cluster; writing without a journal`);
       return;
     }
+    // the extension may have moved the backing file name: the header template follows
     this.headerTemplate.set(await readAt(this.dev, 0, this.headerTemplate.length));
-    this.journal = log;
+    this.journal = started.log;
+    this.journalFinish = started.finish;
+    // every header written from now on carries the bit (this write-back's plan included)
+    if (!this.journalBitOnDisk) {
+      this.journalBitOnDisk = true;
+      this.journalBitToWrite = true;
+    }
     this.journalLive = true;
+  }
+
+  private async writeJournalBit(): Promise<void> {
+    if (!this.journalBitToWrite) return;
+    this.journalBitToWrite = false;
+    const b = this.encodeHeader(this.durable.header);
+    await this.dev.write(0, b);
+    this.traceEvent({ type: 'write', offset: 0, length: b.length, what: 'header (journal bit) [journal set-up]' });
   }
 
   /**
@@ -1630,7 +1644,6 @@ export class Qcow2Writer {
   }
 
   private async barrier(): Promise<void> {
-    this.checkpointPending = false;
     this.dataSinceBarrier = false;
     await this.dev.flush();
     if (this.dataDev) await this.dataDev.flush();
