@@ -44,7 +44,7 @@ node --import ./node_modules/tsx/dist/esm/index.mjs --input-type=module -e "
   await w.flush().catch((e) => console.log('  ' + e.message));
   await w.abandon();
 "
-set +e; qemu-img check "$d/crash.qcow2" | tail -3; echo "  (qemu-img check exit ${PIPESTATUS[0]}: leaks only, what QEMU leaves after a crash too)"; set -e
+set +e; qemu-img check "$d/crash.qcow2" 2>&1 | tail -3; echo "  (qemu-img check exit ${PIPESTATUS[0]}: leaks only, what QEMU leaves after a crash too)"; set -e
 $q journal dump "$d/crash.qcow2" | head -7
 echo "  ..."
 echo "-- a read-write open replays the committed transaction; then qemu-img check:"
