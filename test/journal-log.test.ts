@@ -162,6 +162,28 @@ describe('recovery', () => {
     }
   });
 
+  it('a write-back that grows the refcount table (a multi-step operation) is completed by recovery at every phase', async () => {
+    // 1 KiB clusters with 64-bit refcounts: one refcount-table cluster covers 16 MiB of file
+    for (const phases of [0, 1, 2, 3]) {
+      const dev = new MemoryDevice('r.qcow2');
+      await createOnDevice(dev, 'r.qcow2', { size: 32 << 20, clusterSize: 1024, refcountBits: 64 });
+      const w = await openWriterOnDevice(dev, 'r.qcow2', { journalBytes: 8 << 20 });
+      const trace: import('../src/engine/writer.ts').TraceEvent[] = [];
+      (w as unknown as { trace: unknown }).trace = trace;
+      (w as unknown as { stopAfterPhase: number }).stopAfterPhase = phases;
+      let stopped = false;
+      for (let i = 0; i < 18 * 16; i++) await w.write(i * 65536, new Uint8Array(65536).fill(1 + (i % 250)));
+      await w.flush().catch((e: unknown) => {
+        if (!(e instanceof QledgerError)) throw e;
+        stopped = true;
+      });
+      expect(stopped, `stopped after ${phases}`).toBe(true);
+      expect(trace.some((e) => e.type === 'record' && e.record.kind === 'reftable-swap')).toBe(true);
+      const r = await recoverAndCheck(dev.snapshot());
+      expect(r, `stopped after ${phases} phases`).toMatchObject({ corruptions: 0, leaks: 0, action: 'replayed' });
+    }
+  });
+
   it('recovery touches only the area, the tables the transaction names and the header', async () => {
     const c = await crashedImage(1, 5);
     const dev = new MemoryDevice('j.qcow2', c.image.slice());
