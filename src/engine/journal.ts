@@ -17,7 +17,7 @@
 import { randomBytes } from 'node:crypto';
 import { putU32, putU64, u32, u64, u64big } from '../format/bytes.ts';
 import { AUTOCLEAR_JOURNAL, EXT_JOURNAL, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../format/features.ts';
-import { geometryOf, putMutableFields, type Geometry, type ParsedHeader } from '../format/header.ts';
+import { geometryOf, putMutableFields, type ParsedHeader } from '../format/header.ts';
 import { getRefcount, maxRefcount, setRefcount } from '../format/refcount.ts';
 import { readAt, type BlockDevice } from '../io/device.ts';
 import {
@@ -35,16 +35,18 @@ import {
   type ScanResult,
 } from '../journal/log.ts';
 import type { HeaderField, JournalRecord, L2Word } from '../journal/records.ts';
-import { dirtySectors, type DeviceWrite } from './ordering.ts';
+import { dirtySectors, padSector, type DeviceWrite } from './ordering.ts';
+import { readL2Word } from '../state/state.ts';
+import { writeL2Entry } from '../format/l2.ts';
 import { FileDevice } from '../io/file-device.ts';
-import { UnsupportedError } from '../errors.ts';
+import { UnsupportedError, hex } from '../errors.ts';
 import { loadQcow2 } from './qcow2-layer.ts';
 import { probeFormat } from './open.ts';
 
 /** Default journal area: a write-back of up to ~4 MiB of records (~45,000 new clusters) fits. */
 export const DEFAULT_JOURNAL_BYTES = 8 * 1024 * 1024;
 
-const hex = (n: number) => '0x' + n.toString(16);
+
 
 // ---- finding the journal ---------------------------------------------------------
 
@@ -336,7 +338,7 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
       } else final = new Uint8Array(cs);
       for (const [i, s] of t.spans) {
         if (i >= g.l2Entries) return `L2 index ${i} is past the table`;
-        putL2(final, i, g, s.last);
+        writeL2Entry(final, i, g, s.last);
       }
       phase0.push({ offset: T, data: final, what: `replay: new l2 ${hex(T)}` });
     } else {
@@ -344,9 +346,9 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
       final = disk.slice();
       for (const [i, s] of t.spans) {
         if (i >= g.l2Entries) return `L2 index ${i} is past the table`;
-        const d = getL2(disk, i, g);
+        const d = readL2Word(disk, i, g);
         if (!sameL2(d, s.first) && !sameL2(d, s.last)) return `L2 table ${hex(T)} entry ${i} holds neither the transaction's old nor its new value`;
-        putL2(final, i, g, s.last);
+        writeL2Entry(final, i, g, s.last);
       }
       phase2.push(...dirtySectors(disk, final, T, `replay: l2 ${hex(T)}`));
     }
@@ -466,29 +468,6 @@ async function readMany(dev: BlockDevice, offsets: readonly number[], len: numbe
     const got = await Promise.all(part.map((o) => readAt(dev, o, len)));
     part.forEach((o, k) => out.set(o, got[k]!));
   }
-  return out;
-}
-
-function getL2(t: Uint8Array, i: number, g: Geometry): L2Word {
-  const o = i * g.l2EntrySize;
-  return g.extendedL2 ? { hi: u32(t, o), lo: u32(t, o + 4), bitmapHi: u32(t, o + 8), bitmapLo: u32(t, o + 12) } : { hi: u32(t, o), lo: u32(t, o + 4), bitmapHi: 0, bitmapLo: 0 };
-}
-
-function putL2(t: Uint8Array, i: number, g: Geometry, e: L2Word): void {
-  const o = i * g.l2EntrySize;
-  putU32(t, o, e.hi);
-  putU32(t, o + 4, e.lo);
-  if (g.extendedL2) {
-    putU32(t, o + 8, e.bitmapHi);
-    putU32(t, o + 12, e.bitmapLo);
-  }
-}
-
-function padSector(b: Uint8Array): Uint8Array {
-  const n = Math.ceil(b.length / 512) * 512;
-  if (n === b.length) return b;
-  const out = new Uint8Array(n);
-  out.set(b);
   return out;
 }
 

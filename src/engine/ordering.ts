@@ -244,7 +244,8 @@ export function planFlush(p: PlanInput): Plan {
   return { phases, lazySkipped };
 }
 
-function padSector(b: Uint8Array): Uint8Array {
+/** `b` zero-padded to whole 512-byte sectors (an L1 table need not be sector-sized). */
+export function padSector(b: Uint8Array): Uint8Array {
   const n = Math.ceil(b.length / SECTOR) * SECTOR;
   if (n === b.length) return b;
   const out = new Uint8Array(n);
