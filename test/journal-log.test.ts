@@ -307,6 +307,15 @@ describe.skipIf(!qemuAvailable)('with QEMU', () => {
     }
   });
 
+  it('qledger check on a crashed image reports the leaks as qemu-img does, with a note that the journal will recover them', async () => {
+    const f = await crashedFile('note.qcow2', 1);
+    const r = await runCli('check', f);
+    expect(r.code).toBe(3);
+    expect(r.err).toMatch(/note: the image's journal holds a committed write-back/);
+    const q = check(f);
+    expect(r.out).toBe(q.stdout);
+  });
+
   it('a journal made stale by a QEMU read-write open is detected and not replayed', async () => {
     const f = await crashedFile('stale.qcow2', 1);
     const bitBefore = u64big(readFileSync(f), 88) & AUTOCLEAR_JOURNAL;

@@ -14,6 +14,7 @@ import type { ImageFormat } from '../engine/open.ts';
 import { runIo } from './io.ts';
 import { runCrashTest } from './crash-test.ts';
 import { runJournal } from './journal.ts';
+import { readJournal } from '../engine/journal.ts';
 import { createOptionsFrom, CREATE_OPTION_NAMES } from '../engine/create.ts';
 import { checkImage, checkExitCode, checkHuman, checkJson, type RepairMode } from '../engine/check.ts';
 
@@ -261,6 +262,13 @@ async function cmdCheck(argv: string[], io: Output): Promise<number> {
   if (r !== undefined && r !== 'leaks' && r !== 'all') throw new UsageError(`Unknown option value for -r (expecting 'leaks' or 'all'): ${String(r)}`);
   const quiet = p.opts.some(([k]) => k === 'q');
   const report = await checkImage(p.positional[0]!, { repair: r as RepairMode | undefined });
+  if (r === undefined && report.leaks && !report.corruptions) {
+    const j = await readJournal(p.positional[0]!).catch(() => undefined);
+    if (j?.live && j.transactions.some((t) => t.committed && !t.applied)) {
+      io.err(`qledger: note: the image's journal holds a committed write-back that is not in place yet; a read-write open (qledger io) completes it and removes these leaks\n`);
+    }
+  }
+
   for (const f of [...report.repairedFindings, ...report.findings]) io.err(f.message + '\n');
   if (report.failure) {
     io.err(`qledger: ${report.failure}\n`);
