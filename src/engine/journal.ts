@@ -24,6 +24,8 @@ import {
   AREA_HEADER_SIZE,
   EXT_JOURNAL_LENGTH,
   FRAME_HEADER_SIZE,
+  FRAME_ALIGN,
+  FRAME_MAGIC,
   decodeAreaHeader,
   decodeJournalExtension,
   encodeAreaHeader,
@@ -78,23 +80,25 @@ export async function locateJournal(dev: BlockDevice, parsed: ParsedHeader, file
   if (ext.offset === 0 || ext.offset % cs !== 0 || ext.size % cs !== 0 || ext.size < 2 * AREA_HEADER_SIZE || ext.size > MAX_AREA || ext.offset + ext.size > fileSize) {
     return { kind: 'invalid', reason: `journal header extension at ${hex(e.offset)}: area ${hex(ext.offset)} of ${ext.size} bytes is not a cluster-aligned range inside the file`, ext };
   }
-  // Read what the frames need, not the whole area: start small and read more
-  // only while the scan runs into the end of what was read.
-  let n = Math.min(ext.size, 128 * 1024);
-  let area = await readAt(dev, ext.offset, n);
+  // Read what the frames need, not the whole area: follow the chain of frame
+  // headers (40 bytes each, one per 64 KiB of records), then read that extent once.
   let hdr;
   try {
-    hdr = decodeAreaHeader(area, ext.offset);
+    hdr = decodeAreaHeader(await readAt(dev, ext.offset, AREA_HEADER_SIZE), ext.offset);
   } catch (err) {
     return { kind: 'invalid', reason: (err as Error).message, ext };
   }
   if (hdr.size !== ext.size) return { kind: 'invalid', reason: `journal area header at ${hex(ext.offset)}: size ${hdr.size} differs from the extension's ${ext.size}`, ext };
-  let scan = scanFrames(area, hdr.generation);
-  if (n < ext.size && (scan.end.at + FRAME_HEADER_SIZE > n || /does not fit|end of the area/.test(scan.end.reason))) {
-    n = ext.size;
-    area = await readAt(dev, ext.offset, n);
-    scan = scanFrames(area, hdr.generation);
+  let end = AREA_HEADER_SIZE;
+  while (end + FRAME_HEADER_SIZE <= ext.size) {
+    const fh = await readAt(dev, ext.offset + end, FRAME_HEADER_SIZE);
+    const len = u32(fh, 4);
+    if (u32(fh, 0) !== FRAME_MAGIC || len % 8 !== 0 || end + FRAME_HEADER_SIZE + len > ext.size) break;
+    end += Math.ceil((FRAME_HEADER_SIZE + len) / FRAME_ALIGN) * FRAME_ALIGN;
   }
+  // one sector more, so that the scan sees where the chain stops
+  const area = await readAt(dev, ext.offset, Math.min(ext.size, end + FRAME_ALIGN));
+  const scan = scanFrames(area, hdr.generation);
   return { kind: 'valid', ext, extAt: e.offset, generation: hdr.generation, appliedTx: hdr.appliedTx, scan };
 }
 
