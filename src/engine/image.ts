@@ -13,29 +13,17 @@ import type { SnapshotEntry } from '../format/snapshot.ts';
 import { QledgerError } from '../errors.ts';
 import { openWriterSession, createImage, type WritableOpenOptions } from './writable.ts';
 import type { RecoveryReport } from './journal.ts';
-import type { DetectZeroes, Qcow2Writer, TraceEvent, ZeroOptions } from './writer.ts';
+import type { Qcow2Writer, ZeroOptions } from './writer.ts';
 import type { CreateOptions } from './create.ts';
 
-export interface ImageOpenOptions extends OpenOptions {
+/**
+ * Read-only options, plus `write` and, for a read-write open, the write
+ * engine's options as `WritableOpenOptions` documents them: trace,
+ * detectZeroes, cacheBytes, journal (default on), journalBytes, onWarning.
+ */
+export interface ImageOpenOptions extends OpenOptions, Pick<WritableOpenOptions, 'trace' | 'detectZeroes' | 'cacheBytes' | 'journal' | 'journalBytes' | 'onWarning'> {
   /** open read-write (qcow2 only); the backing chain stays read-only */
   readonly write?: boolean | undefined;
-  /** receives every metadata record, device write and flush (write mode) */
-  readonly trace?: TraceEvent[] | undefined;
-  /** all-zero data writes become zero writes: 'unmap' (default), 'on', or 'off' (QEMU's default) */
-  readonly detectZeroes?: DetectZeroes | undefined;
-  /** memory bound for metadata tables kept between write-backs (default 64 MiB) */
-  readonly cacheBytes?: number | undefined;
-  /**
-   * Keep the durable journal (v3 images; default true): after a crash the
-   * next read-write open completes the interrupted write-back and leaves no
-   * leaked cluster. false gives QEMU's plain ordered behaviour. A live
-   * journal found on open is recovered either way.
-   */
-  readonly journal?: boolean | undefined;
-  /** size of a new journal area (default 4 MiB) */
-  readonly journalBytes?: number | undefined;
-  /** receives warnings, such as a journal ignored as stale or invalid */
-  readonly onWarning?: ((message: string) => void) | undefined;
 }
 
 export class Image {

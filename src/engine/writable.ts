@@ -25,10 +25,12 @@ import { MemoryDevice } from '../io/memory-device.ts';
 
 export interface WritableOpenOptions {
   readonly format?: ImageFormat | undefined;
+  /** receives every metadata record, device write and flush, in order */
   readonly trace?: TraceEvent[] | undefined;
   readonly writebackRecords?: number | undefined;
   /** test-only: break one ordering rule (the crash harness must catch it) */
   readonly fault?: Fault | undefined;
+  /** all-zero data writes become zero writes: 'unmap' (default), 'on', or 'off' (QEMU's default) */
   readonly detectZeroes?: DetectZeroes | undefined;
   /** bytes of clean tables kept in memory between write-backs (default 64 MiB) */
   readonly cacheBytes?: number | undefined;
@@ -38,7 +40,7 @@ export interface WritableOpenOptions {
    * found on open is recovered either way.
    */
   readonly journal?: boolean | undefined;
-  /** size of a new journal area in bytes (default 4 MiB) */
+  /** size of a new journal area in bytes (default 8 MiB) */
   readonly journalBytes?: number | undefined;
   /** receives warnings (a journal ignored as stale or invalid, say) */
   readonly onWarning?: ((message: string) => void) | undefined;
