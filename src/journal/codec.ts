@@ -49,6 +49,9 @@ export const HEADER_FIELD_ID: Record<HeaderField, number> = {
   autoclear_features: 4,
 };
 
+const utf8 = new TextEncoder();
+const utf8d = new TextDecoder();
+
 const ROLE_ID: Record<TableRole, number> = { l2: 0, refblock: 1 };
 export const IMAGE_ROLE_ID: Record<ImageRole, number> = { l1: 0, reftable: 1, l2: 2 };
 
@@ -65,7 +68,8 @@ function putL2(b: Uint8Array, off: number, x: L2Word): void {
 }
 
 export function encodedLength(r: JournalRecord): number {
-  if (r.kind === 'begin') return 16 + Math.ceil(new TextEncoder().encode(r.op).length / 8) * 8;
+  // every guest operation's begin marker comes through here: measure, do not encode
+  if (r.kind === 'begin') return 16 + Math.ceil(Buffer.byteLength(r.op, 'utf8') / 8) * 8;
   if (r.kind === 'image') return 16 + Math.ceil(r.bytes.length / 8) * 8;
   return RECORD_LENGTH[r.kind];
 }
@@ -128,7 +132,7 @@ export function encodeRecordInto(r: JournalRecord, b: Uint8Array, off: number): 
     case 'barrier':
       break;
     case 'begin': {
-      const op = new TextEncoder().encode(r.op);
+      const op = utf8.encode(r.op);
       putU32(b, off + 4, op.length);
       putU64(b, off + 8, r.tx);
       b.set(op, off + 16);
@@ -217,7 +221,7 @@ export function decodeRecord(b: Uint8Array, off = 0): { record: JournalRecord; l
       record = { kind };
       break;
     case 'begin':
-      record = { kind, tx: u64(b, off + 8), op: new TextDecoder().decode(b.subarray(off + 16, off + 16 + u32(b, off + 4))) };
+      record = { kind, tx: u64(b, off + 8), op: utf8d.decode(b.subarray(off + 16, off + 16 + u32(b, off + 4))) };
       break;
     case 'commit':
       record = { kind, tx: u64(b, off + 8) };
