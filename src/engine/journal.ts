@@ -123,13 +123,13 @@ export interface RecoveryReport {
  * committed transaction that the checkpoint does not cover, if the journal
  * is live (autoclear bit set), valid and consistent with the image.
  */
-export async function recoverJournal(dev: BlockDevice, name: string, parsed: ParsedHeader, fileSize: number): Promise<RecoveryReport> {
+export async function recoverJournal(dev: BlockDevice, name: string, parsed: ParsedHeader, fileSize: number, located?: Located): Promise<RecoveryReport> {
   const h = parsed.header;
   const none: RecoveryReport = { action: 'none', writes: 0, warnings: [] };
   if (h.version !== 3) return none;
   const live = (h.autoclearFeatures & AUTOCLEAR_JOURNAL) !== 0n;
   if ((h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n) return none;
-  const j = await locateJournal(dev, parsed, fileSize);
+  const j = located ?? (await locateJournal(dev, parsed, fileSize));
   // the bit can reach the disk in the same flush as the extension that it guards, or
   // without it: either way no transaction was written yet, so there is nothing to say
   if (j.kind === 'absent') return none;
@@ -531,10 +531,10 @@ export interface JournalPlan {
   readonly bytes: number;
 }
 
-export async function planJournal(dev: BlockDevice, parsed: ParsedHeader, fileSize: number, bytes: number | undefined, refcount: (cluster: number) => Promise<number>): Promise<JournalPlan> {
+/** `found`: the journal as `locateJournal` found it (recovery changes its checkpoint only, never where it is). */
+export async function planJournal(parsed: ParsedHeader, found: Located, bytes: number | undefined, refcount: (cluster: number) => Promise<number>): Promise<JournalPlan> {
   const cs = 2 ** parsed.header.clusterBits;
   const want = Math.max(2 * cs, Math.ceil((bytes ?? DEFAULT_JOURNAL_BYTES) / cs) * cs);
-  const found = await locateJournal(dev, parsed, fileSize);
   let reuse: JournalExtension | undefined;
   if (found.kind === 'valid') {
     reuse = found.ext;

@@ -12,7 +12,7 @@ import { u64 } from '../format/bytes.ts';
 import { readAt } from '../io/device.ts';
 import type { SnapshotEntry } from '../format/snapshot.ts';
 import type { ParsedHeader } from '../format/header.ts';
-import { planJournal, recoverJournal, type JournalPlan, type RecoveryReport } from './journal.ts';
+import { locateJournal, planJournal, recoverJournal, type JournalPlan, type RecoveryReport } from './journal.ts';
 import { loadQcow2 } from './qcow2-layer.ts';
 import { combinePath, openLayer, probeFormat, type ImageFormat } from './open.ts';
 import { Qcow2Writer, type DetectZeroes, type TraceEvent } from './writer.ts';
@@ -73,11 +73,13 @@ export async function openSession(dev: BlockDevice, dataDev: BlockDevice | undef
   let recovery: RecoveryReport = { action: 'none', writes: 0, warnings: [] };
   let journal: JournalPlan | undefined;
   if ((h0.incompatibleFeatures & INCOMPAT_CORRUPT) === 0n) {
-    recovery = await recoverJournal(dev, name, loaded.parsed, loaded.fileSize);
+    // read once: recovery may move the checkpoint, never the area or the extension
+    const located = await locateJournal(dev, loaded.parsed, loaded.fileSize);
+    recovery = await recoverJournal(dev, name, loaded.parsed, loaded.fileSize, located);
     for (const w of recovery.warnings) opts.onWarning?.(w);
     if (recovery.writes) loaded = await loadQcow2(dev);
     // nothing is written here: the journal starts with the first write-back that changes metadata
-    if (opts.journal !== false && h0.version === 3) journal = await planJournal(dev, loaded.parsed, loaded.fileSize, opts.journalBytes, diskRefcounts(dev, loaded.parsed));
+    if (opts.journal !== false && h0.version === 3) journal = await planJournal(loaded.parsed, located, opts.journalBytes, diskRefcounts(dev, loaded.parsed));
   }
   const { parsed, fileSize, snapshots } = loaded;
   const writer = await Qcow2Writer.open({ filename: name, dev, dataDev, parsed, fileSize, snapshots: snapshots as SnapshotEntry[], backing, trace: opts.trace, writebackRecords: opts.writebackRecords, fault: opts.fault, detectZeroes: opts.detectZeroes, cacheBytes: opts.cacheBytes, journal, onWarning: opts.onWarning, stopAfterPhase: opts.stopAfterPhase });
