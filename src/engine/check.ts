@@ -142,7 +142,7 @@ const BATCH_BYTES = 64 * 1024 * 1024;
  * adjacent clusters into one read of up to 8 MiB: a million-cluster image
  * has thousands of tables, mostly laid out back to back.
  */
-async function readClusters(dev: BlockDevice, offsets: Iterable<number>, cs: number): Promise<Map<number, Uint8Array>> {
+export async function readClusters(dev: BlockDevice, offsets: Iterable<number>, cs: number): Promise<Map<number, Uint8Array>> {
   const sorted = [...new Set(offsets)].sort((x, y) => x - y);
   const out = new Map<number, Uint8Array>();
   const maxRun = Math.max(1, Math.floor((8 << 20) / cs));

@@ -39,7 +39,10 @@ import {
 import type { HeaderField, JournalRecord, L2Word } from '../journal/records.ts';
 import { dirtySectors, padSector, type DeviceWrite } from './ordering.ts';
 import { readL2Word } from '../state/state.ts';
-import { writeL2Entry } from '../format/l2.ts';
+import { isCompressed, isCopied, standardOffset, standardReservedBits, writeL2Entry } from '../format/l2.ts';
+import { L1E_OFFSET_MASK_HI, L1E_OFFSET_MASK_LO, decodeL1Entry, l1Offset } from '../format/l1.ts';
+import { refcountTableEntry } from '../format/refcount.ts';
+import { readClusters } from './check.ts';
 import { FileDevice } from '../io/file-device.ts';
 import { UnsupportedError, hex } from '../errors.ts';
 import { loadQcow2 } from './qcow2-layer.ts';
@@ -269,7 +272,7 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
     }
     phase2.push(...dirtySectors(disk, finalL1, l1Off, 'replay: l1'));
   }
-  const l2At = (i: number) => (i < l1Size ? (u32(finalL1, i * 8) & 0x00ff_ffff) * 0x1_0000_0000 + ((u32(finalL1, i * 8 + 4) & 0xffff_fe00) >>> 0) : 0);
+  const l2At = (i: number) => (i < l1Size ? l1Offset(finalL1, i) : 0);
 
   // ---- the refcount table
   let finalRt: Uint8Array;
@@ -297,7 +300,7 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
     }
     phase1.push(...dirtySectors(disk, finalRt, rtOff, 'replay: reftable'));
   }
-  const blockAt = (rt: number) => (rt * 8 < finalRt.length ? u64(finalRt, rt * 8) - (u64(finalRt, rt * 8) % 512) : 0);
+  const blockAt = (rt: number) => (rt * 8 < finalRt.length ? refcountTableEntry(finalRt, rt).offset : 0);
 
   // ---- L2 tables
   const newTables = new Map<string, number>(); // role@offset -> copyOf
@@ -313,14 +316,14 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
   }
   const changedL2: L2Word[] = [];
   const l1First = new Map<number, number>();
-  for (const r of recs) if (r.kind === 'l1' && !l1First.has(r.index)) l1First.set(r.index, (r.old.hi & 0x00ff_ffff) * 0x1_0000_0000 + ((r.old.lo & 0xffff_fe00) >>> 0));
+  for (const r of recs) if (r.kind === 'l1' && !l1First.has(r.index)) l1First.set(r.index, (r.old.hi & L1E_OFFSET_MASK_HI) * 0x1_0000_0000 + ((r.old.lo & L1E_OFFSET_MASK_LO) >>> 0));
   // the tables to read, read concurrently: recovery time is their number, not the image's size
   const existingL2 = [...l2.entries()].filter(([T, t]) => l2At(t.l1Index) === T && !newTables.has(`l2@${T}`)).map(([T]) => T);
   for (const T of existingL2) {
     const bad = checkTable('L2 table', T, cs);
     if (bad) return bad;
   }
-  const l2Disk = await readMany(dev, existingL2, cs);
+  const l2Disk = await readClusters(dev, existingL2, cs);
   for (const [T, t] of l2) {
     // a table the transaction dropped (copied away, freed) is left alone: it may be reused;
     // but it must be one the transaction did drop: the table its L1 entry pointed at before
@@ -380,7 +383,7 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
     const bad = checkTable('refcount block', B, cs);
     if (bad) return bad;
   }
-  const blockDisk = await readMany(dev, [...counts.keys()].map(blockAt).filter((B) => !newTables.has(`refblock@${B}`)), cs);
+  const blockDisk = await readClusters(dev, [...counts.keys()].map(blockAt).filter((B) => !newTables.has(`refblock@${B}`)), cs);
   for (const [rt, m] of counts) {
     const B = blockAt(rt);
     const isNew = newTables.has(`refblock@${B}`);
@@ -413,32 +416,28 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
     return getRefcount(b, c % E, g.refcountOrder);
   };
   const blockCache = blockDisk;
-  const entryProblem = async (what: string, hi: number, lo: number, reservedHi: number, reservedLo: number): Promise<string | undefined> => {
-    const offset = (hi & 0x00ff_ffff) * 0x1_0000_0000 + ((lo & 0xffff_fe00) >>> 0);
-    if ((hi & reservedHi) !== 0 || (lo & reservedLo) !== 0) return `${what} has reserved bits set`;
+  const entryProblem = async (what: string, offset: number, copied: boolean, reservedBits: boolean): Promise<string | undefined> => {
+    if (reservedBits) return `${what} has reserved bits set`;
     if (offset === 0) return undefined;
     if (offset % cs !== 0) return `${what} points at ${hex(offset)}, not cluster aligned`;
     if (offset < j.ext.offset + j.ext.size && offset + cs > j.ext.offset) return `${what} points into the journal area`;
     if (dirty) return undefined;
     const rc = await refcountAt(offset / cs);
     if (rc === undefined || rc === 0) return `${what} points at ${hex(offset)}, whose refcount would be 0`;
-    if (((hi & 0x8000_0000) !== 0) !== (rc === 1)) return `${what} has a COPIED flag that disagrees with refcount ${rc}`;
+    if (copied !== (rc === 1)) return `${what} has a COPIED flag that disagrees with refcount ${rc}`;
     return undefined;
   };
   for (const e of changedL2) {
-    if ((e.hi & 0x4000_0000) !== 0) continue; // compressed: shared byte ranges, counted per cluster they touch
-    const bad = await entryProblem('an L2 entry', e.hi, e.lo, 0x3f00_0000, g.extendedL2 ? 0x0000_01ff : 0x0000_01fe);
+    if (isCompressed(e)) continue; // compressed: shared byte ranges, counted per cluster they touch
+    const bad = await entryProblem('an L2 entry', standardOffset(e), isCopied(e), standardReservedBits(e, g));
     if (bad) return bad;
   }
-  const changedL1 = new Set<number>();
-  for (const r of recs) if (r.kind === 'l1') changedL1.add(r.index);
-  for (let i = 0; i < l1Size; i++) {
-    const hi = u32(finalL1, i * 8);
-    const lo = u32(finalL1, i * 8 + 4);
-    if (l1Swap || changedL1.has(i)) {
-      const bad = await entryProblem(`L1 entry ${i}`, hi, lo, 0x7f00_0000, 0x0000_01ff);
-      if (bad) return bad;
-    }
+  // every entry of a moved L1 table, else the entries the transaction changed
+  const l1Checked = l1Swap ? Array.from({ length: l1Size }, (_, i) => i) : [...new Set(recs.flatMap((r) => (r.kind === 'l1' ? [r.index] : [])))];
+  for (const i of l1Checked) {
+    const e = decodeL1Entry(finalL1, i);
+    const bad = await entryProblem(`L1 entry ${i}`, e.l2Offset, e.copied, e.reservedBits);
+    if (bad) return bad;
   }
 
   // ---- the header
@@ -461,19 +460,8 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
   return [phase0, phase1, phase2, phase3];
 }
 
-/** Concurrent reads in flight during recovery (the file device's thread pool takes four at a time). */
+/** Replay writes in flight at once within one phase (the file device's thread pool takes four at a time). */
 const CONCURRENCY = 32;
-
-async function readMany(dev: BlockDevice, offsets: readonly number[], len: number): Promise<Map<number, Uint8Array>> {
-  const out = new Map<number, Uint8Array>();
-  const list = [...new Set(offsets)];
-  for (let i = 0; i < list.length; i += CONCURRENCY) {
-    const part = list.slice(i, i + CONCURRENCY);
-    const got = await Promise.all(part.map((o) => readAt(dev, o, len)));
-    part.forEach((o, k) => out.set(o, got[k]!));
-  }
-  return out;
-}
 
 // ---- the writer's side -----------------------------------------------------------------
 

@@ -48,6 +48,8 @@ import {
   readL2Word,
   l1TableOffset as stateL1Offset,
   reftableEntry as stateReftableEntry,
+  l1Bytes as stateL1Bytes,
+  reftableBytes as stateReftableBytes,
   refcountOf,
   type HeaderState,
   type MetaState,
@@ -58,7 +60,6 @@ import { guest } from './layer.ts';
 import { readGuest } from './read.ts';
 import { planFlush, type DeviceWrite, type Fault } from './ordering.ts';
 import { encodedLength } from '../journal/codec.ts';
-import { l1Bytes as stateL1Bytes, reftableBytes as stateReftableBytes } from '../state/state.ts';
 import { activateJournal, type JournalLog, type JournalPlan } from './journal.ts';
 import type { ParsedHeader } from '../format/header.ts';
 
