@@ -7,7 +7,7 @@
  * BENCH_CRASH_STATES caps the states judged for the rate (default 2000).
  */
 
-import { crashTest, type GuestOp } from '../src/engine/crash-harness.ts';
+import { crashTest, type GuestOp } from '../src/harness/crash-harness.ts';
 import { crashStates, RecordingDevice, rng } from '../src/io/crash-device.ts';
 import { MemoryDevice } from '../src/io/memory-device.ts';
 import { createOnDevice, openWriterOnDevice } from '../src/engine/writable.ts';

@@ -14,7 +14,7 @@ export { Image, type ImageOpenOptions } from './engine/image.ts';
 export type { CreateOptions, Preallocation } from './engine/create.ts';
 export type { TraceEvent, ZeroOptions, DetectZeroes } from './engine/writer.ts';
 export { checkImage, type CheckReport, type CheckFinding, type RepairMode } from './engine/check.ts';
-export { crashTest, type GuestOp, type CrashTestOptions, type CrashTestResult } from './engine/crash-harness.ts';
+export { crashTest, type GuestOp, type CrashTestOptions, type CrashTestResult } from './harness/crash-harness.ts';
 export type { JournalRecord, MetaRecord, MarkerRecord, LogRecord, L2Word, Word64, HeaderField } from './journal/records.ts';
 export { describe as describeRecord } from './journal/records.ts';
 export { encodeRecord, decodeRecord } from './journal/codec.ts';

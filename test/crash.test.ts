@@ -13,8 +13,8 @@
 
 import { describe, it, expect } from 'vitest';
 import fc from 'fast-check';
-import { crashTest, reproduction, workloadCommands, type GuestOp, type CrashTestOptions } from '../src/engine/crash-harness.ts';
-import { FAULTS, type Fault } from '../src/engine/ordering.ts';
+import { crashTest, reproduction, workloadCommands, type GuestOp, type CrashTestOptions } from '../src/harness/crash-harness.ts';
+import { FAULTS, type Fault } from '../src/engine/faults.ts';
 import type { CreateOptions } from '../src/engine/create.ts';
 import { readFileSync } from 'node:fs';
 import { qemuAvailable, qemuImg, qemuIo, tempDir } from './helpers/qemu.ts';

@@ -26,26 +26,18 @@
  *
  * Tables are written by dirty 512-byte sector, compared with what is on the
  * disk, so an 8-byte change costs one sector write, not a 64 KiB table.
+ *
+ * Plans are built into PhaseLists (here for a write-back, by journal
+ * replay for recovery) and run by the one executor, executePlan, which also
+ * holds the journal's write-ahead rule and the barrier decisions. A test
+ * fault (engine/faults.ts) has one hook here: it may rearrange the lists.
  */
 
+import { hex } from '../errors.ts';
 import { maxRefcount, getRefcount, setRefcount } from '../format/refcount.ts';
 import type { MetaRecord } from '../journal/records.ts';
 import { PTrie } from '../state/ptrie.ts';
 import { CHUNK_ENTRIES, l1Bytes, l1TableOffset, reftableBytes, reftableEntry, type HeaderState, type MetaState } from '../state/state.ts';
-
-/**
- * Test-only fault switches: each breaks one ordering rule, so the crash
- * harness can show it catches the breakage (a harness that cannot fail
- * proves nothing). Never set outside tests and `crash-test --fault`.
- */
-export const FAULTS = {
-  'l2-before-refcount': 'L1/L2 entries are written with the refcount increments, no barrier between',
-  'free-before-unmap': 'refcount decrements are written before the L2/L1 change that drops the reference',
-  'header-before-table': 'the header switches to a new L1 or refcount table before the table is durable',
-  'data-after-mapping': 'guest data reaches the device only after the L2 entry that maps it',
-  'reuse-before-durable': 'a cluster freed since the last flush may be reallocated at once',
-} as const;
-export type Fault = keyof typeof FAULTS;
 
 export interface DeviceWrite {
   readonly offset: number;
@@ -72,14 +64,128 @@ export interface PlanInput {
   readonly lazy: boolean;
   /** guest or COW data went to the device since the last flush */
   readonly dataWritten: boolean;
-  readonly fault?: Fault | undefined;
+  /** test-only: a fault plan that breaks one ordering rule (engine/faults.ts) */
+  readonly faults?: PhaseRearranger | undefined;
 }
 
 /** A plan is phases; a barrier (device flush) goes after every phase that has writes, and at the end. */
 export interface Plan {
   readonly phases: Phase[];
-  /** refcount blocks as written (exact values), so the writer can mark them durable */
+  /**
+   * Lazy refcounts: refcount blocks that changed but were not written (the
+   * dirty bit covers them), so the writer keeps their durable copies.
+   */
   readonly lazySkipped: number[];
+}
+
+/** The four phases' writes while a plan is built, in the rules' order. */
+export class PhaseLists {
+  readonly allocate: DeviceWrite[] = [];
+  readonly hook: DeviceWrite[] = [];
+  readonly reference: DeviceWrite[] = [];
+  readonly free: DeviceWrite[] = [];
+
+  /**
+   * The phases to run. The allocate phase is kept, empty, when guest data
+   * must be made durable by its barrier; other empty phases are dropped
+   * with their barriers.
+   */
+  phases(keepAllocate: boolean): Phase[] {
+    const out: Phase[] = [];
+    const add = (name: string, ws: DeviceWrite[], keep = false) => {
+      if (ws.length || keep) out.push({ name, writes: ws });
+    };
+    add('allocate', this.allocate, keepAllocate);
+    add('hook refcount blocks', this.hook);
+    add('reference', this.reference);
+    add('free', this.free);
+    return out;
+  }
+
+  /** Tag every write with the phase the rules assign it (before a fault may move it; traces show it). */
+  tag(): void {
+    const tag = (ws: DeviceWrite[], category: string) => ws.splice(0, ws.length, ...ws.map((w) => ({ ...w, category })));
+    tag(this.allocate, 'allocate');
+    tag(this.hook, 'hook refcount blocks');
+    tag(this.reference, 'reference');
+    tag(this.free, 'free');
+  }
+}
+
+/** The one hook a test fault has into ordering: it may move writes between phases. */
+export interface PhaseRearranger {
+  rearrange(lists: PhaseLists, tablesMoved: boolean): void;
+}
+
+/** What the executor does with a plan's writes. */
+export interface PlanIO {
+  write(w: DeviceWrite, phase: Phase): Promise<void>;
+  /** a flush barrier: everything before it is durable before anything after it is written */
+  barrier(): Promise<void>;
+  /** before phase `done` (0-based) starts; may throw to stop the write-back there (a power cut in tests) */
+  beforePhase?(done: number): void;
+  /** after a phase's writes, before its barrier */
+  afterPhase?(phase: Phase): Promise<void>;
+  /** after the last phase, before the closing barrier and the checkpoint */
+  afterPhases?(): Promise<void>;
+}
+
+/** The write-ahead step of a journalled write-back (engine/write/journal-session.ts). */
+export interface WriteAhead {
+  /** guest data went to the device since the last barrier */
+  readonly dataPending: boolean;
+  /** write the transaction's frames (and, the first time, the journal bit) */
+  append(): Promise<void>;
+  /** after the frames are durable: a step that needs its own barrier (the new header extension); true when it ran */
+  afterDurable(): Promise<boolean>;
+  /** mark the transaction applied (no flush of its own: replaying an applied transaction is harmless) */
+  checkpoint(): Promise<void>;
+}
+
+/** The writes of one phase: in order, or `concurrency` at a time (the writes of a phase have no order among them). */
+async function runPhase(phase: Phase, io: PlanIO, concurrency: number): Promise<void> {
+  if (concurrency <= 1) {
+    for (const w of phase.writes) await io.write(w, phase);
+    return;
+  }
+  for (let i = 0; i < phase.writes.length; i += concurrency) {
+    await Promise.all(phase.writes.slice(i, i + concurrency).map((w) => io.write(w, phase)));
+  }
+}
+
+/**
+ * Run a plan, the one executor of the project. With a write-ahead step (a
+ * journalled write-back): guest data is made durable before the
+ * transaction that may map it, the transaction before any in-place write it
+ * describes; guest data being durable already, an empty phase then needs
+ * no barrier. Without one, a plan with no phase still ends in a barrier
+ * (the flush itself), unless `skipEmpty` (journal replay: nothing to make
+ * durable but its own writes). Returns the number of writes.
+ */
+export async function executePlan(phases: readonly Phase[], io: PlanIO, o: { writeAhead?: WriteAhead | undefined; concurrency?: number; skipEmpty?: boolean } = {}): Promise<number> {
+  const wa = o.writeAhead;
+  if (wa) {
+    if (wa.dataPending) await io.barrier();
+    await wa.append();
+    await io.barrier();
+    if (await wa.afterDurable()) await io.barrier();
+  }
+  const skipEmpty = (o.skipEmpty ?? false) || wa !== undefined;
+  let done = 0;
+  let writes = 0;
+  for (const phase of phases) {
+    if (skipEmpty && phase.writes.length === 0) continue;
+    io.beforePhase?.(done);
+    done++;
+    await runPhase(phase, io, o.concurrency ?? 1);
+    writes += phase.writes.length;
+    await io.afterPhase?.(phase);
+    await io.barrier();
+  }
+  await io.afterPhases?.();
+  if (phases.length === 0 && !skipEmpty) await io.barrier();
+  if (wa) await wa.checkpoint();
+  return writes;
 }
 
 const SECTOR = 512;
@@ -108,10 +214,11 @@ export function planFlush(p: PlanInput): Plan {
   const g = current.geometry;
   const cs = g.clusterSize;
   const E = g.refcountBlockEntries;
-  const phase0: DeviceWrite[] = [];
-  const phase1: DeviceWrite[] = [];
-  const phase2: DeviceWrite[] = [];
-  const phase3: DeviceWrite[] = [];
+  const lists = new PhaseLists();
+  const phase0 = lists.allocate;
+  const phase1 = lists.hook;
+  const phase2 = lists.reference;
+  const phase3 = lists.free;
 
   // What is new in this epoch, and the increments per refcount block.
   const newL2 = new Map<number, number>(); // slot -> offset
@@ -132,8 +239,8 @@ export function planFlush(p: PlanInput): Plan {
     }
   }
 
-  const l1Moved = durable.header.l1Offset !== current.header.l1Offset;
-  const reftableMoved = durable.header.reftableOffset !== current.header.reftableOffset;
+  const l1Moved = durable.header.l1TableOffset !== current.header.l1TableOffset;
+  const reftableMoved = durable.header.refcountTableOffset !== current.header.refcountTableOffset;
   const lazySkipped: number[] = [];
 
   // ---- phase 0 ----
@@ -165,10 +272,10 @@ export function planFlush(p: PlanInput): Plan {
   }
   if (l1Moved) {
     const bytes = padSector(l1Bytes(current));
-    phase0.push({ offset: current.header.l1Offset, data: bytes, what: `new l1 ${hex(current.header.l1Offset)}` });
+    phase0.push({ offset: current.header.l1TableOffset, data: bytes, what: `new l1 ${hex(current.header.l1TableOffset)}` });
   }
   if (reftableMoved) {
-    phase0.push({ offset: current.header.reftableOffset, data: reftableBytes(current), what: `new reftable ${hex(current.header.reftableOffset)}` });
+    phase0.push({ offset: current.header.refcountTableOffset, data: reftableBytes(current), what: `new reftable ${hex(current.header.refcountTableOffset)}` });
   }
 
   // ---- phase 1 ----
@@ -181,10 +288,10 @@ export function planFlush(p: PlanInput): Plan {
     for (const [chunk, before, after] of PTrie.diff(durable.reftable, current.reftable)) {
       if (!after) continue;
       const start = chunk * CHUNK_ENTRIES * 8;
-      const limit = current.header.reftableClusters * cs;
+      const limit = current.header.refcountTableClusters * cs;
       if (start >= limit) continue;
       const n = Math.min(after.length, limit - start);
-      phase1.push(...dirtySectors(before?.subarray(0, n) ?? new Uint8Array(n), after.subarray(0, n), current.header.reftableOffset + start, 'reftable'));
+      phase1.push(...dirtySectors(before?.subarray(0, n) ?? new Uint8Array(n), after.subarray(0, n), current.header.refcountTableOffset + start, 'reftable'));
     }
   }
 
@@ -204,7 +311,7 @@ export function planFlush(p: PlanInput): Plan {
       const n = Math.min(after.length, limit - start);
       // sector granularity inside the table; the table need not be sector-sized
       const prev = before?.subarray(0, n) ?? new Uint8Array(n);
-      phase2.push(...dirtySectors(prev, after.subarray(0, n), current.header.l1Offset + start, 'l1'));
+      phase2.push(...dirtySectors(prev, after.subarray(0, n), current.header.l1TableOffset + start, 'l1'));
     }
   }
   if (headerChanged && !headerWritten) phase2.push({ offset: 0, data: p.encodeHeader(current.header), what: 'header' });
@@ -217,30 +324,9 @@ export function planFlush(p: PlanInput): Plan {
     }
   }
 
-  const tag = (ws: DeviceWrite[], category: string) => ws.splice(0, ws.length, ...ws.map((w) => ({ ...w, category })));
-  tag(phase0, 'allocate');
-  tag(phase1, 'hook refcount blocks');
-  tag(phase2, 'reference');
-  tag(phase3, 'free');
-  if (p.fault === 'l2-before-refcount') {
-    phase0.unshift(...phase2.splice(0), ...phase1.splice(0));
-  } else if (p.fault === 'free-before-unmap' && phase3.length) {
-    phase0.unshift(...phase3.splice(0));
-  } else if (p.fault === 'header-before-table' && (l1Moved || reftableMoved)) {
-    const at = [...phase1, ...phase2].find((w) => w.what === 'header');
-    if (at) {
-      for (const list of [phase1, phase2]) {
-        const i = list.indexOf(at);
-        if (i >= 0) list.splice(i, 1);
-      }
-      phase0.unshift(at);
-    }
-  }
-  const phases: Phase[] = [];
-  if (phase0.length || p.dataWritten) phases.push({ name: 'allocate', writes: phase0 });
-  if (phase1.length) phases.push({ name: 'hook refcount blocks', writes: phase1 });
-  if (phase2.length) phases.push({ name: 'reference', writes: phase2 });
-  if (phase3.length) phases.push({ name: 'free', writes: phase3 });
+  lists.tag();
+  p.faults?.rearrange(lists, l1Moved || reftableMoved);
+  const phases = lists.phases(p.dataWritten);
   return { phases, lazySkipped };
 }
 
@@ -251,8 +337,4 @@ export function padSector(b: Uint8Array): Uint8Array {
   const out = new Uint8Array(n);
   out.set(b);
   return out;
-}
-
-function hex(n: number): string {
-  return '0x' + n.toString(16);
 }

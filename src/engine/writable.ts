@@ -18,7 +18,7 @@ import { combinePath, openLayer, probeFormat, type ImageFormat } from './open.ts
 import { Qcow2Writer, type DetectZeroes, type TraceEvent } from './writer.ts';
 import { countReferences } from './check.ts';
 import { planCreate, writeSkeleton, writeSkeletonTo, type CreateOptions } from './create.ts';
-import type { Fault } from './ordering.ts';
+import type { Fault } from './faults.ts';
 import type { Layer } from './layer.ts';
 import { RawLayer } from './raw-layer.ts';
 import { MemoryDevice } from '../io/memory-device.ts';

@@ -426,6 +426,15 @@ export type MutableHeaderFields = Pick<
   'size' | 'l1Size' | 'l1TableOffset' | 'refcountTableOffset' | 'refcountTableClusters' | 'incompatibleFeatures' | 'compatibleFeatures' | 'autoclearFeatures'
 >;
 
+/**
+ * Bytes of the header's fixed fields: 72 for v2; for v3 the header_length
+ * field, up to the 112 bytes this implementation knows (fields past them are
+ * kept verbatim by whoever rewrites the header).
+ */
+export function fixedHeaderLength(version: 2 | 3, headerLength: number): number {
+  return version === 2 ? 72 : Math.min(headerLength, 112);
+}
+
 /** Write the mutable fields into header bytes `b` (the feature words only for v3). */
 export function putMutableFields(b: Uint8Array, version: 2 | 3, f: MutableHeaderFields): void {
   putU64(b, 24, f.size);

@@ -43,13 +43,27 @@ export type SubclusterType =
   | 'compressed'
   | 'invalid';
 
-/** The raw words of one L2 entry: descriptor halves and (extended L2) bitmap halves. */
-export interface RawL2Entry {
-  hi: number;
-  lo: number;
-  bitmapHi: number;
-  bitmapLo: number;
+/**
+ * One L2 entry as its raw big-endian words: the descriptor halves and, with
+ * extended L2, the subcluster bitmap halves (0 otherwise). Kept as 32-bit
+ * halves so that flag bits such as COPIED (bit 63) survive without bigint.
+ * This is the one entry type of the project: records, state and engine use it.
+ */
+export interface L2Entry {
+  readonly hi: number;
+  readonly lo: number;
+  readonly bitmapHi: number;
+  readonly bitmapLo: number;
 }
+
+/** A reusable, writable entry for hot loops (readL2Entry fills it in place). */
+export type RawL2Entry = { -readonly [K in keyof L2Entry]: L2Entry[K] };
+
+/** The unallocated entry (all zero). */
+export const L2_UNALLOCATED: L2Entry = Object.freeze({ hi: 0, lo: 0, bitmapHi: 0, bitmapLo: 0 });
+
+/** Extended L2: every one of the 32 subclusters (a bitmap half). */
+export const ALL_SUBCLUSTERS = 0xffff_ffff;
 
 export function readL2Entry(table: Uint8Array, index: number, g: Geometry, out: RawL2Entry): RawL2Entry {
   const o = index * g.l2EntrySize;
@@ -65,20 +79,20 @@ export function readL2Entry(table: Uint8Array, index: number, g: Geometry, out: 
   return out;
 }
 
-export function isCompressed(e: RawL2Entry): boolean {
+export function isCompressed(e: L2Entry): boolean {
   return (e.hi & L2E_COMPRESSED_HI) !== 0;
 }
 
-export function isCopied(e: RawL2Entry): boolean {
+export function isCopied(e: L2Entry): boolean {
   return (e.hi & L2E_COPIED_HI) !== 0;
 }
 
 /** Host offset of a standard entry, with its low 9 bits masked off as QEMU does. */
-export function standardOffset(e: RawL2Entry): number {
+export function standardOffset(e: L2Entry): number {
   return (e.hi & L2E_OFFSET_MASK_HI) * TWO_32 + ((e.lo & L2E_OFFSET_MASK_LO) >>> 0);
 }
 
-export function standardReservedBits(e: RawL2Entry, g: Geometry): boolean {
+export function standardReservedBits(e: L2Entry, g: Geometry): boolean {
   if ((e.hi & L2E_STD_RESERVED_HI) !== 0 || (e.lo & L2E_STD_RESERVED_LO) !== 0) return true;
   // With extended L2, bit 0 is reserved too (zero is expressed per subcluster).
   return g.extendedL2 && (e.lo & L2E_ZERO_LO) !== 0;
@@ -86,7 +100,7 @@ export function standardReservedBits(e: RawL2Entry, g: Geometry): boolean {
 
 /** QEMU's qcow2_get_cluster_type() for a non-extended view of the entry. */
 export function clusterType(
-  e: RawL2Entry,
+  e: L2Entry,
   g: Geometry,
   hasDataFile: boolean,
 ): 'compressed' | 'zero-plain' | 'zero-alloc' | 'unallocated' | 'normal' {
@@ -102,7 +116,7 @@ export function clusterType(
 }
 
 /** QEMU's qcow2_get_subcluster_type(). */
-export function subclusterType(e: RawL2Entry, sc: number, g: Geometry, hasDataFile: boolean): SubclusterType {
+export function subclusterType(e: L2Entry, sc: number, g: Geometry, hasDataFile: boolean): SubclusterType {
   const t = clusterType(e, g, hasDataFile);
   if (!g.extendedL2) {
     return t === 'unallocated' ? 'unallocated-plain' : t;
@@ -130,7 +144,7 @@ export interface CompressedDescriptor {
 }
 
 /** Decode the compressed cluster descriptor (bits 0 - 61). */
-export function compressedDescriptor(e: RawL2Entry, clusterBits: number): CompressedDescriptor {
+export function compressedDescriptor(e: L2Entry, clusterBits: number): CompressedDescriptor {
   const x = 62 - (clusterBits - 8); // bits of host offset
   const v = (BigInt(e.hi & 0x3fff_ffff) << 32n) | BigInt(e.lo >>> 0);
   const offset = Number(v & ((1n << BigInt(x)) - 1n));
@@ -139,7 +153,7 @@ export function compressedDescriptor(e: RawL2Entry, clusterBits: number): Compre
   return { offset, length: sectors * 512 - (offset % 512) };
 }
 
-export function encodeCompressedDescriptor(offset: number, length: number, clusterBits: number): RawL2Entry {
+export function encodeCompressedDescriptor(offset: number, length: number, clusterBits: number): L2Entry {
   const x = 62 - (clusterBits - 8);
   const end = offset + length;
   const sectors = Math.ceil(end / 512) - Math.floor(offset / 512); // sectors touched
@@ -152,7 +166,7 @@ export function encodeCompressedDescriptor(offset: number, length: number, clust
   };
 }
 
-export function writeL2Entry(table: Uint8Array, index: number, g: Geometry, e: RawL2Entry): void {
+export function writeL2Entry(table: Uint8Array, index: number, g: Geometry, e: L2Entry): void {
   const o = index * g.l2EntrySize;
   putU32(table, o, e.hi);
   putU32(table, o + 4, e.lo);
@@ -162,11 +176,40 @@ export function writeL2Entry(table: Uint8Array, index: number, g: Geometry, e: R
   }
 }
 
-export function standardEntry(hostOffset: number, copied: boolean, zero = false): RawL2Entry {
+/** Entry `index` of an L2 table, as a new value. */
+export function l2EntryAt(table: Uint8Array, index: number, g: Geometry): L2Entry {
+  const o = index * g.l2EntrySize;
+  return g.extendedL2
+    ? { hi: u32(table, o), lo: u32(table, o + 4), bitmapHi: u32(table, o + 8), bitmapLo: u32(table, o + 12) }
+    : { hi: u32(table, o), lo: u32(table, o + 4), bitmapHi: 0, bitmapLo: 0 };
+}
+
+/**
+ * A standard entry mapping host cluster `hostOffset` (bits 9-55), COPIED
+ * (bit 63) when this image holds its only reference, with the given
+ * extended-L2 bitmap halves.
+ */
+export function standardEntry(hostOffset: number, copied: boolean, bitmapLo = 0, bitmapHi = 0): L2Entry {
   return {
     hi: (Math.floor(hostOffset / TWO_32) & L2E_OFFSET_MASK_HI) | (copied ? L2E_COPIED_HI : 0),
-    lo: ((hostOffset % TWO_32) | (zero ? L2E_ZERO_LO : 0)) >>> 0,
-    bitmapHi: 0,
-    bitmapLo: 0,
+    lo: (hostOffset % TWO_32) >>> 0,
+    bitmapHi,
+    bitmapLo,
   };
+}
+
+/** v3 "reads as zero" without a host cluster: bit 0, or (extended L2) every subcluster's zero bit. */
+export function zeroEntry(g: Geometry): L2Entry {
+  return g.extendedL2 ? { hi: 0, lo: 0, bitmapHi: ALL_SUBCLUSTERS, bitmapLo: 0 } : { hi: 0, lo: L2E_ZERO_LO, bitmapHi: 0, bitmapLo: 0 };
+}
+
+export function sameL2Entry(a: L2Entry, b: L2Entry): boolean {
+  return a.hi === b.hi && a.lo === b.lo && a.bitmapHi === b.bitmapHi && a.bitmapLo === b.bitmapLo;
+}
+
+/** Bits s0..s1 of a 32-bit subcluster bitmap half. */
+export function subclusterBits(s0: number, s1: number): number {
+  let m = 0;
+  for (let s = s0; s <= s1; s++) m |= 1 << s;
+  return m >>> 0;
 }

@@ -83,3 +83,34 @@ export function setRefcount(block: Uint8Array, index: number, order: number, val
       throw new RangeError(`refcount_order ${order}`);
   }
 }
+
+/**
+ * Size a refcount structure placed at cluster `placeAt`: `blocks` refcount
+ * blocks (for refcount-table indices `firstRt` on) followed by a refcount
+ * table of `tableClusters` clusters, such that the blocks count every
+ * cluster up to the structure's own end and the table has an entry for each
+ * of them. The table has at least `minEntries` entries and
+ * `minTableClusters` clusters. A fixed point: more blocks can need a bigger
+ * table, whose clusters can need another block.
+ */
+export function refcountStructureSize(
+  g: { readonly clusterSize: number; readonly refcountBlockEntries: number },
+  placeAt: number,
+  firstRt: number,
+  minEntries: number,
+  minTableClusters: number,
+): { blocks: number; tableClusters: number } {
+  const cs = g.clusterSize;
+  const E = g.refcountBlockEntries;
+  let blocks = 1;
+  let tableClusters = Math.max(1, minTableClusters);
+  for (;;) {
+    const last = placeAt + blocks + tableClusters - 1;
+    const maxRt = Math.max(minEntries - 1, Math.floor(last / E));
+    const needTable = Math.max(Math.ceil(((maxRt + 1) * 8) / cs), minTableClusters);
+    const needBlocks = maxRt - firstRt + 1;
+    if (needTable <= tableClusters && needBlocks <= blocks) return { blocks, tableClusters };
+    tableClusters = Math.max(tableClusters, needTable);
+    blocks = Math.max(blocks, needBlocks);
+  }
+}

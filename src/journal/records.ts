@@ -9,19 +9,16 @@
  * 64-bit entry) so that flag bits such as COPIED survive without bigint.
  */
 
+import type { L2Entry } from '../format/l2.ts';
+
 /** A 64-bit table entry as its two big-endian halves. */
 export interface Word64 {
   readonly hi: number;
   readonly lo: number;
 }
 
-/** An L2 entry: descriptor words and, with extended L2, the subcluster bitmap words. */
-export interface L2Word {
-  readonly hi: number;
-  readonly lo: number;
-  readonly bitmapHi: number;
-  readonly bitmapLo: number;
-}
+/** An L2 entry: descriptor words and, with extended L2, the subcluster bitmap words (format/l2.ts's one entry type). */
+export type L2Word = L2Entry;
 
 /** Header fields a header record can change. */
 export type HeaderField = 'size' | 'incompatible_features' | 'compatible_features' | 'autoclear_features';

@@ -20,6 +20,7 @@ import { QledgerError, hex } from '../errors.ts';
 import type { Geometry } from '../format/header.ts';
 import { u32, putU32 } from '../format/bytes.ts';
 import { getRefcount, setRefcount } from '../format/refcount.ts';
+import { l2EntryAt } from '../format/l2.ts';
 import type { HeaderField, JournalRecord, L2Word, Word64 } from '../journal/records.ts';
 import { PTrie, type TrieEditor } from './ptrie.ts';
 
@@ -31,10 +32,10 @@ const immer = new Immer({ autoFreeze: true });
 
 export interface HeaderState {
   readonly size: number;
-  readonly l1Offset: number;
+  readonly l1TableOffset: number;
   readonly l1Size: number;
-  readonly reftableOffset: number;
-  readonly reftableClusters: number;
+  readonly refcountTableOffset: number;
+  readonly refcountTableClusters: number;
   readonly incompatibleFeatures: bigint;
   readonly compatibleFeatures: bigint;
   readonly autoclearFeatures: bigint;
@@ -108,7 +109,7 @@ export function l1TableOffset(s: MetaState, index: number): number {
 }
 
 export function reftableEntry(s: MetaState, index: number): number {
-  if (index >= s.header.reftableClusters * (s.geometry.clusterSize / 8)) return 0;
+  if (index >= s.header.refcountTableClusters * (s.geometry.clusterSize / 8)) return 0;
   const e = entry(s.reftable, index);
   return e.hi * 0x1_0000_0000 + ((e.lo & 0xffff_fe00) >>> 0);
 }
@@ -118,9 +119,9 @@ export function l1Bytes(s: MetaState): Uint8Array {
   return tableBytes(s.l1, s.header.l1Size * 8);
 }
 
-/** The refcount table as on-disk bytes (reftableClusters clusters). */
+/** The refcount table as on-disk bytes (refcountTableClusters clusters). */
 export function reftableBytes(s: MetaState): Uint8Array {
-  return tableBytes(s.reftable, s.header.reftableClusters * s.geometry.clusterSize);
+  return tableBytes(s.reftable, s.header.refcountTableClusters * s.geometry.clusterSize);
 }
 
 function tableBytes(chunks: PTrie<Uint8Array>, length: number): Uint8Array {
@@ -143,12 +144,7 @@ export function refcountOf(s: MetaState, cluster: number): number | undefined {
   return getRefcount(block, cluster % g.refcountBlockEntries, g.refcountOrder);
 }
 
-export function readL2Word(table: Uint8Array, index: number, g: Geometry): L2Word {
-  const o = index * g.l2EntrySize;
-  return g.extendedL2
-    ? { hi: u32(table, o), lo: u32(table, o + 4), bitmapHi: u32(table, o + 8), bitmapLo: u32(table, o + 12) }
-    : { hi: u32(table, o), lo: u32(table, o + 4), bitmapHi: 0, bitmapLo: 0 };
-}
+export const readL2Word: (table: Uint8Array, index: number, g: Geometry) => L2Word = l2EntryAt;
 
 /** Add tables read from disk (not a change of metadata, so not a record). */
 export function withLoaded(s: MetaState, role: 'l2' | 'refblock', slot: number, bytes: Uint8Array): MetaState {
@@ -223,7 +219,7 @@ export class Transaction {
   }
 
   reftableEntry(index: number): number {
-    if (index >= this.hdr('reftableClusters') * (this.g.clusterSize / 8)) return 0;
+    if (index >= this.hdr('refcountTableClusters') * (this.g.clusterSize / 8)) return 0;
     const e = chunkEntry(this.reftable.get(Math.floor(index / CHUNK_ENTRIES)), index);
     return e.hi * 0x1_0000_0000 + ((e.lo & 0xffff_fe00) >>> 0);
   }
@@ -275,7 +271,7 @@ export class Transaction {
       case 'l1':
       case 'reftable': {
         const ed = r.kind === 'l1' ? this.l1 : this.reftable;
-        const limit = r.kind === 'l1' ? this.hdr('l1Size') : this.hdr('reftableClusters') * (g.clusterSize / 8);
+        const limit = r.kind === 'l1' ? this.hdr('l1Size') : this.hdr('refcountTableClusters') * (g.clusterSize / 8);
         if (r.index >= limit) throw new RecordMismatchError(`${r.kind} index ${r.index} is past the table's ${limit} entries`, { index: r.index });
         const c = this.own(ed, Math.floor(r.index / CHUNK_ENTRIES), () => new Uint8Array(CHUNK_ENTRIES * 8));
         const o = (r.index % CHUNK_ENTRIES) * 8;
@@ -293,7 +289,7 @@ export class Transaction {
       case 'l1-swap':
       case 'reftable-swap': {
         const isL1 = r.kind === 'l1-swap';
-        const [offKey, sizeKey] = isL1 ? (['l1Offset', 'l1Size'] as const) : (['reftableOffset', 'reftableClusters'] as const);
+        const [offKey, sizeKey] = isL1 ? (['l1TableOffset', 'l1Size'] as const) : (['refcountTableOffset', 'refcountTableClusters'] as const);
         const oldSize = isL1 ? r.oldSize : r.oldClusters;
         const newSize = isL1 ? r.newSize : r.newClusters;
         if (this.hdr(offKey) !== r.oldOffset || this.hdr(sizeKey) !== oldSize) {

@@ -1,0 +1,181 @@
+/**
+ * Refcounts and allocation: reading and changing refcounts, finding free
+ * clusters, placing new refcount blocks (each counting itself) and growing
+ * the refcount table, the freed-not-durable rule, and giving freed space
+ * back to the file system after the write-back that made the free durable.
+ */
+
+import { QledgerError, hex } from '../../errors.ts';
+import { MAX_REFTABLE_BYTES } from '../../format/limits.ts';
+import { maxRefcount, refcountStructureSize } from '../../format/refcount.ts';
+import type { JournalRecord } from '../../journal/records.ts';
+import { refcountOf } from '../../state/state.ts';
+import type { WriteContext } from './context.ts';
+import type { OverlapIndex } from './overlap.ts';
+import type { TableCache } from './tables.ts';
+
+export class Allocator {
+  /** allocation search starts here (cluster index) */
+  private cursor = 0;
+  /** lowest cluster freed since the last write-back: the search goes back there once it is durable */
+  private freedMin = Infinity;
+  /** clusters freed since the last write-back: untouchable until it, their space given back after it */
+  private readonly freedInEpoch = new Set<number>();
+
+  constructor(
+    private readonly ctx: WriteContext,
+    private readonly tables: TableCache,
+    private readonly overlap: OverlapIndex,
+    /** test fault 'reuse-before-durable': a freed cluster may be reused at once */
+    private readonly reuseFreedAtOnce: boolean,
+  ) {}
+
+  /** Follow the record stream: a cluster whose refcount drops to 0 is freed in this epoch. */
+  follow(r: JournalRecord): void {
+    if (r.kind !== 'refcount' || r.new !== 0 || r.old === 0) return;
+    this.freedInEpoch.add(r.cluster);
+    if (r.cluster < this.freedMin) this.freedMin = r.cluster;
+    if (this.reuseFreedAtOnce && r.cluster < this.cursor) this.cursor = r.cluster;
+  }
+
+  /** Refcount of `cluster` in the live state; 0 where no refcount block exists. */
+  async refcount(cluster: number): Promise<number> {
+    const t = this.ctx.t();
+    const rt = Math.floor(cluster / this.ctx.geometry.refcountBlockEntries);
+    const off = t.reftableEntry(rt);
+    if (off === 0) return 0;
+    await this.tables.refblock(rt, off);
+    return t.refcount(cluster)!;
+  }
+
+  async changeRefcount(cluster: number, delta: number): Promise<void> {
+    const g = this.ctx.geometry;
+    const old = await this.refcount(cluster);
+    const next = old + delta;
+    if (next < 0) await this.ctx.signalCorruption(`refcount of cluster ${hex(cluster * g.clusterSize)} would drop below 0`, { cluster });
+    const max = maxRefcount(g.refcountOrder);
+    if (next > max) {
+      throw new QledgerError('E_OVERFLOW', `${this.ctx.filename}: refcount of cluster ${hex(cluster * g.clusterSize)} would exceed ${max} (refcount_bits=${g.refcountBits})`, { cluster });
+    }
+    this.ctx.emit({ kind: 'refcount', cluster, old, new: next });
+  }
+
+  /**
+   * Allocate `n` contiguous free clusters and take a reference on each.
+   * A cluster is free when its refcount is 0 both now and on disk: a cluster
+   * freed since the last write-back stays untouched until it is durable.
+   */
+  async allocate(n: number): Promise<number> {
+    const ctx = this.ctx;
+    const t = ctx.t();
+    const E = ctx.geometry.refcountBlockEntries;
+    let start = this.cursor;
+    let run = 0;
+    while (run < n) {
+      const c = start + run;
+      const rt = Math.floor(c / E);
+      const off = t.reftableEntry(rt);
+      if (off === 0) {
+        // No refcount block covers c, so c is free (unless reserved: the journal
+        // area has refcount 0 and may lie there): the new block goes there.
+        const used = this.overlap.has(c) ? -1 : await this.newRefblock(rt, c);
+        // negative: the clusters needed from c on run into reserved ones; go past them
+        start = c + Math.abs(used);
+        run = 0;
+        continue;
+      }
+      await this.tables.refblock(rt, off);
+      if (t.refcount(c) !== 0 || this.freedNotDurable(c) || this.overlap.has(c)) {
+        start = c + 1;
+        run = 0;
+        continue;
+      }
+      run++;
+    }
+    for (let i = 0; i < n; i++) await this.changeRefcount(start + i, 1);
+    // Single clusters move the cursor past everything scanned; a multi-cluster
+    // run does not, so the holes it skipped stay for single allocations.
+    if (n === 1 || start === this.cursor) this.cursor = start + n;
+    ctx.extent.grow(start + n);
+    return start;
+  }
+
+  /**
+   * Freed since the last write-back, so its old references may still be
+   * durable. Lazy refcounts leave the durable refcount stale (0) there, so
+   * the epoch's set is what tells.
+   */
+  private freedNotDurable(c: number): boolean {
+    if (this.reuseFreedAtOnce) return false;
+    return (refcountOf(this.ctx.durable, c) ?? 0) !== 0 || this.freedInEpoch.has(c);
+  }
+
+  /**
+   * A refcount block for refcount-table index `rt`, placed at free cluster
+   * `c` inside the range it covers so that it counts itself. Grows the
+   * refcount table first when `rt` is past its end. Returns the number of
+   * clusters used from `c` on (negative: blocked by reserved clusters).
+   */
+  private async newRefblock(rt: number, c: number): Promise<number> {
+    const ctx = this.ctx;
+    const cs = ctx.geometry.clusterSize;
+    const entries = (ctx.t().header.refcountTableClusters * cs) / 8;
+    if (rt >= entries) return this.growReftable(rt, c);
+    ctx.emit({ kind: 'table-new', role: 'refblock', slot: rt, offset: c * cs, copyOf: 0 });
+    ctx.emit({ kind: 'refcount', cluster: c, old: 0, new: 1 });
+    ctx.emit({ kind: 'reftable', index: rt, old: 0, new: c * cs });
+    ctx.extent.grow(c + 1);
+    return 1;
+  }
+
+  /**
+   * Move the refcount table to a bigger one at `c`, with new refcount blocks
+   * in front of it that count the blocks and the table themselves. All
+   * clusters from `c` on are free: no block covers them. QEMU grows the
+   * table by half again at least.
+   */
+  private async growReftable(rt: number, c: number): Promise<number> {
+    const ctx = this.ctx;
+    const g = ctx.geometry;
+    const cs = g.clusterSize;
+    const h = ctx.t().header;
+    const firstRt = Math.floor(c / g.refcountBlockEntries);
+    const old = h.refcountTableClusters;
+    const { blocks, tableClusters } = refcountStructureSize(g, c, firstRt, rt + 1, Math.max(old + 1, old + Math.ceil(old / 2)));
+    if (tableClusters * cs > MAX_REFTABLE_BYTES) {
+      throw new QledgerError('E_UNSUPPORTED', `${ctx.filename}: the refcount table would exceed ${MAX_REFTABLE_BYTES} bytes`);
+    }
+    const tableAt = c + blocks;
+    for (let x = c; x < tableAt + tableClusters; x++) if (this.overlap.has(x)) return -(x + 1 - c);
+    for (let k = 0; k < blocks; k++) ctx.emit({ kind: 'table-new', role: 'refblock', slot: firstRt + k, offset: (c + k) * cs, copyOf: 0 });
+    for (let x = c; x < tableAt + tableClusters; x++) ctx.emit({ kind: 'refcount', cluster: x, old: 0, new: 1 });
+    ctx.emit({ kind: 'reftable-swap', oldOffset: h.refcountTableOffset, oldClusters: old, newOffset: tableAt * cs, newClusters: tableClusters });
+    for (let k = 0; k < blocks; k++) ctx.emit({ kind: 'reftable', index: firstRt + k, old: 0, new: (c + k) * cs });
+    for (let i = 0; i < old; i++) await this.changeRefcount(h.refcountTableOffset / cs + i, -1);
+    ctx.extent.grow(tableAt + tableClusters);
+    return blocks + tableClusters;
+  }
+
+  /**
+   * After a write-back: clusters freed in the epoch just made durable may be
+   * reused, and their space goes back to the file system (QEMU's
+   * discard=unmap): nothing references them any more, on disk or in memory,
+   * and a later reuse rewrites them anyway. Adjacent clusters are one punch.
+   */
+  async afterWriteback(): Promise<void> {
+    const ctx = this.ctx;
+    if (this.freedMin < this.cursor) this.cursor = this.freedMin;
+    this.freedMin = Infinity;
+    if (this.freedInEpoch.size === 0) return;
+    const cs = ctx.geometry.clusterSize;
+    const free = [...this.freedInEpoch].filter((c) => refcountOf(ctx.cur, c) === 0).sort((a, b) => a - b);
+    this.freedInEpoch.clear();
+    for (let i = 0; i < free.length; ) {
+      let j = i + 1;
+      while (j < free.length && free[j] === free[j - 1]! + 1) j++;
+      await ctx.files.image.discard(free[i]! * cs, (j - i) * cs);
+      ctx.trace.write(free[i]! * cs, (j - i) * cs, 'hole (freed clusters)');
+      i = j;
+    }
+  }
+}

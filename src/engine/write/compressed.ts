@@ -1,0 +1,72 @@
+/**
+ * Compressed writes (qemu-io write -c): whole clusters, each into a guest
+ * cluster that has no host cluster yet, raw deflate with QEMU's parameters,
+ * packed into shared host clusters as QEMU's qcow2_alloc_bytes does. A
+ * cluster that does not compress below the cluster size is written
+ * normally.
+ */
+
+import { deflateRawSync } from 'node:zlib';
+import { QledgerError, hex } from '../../errors.ts';
+import { encodeCompressedDescriptor, isCompressed, standardOffset } from '../../format/l2.ts';
+import { maxRefcount } from '../../format/refcount.ts';
+import type { Allocator } from './allocator.ts';
+import type { WriteContext } from './context.ts';
+import type { DataWriter } from './data-write.ts';
+import type { Mapping } from './mapping.ts';
+
+export class CompressedWriter {
+  /** the host cluster compressed writes are packing into, and the bytes used */
+  private tail: { cluster: number; used: number } | undefined;
+
+  constructor(
+    private readonly ctx: WriteContext,
+    private readonly alloc: Allocator,
+    private readonly mapping: Mapping,
+    private readonly data: DataWriter,
+  ) {}
+
+  async writeCluster(guestOff: number, piece: Uint8Array): Promise<void> {
+    const ctx = this.ctx;
+    const g = ctx.geometry;
+    const cs = g.clusterSize;
+    const l1Index = Math.floor(guestOff / (g.l2Entries * cs));
+    const t = ctx.t();
+    await this.mapping.l2ForWrite(l1Index);
+    const table = t.l1TableOffset(l1Index);
+    const index = (guestOff / cs) % g.l2Entries;
+    const e = this.mapping.entry(l1Index, index);
+    await this.mapping.validate(e, table, index, guestOff);
+    if (isCompressed(e) || standardOffset(e) !== 0) {
+      // as QEMU: a compressed write never goes to a cluster that already holds data
+      throw new QledgerError('E_IO', `${ctx.filename}: compressed write to guest offset ${hex(guestOff)}, which already has a host cluster`, { guestOff });
+    }
+    let full = piece;
+    if (piece.length !== cs) {
+      full = new Uint8Array(cs);
+      full.set(piece);
+    }
+    // QEMU's deflate: raw stream, 4 KiB window (-12), default level, memLevel 9
+    const z = deflateRawSync(full, { windowBits: 12, memLevel: 9 });
+    if (z.length >= cs) {
+      await this.data.write(guestOff, piece);
+      return;
+    }
+    // pack into the cluster the last compressed write used, while it is still in use and has room
+    let at: number;
+    const tail = this.tail;
+    const tailRefs = tail ? await this.alloc.refcount(tail.cluster) : 0;
+    // a full refcount (narrow refcount_bits) starts a new cluster, as QEMU's qcow2_alloc_bytes does
+    if (tail && tail.used + z.length <= cs && tailRefs > 0 && tailRefs < maxRefcount(g.refcountOrder)) {
+      at = tail.cluster * cs + tail.used;
+      await this.alloc.changeRefcount(tail.cluster, 1);
+      tail.used += z.length;
+    } else {
+      const n = await this.alloc.allocate(1);
+      at = n * cs;
+      this.tail = { cluster: n, used: z.length };
+    }
+    await this.data.deviceWrites([{ offset: at, data: new Uint8Array(z.buffer, z.byteOffset, z.length), what: 'compressed data' }]);
+    this.mapping.set({ l1Index, index }, table, e, encodeCompressedDescriptor(at, z.length, g.clusterBits));
+  }
+}

@@ -1,0 +1,158 @@
+/**
+ * The narrow write context every room of the write engine receives: the
+ * files, the geometry, the live and durable metadata states with the open
+ * transaction, `emit(record)` with its subscribers, the trace, the file
+ * extent and `signalCorruption`. Whatever reacts to records (the pending
+ * write-back, the journal stream, the allocator's freed epoch, the overlap
+ * index) subscribes here instead of being called from one hub.
+ */
+
+import { CorruptionError, QledgerError } from '../../errors.ts';
+import type { Geometry } from '../../format/header.ts';
+import type { BlockDevice } from '../../io/device.ts';
+import type { JournalRecord, MarkerRecord, MetaRecord } from '../../journal/records.ts';
+import { Transaction, type HeaderState, type MetaState } from '../../state/state.ts';
+import type { Layer } from '../layer.ts';
+import type { Qcow2Layer } from '../qcow2-layer.ts';
+import type { HeaderBits } from './header-bits.ts';
+import type { Trace } from './trace.ts';
+
+export interface WriteFiles {
+  /** the image file: metadata, and guest data without an external data file */
+  readonly image: BlockDevice;
+  /** the external data file, if any */
+  readonly data: BlockDevice | undefined;
+  /** where guest data goes: the data file, or the image (through a test fault's device, if one is set) */
+  readonly guest: BlockDevice;
+}
+
+/**
+ * How far the image file reaches, and whether guest data is waiting for a
+ * barrier. `endCluster` bounds what entries may point at; everything from
+ * `zeroFrom` on was never written and reads as zero.
+ */
+export class FileExtent {
+  /** one past the highest cluster in use or allocated */
+  endCluster: number;
+  /** the device reads as zero from here on (nothing ever written there) */
+  zeroFrom: number;
+  /** guest or copy-on-write data went to a device since the last write-back */
+  dataWritten = false;
+  /** ... since the last barrier */
+  dataSinceBarrier = false;
+
+  constructor(
+    fileSize: number,
+    private readonly clusterSize: number,
+  ) {
+    this.endCluster = Math.ceil(fileSize / clusterSize);
+    this.zeroFrom = this.endCluster * clusterSize;
+  }
+
+  /** The end of the image file as far as metadata may point. */
+  end(): number {
+    return Math.max(this.endCluster * this.clusterSize, this.zeroFrom);
+  }
+
+  grow(endCluster: number): void {
+    if (endCluster > this.endCluster) this.endCluster = endCluster;
+  }
+
+  /** Data reached a device; `onImage`: the image file (not an external data file), so zeroFrom moves. */
+  noteData(offset: number, length: number, onImage: boolean): void {
+    if (onImage) this.zeroFrom = Math.max(this.zeroFrom, Math.ceil((offset + length) / this.clusterSize) * this.clusterSize);
+    this.dataWritten = true;
+    this.dataSinceBarrier = true;
+  }
+}
+
+export type RecordListener = (r: JournalRecord) => void;
+
+export class WriteContext {
+  /** the live state between operations (committed transactions) */
+  cur: MetaState;
+  /** what the disk holds after the last write-back */
+  durable: MetaState;
+  /** the open transaction: one per guest operation */
+  tx: Transaction | undefined;
+  corrupt = false;
+  closed = false;
+  readonly extent: FileExtent;
+  private readonly listeners: RecordListener[] = [];
+  private layer: Qcow2Layer | undefined;
+
+  constructor(
+    readonly filename: string,
+    readonly files: WriteFiles,
+    readonly geometry: Geometry,
+    readonly version: 2 | 3,
+    readonly backing: Layer | undefined,
+    readonly headerBits: HeaderBits,
+    readonly trace: Trace,
+    state: MetaState,
+    fileSize: number,
+  ) {
+    this.cur = state;
+    this.durable = state;
+    this.extent = new FileExtent(fileSize, geometry.clusterSize);
+  }
+
+  /** The guest view through the live state (copy-on-write reads, zero tests). */
+  reader(): Qcow2Layer {
+    if (!this.layer) throw new Error('no reader attached');
+    return this.layer;
+  }
+
+  attachReader(layer: Qcow2Layer): void {
+    this.layer = layer;
+  }
+
+  get hasDataFile(): boolean {
+    return this.files.data !== undefined;
+  }
+
+  /** Every metadata record and transaction marker, in order. */
+  subscribe(fn: RecordListener): void {
+    this.listeners.push(fn);
+  }
+
+  /** The open transaction (a programming error outside one). */
+  t(): Transaction {
+    if (!this.tx) throw new Error('no transaction open');
+    return this.tx;
+  }
+
+  /** Header fields of the live state: through the open transaction, if any. */
+  header(): HeaderState {
+    return this.tx ? this.tx.header : this.cur.header;
+  }
+
+  /** Apply a metadata change to the open transaction and tell every subscriber. */
+  emit(r: MetaRecord): void {
+    this.t().apply(r);
+    this.trace.record(r);
+    for (const l of this.listeners) l(r);
+  }
+
+  /** A transaction marker (begin/commit of a guest operation): traced and told, applied to nothing. */
+  mark(r: MarkerRecord): void {
+    this.trace.record(r);
+    for (const l of this.listeners) l(r);
+  }
+
+  checkWritable(): void {
+    if (this.closed) throw new QledgerError('E_USAGE', `${this.filename}: image is closed`);
+    if (this.corrupt) throw new CorruptionError(`${this.filename}: image is marked corrupt; writes are refused`, { path: this.filename });
+    if (this.files.image.readOnly) throw new QledgerError('E_READ_ONLY', `${this.filename}: opened read-only`);
+  }
+
+  /**
+   * Metadata is inconsistent: mark the image corrupt on disk at once (v3;
+   * nothing else may be written to it now) and refuse every later write.
+   */
+  async signalCorruption(message: string, data: Record<string, unknown> = {}): Promise<never> {
+    if (!this.corrupt && !this.files.image.readOnly && this.version === 3) await this.headerBits.markCorrupt(this.durable.header);
+    this.corrupt = true;
+    throw new CorruptionError(`${this.filename}: ${message}; the image is marked corrupt and writes are refused`, data);
+  }
+}

@@ -1,0 +1,206 @@
+/**
+ * Guest data writes. Each cluster a write touches gets a plan from a pure
+ * function of its L2 entry and the byte range written (in place, or into a
+ * fresh cluster; exact, copy-on-write, or with the rest zeroed by the
+ * device), then the plans of one L2 table's span are executed together:
+ * data to the device first, then the L2 records, then the references the
+ * old entries held are dropped.
+ */
+
+import { hex } from '../../errors.ts';
+import type { Geometry } from '../../format/header.ts';
+import { ALL_SUBCLUSTERS, L2E_ZERO_LO, isCompressed, isCopied, sameL2Entry, standardEntry, standardOffset, subclusterBits, subclusterType, type L2Entry } from '../../format/l2.ts';
+import { guest } from '../layer.ts';
+import { readGuest } from '../read.ts';
+import type { DeviceWrite } from '../ordering.ts';
+import type { Allocator } from './allocator.ts';
+import type { WriteContext } from './context.ts';
+import type { Mapping } from './mapping.ts';
+import type { OverlapIndex } from './overlap.ts';
+import { overlapName } from './overlap.ts';
+import type { SharedZeroCluster } from './shared.ts';
+
+/**
+ * How the bytes of one cluster reach the device:
+ *   piece         the guest's bytes at their place, nothing else
+ *   cow           read the guest view of [from, to), overlay the guest's bytes, write it
+ *   zero-buffer   a zero buffer of [from, to) with the guest's bytes, no read (nothing shows through)
+ *   piece-zeroes  the guest's bytes, and the rest of the cluster made zero by the device
+ *                 (fallocate where it can), unless the cluster lies past everything ever written
+ */
+export type Fill = 'piece' | 'cow' | 'zero-buffer' | 'piece-zeroes';
+
+export interface ClusterPlan {
+  /** into the entry's own host cluster (COPIED); else a fresh one */
+  readonly inPlace: boolean;
+  readonly fill: Fill;
+  /** the byte range of the cluster the device write covers (piece fills: the guest's range) */
+  readonly from: number;
+  readonly to: number;
+  /** in place: the entry afterwards; fresh: the bitmap halves of the new entry */
+  readonly next?: L2Entry;
+  readonly bitmapLo: number;
+  readonly bitmapHi: number;
+  /** the old entry had data of its own (compressed or a shared host cluster): drop its reference after the record */
+  readonly unrefOld: boolean;
+  /** the entry cannot be written through (the message for signalCorruption) */
+  readonly invalid?: string;
+}
+
+/** The facts about the image a plan depends on. */
+export interface PlanEnv {
+  readonly geometry: Geometry;
+  readonly hasDataFile: boolean;
+  readonly hasBacking: boolean;
+}
+
+/** Plan the write of bytes [a, b) of the cluster whose entry is `e`. Pure. */
+export function planClusterWrite(e: L2Entry, a: number, b: number, env: PlanEnv): ClusterPlan {
+  const g = env.geometry;
+  const cs = g.clusterSize;
+  const sc = g.subclusterSize;
+  const compressed = isCompressed(e);
+  const copied = isCopied(e);
+  const hasHost = !compressed && (standardOffset(e) !== 0 || (env.hasDataFile && copied));
+  const s0 = Math.floor(a / sc);
+  const s1 = Math.floor((b - 1) / sc);
+  const partialEdge = (s: number) => Math.max(a, s * sc) !== s * sc || Math.min(b, (s + 1) * sc) !== (s + 1) * sc;
+  if (hasHost && copied) {
+    // In place: this image owns the cluster alone. A partial subcluster that
+    // does not hold data yet is completed from the guest view.
+    const needCow = [s0, s1].some((s) => partialEdge(s) && subclusterType(e, s, g, env.hasDataFile) !== 'normal');
+    const m = subclusterBits(s0, s1);
+    const next = g.extendedL2 ? { ...e, bitmapLo: (e.bitmapLo | m) >>> 0, bitmapHi: (e.bitmapHi & ~m) >>> 0 } : { ...e, lo: (e.lo & ~L2E_ZERO_LO) >>> 0 };
+    const base = { inPlace: true, next, bitmapLo: 0, bitmapHi: 0, unrefOld: false };
+    return needCow ? { ...base, fill: 'cow', from: s0 * sc, to: (s1 + 1) * sc } : { ...base, fill: 'piece', from: a, to: b };
+  }
+  // A fresh cluster: the entry is unallocated, zero, compressed or shared.
+  const unrefOld = compressed || hasHost;
+  if (g.extendedL2 && !unrefOld) {
+    const m = subclusterBits(s0, s1);
+    const base = { inPlace: false, bitmapLo: m, bitmapHi: (e.bitmapHi & ~m) >>> 0, unrefOld, from: s0 * sc, to: (s1 + 1) * sc };
+    if ((e.bitmapLo >>> 0) !== 0) return { ...base, fill: 'piece', invalid: 'invalid cluster entry found' };
+    return s0 * sc === a && (s1 + 1) * sc === b ? { ...base, fill: 'piece' } : { ...base, fill: 'cow' };
+  }
+  const base = { inPlace: false, bitmapLo: g.extendedL2 ? ALL_SUBCLUSTERS : 0, bitmapHi: 0, unrefOld };
+  if (a === 0 && b === cs) return { ...base, fill: 'piece', from: 0, to: cs };
+  const type = subclusterType(e, 0, g, env.hasDataFile);
+  const readsZero = !g.extendedL2 && (type === 'zero-plain' || type === 'zero-alloc' || (type === 'unallocated-plain' && !env.hasBacking));
+  if (readsZero && !env.hasDataFile) return { ...base, fill: 'piece-zeroes', from: a, to: b };
+  return { ...base, fill: readsZero ? 'zero-buffer' : 'cow', from: 0, to: cs };
+}
+
+export class DataWriter {
+  constructor(
+    private readonly ctx: WriteContext,
+    private readonly alloc: Allocator,
+    private readonly mapping: Mapping,
+    private readonly overlap: OverlapIndex,
+    private readonly shared: SharedZeroCluster,
+  ) {}
+
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    const span = this.ctx.geometry.l2Entries * this.ctx.geometry.clusterSize;
+    let pos = 0;
+    while (pos < data.length) {
+      const at = offset + pos;
+      const n = Math.min(data.length - pos, span - (at % span));
+      await this.writeSpan(at, data.subarray(pos, pos + n));
+      pos += n;
+    }
+  }
+
+  /** A write inside one L2 table's span. */
+  private async writeSpan(offset: number, data: Uint8Array): Promise<void> {
+    const ctx = this.ctx;
+    const g = ctx.geometry;
+    const cs = g.clusterSize;
+    const l1Index = Math.floor(offset / (g.l2Entries * cs));
+    await this.mapping.l2ForWrite(l1Index);
+    const table = ctx.t().l1TableOffset(l1Index);
+    const env: PlanEnv = { geometry: g, hasDataFile: ctx.hasDataFile, hasBacking: ctx.backing !== undefined };
+    const writes: DeviceWrite[] = [];
+    const zeroes: Array<{ offset: number; length: number }> = [];
+    const updates: Array<{ index: number; old: L2Entry; new: L2Entry; unref: boolean }> = [];
+    const end = offset + data.length;
+    for (let cstart = offset - (offset % cs); cstart < end; cstart += cs) {
+      const a = Math.max(offset, cstart) - cstart;
+      const b = Math.min(end, cstart + cs) - cstart;
+      const piece = data.subarray(cstart + a - offset, cstart + b - offset);
+      const index = (cstart / cs) % g.l2Entries;
+      const e = this.mapping.entry(l1Index, index);
+      await this.mapping.validate(e, table, index, cstart);
+      const p = planClusterWrite(e, a, b, env);
+      if (p.invalid) await ctx.signalCorruption(`${p.invalid} (L2 offset: ${hex(table)}, L2 index: ${hex(index)})`);
+      let host: number;
+      if (p.inPlace) {
+        host = standardOffset(e);
+        await this.checkOverlap(host, cstart);
+        this.shared.written(host);
+      } else host = ctx.hasDataFile ? cstart : (await this.alloc.allocate(1)) * cs;
+      switch (p.fill) {
+        case 'piece':
+          writes.push({ offset: host + a, data: piece, what: 'data' });
+          break;
+        case 'piece-zeroes':
+          writes.push({ offset: host + a, data: piece, what: 'data' });
+          // past everything ever written, the rest of the cluster already reads as zero
+          if (host < ctx.extent.zeroFrom) {
+            if (a > 0) zeroes.push({ offset: host, length: a });
+            if (b < cs) zeroes.push({ offset: host + b, length: cs - b });
+          }
+          break;
+        case 'cow':
+        case 'zero-buffer': {
+          const buf = new Uint8Array(p.to - p.from);
+          if (p.fill === 'cow') await readGuest(ctx.reader(), guest(cstart + p.from), buf);
+          buf.set(piece, a - p.from);
+          writes.push({ offset: host + p.from, data: buf, what: 'data (cow)' });
+          break;
+        }
+      }
+      const next = p.next ?? standardEntry(host, true, p.bitmapLo, p.bitmapHi);
+      if (!p.inPlace || !sameL2Entry(e, next)) updates.push({ index, old: e, new: next, unref: p.unrefOld });
+    }
+    await this.deviceWrites(writes);
+    for (const z of zeroes) {
+      await ctx.files.guest.writeZeroes(z.offset, z.length, false);
+      ctx.trace.write(z.offset, z.length, 'zeroes (cow)');
+    }
+    for (const u of updates) {
+      this.mapping.set({ l1Index, index: u.index }, table, u.old, u.new);
+      if (u.unref) await this.mapping.unref(u.old, { l1Index, index: u.index });
+    }
+  }
+
+  /** O(1) per write: refuse to write guest data over a cluster that holds metadata. */
+  private async checkOverlap(hostOff: number, guestOff: number): Promise<void> {
+    if (this.ctx.hasDataFile) return;
+    const kinds = this.overlap.at(Math.floor(hostOff / this.ctx.geometry.clusterSize));
+    if (kinds !== 0) {
+      await this.ctx.signalCorruption(`preventing a write of guest offset ${hex(guestOff)} onto the ${overlapName(kinds)} at ${hex(hostOff)}`, { hostOff, guestOff });
+    }
+  }
+
+  /** Device writes, merged where they are contiguous both on the device and in memory. */
+  async deviceWrites(writes: DeviceWrite[]): Promise<void> {
+    const ctx = this.ctx;
+    const dev = ctx.files.guest;
+    let i = 0;
+    while (i < writes.length) {
+      let cur = writes[i]!;
+      let j = i + 1;
+      while (j < writes.length) {
+        const nx = writes[j]!;
+        if (nx.offset !== cur.offset + cur.data.length || nx.data.buffer !== cur.data.buffer || nx.data.byteOffset !== cur.data.byteOffset + cur.data.length) break;
+        cur = { offset: cur.offset, data: new Uint8Array(cur.data.buffer, cur.data.byteOffset, cur.data.length + nx.data.length), what: cur.what };
+        j++;
+      }
+      await dev.write(cur.offset, cur.data);
+      ctx.trace.record({ kind: 'data', host: cur.offset, length: cur.data.length });
+      ctx.trace.write(cur.offset, cur.data.length, cur.what);
+      ctx.extent.noteData(cur.offset, cur.data.length, !ctx.hasDataFile);
+      i = j;
+    }
+  }
+}

@@ -1,0 +1,50 @@
+/**
+ * Discard with QEMU's semantics: whole clusters only (a partial cluster is
+ * ignored but for the image's last one). A discarded cluster reads as zero
+ * (v3 zero flag or bitmap) where a backing file would otherwise show
+ * through, and is unallocated where nothing shows through; its host
+ * cluster's reference is dropped.
+ */
+
+import { isCompressed, zeroEntry, L2_UNALLOCATED, L2E_ZERO_LO, ALL_SUBCLUSTERS } from '../../format/l2.ts';
+import type { WriteContext } from './context.ts';
+import { Mapping, type EntryChange, type WalkedEntry } from './mapping.ts';
+import type { ZeroWriter } from './zero.ts';
+
+export class Discarder {
+  constructor(
+    private readonly ctx: WriteContext,
+    private readonly mapping: Mapping,
+    private readonly zero: ZeroWriter,
+  ) {}
+
+  async discard(offset: number, length: number): Promise<void> {
+    const ctx = this.ctx;
+    const cs = ctx.geometry.clusterSize;
+    const end = offset + length;
+    const first = Math.ceil(offset / cs) * cs;
+    const last = end === ctx.header().size ? end : end - (end % cs);
+    const t = ctx.t();
+    await this.mapping.rewrite(first, last, (w) => this.discardEntry(w), {
+      openTable: async (l1Index, from, to) => {
+        if (t.l1TableOffset(l1Index) !== 0) return true;
+        // no table: unallocated, which shows the backing file; hide it
+        if (ctx.backing && ctx.version === 3) await this.zero.zeroClusters(from, to, true);
+        return false;
+      },
+    });
+  }
+
+  private discardEntry({ entry: e }: WalkedEntry): EntryChange {
+    const ctx = this.ctx;
+    const g = ctx.geometry;
+    const compressed = isCompressed(e);
+    const { hasHost } = Mapping.hostCluster(e, ctx.hasDataFile);
+    if (!compressed && !hasHost) {
+      const zeroFlag = g.extendedL2 ? e.bitmapHi >>> 0 === ALL_SUBCLUSTERS : (e.lo & L2E_ZERO_LO) !== 0;
+      if (zeroFlag || !ctx.backing) return undefined; // reads as zero / as the backing file already
+    }
+    const next = ctx.version === 3 ? zeroEntry(g) : L2_UNALLOCATED;
+    return { next, unref: compressed || hasHost };
+  }
+}

@@ -1,0 +1,182 @@
+/**
+ * The durable journal of one read-write session (journal-format.md): the
+ * stream of records and operation markers since the last write-back (it
+ * follows the context's record stream), starting the journal at the first
+ * write-back that changes metadata, and the write-ahead step each
+ * journalled write-back runs before its in-place phases.
+ */
+
+import { encodedLength } from '../../journal/codec.ts';
+import type { JournalRecord, MetaRecord } from '../../journal/records.ts';
+import { l1Bytes, l1TableOffset, reftableBytes } from '../../state/state.ts';
+import type { HeaderState } from '../../state/state.ts';
+import { activateJournal, type JournalLog, type JournalPlan } from '../journal.ts';
+import type { WriteAhead } from '../ordering.ts';
+import type { WriteContext } from './context.ts';
+import { OL_JOURNAL, type OverlapIndex } from './overlap.ts';
+
+export class JournalSession {
+  private log: JournalLog | undefined;
+  /** the journal is started and its bit durable in the header: write-backs are journalled */
+  private live = false;
+  /** after the first transaction's flush: make the new extension part of the header */
+  private finish: (() => Promise<void>) | undefined;
+  private stream: JournalRecord[] = [];
+  private streamBytes = 0;
+
+  constructor(
+    private readonly ctx: WriteContext,
+    private readonly overlap: OverlapIndex,
+    /** where the journal goes; undefined: no journal (v2, switched off, or no room for it) */
+    private plan: JournalPlan | undefined,
+    private readonly extensions: Parameters<typeof activateJournal>[4],
+    private readonly onWarning: ((message: string) => void) | undefined,
+  ) {
+    // the journal area has refcount 0 (QEMU must not count it): the allocator and overlap checks skip it by the index
+    if (plan?.reuse) overlap.reserve(plan.reuse.offset, plan.reuse.size, OL_JOURNAL);
+  }
+
+  get journalled(): boolean {
+    return this.live;
+  }
+
+  /** The journal will be kept: a plan exists (it may not have started yet). */
+  get planned(): boolean {
+    return this.plan !== undefined;
+  }
+
+  /** Run `fn` with the journal out of the way (a change too small to journal, made before it starts). */
+  async without(fn: () => Promise<void>): Promise<void> {
+    const plan = this.plan;
+    this.plan = undefined;
+    try {
+      await fn();
+    } finally {
+      this.plan = plan;
+    }
+  }
+
+  /** Follow the record stream: metadata records and operation markers, while a journal is planned. */
+  follow(r: JournalRecord): void {
+    if (!this.plan) return;
+    if (r.kind === 'commit') {
+      // an operation that changed no metadata leaves nothing in the stream
+      const last = this.stream[this.stream.length - 1];
+      if (last?.kind === 'begin' && last.tx === r.tx) {
+        this.stream.pop();
+        this.streamBytes -= encodedLength(last);
+        return;
+      }
+    }
+    this.stream.push(r);
+    this.streamBytes += encodedLength(r);
+  }
+
+  /** A write-back must fit the journal: it goes at half the capacity (the images of moved tables come on top). */
+  full(): boolean {
+    const capacity = this.log?.capacity ?? (this.plan ? (this.plan.reuse?.size ?? this.plan.bytes) - 512 : Infinity);
+    return this.streamBytes >= capacity / 2;
+  }
+
+  /** Before a write-back with metadata: start the journal if it is planned and not started. */
+  async prepare(pending: number): Promise<void> {
+    if (this.plan && !this.live && pending) await this.start();
+  }
+
+  /**
+   * Start the journal: the area (reused, or new past every cluster
+   * allocated so far) and its header, and the header extension's body; the
+   * autoclear bit and the extension itself follow with the first
+   * transaction. Before the bit is durable no transaction is trusted.
+   */
+  private async start(): Promise<void> {
+    const ctx = this.ctx;
+    const plan = this.plan!;
+    const cs = ctx.geometry.clusterSize;
+    let ext = plan.reuse;
+    if (!ext) {
+      const at = Math.max(ctx.extent.endCluster, ctx.extent.zeroFrom / cs);
+      ext = { offset: at * cs, size: plan.bytes };
+      this.overlap.reserve(ext.offset, ext.size, OL_JOURNAL);
+      ctx.extent.endCluster = at + plan.bytes / cs;
+      ctx.extent.zeroFrom = Math.max(ctx.extent.zeroFrom, ext.offset + ext.size);
+    }
+    const started = await activateJournal(ctx.files.image, cs, ext, plan, this.extensions);
+    ctx.trace.write(ext.offset, 512, 'journal area header [journal set-up]');
+    if (!started) {
+      this.plan = undefined;
+      this.onWarning?.(`${ctx.filename}: no room for the journal header extension in the header cluster; writing without a journal`);
+      return;
+    }
+    // the extension may have moved the backing file name: the header template follows
+    await ctx.headerBits.reload();
+    this.log = started.log;
+    this.finish = started.finish;
+    // every header written from now on carries the bit (this write-back's plan included)
+    ctx.headerBits.journalStarted();
+    this.live = true;
+  }
+
+  /** The write-ahead step for a write-back of `pending` records, or undefined when it is not journalled. */
+  writeAhead(pending: readonly MetaRecord[], durableHeader: HeaderState): WriteAhead | undefined {
+    const log = this.log;
+    if (!log || !this.live || pending.length === 0) return undefined;
+    const ctx = this.ctx;
+    let tx = 0;
+    return {
+      dataPending: ctx.extent.dataSinceBarrier,
+      append: async () => {
+        const r = await log.append([...this.stream, ...this.tableImages(pending)], pending.length);
+        tx = r.tx;
+        ctx.trace.write(log.ext.offset, r.bytes, `journal tx ${r.tx}${r.fits ? '' : ' (unjournalled: too big)'} [journal]`);
+        // The first transaction carries the autoclear bit in the same flush: a bit
+        // without frames, or frames without the new area header (so of another
+        // generation), or without the extension, replay nothing, and no in-place
+        // write has started.
+        await ctx.headerBits.writeJournalBit(durableHeader);
+      },
+      afterDurable: async () => {
+        if (!this.finish) return false;
+        // a new extension becomes part of the header only now that the bit, the
+        // area header, the extension's body and the frames are durable
+        await this.finish();
+        ctx.trace.write(0, 8, 'header extension (journal) [journal set-up]');
+        this.finish = undefined;
+        return true;
+      },
+      checkpoint: async () => {
+        await log.checkpoint(tx);
+        ctx.trace.write(log.ext.offset, 512, `journal checkpoint tx ${tx} [checkpoint]`);
+      },
+    };
+  }
+
+  /** A write-back is done: the stream starts again. */
+  written(): void {
+    this.stream = [];
+    this.streamBytes = 0;
+  }
+
+  /** A clean close: the frames are no longer needed, their space goes back to the file system. */
+  async close(): Promise<void> {
+    if (this.log) await this.ctx.files.image.discard(this.log.ext.offset + 512, this.log.ext.size - 512);
+  }
+
+  /**
+   * What recovery cannot read back from the image safely: the final content
+   * of a moved L1 or refcount table (the old one may be reused once freed)
+   * and of an L2 table copied from a snapshot's.
+   */
+  private tableImages(pending: readonly MetaRecord[]): JournalRecord[] {
+    const out: JournalRecord[] = [];
+    const cur = this.ctx.cur;
+    if (pending.some((r) => r.kind === 'l1-swap')) out.push({ kind: 'image', role: 'l1', offset: cur.header.l1TableOffset, bytes: l1Bytes(cur) });
+    if (pending.some((r) => r.kind === 'reftable-swap')) out.push({ kind: 'image', role: 'reftable', offset: cur.header.refcountTableOffset, bytes: reftableBytes(cur) });
+    for (const r of pending) {
+      if (r.kind !== 'table-new' || r.role !== 'l2' || r.copyOf === 0 || l1TableOffset(cur, r.slot) !== r.offset) continue;
+      const t = cur.l2.get(r.slot);
+      if (t) out.push({ kind: 'image', role: 'l2', offset: r.offset, bytes: t });
+    }
+    return out;
+  }
+}

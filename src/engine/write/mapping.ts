@@ -1,0 +1,171 @@
+/**
+ * L2 mapping for writing: the writable L2 table of a guest range (allocated
+ * when absent, copied when a snapshot shares it), entry validation before
+ * use, dropping a reference when an entry stops mapping a host cluster, and
+ * the one span walker that every "rewrite the entries of a guest range"
+ * operation (zero, discard, shrink, preallocate) goes through.
+ */
+
+import { hex } from '../../errors.ts';
+import { L1E_OFFSET_MASK_HI, COPIED_HI } from '../../format/l1.ts';
+import { compressedDescriptor, isCompressed, isCopied, l2EntryAt, sameL2Entry, standardOffset, subclusterType, type L2Entry } from '../../format/l2.ts';
+import type { Word64 } from '../../journal/records.ts';
+import type { Allocator } from './allocator.ts';
+import type { WriteContext } from './context.ts';
+import type { TableCache } from './tables.ts';
+
+/** Where an entry is: its L1 index and index in that L2 table. */
+export interface EntryAt {
+  readonly l1Index: number;
+  readonly index: number;
+}
+
+/** Told before a reference to a host cluster is dropped (the shared-cluster room listens). */
+export interface UnrefListener {
+  beforeUnref(e: L2Entry, at: EntryAt | undefined): Promise<void>;
+}
+
+/** One entry as the span walker shows it. */
+export interface WalkedEntry extends EntryAt {
+  /** guest offset of the cluster */
+  readonly guest: number;
+  /** host offset of the L2 table */
+  readonly table: number;
+  readonly entry: L2Entry;
+}
+
+/** What a visitor wants done with an entry: nothing, or a new value (dropping the old one's reference if `unref`). */
+export type EntryChange = { readonly next: L2Entry; readonly unref: boolean } | undefined;
+
+/** A 64-bit L1 entry pointing at `offset`, with COPIED. */
+function l1Word(offset: number): Word64 {
+  return { hi: (Math.floor(offset / 0x1_0000_0000) & L1E_OFFSET_MASK_HI) | COPIED_HI, lo: (offset % 0x1_0000_0000) >>> 0 };
+}
+
+export class Mapping {
+  unrefListener: UnrefListener | undefined;
+
+  constructor(
+    private readonly ctx: WriteContext,
+    private readonly tables: TableCache,
+    private readonly alloc: Allocator,
+  ) {}
+
+  /** The L2 table of `l1Index`, writable: allocated when absent, copied when shared. */
+  async l2ForWrite(l1Index: number): Promise<Uint8Array> {
+    const ctx = this.ctx;
+    const t = ctx.t();
+    const cs = ctx.geometry.clusterSize;
+    const e = t.l1Entry(l1Index);
+    const off = t.l1TableOffset(l1Index);
+    if (off === 0) {
+      const c = await this.alloc.allocate(1);
+      ctx.emit({ kind: 'table-new', role: 'l2', slot: l1Index, offset: c * cs, copyOf: 0 });
+      ctx.emit({ kind: 'l1', index: l1Index, old: e, new: l1Word(c * cs) });
+      return t.l2(l1Index)!;
+    }
+    if (!t.l2(l1Index)) await this.tables.loadL2(l1Index, off);
+    if ((e.hi & COPIED_HI) === 0) {
+      // Shared with a snapshot: copy the table, then drop our reference to the old one.
+      const c = await this.alloc.allocate(1);
+      ctx.emit({ kind: 'table-new', role: 'l2', slot: l1Index, offset: c * cs, copyOf: off });
+      ctx.emit({ kind: 'l1', index: l1Index, old: e, new: l1Word(c * cs) });
+      await this.alloc.changeRefcount(off / cs, -1);
+    }
+    return t.l2(l1Index)!;
+  }
+
+  /** Entry `index` of the (loaded) L2 table of `l1Index` in the open transaction. */
+  entry(l1Index: number, index: number): L2Entry {
+    return l2EntryAt(this.ctx.t().l2(l1Index)!, index, this.ctx.geometry);
+  }
+
+  /** Refuse an entry the engine must not act on: QEMU's checks, each marking the image corrupt. */
+  async validate(e: L2Entry, table: number, index: number, guestOff: number): Promise<void> {
+    const ctx = this.ctx;
+    const g = ctx.geometry;
+    const where = `(L2 offset: ${hex(table)}, L2 index: ${hex(index)})`;
+    if (isCompressed(e)) {
+      if (ctx.hasDataFile) await ctx.signalCorruption(`compressed cluster entry found in image with external data file ${where}`);
+      return;
+    }
+    const off = standardOffset(e);
+    if (off % g.clusterSize !== 0) await ctx.signalCorruption(`cluster allocation offset ${hex(off)} unaligned ${where}`);
+    if (subclusterType(e, 0, g, ctx.hasDataFile) === 'invalid') await ctx.signalCorruption(`invalid cluster entry found ${where}`);
+    if (off !== 0 && !ctx.hasDataFile && off >= ctx.extent.end()) {
+      await ctx.signalCorruption(`data cluster of guest offset ${hex(guestOff)} at ${hex(off)} lies past the end of the image`);
+    }
+  }
+
+  /** Drop this image's reference to the host clusters of an L2 entry (at its table position, if known). */
+  async unref(e: L2Entry, at?: EntryAt): Promise<void> {
+    const ctx = this.ctx;
+    const cs = ctx.geometry.clusterSize;
+    await this.unrefListener?.beforeUnref(e, at);
+    if (isCompressed(e)) {
+      const d = compressedDescriptor(e, ctx.geometry.clusterBits);
+      const first = Math.floor(d.offset / cs);
+      const last = Math.floor((d.offset + d.length - 1) / cs);
+      for (let c = first; c <= last; c++) await this.alloc.changeRefcount(c, -1);
+      return;
+    }
+    const off = standardOffset(e);
+    if (off === 0 || ctx.hasDataFile) return; // data file clusters carry no refcount
+    await this.alloc.changeRefcount(off / cs, -1);
+  }
+
+  /** Set entry `at` (of the table at `table`) from `old` to `next`: one record. */
+  set(at: EntryAt, table: number, old: L2Entry, next: L2Entry): void {
+    this.ctx.emit({ kind: 'l2', l1Index: at.l1Index, table, index: at.index, old, new: next });
+  }
+
+  /**
+   * Walk the guest clusters [start, stop) table by table. For each L2 table
+   * the span touches, `openTable(l1Index)` says whether to visit it (false:
+   * skip its span, nothing is allocated); the table is then made writable,
+   * and `visit` sees each entry (validated first unless `validate` is
+   * false) and returns the change to make, if any. A change equal to the
+   * entry is no change. The old entry's reference is dropped after its
+   * record when the change says so.
+   */
+  async rewrite(
+    start: number,
+    stop: number,
+    visit: (w: WalkedEntry) => Promise<EntryChange> | EntryChange,
+    o: { openTable?: (l1Index: number, from: number, to: number) => Promise<boolean> | boolean; validate?: boolean } = {},
+  ): Promise<void> {
+    const ctx = this.ctx;
+    const g = ctx.geometry;
+    const cs = g.clusterSize;
+    const span = g.l2Entries * cs;
+    const t = ctx.t();
+    for (let c = start; c < stop; ) {
+      const l1Index = Math.floor(c / span);
+      const to = Math.min(stop, (l1Index + 1) * span);
+      if (o.openTable && !(await o.openTable(l1Index, c, to))) {
+        c = to;
+        continue;
+      }
+      await this.l2ForWrite(l1Index);
+      const table = t.l1TableOffset(l1Index);
+      for (; c < to; c += cs) {
+        const index = (c / cs) % g.l2Entries;
+        const entry = this.entry(l1Index, index);
+        if (o.validate !== false) await this.validate(entry, table, index, c);
+        const change = await visit({ l1Index, index, guest: c, table, entry });
+        if (!change || sameL2Entry(entry, change.next)) continue;
+        this.set({ l1Index, index }, table, entry, change.next);
+        if (change.unref) await this.unref(entry, { l1Index, index });
+      }
+    }
+  }
+
+  /** The entry maps a host cluster this image owns alone (COPIED) or any host cluster. */
+  static hostCluster(e: L2Entry, hasDataFile: boolean): { hasHost: boolean; owned: boolean } {
+    const compressed = isCompressed(e);
+    const off = compressed ? 0 : standardOffset(e);
+    const copied = isCopied(e);
+    const hasHost = !compressed && (off !== 0 || (hasDataFile && copied));
+    return { hasHost, owned: hasHost && copied };
+  }
+}

@@ -1,0 +1,77 @@
+/**
+ * Wiring: the rooms of one read-write session built over one write
+ * context, each handed only the rooms below it, and the record stream's
+ * subscribers registered in one place (overlap index, allocator epoch,
+ * journal stream, pending write-back).
+ */
+
+import type { JournalPlan } from '../journal.ts';
+import type { FaultPlan } from '../faults.ts';
+import { Allocator } from './allocator.ts';
+import { CompressedWriter } from './compressed.ts';
+import type { WriteContext } from './context.ts';
+import { DataWriter } from './data-write.ts';
+import { Discarder } from './discard.ts';
+import { JournalSession } from './journal-session.ts';
+import { Mapping } from './mapping.ts';
+import { OverlapIndex } from './overlap.ts';
+import { Resizer } from './resize.ts';
+import { SharedZeroCluster } from './shared.ts';
+import { TableCache } from './tables.ts';
+import { WriteBack } from './writeback.ts';
+import { ZeroWriter } from './zero.ts';
+
+export interface RoomOptions {
+  readonly cacheBytes: number;
+  readonly writebackRecords: number;
+  readonly faults: FaultPlan | undefined;
+  readonly journal: JournalPlan | undefined;
+  readonly extensions: ConstructorParameters<typeof JournalSession>[3];
+  readonly onWarning: ((message: string) => void) | undefined;
+  readonly stopAfterPhase: number | undefined;
+}
+
+export interface Rooms {
+  readonly overlap: OverlapIndex;
+  readonly tables: TableCache;
+  readonly alloc: Allocator;
+  readonly mapping: Mapping;
+  readonly shared: SharedZeroCluster;
+  readonly data: DataWriter;
+  readonly zero: ZeroWriter;
+  readonly discard: Discarder;
+  readonly compressed: CompressedWriter;
+  readonly resize: Resizer;
+  readonly journal: JournalSession;
+  readonly writeback: WriteBack;
+}
+
+export function buildRooms(ctx: WriteContext, o: RoomOptions): Rooms {
+  const overlap = new OverlapIndex(ctx.geometry);
+  const tables = new TableCache(ctx, overlap, o.cacheBytes);
+  const alloc = new Allocator(ctx, tables, overlap, o.faults?.reuseFreedAtOnce ?? false);
+  const mapping = new Mapping(ctx, tables, alloc);
+  const shared = new SharedZeroCluster(ctx, tables, alloc, mapping);
+  const data = new DataWriter(ctx, alloc, mapping, overlap, shared);
+  const zero = new ZeroWriter(ctx, mapping, data, shared);
+  const journal = new JournalSession(ctx, overlap, o.journal, o.extensions, o.onWarning);
+  const writeback = new WriteBack(ctx, alloc, tables, journal, o.faults, o.writebackRecords, o.stopAfterPhase);
+  ctx.subscribe((r) => overlap.follow(r));
+  ctx.subscribe((r) => alloc.follow(r));
+  ctx.subscribe((r) => journal.follow(r));
+  ctx.subscribe((r) => writeback.follow(r));
+  return {
+    overlap,
+    tables,
+    alloc,
+    mapping,
+    shared,
+    data,
+    zero,
+    discard: new Discarder(ctx, mapping, zero),
+    compressed: new CompressedWriter(ctx, alloc, mapping, data),
+    resize: new Resizer(ctx, alloc, mapping, zero),
+    journal,
+    writeback,
+  };
+}

@@ -1,0 +1,88 @@
+/**
+ * The table cache of a read-write session: L2 tables and refcount blocks
+ * loaded on demand into the live and the durable state (loading is not a
+ * change, so not a record), checked before use (alignment, bounds, overlap
+ * with other metadata), and evicted after a write-back beyond a byte budget.
+ */
+
+import { hex } from '../../errors.ts';
+import { readAt } from '../../io/device.ts';
+import type { WriteContext } from './context.ts';
+import { OL_ACTIVE_L2, overlapName, type OverlapIndex } from './overlap.ts';
+
+export class TableCache {
+  constructor(
+    private readonly ctx: WriteContext,
+    private readonly overlap: OverlapIndex,
+    /** bytes of clean L2 tables and refcount blocks kept after a write-back */
+    private readonly cacheBytes: number,
+  ) {}
+
+  /** For reads: the L2 table of `l1Index` (at `off`) in the live state, loaded on demand. */
+  async l2(off: number, l1Index: number): Promise<Uint8Array> {
+    const ctx = this.ctx;
+    const have = ctx.tx ? ctx.tx.l2(l1Index) : ctx.cur.l2.get(l1Index);
+    if (have) return have;
+    return this.loadL2(l1Index, off);
+  }
+
+  async loadL2(l1Index: number, off: number): Promise<Uint8Array> {
+    const ctx = this.ctx;
+    const cs = ctx.geometry.clusterSize;
+    if (off % cs !== 0) await ctx.signalCorruption(`L2 table offset ${hex(off)} unaligned (L1 index: ${hex(l1Index)})`, { l1Index, l2Offset: off });
+    if (off < cs || off + cs > ctx.extent.end()) {
+      await ctx.signalCorruption(`L2 table offset ${hex(off)} (L1 index: ${hex(l1Index)}) lies outside the image`, { l1Index, l2Offset: off });
+    }
+    const other = this.overlap.at(off / cs) & ~OL_ACTIVE_L2;
+    if (other !== 0) {
+      await ctx.signalCorruption(`L2 table at ${hex(off)} (L1 index: ${hex(l1Index)}) overlaps the ${overlapName(other)}`, { l1Index, l2Offset: off });
+    }
+    const bytes = await readAt(ctx.files.image, off, cs);
+    if (ctx.tx) ctx.tx.load('l2', l1Index, bytes);
+    else ctx.cur = { ...ctx.cur, l2: ctx.cur.l2.set(l1Index, bytes) };
+    if (ctx.durable.l2.get(l1Index) === undefined) ctx.durable = { ...ctx.durable, l2: ctx.durable.l2.set(l1Index, bytes) };
+    return bytes;
+  }
+
+  /** The refcount block of refcount-table index `rt` (at `off`), in the open transaction. */
+  async refblock(rt: number, off: number): Promise<Uint8Array> {
+    const ctx = this.ctx;
+    const t = ctx.t();
+    const have = t.refblock(rt);
+    if (have) return have;
+    const cs = ctx.geometry.clusterSize;
+    if (off % cs !== 0 || off < cs) await ctx.signalCorruption(`refcount block offset ${hex(off)} invalid (refcount table index: ${hex(rt)})`, { rt, offset: off });
+    const bytes = await readAt(ctx.files.image, off, cs);
+    t.load('refblock', rt, bytes);
+    if (ctx.durable.refblocks.get(rt) === undefined) ctx.durable = { ...ctx.durable, refblocks: ctx.durable.refblocks.set(rt, bytes) };
+    return bytes;
+  }
+
+  /**
+   * Bound the memory the state holds: after a write-back every table is
+   * clean (durable equals current), so tables beyond the budget can be
+   * dropped from both states and reloaded from disk when next needed.
+   * Refcount blocks stay while the dirty bit is on: they are not on disk yet.
+   */
+  evictClean(): void {
+    const ctx = this.ctx;
+    const budget = Math.max(4, Math.floor(this.cacheBytes / ctx.geometry.clusterSize));
+    for (const role of ['l2', 'refblocks'] as const) {
+      if (role === 'refblocks' && ctx.headerBits.dirtyOnDisk) continue;
+      const trie = ctx.cur[role];
+      const durable = ctx.durable[role];
+      const slots: number[] = [];
+      for (const [slot, t] of trie.entries()) if (durable.get(slot) === t) slots.push(slot);
+      if (slots.length <= budget) continue;
+      const ed = trie.edit();
+      const ded = durable.edit();
+      // no recency is tracked: the lowest slots go first, down to half the budget
+      for (const slot of slots.slice(0, slots.length - Math.floor(budget / 2))) {
+        ed.set(slot, undefined);
+        ded.set(slot, undefined);
+      }
+      ctx.cur = { ...ctx.cur, [role]: ed.finish() };
+      ctx.durable = { ...ctx.durable, [role]: ded.finish() };
+    }
+  }
+}

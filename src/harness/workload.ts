@@ -1,0 +1,70 @@
+/**
+ * Crash-test workloads: guest operations, their qemu-io command lines
+ * (qledger io and qemu-io both take them) and the parser for workload files
+ * of such lines.
+ */
+
+import { QledgerError } from '../errors.ts';
+
+export type GuestOp =
+  | { readonly op: 'write'; readonly offset: number; readonly length: number; readonly pattern: number }
+  /** qemu-io write -c: whole clusters that hold no data yet (refused otherwise, as by QEMU) */
+  | { readonly op: 'compress'; readonly offset: number; readonly length: number; readonly pattern: number }
+  | { readonly op: 'zero'; readonly offset: number; readonly length: number; readonly unmap: boolean }
+  | { readonly op: 'discard'; readonly offset: number; readonly length: number }
+  | { readonly op: 'flush' }
+  | { readonly op: 'truncate'; readonly size: number };
+
+/** The workload as qemu-io commands (qledger io and qemu-io both take them). */
+export function workloadCommands(ops: readonly GuestOp[]): string[] {
+  return ops.map((o) => {
+    switch (o.op) {
+      case 'write':
+        return `write -P ${o.pattern} ${o.offset} ${o.length}`;
+      case 'compress':
+        return `write -c -P ${o.pattern} ${o.offset} ${o.length}`;
+      case 'zero':
+        return `write -z${o.unmap ? ' -u' : ''} ${o.offset} ${o.length}`;
+      case 'discard':
+        return `discard ${o.offset} ${o.length}`;
+      case 'flush':
+        return 'flush';
+      case 'truncate':
+        return `truncate ${o.size}`;
+    }
+  });
+}
+
+/** Parse qemu-io-style commands (one per line, '#' comments) into guest ops. */
+export function parseWorkload(text: string): GuestOp[] {
+  const out: GuestOp[] = [];
+  for (const [n, raw] of text.split('\n').entries()) {
+    const line = raw.replace(/#.*/, '').trim();
+    if (!line) continue;
+    const w = line.split(/\s+/);
+    const bad = () => new QledgerError('E_USAGE', `workload line ${n + 1}: cannot parse '${line}'`);
+    const num = (s: string | undefined) => {
+      if (s === undefined) throw bad();
+      const m = /^(\d+)([kKmMgG]?)$/.exec(s);
+      if (!m) throw bad();
+      return Number(m[1]) * ({ '': 1, k: 1024, m: 1 << 20, g: 1 << 30 } as Record<string, number>)[m[2]!.toLowerCase()]!;
+    };
+    if (w[0] === 'flush') out.push({ op: 'flush' });
+    else if (w[0] === 'truncate') out.push({ op: 'truncate', size: num(w[1]) });
+    else if (w[0] === 'discard') out.push({ op: 'discard', offset: num(w[1]), length: num(w[2]) });
+    else if (w[0] === 'write') {
+      const args = w.slice(1);
+      const z = args.includes('-z');
+      const u = args.includes('-u');
+      const pi = args.indexOf('-P');
+      const pattern = pi >= 0 ? Number(args[pi + 1]) : 0xcd;
+      const pos = args.filter((a, i) => !a.startsWith('-') && !(pi >= 0 && i === pi + 1));
+      if (pos.length !== 2 || !Number.isInteger(pattern) || pattern < 0 || pattern > 255) throw bad();
+      if (z) out.push({ op: 'zero', offset: num(pos[0]), length: num(pos[1]), unmap: u });
+      else if (args.includes('-c')) out.push({ op: 'compress', offset: num(pos[0]), length: num(pos[1]), pattern });
+      else out.push({ op: 'write', offset: num(pos[0]), length: num(pos[1]), pattern });
+    } else throw bad();
+  }
+  return out;
+}
+
