@@ -30,7 +30,7 @@ import { Image } from '../src/engine/image.ts';
 import { openWriter } from '../src/engine/writable.ts';
 import { FileDevice } from '../src/io/file-device.ts';
 import { loadQcow2 } from '../src/engine/qcow2-layer.ts';
-import { recoverJournal } from '../src/engine/journal.ts';
+import { recoverJournal } from '../src/engine/journal/replay.ts';
 import { QledgerError } from '../src/errors.ts';
 import type { TraceEvent } from '../src/engine/writer.ts';
 

@@ -13,12 +13,14 @@
 export { Image, type ImageOpenOptions } from './engine/image.ts';
 export type { CreateOptions, Preallocation } from './engine/create.ts';
 export type { TraceEvent, ZeroOptions, DetectZeroes } from './engine/writer.ts';
-export { checkImage, type CheckReport, type CheckFinding, type RepairMode } from './engine/check.ts';
+export { checkImage } from './engine/check/check.ts';
+export type { CheckReport, CheckFinding, RepairMode } from './engine/check/report.ts';
 export { crashTest, type GuestOp, type CrashTestOptions, type CrashTestResult } from './harness/crash-harness.ts';
 export type { JournalRecord, MetaRecord, MarkerRecord, LogRecord, L2Word, Word64, HeaderField } from './journal/records.ts';
 export { describe as describeRecord } from './journal/records.ts';
 export { encodeRecord, decodeRecord } from './journal/codec.ts';
-export { readJournal, dumpJournal, type JournalDump, type RecoveryReport } from './engine/journal.ts';
+export { readJournal, dumpJournal, type JournalDump } from './engine/journal/locate.ts';
+export type { RecoveryReport } from './engine/journal/replay.ts';
 export type { JournalTransaction } from './journal/log.ts';
 export { apply, applyAll, type MetaState, type HeaderState } from './state/state.ts';
 export type { OpenOptions, ImageFormat } from './engine/open.ts';

@@ -4,7 +4,7 @@
  */
 
 import { UsageError } from '../errors.ts';
-import { readJournal, type JournalDump } from '../engine/journal.ts';
+import { readJournal, type JournalDump } from '../engine/journal/locate.ts';
 import { describe, type JournalRecord } from '../journal/records.ts';
 import { getopt } from './args.ts';
 import type { Output } from './main.ts';

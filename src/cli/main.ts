@@ -14,9 +14,10 @@ import type { ImageFormat } from '../engine/open.ts';
 import { runIo } from './io.ts';
 import { runCrashTest } from './crash-test.ts';
 import { runJournal } from './journal.ts';
-import { readJournal } from '../engine/journal.ts';
+import { readJournal } from '../engine/journal/locate.ts';
 import { createOptionsFrom, CREATE_OPTION_NAMES } from '../engine/create.ts';
-import { checkImage, checkExitCode, checkHuman, checkJson, type RepairMode } from '../engine/check.ts';
+import { checkImage } from '../engine/check/check.ts';
+import { checkExitCode, checkHuman, checkJson, type RepairMode } from '../engine/check/report.ts';
 
 export interface Output {
   out(s: string): void;

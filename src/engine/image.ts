@@ -12,7 +12,7 @@ import { guest, type Layer } from './layer.ts';
 import type { SnapshotEntry } from '../format/snapshot.ts';
 import { QledgerError } from '../errors.ts';
 import { openWriterSession, createImage, type WritableOpenOptions } from './writable.ts';
-import type { RecoveryReport } from './journal.ts';
+import type { RecoveryReport } from './journal/replay.ts';
 import type { Qcow2Writer, ZeroOptions } from './writer.ts';
 import type { CreateOptions } from './create.ts';
 

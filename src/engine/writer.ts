@@ -21,7 +21,7 @@ import { maxRefcount } from '../format/refcount.ts';
 import { readAt } from '../io/device.ts';
 import { Transaction, initialState, l1TableOffset, reftableEntry, type MetaState } from '../state/state.ts';
 import { faultPlan, type Fault } from './faults.ts';
-import type { JournalPlan } from './journal.ts';
+import type { JournalPlan } from './journal/live.ts';
 import { guest } from './layer.ts';
 import { Qcow2Layer, type Qcow2LayerOptions } from './qcow2-layer.ts';
 import { readGuest } from './read.ts';

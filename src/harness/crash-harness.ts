@@ -30,7 +30,7 @@ import { Qcow2Layer, loadQcow2 } from '../engine/qcow2-layer.ts';
 import { RawLayer } from '../engine/raw-layer.ts';
 import { readGuest } from '../engine/read.ts';
 import { guest, type Layer } from '../engine/layer.ts';
-import { checkDevice } from '../engine/check.ts';
+import { checkDevice } from '../engine/check/check.ts';
 import { createOnDevice, openSession, openWriterOnDevice } from '../engine/writable.ts';
 import type { CreateOptions } from '../engine/create.ts';
 import type { Fault } from '../engine/faults.ts';

@@ -37,3 +37,32 @@ export async function readAt(dev: BlockDevice, offset: number, length: number): 
 
 /** Zero buffer shared by writeZeroes fallbacks; never written to. */
 export const ZERO_CHUNK = new Uint8Array(1 << 20);
+
+/**
+ * Read the clusters at `offsets` (cluster-sized each), merging runs of
+ * adjacent clusters into one read of up to 8 MiB: a million-cluster image
+ * has thousands of tables, mostly laid out back to back.
+ */
+export async function readClusters(dev: BlockDevice, offsets: Iterable<number>, cs: number): Promise<Map<number, Uint8Array>> {
+  const sorted = [...new Set(offsets)].sort((x, y) => x - y);
+  const out = new Map<number, Uint8Array>();
+  const maxRun = Math.max(1, Math.floor((8 << 20) / cs));
+  const runs: Array<[number, number]> = [];
+  for (let i = 0; i < sorted.length; ) {
+    let j = i + 1;
+    while (j < sorted.length && j - i < maxRun && sorted[j] === sorted[j - 1]! + cs) j++;
+    runs.push([i, j]);
+    i = j;
+  }
+  // several reads in flight: scattered tables cost a thread-pool round trip each
+  let next = 0;
+  const worker = async () => {
+    while (next < runs.length) {
+      const [i, j] = runs[next++]!;
+      const buf = await readAt(dev, sorted[i]!, (j - i) * cs);
+      for (let k = i; k < j; k++) out.set(sorted[k]!, buf.subarray((k - i) * cs, (k - i + 1) * cs));
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(16, runs.length) }, worker));
+  return out;
+}

@@ -8,7 +8,7 @@
  */
 
 import { AUTOCLEAR_JOURNAL, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../../format/features.ts';
-import { fixedHeaderLength, putMutableFields } from '../../format/header.ts';
+import { fixedHeaderLength, putMutableFields, type MutableHeaderFields, type Qcow2Header } from '../../format/header.ts';
 import { readAt, type BlockDevice } from '../../io/device.ts';
 import type { HeaderState } from '../../state/state.ts';
 import type { Trace } from './trace.ts';
@@ -88,4 +88,16 @@ export class HeaderBits {
     this.journalBitToWrite = false;
     await this.put(durable, 'header (journal bit) [journal set-up]', false);
   }
+}
+
+/**
+ * Change some of the header's mutable fields on `dev` outside a write
+ * session (check's repair): the fixed fields are read, patched and written
+ * back as one write inside sector 0, so the change is atomic. The caller
+ * flushes.
+ */
+export async function patchHeader(dev: BlockDevice, h: Qcow2Header, change: Partial<MutableHeaderFields>): Promise<void> {
+  const b = await readAt(dev, 0, fixedHeaderLength(h.version, h.headerLength));
+  putMutableFields(b, h.version, { ...h, ...change });
+  await dev.write(0, b);
 }

@@ -10,7 +10,7 @@ import { encodedLength } from '../../journal/codec.ts';
 import type { JournalRecord, MetaRecord } from '../../journal/records.ts';
 import { l1Bytes, l1TableOffset, reftableBytes } from '../../state/state.ts';
 import type { HeaderState } from '../../state/state.ts';
-import { activateJournal, type JournalLog, type JournalPlan } from '../journal.ts';
+import { activateJournal, type JournalLog, type JournalPlan } from '../journal/live.ts';
 import type { WriteAhead } from '../ordering.ts';
 import type { WriteContext } from './context.ts';
 import { OL_JOURNAL, type OverlapIndex } from './overlap.ts';

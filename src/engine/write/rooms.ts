@@ -5,7 +5,7 @@
  * journal stream, pending write-back).
  */
 
-import type { JournalPlan } from '../journal.ts';
+import type { JournalPlan } from '../journal/live.ts';
 import type { FaultPlan } from '../faults.ts';
 import { Allocator } from './allocator.ts';
 import { CompressedWriter } from './compressed.ts';

@@ -1,113 +1,29 @@
 /**
- * The durable journal, engine side (journal-format.md): finding it, setting
- * it up for a read-write session, appending one transaction per write-back,
- * checkpointing, and recovery on open.
- *
- * Recovery replays the one committed transaction the checkpoint does not
- * cover. Records carry absolute new values, so replay computes the final
- * value of every entry the transaction touched and writes it in place, in
- * the same four ordered phases as a write-back: a crash during recovery
- * leaves at worst leaks, and recovery simply runs again. Before writing,
- * every touched entry on disk must hold the value the transaction started
- * from or the one it ended with (or, for a refcount, the ordering module's
- * intermediate bound); anything else means the journal does not describe
- * this image, and it is ignored with a warning.
+ * Journal recovery on a read-write open: replay the one committed
+ * transaction the checkpoint does not cover. Records carry absolute new
+ * values, so replay computes the final value of every entry the
+ * transaction touched and writes it in place, in the same four ordered
+ * phases as a write-back (ordering.ts builds and runs them): a crash during
+ * recovery leaves at worst leaks, and recovery simply runs again. Before
+ * writing, every touched entry on disk must hold the value the transaction
+ * started from or the one it ended with (or, for a refcount, the ordering
+ * module's intermediate bound); anything else means the journal does not
+ * describe this image, and it is ignored with a warning.
  */
 
-import { randomBytes } from 'node:crypto';
-import { putU32, putU64, u32, u64, u64big } from '../format/bytes.ts';
-import { AUTOCLEAR_JOURNAL, EXT_JOURNAL, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../format/features.ts';
-import { geometryOf, putMutableFields, type ParsedHeader } from '../format/header.ts';
-import { getRefcount, maxRefcount, setRefcount } from '../format/refcount.ts';
-import { readAt, type BlockDevice } from '../io/device.ts';
-import {
-  AREA_HEADER_SIZE,
-  EXT_JOURNAL_LENGTH,
-  FRAME_HEADER_SIZE,
-  FRAME_ALIGN,
-  FRAME_MAGIC,
-  decodeAreaHeader,
-  decodeJournalExtension,
-  encodeAreaHeader,
-  encodeJournalExtension,
-  encodeTransaction,
-  scanFrames,
-  type JournalExtension,
-  type JournalTransaction,
-  type ScanResult,
-} from '../journal/log.ts';
-import type { HeaderField, JournalRecord, L2Word } from '../journal/records.ts';
-import { dirtySectors, padSector, type DeviceWrite } from './ordering.ts';
-import { readL2Word } from '../state/state.ts';
-import { isCompressed, isCopied, standardOffset, standardReservedBits, writeL2Entry } from '../format/l2.ts';
-import { L1E_OFFSET_MASK_HI, L1E_OFFSET_MASK_LO, decodeL1Entry, l1Offset } from '../format/l1.ts';
-import { refcountTableEntry } from '../format/refcount.ts';
-import { readClusters } from './check.ts';
-import { FileDevice } from '../io/file-device.ts';
-import { UnsupportedError, hex } from '../errors.ts';
-import { loadQcow2 } from './qcow2-layer.ts';
-import { probeFormat } from './open.ts';
-
-/** Default journal area: a write-back of up to ~4 MiB of records (~45,000 new clusters) fits. */
-export const DEFAULT_JOURNAL_BYTES = 8 * 1024 * 1024;
-
-
-
-// ---- finding the journal ---------------------------------------------------------
-
-export interface JournalView {
-  readonly ext: JournalExtension;
-  /** where the extension's type field is in the header cluster */
-  readonly extAt: number;
-  readonly generation: bigint;
-  readonly appliedTx: number;
-  readonly scan: ScanResult;
-}
-
-export type Located =
-  | { readonly kind: 'absent' }
-  | { readonly kind: 'invalid'; readonly reason: string; readonly ext?: JournalExtension | undefined }
-  | ({ readonly kind: 'valid' } & JournalView);
-
-/** Read the journal an image names, without trusting it: structure checks only. */
-export async function locateJournal(dev: BlockDevice, parsed: ParsedHeader, fileSize: number): Promise<Located> {
-  const e = parsed.extensions.find((x) => x.type === EXT_JOURNAL);
-  if (!e) return { kind: 'absent' };
-  let ext: JournalExtension;
-  try {
-    ext = decodeJournalExtension(e.data, e.offset);
-  } catch (err) {
-    return { kind: 'invalid', reason: (err as Error).message };
-  }
-  const cs = 2 ** parsed.header.clusterBits;
-  if (ext.offset === 0 || ext.offset % cs !== 0 || ext.size % cs !== 0 || ext.size < 2 * AREA_HEADER_SIZE || ext.size > MAX_AREA || ext.offset + ext.size > fileSize) {
-    return { kind: 'invalid', reason: `journal header extension at ${hex(e.offset)}: area ${hex(ext.offset)} of ${ext.size} bytes is not a cluster-aligned range inside the file`, ext };
-  }
-  // Read what the frames need, not the whole area: follow the chain of frame
-  // headers (40 bytes each, one per 64 KiB of records), then read that extent once.
-  let hdr;
-  try {
-    hdr = decodeAreaHeader(await readAt(dev, ext.offset, AREA_HEADER_SIZE), ext.offset);
-  } catch (err) {
-    return { kind: 'invalid', reason: (err as Error).message, ext };
-  }
-  if (hdr.size !== ext.size) return { kind: 'invalid', reason: `journal area header at ${hex(ext.offset)}: size ${hdr.size} differs from the extension's ${ext.size}`, ext };
-  let end = AREA_HEADER_SIZE;
-  while (end + FRAME_HEADER_SIZE <= ext.size) {
-    const fh = await readAt(dev, ext.offset + end, FRAME_HEADER_SIZE);
-    const len = u32(fh, 4);
-    if (u32(fh, 0) !== FRAME_MAGIC || len % 8 !== 0 || end + FRAME_HEADER_SIZE + len > ext.size) break;
-    end += Math.ceil((FRAME_HEADER_SIZE + len) / FRAME_ALIGN) * FRAME_ALIGN;
-  }
-  // one sector more, so that the scan sees where the chain stops
-  const area = await readAt(dev, ext.offset, Math.min(ext.size, end + FRAME_ALIGN));
-  const scan = scanFrames(area, hdr.generation);
-  return { kind: 'valid', ext, extAt: e.offset, generation: hdr.generation, appliedTx: hdr.appliedTx, scan };
-}
-
-const MAX_AREA = 1024 * 1024 * 1024;
-
-// ---- recovery ------------------------------------------------------------------------
+import { hex } from '../../errors.ts';
+import { putU64, u64, u64big } from '../../format/bytes.ts';
+import { AUTOCLEAR_JOURNAL, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../../format/features.ts';
+import { fixedHeaderLength, geometryOf, putMutableFields, type ParsedHeader } from '../../format/header.ts';
+import { L1E_OFFSET_MASK_HI, L1E_OFFSET_MASK_LO, decodeL1Entry, l1Offset } from '../../format/l1.ts';
+import { isCompressed, isCopied, l2EntryAt, sameL2Entry, standardOffset, standardReservedBits, writeL2Entry, type L2Entry } from '../../format/l2.ts';
+import { getRefcount, maxRefcount, refcountTableEntry, setRefcount } from '../../format/refcount.ts';
+import { readAt, readClusters, type BlockDevice } from '../../io/device.ts';
+import type { JournalTransaction } from '../../journal/log.ts';
+import type { HeaderField } from '../../journal/records.ts';
+import { PhaseLists, dirtySectors, executePlan, padSector, type Phase } from '../ordering.ts';
+import { checkpoint } from './live.ts';
+import { locateJournal, type JournalView, type Located } from './locate.ts';
 
 export interface RecoveryReport {
   /** 'replayed': a committed transaction was completed in place; 'scan': the
@@ -154,25 +70,11 @@ export async function recoverJournal(dev: BlockDevice, name: string, parsed: Par
   if (typeof plan === 'string') {
     return { ...none, action: 'ignored', warnings: [`${name}: journal transaction ${tx.tx} ignored, it does not match the image: ${plan}. Leaked clusters, if any, stay until 'qledger check -r leaks'`] };
   }
-  let writes = 0;
-  for (const phase of plan) {
-    if (!phase.length) continue;
-    // the writes of one phase have no order among them
-    for (let i = 0; i < phase.length; i += CONCURRENCY) {
-      await Promise.all(phase.slice(i, i + CONCURRENCY).map((w) => dev.write(w.offset, w.data)));
-    }
-    writes += phase.length;
-    await dev.flush();
-  }
+  const writes = await executePlan(plan, { write: (w) => dev.write(w.offset, w.data), barrier: () => dev.flush() }, { concurrency: CONCURRENCY, skipEmpty: true });
   // no flush of its own: until it is durable a crash only means replaying again
   // (idempotent), and the session's first write-back starts a new generation anyway
   await checkpoint(dev, j.ext, j.generation, tx.tx);
   return { action: 'replayed', tx: tx.tx, records: tx.records.length, writes, warnings: [] };
-}
-
-/** Mark transactions up to `tx` as entirely in place (the caller orders it with a flush). */
-export async function checkpoint(dev: BlockDevice, ext: JournalExtension, generation: bigint, tx: number): Promise<void> {
-  await dev.write(ext.offset, encodeAreaHeader({ generation, size: ext.size, appliedTx: tx }));
 }
 
 interface Span<T> {
@@ -180,7 +82,6 @@ interface Span<T> {
   last: T;
 }
 
-const sameL2 = (a: L2Word, b: L2Word) => a.hi === b.hi && a.lo === b.lo && a.bitmapHi === b.bitmapHi && a.bitmapLo === b.bitmapLo;
 
 /**
  * Compute the in-place writes that complete `tx`, or a string saying why
@@ -188,7 +89,7 @@ const sameL2 = (a: L2Word, b: L2Word) => a.hi === b.hi && a.lo === b.lo && a.bit
  * by the records only: the L1 table, the refcount table, and the L2 tables
  * and refcount blocks the transaction changed.
  */
-async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: number, j: JournalView, tx: JournalTransaction): Promise<DeviceWrite[][] | string> {
+async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: number, j: JournalView, tx: JournalTransaction): Promise<Phase[] | string> {
   const h = parsed.header;
   const g = geometryOf(h);
   const cs = g.clusterSize;
@@ -240,10 +141,11 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
   const rtOff = rtSwap ? rtSwap.last.offset : h.refcountTableOffset;
   const rtClusters = rtSwap ? rtSwap.last.clusters : h.refcountTableClusters;
 
-  const phase0: DeviceWrite[] = [];
-  const phase1: DeviceWrite[] = [];
-  const phase2: DeviceWrite[] = [];
-  const phase3: DeviceWrite[] = [];
+  const lists = new PhaseLists();
+  const phase0 = lists.allocate;
+  const phase1 = lists.hook;
+  const phase2 = lists.reference;
+  const phase3 = lists.free;
 
   // ---- the L1 table
   let finalL1: Uint8Array;
@@ -305,7 +207,7 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
   // ---- L2 tables
   const newTables = new Map<string, number>(); // role@offset -> copyOf
   for (const r of recs) if (r.kind === 'table-new') newTables.set(`${r.role}@${r.offset}`, r.copyOf);
-  const l2 = new Map<number, { l1Index: number; spans: Map<number, Span<L2Word>> }>();
+  const l2 = new Map<number, { l1Index: number; spans: Map<number, Span<L2Entry>> }>();
   for (const r of recs) {
     if (r.kind === 'table-new' && r.role === 'l2' && !l2.has(r.offset)) l2.set(r.offset, { l1Index: r.slot, spans: new Map() });
     if (r.kind !== 'l2') continue;
@@ -314,7 +216,7 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
     const s = t.spans.get(r.index);
     t.spans.set(r.index, s ? { first: s.first, last: r.new } : { first: r.old, last: r.new });
   }
-  const changedL2: L2Word[] = [];
+  const changedL2: L2Entry[] = [];
   const l1First = new Map<number, number>();
   for (const r of recs) if (r.kind === 'l1' && !l1First.has(r.index)) l1First.set(r.index, (r.old.hi & L1E_OFFSET_MASK_HI) * 0x1_0000_0000 + ((r.old.lo & L1E_OFFSET_MASK_LO) >>> 0));
   // the tables to read, read concurrently: recovery time is their number, not the image's size
@@ -353,8 +255,8 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
       final = disk.slice();
       for (const [i, s] of t.spans) {
         if (i >= g.l2Entries) return `L2 index ${i} is past the table`;
-        const d = readL2Word(disk, i, g);
-        if (!sameL2(d, s.first) && !sameL2(d, s.last)) return `L2 table ${hex(T)} entry ${i} holds neither the transaction's old nor its new value`;
+        const d = l2EntryAt(disk, i, g);
+        if (!sameL2Entry(d, s.first) && !sameL2Entry(d, s.last)) return `L2 table ${hex(T)} entry ${i} holds neither the transaction's old nor its new value`;
         writeL2Entry(final, i, g, s.last);
       }
       phase2.push(...dirtySectors(disk, final, T, `replay: l2 ${hex(T)}`));
@@ -441,8 +343,7 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
   }
 
   // ---- the header
-  const fixed = h.version === 2 ? 72 : Math.min(h.headerLength, 112);
-  const diskHeader = await readAt(dev, 0, fixed);
+  const diskHeader = await readAt(dev, 0, fixedHeaderLength(h.version, h.headerLength));
   const finalHeader = diskHeader.slice();
   putMutableFields(finalHeader, h.version, {
     size: Number(finalField.size),
@@ -457,193 +358,8 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
   if (!Buffer.from(finalHeader).equals(Buffer.from(diskHeader))) {
     (rtSwap ? phase1 : phase2).push({ offset: 0, data: finalHeader, what: 'replay: header' });
   }
-  return [phase0, phase1, phase2, phase3];
+  return lists.phases(false);
 }
 
 /** Replay writes in flight at once within one phase (the file device's thread pool takes four at a time). */
 const CONCURRENCY = 32;
-
-// ---- the writer's side -----------------------------------------------------------------
-
-/**
- * A live journal: where it is, its generation, and the next frame and
- * transaction numbers. The writer appends one transaction per write-back.
- */
-export class JournalLog {
-  private seq = 1;
-  private tx = 0;
-  constructor(
-    readonly dev: BlockDevice,
-    readonly ext: JournalExtension,
-    readonly generation: bigint,
-  ) {}
-
-  /** bytes available for a transaction's frames */
-  get capacity(): number {
-    return this.ext.size - AREA_HEADER_SIZE;
-  }
-
-  /**
-   * Write `records` as the next transaction at the start of the frame
-   * area; when they do not fit, write an 'unjournalled' transaction in
-   * their place. Returns the transaction number and the bytes written. The
-   * caller flushes before any in-place write.
-   */
-  async append(records: readonly JournalRecord[], metaRecords: number): Promise<{ tx: number; bytes: number; fits: boolean }> {
-    const tx = ++this.tx;
-    let enc = encodeTransaction(records, { generation: this.generation, tx, seq: this.seq });
-    const fits = enc.bytes.length <= this.capacity;
-    if (!fits) enc = encodeTransaction([{ kind: 'unjournalled', records: metaRecords }], { generation: this.generation, tx, seq: this.seq });
-    await this.dev.write(this.ext.offset + AREA_HEADER_SIZE, enc.bytes);
-    this.seq = enc.nextSeq;
-    return { tx, bytes: enc.bytes.length, fits };
-  }
-
-  /** The transaction is entirely in place; durable with the next flush. */
-  checkpoint(tx: number): Promise<void> {
-    return checkpoint(this.dev, this.ext, this.generation, tx);
-  }
-}
-
-/**
- * Where a session's journal will go, decided at open without writing
- * anything: the area the extension names when its clusters are all still
- * free (QEMU may have allocated them since), else a new one the writer
- * places past everything it has allocated when the journal starts.
- */
-export interface JournalPlan {
-  readonly reuse: JournalExtension | undefined;
-  /** the image already has a journal extension (it is updated rather than added) */
-  readonly extPresent: boolean;
-  /** size of a new area, in bytes */
-  readonly bytes: number;
-}
-
-/** `found`: the journal as `locateJournal` found it (recovery changes its checkpoint only, never where it is). */
-export async function planJournal(parsed: ParsedHeader, found: Located, bytes: number | undefined, refcount: (cluster: number) => Promise<number>): Promise<JournalPlan> {
-  const cs = 2 ** parsed.header.clusterBits;
-  const want = Math.max(2 * cs, Math.ceil((bytes ?? DEFAULT_JOURNAL_BYTES) / cs) * cs);
-  let reuse: JournalExtension | undefined;
-  if (found.kind === 'valid') {
-    reuse = found.ext;
-    for (let c = reuse.offset / cs; c < (reuse.offset + reuse.size) / cs; c++) {
-      if ((await refcount(c)) !== 0) {
-        reuse = undefined;
-        break;
-      }
-    }
-  }
-  return { reuse, extPresent: found.kind !== 'absent' && parsed.extensions.some((e) => e.type === EXT_JOURNAL && e.data.length === EXT_JOURNAL_LENGTH), bytes: want };
-}
-
-/**
- * Start the journal in area `ext` (its clusters free and reserved by the
- * caller), in two steps that cost no flush of their own. `activateJournal`
- * writes a fresh area header (a new generation makes every older frame
- * invalid) and, for a new extension, its body beyond the end marker
- * (inactive); these become durable with the first transaction's frames.
- * Then `finish` (after that flush) makes the extension part of the header,
- * or rewrites a moved one. A reused area needs no `finish`. Returns
- * undefined when the header cluster has no room for the extension.
- */
-export async function activateJournal(
-  dev: BlockDevice,
-  clusterSize: number,
-  ext: JournalExtension,
-  plan: JournalPlan,
-  parsedExtensions: ParsedHeader['extensions'],
-): Promise<{ log: JournalLog; finish: (() => Promise<void>) | undefined } | undefined> {
-  if ((await dev.size()) < ext.offset + ext.size) await dev.truncate(ext.offset + ext.size);
-  const generation = randomBytes(8).readBigUInt64BE() || 1n;
-  await dev.write(ext.offset, encodeAreaHeader({ generation, size: ext.size, appliedTx: 0 }));
-  const log = new JournalLog(dev, ext, generation);
-  if (plan.reuse && plan.reuse.offset === ext.offset && plan.reuse.size === ext.size) return { log, finish: undefined };
-  if (plan.extPresent) {
-    const e = parsedExtensions.find((x) => x.type === EXT_JOURNAL);
-    if (!e || e.data.length !== EXT_JOURNAL_LENGTH) return undefined;
-    return { log, finish: () => dev.write(e.offset + 8, encodeJournalExtension(ext)) };
-  }
-  const finish = await insertExtension(dev, clusterSize, ext);
-  return finish ? { log, finish } : undefined;
-}
-
-/**
- * Append the journal extension to the header's extension list so that the
- * header is valid after every step: the new bytes go first beyond the
- * current end marker, and the 8 bytes that turn the end marker into the
- * extension's type and length go last, in one sector. A backing file name
- * in the way moves to free space in the header cluster first.
- */
-async function insertExtension(dev: BlockDevice, cs: number, ext: JournalExtension): Promise<(() => Promise<void>) | undefined> {
-  const head = await readAt(dev, 0, cs);
-  const version = u32(head, 4);
-  const headerLength = version === 2 ? 72 : u32(head, 100);
-  let p = headerLength;
-  while (p + 8 <= cs && u32(head, p) !== 0) p += 8 + Math.ceil(u32(head, p + 4) / 8) * 8;
-  if (p + 8 > cs) return undefined;
-  const need = p + 8 + EXT_JOURNAL_LENGTH + 8;
-  const nameAt = u64(head, 8);
-  const nameLen = u32(head, 16);
-  const body = new Uint8Array(EXT_JOURNAL_LENGTH + 8);
-  body.set(encodeJournalExtension(ext));
-  if (nameAt > 0 && nameAt >= p && nameAt < need) {
-    const to = Math.ceil(Math.max(need, nameAt + nameLen) / 512) * 512;
-    if (to + nameLen > cs) return undefined;
-    // the old name stays valid until the field moves: copy, flush, switch, flush
-    await dev.write(to, head.slice(nameAt, nameAt + nameLen));
-    await dev.flush();
-    const field = new Uint8Array(8);
-    putU64(field, 0, to);
-    await dev.write(8, field);
-    await dev.flush();
-  } else if (need > cs) return undefined;
-  // beyond the end marker: inactive until the marker becomes the extension's type and length
-  await dev.write(p + 8, body);
-  const tl = new Uint8Array(8);
-  putU32(tl, 0, EXT_JOURNAL);
-  putU32(tl, 4, EXT_JOURNAL_LENGTH);
-  return () => dev.write(p, tl);
-}
-
-/** An image's journal as an event stream: what `qledger journal dump` prints. */
-export interface JournalDump {
-  readonly state: 'absent' | 'invalid' | 'valid' | 'v2';
-  /** the autoclear bit is set: the journal is live */
-  readonly live: boolean;
-  /** why an invalid journal fails validation */
-  readonly reason?: string | undefined;
-  readonly area?: { readonly offset: number; readonly size: number; readonly generation: bigint; readonly appliedTx: number } | undefined;
-  /** every transaction the scan accepted, in order, the last one possibly torn (committed false) */
-  readonly transactions: ReadonlyArray<JournalTransaction & { readonly applied: boolean }>;
-  /** where and why the scan stopped */
-  readonly end?: { readonly at: number; readonly reason: string } | undefined;
-}
-
-/** The journal of the qcow2 image at `path`, read-only: the library's view of the event stream. */
-export async function readJournal(path: string): Promise<JournalDump> {
-  const dev = await FileDevice.open(path, { readOnly: true });
-  try {
-    if ((await probeFormat(dev)) !== 'qcow2') throw new UnsupportedError(`${path}: not a qcow2 image; only qcow2 images have a journal`, { path });
-    const { parsed, fileSize } = await loadQcow2(dev);
-    return await dumpJournal(dev, parsed, fileSize);
-  } finally {
-    await dev.close();
-  }
-}
-
-/** Read the journal of the qcow2 image on `dev` without changing anything. */
-export async function dumpJournal(dev: BlockDevice, parsed: ParsedHeader, fileSize: number): Promise<JournalDump> {
-  const h = parsed.header;
-  const live = h.version === 3 && (h.autoclearFeatures & AUTOCLEAR_JOURNAL) !== 0n;
-  if (h.version !== 3) return { state: 'v2', live: false, transactions: [] };
-  const j = await locateJournal(dev, parsed, fileSize);
-  if (j.kind === 'absent') return { state: 'absent', live, transactions: [] };
-  if (j.kind === 'invalid') return { state: 'invalid', live, reason: j.reason, transactions: [] };
-  return {
-    state: 'valid',
-    live,
-    area: { offset: j.ext.offset, size: j.ext.size, generation: j.generation, appliedTx: j.appliedTx },
-    transactions: j.scan.transactions.map((t) => ({ ...t, applied: t.tx <= j.appliedTx })),
-    end: j.scan.end,
-  };
-}

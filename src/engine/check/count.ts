@@ -1,0 +1,362 @@
+/**
+ * Counting for the check, the way QEMU's qcow2_check_refcounts() counts so
+ * that totals agree with `qemu-img check`: every reference to every host
+ * cluster (the header, the active L1 and every snapshot L1 table, each L2
+ * table once per L1 entry that names it, data and compressed clusters once
+ * per L2 entry visit, the snapshot table, the refcount table, the bitmap
+ * directory and tables, every refcount block), and the stored refcounts
+ * read through the refcount table. A reference past the end of the file is
+ * a corruption and is not counted. Also the reference count a dirty
+ * image's refcount rebuild uses.
+ *
+ * Memory is proportional to the file (one 32-bit counter per cluster,
+ * allocated in 64 Ki-cluster chunks only where references land), never to
+ * what a damaged table claims.
+ */
+
+import { QledgerError } from '../../errors.ts';
+import { readAt, readClusters, type BlockDevice } from '../../io/device.ts';
+import { geometryOf, type Geometry, type ParsedHeader } from '../../format/header.ts';
+import { u32 } from '../../format/bytes.ts';
+import { AUTOCLEAR_BITMAPS, INCOMPAT_DATA_FILE } from '../../format/features.ts';
+import { compressedDescriptor, readL2Entry, standardOffset, type RawL2Entry, L2E_COMPRESSED_HI, L2E_COPIED_HI } from '../../format/l2.ts';
+import { getRefcount, setRefcount, refcountTableEntry, maxRefcount } from '../../format/refcount.ts';
+import { decodeBitmapDirectory } from '../../format/bitmaps.ts';
+import type { SnapshotEntry } from '../../format/snapshot.ts';
+import { loadQcow2 } from '../qcow2-layer.ts';
+import { type CheckFinding } from './report.ts';
+export class Counts {
+  private readonly chunks = new Map<number, Uint32Array>();
+  private lastKey = -1;
+  private last: Uint32Array | undefined;
+  private chunk(k: number, create: boolean): Uint32Array | undefined {
+    if (k === this.lastKey) return this.last;
+    let a = this.chunks.get(k);
+    if (!a && create) this.chunks.set(k, (a = new Uint32Array(65536)));
+    if (a) {
+      this.lastKey = k;
+      this.last = a;
+    }
+    return a;
+  }
+  get(c: number): number {
+    return this.chunk(Math.floor(c / 65536), false)?.[c % 65536] ?? 0;
+  }
+  add(c: number, d: number): void {
+    const a = this.chunk(Math.floor(c / 65536), true)!;
+    const i = c % 65536;
+    a[i] = Math.max(0, a[i]! + d);
+  }
+}
+
+export interface Analysis {
+  readonly counts: Counts;
+  readonly findings: CheckFinding[];
+  corruptions: number;
+  leaks: number;
+  checkErrors: number;
+  rebuild: boolean;
+  allocated: number;
+  fragmented: number;
+  compressed: number;
+  highest: number;
+  nbClusters: number;
+  /** refcount-table entries of usable refcount blocks (index -> cluster) */
+  readonly validBlocks: Map<number, number>;
+  /** clusters counted as refcount blocks (a rebuild drops these references) */
+  readonly countedBlocks: number[];
+  /** active L2 tables as read, kept (up to BATCH_BYTES) for the COPIED check */
+  readonly activeTables: Map<number, Uint8Array>;
+  /** cluster -> stored refcount, for clusters whose stored value differs */
+  readonly mismatches: Array<{ cluster: number; stored: number; counted: number }>;
+}
+
+export interface Image {
+  readonly dev: BlockDevice;
+  readonly parsed: ParsedHeader;
+  readonly snapshots: readonly SnapshotEntry[];
+  readonly snapshotTableBytes: number;
+  readonly g: Geometry;
+  readonly filename: string;
+}
+
+export const S = (n: number) => n.toString(16);
+
+/** Tables read per batch: bounds memory whatever the image claims. */
+export const BATCH_BYTES = 64 * 1024 * 1024;
+
+/** L2 table offsets named by an L1 table, in L1 order, with their indices. */
+export function l1Entries(l1: Uint8Array, count: number): Array<{ i: number; hi: number; lo: number; l2: number }> {
+  const out: Array<{ i: number; hi: number; lo: number; l2: number }> = [];
+  for (let i = 0; i < count; i++) {
+    const hi = u32(l1, i * 8);
+    const lo = u32(l1, i * 8 + 4);
+    if (hi === 0 && lo === 0) continue;
+    out.push({ i, hi, lo, l2: (hi & 0x00ff_ffff) * 2 ** 32 + ((lo & 0xffff_fe00) >>> 0) });
+  }
+  return out;
+}
+
+/**
+ * Stored refcounts, read through the refcount table. `load` reads every
+ * usable refcount block covering the file once (bounded by the file size);
+ * `get` is then synchronous, so comparing a million clusters costs no I/O
+ * round trips.
+ */
+export class Stored {
+  private readonly blocks = new Map<number, Uint8Array>();
+  constructor(
+    private readonly img: Image,
+    readonly reftable: Uint8Array,
+    private readonly fileSize: number,
+  ) {}
+  private blockOffset(rt: number): number {
+    const g = this.img.g;
+    if (rt * 8 >= this.reftable.length) return 0;
+    const { offset, reservedBits } = refcountTableEntry(this.reftable, rt);
+    if (reservedBits || offset === 0 || offset % g.clusterSize !== 0 || offset + g.clusterSize > this.fileSize) return 0;
+    return offset;
+  }
+  async load(nbClusters: number): Promise<void> {
+    const E = this.img.g.refcountBlockEntries;
+    const want = new Map<number, number>();
+    for (let rt = 0; rt * E < nbClusters; rt++) {
+      const off = this.blockOffset(rt);
+      if (off) want.set(rt, off);
+    }
+    const got = await readClusters(this.img.dev, want.values(), this.img.g.clusterSize);
+    // a private copy per block: two entries may name the same cluster
+    for (const [rt, off] of want) this.blocks.set(rt, got.get(off)!.slice());
+  }
+  /** The loaded refcount block of refcount-table index `rt`, if any. */
+  block(rt: number): Uint8Array | undefined {
+    return this.blocks.get(rt);
+  }
+  get(cluster: number): number {
+    const g = this.img.g;
+    const b = this.blocks.get(Math.floor(cluster / g.refcountBlockEntries));
+    return b ? getRefcount(b, cluster % g.refcountBlockEntries, g.refcountOrder) : 0;
+  }
+  /** Change a stored refcount on disk (its block must exist). */
+  async set(cluster: number, value: number): Promise<boolean> {
+    const g = this.img.g;
+    const rt = Math.floor(cluster / g.refcountBlockEntries);
+    const off = this.blockOffset(rt);
+    const b = this.blocks.get(rt);
+    if (!off || !b) return false;
+    const i = cluster % g.refcountBlockEntries;
+    setRefcount(b, i, g.refcountOrder, Math.min(value, maxRefcount(g.refcountOrder)));
+    // write the sector holding the entry (refcount entries never straddle sectors)
+    const byte = Math.floor((i * g.refcountBits) / 8);
+    const sector = byte - (byte % 512);
+    await this.img.dev.write(off + sector, b.subarray(sector, Math.min(sector + 512, b.length)));
+    return true;
+  }
+}
+
+export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Promise<Analysis> {
+  const { dev, parsed, g } = img;
+  const h = parsed.header;
+  const cs = g.clusterSize;
+  const fileSize = await dev.size();
+  const hasDataFile = (h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
+  const a: Analysis = {
+    counts: new Counts(),
+    findings: [],
+    corruptions: 0,
+    leaks: 0,
+    checkErrors: 0,
+    rebuild: false,
+    allocated: 0,
+    fragmented: 0,
+    compressed: 0,
+    highest: -1,
+    nbClusters: Math.ceil(fileSize / cs),
+    validBlocks: new Map(),
+    countedBlocks: [],
+    activeTables: new Map(),
+    mismatches: [],
+  };
+  const corrupt = (message: string, offset?: number) => {
+    a.corruptions++;
+    a.findings.push({ counts: 'corruption', message, offset, cluster: offset === undefined ? undefined : Math.floor(offset / cs), fixed: false });
+  };
+  const maxCount = Math.min(maxRefcount(g.refcountOrder), 0xffff_ffff);
+  const inc = (offset: number, size: number) => {
+    if (size <= 0) return;
+    if (offset + size - fileSize >= cs) {
+      corrupt(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${S(offset)} size 0x${S(size)}`, offset);
+      return;
+    }
+    const last = Math.floor((offset + size - 1) / cs);
+    for (let c = Math.floor(offset / cs); c <= last; c++) {
+      if (a.counts.get(c) >= maxCount) {
+        // QEMU stops counting at what refcount_bits can hold, and says so
+        corrupt(`ERROR: overflow cluster offset=0x${S(c * cs)} (more references than refcount_bits=${g.refcountBits} can count)`, c * cs);
+        continue;
+      }
+      a.counts.add(c, 1);
+    }
+  };
+
+  const e: RawL2Entry = { hi: 0, lo: 0, bitmapHi: 0, bitmapLo: 0 };
+  const entryHex = () => S((e.hi >>> 0) * 2 ** 32 + (e.lo >>> 0));
+  const walkL2 = (table: Uint8Array, l2Offset: number, frag: boolean) => {
+    let next = 0;
+    for (let j = 0; j < g.l2Entries; j++) {
+      readL2Entry(table, j, g, e);
+      const compressed = (e.hi & L2E_COMPRESSED_HI) !== 0;
+      if (!compressed && ((e.hi & 0x3f00_0000) !== 0 || (e.lo & 0x1fe) !== 0)) {
+        corrupt(`ERROR found l2 entry with reserved bits set: ${entryHex()} (L2 table at 0x${S(l2Offset)}, index ${j})`, l2Offset);
+      }
+      if (compressed) {
+        if ((e.hi & L2E_COPIED_HI) !== 0) {
+          const d = compressedDescriptor({ ...e, hi: e.hi & ~L2E_COPIED_HI }, g.clusterBits);
+          corrupt(`ERROR: coffset=0x${S(d.offset)}: copied flag must never be set for compressed clusters`, d.offset);
+        }
+        if (hasDataFile) {
+          corrupt(`ERROR compressed cluster ${j} with data file, entry=0x${entryHex()} (L2 table at 0x${S(l2Offset)})`, l2Offset);
+          continue;
+        }
+        if (g.extendedL2 && ((e.bitmapHi | e.bitmapLo) >>> 0) !== 0) {
+          corrupt(`ERROR compressed cluster ${j} with non-zero subcluster allocation bitmap, entry=0x${entryHex()}`, l2Offset);
+          continue;
+        }
+        const d = compressedDescriptor({ ...e, hi: e.hi & ~L2E_COPIED_HI }, g.clusterBits);
+        inc(d.offset, d.length);
+        if (frag) {
+          a.allocated++;
+          a.compressed++;
+          a.fragmented++;
+        }
+        continue;
+      }
+      const off = standardOffset(e);
+      const allocated = off !== 0 || (hasDataFile && (e.hi & L2E_COPIED_HI) !== 0);
+      if (!allocated) {
+        if (g.extendedL2 && (e.bitmapLo >>> 0) !== 0) corrupt(`ERROR: Unallocated cluster has non-zero subcluster allocation map (L2 table at 0x${S(l2Offset)}, index ${j})`, l2Offset);
+        continue;
+      }
+      if (g.extendedL2 && ((e.bitmapHi & e.bitmapLo) >>> 0) !== 0) {
+        corrupt(`ERROR offset=${S(off)}: Allocated cluster has corrupted subcluster allocation bitmap`, off);
+      }
+      if (off % cs !== 0) {
+        const containsData = g.extendedL2 ? (e.bitmapLo >>> 0) !== 0 : (e.lo & 1) === 0;
+        // QEMU reports it and still counts the (misaligned) range it names
+        corrupt(`ERROR offset=${S(off)}: ${containsData ? 'Data' : 'Preallocated'} cluster is not properly aligned; L2 entry corrupted. (L2 table at 0x${S(l2Offset)}, index ${j})`, off);
+      }
+      if (frag) {
+        a.allocated++;
+        if (next && off !== next) a.fragmented++;
+        next = off + cs;
+      }
+      if (!hasDataFile) inc(off, cs);
+    }
+  };
+
+  const walkL1 = async (l1Off: number, l1Size: number, frag: boolean) => {
+    if (!l1Size) return;
+    inc(l1Off, l1Size * 8);
+    const entries = l1Entries(await readAt(dev, l1Off, l1Size * 8), l1Size);
+    const perBatch = Math.max(1, Math.floor(BATCH_BYTES / cs));
+    for (let b = 0; b < entries.length; b += perBatch) {
+      const batch = entries.slice(b, b + perBatch);
+      // like QEMU, read each table where the entry says, aligned or not (past the end reads as zeros)
+      const aligned = await readClusters(dev, batch.filter((x) => x.l2 % cs === 0).map((x) => x.l2), cs);
+      if (frag) for (const [o, t] of aligned) if ((a.activeTables.size + 1) * cs <= BATCH_BYTES) a.activeTables.set(o, t);
+      for (const { i, hi, lo, l2 } of batch) {
+        if ((hi & 0x7f00_0000) !== 0 || (lo & 0x1ff) !== 0) corrupt(`ERROR found L1 entry with reserved bits set: ${S(hi * 2 ** 32 + lo)}`, l1Off + i * 8);
+        inc(l2, cs);
+        if (l2 % cs !== 0) corrupt(`ERROR l2_offset=${S(l2)}: Table is not cluster aligned; L1 entry corrupted (L1 index ${i})`, l2);
+        walkL2(aligned.get(l2) ?? (await readAt(dev, l2, cs)), l2, frag);
+      }
+    }
+  };
+
+  inc(0, cs);
+  await walkL1(h.l1TableOffset, h.l1Size, true);
+  if (hasDataFile && img.snapshots.length) corrupt(`ERROR ${img.snapshots.length} snapshots in image with data file`);
+  for (const sn of img.snapshots) {
+    if (sn.l1Size > 32 * 1024 * 1024 / 8) {
+      corrupt(`ERROR snapshot ${sn.id} (${sn.name}) l1_size=0x${S(sn.l1Size)}: L1 table is too large; snapshot table entry corrupted`);
+      continue;
+    }
+    if (sn.l1TableOffset % cs !== 0) {
+      corrupt(`ERROR snapshot ${sn.id} (${sn.name}) l1_offset=0x${S(sn.l1TableOffset)}: L1 table is not cluster aligned; snapshot table entry corrupted`, sn.l1TableOffset);
+      continue;
+    }
+    await walkL1(sn.l1TableOffset, sn.l1Size, false);
+  }
+  if (h.nbSnapshots) inc(h.snapshotsOffset, img.snapshotTableBytes);
+  inc(h.refcountTableOffset, h.refcountTableClusters * cs);
+  if ((h.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n && parsed.bitmaps && opts.bitmaps !== false) {
+    const b = parsed.bitmaps;
+    inc(b.directoryOffset, b.directorySize);
+    try {
+      const dir = await readAt(dev, b.directoryOffset, b.directorySize);
+      for (const bm of decodeBitmapDirectory(dir, b.nbBitmaps, b.directoryOffset)) {
+        inc(bm.tableOffset, bm.tableSize * 8);
+        if (bm.tableOffset + bm.tableSize * 8 > fileSize) continue;
+        const t = await readAt(dev, bm.tableOffset, bm.tableSize * 8);
+        for (let i = 0; i < bm.tableSize; i++) {
+          const off = (u32(t, i * 8) & 0x00ff_ffff) * 2 ** 32 + ((u32(t, i * 8 + 4) & 0xffff_fe00) >>> 0);
+          if (off) inc(off, cs);
+        }
+      }
+    } catch (err) {
+      if (!(err instanceof QledgerError)) throw err;
+      a.checkErrors++;
+      a.findings.push({ counts: 'check-error', message: `ERROR bitmap directory: ${err.message}`, fixed: false });
+    }
+  }
+  // refcount blocks: each must be aligned, inside the image, and referenced exactly once
+  const reftable = await readAt(dev, h.refcountTableOffset, h.refcountTableClusters * cs);
+  for (let i = 0; i < reftable.length / 8; i++) {
+    const { offset, reservedBits } = refcountTableEntry(reftable, i);
+    if (reservedBits) {
+      corrupt(`ERROR refcount table entry ${i} has reserved bits set`, h.refcountTableOffset + i * 8);
+      a.rebuild = true;
+      continue;
+    }
+    if (!offset) continue;
+    const cluster = Math.floor(offset / cs);
+    if (offset % cs !== 0) {
+      corrupt(`ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted (offset 0x${S(offset)})`, offset);
+      a.rebuild = true;
+      continue;
+    }
+    if (cluster >= a.nbClusters) {
+      corrupt(`ERROR refcount block ${i} is outside image (offset 0x${S(offset)})`, offset);
+      a.rebuild = true;
+      continue;
+    }
+    inc(offset, cs);
+    a.countedBlocks.push(cluster);
+    if (a.counts.get(cluster) !== 1) {
+      corrupt(`ERROR refcount block ${i} refcount=${a.counts.get(cluster)} (offset 0x${S(offset)})`, offset);
+      a.rebuild = true;
+      continue;
+    }
+    a.validBlocks.set(i, cluster);
+  }
+  return a;
+}
+
+/**
+ * The references to every host cluster, counted as the checker counts them:
+ * the refcount rebuild of a dirty image uses it. `bitmaps: false` leaves
+ * out persistent bitmaps (a read-write open has just invalidated them).
+ * More references than refcount_bits can count is an E_OVERFLOW error.
+ */
+export async function countReferences(dev: BlockDevice, name: string, opts: { bitmaps?: boolean } = {}): Promise<{ get(cluster: number): number; endCluster: number }> {
+  const img = await loadImage(dev, name);
+  const a = await analyze(img, opts);
+  const overflow = a.findings.find((f) => f.message.startsWith('ERROR: overflow'));
+  if (overflow) throw new QledgerError('E_OVERFLOW', `${name}: ${overflow.message}`, { offset: overflow.offset });
+  return { get: (c) => a.counts.get(c), endCluster: a.nbClusters };
+}
+
+export async function loadImage(dev: BlockDevice, filename: string): Promise<Image> {
+  const { parsed, snapshots, snapshotTableBytes } = await loadQcow2(dev);
+  return { dev, parsed, snapshots, snapshotTableBytes, g: geometryOf(parsed.header), filename };
+}

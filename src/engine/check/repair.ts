@@ -1,0 +1,143 @@
+/**
+ * Repair for the check (-r leaks / -r all): lower leaked refcounts, raise
+ * low ones, fix COPIED flags, and rebuild the refcount table and blocks at
+ * the end of the file when they are broken. Every repair write only ever
+ * adds references or removes ones nothing uses, and a rebuilt refcount
+ * structure is complete and flushed before the header switches to it, so a
+ * crash during repair leaves the image no worse.
+ */
+
+import { readAt, readClusters } from '../../io/device.ts';
+import { putU32 } from '../../format/bytes.ts';
+import { INCOMPAT_DATA_FILE } from '../../format/features.ts';
+import { COPIED_HI } from '../../format/l1.ts';
+import { readL2Entry, standardOffset, type RawL2Entry, L2E_COMPRESSED_HI, L2E_COPIED_HI } from '../../format/l2.ts';
+import { getRefcount, setRefcount, setRefcountTableEntry, maxRefcount, refcountStructureSize } from '../../format/refcount.ts';
+import { l1Entries, Stored, S, BATCH_BYTES, type Analysis, type Image } from './count.ts';
+import { type CheckFinding, type CheckReport, type RepairMode } from './report.ts';
+import { patchHeader } from '../write/header-bits.ts';
+/**
+ * Compare stored and counted refcounts over the clusters of the file. A
+ * first pass only finds the mismatches (a block at a time, no per-cluster
+ * lookups); fixes, when asked for and possible without a rebuild, follow.
+ */
+export async function compare(img: Image, a: Analysis, stored: Stored, repair: RepairMode | undefined, report: CheckReport): Promise<void> {
+  const cs = img.g.clusterSize;
+  const E = img.g.refcountBlockEntries;
+  const order = img.g.refcountOrder;
+  for (let base = 0; base < a.nbClusters; base += E) {
+    const block = stored.block(base / E);
+    const end = Math.min(a.nbClusters, base + E);
+    for (let c = base; c < end; c++) {
+      const s = block ? getRefcount(block, c - base, order) : 0;
+      const n = a.counts.get(c);
+      if (s > 0 || n > 0) a.highest = c;
+      if (s === n) continue;
+      a.mismatches.push({ cluster: c, stored: s, counted: n });
+      if (s === 0) a.rebuild = true;
+    }
+  }
+  const fixing = repair !== undefined && !a.rebuild;
+  for (const { cluster: c, stored: s, counted: n } of a.mismatches) {
+    const fix = fixing && ((s > n && repair !== undefined) || (s < n && repair === 'all')) ? (s > n ? 'leak' : 'corruption') : undefined;
+    const word = fix ? 'Repairing' : s < n ? 'ERROR' : 'Leaked';
+    const finding: CheckFinding = { counts: s < n ? 'corruption' : 'leak', message: `${word} cluster ${c} refcount=${s} reference=${n} (host offset 0x${S(c * cs)})`, cluster: c, offset: c * cs, fixed: false };
+    a.findings.push(finding);
+    if (fix && (await stored.set(c, n))) {
+      finding.fixed = true;
+      if (fix === 'leak') report.leaksFixed++;
+      else report.corruptionsFixed++;
+      continue;
+    }
+    if (s < n) a.corruptions++;
+    else a.leaks++;
+  }
+}
+
+export async function checkCopied(img: Image, a: Analysis, stored: Stored, repair: boolean, report: CheckReport): Promise<void> {
+  const { dev, parsed, g } = img;
+  const h = parsed.header;
+  const cs = g.clusterSize;
+  const fileSize = await dev.size();
+  const hasDataFile = (h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
+  if (h.l1TableOffset + h.l1Size * 8 > fileSize) return;
+  const l1 = await readAt(dev, h.l1TableOffset, h.l1Size * 8);
+  const e: RawL2Entry = { hi: 0, lo: 0, bitmapHi: 0, bitmapLo: 0 };
+  const entries = l1Entries(l1, h.l1Size).filter((x) => x.l2 !== 0);
+  const perBatch = Math.max(1, Math.floor(BATCH_BYTES / cs));
+  for (let b = 0; b < entries.length; b += perBatch) {
+    const batch = entries.slice(b, b + perBatch);
+    const wanted = batch.filter((x) => x.l2 % cs === 0 && x.l2 + cs <= fileSize).map((x) => x.l2);
+    const tables = await readClusters(dev, wanted.filter((o) => !a.activeTables.has(o)), cs);
+    for (const o of wanted) if (a.activeTables.has(o)) tables.set(o, a.activeTables.get(o)!);
+    for (const { i, hi, lo, l2 } of batch) {
+      const rc = stored.get(Math.floor(l2 / cs));
+      if ((rc === 1) !== ((hi & COPIED_HI) !== 0)) {
+        const f: CheckFinding = { counts: 'corruption', message: `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${S(hi * 2 ** 32 + lo)} refcount=${rc} (L2 table at 0x${S(l2)})`, offset: l2, cluster: Math.floor(l2 / cs), fixed: false };
+        a.findings.push(f);
+        if (repair) {
+          putU32(l1, i * 8, rc === 1 ? (hi | COPIED_HI) >>> 0 : (hi & ~COPIED_HI) >>> 0);
+          await dev.write(h.l1TableOffset + i * 8, l1.subarray(i * 8, i * 8 + 8));
+          f.fixed = true;
+          report.corruptionsFixed++;
+        } else a.corruptions++;
+      }
+      const t0 = tables.get(l2);
+      if (!t0) continue;
+      // repairing: read it again, an L1 repair above may have written into it
+      const t = repair ? await readAt(dev, l2, cs) : t0;
+      let dirty = false;
+      for (let j = 0; j < g.l2Entries; j++) {
+        readL2Entry(t, j, g, e);
+        if ((e.hi & L2E_COMPRESSED_HI) !== 0) continue;
+        const off = standardOffset(e);
+        if (off === 0 && !(hasDataFile && (e.hi & L2E_COPIED_HI) !== 0)) continue;
+        const rc2 = hasDataFile ? 1 : stored.get(Math.floor(off / cs));
+        if ((rc2 === 1) !== ((e.hi & L2E_COPIED_HI) !== 0)) {
+          const f: CheckFinding = { counts: 'corruption', message: `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${S(e.hi * 2 ** 32 + e.lo).padStart(16, '0')} refcount=${rc2} (host offset 0x${S(off)})`, offset: off, cluster: Math.floor(off / cs), fixed: false };
+          a.findings.push(f);
+          if (repair) {
+            putU32(t, j * g.l2EntrySize, rc2 === 1 ? (e.hi | L2E_COPIED_HI) >>> 0 : (e.hi & ~L2E_COPIED_HI) >>> 0);
+            dirty = true;
+            f.fixed = true;
+            report.corruptionsFixed++;
+          } else a.corruptions++;
+        }
+      }
+      if (dirty) await dev.write(l2, t);
+    }
+  }
+}
+
+/**
+ * QEMU's rebuild_refcount_structure(): a new refcount table and blocks,
+ * counting every reference found (and themselves), written after the end of
+ * the file and flushed before the header points at them.
+ */
+export async function rebuildRefcounts(img: Image, a: Analysis): Promise<void> {
+  const { dev, g, parsed } = img;
+  const h = parsed.header;
+  const cs = g.clusterSize;
+  const E = g.refcountBlockEntries;
+  // the old structure is dropped: its clusters are no longer referenced
+  for (let c = Math.floor(h.refcountTableOffset / cs); c < Math.floor(h.refcountTableOffset / cs) + h.refcountTableClusters; c++) a.counts.add(c, -1);
+  for (const cluster of a.countedBlocks) a.counts.add(cluster, -1);
+  const start = a.nbClusters;
+  const { blocks, tableClusters } = refcountStructureSize(g, start, 0, 0, 1);
+  for (let c = start; c < start + blocks + tableClusters; c++) a.counts.add(c, 1);
+  const table = new Uint8Array(tableClusters * cs);
+  const max = maxRefcount(g.refcountOrder);
+  for (let b = 0; b < blocks; b++) {
+    const block = new Uint8Array(cs);
+    for (let i = 0; i < E; i++) {
+      const v = a.counts.get(b * E + i);
+      if (v) setRefcount(block, i, g.refcountOrder, Math.min(v, max));
+    }
+    await dev.write((start + b) * cs, block);
+    setRefcountTableEntry(table, b, (start + b) * cs);
+  }
+  await dev.write((start + blocks) * cs, table);
+  await dev.flush();
+  await patchHeader(dev, h, { refcountTableOffset: (start + blocks) * cs, refcountTableClusters: tableClusters });
+  await dev.flush();
+}
