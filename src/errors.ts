@@ -87,3 +87,8 @@ export class IoError extends QledgerError {
 export function hex(n: number | bigint): string {
   return '0x' + n.toString(16);
 }
+
+/** Hex digits without the prefix, for the QEMU messages that print them so ("refcount=0 reference=1 (host offset 0x...)" has its own 0x). */
+export function hexDigits(n: number | bigint): string {
+  return n.toString(16);
+}

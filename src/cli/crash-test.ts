@@ -12,7 +12,7 @@ import { crashTest, parseWorkload, reproduction, type GuestOp, type CrashFailure
 import { FAULTS, type Fault } from '../engine/faults.ts';
 import { rng } from '../io/crash-device.ts';
 import { qemuJson } from '../engine/info.ts';
-import type { Output } from './main.ts';
+import type { Output } from './output.ts';
 
 /** A seeded random workload: writes, zeroes, discards and flushes, biased to a hot area so frees and reuse meet. */
 export function randomWorkload(seed: number, size: number, cs: number): GuestOp[] {

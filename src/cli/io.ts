@@ -9,10 +9,8 @@
 import { QledgerError, UsageError } from '../errors.ts';
 import { getopt, parseSize, splitCommand } from './args.ts';
 import { Image } from '../engine/image.ts';
-import { Qcow2Layer } from '../engine/qcow2-layer.ts';
 import { formatInfoHuman } from '../engine/info.ts';
-import { guest } from '../engine/layer.ts';
-import type { Output } from './main.ts';
+import type { Output } from './output.ts';
 
 /** qemu-io's cvtstr(): "%.3f" with ".000" trimmed, binary units. */
 export function cvtstr(v: number): string {
@@ -175,19 +173,12 @@ async function ioRead(img: Image, args: string[], io: Output): Promise<boolean> 
   return ok;
 }
 
-/** Allocation in the top image only (bdrv_is_allocated), as qemu-io's map and alloc use. */
-async function topAllocated(img: Image, offset: number, bytes: number): Promise<{ allocated: boolean; length: number }> {
-  const st = await img.top.status(guest(offset), bytes);
-  const allocated = st.type === 'normal' || st.type === 'compressed' || st.type === 'raw-data' || st.type === 'zero-plain' || st.type === 'zero-alloc';
-  return { allocated, length: st.length };
-}
-
 async function ioMap(img: Image, io: Output): Promise<boolean> {
   let off = 0;
   while (off < img.size) {
-    let { allocated, length } = await topAllocated(img, off, img.size - off);
+    let { allocated, length } = await img.topStatus(off, img.size - off);
     while (off + length < img.size) {
-      const n = await topAllocated(img, off + length, img.size - off - length);
+      const n = await img.topStatus(off + length, img.size - off - length);
       if (n.allocated !== allocated) break;
       length += n.length;
     }
@@ -203,7 +194,7 @@ async function ioAlloc(img: Image, args: string[], io: Output): Promise<boolean>
   const count = args[1] !== undefined ? num(args[1], 'count') : 512;
   let sum = 0;
   for (let o = offset; o < offset + count; ) {
-    const s = await topAllocated(img, o, offset + count - o);
+    const s = await img.topStatus(o, offset + count - o);
     if (s.allocated) sum += s.length;
     o += s.length;
   }
@@ -212,13 +203,12 @@ async function ioAlloc(img: Image, args: string[], io: Output): Promise<boolean>
 }
 
 async function ioInfo(img: Image, io: Output): Promise<boolean> {
-  const top = img.top;
-  io.out(`format name: ${top.format}\n`);
-  if (top instanceof Qcow2Layer) {
-    const g = top.geometry;
+  io.out(`format name: ${img.format}\n`);
+  const g = img.geometry;
+  if (g) {
     io.out(`cluster size: ${cvtstr(g.clusterSize)}\n`);
     const span = g.clusterSize * g.l2Entries;
-    io.out(`vm state offset: ${cvtstr(Math.ceil(top.header.size / span) * span)}\n`);
+    io.out(`vm state offset: ${cvtstr(Math.ceil(img.size / span) * span)}\n`);
     const info = await img.info();
     const text = formatInfoHuman(info, []);
     const at = text.indexOf('Format specific information:');

@@ -3,13 +3,12 @@
  * as the event stream it is, one record per line (or JSON), read-only.
  */
 
-import { UsageError } from '../errors.ts';
+import { UsageError, hex } from '../errors.ts';
 import { readJournal, type JournalDump } from '../engine/journal/locate.ts';
 import { describe, type JournalRecord } from '../journal/records.ts';
 import { getopt } from './args.ts';
-import type { Output } from './main.ts';
+import type { Output } from './output.ts';
 
-const hex = (n: number | bigint) => '0x' + n.toString(16);
 
 export async function runJournal(argv: string[], io: Output): Promise<number> {
   const [sub, ...rest] = argv;

@@ -9,9 +9,11 @@ import { Image } from '../engine/image.ts';
 import { convertToRaw, compareImages } from '../engine/convert.ts';
 import { formatInfoHuman, qemuJson, snapshotLine, type ImageInfo } from '../engine/info.ts';
 import { formatMapHuman, formatMapJson, MapHumanError, type MapEntry } from '../engine/map.ts';
-import { Qcow2Layer } from '../engine/qcow2-layer.ts';
 import type { ImageFormat } from '../engine/open.ts';
 import { runIo } from './io.ts';
+import { stdio, type Output } from './output.ts';
+
+export type { Output } from './output.ts';
 import { runCrashTest } from './crash-test.ts';
 import { runJournal } from './journal.ts';
 import { readJournal } from '../engine/journal/locate.ts';
@@ -19,15 +21,6 @@ import { createOptionsFrom, CREATE_OPTION_NAMES } from '../engine/create.ts';
 import { checkImage } from '../engine/check/check.ts';
 import { checkExitCode, checkHuman, checkJson, type RepairMode } from '../engine/check/report.ts';
 
-export interface Output {
-  out(s: string): void;
-  err(s: string): void;
-}
-
-const stdio: Output = {
-  out: (s) => process.stdout.write(s),
-  err: (s) => process.stderr.write(s),
-};
 
 const USAGE = `usage: qledger COMMAND [options]
 Commands (options as in qemu-img / qemu-io):
@@ -88,7 +81,7 @@ async function cmdInfo(argv: string[], io: Output): Promise<number> {
     else {
       io.out(
         layers
-          .map((l, i) => formatInfoHuman(infos[i]!, l instanceof Qcow2Layer ? l.snapshots : []))
+          .map((l, i) => formatInfoHuman(infos[i]!, img.snapshotsOf(l)))
           .join('\n'),
       );
     }

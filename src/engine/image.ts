@@ -9,6 +9,7 @@ import { mapExtents, chainStatus, type MapEntry } from './map.ts';
 import { imageInfo, type ImageInfo } from './info.ts';
 import { Qcow2Layer } from './qcow2-layer.ts';
 import { guest, type Layer } from './layer.ts';
+import type { Geometry } from '../format/header.ts';
 import type { SnapshotEntry } from '../format/snapshot.ts';
 import { QledgerError } from '../errors.ts';
 import { openWriterSession, createImage, type WritableOpenOptions } from './writable.ts';
@@ -104,7 +105,29 @@ export class Image {
   }
 
   get snapshots(): readonly SnapshotEntry[] {
-    return this.top instanceof Qcow2Layer ? this.top.snapshots : [];
+    return this.snapshotsOf(this.top);
+  }
+
+  /** The internal snapshots of one image of the chain (none for raw). */
+  snapshotsOf(layer: Layer): readonly SnapshotEntry[] {
+    return layer instanceof Qcow2Layer ? layer.snapshots : [];
+  }
+
+  /** The top image's qcow2 geometry (cluster size, L2 entries, ...); undefined for raw. */
+  get geometry(): Geometry | undefined {
+    return this.top instanceof Qcow2Layer ? this.top.geometry : undefined;
+  }
+
+  /**
+   * Allocation in the top image only (QEMU's bdrv_is_allocated, which
+   * qemu-io's map and alloc use): whether the top image itself decides what
+   * guest range [offset, offset + length) reads (data or zero), and for how
+   * many bytes that holds.
+   */
+  async topStatus(offset: number, length: number): Promise<{ allocated: boolean; length: number }> {
+    const st = await this.top.status(guest(offset), length);
+    const allocated = st.type === 'normal' || st.type === 'compressed' || st.type === 'raw-data' || st.type === 'zero-plain' || st.type === 'zero-alloc';
+    return { allocated, length: st.length };
   }
 
   async read(offset: number, length: number): Promise<Uint8Array> {

@@ -15,7 +15,7 @@ import { u32 } from '../format/bytes.ts';
 import { MAX_BACKING_CHAIN } from '../format/limits.ts';
 import { INCOMPAT_DATA_FILE } from '../format/features.ts';
 import type { SnapshotEntry } from '../format/snapshot.ts';
-import { Qcow2Layer, loadQcow2 } from './qcow2-layer.ts';
+import { loadQcow2, openQcow2Layer } from './qcow2-layer.ts';
 import { RawLayer } from './raw-layer.ts';
 import type { Layer } from './layer.ts';
 
@@ -59,19 +59,15 @@ async function openAt(path: string, opts: OpenOptions, seen: Set<string>, depth:
       if (opts.snapshot !== undefined) throw new UsageError(`${path}: raw images have no snapshots`);
       return new RawLayer(path, dev, await dev.size());
     }
-    const { parsed, fileSize, snapshots } = await loadQcow2(dev);
+    const loaded = await loadQcow2(dev);
+    const { parsed, snapshots } = loaded;
     const h = parsed.header;
-    let l1TableOffset = h.l1TableOffset;
-    let l1Size = h.l1Size;
-    let size = h.size;
+    let view: { l1TableOffset: number; l1Size: number; size: number } | undefined;
     if (opts.snapshot !== undefined) {
       const sn = findSnapshot(snapshots, opts.snapshot);
       if (!sn) throw new NotFoundError(`${path}: no snapshot with id or name '${opts.snapshot}'`, { path, snapshot: opts.snapshot });
-      l1TableOffset = sn.l1TableOffset;
-      l1Size = sn.l1Size;
-      size = sn.diskSize ?? h.size;
+      view = { l1TableOffset: sn.l1TableOffset, l1Size: sn.l1Size, size: sn.diskSize ?? h.size };
     }
-    const l1 = await readAt(dev, l1TableOffset, l1Size * 8);
 
     let dataDev: BlockDevice | undefined;
     if ((h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n && parsed.dataFile !== undefined) {
@@ -98,7 +94,13 @@ async function openAt(path: string, opts: OpenOptions, seen: Set<string>, depth:
         throw e;
       }
     }
-    return new Qcow2Layer({ filename: path, dev, dataDev, parsed, fileSize, snapshots, l1, l1Size, size, backing });
+    try {
+      return await openQcow2Layer(dev, path, { loaded, backing, dataDev, view });
+    } catch (e) {
+      await dataDev?.close();
+      await backing?.close();
+      throw e;
+    }
   } catch (e) {
     await dev.close();
     if (e instanceof QledgerError && !e.message.includes(path)) {

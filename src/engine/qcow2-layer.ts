@@ -7,7 +7,7 @@
 import { CorruptionError, hex } from '../errors.ts';
 import type { BlockDevice } from '../io/device.ts';
 import { readAt } from '../io/device.ts';
-import { FileDevice } from '../io/file-device.ts';
+import { zeroRun } from '../io/holes.ts';
 import { decodeHeader, geometryOf, type Geometry, type ParsedHeader } from '../format/header.ts';
 import { l1Offset } from '../format/l1.ts';
 import {
@@ -303,54 +303,6 @@ export class Qcow2Layer implements Layer {
   }
 }
 
-/**
- * Hole detection: SEEK_DATA/SEEK_HOLE through the native helper, as QEMU
- * does. Without it, 4 KiB blocks that read as zero are taken as holes, which
- * differs from QEMU where a file holds explicitly written zeros.
- */
-export const HOLE_GRANULARITY = 4096;
-
-export async function zeroRun(dev: BlockDevice, offset: number, bytes: number): Promise<{ zero: boolean; length: number }> {
-  const size = await dev.size();
-  const end = offset + bytes;
-  if (offset >= size) return { zero: true, length: bytes };
-  const fromFs = dev instanceof FileDevice ? dev.holeRun(offset, bytes) : undefined;
-  if (fromFs) return fromFs;
-  const G = HOLE_GRANULARITY;
-  const buf = new Uint8Array(1 << 20);
-  let pos = offset;
-  let first: boolean | undefined;
-  while (pos < end) {
-    if (pos >= size) {
-      // past the end of the file reads as a hole
-      if (first === false) break;
-      pos = end;
-      break;
-    }
-    const base = pos - (pos % G);
-    const n = Math.min(buf.length, Math.ceil((Math.min(end, size) - base) / G) * G);
-    await dev.readInto(buf.subarray(0, n), base);
-    let stopped = false;
-    for (let i = 0; i < n; i += G) {
-      const z = allZero(buf.subarray(i, i + G));
-      first ??= z;
-      if (z !== first) {
-        stopped = true;
-        break;
-      }
-      pos = Math.min(end, base + i + G);
-    }
-    if (stopped) break;
-  }
-  return { zero: first ?? true, length: Math.max(1, pos - offset) };
-}
-
-function allZero(b: Uint8Array): boolean {
-  for (let i = 0; i < b.length; i++) if (b[i] !== 0) return false;
-  return true;
-}
-
-
 /** Read and validate everything a Qcow2Layer needs, short of opening its backing file. */
 export async function loadQcow2(dev: BlockDevice) {
   const fileSize = await dev.size();
@@ -369,4 +321,28 @@ export async function loadQcow2(dev: BlockDevice) {
     snapshotTableBytes = table.size;
   }
   return { parsed, fileSize, snapshots, snapshotTableBytes };
+}
+
+/**
+ * Open the qcow2 image on `dev` as a read-only layer: the header, the
+ * snapshot table and the active L1 table, or a snapshot's L1 and size
+ * (`view`). The caller opened the backing layer and data file, if any.
+ */
+export async function openQcow2Layer(
+  dev: BlockDevice,
+  filename: string,
+  o: {
+    backing?: Layer | undefined;
+    dataDev?: BlockDevice | undefined;
+    /** what loadQcow2 returned, when the caller needed it first */
+    loaded?: Awaited<ReturnType<typeof loadQcow2>> | undefined;
+    /** a snapshot's L1 table and size instead of the active ones */
+    view?: { l1TableOffset: number; l1Size: number; size: number } | undefined;
+  } = {},
+): Promise<Qcow2Layer> {
+  const { parsed, fileSize, snapshots } = o.loaded ?? (await loadQcow2(dev));
+  const h = parsed.header;
+  const v = o.view ?? { l1TableOffset: h.l1TableOffset, l1Size: h.l1Size, size: h.size };
+  const l1 = await readAt(dev, v.l1TableOffset, v.l1Size * 8);
+  return new Qcow2Layer({ filename, dev, dataDev: o.dataDev, parsed, fileSize, snapshots, l1, l1Size: v.l1Size, size: v.size, backing: o.backing });
 }

@@ -1,6 +1,6 @@
 import type { BlockDevice } from '../io/device.ts';
 import { host, type GuestOffset, type HostOffset, type Layer, type LayerStatus } from './layer.ts';
-import { zeroRun } from './qcow2-layer.ts';
+import { zeroRun } from '../io/holes.ts';
 
 /** A raw file as a layer: guest offset = host offset, size = file size. */
 export class RawLayer implements Layer {

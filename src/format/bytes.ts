@@ -58,4 +58,3 @@ export function isZero(b: Uint8Array): boolean {
   return true;
 }
 
-export const MAX_SAFE_OFFSET = Number.MAX_SAFE_INTEGER;

@@ -460,14 +460,6 @@ export function encodeFeatureTable(names: readonly FeatureName[] = KNOWN_FEATURE
   return d;
 }
 
-export function encodeBitmapsExtension(e: BitmapsExtension): Uint8Array {
-  const d = new Uint8Array(24);
-  putU32(d, 0, e.nbBitmaps);
-  putU64(d, 8, e.directorySize);
-  putU64(d, 16, e.directoryOffset);
-  return d;
-}
-
 /** Derived geometry that every layer needs. */
 export interface Geometry {
   readonly clusterBits: number;

@@ -7,7 +7,7 @@
  *           63: COPIED: the L2 table's refcount is exactly 1 (may be written in place)
  */
 
-import { u32, putU32, TWO_32 } from './bytes.ts';
+import { u32, TWO_32 } from './bytes.ts';
 
 export const L1E_OFFSET_MASK_HI = 0x00ff_ffff;
 export const L1E_OFFSET_MASK_LO = 0xffff_fe00;
@@ -40,7 +40,17 @@ export function l1Offset(table: Uint8Array, index: number): number {
   return hi * TWO_32 + lo;
 }
 
-export function encodeL1Entry(table: Uint8Array, index: number, l2Offset: number, copied: boolean): void {
-  putU32(table, index * 8, (Math.floor(l2Offset / TWO_32) & L1E_OFFSET_MASK_HI) | (copied ? COPIED_HI : 0));
-  putU32(table, index * 8 + 4, l2Offset % TWO_32);
+/** The offset field (bits 9-55) of a 64-bit table entry given as its halves: L1, refcount-table and bitmap-table entries share it. */
+export function entryOffset(hi: number, lo: number): number {
+  return (hi & L1E_OFFSET_MASK_HI) * TWO_32 + ((lo & L1E_OFFSET_MASK_LO) >>> 0);
+}
+
+/** Reserved bits (1-8 and 56-62) of an L1 entry given as its halves. */
+export function l1ReservedBits(hi: number, lo: number): boolean {
+  return (hi & L1E_RESERVED_MASK_HI) !== 0 || (lo & L1E_RESERVED_MASK_LO) !== 0;
+}
+
+/** An L1 entry pointing at the L2 table at `l2Offset`, COPIED when this image holds its only reference. */
+export function l1Word(l2Offset: number, copied: boolean): { hi: number; lo: number } {
+  return { hi: ((Math.floor(l2Offset / TWO_32) & L1E_OFFSET_MASK_HI) | (copied ? COPIED_HI : 0)) >>> 0, lo: (l2Offset % TWO_32) >>> 0 };
 }

@@ -191,7 +191,7 @@ export function l2EntryAt(table: Uint8Array, index: number, g: Geometry): L2Entr
  */
 export function standardEntry(hostOffset: number, copied: boolean, bitmapLo = 0, bitmapHi = 0): L2Entry {
   return {
-    hi: (Math.floor(hostOffset / TWO_32) & L2E_OFFSET_MASK_HI) | (copied ? L2E_COPIED_HI : 0),
+    hi: ((Math.floor(hostOffset / TWO_32) & L2E_OFFSET_MASK_HI) | (copied ? L2E_COPIED_HI : 0)) >>> 0,
     lo: (hostOffset % TWO_32) >>> 0,
     bitmapHi,
     bitmapLo,

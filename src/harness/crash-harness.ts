@@ -23,10 +23,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { MemoryDevice } from '../io/memory-device.ts';
 import { RecordingDevice, crashStates } from '../io/crash-device.ts';
-import { u64big } from '../format/bytes.ts';
+import { isZero, u64big } from '../format/bytes.ts';
 import { INCOMPAT_DIRTY } from '../format/features.ts';
-import { readAt } from '../io/device.ts';
-import { Qcow2Layer, loadQcow2 } from '../engine/qcow2-layer.ts';
+import { openQcow2Layer } from '../engine/qcow2-layer.ts';
 import { RawLayer } from '../engine/raw-layer.ts';
 import { readGuest } from '../engine/read.ts';
 import { guest, type Layer } from '../engine/layer.ts';
@@ -90,10 +89,7 @@ const SECTOR = 512;
 async function memLayer(name: string, bytes: Uint8Array, format: 'raw' | 'qcow2', backing?: Layer): Promise<Layer> {
   const dev = new MemoryDevice(name, bytes, { readOnly: true });
   if (format === 'raw') return new RawLayer(name, dev, bytes.length);
-  const { parsed, fileSize, snapshots } = await loadQcow2(dev);
-  const h = parsed.header;
-  const l1 = await readAt(dev, h.l1TableOffset, h.l1Size * 8);
-  return new Qcow2Layer({ filename: name, dev, parsed, fileSize, snapshots, l1, l1Size: h.l1Size, size: h.size, backing });
+  return openQcow2Layer(dev, name, { backing });
 }
 
 interface Step {
@@ -335,7 +331,7 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
           }
         }
         // a sector beyond every earlier size reads as zero when the disk grew
-        if (!ok && x >= minSize && got.subarray(x, end).every((b) => b === 0)) ok = true;
+        if (!ok && x >= minSize && isZero(got.subarray(x, end))) ok = true;
         if (!ok) {
           return `guest sector at 0x${x.toString(16)} reads neither its content at the last completed flush nor any later write (first bytes ${G.subarray(x, x + 8).toString('hex')})`;
         }

@@ -14,7 +14,7 @@
 
 import { crc32 } from 'node:zlib';
 import { FormatError } from '../errors.ts';
-import { u32, u64, putU32, putU64, u16, putU16 } from '../format/bytes.ts';
+import { u32, u64, putU32, putU64, u16, putU16, isZero } from '../format/bytes.ts';
 import { decodeRecord, encodeRecordInto, encodedLength } from './codec.ts';
 import type { JournalRecord } from './records.ts';
 
@@ -191,7 +191,7 @@ export function scanFrames(area: Uint8Array, generation: bigint): ScanResult {
   };
   for (;;) {
     if (off + FRAME_HEADER_SIZE > area.length) return stop('end of the area');
-    if (u32(area, off) !== FRAME_MAGIC) return stop(u32(area, off) === 0 && isZeroRange(area, off, off + FRAME_HEADER_SIZE) ? 'no more frames' : 'bad frame magic');
+    if (u32(area, off) !== FRAME_MAGIC) return stop(u32(area, off) === 0 && isZero(area.subarray(off, off + FRAME_HEADER_SIZE)) ? 'no more frames' : 'bad frame magic');
     const len = u32(area, off + 4);
     if (len % 8 !== 0 || off + FRAME_HEADER_SIZE + len > area.length) return stop(`frame payload length ${len} does not fit the area`);
     const gen = (BigInt(u32(area, off + 8)) << 32n) | BigInt(u32(area, off + 12));
@@ -226,9 +226,4 @@ export function scanFrames(area: Uint8Array, generation: bigint): ScanResult {
     prevSeq = seq;
     off += align(FRAME_HEADER_SIZE + len);
   }
-}
-
-function isZeroRange(b: Uint8Array, from: number, to: number): boolean {
-  for (let i = from; i < to; i++) if (b[i] !== 0) return false;
-  return true;
 }

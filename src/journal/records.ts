@@ -9,6 +9,7 @@
  * 64-bit entry) so that flag bits such as COPIED survive without bigint.
  */
 
+import { hex } from '../errors.ts';
 import type { L2Entry } from '../format/l2.ts';
 
 /** A 64-bit table entry as its two big-endian halves. */
@@ -69,7 +70,6 @@ export type LogRecord =
 
 export type JournalRecord = MetaRecord | MarkerRecord | LogRecord;
 
-const hex = (n: number) => '0x' + n.toString(16);
 const w = (x: Word64) => '0x' + (x.hi >>> 0).toString(16).padStart(8, '0') + (x.lo >>> 0).toString(16).padStart(8, '0');
 
 /** One line per record, for traces, `journal dump` and failing-test output. */

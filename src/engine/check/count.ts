@@ -14,12 +14,13 @@
  * what a damaged table claims.
  */
 
-import { QledgerError } from '../../errors.ts';
+import { QledgerError, hexDigits } from '../../errors.ts';
 import { readAt, readClusters, type BlockDevice } from '../../io/device.ts';
 import { geometryOf, type Geometry, type ParsedHeader } from '../../format/header.ts';
 import { u32 } from '../../format/bytes.ts';
 import { AUTOCLEAR_BITMAPS, INCOMPAT_DATA_FILE } from '../../format/features.ts';
-import { compressedDescriptor, readL2Entry, standardOffset, type RawL2Entry, L2E_COMPRESSED_HI, L2E_COPIED_HI } from '../../format/l2.ts';
+import { compressedDescriptor, isCompressed, isCopied, readL2Entry, standardOffset, type RawL2Entry, L2E_COPIED_HI, L2E_STD_RESERVED_HI, L2E_STD_RESERVED_LO } from '../../format/l2.ts';
+import { entryOffset, l1ReservedBits } from '../../format/l1.ts';
 import { getRefcount, setRefcount, refcountTableEntry, maxRefcount } from '../../format/refcount.ts';
 import { decodeBitmapDirectory } from '../../format/bitmaps.ts';
 import type { SnapshotEntry } from '../../format/snapshot.ts';
@@ -80,7 +81,6 @@ export interface Image {
   readonly filename: string;
 }
 
-export const S = (n: number) => n.toString(16);
 
 /** Tables read per batch: bounds memory whatever the image claims. */
 export const BATCH_BYTES = 64 * 1024 * 1024;
@@ -92,7 +92,7 @@ export function l1Entries(l1: Uint8Array, count: number): Array<{ i: number; hi:
     const hi = u32(l1, i * 8);
     const lo = u32(l1, i * 8 + 4);
     if (hi === 0 && lo === 0) continue;
-    out.push({ i, hi, lo, l2: (hi & 0x00ff_ffff) * 2 ** 32 + ((lo & 0xffff_fe00) >>> 0) });
+    out.push({ i, hi, lo, l2: entryOffset(hi, lo) });
   }
   return out;
 }
@@ -185,14 +185,14 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
   const inc = (offset: number, size: number) => {
     if (size <= 0) return;
     if (offset + size - fileSize >= cs) {
-      corrupt(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${S(offset)} size 0x${S(size)}`, offset);
+      corrupt(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${hexDigits(offset)} size 0x${hexDigits(size)}`, offset);
       return;
     }
     const last = Math.floor((offset + size - 1) / cs);
     for (let c = Math.floor(offset / cs); c <= last; c++) {
       if (a.counts.get(c) >= maxCount) {
         // QEMU stops counting at what refcount_bits can hold, and says so
-        corrupt(`ERROR: overflow cluster offset=0x${S(c * cs)} (more references than refcount_bits=${g.refcountBits} can count)`, c * cs);
+        corrupt(`ERROR: overflow cluster offset=0x${hexDigits(c * cs)} (more references than refcount_bits=${g.refcountBits} can count)`, c * cs);
         continue;
       }
       a.counts.add(c, 1);
@@ -200,22 +200,22 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
   };
 
   const e: RawL2Entry = { hi: 0, lo: 0, bitmapHi: 0, bitmapLo: 0 };
-  const entryHex = () => S((e.hi >>> 0) * 2 ** 32 + (e.lo >>> 0));
+  const entryHex = () => hexDigits((e.hi >>> 0) * 2 ** 32 + (e.lo >>> 0));
   const walkL2 = (table: Uint8Array, l2Offset: number, frag: boolean) => {
     let next = 0;
     for (let j = 0; j < g.l2Entries; j++) {
       readL2Entry(table, j, g, e);
-      const compressed = (e.hi & L2E_COMPRESSED_HI) !== 0;
-      if (!compressed && ((e.hi & 0x3f00_0000) !== 0 || (e.lo & 0x1fe) !== 0)) {
-        corrupt(`ERROR found l2 entry with reserved bits set: ${entryHex()} (L2 table at 0x${S(l2Offset)}, index ${j})`, l2Offset);
+      const compressed = isCompressed(e);
+      if (!compressed && ((e.hi & L2E_STD_RESERVED_HI) !== 0 || (e.lo & L2E_STD_RESERVED_LO) !== 0)) {
+        corrupt(`ERROR found l2 entry with reserved bits set: ${entryHex()} (L2 table at 0x${hexDigits(l2Offset)}, index ${j})`, l2Offset);
       }
       if (compressed) {
-        if ((e.hi & L2E_COPIED_HI) !== 0) {
+        if (isCopied(e)) {
           const d = compressedDescriptor({ ...e, hi: e.hi & ~L2E_COPIED_HI }, g.clusterBits);
-          corrupt(`ERROR: coffset=0x${S(d.offset)}: copied flag must never be set for compressed clusters`, d.offset);
+          corrupt(`ERROR: coffset=0x${hexDigits(d.offset)}: copied flag must never be set for compressed clusters`, d.offset);
         }
         if (hasDataFile) {
-          corrupt(`ERROR compressed cluster ${j} with data file, entry=0x${entryHex()} (L2 table at 0x${S(l2Offset)})`, l2Offset);
+          corrupt(`ERROR compressed cluster ${j} with data file, entry=0x${entryHex()} (L2 table at 0x${hexDigits(l2Offset)})`, l2Offset);
           continue;
         }
         if (g.extendedL2 && ((e.bitmapHi | e.bitmapLo) >>> 0) !== 0) {
@@ -232,18 +232,18 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
         continue;
       }
       const off = standardOffset(e);
-      const allocated = off !== 0 || (hasDataFile && (e.hi & L2E_COPIED_HI) !== 0);
+      const allocated = off !== 0 || (hasDataFile && isCopied(e));
       if (!allocated) {
-        if (g.extendedL2 && (e.bitmapLo >>> 0) !== 0) corrupt(`ERROR: Unallocated cluster has non-zero subcluster allocation map (L2 table at 0x${S(l2Offset)}, index ${j})`, l2Offset);
+        if (g.extendedL2 && (e.bitmapLo >>> 0) !== 0) corrupt(`ERROR: Unallocated cluster has non-zero subcluster allocation map (L2 table at 0x${hexDigits(l2Offset)}, index ${j})`, l2Offset);
         continue;
       }
       if (g.extendedL2 && ((e.bitmapHi & e.bitmapLo) >>> 0) !== 0) {
-        corrupt(`ERROR offset=${S(off)}: Allocated cluster has corrupted subcluster allocation bitmap`, off);
+        corrupt(`ERROR offset=${hexDigits(off)}: Allocated cluster has corrupted subcluster allocation bitmap`, off);
       }
       if (off % cs !== 0) {
         const containsData = g.extendedL2 ? (e.bitmapLo >>> 0) !== 0 : (e.lo & 1) === 0;
         // QEMU reports it and still counts the (misaligned) range it names
-        corrupt(`ERROR offset=${S(off)}: ${containsData ? 'Data' : 'Preallocated'} cluster is not properly aligned; L2 entry corrupted. (L2 table at 0x${S(l2Offset)}, index ${j})`, off);
+        corrupt(`ERROR offset=${hexDigits(off)}: ${containsData ? 'Data' : 'Preallocated'} cluster is not properly aligned; L2 entry corrupted. (L2 table at 0x${hexDigits(l2Offset)}, index ${j})`, off);
       }
       if (frag) {
         a.allocated++;
@@ -265,9 +265,9 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
       const aligned = await readClusters(dev, batch.filter((x) => x.l2 % cs === 0).map((x) => x.l2), cs);
       if (frag) for (const [o, t] of aligned) if ((a.activeTables.size + 1) * cs <= BATCH_BYTES) a.activeTables.set(o, t);
       for (const { i, hi, lo, l2 } of batch) {
-        if ((hi & 0x7f00_0000) !== 0 || (lo & 0x1ff) !== 0) corrupt(`ERROR found L1 entry with reserved bits set: ${S(hi * 2 ** 32 + lo)}`, l1Off + i * 8);
+        if (l1ReservedBits(hi, lo)) corrupt(`ERROR found L1 entry with reserved bits set: ${hexDigits(hi * 2 ** 32 + lo)}`, l1Off + i * 8);
         inc(l2, cs);
-        if (l2 % cs !== 0) corrupt(`ERROR l2_offset=${S(l2)}: Table is not cluster aligned; L1 entry corrupted (L1 index ${i})`, l2);
+        if (l2 % cs !== 0) corrupt(`ERROR l2_offset=${hexDigits(l2)}: Table is not cluster aligned; L1 entry corrupted (L1 index ${i})`, l2);
         walkL2(aligned.get(l2) ?? (await readAt(dev, l2, cs)), l2, frag);
       }
     }
@@ -278,11 +278,11 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
   if (hasDataFile && img.snapshots.length) corrupt(`ERROR ${img.snapshots.length} snapshots in image with data file`);
   for (const sn of img.snapshots) {
     if (sn.l1Size > 32 * 1024 * 1024 / 8) {
-      corrupt(`ERROR snapshot ${sn.id} (${sn.name}) l1_size=0x${S(sn.l1Size)}: L1 table is too large; snapshot table entry corrupted`);
+      corrupt(`ERROR snapshot ${sn.id} (${sn.name}) l1_size=0x${hexDigits(sn.l1Size)}: L1 table is too large; snapshot table entry corrupted`);
       continue;
     }
     if (sn.l1TableOffset % cs !== 0) {
-      corrupt(`ERROR snapshot ${sn.id} (${sn.name}) l1_offset=0x${S(sn.l1TableOffset)}: L1 table is not cluster aligned; snapshot table entry corrupted`, sn.l1TableOffset);
+      corrupt(`ERROR snapshot ${sn.id} (${sn.name}) l1_offset=0x${hexDigits(sn.l1TableOffset)}: L1 table is not cluster aligned; snapshot table entry corrupted`, sn.l1TableOffset);
       continue;
     }
     await walkL1(sn.l1TableOffset, sn.l1Size, false);
@@ -299,7 +299,7 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
         if (bm.tableOffset + bm.tableSize * 8 > fileSize) continue;
         const t = await readAt(dev, bm.tableOffset, bm.tableSize * 8);
         for (let i = 0; i < bm.tableSize; i++) {
-          const off = (u32(t, i * 8) & 0x00ff_ffff) * 2 ** 32 + ((u32(t, i * 8 + 4) & 0xffff_fe00) >>> 0);
+          const off = entryOffset(u32(t, i * 8), u32(t, i * 8 + 4));
           if (off) inc(off, cs);
         }
       }
@@ -321,19 +321,19 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
     if (!offset) continue;
     const cluster = Math.floor(offset / cs);
     if (offset % cs !== 0) {
-      corrupt(`ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted (offset 0x${S(offset)})`, offset);
+      corrupt(`ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted (offset 0x${hexDigits(offset)})`, offset);
       a.rebuild = true;
       continue;
     }
     if (cluster >= a.nbClusters) {
-      corrupt(`ERROR refcount block ${i} is outside image (offset 0x${S(offset)})`, offset);
+      corrupt(`ERROR refcount block ${i} is outside image (offset 0x${hexDigits(offset)})`, offset);
       a.rebuild = true;
       continue;
     }
     inc(offset, cs);
     a.countedBlocks.push(cluster);
     if (a.counts.get(cluster) !== 1) {
-      corrupt(`ERROR refcount block ${i} refcount=${a.counts.get(cluster)} (offset 0x${S(offset)})`, offset);
+      corrupt(`ERROR refcount block ${i} refcount=${a.counts.get(cluster)} (offset 0x${hexDigits(offset)})`, offset);
       a.rebuild = true;
       continue;
     }

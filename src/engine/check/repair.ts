@@ -7,13 +7,14 @@
  * crash during repair leaves the image no worse.
  */
 
+import { hexDigits } from '../../errors.ts';
 import { readAt, readClusters } from '../../io/device.ts';
 import { putU32 } from '../../format/bytes.ts';
 import { INCOMPAT_DATA_FILE } from '../../format/features.ts';
 import { COPIED_HI } from '../../format/l1.ts';
-import { readL2Entry, standardOffset, type RawL2Entry, L2E_COMPRESSED_HI, L2E_COPIED_HI } from '../../format/l2.ts';
+import { isCompressed, isCopied, readL2Entry, standardOffset, type RawL2Entry, L2E_COPIED_HI } from '../../format/l2.ts';
 import { getRefcount, setRefcount, setRefcountTableEntry, maxRefcount, refcountStructureSize } from '../../format/refcount.ts';
-import { l1Entries, Stored, S, BATCH_BYTES, type Analysis, type Image } from './count.ts';
+import { l1Entries, Stored, BATCH_BYTES, type Analysis, type Image } from './count.ts';
 import { type CheckFinding, type CheckReport, type RepairMode } from './report.ts';
 import { patchHeader } from '../write/header-bits.ts';
 /**
@@ -41,7 +42,7 @@ export async function compare(img: Image, a: Analysis, stored: Stored, repair: R
   for (const { cluster: c, stored: s, counted: n } of a.mismatches) {
     const fix = fixing && ((s > n && repair !== undefined) || (s < n && repair === 'all')) ? (s > n ? 'leak' : 'corruption') : undefined;
     const word = fix ? 'Repairing' : s < n ? 'ERROR' : 'Leaked';
-    const finding: CheckFinding = { counts: s < n ? 'corruption' : 'leak', message: `${word} cluster ${c} refcount=${s} reference=${n} (host offset 0x${S(c * cs)})`, cluster: c, offset: c * cs, fixed: false };
+    const finding: CheckFinding = { counts: s < n ? 'corruption' : 'leak', message: `${word} cluster ${c} refcount=${s} reference=${n} (host offset 0x${hexDigits(c * cs)})`, cluster: c, offset: c * cs, fixed: false };
     a.findings.push(finding);
     if (fix && (await stored.set(c, n))) {
       finding.fixed = true;
@@ -73,7 +74,7 @@ export async function checkCopied(img: Image, a: Analysis, stored: Stored, repai
     for (const { i, hi, lo, l2 } of batch) {
       const rc = stored.get(Math.floor(l2 / cs));
       if ((rc === 1) !== ((hi & COPIED_HI) !== 0)) {
-        const f: CheckFinding = { counts: 'corruption', message: `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${S(hi * 2 ** 32 + lo)} refcount=${rc} (L2 table at 0x${S(l2)})`, offset: l2, cluster: Math.floor(l2 / cs), fixed: false };
+        const f: CheckFinding = { counts: 'corruption', message: `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hexDigits(hi * 2 ** 32 + lo)} refcount=${rc} (L2 table at 0x${hexDigits(l2)})`, offset: l2, cluster: Math.floor(l2 / cs), fixed: false };
         a.findings.push(f);
         if (repair) {
           putU32(l1, i * 8, rc === 1 ? (hi | COPIED_HI) >>> 0 : (hi & ~COPIED_HI) >>> 0);
@@ -89,12 +90,12 @@ export async function checkCopied(img: Image, a: Analysis, stored: Stored, repai
       let dirty = false;
       for (let j = 0; j < g.l2Entries; j++) {
         readL2Entry(t, j, g, e);
-        if ((e.hi & L2E_COMPRESSED_HI) !== 0) continue;
+        if (isCompressed(e)) continue;
         const off = standardOffset(e);
-        if (off === 0 && !(hasDataFile && (e.hi & L2E_COPIED_HI) !== 0)) continue;
+        if (off === 0 && !(hasDataFile && isCopied(e))) continue;
         const rc2 = hasDataFile ? 1 : stored.get(Math.floor(off / cs));
-        if ((rc2 === 1) !== ((e.hi & L2E_COPIED_HI) !== 0)) {
-          const f: CheckFinding = { counts: 'corruption', message: `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${S(e.hi * 2 ** 32 + e.lo).padStart(16, '0')} refcount=${rc2} (host offset 0x${S(off)})`, offset: off, cluster: Math.floor(off / cs), fixed: false };
+        if ((rc2 === 1) !== isCopied(e)) {
+          const f: CheckFinding = { counts: 'corruption', message: `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${hexDigits(e.hi * 2 ** 32 + e.lo).padStart(16, '0')} refcount=${rc2} (host offset 0x${hexDigits(off)})`, offset: off, cluster: Math.floor(off / cs), fixed: false };
           a.findings.push(f);
           if (repair) {
             putU32(t, j * g.l2EntrySize, rc2 === 1 ? (e.hi | L2E_COPIED_HI) >>> 0 : (e.hi & ~L2E_COPIED_HI) >>> 0);

@@ -15,7 +15,7 @@ import { hex } from '../../errors.ts';
 import { putU64, u64, u64big } from '../../format/bytes.ts';
 import { AUTOCLEAR_JOURNAL, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../../format/features.ts';
 import { fixedHeaderLength, geometryOf, putMutableFields, type ParsedHeader } from '../../format/header.ts';
-import { L1E_OFFSET_MASK_HI, L1E_OFFSET_MASK_LO, decodeL1Entry, l1Offset } from '../../format/l1.ts';
+import { decodeL1Entry, entryOffset, l1Offset } from '../../format/l1.ts';
 import { isCompressed, isCopied, l2EntryAt, sameL2Entry, standardOffset, standardReservedBits, writeL2Entry, type L2Entry } from '../../format/l2.ts';
 import { getRefcount, maxRefcount, refcountTableEntry, setRefcount } from '../../format/refcount.ts';
 import { readAt, readClusters, type BlockDevice } from '../../io/device.ts';
@@ -218,7 +218,7 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
   }
   const changedL2: L2Entry[] = [];
   const l1First = new Map<number, number>();
-  for (const r of recs) if (r.kind === 'l1' && !l1First.has(r.index)) l1First.set(r.index, (r.old.hi & L1E_OFFSET_MASK_HI) * 0x1_0000_0000 + ((r.old.lo & L1E_OFFSET_MASK_LO) >>> 0));
+  for (const r of recs) if (r.kind === 'l1' && !l1First.has(r.index)) l1First.set(r.index, entryOffset(r.old.hi, r.old.lo));
   // the tables to read, read concurrently: recovery time is their number, not the image's size
   const existingL2 = [...l2.entries()].filter(([T, t]) => l2At(t.l1Index) === T && !newTables.has(`l2@${T}`)).map(([T]) => T);
   for (const T of existingL2) {

@@ -7,9 +7,8 @@
  */
 
 import { hex } from '../../errors.ts';
-import { L1E_OFFSET_MASK_HI, COPIED_HI } from '../../format/l1.ts';
+import { COPIED_HI, l1Word } from '../../format/l1.ts';
 import { compressedDescriptor, isCompressed, isCopied, l2EntryAt, sameL2Entry, standardOffset, subclusterType, type L2Entry } from '../../format/l2.ts';
-import type { Word64 } from '../../journal/records.ts';
 import type { Allocator } from './allocator.ts';
 import type { WriteContext } from './context.ts';
 import type { TableCache } from './tables.ts';
@@ -37,11 +36,6 @@ export interface WalkedEntry extends EntryAt {
 /** What a visitor wants done with an entry: nothing, or a new value (dropping the old one's reference if `unref`). */
 export type EntryChange = { readonly next: L2Entry; readonly unref: boolean } | undefined;
 
-/** A 64-bit L1 entry pointing at `offset`, with COPIED. */
-function l1Word(offset: number): Word64 {
-  return { hi: (Math.floor(offset / 0x1_0000_0000) & L1E_OFFSET_MASK_HI) | COPIED_HI, lo: (offset % 0x1_0000_0000) >>> 0 };
-}
-
 export class Mapping {
   unrefListener: UnrefListener | undefined;
 
@@ -61,7 +55,7 @@ export class Mapping {
     if (off === 0) {
       const c = await this.alloc.allocate(1);
       ctx.emit({ kind: 'table-new', role: 'l2', slot: l1Index, offset: c * cs, copyOf: 0 });
-      ctx.emit({ kind: 'l1', index: l1Index, old: e, new: l1Word(c * cs) });
+      ctx.emit({ kind: 'l1', index: l1Index, old: e, new: l1Word(c * cs, true) });
       return t.l2(l1Index)!;
     }
     if (!t.l2(l1Index)) await this.tables.loadL2(l1Index, off);
@@ -69,7 +63,7 @@ export class Mapping {
       // Shared with a snapshot: copy the table, then drop our reference to the old one.
       const c = await this.alloc.allocate(1);
       ctx.emit({ kind: 'table-new', role: 'l2', slot: l1Index, offset: c * cs, copyOf: off });
-      ctx.emit({ kind: 'l1', index: l1Index, old: e, new: l1Word(c * cs) });
+      ctx.emit({ kind: 'l1', index: l1Index, old: e, new: l1Word(c * cs, true) });
       await this.alloc.changeRefcount(off / cs, -1);
     }
     return t.l2(l1Index)!;
