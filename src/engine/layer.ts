@@ -6,11 +6,9 @@
 
 import type { SubclusterType } from '../format/l2.ts';
 
-/** Guest (virtual disk) offsets and host (file) offsets are different spaces. */
-export type GuestOffset = number & { readonly __guest: unique symbol };
-export type HostOffset = number & { readonly __host: unique symbol };
-export const guest = (n: number): GuestOffset => n as GuestOffset;
-export const host = (n: number): HostOffset => n as HostOffset;
+/** Guest (virtual disk) offsets and host (file) offsets are different spaces (format/offsets.ts). */
+import type { GuestOffset, HostOffset } from '../format/offsets.ts';
+export { guest, host, type GuestOffset, type HostOffset } from '../format/offsets.ts';
 
 export interface LayerStatus {
   /** bytes from the queried offset that share this status (at least 1) */

@@ -34,13 +34,14 @@
  */
 
 import { hex } from '../errors.ts';
+import { host, type HostOffset } from '../format/offsets.ts';
 import { maxRefcount, getRefcount, setRefcount } from '../format/refcount.ts';
 import type { MetaRecord } from '../journal/records.ts';
 import { PTrie } from '../state/ptrie.ts';
 import { CHUNK_ENTRIES, l1Bytes, l1TableOffset, reftableBytes, reftableEntry, type HeaderState, type MetaState } from '../state/state.ts';
 
 export interface DeviceWrite {
-  readonly offset: number;
+  readonly offset: HostOffset;
   readonly data: Uint8Array;
   /** what the bytes are, for traces: "l2 0x50000", "refblock 0x20000", ... */
   readonly what: string;
@@ -191,7 +192,7 @@ export async function executePlan(phases: readonly Phase[], io: PlanIO, o: { wri
 const SECTOR = 512;
 
 /** Writes for the sectors of `next` that differ from `prev` (all of them when prev is undefined). */
-export function dirtySectors(prev: Uint8Array | undefined, next: Uint8Array, base: number, what: string): DeviceWrite[] {
+export function dirtySectors(prev: Uint8Array | undefined, next: Uint8Array, base: HostOffset, what: string): DeviceWrite[] {
   if (!prev) return [{ offset: base, data: next, what }];
   const out: DeviceWrite[] = [];
   const a = Buffer.from(prev.buffer, prev.byteOffset, prev.byteLength);
@@ -201,11 +202,11 @@ export function dirtySectors(prev: Uint8Array | undefined, next: Uint8Array, bas
     const differs = end > prev.length || a.compare(next, o, end, o, end) !== 0;
     if (differs && runStart < 0) runStart = o;
     if (!differs && runStart >= 0) {
-      out.push({ offset: base + runStart, data: next.subarray(runStart, o), what });
+      out.push({ offset: host(base + runStart), data: next.subarray(runStart, o), what });
       runStart = -1;
     }
   }
-  if (runStart >= 0) out.push({ offset: base + runStart, data: next.subarray(runStart), what });
+  if (runStart >= 0) out.push({ offset: host(base + runStart), data: next.subarray(runStart), what });
   return out;
 }
 
@@ -246,7 +247,7 @@ export function planFlush(p: PlanInput): Plan {
   // ---- phase 0 ----
   for (const [slot, offset] of newL2) {
     const t = current.l2.get(slot);
-    if (t && l1TableOffset(current, slot) === offset) phase0.push({ offset, data: t, what: `new l2 ${hex(offset)}` });
+    if (t && l1TableOffset(current, slot) === offset) phase0.push({ offset: host(offset), data: t, what: `new l2 ${hex(offset)}` });
   }
   // refcount blocks: durable value + increments (decrements wait for phase 3)
   const afterPhase0 = new Map<number, Uint8Array>();
@@ -272,17 +273,17 @@ export function planFlush(p: PlanInput): Plan {
   }
   if (l1Moved) {
     const bytes = padSector(l1Bytes(current));
-    phase0.push({ offset: current.header.l1TableOffset, data: bytes, what: `new l1 ${hex(current.header.l1TableOffset)}` });
+    phase0.push({ offset: host(current.header.l1TableOffset), data: bytes, what: `new l1 ${hex(current.header.l1TableOffset)}` });
   }
   if (reftableMoved) {
-    phase0.push({ offset: current.header.refcountTableOffset, data: reftableBytes(current), what: `new reftable ${hex(current.header.refcountTableOffset)}` });
+    phase0.push({ offset: host(current.header.refcountTableOffset), data: reftableBytes(current), what: `new reftable ${hex(current.header.refcountTableOffset)}` });
   }
 
   // ---- phase 1 ----
   const headerChanged = durable.header !== current.header;
   let headerWritten = false;
   if (reftableMoved) {
-    phase1.push({ offset: 0, data: p.encodeHeader(current.header), what: 'header' });
+    phase1.push({ offset: host(0), data: p.encodeHeader(current.header), what: 'header' });
     headerWritten = true;
   } else {
     for (const [chunk, before, after] of PTrie.diff(durable.reftable, current.reftable)) {
@@ -291,7 +292,7 @@ export function planFlush(p: PlanInput): Plan {
       const limit = current.header.refcountTableClusters * cs;
       if (start >= limit) continue;
       const n = Math.min(after.length, limit - start);
-      phase1.push(...dirtySectors(before?.subarray(0, n) ?? new Uint8Array(n), after.subarray(0, n), current.header.refcountTableOffset + start, 'reftable'));
+      phase1.push(...dirtySectors(before?.subarray(0, n) ?? new Uint8Array(n), after.subarray(0, n), host(current.header.refcountTableOffset + start), 'reftable'));
     }
   }
 
@@ -311,10 +312,10 @@ export function planFlush(p: PlanInput): Plan {
       const n = Math.min(after.length, limit - start);
       // sector granularity inside the table; the table need not be sector-sized
       const prev = before?.subarray(0, n) ?? new Uint8Array(n);
-      phase2.push(...dirtySectors(prev, after.subarray(0, n), current.header.l1TableOffset + start, 'l1'));
+      phase2.push(...dirtySectors(prev, after.subarray(0, n), host(current.header.l1TableOffset + start), 'l1'));
     }
   }
-  if (headerChanged && !headerWritten) phase2.push({ offset: 0, data: p.encodeHeader(current.header), what: 'header' });
+  if (headerChanged && !headerWritten) phase2.push({ offset: host(0), data: p.encodeHeader(current.header), what: 'header' });
 
   // ---- phase 3 ----
   if (decrements && !p.lazy) {

@@ -22,7 +22,7 @@ import { readAt } from '../io/device.ts';
 import { Transaction, initialState, l1TableOffset, reftableEntry, type MetaState } from '../state/state.ts';
 import { faultPlan, type Fault } from './faults.ts';
 import type { JournalPlan } from './journal/live.ts';
-import { guest } from './layer.ts';
+import { cluster, guest, host } from '../format/offsets.ts';
 import { Qcow2Layer, type Qcow2LayerOptions } from './qcow2-layer.ts';
 import { readGuest } from './read.ts';
 import { WriteContext } from './write/context.ts';
@@ -117,7 +117,7 @@ export class Qcow2Writer {
       source: {
         l1Size: () => ctx.header().l1Size,
         l1Offset: (i) => (ctx.tx ? ctx.tx.l1TableOffset(i) : l1TableOffset(ctx.cur, i)),
-        l2Table: (off, l1Index) => tables.l2(off, l1Index),
+        l2Table: (off, l1Index) => tables.l2(host(off), l1Index),
         fileSize: () => ctx.extent.end(),
       },
     });
@@ -125,10 +125,10 @@ export class Qcow2Writer {
     // overlap index: what no record describes, and what the tables held at open
     const ov = this.rooms.overlap;
     const cs = this.geometry.clusterSize;
-    ov.reserve(0, cs, OL_MAIN_HEADER);
-    ov.reserve(h.l1TableOffset, h.l1Size * 8, OL_ACTIVE_L1);
-    ov.reserve(h.refcountTableOffset, h.refcountTableClusters * cs, OL_REFCOUNT_TABLE);
-    for (const sn of o.snapshots) ov.reserve(sn.l1TableOffset, sn.l1Size * 8, OL_INACTIVE_L1);
+    ov.reserve(host(0), cs, OL_MAIN_HEADER);
+    ov.reserve(host(h.l1TableOffset), h.l1Size * 8, OL_ACTIVE_L1);
+    ov.reserve(host(h.refcountTableOffset), h.refcountTableClusters * cs, OL_REFCOUNT_TABLE);
+    for (const sn of o.snapshots) ov.reserve(host(sn.l1TableOffset), sn.l1Size * 8, OL_INACTIVE_L1);
     for (let i = 0; i < h.l1Size; i++) {
       const off = l1TableOffset(state, i);
       if (off) ov.reserve(off, cs, OL_ACTIVE_L2);
@@ -137,7 +137,7 @@ export class Qcow2Writer {
       const off = reftableEntry(state, i);
       if (off) ov.reserve(off, cs, OL_REFCOUNT_BLOCK);
     }
-    if (h.nbSnapshots) ov.reserve(h.snapshotsOffset, 1, OL_SNAPSHOT_TABLE);
+    if (h.nbSnapshots) ov.reserve(host(h.snapshotsOffset), 1, OL_SNAPSHOT_TABLE);
   }
 
   /** Open for writing; the caller opened `dev` read-write and validated the header. */
@@ -230,8 +230,8 @@ export class Qcow2Writer {
       if (data.length === 0) return;
       // isZero stops at the first 4 KiB block with a non-zero byte: data costs almost nothing
       if (this.detectZeroes !== 'off' && isZero(data)) {
-        await this.run('write (zero detected)', () => this.rooms.zero.zeroRange(offset, data.length, this.detectZeroes === 'unmap'));
-      } else await this.run('write', () => this.rooms.data.write(offset, data));
+        await this.run('write (zero detected)', () => this.rooms.zero.zeroRange(guest(offset), data.length, this.detectZeroes === 'unmap'));
+      } else await this.run('write', () => this.rooms.data.write(guest(offset), data));
       await this.rooms.writeback.maybe();
     });
   }
@@ -252,7 +252,7 @@ export class Qcow2Writer {
       if (this.ctx.hasDataFile) throw new QledgerError('E_UNSUPPORTED', `${this.filename}: compressed writes are not possible with an external data file`);
       if (this.compressionType !== COMPRESSION_DEFLATE) throw new QledgerError('E_UNSUPPORTED', `${this.filename}: compressed writes need compression_type=zlib (there is no zstd compressor here)`);
       await this.run('compressed write', async () => {
-        for (let c = offset; c < end; c += cs) await this.rooms.compressed.writeCluster(c, data.subarray(c - offset, Math.min(end, c + cs) - offset));
+        for (let c = offset; c < end; c += cs) await this.rooms.compressed.writeCluster(guest(c), data.subarray(c - offset, Math.min(end, c + cs) - offset));
       });
       await this.rooms.writeback.maybe();
     });
@@ -262,7 +262,7 @@ export class Qcow2Writer {
     return this.serial(async () => {
       this.checkRange('write zeroes', offset, length);
       if (length === 0) return;
-      await this.run('write-zeroes', () => this.rooms.zero.zeroRange(offset, length, opts.unmap ?? false));
+      await this.run('write-zeroes', () => this.rooms.zero.zeroRange(guest(offset), length, opts.unmap ?? false));
       await this.rooms.writeback.maybe();
     });
   }
@@ -271,7 +271,7 @@ export class Qcow2Writer {
     return this.serial(async () => {
       this.checkRange('discard', offset, length);
       if (length === 0) return;
-      await this.run('discard', () => this.rooms.discard.discard(offset, length));
+      await this.run('discard', () => this.rooms.discard.discard(guest(offset), length));
       await this.rooms.writeback.maybe();
     });
   }
@@ -308,7 +308,7 @@ export class Qcow2Writer {
    */
   async preallocate(mode: PreallocMode, from = 0): Promise<void> {
     await this.serial(async () => {
-      await this.run('preallocate', () => this.rooms.resize.preallocate(mode, from));
+      await this.run('preallocate', () => this.rooms.resize.preallocate(mode, guest(from)));
       await this.rooms.writeback.flush();
     });
   }
@@ -364,7 +364,7 @@ export class Qcow2Writer {
             c = (rt + 1) * E - 1;
             continue;
           }
-          const have = await this.rooms.alloc.refcount(c);
+          const have = await this.rooms.alloc.refcount(cluster(c));
           if (want > maxRefcount(g.refcountOrder)) {
             throw new QledgerError('E_OVERFLOW', `${this.filename}: cluster ${hex(c * g.clusterSize)} has ${want} references, more than refcount_bits=${g.refcountBits} can count`, { cluster: c });
           }

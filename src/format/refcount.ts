@@ -13,10 +13,19 @@
 
 import { u16, u32, putU16, putU32, TWO_32 } from './bytes.ts';
 
+/** Refcount table entry: bits 9-63 the refcount block's offset (0: none), bits 0-8 reserved. */
+export const REFTABLE_OFFSET_MASK_LO = 0xffff_fe00;
+export const REFTABLE_RESERVED_MASK_LO = 0x0000_01ff;
+
+/** The refcount block offset of a refcount table entry given as its halves. */
+export function reftableEntryOffset(hi: number, lo: number): number {
+  return hi * TWO_32 + ((lo & REFTABLE_OFFSET_MASK_LO) >>> 0);
+}
+
 export function refcountTableEntry(table: Uint8Array, index: number): { offset: number; reservedBits: boolean } {
   const hi = u32(table, index * 8);
   const lo = u32(table, index * 8 + 4);
-  return { offset: hi * TWO_32 + ((lo & 0xffff_fe00) >>> 0), reservedBits: (lo & 0x1ff) !== 0 };
+  return { offset: reftableEntryOffset(hi, lo), reservedBits: (lo & REFTABLE_RESERVED_MASK_LO) !== 0 };
 }
 
 export function setRefcountTableEntry(table: Uint8Array, index: number, offset: number): void {

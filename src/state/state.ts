@@ -19,7 +19,9 @@ import { Immer } from 'immer';
 import { QledgerError, hex } from '../errors.ts';
 import type { Geometry } from '../format/header.ts';
 import { u32, putU32 } from '../format/bytes.ts';
-import { getRefcount, setRefcount } from '../format/refcount.ts';
+import { getRefcount, reftableEntryOffset, setRefcount } from '../format/refcount.ts';
+import { entryOffset } from '../format/l1.ts';
+import { host, type ClusterIndex, type HostOffset } from '../format/offsets.ts';
 import { l2EntryAt } from '../format/l2.ts';
 import type { HeaderField, JournalRecord, L2Word, Word64 } from '../journal/records.ts';
 import { PTrie, type TrieEditor } from './ptrie.ts';
@@ -103,15 +105,16 @@ export function l1Entry(s: MetaState, index: number): Word64 {
 }
 
 /** L2 table offset from L1 entry `index` (flags and reserved bits masked as QEMU does). */
-export function l1TableOffset(s: MetaState, index: number): number {
+export function l1TableOffset(s: MetaState, index: number): HostOffset {
   const e = l1Entry(s, index);
-  return (e.hi & 0x00ff_ffff) * 0x1_0000_0000 + ((e.lo & 0xffff_fe00) >>> 0);
+  return host(entryOffset(e.hi, e.lo));
 }
 
-export function reftableEntry(s: MetaState, index: number): number {
-  if (index >= s.header.refcountTableClusters * (s.geometry.clusterSize / 8)) return 0;
+/** Refcount block offset of refcount-table entry `index` (0: no block). */
+export function reftableEntry(s: MetaState, index: number): HostOffset {
+  if (index >= s.header.refcountTableClusters * (s.geometry.clusterSize / 8)) return host(0);
   const e = entry(s.reftable, index);
-  return e.hi * 0x1_0000_0000 + ((e.lo & 0xffff_fe00) >>> 0);
+  return host(reftableEntryOffset(e.hi, e.lo));
 }
 
 /** The active L1 table as on-disk bytes (l1Size entries). */
@@ -135,7 +138,7 @@ function tableBytes(chunks: PTrie<Uint8Array>, length: number): Uint8Array {
 }
 
 /** Refcount of host cluster `cluster`, or undefined when its refcount block is not loaded. */
-export function refcountOf(s: MetaState, cluster: number): number | undefined {
+export function refcountOf(s: MetaState, cluster: ClusterIndex): number | undefined {
   const g = s.geometry;
   const rt = Math.floor(cluster / g.refcountBlockEntries);
   if (reftableEntry(s, rt) === 0) return 0;
@@ -213,18 +216,18 @@ export class Transaction {
     return chunkEntry(this.l1.get(Math.floor(index / CHUNK_ENTRIES)), index);
   }
 
-  l1TableOffset(index: number): number {
+  l1TableOffset(index: number): HostOffset {
     const e = this.l1Entry(index);
-    return (e.hi & 0x00ff_ffff) * 0x1_0000_0000 + ((e.lo & 0xffff_fe00) >>> 0);
+    return host(entryOffset(e.hi, e.lo));
   }
 
-  reftableEntry(index: number): number {
-    if (index >= this.hdr('refcountTableClusters') * (this.g.clusterSize / 8)) return 0;
+  reftableEntry(index: number): HostOffset {
+    if (index >= this.hdr('refcountTableClusters') * (this.g.clusterSize / 8)) return host(0);
     const e = chunkEntry(this.reftable.get(Math.floor(index / CHUNK_ENTRIES)), index);
-    return e.hi * 0x1_0000_0000 + ((e.lo & 0xffff_fe00) >>> 0);
+    return host(reftableEntryOffset(e.hi, e.lo));
   }
 
-  refcount(cluster: number): number | undefined {
+  refcount(cluster: ClusterIndex): number | undefined {
     const g = this.g;
     const rt = Math.floor(cluster / g.refcountBlockEntries);
     if (this.reftableEntry(rt) === 0) return 0;

@@ -15,6 +15,7 @@ import { analyze, loadImage, Stored, type Analysis, type Image } from './count.t
 import { compare, checkCopied, rebuildRefcounts } from './repair.ts';
 import { emptyReport, type CheckReport, type RepairMode } from './report.ts';
 import { patchHeader } from '../write/header-bits.ts';
+
 async function onePass(img: Image, repair: RepairMode | undefined, report: CheckReport): Promise<Analysis> {
   const a = await analyze(img);
   const h = img.parsed.header;

@@ -25,7 +25,10 @@ import { getRefcount, setRefcount, refcountTableEntry, maxRefcount } from '../..
 import { decodeBitmapDirectory } from '../../format/bitmaps.ts';
 import type { SnapshotEntry } from '../../format/snapshot.ts';
 import { loadQcow2 } from '../qcow2-layer.ts';
-import { type CheckFinding } from './report.ts';
+import type { CheckFinding } from './report.ts';
+import { cluster, clusterOf, host, type ClusterIndex } from '../../format/offsets.ts';
+
+/** One counter per host cluster, in chunks allocated where references land. */
 export class Counts {
   private readonly chunks = new Map<number, Uint32Array>();
   private lastKey = -1;
@@ -40,10 +43,10 @@ export class Counts {
     }
     return a;
   }
-  get(c: number): number {
+  get(c: ClusterIndex): number {
     return this.chunk(Math.floor(c / 65536), false)?.[c % 65536] ?? 0;
   }
-  add(c: number, d: number): void {
+  add(c: ClusterIndex, d: number): void {
     const a = this.chunk(Math.floor(c / 65536), true)!;
     const i = c % 65536;
     a[i] = Math.max(0, a[i]! + d);
@@ -65,7 +68,7 @@ export interface Analysis {
   /** refcount-table entries of usable refcount blocks (index -> cluster) */
   readonly validBlocks: Map<number, number>;
   /** clusters counted as refcount blocks (a rebuild drops these references) */
-  readonly countedBlocks: number[];
+  readonly countedBlocks: ClusterIndex[];
   /** active L2 tables as read, kept (up to BATCH_BYTES) for the COPIED check */
   readonly activeTables: Map<number, Uint8Array>;
   /** cluster -> stored refcount, for clusters whose stored value differs */
@@ -189,7 +192,7 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
       return;
     }
     const last = Math.floor((offset + size - 1) / cs);
-    for (let c = Math.floor(offset / cs); c <= last; c++) {
+    for (let c = clusterOf(host(offset), cs); c <= last; c = cluster(c + 1)) {
       if (a.counts.get(c) >= maxCount) {
         // QEMU stops counting at what refcount_bits can hold, and says so
         corrupt(`ERROR: overflow cluster offset=0x${hexDigits(c * cs)} (more references than refcount_bits=${g.refcountBits} can count)`, c * cs);
@@ -319,25 +322,25 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
       continue;
     }
     if (!offset) continue;
-    const cluster = Math.floor(offset / cs);
+    const blockCluster = clusterOf(host(offset), cs);
     if (offset % cs !== 0) {
       corrupt(`ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted (offset 0x${hexDigits(offset)})`, offset);
       a.rebuild = true;
       continue;
     }
-    if (cluster >= a.nbClusters) {
+    if (blockCluster >= a.nbClusters) {
       corrupt(`ERROR refcount block ${i} is outside image (offset 0x${hexDigits(offset)})`, offset);
       a.rebuild = true;
       continue;
     }
     inc(offset, cs);
-    a.countedBlocks.push(cluster);
-    if (a.counts.get(cluster) !== 1) {
-      corrupt(`ERROR refcount block ${i} refcount=${a.counts.get(cluster)} (offset 0x${hexDigits(offset)})`, offset);
+    a.countedBlocks.push(blockCluster);
+    if (a.counts.get(blockCluster) !== 1) {
+      corrupt(`ERROR refcount block ${i} refcount=${a.counts.get(blockCluster)} (offset 0x${hexDigits(offset)})`, offset);
       a.rebuild = true;
       continue;
     }
-    a.validBlocks.set(i, cluster);
+    a.validBlocks.set(i, blockCluster);
   }
   return a;
 }
@@ -353,7 +356,7 @@ export async function countReferences(dev: BlockDevice, name: string, opts: { bi
   const a = await analyze(img, opts);
   const overflow = a.findings.find((f) => f.message.startsWith('ERROR: overflow'));
   if (overflow) throw new QledgerError('E_OVERFLOW', `${name}: ${overflow.message}`, { offset: overflow.offset });
-  return { get: (c) => a.counts.get(c), endCluster: a.nbClusters };
+  return { get: (c) => a.counts.get(cluster(c)), endCluster: a.nbClusters };
 }
 
 export async function loadImage(dev: BlockDevice, filename: string): Promise<Image> {

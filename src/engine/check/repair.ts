@@ -8,6 +8,7 @@
  */
 
 import { hexDigits } from '../../errors.ts';
+import { cluster, clusterOf, host } from '../../format/offsets.ts';
 import { readAt, readClusters } from '../../io/device.ts';
 import { putU32 } from '../../format/bytes.ts';
 import { INCOMPAT_DATA_FILE } from '../../format/features.ts';
@@ -15,8 +16,9 @@ import { COPIED_HI } from '../../format/l1.ts';
 import { isCompressed, isCopied, readL2Entry, standardOffset, type RawL2Entry, L2E_COPIED_HI } from '../../format/l2.ts';
 import { getRefcount, setRefcount, setRefcountTableEntry, maxRefcount, refcountStructureSize } from '../../format/refcount.ts';
 import { l1Entries, Stored, BATCH_BYTES, type Analysis, type Image } from './count.ts';
-import { type CheckFinding, type CheckReport, type RepairMode } from './report.ts';
+import type { CheckFinding, CheckReport, RepairMode } from './report.ts';
 import { patchHeader } from '../write/header-bits.ts';
+
 /**
  * Compare stored and counted refcounts over the clusters of the file. A
  * first pass only finds the mismatches (a block at a time, no per-cluster
@@ -31,7 +33,7 @@ export async function compare(img: Image, a: Analysis, stored: Stored, repair: R
     const end = Math.min(a.nbClusters, base + E);
     for (let c = base; c < end; c++) {
       const s = block ? getRefcount(block, c - base, order) : 0;
-      const n = a.counts.get(c);
+      const n = a.counts.get(cluster(c));
       if (s > 0 || n > 0) a.highest = c;
       if (s === n) continue;
       a.mismatches.push({ cluster: c, stored: s, counted: n });
@@ -121,17 +123,18 @@ export async function rebuildRefcounts(img: Image, a: Analysis): Promise<void> {
   const cs = g.clusterSize;
   const E = g.refcountBlockEntries;
   // the old structure is dropped: its clusters are no longer referenced
-  for (let c = Math.floor(h.refcountTableOffset / cs); c < Math.floor(h.refcountTableOffset / cs) + h.refcountTableClusters; c++) a.counts.add(c, -1);
-  for (const cluster of a.countedBlocks) a.counts.add(cluster, -1);
+  const oldTable = clusterOf(host(h.refcountTableOffset), cs);
+  for (let i = 0; i < h.refcountTableClusters; i++) a.counts.add(cluster(oldTable + i), -1);
+  for (const c of a.countedBlocks) a.counts.add(c, -1);
   const start = a.nbClusters;
   const { blocks, tableClusters } = refcountStructureSize(g, start, 0, 0, 1);
-  for (let c = start; c < start + blocks + tableClusters; c++) a.counts.add(c, 1);
+  for (let c = start; c < start + blocks + tableClusters; c++) a.counts.add(cluster(c), 1);
   const table = new Uint8Array(tableClusters * cs);
   const max = maxRefcount(g.refcountOrder);
   for (let b = 0; b < blocks; b++) {
     const block = new Uint8Array(cs);
     for (let i = 0; i < E; i++) {
-      const v = a.counts.get(b * E + i);
+      const v = a.counts.get(cluster(b * E + i));
       if (v) setRefcount(block, i, g.refcountOrder, Math.min(v, max));
     }
     await dev.write((start + b) * cs, block);

@@ -37,7 +37,6 @@ export interface CheckReport {
   failure?: string | undefined;
 }
 
-/** One counter per host cluster, in chunks allocated where references land. */
 export function emptyReport(filename: string): CheckReport {
   return {
     filename,

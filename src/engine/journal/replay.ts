@@ -12,6 +12,7 @@
  */
 
 import { hex } from '../../errors.ts';
+import { host } from '../../format/offsets.ts';
 import { putU64, u64, u64big } from '../../format/bytes.ts';
 import { AUTOCLEAR_JOURNAL, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../../format/features.ts';
 import { fixedHeaderLength, geometryOf, putMutableFields, type ParsedHeader } from '../../format/header.ts';
@@ -155,7 +156,7 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
     const bad = checkTable('L1 table', l1Off, img.length);
     if (bad) return bad;
     finalL1 = img;
-    phase0.push({ offset: l1Off, data: padSector(img), what: 'replay: new l1' });
+    phase0.push({ offset: host(l1Off), data: padSector(img), what: 'replay: new l1' });
   } else {
     const disk = await readAt(dev, l1Off, l1Size * 8);
     finalL1 = disk.slice();
@@ -172,7 +173,7 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
       if (d !== s.first && d !== s.last) return `L1 entry ${i} is 0x${d.toString(16)}, neither 0x${s.first.toString(16)} nor 0x${s.last.toString(16)}`;
       putU64(finalL1, i * 8, s.last);
     }
-    phase2.push(...dirtySectors(disk, finalL1, l1Off, 'replay: l1'));
+    phase2.push(...dirtySectors(disk, finalL1, host(l1Off), 'replay: l1'));
   }
   const l2At = (i: number) => (i < l1Size ? l1Offset(finalL1, i) : 0);
 
@@ -184,7 +185,7 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
     const bad = checkTable('refcount table', rtOff, img.length);
     if (bad) return bad;
     finalRt = img;
-    phase0.push({ offset: rtOff, data: img, what: 'replay: new reftable' });
+    phase0.push({ offset: host(rtOff), data: img, what: 'replay: new reftable' });
   } else {
     const disk = await readAt(dev, rtOff, rtClusters * cs);
     finalRt = disk.slice();
@@ -200,7 +201,7 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
       if (d !== s.first && d !== s.last) return `refcount table entry ${i} is ${hex(d)}, neither ${hex(s.first)} nor ${hex(s.last)}`;
       putU64(finalRt, i * 8, s.last);
     }
-    phase1.push(...dirtySectors(disk, finalRt, rtOff, 'replay: reftable'));
+    phase1.push(...dirtySectors(disk, finalRt, host(rtOff), 'replay: reftable'));
   }
   const blockAt = (rt: number) => (rt * 8 < finalRt.length ? refcountTableEntry(finalRt, rt).offset : 0);
 
@@ -249,7 +250,7 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
         if (i >= g.l2Entries) return `L2 index ${i} is past the table`;
         writeL2Entry(final, i, g, s.last);
       }
-      phase0.push({ offset: T, data: final, what: `replay: new l2 ${hex(T)}` });
+      phase0.push({ offset: host(T), data: final, what: `replay: new l2 ${hex(T)}` });
     } else {
       const disk = l2Disk.get(T)!;
       final = disk.slice();
@@ -259,7 +260,7 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
         if (!sameL2Entry(d, s.first) && !sameL2Entry(d, s.last)) return `L2 table ${hex(T)} entry ${i} holds neither the transaction's old nor its new value`;
         writeL2Entry(final, i, g, s.last);
       }
-      phase2.push(...dirtySectors(disk, final, T, `replay: l2 ${hex(T)}`));
+      phase2.push(...dirtySectors(disk, final, host(T), `replay: l2 ${hex(T)}`));
     }
   }
 
@@ -300,8 +301,8 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
       setRefcount(bound, i, g.refcountOrder, Math.max(d, upper));
       setRefcount(final, i, g.refcountOrder, s.last);
     }
-    phase0.push(...dirtySectors(isNew ? undefined : disk, bound, B, `replay: refblock ${hex(B)}`));
-    phase3.push(...dirtySectors(bound, final, B, `replay: refblock ${hex(B)}`));
+    phase0.push(...dirtySectors(isNew ? undefined : disk, bound, host(B), `replay: refblock ${hex(B)}`));
+    phase3.push(...dirtySectors(bound, final, host(B), `replay: refblock ${hex(B)}`));
   }
 
   // ---- the final entries must make sense with the final refcounts (a journal
@@ -356,7 +357,7 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
     autoclearFeatures: finalField.autoclear_features,
   });
   if (!Buffer.from(finalHeader).equals(Buffer.from(diskHeader))) {
-    (rtSwap ? phase1 : phase2).push({ offset: 0, data: finalHeader, what: 'replay: header' });
+    (rtSwap ? phase1 : phase2).push({ offset: host(0), data: finalHeader, what: 'replay: header' });
   }
   return lists.phases(false);
 }

@@ -9,6 +9,7 @@ import { QledgerError, hex } from '../../errors.ts';
 import { MAX_REFTABLE_BYTES } from '../../format/limits.ts';
 import { maxRefcount, refcountStructureSize } from '../../format/refcount.ts';
 import type { JournalRecord } from '../../journal/records.ts';
+import { cluster, clusterOf, hostOf, type ClusterIndex, type HostOffset } from '../../format/offsets.ts';
 import { refcountOf } from '../../state/state.ts';
 import type { WriteContext } from './context.ts';
 import type { OverlapIndex } from './overlap.ts';
@@ -16,11 +17,11 @@ import type { TableCache } from './tables.ts';
 
 export class Allocator {
   /** allocation search starts here (cluster index) */
-  private cursor = 0;
+  private cursor = cluster(0);
   /** lowest cluster freed since the last write-back: the search goes back there once it is durable */
-  private freedMin = Infinity;
+  private freedMin = cluster(Infinity);
   /** clusters freed since the last write-back: untouchable until it, their space given back after it */
-  private readonly freedInEpoch = new Set<number>();
+  private readonly freedInEpoch = new Set<ClusterIndex>();
 
   constructor(
     private readonly ctx: WriteContext,
@@ -33,31 +34,32 @@ export class Allocator {
   /** Follow the record stream: a cluster whose refcount drops to 0 is freed in this epoch. */
   follow(r: JournalRecord): void {
     if (r.kind !== 'refcount' || r.new !== 0 || r.old === 0) return;
-    this.freedInEpoch.add(r.cluster);
-    if (r.cluster < this.freedMin) this.freedMin = r.cluster;
-    if (this.reuseFreedAtOnce && r.cluster < this.cursor) this.cursor = r.cluster;
+    const c = cluster(r.cluster);
+    this.freedInEpoch.add(c);
+    if (c < this.freedMin) this.freedMin = c;
+    if (this.reuseFreedAtOnce && c < this.cursor) this.cursor = c;
   }
 
   /** Refcount of `cluster` in the live state; 0 where no refcount block exists. */
-  async refcount(cluster: number): Promise<number> {
+  async refcount(c: ClusterIndex): Promise<number> {
     const t = this.ctx.t();
-    const rt = Math.floor(cluster / this.ctx.geometry.refcountBlockEntries);
+    const rt = Math.floor(c / this.ctx.geometry.refcountBlockEntries);
     const off = t.reftableEntry(rt);
     if (off === 0) return 0;
     await this.tables.refblock(rt, off);
-    return t.refcount(cluster)!;
+    return t.refcount(c)!;
   }
 
-  async changeRefcount(cluster: number, delta: number): Promise<void> {
+  async changeRefcount(c: ClusterIndex, delta: number): Promise<void> {
     const g = this.ctx.geometry;
-    const old = await this.refcount(cluster);
+    const old = await this.refcount(c);
     const next = old + delta;
-    if (next < 0) await this.ctx.signalCorruption(`refcount of cluster ${hex(cluster * g.clusterSize)} would drop below 0`, { cluster });
+    if (next < 0) await this.ctx.signalCorruption(`refcount of cluster ${hex(hostOf(c, g.clusterSize))} would drop below 0`, { cluster: c });
     const max = maxRefcount(g.refcountOrder);
     if (next > max) {
-      throw new QledgerError('E_OVERFLOW', `${this.ctx.filename}: refcount of cluster ${hex(cluster * g.clusterSize)} would exceed ${max} (refcount_bits=${g.refcountBits})`, { cluster });
+      throw new QledgerError('E_OVERFLOW', `${this.ctx.filename}: refcount of cluster ${hex(hostOf(c, g.clusterSize))} would exceed ${max} (refcount_bits=${g.refcountBits})`, { cluster: c });
     }
-    this.ctx.emit({ kind: 'refcount', cluster, old, new: next });
+    this.ctx.emit({ kind: 'refcount', cluster: c, old, new: next });
   }
 
   /**
@@ -65,14 +67,14 @@ export class Allocator {
    * A cluster is free when its refcount is 0 both now and on disk: a cluster
    * freed since the last write-back stays untouched until it is durable.
    */
-  async allocate(n: number): Promise<number> {
+  async allocate(n: number): Promise<ClusterIndex> {
     const ctx = this.ctx;
     const t = ctx.t();
     const E = ctx.geometry.refcountBlockEntries;
-    let start = this.cursor;
+    let start: number = this.cursor;
     let run = 0;
     while (run < n) {
-      const c = start + run;
+      const c = cluster(start + run);
       const rt = Math.floor(c / E);
       const off = t.reftableEntry(rt);
       if (off === 0) {
@@ -92,12 +94,12 @@ export class Allocator {
       }
       run++;
     }
-    for (let i = 0; i < n; i++) await this.changeRefcount(start + i, 1);
+    for (let i = 0; i < n; i++) await this.changeRefcount(cluster(start + i), 1);
     // Single clusters move the cursor past everything scanned; a multi-cluster
     // run does not, so the holes it skipped stay for single allocations.
-    if (n === 1 || start === this.cursor) this.cursor = start + n;
+    if (n === 1 || start === this.cursor) this.cursor = cluster(start + n);
     ctx.extent.grow(start + n);
-    return start;
+    return cluster(start);
   }
 
   /**
@@ -105,7 +107,7 @@ export class Allocator {
    * durable. Lazy refcounts leave the durable refcount stale (0) there, so
    * the epoch's set is what tells.
    */
-  private freedNotDurable(c: number): boolean {
+  private freedNotDurable(c: ClusterIndex): boolean {
     if (this.reuseFreedAtOnce) return false;
     return (refcountOf(this.ctx.durable, c) ?? 0) !== 0 || this.freedInEpoch.has(c);
   }
@@ -116,14 +118,14 @@ export class Allocator {
    * refcount table first when `rt` is past its end. Returns the number of
    * clusters used from `c` on (negative: blocked by reserved clusters).
    */
-  private async newRefblock(rt: number, c: number): Promise<number> {
+  private async newRefblock(rt: number, c: ClusterIndex): Promise<number> {
     const ctx = this.ctx;
     const cs = ctx.geometry.clusterSize;
     const entries = (ctx.t().header.refcountTableClusters * cs) / 8;
     if (rt >= entries) return this.growReftable(rt, c);
-    ctx.emit({ kind: 'table-new', role: 'refblock', slot: rt, offset: c * cs, copyOf: 0 });
+    ctx.emit({ kind: 'table-new', role: 'refblock', slot: rt, offset: hostOf(c, cs), copyOf: 0 });
     ctx.emit({ kind: 'refcount', cluster: c, old: 0, new: 1 });
-    ctx.emit({ kind: 'reftable', index: rt, old: 0, new: c * cs });
+    ctx.emit({ kind: 'reftable', index: rt, old: 0, new: hostOf(c, cs) });
     ctx.extent.grow(c + 1);
     return 1;
   }
@@ -134,7 +136,7 @@ export class Allocator {
    * clusters from `c` on are free: no block covers them. QEMU grows the
    * table by half again at least.
    */
-  private async growReftable(rt: number, c: number): Promise<number> {
+  private async growReftable(rt: number, c: ClusterIndex): Promise<number> {
     const ctx = this.ctx;
     const g = ctx.geometry;
     const cs = g.clusterSize;
@@ -146,12 +148,13 @@ export class Allocator {
       throw new QledgerError('E_UNSUPPORTED', `${ctx.filename}: the refcount table would exceed ${MAX_REFTABLE_BYTES} bytes`);
     }
     const tableAt = c + blocks;
-    for (let x = c; x < tableAt + tableClusters; x++) if (this.overlap.has(x)) return -(x + 1 - c);
+    for (let x = c; x < tableAt + tableClusters; x++) if (this.overlap.has(cluster(x))) return -(x + 1 - c);
     for (let k = 0; k < blocks; k++) ctx.emit({ kind: 'table-new', role: 'refblock', slot: firstRt + k, offset: (c + k) * cs, copyOf: 0 });
     for (let x = c; x < tableAt + tableClusters; x++) ctx.emit({ kind: 'refcount', cluster: x, old: 0, new: 1 });
     ctx.emit({ kind: 'reftable-swap', oldOffset: h.refcountTableOffset, oldClusters: old, newOffset: tableAt * cs, newClusters: tableClusters });
     for (let k = 0; k < blocks; k++) ctx.emit({ kind: 'reftable', index: firstRt + k, old: 0, new: (c + k) * cs });
-    for (let i = 0; i < old; i++) await this.changeRefcount(h.refcountTableOffset / cs + i, -1);
+    const oldFirst = clusterOf(h.refcountTableOffset as HostOffset, cs);
+    for (let i = 0; i < old; i++) await this.changeRefcount(cluster(oldFirst + i), -1);
     ctx.extent.grow(tableAt + tableClusters);
     return blocks + tableClusters;
   }
@@ -165,7 +168,7 @@ export class Allocator {
   async afterWriteback(): Promise<void> {
     const ctx = this.ctx;
     if (this.freedMin < this.cursor) this.cursor = this.freedMin;
-    this.freedMin = Infinity;
+    this.freedMin = cluster(Infinity);
     if (this.freedInEpoch.size === 0) return;
     const cs = ctx.geometry.clusterSize;
     const free = [...this.freedInEpoch].filter((c) => refcountOf(ctx.cur, c) === 0).sort((a, b) => a - b);

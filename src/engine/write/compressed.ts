@@ -10,6 +10,7 @@ import { deflateRawSync } from 'node:zlib';
 import { QledgerError, hex } from '../../errors.ts';
 import { encodeCompressedDescriptor, isCompressed, standardOffset } from '../../format/l2.ts';
 import { maxRefcount } from '../../format/refcount.ts';
+import { hostOf, type ClusterIndex, type GuestOffset, type HostOffset } from '../../format/offsets.ts';
 import type { Allocator } from './allocator.ts';
 import type { WriteContext } from './context.ts';
 import type { DataWriter } from './data-write.ts';
@@ -17,7 +18,7 @@ import type { Mapping } from './mapping.ts';
 
 export class CompressedWriter {
   /** the host cluster compressed writes are packing into, and the bytes used */
-  private tail: { cluster: number; used: number } | undefined;
+  private tail: { cluster: ClusterIndex; used: number } | undefined;
 
   constructor(
     private readonly ctx: WriteContext,
@@ -26,7 +27,7 @@ export class CompressedWriter {
     private readonly data: DataWriter,
   ) {}
 
-  async writeCluster(guestOff: number, piece: Uint8Array): Promise<void> {
+  async writeCluster(guestOff: GuestOffset, piece: Uint8Array): Promise<void> {
     const ctx = this.ctx;
     const g = ctx.geometry;
     const cs = g.clusterSize;
@@ -53,17 +54,17 @@ export class CompressedWriter {
       return;
     }
     // pack into the cluster the last compressed write used, while it is still in use and has room
-    let at: number;
+    let at: HostOffset;
     const tail = this.tail;
     const tailRefs = tail ? await this.alloc.refcount(tail.cluster) : 0;
     // a full refcount (narrow refcount_bits) starts a new cluster, as QEMU's qcow2_alloc_bytes does
     if (tail && tail.used + z.length <= cs && tailRefs > 0 && tailRefs < maxRefcount(g.refcountOrder)) {
-      at = tail.cluster * cs + tail.used;
+      at = (hostOf(tail.cluster, cs) + tail.used) as HostOffset;
       await this.alloc.changeRefcount(tail.cluster, 1);
       tail.used += z.length;
     } else {
       const n = await this.alloc.allocate(1);
-      at = n * cs;
+      at = hostOf(n, cs);
       this.tail = { cluster: n, used: z.length };
     }
     await this.data.deviceWrites([{ offset: at, data: new Uint8Array(z.buffer, z.byteOffset, z.length), what: 'compressed data' }]);

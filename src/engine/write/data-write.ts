@@ -10,7 +10,7 @@
 import { hex } from '../../errors.ts';
 import type { Geometry } from '../../format/header.ts';
 import { ALL_SUBCLUSTERS, L2E_ZERO_LO, isCompressed, isCopied, sameL2Entry, standardEntry, standardOffset, subclusterBits, subclusterType, type L2Entry } from '../../format/l2.ts';
-import { guest } from '../layer.ts';
+import { clusterOf, guest, host, hostOf, type GuestOffset, type HostOffset } from '../../format/offsets.ts';
 import { readGuest } from '../read.ts';
 import type { DeviceWrite } from '../ordering.ts';
 import type { Allocator } from './allocator.ts';
@@ -99,19 +99,19 @@ export class DataWriter {
     private readonly shared: SharedZeroCluster,
   ) {}
 
-  async write(offset: number, data: Uint8Array): Promise<void> {
+  async write(offset: GuestOffset, data: Uint8Array): Promise<void> {
     const span = this.ctx.geometry.l2Entries * this.ctx.geometry.clusterSize;
     let pos = 0;
     while (pos < data.length) {
       const at = offset + pos;
       const n = Math.min(data.length - pos, span - (at % span));
-      await this.writeSpan(at, data.subarray(pos, pos + n));
+      await this.writeSpan(guest(at), data.subarray(pos, pos + n));
       pos += n;
     }
   }
 
   /** A write inside one L2 table's span. */
-  private async writeSpan(offset: number, data: Uint8Array): Promise<void> {
+  private async writeSpan(offset: GuestOffset, data: Uint8Array): Promise<void> {
     const ctx = this.ctx;
     const g = ctx.geometry;
     const cs = g.clusterSize;
@@ -123,7 +123,7 @@ export class DataWriter {
     const zeroes: Array<{ offset: number; length: number }> = [];
     const updates: Array<{ index: number; old: L2Entry; new: L2Entry; unref: boolean }> = [];
     const end = offset + data.length;
-    for (let cstart = offset - (offset % cs); cstart < end; cstart += cs) {
+    for (let cstart = guest(offset - (offset % cs)); cstart < end; cstart = guest(cstart + cs)) {
       const a = Math.max(offset, cstart) - cstart;
       const b = Math.min(end, cstart + cs) - cstart;
       const piece = data.subarray(cstart + a - offset, cstart + b - offset);
@@ -132,22 +132,22 @@ export class DataWriter {
       await this.mapping.validate(e, table, index, cstart);
       const p = planClusterWrite(e, a, b, env);
       if (p.invalid) await ctx.signalCorruption(`${p.invalid} (L2 offset: ${hex(table)}, L2 index: ${hex(index)})`);
-      let host: number;
+      let at: HostOffset;
       if (p.inPlace) {
-        host = standardOffset(e);
-        await this.checkOverlap(host, cstart);
-        this.shared.written(host);
-      } else host = ctx.hasDataFile ? cstart : (await this.alloc.allocate(1)) * cs;
+        at = host(standardOffset(e));
+        await this.checkOverlap(at, cstart);
+        this.shared.written(at);
+      } else at = ctx.hasDataFile ? host(cstart) : hostOf(await this.alloc.allocate(1), cs);
       switch (p.fill) {
         case 'piece':
-          writes.push({ offset: host + a, data: piece, what: 'data' });
+          writes.push({ offset: host(at + a), data: piece, what: 'data' });
           break;
         case 'piece-zeroes':
-          writes.push({ offset: host + a, data: piece, what: 'data' });
+          writes.push({ offset: host(at + a), data: piece, what: 'data' });
           // past everything ever written, the rest of the cluster already reads as zero
-          if (host < ctx.extent.zeroFrom) {
-            if (a > 0) zeroes.push({ offset: host, length: a });
-            if (b < cs) zeroes.push({ offset: host + b, length: cs - b });
+          if (at < ctx.extent.zeroFrom) {
+            if (a > 0) zeroes.push({ offset: at, length: a });
+            if (b < cs) zeroes.push({ offset: at + b, length: cs - b });
           }
           break;
         case 'cow':
@@ -155,11 +155,11 @@ export class DataWriter {
           const buf = new Uint8Array(p.to - p.from);
           if (p.fill === 'cow') await readGuest(ctx.reader(), guest(cstart + p.from), buf);
           buf.set(piece, a - p.from);
-          writes.push({ offset: host + p.from, data: buf, what: 'data (cow)' });
+          writes.push({ offset: host(at + p.from), data: buf, what: 'data (cow)' });
           break;
         }
       }
-      const next = p.next ?? standardEntry(host, true, p.bitmapLo, p.bitmapHi);
+      const next = p.next ?? standardEntry(at, true, p.bitmapLo, p.bitmapHi);
       if (!p.inPlace || !sameL2Entry(e, next)) updates.push({ index, old: e, new: next, unref: p.unrefOld });
     }
     await this.deviceWrites(writes);
@@ -174,9 +174,9 @@ export class DataWriter {
   }
 
   /** O(1) per write: refuse to write guest data over a cluster that holds metadata. */
-  private async checkOverlap(hostOff: number, guestOff: number): Promise<void> {
+  private async checkOverlap(hostOff: HostOffset, guestOff: GuestOffset): Promise<void> {
     if (this.ctx.hasDataFile) return;
-    const kinds = this.overlap.at(Math.floor(hostOff / this.ctx.geometry.clusterSize));
+    const kinds = this.overlap.at(clusterOf(hostOff, this.ctx.geometry.clusterSize));
     if (kinds !== 0) {
       await this.ctx.signalCorruption(`preventing a write of guest offset ${hex(guestOff)} onto the ${overlapName(kinds)} at ${hex(hostOff)}`, { hostOff, guestOff });
     }

@@ -7,6 +7,7 @@
  */
 
 import { isCompressed, zeroEntry, L2_UNALLOCATED, L2E_ZERO_LO, ALL_SUBCLUSTERS } from '../../format/l2.ts';
+import { guest, type GuestOffset } from '../../format/offsets.ts';
 import type { WriteContext } from './context.ts';
 import { Mapping, type EntryChange, type WalkedEntry } from './mapping.ts';
 import type { ZeroWriter } from './zero.ts';
@@ -18,12 +19,12 @@ export class Discarder {
     private readonly zero: ZeroWriter,
   ) {}
 
-  async discard(offset: number, length: number): Promise<void> {
+  async discard(offset: GuestOffset, length: number): Promise<void> {
     const ctx = this.ctx;
     const cs = ctx.geometry.clusterSize;
     const end = offset + length;
-    const first = Math.ceil(offset / cs) * cs;
-    const last = end === ctx.header().size ? end : end - (end % cs);
+    const first = guest(Math.ceil(offset / cs) * cs);
+    const last = guest(end === ctx.header().size ? end : end - (end % cs));
     const t = ctx.t();
     await this.mapping.rewrite(first, last, (w) => this.discardEntry(w), {
       openTable: async (l1Index, from, to) => {

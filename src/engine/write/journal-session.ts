@@ -12,6 +12,7 @@ import { l1Bytes, l1TableOffset, reftableBytes } from '../../state/state.ts';
 import type { HeaderState } from '../../state/state.ts';
 import { activateJournal, type JournalLog, type JournalPlan } from '../journal/live.ts';
 import type { WriteAhead } from '../ordering.ts';
+import { host } from '../../format/offsets.ts';
 import type { WriteContext } from './context.ts';
 import { OL_JOURNAL, type OverlapIndex } from './overlap.ts';
 
@@ -33,7 +34,7 @@ export class JournalSession {
     private readonly onWarning: ((message: string) => void) | undefined,
   ) {
     // the journal area has refcount 0 (QEMU must not count it): the allocator and overlap checks skip it by the index
-    if (plan?.reuse) overlap.reserve(plan.reuse.offset, plan.reuse.size, OL_JOURNAL);
+    if (plan?.reuse) overlap.reserve(host(plan.reuse.offset), plan.reuse.size, OL_JOURNAL);
   }
 
   get journalled(): boolean {
@@ -97,7 +98,7 @@ export class JournalSession {
     if (!ext) {
       const at = Math.max(ctx.extent.endCluster, ctx.extent.zeroFrom / cs);
       ext = { offset: at * cs, size: plan.bytes };
-      this.overlap.reserve(ext.offset, ext.size, OL_JOURNAL);
+      this.overlap.reserve(host(ext.offset), ext.size, OL_JOURNAL);
       ctx.extent.endCluster = at + plan.bytes / cs;
       ctx.extent.zeroFrom = Math.max(ctx.extent.zeroFrom, ext.offset + ext.size);
     }

@@ -9,6 +9,7 @@
 import { hex } from '../../errors.ts';
 import { COPIED_HI, l1Word } from '../../format/l1.ts';
 import { compressedDescriptor, isCompressed, isCopied, l2EntryAt, sameL2Entry, standardOffset, subclusterType, type L2Entry } from '../../format/l2.ts';
+import { cluster, clusterOf, guest, host, hostOf, type GuestOffset, type HostOffset } from '../../format/offsets.ts';
 import type { Allocator } from './allocator.ts';
 import type { WriteContext } from './context.ts';
 import type { TableCache } from './tables.ts';
@@ -27,9 +28,9 @@ export interface UnrefListener {
 /** One entry as the span walker shows it. */
 export interface WalkedEntry extends EntryAt {
   /** guest offset of the cluster */
-  readonly guest: number;
+  readonly guest: GuestOffset;
   /** host offset of the L2 table */
-  readonly table: number;
+  readonly table: HostOffset;
   readonly entry: L2Entry;
 }
 
@@ -54,17 +55,17 @@ export class Mapping {
     const off = t.l1TableOffset(l1Index);
     if (off === 0) {
       const c = await this.alloc.allocate(1);
-      ctx.emit({ kind: 'table-new', role: 'l2', slot: l1Index, offset: c * cs, copyOf: 0 });
-      ctx.emit({ kind: 'l1', index: l1Index, old: e, new: l1Word(c * cs, true) });
+      ctx.emit({ kind: 'table-new', role: 'l2', slot: l1Index, offset: hostOf(c, cs), copyOf: 0 });
+      ctx.emit({ kind: 'l1', index: l1Index, old: e, new: l1Word(hostOf(c, cs), true) });
       return t.l2(l1Index)!;
     }
     if (!t.l2(l1Index)) await this.tables.loadL2(l1Index, off);
     if ((e.hi & COPIED_HI) === 0) {
       // Shared with a snapshot: copy the table, then drop our reference to the old one.
       const c = await this.alloc.allocate(1);
-      ctx.emit({ kind: 'table-new', role: 'l2', slot: l1Index, offset: c * cs, copyOf: off });
-      ctx.emit({ kind: 'l1', index: l1Index, old: e, new: l1Word(c * cs, true) });
-      await this.alloc.changeRefcount(off / cs, -1);
+      ctx.emit({ kind: 'table-new', role: 'l2', slot: l1Index, offset: hostOf(c, cs), copyOf: off });
+      ctx.emit({ kind: 'l1', index: l1Index, old: e, new: l1Word(hostOf(c, cs), true) });
+      await this.alloc.changeRefcount(clusterOf(off, cs), -1);
     }
     return t.l2(l1Index)!;
   }
@@ -75,7 +76,7 @@ export class Mapping {
   }
 
   /** Refuse an entry the engine must not act on: QEMU's checks, each marking the image corrupt. */
-  async validate(e: L2Entry, table: number, index: number, guestOff: number): Promise<void> {
+  async validate(e: L2Entry, table: HostOffset, index: number, guestOff: GuestOffset): Promise<void> {
     const ctx = this.ctx;
     const g = ctx.geometry;
     const where = `(L2 offset: ${hex(table)}, L2 index: ${hex(index)})`;
@@ -100,16 +101,16 @@ export class Mapping {
       const d = compressedDescriptor(e, ctx.geometry.clusterBits);
       const first = Math.floor(d.offset / cs);
       const last = Math.floor((d.offset + d.length - 1) / cs);
-      for (let c = first; c <= last; c++) await this.alloc.changeRefcount(c, -1);
+      for (let c = first; c <= last; c++) await this.alloc.changeRefcount(cluster(c), -1);
       return;
     }
     const off = standardOffset(e);
     if (off === 0 || ctx.hasDataFile) return; // data file clusters carry no refcount
-    await this.alloc.changeRefcount(off / cs, -1);
+    await this.alloc.changeRefcount(clusterOf(host(off), cs), -1);
   }
 
   /** Set entry `at` (of the table at `table`) from `old` to `next`: one record. */
-  set(at: EntryAt, table: number, old: L2Entry, next: L2Entry): void {
+  set(at: EntryAt, table: HostOffset, old: L2Entry, next: L2Entry): void {
     this.ctx.emit({ kind: 'l2', l1Index: at.l1Index, table, index: at.index, old, new: next });
   }
 
@@ -123,10 +124,10 @@ export class Mapping {
    * record when the change says so.
    */
   async rewrite(
-    start: number,
-    stop: number,
+    start: GuestOffset,
+    stop: GuestOffset,
     visit: (w: WalkedEntry) => Promise<EntryChange> | EntryChange,
-    o: { openTable?: (l1Index: number, from: number, to: number) => Promise<boolean> | boolean; validate?: boolean } = {},
+    o: { openTable?: (l1Index: number, from: GuestOffset, to: GuestOffset) => Promise<boolean> | boolean; validate?: boolean } = {},
   ): Promise<void> {
     const ctx = this.ctx;
     const g = ctx.geometry;
@@ -135,14 +136,14 @@ export class Mapping {
     const t = ctx.t();
     for (let c = start; c < stop; ) {
       const l1Index = Math.floor(c / span);
-      const to = Math.min(stop, (l1Index + 1) * span);
+      const to = guest(Math.min(stop, (l1Index + 1) * span));
       if (o.openTable && !(await o.openTable(l1Index, c, to))) {
         c = to;
         continue;
       }
       await this.l2ForWrite(l1Index);
       const table = t.l1TableOffset(l1Index);
-      for (; c < to; c += cs) {
+      for (; c < to; c = guest(c + cs)) {
         const index = (c / cs) % g.l2Entries;
         const entry = this.entry(l1Index, index);
         if (o.validate !== false) await this.validate(entry, table, index, c);

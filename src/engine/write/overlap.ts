@@ -9,6 +9,7 @@
 
 import type { Geometry } from '../../format/header.ts';
 import type { JournalRecord } from '../../journal/records.ts';
+import { cluster, host, type ClusterIndex, type HostOffset } from '../../format/offsets.ts';
 
 export const OL_MAIN_HEADER = 1 << 0;
 export const OL_ACTIVE_L1 = 1 << 1;
@@ -42,7 +43,7 @@ export function overlapName(kinds: number): string {
 }
 
 export class OverlapIndex {
-  private readonly kinds = new Map<number, number>();
+  private readonly kinds = new Map<ClusterIndex, number>();
   private readonly cs: number;
 
   constructor(g: Geometry) {
@@ -50,23 +51,23 @@ export class OverlapIndex {
   }
 
   /** Mark the clusters of byte range [offset, offset + bytes) as holding `kind`. */
-  reserve(offset: number, bytes: number, kind: number): void {
+  reserve(offset: HostOffset, bytes: number, kind: number): void {
     if (bytes <= 0) return;
-    for (let c = Math.floor(offset / this.cs); c * this.cs < offset + bytes; c++) this.kinds.set(c, (this.kinds.get(c) ?? 0) | kind);
+    for (let c = cluster(Math.floor(offset / this.cs)); c * this.cs < offset + bytes; c = cluster(c + 1)) this.kinds.set(c, (this.kinds.get(c) ?? 0) | kind);
   }
 
   /** The clusters of byte range [offset, offset + bytes) hold no metadata any more. */
-  release(offset: number, bytes: number): void {
-    for (let c = Math.floor(offset / this.cs); c * this.cs < offset + bytes; c++) this.kinds.delete(c);
+  release(offset: HostOffset, bytes: number): void {
+    for (let c = cluster(Math.floor(offset / this.cs)); c * this.cs < offset + bytes; c = cluster(c + 1)) this.kinds.delete(c);
   }
 
   /** The kinds of metadata in host cluster `cluster` (0: none). */
-  at(cluster: number): number {
-    return this.kinds.get(cluster) ?? 0;
+  at(c: ClusterIndex): number {
+    return this.kinds.get(c) ?? 0;
   }
 
-  has(cluster: number): boolean {
-    return this.kinds.has(cluster);
+  has(c: ClusterIndex): boolean {
+    return this.kinds.has(c);
   }
 
   /** Follow one record of the stream (the context's subscriber). */
@@ -74,19 +75,19 @@ export class OverlapIndex {
     const cs = this.cs;
     switch (r.kind) {
       case 'table-new':
-        this.reserve(r.offset, cs, r.role === 'l2' ? OL_ACTIVE_L2 : OL_REFCOUNT_BLOCK);
+        this.reserve(host(r.offset), cs, r.role === 'l2' ? OL_ACTIVE_L2 : OL_REFCOUNT_BLOCK);
         break;
       case 'l1-swap':
-        this.release(r.oldOffset, r.oldSize * 8);
-        this.reserve(r.newOffset, r.newSize * 8, OL_ACTIVE_L1);
+        this.release(host(r.oldOffset), r.oldSize * 8);
+        this.reserve(host(r.newOffset), r.newSize * 8, OL_ACTIVE_L1);
         break;
       case 'reftable-swap':
-        this.release(r.oldOffset, r.oldClusters * cs);
-        this.reserve(r.newOffset, r.newClusters * cs, OL_REFCOUNT_TABLE);
+        this.release(host(r.oldOffset), r.oldClusters * cs);
+        this.reserve(host(r.newOffset), r.newClusters * cs, OL_REFCOUNT_TABLE);
         break;
       case 'refcount':
         // a freed cluster holds nothing any more, whatever it held
-        if (r.new === 0 && r.old > 0) this.kinds.delete(r.cluster);
+        if (r.new === 0 && r.old > 0) this.kinds.delete(cluster(r.cluster));
         break;
       default:
         break;

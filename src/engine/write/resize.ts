@@ -10,6 +10,7 @@
 import { QledgerError } from '../../errors.ts';
 import { ALL_SUBCLUSTERS, L2_UNALLOCATED, sameL2Entry, standardEntry } from '../../format/l2.ts';
 import { MAX_L1_BYTES } from '../../format/limits.ts';
+import { cluster, clusterOf, guest, host, hostOf, type GuestOffset, type HostOffset } from '../../format/offsets.ts';
 import type { Allocator } from './allocator.ts';
 import type { WriteContext } from './context.ts';
 import type { Mapping } from './mapping.ts';
@@ -36,7 +37,7 @@ export class Resizer {
     if (size < h.size) {
       if (ctx.reader().snapshots.length) throw new QledgerError('E_UNSUPPORTED', `${ctx.filename}: cannot shrink an image with internal snapshots`);
       // drop everything past the new end (full discard: nothing reads back)
-      await this.mapping.rewrite(Math.ceil(size / cs) * cs, h.size, () => ({ next: L2_UNALLOCATED, unref: true }), {
+      await this.mapping.rewrite(guest(Math.ceil(size / cs) * cs), guest(h.size), () => ({ next: L2_UNALLOCATED, unref: true }), {
         openTable: (l1Index) => t.l1TableOffset(l1Index) !== 0,
         validate: false,
       });
@@ -45,7 +46,7 @@ export class Resizer {
         const table = t.l1TableOffset(l1Index);
         if (table === 0) continue;
         ctx.emit({ kind: 'l1', index: l1Index, old: t.l1Entry(l1Index), new: { hi: 0, lo: 0 } });
-        await this.alloc.changeRefcount(table / cs, -1);
+        await this.alloc.changeRefcount(clusterOf(table, cs), -1);
       }
       ctx.emit({ kind: 'header', field: 'size', old: BigInt(h.size), new: BigInt(size) });
       return;
@@ -58,7 +59,8 @@ export class Resizer {
       const oldOffset = h.l1TableOffset;
       const oldClusters = Math.ceil((h.l1Size * 8) / cs);
       ctx.emit({ kind: 'l1-swap', oldOffset, oldSize: h.l1Size, newOffset: at * cs, newSize: entries });
-      if (h.l1Size > 0) for (let i = 0; i < oldClusters; i++) await this.alloc.changeRefcount(oldOffset / cs + i, -1);
+      const oldFirst = clusterOf(host(oldOffset), cs);
+      if (h.l1Size > 0) for (let i = 0; i < oldClusters; i++) await this.alloc.changeRefcount(cluster(oldFirst + i), -1);
     }
     ctx.emit({ kind: 'header', field: 'size', old: BigInt(h.size), new: BigInt(size) });
     // The new space must read as zero, not as whatever a longer backing file
@@ -66,7 +68,7 @@ export class Resizer {
     const b = ctx.backing;
     if (hideBacking && b && b.size > h.size) {
       ctx.reader().size = size;
-      await this.zero.zeroRange(h.size, Math.min(size, b.size) - h.size, false);
+      await this.zero.zeroRange(guest(h.size), Math.min(size, b.size) - h.size, false);
     }
   }
 
@@ -75,7 +77,7 @@ export class Resizer {
    * cluster-aligned and the range unmapped. Over a backing file the
    * subclusters stay unallocated, so the backing data still shows.
    */
-  async preallocate(mode: PreallocMode, from: number): Promise<void> {
+  async preallocate(mode: PreallocMode, from: GuestOffset): Promise<void> {
     const ctx = this.ctx;
     const g = ctx.geometry;
     const cs = g.clusterSize;
@@ -94,18 +96,18 @@ export class Resizer {
           throw new QledgerError('E_UNSUPPORTED', `${ctx.filename}: preallocating over clusters that are already mapped is not supported`);
         }
       }
-      const first = ctx.hasDataFile ? base / cs + firstIndex : await this.alloc.allocate(n);
+      const first = ctx.hasDataFile ? cluster(base / cs + firstIndex) : await this.alloc.allocate(n);
       const bitmapLo = g.extendedL2 && !ctx.backing ? ALL_SUBCLUSTERS : 0;
       for (let k = 0; k < n; k++) {
         const index = firstIndex + k;
-        this.mapping.set({ l1Index, index }, table, this.mapping.entry(l1Index, index), standardEntry((first + k) * cs, true, bitmapLo));
+        this.mapping.set({ l1Index, index }, table, this.mapping.entry(l1Index, index), standardEntry(hostOf(cluster(first + k), cs), true, bitmapLo));
       }
-      await this.fill(mode, first * cs, n * cs);
+      await this.fill(mode, hostOf(first, cs), n * cs);
     }
   }
 
   /** The bytes behind preallocated clusters: zeros written ('full'), blocks reserved ('falloc'), or nothing. */
-  private async fill(mode: PreallocMode, offset: number, length: number): Promise<void> {
+  private async fill(mode: PreallocMode, offset: HostOffset, length: number): Promise<void> {
     const ctx = this.ctx;
     const dev = ctx.files.data ?? ctx.files.image;
     if (mode === 'full') {

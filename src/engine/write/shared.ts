@@ -12,6 +12,7 @@ import { isZero } from '../../format/bytes.ts';
 import { isCompressed, isCopied, standardEntry, standardOffset, type L2Entry } from '../../format/l2.ts';
 import { maxRefcount } from '../../format/refcount.ts';
 import { readAt } from '../../io/device.ts';
+import { clusterOf, guest, host, hostOf, type ClusterIndex, type GuestOffset, type HostOffset } from '../../format/offsets.ts';
 import type { Allocator } from './allocator.ts';
 import type { WriteContext } from './context.ts';
 import type { EntryAt, Mapping, UnrefListener } from './mapping.ts';
@@ -21,7 +22,7 @@ const key = (at: EntryAt) => `${at.l1Index}:${at.index}`;
 
 export class SharedZeroCluster implements UnrefListener {
   /** the shared zero cluster and the active entries known to map it */
-  private zero: { cluster: number; refs: Map<string, EntryAt> } | undefined;
+  private zero: { cluster: ClusterIndex; refs: Map<string, EntryAt> } | undefined;
   private searched = false;
 
   constructor(
@@ -34,8 +35,8 @@ export class SharedZeroCluster implements UnrefListener {
   }
 
   /** An in-place data write into host cluster `hostOff`: it is no longer a zero cluster. */
-  written(hostOff: number): void {
-    if (this.zero && hostOff === this.zero.cluster * this.ctx.geometry.clusterSize) this.zero = undefined;
+  written(hostOff: HostOffset): void {
+    if (this.zero && hostOff === hostOf(this.zero.cluster, this.ctx.geometry.clusterSize)) this.zero = undefined;
   }
 
   async beforeUnref(e: L2Entry, at: EntryAt | undefined): Promise<void> {
@@ -45,7 +46,7 @@ export class SharedZeroCluster implements UnrefListener {
     const off = standardOffset(e);
     if (this.zero && at && off === this.zero.cluster * cs) this.zero.refs.delete(key(at));
     if (off === 0 || ctx.hasDataFile) return;
-    if (!this.zero && ctx.version === 2 && ctx.backing && !isCopied(e)) await this.adopt(off / cs);
+    if (!this.zero && ctx.version === 2 && ctx.backing && !isCopied(e)) await this.adopt(clusterOf(host(off), cs));
   }
 
   /**
@@ -54,12 +55,12 @@ export class SharedZeroCluster implements UnrefListener {
    * mapping, adopt it now so that settle() gives that mapping a cluster of
    * its own (a lone mapping would need COPIED).
    */
-  private async adopt(cluster: number): Promise<void> {
+  private async adopt(c: ClusterIndex): Promise<void> {
     const cs = this.ctx.geometry.clusterSize;
-    if ((await this.alloc.refcount(cluster)) !== 2) return;
-    if (!isZero(await readAt(this.ctx.files.image, cluster * cs, cs))) return;
-    const refs = (await this.sharedMappings()).get(cluster * cs) ?? [];
-    if (refs.length === 1) this.zero = { cluster, refs: new Map(refs.map((at) => [key(at), at])) };
+    if ((await this.alloc.refcount(c)) !== 2) return;
+    if (!isZero(await readAt(this.ctx.files.image, hostOf(c, cs), cs))) return;
+    const refs = (await this.sharedMappings()).get(hostOf(c, cs)) ?? [];
+    if (refs.length === 1) this.zero = { cluster: c, refs: new Map(refs.map((at) => [key(at), at])) };
   }
 
   /** Every active L2 entry that maps a host cluster without COPIED, by host offset (one scan of the active tables). */
@@ -96,9 +97,9 @@ export class SharedZeroCluster implements UnrefListener {
     const seen = await this.sharedMappings();
     const candidates = [...seen.entries()].filter(([, l]) => l.length >= 2).sort((x, y) => y[1].length - x[1].length).slice(0, 4);
     for (const [o, list] of candidates) {
-      if ((await this.alloc.refcount(o / cs)) !== list.length) continue;
+      if ((await this.alloc.refcount(clusterOf(host(o), cs))) !== list.length) continue;
       if (!isZero(await readAt(this.ctx.files.image, o, cs))) continue;
-      this.zero = { cluster: o / cs, refs: new Map(list.map((at) => [key(at), at])) };
+      this.zero = { cluster: clusterOf(host(o), cs), refs: new Map(list.map((at) => [key(at), at])) };
       return;
     }
   }
@@ -109,7 +110,7 @@ export class SharedZeroCluster implements UnrefListener {
    * fewer than two clusters to map, or its refcount is full); the caller
    * then writes zero data.
    */
-  async map(start: number, stop: number): Promise<boolean> {
+  async map(start: GuestOffset, stop: GuestOffset): Promise<boolean> {
     const ctx = this.ctx;
     const g = ctx.geometry;
     const cs = g.clusterSize;
@@ -119,7 +120,7 @@ export class SharedZeroCluster implements UnrefListener {
     const zoff = this.zero ? this.zero.cluster * cs : -1;
     const todo: number[] = [];
     if (t.l1TableOffset(l1Index) !== 0 && !t.l2(l1Index)) await this.tables.loadL2(l1Index, t.l1TableOffset(l1Index));
-    for (let c = start; c < stop; c += cs) {
+    for (let c: number = start; c < stop; c += cs) {
       const index = (c / cs) % g.l2Entries;
       if (t.l2(l1Index)) {
         const e = this.mapping.entry(l1Index, index);
@@ -143,7 +144,7 @@ export class SharedZeroCluster implements UnrefListener {
     for (const index of todo) {
       const at = { l1Index, index };
       const e = this.mapping.entry(l1Index, index);
-      await this.mapping.validate(e, table, index, l1Index * g.l2Entries * cs + index * cs);
+      await this.mapping.validate(e, table, index, guest(l1Index * g.l2Entries * cs + index * cs));
       this.mapping.set(at, table, e, standardEntry(z.cluster * cs, false));
       if (isCompressed(e) || standardOffset(e) !== 0) await this.mapping.unref(e, at);
       z.refs.set(key(at), at);
@@ -152,7 +153,7 @@ export class SharedZeroCluster implements UnrefListener {
   }
 
   /** Make a freshly allocated host cluster read as zero (nothing to do past everything ever written). */
-  private async zeroHostCluster(n: number): Promise<void> {
+  private async zeroHostCluster(n: ClusterIndex): Promise<void> {
     const ctx = this.ctx;
     const cs = ctx.geometry.clusterSize;
     if (n * cs >= ctx.extent.zeroFrom) return;

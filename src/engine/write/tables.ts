@@ -7,6 +7,7 @@
 
 import { hex } from '../../errors.ts';
 import { readAt } from '../../io/device.ts';
+import { clusterOf, type HostOffset } from '../../format/offsets.ts';
 import type { WriteContext } from './context.ts';
 import { OL_ACTIVE_L2, overlapName, type OverlapIndex } from './overlap.ts';
 
@@ -19,21 +20,21 @@ export class TableCache {
   ) {}
 
   /** For reads: the L2 table of `l1Index` (at `off`) in the live state, loaded on demand. */
-  async l2(off: number, l1Index: number): Promise<Uint8Array> {
+  async l2(off: HostOffset, l1Index: number): Promise<Uint8Array> {
     const ctx = this.ctx;
     const have = ctx.tx ? ctx.tx.l2(l1Index) : ctx.cur.l2.get(l1Index);
     if (have) return have;
     return this.loadL2(l1Index, off);
   }
 
-  async loadL2(l1Index: number, off: number): Promise<Uint8Array> {
+  async loadL2(l1Index: number, off: HostOffset): Promise<Uint8Array> {
     const ctx = this.ctx;
     const cs = ctx.geometry.clusterSize;
     if (off % cs !== 0) await ctx.signalCorruption(`L2 table offset ${hex(off)} unaligned (L1 index: ${hex(l1Index)})`, { l1Index, l2Offset: off });
     if (off < cs || off + cs > ctx.extent.end()) {
       await ctx.signalCorruption(`L2 table offset ${hex(off)} (L1 index: ${hex(l1Index)}) lies outside the image`, { l1Index, l2Offset: off });
     }
-    const other = this.overlap.at(off / cs) & ~OL_ACTIVE_L2;
+    const other = this.overlap.at(clusterOf(off, cs)) & ~OL_ACTIVE_L2;
     if (other !== 0) {
       await ctx.signalCorruption(`L2 table at ${hex(off)} (L1 index: ${hex(l1Index)}) overlaps the ${overlapName(other)}`, { l1Index, l2Offset: off });
     }
@@ -45,7 +46,7 @@ export class TableCache {
   }
 
   /** The refcount block of refcount-table index `rt` (at `off`), in the open transaction. */
-  async refblock(rt: number, off: number): Promise<Uint8Array> {
+  async refblock(rt: number, off: HostOffset): Promise<Uint8Array> {
     const ctx = this.ctx;
     const t = ctx.t();
     const have = t.refblock(rt);

@@ -9,7 +9,7 @@
 
 import { isZero } from '../../format/bytes.ts';
 import { ALL_SUBCLUSTERS, L2E_ZERO_LO, L2_UNALLOCATED, isCompressed, sameL2Entry, standardOffset, subclusterBits, type L2Entry } from '../../format/l2.ts';
-import { guest } from '../layer.ts';
+import { guest, type GuestOffset } from '../../format/offsets.ts';
 import { readGuest } from '../read.ts';
 import type { WriteContext } from './context.ts';
 import type { DataWriter } from './data-write.ts';
@@ -25,7 +25,7 @@ export class ZeroWriter {
   ) {}
 
   /** Make guest range [offset, offset + length) read as zero; `unmap` allows deallocation. */
-  async zeroRange(offset: number, length: number, unmap: boolean): Promise<void> {
+  async zeroRange(offset: GuestOffset, length: number, unmap: boolean): Promise<void> {
     const ctx = this.ctx;
     const g = ctx.geometry;
     const cs = g.clusterSize;
@@ -39,7 +39,7 @@ export class ZeroWriter {
       while (stop < end && stop < tableEnd && Math.min(stop + cs, imageEnd) <= end) stop = Math.min(stop + cs, imageEnd);
       return stop;
     };
-    let pos = offset;
+    let pos: number = offset;
     while (pos < end) {
       const cstart = pos - (pos % cs);
       const cend = Math.min(cstart + cs, imageEnd);
@@ -48,7 +48,7 @@ export class ZeroWriter {
       const whole = a === cstart && b === cend;
       if (whole && ctx.version === 2 && ctx.backing && !ctx.hasDataFile) {
         const stop = batchEnd(cstart, cend);
-        if (await this.shared.map(cstart, stop)) {
+        if (await this.shared.map(guest(cstart), guest(stop))) {
           pos = stop;
           continue;
         }
@@ -57,24 +57,24 @@ export class ZeroWriter {
       // deallocated, which is right when nothing shows through (no backing)
       if (whole && (ctx.version === 3 || (unmap && !ctx.backing))) {
         const stop = batchEnd(cstart, cend);
-        await this.zeroClusters(cstart, stop, unmap);
+        await this.zeroClusters(guest(cstart), guest(stop), unmap);
         pos = stop;
         continue;
       }
       // A partial cluster (or v2, which has no zero flag): nothing to do if it
       // already reads as zero, otherwise zero data through the write path.
-      const sub = g.extendedL2 && ctx.version === 3 ? await this.zeroSubclusters(a, b) : false;
+      const sub = g.extendedL2 && ctx.version === 3 ? await this.zeroSubclusters(guest(a), guest(b)) : false;
       if (!sub) {
         const cur = new Uint8Array(b - a);
         await readGuest(ctx.reader(), guest(a), cur);
-        if (!isZero(cur)) await this.data.write(a, new Uint8Array(b - a));
+        if (!isZero(cur)) await this.data.write(guest(a), new Uint8Array(b - a));
       }
       pos = b;
     }
   }
 
   /** Extended L2: zero whole subclusters of a cluster this image owns (or has no host cluster for) in its bitmap. */
-  private async zeroSubclusters(a: number, b: number): Promise<boolean> {
+  private async zeroSubclusters(a: GuestOffset, b: GuestOffset): Promise<boolean> {
     const ctx = this.ctx;
     const g = ctx.geometry;
     const cs = g.clusterSize;
@@ -97,7 +97,7 @@ export class ZeroWriter {
   }
 
   /** Whole clusters [start, stop) become zero clusters (v3), or unallocated where nothing shows through (v2). */
-  async zeroClusters(start: number, stop: number, unmap: boolean): Promise<void> {
+  async zeroClusters(start: GuestOffset, stop: GuestOffset, unmap: boolean): Promise<void> {
     const ctx = this.ctx;
     const t = ctx.t();
     await this.mapping.rewrite(start, stop, (w) => this.zeroEntry(w, unmap), {
