@@ -1,6 +1,6 @@
 /**
  * `qledger crash-test`: run workloads on an in-memory image, explore the
- * crash states each allows, and judge them (see engine/crash-harness.ts).
+ * crash states each allows, and judge them (see harness/crash-harness.ts).
  * Exit 0 only when no state showed corruption or wrong data.
  */
 

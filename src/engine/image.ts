@@ -1,6 +1,8 @@
 /**
- * The read-only image handle the library exposes: a chain of layers opened
- * from a path, with guest reads, map and info.
+ * The image handle the library and the CLI use: a chain of layers opened
+ * from a path, with guest reads, map, block status and info, and, opened
+ * with `write: true`, the write engine (writer.ts) behind it. The CLI goes
+ * through this facade only.
  */
 
 import { readGuest } from './read.ts';

@@ -1,8 +1,9 @@
+/** A raw file as one layer of a backing chain: guest offset = host offset, size = file size. */
+
 import type { BlockDevice } from '../io/device.ts';
 import { host, type GuestOffset, type HostOffset, type Layer, type LayerStatus } from './layer.ts';
 import { zeroRun } from '../io/holes.ts';
 
-/** A raw file as a layer: guest offset = host offset, size = file size. */
 export class RawLayer implements Layer {
   readonly format = 'raw' as const;
   readonly backing = undefined;

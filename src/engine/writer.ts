@@ -46,7 +46,7 @@ export interface WriterOptions extends Pick<Qcow2LayerOptions, 'filename' | 'dev
   /** test-only: break one ordering rule (see FAULTS in faults.ts) */
   readonly fault?: Fault | undefined;
   /**
-   * Keep a durable journal (journal.ts), started at the first write-back
+   * Keep a durable journal (journal/live.ts, write/journal-session.ts), started at the first write-back
    * that changes metadata, so that an open that writes nothing changes
    * nothing. None: QEMU's plain ordered write-back.
    */

@@ -1,3 +1,5 @@
+/** The format layer's public face: every on-disk codec and constant, for the package's `format` export. */
+
 export * from './bytes.ts';
 export * from './features.ts';
 export * from './limits.ts';

@@ -1,9 +1,12 @@
+/**
+ * A BlockDevice over a file, through node:fs/promises.
+ */
+
 import { open, stat, type FileHandle } from 'node:fs/promises';
 import { IoError, NotFoundError, QledgerError } from '../errors.ts';
 import { ZERO_CHUNK, type BlockDevice } from './device.ts';
 import { native } from './native.ts';
 
-/** A BlockDevice over a file, through node:fs/promises. */
 export class FileDevice implements BlockDevice {
   private closed = false;
   private constructor(

@@ -1,7 +1,10 @@
+/**
+ * A BlockDevice in memory: for tests, fuzzing and the crash harness.
+ */
+
 import { QledgerError } from '../errors.ts';
 import type { BlockDevice } from './device.ts';
 
-/** A BlockDevice in memory: for tests, fuzzing and the crash harness. */
 export class MemoryDevice implements BlockDevice {
   private buf: Uint8Array;
   private length: number;
