@@ -61,6 +61,11 @@ export class FileExtent {
   /** Data reached a device; `onImage`: the image file (not an external data file), so zeroFrom moves. */
   noteData(offset: number, length: number, onImage: boolean): void {
     if (onImage) this.zeroFrom = Math.max(this.zeroFrom, Math.ceil((offset + length) / this.clusterSize) * this.clusterSize);
+    this.noteDeviceChange();
+  }
+
+  /** Guest-visible bytes changed on a device (zeroes, preallocation): the next barrier must cover them. */
+  noteDeviceChange(): void {
     this.dataWritten = true;
     this.dataSinceBarrier = true;
   }

@@ -121,7 +121,6 @@ export class Resizer {
       // reserve the blocks (fallocate), as qemu-img does; zeros where that is not possible
       if (!(await dev.allocate?.(offset, length))) await dev.writeZeroes(offset, length, false);
     } else return;
-    ctx.extent.dataWritten = true;
-    ctx.extent.dataSinceBarrier = true;
+    ctx.extent.noteDeviceChange();
   }
 }

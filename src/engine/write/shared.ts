@@ -159,8 +159,7 @@ export class SharedZeroCluster implements UnrefListener {
     if (n * cs >= ctx.extent.zeroFrom) return;
     await ctx.files.guest.writeZeroes(n * cs, cs, false);
     ctx.trace.write(n * cs, cs, 'zeroes (shared zero cluster)');
-    ctx.extent.dataWritten = true;
-    ctx.extent.dataSinceBarrier = true;
+    ctx.extent.noteDeviceChange();
   }
 
   /**
