@@ -61,14 +61,12 @@ export class Qcow2Layer implements Layer {
   readonly parsed: ParsedHeader;
   readonly geometry: Geometry;
   readonly snapshots: readonly SnapshotEntry[];
-  private readonly fileSizeAtOpen: number;
   readonly dev: BlockDevice;
-  private readonly source: TableSource | undefined;
+  /** where the tables come from: the file (read-only), or the write engine's live state */
+  private readonly source: TableSource;
+  /** the tables change under the layer (the write engine's): nothing derived from them is cached */
+  private readonly live: boolean;
   readonly dataDev: BlockDevice | undefined;
-  private readonly l1: Uint8Array;
-  private readonly l1Size: number;
-  private readonly l2Cache = new Map<number, Promise<Uint8Array>>();
-  private readonly l2CacheMax: number;
   private readonly hasDataFile: boolean;
   private readonly dataFileRaw: boolean;
   private lastCompressed: { offset: number; data: Uint8Array } | undefined;
@@ -80,28 +78,25 @@ export class Qcow2Layer implements Layer {
     this.dataDev = o.dataDev;
     this.parsed = o.parsed;
     this.geometry = geometryOf(o.parsed.header);
-    this.fileSizeAtOpen = o.fileSize;
-    this.source = o.source;
+    this.live = o.source !== undefined;
+    this.source = o.source ?? new OnDiskTables(o.filename, o.dev, o.l1, o.l1Size, o.fileSize, this.geometry.clusterSize);
     this.snapshots = o.snapshots;
-    this.l1 = o.l1;
-    this.l1Size = o.l1Size;
     this.size = o.size;
     this.backing = o.backing;
     this.hasDataFile = (o.parsed.header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
     this.dataFileRaw = (o.parsed.header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n;
-    this.l2CacheMax = Math.max(16, Math.floor(L2_CACHE_BYTES / this.geometry.clusterSize));
   }
 
   get fileSize(): number {
-    return this.source ? this.source.fileSize() : this.fileSizeAtOpen;
+    return this.source.fileSize();
   }
 
   private l1Count(): number {
-    return this.source ? this.source.l1Size() : this.l1Size;
+    return this.source.l1Size();
   }
 
   private l1At(index: number): number {
-    return this.source ? this.source.l1Offset(index) : l1Offset(this.l1, index);
+    return this.source.l1Offset(index);
   }
 
   get header() {
@@ -205,7 +200,7 @@ export class Qcow2Layer implements Layer {
     const table = await this.l2Table(l2Offset, l1Index);
     const e = readL2Entry(table, clusterIndex % g.l2Entries, g, { hi: 0, lo: 0, bitmapHi: 0, bitmapLo: 0 });
     const d = compressedDescriptor(e, g.clusterBits);
-    if (this.lastCompressed?.offset === d.offset && !this.source) return this.lastCompressed.data;
+    if (this.lastCompressed?.offset === d.offset && !this.live) return this.lastCompressed.data;
     if (d.offset + d.length > this.fileSize + 512 || d.offset < this.geometry.clusterSize) {
       throw new CorruptionError(`${this.filename}: compressed cluster at host offset ${hex(d.offset)} lies outside the image`, { hostOffset: d.offset });
     }
@@ -215,32 +210,9 @@ export class Qcow2Layer implements Layer {
     return data;
   }
 
-  /** Load (or get from the cache) the L2 table at `l2Offset`. */
+  /** The L2 table at `l2Offset` (of L1 index `l1Index`). */
   l2Table(l2Offset: number, l1Index: number): Promise<Uint8Array> {
-    if (this.source) return this.source.l2Table(l2Offset, l1Index);
-    const hit = this.l2Cache.get(l2Offset);
-    if (hit) {
-      this.l2Cache.delete(l2Offset);
-      this.l2Cache.set(l2Offset, hit);
-      return hit;
-    }
-    const cs = this.geometry.clusterSize;
-    if (l2Offset + cs > this.fileSize) {
-      return Promise.reject(
-        new CorruptionError(`${this.filename}: L2 table at ${hex(l2Offset)} (L1 index: ${hex(l1Index)}) lies past the end of the file`, { l2Offset, l1Index }),
-      );
-    }
-    if (l2Offset < cs) {
-      return Promise.reject(new CorruptionError(`${this.filename}: L2 table at ${hex(l2Offset)} (L1 index: ${hex(l1Index)}) overlaps the header`, { l2Offset, l1Index }));
-    }
-    const p = readAt(this.dev, l2Offset, cs);
-    this.l2Cache.set(l2Offset, p);
-    p.catch(() => this.l2Cache.delete(l2Offset));
-    if (this.l2Cache.size > this.l2CacheMax) {
-      const oldest = this.l2Cache.keys().next().value as number;
-      this.l2Cache.delete(oldest);
-    }
-    return p;
+    return this.source.l2Table(l2Offset, l1Index);
   }
 
   /** Refcount of a host cluster, or undefined when no refcount block covers it. */
@@ -300,6 +272,58 @@ export class Qcow2Layer implements Layer {
     await this.backing?.close();
     await this.dataDev?.close();
     await this.dev.close();
+  }
+}
+
+/** A read-only image's tables: its L1 table as read at open, L2 tables read on demand through a bounded LRU cache. */
+class OnDiskTables implements TableSource {
+  private readonly cache = new Map<number, Promise<Uint8Array>>();
+  private readonly max: number;
+
+  constructor(
+    private readonly filename: string,
+    private readonly dev: BlockDevice,
+    private readonly l1: Uint8Array,
+    private readonly entries: number,
+    private readonly size: number,
+    private readonly cs: number,
+  ) {
+    this.max = Math.max(16, Math.floor(L2_CACHE_BYTES / cs));
+  }
+
+  l1Size(): number {
+    return this.entries;
+  }
+
+  l1Offset(index: number): number {
+    return l1Offset(this.l1, index);
+  }
+
+  fileSize(): number {
+    return this.size;
+  }
+
+  l2Table(l2Offset: number, l1Index: number): Promise<Uint8Array> {
+    const hit = this.cache.get(l2Offset);
+    if (hit) {
+      this.cache.delete(l2Offset);
+      this.cache.set(l2Offset, hit);
+      return hit;
+    }
+    const cs = this.cs;
+    if (l2Offset + cs > this.size) {
+      return Promise.reject(
+        new CorruptionError(`${this.filename}: L2 table at ${hex(l2Offset)} (L1 index: ${hex(l1Index)}) lies past the end of the file`, { l2Offset, l1Index }),
+      );
+    }
+    if (l2Offset < cs) {
+      return Promise.reject(new CorruptionError(`${this.filename}: L2 table at ${hex(l2Offset)} (L1 index: ${hex(l1Index)}) overlaps the header`, { l2Offset, l1Index }));
+    }
+    const p = readAt(this.dev, l2Offset, cs);
+    this.cache.set(l2Offset, p);
+    p.catch(() => this.cache.delete(l2Offset));
+    if (this.cache.size > this.max) this.cache.delete(this.cache.keys().next().value as number);
+    return p;
   }
 }
 

@@ -403,7 +403,7 @@ export class Qcow2Writer {
     ctx.tx = new Transaction(ctx.cur);
     try {
       await fn();
-      await this.rooms.shared.settle();
+      if (this.rooms.shared.active) await this.rooms.shared.settle();
     } finally {
       // Records already emitted describe changes that may already rely on
       // data written to the device; keep them even if the operation failed.

@@ -37,14 +37,14 @@ export interface ClusterPlan {
   /** the byte range of the cluster the device write covers (piece fills: the guest's range) */
   readonly from: number;
   readonly to: number;
-  /** in place: the entry afterwards; fresh: the bitmap halves of the new entry */
-  readonly next?: L2Entry;
+  /** in place: the entry afterwards (fresh: the bitmap halves below make the new entry) */
+  readonly next: L2Entry | undefined;
   readonly bitmapLo: number;
   readonly bitmapHi: number;
   /** the old entry had data of its own (compressed or a shared host cluster): drop its reference after the record */
   readonly unrefOld: boolean;
   /** the entry cannot be written through (the message for signalCorruption) */
-  readonly invalid?: string;
+  readonly invalid: string | undefined;
 }
 
 /** The facts about the image a plan depends on. */
@@ -52,6 +52,11 @@ export interface PlanEnv {
   readonly geometry: Geometry;
   readonly hasDataFile: boolean;
   readonly hasBacking: boolean;
+}
+
+/** One plan object, always of the same shape (this runs for every cluster a write touches). */
+function plan(inPlace: boolean, fill: Fill, from: number, to: number, bitmapLo: number, bitmapHi: number, unrefOld: boolean, next?: L2Entry, invalid?: string): ClusterPlan {
+  return { inPlace, fill, from, to, next, bitmapLo, bitmapHi, unrefOld, invalid };
 }
 
 /** Plan the write of bytes [a, b) of the cluster whose entry is `e`. Pure. */
@@ -64,30 +69,30 @@ export function planClusterWrite(e: L2Entry, a: number, b: number, env: PlanEnv)
   const hasHost = !compressed && (standardOffset(e) !== 0 || (env.hasDataFile && copied));
   const s0 = Math.floor(a / sc);
   const s1 = Math.floor((b - 1) / sc);
-  const partialEdge = (s: number) => Math.max(a, s * sc) !== s * sc || Math.min(b, (s + 1) * sc) !== (s + 1) * sc;
   if (hasHost && copied) {
-    // In place: this image owns the cluster alone. A partial subcluster that
-    // does not hold data yet is completed from the guest view.
-    const needCow = [s0, s1].some((s) => partialEdge(s) && subclusterType(e, s, g, env.hasDataFile) !== 'normal');
+    // In place: this image owns the cluster alone. A partial subcluster at
+    // either edge that does not hold data yet is completed from the guest view.
+    const needCow =
+      ((a !== s0 * sc || b < (s0 + 1) * sc) && subclusterType(e, s0, g, env.hasDataFile) !== 'normal') ||
+      ((b !== (s1 + 1) * sc || a > s1 * sc) && subclusterType(e, s1, g, env.hasDataFile) !== 'normal');
     const m = subclusterBits(s0, s1);
-    const next = g.extendedL2 ? { ...e, bitmapLo: (e.bitmapLo | m) >>> 0, bitmapHi: (e.bitmapHi & ~m) >>> 0 } : { ...e, lo: (e.lo & ~L2E_ZERO_LO) >>> 0 };
-    const base = { inPlace: true, next, bitmapLo: 0, bitmapHi: 0, unrefOld: false };
-    return needCow ? { ...base, fill: 'cow', from: s0 * sc, to: (s1 + 1) * sc } : { ...base, fill: 'piece', from: a, to: b };
+    const next: L2Entry = g.extendedL2 ? { hi: e.hi, lo: e.lo, bitmapLo: (e.bitmapLo | m) >>> 0, bitmapHi: (e.bitmapHi & ~m) >>> 0 } : { hi: e.hi, lo: (e.lo & ~L2E_ZERO_LO) >>> 0, bitmapHi: e.bitmapHi, bitmapLo: e.bitmapLo };
+    return needCow ? plan(true, 'cow', s0 * sc, (s1 + 1) * sc, 0, 0, false, next) : plan(true, 'piece', a, b, 0, 0, false, next);
   }
   // A fresh cluster: the entry is unallocated, zero, compressed or shared.
   const unrefOld = compressed || hasHost;
   if (g.extendedL2 && !unrefOld) {
     const m = subclusterBits(s0, s1);
-    const base = { inPlace: false, bitmapLo: m, bitmapHi: (e.bitmapHi & ~m) >>> 0, unrefOld, from: s0 * sc, to: (s1 + 1) * sc };
-    if ((e.bitmapLo >>> 0) !== 0) return { ...base, fill: 'piece', invalid: 'invalid cluster entry found' };
-    return s0 * sc === a && (s1 + 1) * sc === b ? { ...base, fill: 'piece' } : { ...base, fill: 'cow' };
+    const hi = (e.bitmapHi & ~m) >>> 0;
+    if ((e.bitmapLo >>> 0) !== 0) return plan(false, 'piece', s0 * sc, (s1 + 1) * sc, m, hi, unrefOld, undefined, 'invalid cluster entry found');
+    return plan(false, s0 * sc === a && (s1 + 1) * sc === b ? 'piece' : 'cow', s0 * sc, (s1 + 1) * sc, m, hi, unrefOld);
   }
-  const base = { inPlace: false, bitmapLo: g.extendedL2 ? ALL_SUBCLUSTERS : 0, bitmapHi: 0, unrefOld };
-  if (a === 0 && b === cs) return { ...base, fill: 'piece', from: 0, to: cs };
+  const bitmapLo = g.extendedL2 ? ALL_SUBCLUSTERS : 0;
+  if (a === 0 && b === cs) return plan(false, 'piece', 0, cs, bitmapLo, 0, unrefOld);
   const type = subclusterType(e, 0, g, env.hasDataFile);
   const readsZero = !g.extendedL2 && (type === 'zero-plain' || type === 'zero-alloc' || (type === 'unallocated-plain' && !env.hasBacking));
-  if (readsZero && !env.hasDataFile) return { ...base, fill: 'piece-zeroes', from: a, to: b };
-  return { ...base, fill: readsZero ? 'zero-buffer' : 'cow', from: 0, to: cs };
+  if (readsZero && !env.hasDataFile) return plan(false, 'piece-zeroes', a, b, bitmapLo, 0, unrefOld);
+  return plan(false, readsZero ? 'zero-buffer' : 'cow', 0, cs, bitmapLo, 0, unrefOld);
 }
 
 export class DataWriter {

@@ -40,7 +40,7 @@ export class Discarder {
     const ctx = this.ctx;
     const g = ctx.geometry;
     const compressed = isCompressed(e);
-    const { hasHost } = Mapping.hostCluster(e, ctx.hasDataFile);
+    const hasHost = Mapping.hasHostCluster(e, ctx.hasDataFile);
     if (!compressed && !hasHost) {
       const zeroFlag = g.extendedL2 ? e.bitmapHi >>> 0 === ALL_SUBCLUSTERS : (e.lo & L2E_ZERO_LO) !== 0;
       if (zeroFlag || !ctx.backing) return undefined; // reads as zero / as the backing file already

@@ -22,7 +22,8 @@ export interface EntryAt {
 
 /** Told before a reference to a host cluster is dropped (the shared-cluster room listens). */
 export interface UnrefListener {
-  beforeUnref(e: L2Entry, at: EntryAt | undefined): Promise<void>;
+  /** undefined when there is nothing to do (the common case costs no await) */
+  beforeUnref(e: L2Entry, at: EntryAt | undefined): Promise<void> | undefined;
 }
 
 /** One entry as the span walker shows it. */
@@ -36,6 +37,11 @@ export interface WalkedEntry extends EntryAt {
 
 /** What a visitor wants done with an entry: nothing, or a new value (dropping the old one's reference if `unref`). */
 export type EntryChange = { readonly next: L2Entry; readonly unref: boolean } | undefined;
+
+/** QEMU's way of naming an L2 entry in messages. */
+function where(table: HostOffset, index: number): string {
+  return `(L2 offset: ${hex(table)}, L2 index: ${hex(index)})`;
+}
 
 export class Mapping {
   unrefListener: UnrefListener | undefined;
@@ -79,14 +85,14 @@ export class Mapping {
   async validate(e: L2Entry, table: HostOffset, index: number, guestOff: GuestOffset): Promise<void> {
     const ctx = this.ctx;
     const g = ctx.geometry;
-    const where = `(L2 offset: ${hex(table)}, L2 index: ${hex(index)})`;
+    // messages are built only when needed: this runs for every entry a write touches
     if (isCompressed(e)) {
-      if (ctx.hasDataFile) await ctx.signalCorruption(`compressed cluster entry found in image with external data file ${where}`);
+      if (ctx.hasDataFile) await ctx.signalCorruption(`compressed cluster entry found in image with external data file ${where(table, index)}`);
       return;
     }
     const off = standardOffset(e);
-    if (off % g.clusterSize !== 0) await ctx.signalCorruption(`cluster allocation offset ${hex(off)} unaligned ${where}`);
-    if (subclusterType(e, 0, g, ctx.hasDataFile) === 'invalid') await ctx.signalCorruption(`invalid cluster entry found ${where}`);
+    if (off % g.clusterSize !== 0) await ctx.signalCorruption(`cluster allocation offset ${hex(off)} unaligned ${where(table, index)}`);
+    if (subclusterType(e, 0, g, ctx.hasDataFile) === 'invalid') await ctx.signalCorruption(`invalid cluster entry found ${where(table, index)}`);
     if (off !== 0 && !ctx.hasDataFile && off >= ctx.extent.end()) {
       await ctx.signalCorruption(`data cluster of guest offset ${hex(guestOff)} at ${hex(off)} lies past the end of the image`);
     }
@@ -96,7 +102,8 @@ export class Mapping {
   async unref(e: L2Entry, at?: EntryAt): Promise<void> {
     const ctx = this.ctx;
     const cs = ctx.geometry.clusterSize;
-    await this.unrefListener?.beforeUnref(e, at);
+    const told = this.unrefListener?.beforeUnref(e, at);
+    if (told) await told;
     if (isCompressed(e)) {
       const d = compressedDescriptor(e, ctx.geometry.clusterBits);
       const first = Math.floor(d.offset / cs);
@@ -155,12 +162,8 @@ export class Mapping {
     }
   }
 
-  /** The entry maps a host cluster this image owns alone (COPIED) or any host cluster. */
-  static hostCluster(e: L2Entry, hasDataFile: boolean): { hasHost: boolean; owned: boolean } {
-    const compressed = isCompressed(e);
-    const off = compressed ? 0 : standardOffset(e);
-    const copied = isCopied(e);
-    const hasHost = !compressed && (off !== 0 || (hasDataFile && copied));
-    return { hasHost, owned: hasHost && copied };
+  /** The entry maps a (standard) host cluster: an offset, or with an external data file COPIED at offset 0. */
+  static hasHostCluster(e: L2Entry, hasDataFile: boolean): boolean {
+    return !isCompressed(e) && (standardOffset(e) !== 0 || (hasDataFile && isCopied(e)));
   }
 }

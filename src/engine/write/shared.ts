@@ -39,14 +39,20 @@ export class SharedZeroCluster implements UnrefListener {
     if (this.zero && hostOff === hostOf(this.zero.cluster, this.ctx.geometry.clusterSize)) this.zero = undefined;
   }
 
-  async beforeUnref(e: L2Entry, at: EntryAt | undefined): Promise<void> {
+  beforeUnref(e: L2Entry, at: EntryAt | undefined): Promise<void> | undefined {
     const ctx = this.ctx;
     const cs = ctx.geometry.clusterSize;
-    if (isCompressed(e)) return;
+    if (isCompressed(e)) return undefined;
     const off = standardOffset(e);
-    if (this.zero && at && off === this.zero.cluster * cs) this.zero.refs.delete(key(at));
-    if (off === 0 || ctx.hasDataFile) return;
-    if (!this.zero && ctx.version === 2 && ctx.backing && !isCopied(e)) await this.adopt(clusterOf(host(off), cs));
+    if (this.zero && at && off === hostOf(this.zero.cluster, cs)) this.zero.refs.delete(key(at));
+    if (off === 0 || ctx.hasDataFile) return undefined;
+    if (!this.zero && ctx.version === 2 && ctx.backing && !isCopied(e)) return this.adopt(clusterOf(host(off), cs));
+    return undefined;
+  }
+
+  /** A shared zero cluster is in use in this session (settle() has work to do). */
+  get active(): boolean {
+    return this.zero !== undefined;
   }
 
   /**

@@ -8,7 +8,7 @@
  */
 
 import { isZero } from '../../format/bytes.ts';
-import { ALL_SUBCLUSTERS, L2E_ZERO_LO, L2_UNALLOCATED, isCompressed, sameL2Entry, standardOffset, subclusterBits, type L2Entry } from '../../format/l2.ts';
+import { ALL_SUBCLUSTERS, L2E_ZERO_LO, L2_UNALLOCATED, isCompressed, isCopied, sameL2Entry, standardOffset, subclusterBits, type L2Entry } from '../../format/l2.ts';
 import { guest, type GuestOffset } from '../../format/offsets.ts';
 import { readGuest } from '../read.ts';
 import type { WriteContext } from './context.ts';
@@ -88,7 +88,7 @@ export class ZeroWriter {
     const table = t.l1TableOffset(l1Index);
     const e = this.mapping.entry(l1Index, index);
     await this.mapping.validate(e, table, index, a);
-    if (isCompressed(e) || (standardOffset(e) !== 0 && !Mapping.hostCluster(e, ctx.hasDataFile).owned)) return false;
+    if (isCompressed(e) || (standardOffset(e) !== 0 && !isCopied(e))) return false;
     const cstart = a - (a % cs);
     const m = subclusterBits((a - cstart) / sc, Math.ceil((b - cstart) / sc) - 1);
     const ne = { ...e, bitmapLo: (e.bitmapLo & ~m) >>> 0, bitmapHi: (e.bitmapHi | m) >>> 0 };
@@ -109,7 +109,7 @@ export class ZeroWriter {
     const ctx = this.ctx;
     const g = ctx.geometry;
     const compressed = isCompressed(e);
-    const { hasHost } = Mapping.hostCluster(e, ctx.hasDataFile);
+    const hasHost = Mapping.hasHostCluster(e, ctx.hasDataFile);
     const drop = compressed || (unmap && hasHost);
     if (g.extendedL2) {
       return drop ? { next: { hi: 0, lo: 0, bitmapHi: ALL_SUBCLUSTERS, bitmapLo: 0 }, unref: true } : { next: { ...e, bitmapHi: ALL_SUBCLUSTERS, bitmapLo: 0 }, unref: false };
