@@ -16,10 +16,18 @@ function load(): NativeHelper | undefined {
   if (process.env['QLEDGER_NO_NATIVE']) return undefined;
   try {
     const require = createRequire(import.meta.url);
-    return require('../../build/Release/qledger_native.node') as NativeHelper;
+    // from src/io/ or dist/io/ (two levels below the package root), or from the CLI bundle in dist/ (one level)
+    for (const at of ['../../build/Release/qledger_native.node', '../build/Release/qledger_native.node']) {
+      try {
+        return require(at) as NativeHelper;
+      } catch {
+        // try the next place
+      }
+    }
   } catch {
-    return undefined;
+    // no helper: the fallbacks apply
   }
+  return undefined;
 }
 
 export const native: NativeHelper | undefined = load();

@@ -132,16 +132,14 @@ export class WriteContext {
     return this.tx ? this.tx.header : this.cur.header;
   }
 
-  /** Apply a metadata change to the open transaction and tell every subscriber. */
+  /** Apply a metadata change to the open transaction and tell every subscriber (the trace first). */
   emit(r: MetaRecord): void {
     this.t().apply(r);
-    this.trace.record(r);
     for (const l of this.listeners) l(r);
   }
 
-  /** A transaction marker (begin/commit of a guest operation): traced and told, applied to nothing. */
+  /** A transaction marker (begin/commit of a guest operation): told to the subscribers, applied to nothing. */
   mark(r: MarkerRecord): void {
-    this.trace.record(r);
     for (const l of this.listeners) l(r);
   }
 

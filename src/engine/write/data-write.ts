@@ -18,7 +18,7 @@ import type { WriteContext } from './context.ts';
 import type { Mapping } from './mapping.ts';
 import type { OverlapIndex } from './overlap.ts';
 import { overlapName } from './overlap.ts';
-import type { SharedZeroCluster } from './shared.ts';
+import type { SharedClusters } from './shared.ts';
 
 /**
  * How the bytes of one cluster reach the device:
@@ -101,7 +101,7 @@ export class DataWriter {
     private readonly alloc: Allocator,
     private readonly mapping: Mapping,
     private readonly overlap: OverlapIndex,
-    private readonly shared: SharedZeroCluster,
+    private readonly shared: SharedClusters,
   ) {}
 
   async write(offset: GuestOffset, data: Uint8Array): Promise<void> {

@@ -1,8 +1,8 @@
 /**
  * Wiring: the rooms of one read-write session built over one write
  * context, each handed only the rooms below it, and the record stream's
- * subscribers registered in one place (overlap index, allocator epoch,
- * journal stream, pending write-back).
+ * subscribers registered in one place (trace, overlap index, allocator
+ * epoch, journal stream, pending write-back).
  */
 
 import type { JournalPlan } from '../journal/live.ts';
@@ -16,7 +16,7 @@ import { JournalSession } from './journal-session.ts';
 import { Mapping } from './mapping.ts';
 import { OverlapIndex } from './overlap.ts';
 import { Resizer } from './resize.ts';
-import { SharedZeroCluster } from './shared.ts';
+import { SharedClusters, ZeroCluster } from './shared.ts';
 import { TableCache } from './tables.ts';
 import { WriteBack } from './writeback.ts';
 import { ZeroWriter } from './zero.ts';
@@ -36,7 +36,8 @@ export interface Rooms {
   readonly tables: TableCache;
   readonly alloc: Allocator;
   readonly mapping: Mapping;
-  readonly shared: SharedZeroCluster;
+  readonly shared: SharedClusters;
+  readonly zeroCluster: ZeroCluster;
   readonly data: DataWriter;
   readonly zero: ZeroWriter;
   readonly discard: Discarder;
@@ -51,11 +52,13 @@ export function buildRooms(ctx: WriteContext, o: RoomOptions): Rooms {
   const tables = new TableCache(ctx, overlap, o.cacheBytes);
   const alloc = new Allocator(ctx, tables, overlap, o.faults?.reuseFreedAtOnce ?? false);
   const mapping = new Mapping(ctx, tables, alloc);
-  const shared = new SharedZeroCluster(ctx, tables, alloc, mapping);
+  const shared = new SharedClusters(ctx, tables, alloc, mapping);
+  const zeroCluster = new ZeroCluster(ctx, tables, alloc, mapping, shared);
   const data = new DataWriter(ctx, alloc, mapping, overlap, shared);
-  const zero = new ZeroWriter(ctx, mapping, data, shared);
+  const zero = new ZeroWriter(ctx, mapping, data, zeroCluster);
   const journal = new JournalSession(ctx, overlap, o.journal, o.extensions, o.onWarning);
   const writeback = new WriteBack(ctx, alloc, tables, journal, o.faults, o.writebackRecords, o.stopAfterPhase);
+  ctx.subscribe((r) => ctx.trace.record(r));
   ctx.subscribe((r) => overlap.follow(r));
   ctx.subscribe((r) => alloc.follow(r));
   ctx.subscribe((r) => journal.follow(r));
@@ -66,6 +69,7 @@ export function buildRooms(ctx: WriteContext, o: RoomOptions): Rooms {
     alloc,
     mapping,
     shared,
+    zeroCluster,
     data,
     zero,
     discard: new Discarder(ctx, mapping, zero),

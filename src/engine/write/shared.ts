@@ -1,11 +1,15 @@
 /**
- * Shared clusters: several L2 entries mapping one host cluster, its
- * refcount counting them, COPIED clear on each; when one mapping is left,
- * COPIED must be settled. Today's user is v2 over a backing file, which has
- * no zero flag: whole zero clusters map to one shared zero cluster. Such a
- * cluster only ever exists with two or more references, so no entry that
- * maps it needs COPIED; at the end of every operation a shared cluster left
- * with one active mapping gives that mapping a cluster of its own.
+ * Shared clusters: several active L2 entries mapping one host cluster, its
+ * refcount counting them, COPIED clear on each. `SharedClusters` tracks
+ * such clusters and the entries known to map them; at the end of every
+ * operation (`settle`) a tracked cluster left with a single reference and
+ * one active mapping gives that mapping a cluster of its own, filled by the
+ * cluster's user, and the shared one goes: setting COPIED on the lone
+ * mapping instead would let a crash leave COPIED and the refcount
+ * disagreeing. Content dedup will be a second user; the first is
+ * `ZeroCluster`: v2 over a backing file has no zero flag, so whole zero
+ * clusters map to one shared zero cluster, which only ever exists with two
+ * or more references.
  */
 
 import { isZero } from '../../format/bytes.ts';
@@ -20,10 +24,19 @@ import type { TableCache } from './tables.ts';
 
 const key = (at: EntryAt) => `${at.l1Index}:${at.index}`;
 
-export class SharedZeroCluster implements UnrefListener {
-  /** the shared zero cluster and the active entries known to map it */
-  private zero: { cluster: ClusterIndex; refs: Map<string, EntryAt> } | undefined;
-  private searched = false;
+/** A tracked shared cluster: the active entries known to map it, and how a lone mapping's own cluster is filled. */
+interface Tracked {
+  readonly refs: Map<string, EntryAt>;
+  readonly fill: (own: ClusterIndex) => Promise<void>;
+}
+
+/** Told when a reference to a cluster nobody tracks is about to go (a user may start tracking it). */
+export type UntrackedUnref = (e: L2Entry, c: ClusterIndex) => Promise<void> | undefined;
+
+export class SharedClusters implements UnrefListener {
+  private readonly tracked = new Map<ClusterIndex, Tracked>();
+  /** users that want to hear of references dropped to clusters nobody tracks yet */
+  private readonly onUntracked: UntrackedUnref[] = [];
 
   constructor(
     private readonly ctx: WriteContext,
@@ -34,43 +47,59 @@ export class SharedZeroCluster implements UnrefListener {
     mapping.unrefListener = this;
   }
 
-  /** An in-place data write into host cluster `hostOff`: it is no longer a zero cluster. */
+  /** Some tracked cluster may need settling. */
+  get active(): boolean {
+    return this.tracked.size > 0;
+  }
+
+  isTracked(c: ClusterIndex): boolean {
+    return this.tracked.has(c);
+  }
+
+  /** Track cluster `c` as shared by the entries `refs` (more may be added). */
+  track(c: ClusterIndex, refs: readonly EntryAt[], fill: Tracked['fill']): void {
+    this.tracked.set(c, { refs: new Map(refs.map((at) => [key(at), at])), fill });
+  }
+
+  untrack(c: ClusterIndex): void {
+    this.tracked.delete(c);
+  }
+
+  /** Entry `at` now maps tracked cluster `c`. */
+  addRef(c: ClusterIndex, at: EntryAt): void {
+    this.tracked.get(c)?.refs.set(key(at), at);
+  }
+
+  listenUntracked(fn: UntrackedUnref): void {
+    this.onUntracked.push(fn);
+  }
+
+  /** An in-place data write into host cluster `hostOff`: whatever it held as a shared cluster, it is this image's alone now. */
   written(hostOff: HostOffset): void {
-    if (this.zero && hostOff === hostOf(this.zero.cluster, this.ctx.geometry.clusterSize)) this.zero = undefined;
+    if (this.tracked.size) this.tracked.delete(clusterOf(hostOff, this.ctx.geometry.clusterSize));
   }
 
   beforeUnref(e: L2Entry, at: EntryAt | undefined): Promise<void> | undefined {
     const ctx = this.ctx;
-    const cs = ctx.geometry.clusterSize;
     if (isCompressed(e)) return undefined;
     const off = standardOffset(e);
-    if (this.zero && at && off === hostOf(this.zero.cluster, cs)) this.zero.refs.delete(key(at));
-    if (off === 0 || ctx.hasDataFile) return undefined;
-    if (!this.zero && ctx.version === 2 && ctx.backing && !isCopied(e)) return this.adopt(clusterOf(host(off), cs));
+    if (off === 0) return undefined;
+    const c = clusterOf(host(off), ctx.geometry.clusterSize);
+    const t = this.tracked.get(c);
+    if (t) {
+      if (at) t.refs.delete(key(at));
+      return undefined;
+    }
+    if (ctx.hasDataFile || isCopied(e)) return undefined; // data file clusters carry no refcount; COPIED: not shared
+    for (const fn of this.onUntracked) {
+      const p = fn(e, c);
+      if (p) return p;
+    }
     return undefined;
   }
 
-  /** A shared zero cluster is in use in this session (settle() has work to do). */
-  get active(): boolean {
-    return this.zero !== undefined;
-  }
-
-  /**
-   * A shared cluster is about to lose a reference. If it is a shared zero
-   * cluster of an earlier session that would be left with one active
-   * mapping, adopt it now so that settle() gives that mapping a cluster of
-   * its own (a lone mapping would need COPIED).
-   */
-  private async adopt(c: ClusterIndex): Promise<void> {
-    const cs = this.ctx.geometry.clusterSize;
-    if ((await this.alloc.refcount(c)) !== 2) return;
-    if (!isZero(await readAt(this.ctx.files.image, hostOf(c, cs), cs))) return;
-    const refs = (await this.sharedMappings()).get(hostOf(c, cs)) ?? [];
-    if (refs.length === 1) this.zero = { cluster: c, refs: new Map(refs.map((at) => [key(at), at])) };
-  }
-
   /** Every active L2 entry that maps a host cluster without COPIED, by host offset (one scan of the active tables). */
-  private async sharedMappings(): Promise<Map<number, EntryAt[]>> {
+  async sharedMappings(): Promise<Map<number, EntryAt[]>> {
     const g = this.ctx.geometry;
     const t = this.ctx.t();
     const seen = new Map<number, EntryAt[]>();
@@ -91,6 +120,79 @@ export class SharedZeroCluster implements UnrefListener {
     return seen;
   }
 
+  /** The end of every operation: settle every tracked cluster (see the module comment). */
+  async settle(): Promise<void> {
+    for (const c of [...this.tracked.keys()]) await this.settleOne(c);
+  }
+
+  private async settleOne(c: ClusterIndex): Promise<void> {
+    const s = this.tracked.get(c)!;
+    const ctx = this.ctx;
+    const cs = ctx.geometry.clusterSize;
+    const t = ctx.t();
+    const rc = await this.alloc.refcount(c);
+    const live: EntryAt[] = [];
+    for (const at of s.refs.values()) {
+      const off = t.l1TableOffset(at.l1Index);
+      if (!off) continue;
+      if (!t.l2(at.l1Index)) await this.tables.loadL2(at.l1Index, off); // it may have been evicted
+      if (standardOffset(this.mapping.entry(at.l1Index, at.index)) === hostOf(c, cs)) live.push(at);
+    }
+    if (rc >= 2) return;
+    this.tracked.delete(c);
+    if (rc === 0 || live.length !== 1) return; // none left, or the last reference is a snapshot's: its tables need no COPIED
+    const at = live[0]!;
+    await this.mapping.l2ForWrite(at.l1Index);
+    const table = t.l1TableOffset(at.l1Index);
+    const e = this.mapping.entry(at.l1Index, at.index);
+    const n = await this.alloc.allocate(1);
+    await s.fill(n);
+    this.mapping.set(at, table, e, standardEntry(hostOf(n, cs), true));
+    await this.alloc.changeRefcount(c, -1);
+  }
+}
+
+/** The v2 shared zero cluster: whole zero clusters over a backing file map to it. */
+export class ZeroCluster {
+  /** the shared zero cluster of this session, while it is tracked */
+  private zero: ClusterIndex | undefined;
+  private searched = false;
+
+  constructor(
+    private readonly ctx: WriteContext,
+    private readonly tables: TableCache,
+    private readonly alloc: Allocator,
+    private readonly mapping: Mapping,
+    private readonly shared: SharedClusters,
+  ) {
+    if (ctx.version === 2 && ctx.backing) shared.listenUntracked((_e, c) => (this.current() === undefined ? this.adopt(c) : undefined));
+  }
+
+  /** The zero cluster, if it is still tracked (settle may have let it go). */
+  private current(): ClusterIndex | undefined {
+    if (this.zero !== undefined && !this.shared.isTracked(this.zero)) this.zero = undefined;
+    return this.zero;
+  }
+
+  private use(c: ClusterIndex, refs: readonly EntryAt[]): void {
+    this.zero = c;
+    this.shared.track(c, refs, (own) => this.zeroHostCluster(own));
+  }
+
+  /**
+   * A shared cluster is about to lose a reference. If it is a shared zero
+   * cluster of an earlier session that would be left with one active
+   * mapping, adopt it now so that settle() gives that mapping a cluster of
+   * its own (a lone mapping would need COPIED).
+   */
+  private async adopt(c: ClusterIndex): Promise<void> {
+    const cs = this.ctx.geometry.clusterSize;
+    if ((await this.alloc.refcount(c)) !== 2) return;
+    if (!isZero(await readAt(this.ctx.files.image, hostOf(c, cs), cs))) return;
+    const refs = (await this.shared.sharedMappings()).get(hostOf(c, cs)) ?? [];
+    if (refs.length === 1) this.use(c, refs);
+  }
+
   /**
    * Find the shared zero cluster an earlier session made: a cluster that
    * two or more active entries map, whose refcount is exactly that (no
@@ -100,12 +202,13 @@ export class SharedZeroCluster implements UnrefListener {
   private async find(): Promise<void> {
     this.searched = true;
     const cs = this.ctx.geometry.clusterSize;
-    const seen = await this.sharedMappings();
+    const seen = await this.shared.sharedMappings();
     const candidates = [...seen.entries()].filter(([, l]) => l.length >= 2).sort((x, y) => y[1].length - x[1].length).slice(0, 4);
     for (const [o, list] of candidates) {
-      if ((await this.alloc.refcount(clusterOf(host(o), cs))) !== list.length) continue;
+      const c = clusterOf(host(o), cs);
+      if ((await this.alloc.refcount(c)) !== list.length) continue;
       if (!isZero(await readAt(this.ctx.files.image, o, cs))) continue;
-      this.zero = { cluster: clusterOf(host(o), cs), refs: new Map(list.map((at) => [key(at), at])) };
+      this.use(c, list);
       return;
     }
   }
@@ -122,8 +225,9 @@ export class SharedZeroCluster implements UnrefListener {
     const cs = g.clusterSize;
     const l1Index = Math.floor(start / (g.l2Entries * cs));
     const t = ctx.t();
-    if (!this.zero && !this.searched) await this.find();
-    const zoff = this.zero ? this.zero.cluster * cs : -1;
+    if (this.current() === undefined && !this.searched) await this.find();
+    let z = this.current();
+    const zoff = z !== undefined ? hostOf(z, cs) : -1;
     const todo: number[] = [];
     if (t.l1TableOffset(l1Index) !== 0 && !t.l2(l1Index)) await this.tables.loadL2(l1Index, t.l1TableOffset(l1Index));
     for (let c: number = start; c < stop; c += cs) {
@@ -136,24 +240,23 @@ export class SharedZeroCluster implements UnrefListener {
     }
     if (todo.length === 0) return true;
     const max = maxRefcount(g.refcountOrder);
-    if (this.zero && (await this.alloc.refcount(this.zero.cluster)) + todo.length > max) return false;
-    if (!this.zero && (todo.length < 2 || todo.length > max)) return false;
+    if (z !== undefined && (await this.alloc.refcount(z)) + todo.length > max) return false;
+    if (z === undefined && (todo.length < 2 || todo.length > max)) return false;
     await this.mapping.l2ForWrite(l1Index);
     const table = t.l1TableOffset(l1Index);
-    if (!this.zero) {
-      const n = await this.alloc.allocate(1);
-      await this.zeroHostCluster(n);
-      await this.alloc.changeRefcount(n, todo.length - 1);
-      this.zero = { cluster: n, refs: new Map() };
-    } else await this.alloc.changeRefcount(this.zero.cluster, todo.length);
-    const z = this.zero;
+    if (z === undefined) {
+      z = await this.alloc.allocate(1);
+      await this.zeroHostCluster(z);
+      await this.alloc.changeRefcount(z, todo.length - 1);
+      this.use(z, []);
+    } else await this.alloc.changeRefcount(z, todo.length);
     for (const index of todo) {
       const at = { l1Index, index };
       const e = this.mapping.entry(l1Index, index);
       await this.mapping.validate(e, table, index, guest(l1Index * g.l2Entries * cs + index * cs));
-      this.mapping.set(at, table, e, standardEntry(z.cluster * cs, false));
+      this.mapping.set(at, table, e, standardEntry(hostOf(z, cs), false));
       if (isCompressed(e) || standardOffset(e) !== 0) await this.mapping.unref(e, at);
-      z.refs.set(key(at), at);
+      this.shared.addRef(z, at);
     }
     return true;
   }
@@ -162,45 +265,9 @@ export class SharedZeroCluster implements UnrefListener {
   private async zeroHostCluster(n: ClusterIndex): Promise<void> {
     const ctx = this.ctx;
     const cs = ctx.geometry.clusterSize;
-    if (n * cs >= ctx.extent.zeroFrom) return;
-    await ctx.files.guest.writeZeroes(n * cs, cs, false);
-    ctx.trace.write(n * cs, cs, 'zeroes (shared zero cluster)');
+    if (hostOf(n, cs) >= ctx.extent.zeroFrom) return;
+    await ctx.files.guest.writeZeroes(hostOf(n, cs), cs, false);
+    ctx.trace.write(hostOf(n, cs), cs, 'zeroes (shared zero cluster)');
     ctx.extent.noteDeviceChange();
-  }
-
-  /**
-   * The end of every operation: a shared zero cluster left with a single
-   * reference would need COPIED on that entry, and a crash could then leave
-   * COPIED and the refcount disagreeing. So the last mapping gets a zero
-   * cluster of its own and the shared one goes.
-   */
-  async settle(): Promise<void> {
-    const z = this.zero;
-    if (!z) return;
-    const ctx = this.ctx;
-    const cs = ctx.geometry.clusterSize;
-    const t = ctx.t();
-    const rc = await this.alloc.refcount(z.cluster);
-    const live: EntryAt[] = [];
-    for (const at of z.refs.values()) {
-      const off = t.l1TableOffset(at.l1Index);
-      if (!off) continue;
-      if (!t.l2(at.l1Index)) await this.tables.loadL2(at.l1Index, off); // it may have been evicted
-      if (standardOffset(this.mapping.entry(at.l1Index, at.index)) === z.cluster * cs) live.push(at);
-    }
-    if (rc >= 2 || rc === 0) {
-      if (rc === 0) this.zero = undefined;
-      return;
-    }
-    this.zero = undefined;
-    if (live.length !== 1) return; // the last reference is a snapshot's: its tables need no COPIED
-    const at = live[0]!;
-    await this.mapping.l2ForWrite(at.l1Index);
-    const table = t.l1TableOffset(at.l1Index);
-    const e = this.mapping.entry(at.l1Index, at.index);
-    const n = await this.alloc.allocate(1);
-    await this.zeroHostCluster(n);
-    this.mapping.set(at, table, e, standardEntry(n * cs, true));
-    await this.alloc.changeRefcount(z.cluster, -1);
   }
 }

@@ -14,14 +14,14 @@ import { readGuest } from '../read.ts';
 import type { WriteContext } from './context.ts';
 import type { DataWriter } from './data-write.ts';
 import { Mapping, type EntryChange, type WalkedEntry } from './mapping.ts';
-import type { SharedZeroCluster } from './shared.ts';
+import type { ZeroCluster } from './shared.ts';
 
 export class ZeroWriter {
   constructor(
     private readonly ctx: WriteContext,
     private readonly mapping: Mapping,
     private readonly data: DataWriter,
-    private readonly shared: SharedZeroCluster,
+    private readonly zeroCluster: ZeroCluster,
   ) {}
 
   /** Make guest range [offset, offset + length) read as zero; `unmap` allows deallocation. */
@@ -48,7 +48,7 @@ export class ZeroWriter {
       const whole = a === cstart && b === cend;
       if (whole && ctx.version === 2 && ctx.backing && !ctx.hasDataFile) {
         const stop = batchEnd(cstart, cend);
-        if (await this.shared.map(guest(cstart), guest(stop))) {
+        if (await this.zeroCluster.map(guest(cstart), guest(stop))) {
           pos = stop;
           continue;
         }
