@@ -13,13 +13,12 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Image } from '../src/engine/image.ts';
+import { median, scatteredImage } from './common.ts';
 
 const runs = Number(process.env['BENCH_RUNS'] ?? 3);
 const root = new URL('..', import.meta.url).pathname;
 const qledger = join(root, 'tools/qledger');
 const dir = mkdtempSync(join(tmpdir(), 'qledger-cbench-'));
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
 function timed(cmd: string, args: string[]): { s: number; out: string } {
   const t0 = process.hrtime.bigint();
@@ -27,24 +26,6 @@ function timed(cmd: string, args: string[]): { s: number; out: string } {
   const s = Number(process.hrtime.bigint() - t0) / 1e9;
   if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')}: exit ${r.status}\n${r.stdout}${r.stderr}`);
   return { s, out: r.stdout };
-}
-
-async function scattered(path: string): Promise<void> {
-  // 4 KiB clusters, 1,000,000 of them allocated one at a time in a shuffled order
-  const n = 1_000_000;
-  const size = 8 * 2 ** 30; // 2,097,152 guest clusters
-  await Image.create(path, { size, clusterSize: 4096 });
-  const img = await Image.open(path, { write: true });
-  const order = Array.from({ length: 2 * n }, (_, i) => i);
-  let x = 12345;
-  for (let i = order.length - 1; i > 0; i--) {
-    x = (x * 1103515245 + 12345) >>> 0;
-    const j = x % (i + 1);
-    [order[i], order[j]] = [order[j]!, order[i]!];
-  }
-  const buf = new Uint8Array(4096).fill(0x5a);
-  for (let i = 0; i < n; i++) await img.write(order[i]! * 4096, buf);
-  await img.close();
 }
 
 try {
@@ -57,7 +38,7 @@ try {
   execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'preallocation=metadata,cluster_size=4k', pre, '4G']);
   cases.push(['preallocated: 1,048,576 contiguous 4 KiB clusters (qemu-img preallocation=metadata)', pre]);
   const sc = join(dir, 'scattered.qcow2');
-  await scattered(sc);
+  await scatteredImage(sc);
   cases.push(['scattered: 1,000,000 4 KiB clusters written in random order', sc]);
   console.log(`check benchmarks: ${runs} runs each, median, whole process`);
   console.log('| image | qemu-img check | qledger check | ratio (qemu-img time / qledger time) |');

@@ -26,19 +26,17 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { crashedImage, median } from './common.ts';
 import { Image } from '../src/engine/image.ts';
-import { openWriter } from '../src/engine/writable.ts';
 import { FileDevice } from '../src/io/file-device.ts';
 import { loadQcow2 } from '../src/engine/qcow2-layer.ts';
 import { recoverJournal } from '../src/engine/journal/replay.ts';
-import { QledgerError } from '../src/errors.ts';
 import type { TraceEvent } from '../src/engine/writer.ts';
 
 const runs = Number(process.env['BENCH_RUNS'] ?? 3);
 const root = new URL('..', import.meta.url).pathname;
 const qledger = join(root, 'tools/qledger');
 const dir = mkdtempSync(join(tmpdir(), 'qledger-jbench-'));
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
 function timed(cmd: string, args: string[]): number {
   const t0 = process.hrtime.bigint();
@@ -51,29 +49,6 @@ function timed(cmd: string, args: string[]): number {
 function qemuCheck(img: string): { status: number | null; out: string } {
   const r = spawnSync('qemu-img', ['check', img], { encoding: 'utf8' });
   return { status: r.status, out: r.stdout };
-}
-
-async function crashed(path: string, scattered: boolean): Promise<void> {
-  execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'preallocation=metadata,cluster_size=4096', path, '4G']);
-  execFileSync('qemu-img', ['resize', '-q', path, '5G']);
-  const w = await openWriter(path, {});
-  let x = 777;
-  const rnd = (n: number) => ((x = (x * 48271) % 2147483647), x % n);
-  if (scattered) {
-    for (let i = 0; i < 2000; i++) await w.discard(rnd(1 << 20) * 4096, 4096);
-    for (let i = 0; i < 2000; i++) await w.write(4 * 2 ** 30 + rnd(1 << 18) * 4096, new Uint8Array(4096).fill(9));
-  } else {
-    for (let i = 0; i < 20; i++) await w.discard(rnd(1 << 20) * 4096, 4096);
-    for (let i = 0; i < 2000; i++) await w.write(4 * 2 ** 30 + i * 4096, new Uint8Array(4096).fill(9));
-  }
-  (w as unknown as { stopAfterPhase: number }).stopAfterPhase = 1;
-  try {
-    await w.flush();
-    throw new Error('the write-back did not stop');
-  } catch (e) {
-    if (!(e instanceof QledgerError)) throw e;
-  }
-  await w.abandon();
 }
 
 async function recoverInProcess(path: string): Promise<{ s: number; action: string; records: number }> {
@@ -113,7 +88,7 @@ try {
   console.log('|---|---|---|---|---|---|---|');
   for (const scattered of [false, true]) {
     const base = join(dir, 'crashed.qcow2');
-    await crashed(base, scattered);
+    await crashedImage(base, scattered);
     const before = qemuCheck(base);
     const leaks = /(\d+) leaked clusters were found/.exec(before.out)?.[1] ?? '0';
     if (before.status !== 3) throw new Error(`the crashed image should have leaks only: qemu-img check exit ${before.status}`);

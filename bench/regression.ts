@@ -21,9 +21,7 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { copyFileSync, mkdtempSync, rmSync, openSync, writeSync, closeSync, existsSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { Image } from '../src/engine/image.ts';
-import { openWriter } from '../src/engine/writable.ts';
-import { QledgerError } from '../src/errors.ts';
+import { crashedImage, median, randomWriteCommands, scatteredImage } from './common.ts';
 
 const base = process.env['BENCH_BASE'];
 if (!base || !existsSync(join(base, 'tools/qledger'))) {
@@ -35,7 +33,6 @@ const filter = process.env['BENCH_CASE'];
 const ours = join(new URL('..', import.meta.url).pathname, 'tools/qledger');
 const theirs = join(resolve(base), 'tools/qledger');
 const dir = mkdtempSync(join(tmpdir(), 'qledger-rbench-'));
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
 function run(cmd: string, args: string[], ok: number[] = [0]): { s: number; out: string } {
   spawnSync('sync');
@@ -55,16 +52,6 @@ function sameImages(a: string, b: string, what: string): void {
   if (spawnSync('qemu-img', ['compare', a, b]).status !== 0) throw new Error(`${what}: the two trees' images differ`);
 }
 
-function seeded(seed: number) {
-  let x = seed >>> 0;
-  return () => {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    return (x >>> 0) / 2 ** 32;
-  };
-}
-
 const create = (size: string, opts: string[] = []) => (p: string) => void execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', ...opts, p, size]);
 
 /** A case: prepare an input once; each timed run gets a copy; `verify` compares the two results. */
@@ -78,13 +65,7 @@ interface Case {
   readonly verify: (a: { img: string; out: string; stdout: string }, b: { img: string; out: string; stdout: string }) => void;
 }
 
-const randomCmds = (() => {
-  const rnd = seeded(42);
-  const clusters = new Set<number>();
-  const total = (100 * 2 ** 30) / 65536;
-  while (clusters.size < 20000) clusters.add(Math.floor(rnd() * total));
-  return [...clusters].map((c) => `write -q -P 7 ${c * 65536 + Math.floor(rnd() * 16) * 4096} 4k`);
-})();
+const randomCmds = randomWriteCommands();
 
 const io = (cmds: string[]) => (img: string) => ['io', ...cmds.flatMap((c) => ['-c', c]), img];
 const writtenEqual: Case['verify'] = (a, b) => {
@@ -109,47 +90,6 @@ function fullImage(p: string): void {
   closeSync(fd);
   execFileSync('qemu-img', ['convert', '-O', 'qcow2', raw, p]);
   rmSync(raw);
-}
-
-/** The check benchmark's scattered image: 1,000,000 4 KiB clusters written in shuffled order over 8 GiB. */
-async function scatteredImage(p: string): Promise<void> {
-  const n = 1_000_000;
-  await Image.create(p, { size: 8 * 2 ** 30, clusterSize: 4096 });
-  const img = await Image.open(p, { write: true, journal: false });
-  const order = Array.from({ length: 2 * n }, (_, i) => i);
-  const rnd = seeded(12345);
-  for (let i = order.length - 1; i > 0; i--) {
-    const j = Math.floor(rnd() * (i + 1));
-    [order[i], order[j]] = [order[j]!, order[i]!];
-  }
-  const data = new Uint8Array(4096).fill(5);
-  for (let i = 0; i < n; i++) await img.write(order[i]! * 4096, data);
-  await img.close();
-}
-
-/** The journal benchmark's crashed image: the last write-back stopped after its first in-place phase. */
-async function crashedImage(p: string, scattered: boolean): Promise<void> {
-  execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'preallocation=metadata,cluster_size=4096', p, '4G']);
-  execFileSync('qemu-img', ['resize', '-q', p, '5G']);
-  const w = await openWriter(p, {});
-  let x = 777;
-  const rnd = (n: number) => ((x = (x * 48271) % 2147483647), x % n);
-  const data = new Uint8Array(4096).fill(9);
-  if (scattered) {
-    for (let i = 0; i < 2000; i++) await w.discard(rnd(1 << 20) * 4096, 4096);
-    for (let i = 0; i < 2000; i++) await w.write(4 * 2 ** 30 + rnd(1 << 18) * 4096, data);
-  } else {
-    for (let i = 0; i < 20; i++) await w.discard(rnd(1 << 20) * 4096, 4096);
-    for (let i = 0; i < 2000; i++) await w.write(4 * 2 ** 30 + i * 4096, data);
-  }
-  (w as unknown as { stopAfterPhase: number }).stopAfterPhase = 1;
-  try {
-    await w.flush();
-    throw new Error('the write-back did not stop');
-  } catch (e) {
-    if (!(e instanceof QledgerError)) throw e;
-  }
-  await w.abandon();
 }
 
 const recovered: Case['verify'] = (a, b) => {
@@ -179,6 +119,18 @@ const CASES: Case[] = [
       if (!readFileSync(a.out).equals(readFileSync(b.out))) throw new Error('convert outputs differ');
       rmSync(a.out);
       rmSync(b.out);
+    },
+  },
+  {
+    // the same without the disk: the output goes to tmpfs, so the read path's CPU is what is timed
+    name: 'read: convert -O raw of a fully allocated 1 GiB image, output on tmpfs',
+    prepare: fullImage,
+    args: (img, out) => ['convert', '-O', 'raw', img, existsSync('/dev/shm') ? `/dev/shm/${out.split('/').pop()}` : out],
+    verify: (a, b) => {
+      const at = (o: string) => (existsSync('/dev/shm') ? `/dev/shm/${o.split('/').pop()}` : o);
+      if (!readFileSync(at(a.out)).equals(readFileSync(at(b.out)))) throw new Error('convert outputs differ');
+      rmSync(at(a.out));
+      rmSync(at(b.out));
     },
   },
   { name: 'check: 4 GiB preallocated, 4 KiB clusters', prepare: create('4G', ['-o', 'preallocation=metadata,cluster_size=4k']), args: (img) => ['check', '--output=json', img], verify: stdoutEqual },

@@ -16,13 +16,13 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync, copyFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { median, randomWriteCommands } from './common.ts';
 
 const runs = Number(process.env['BENCH_RUNS'] ?? 3);
 const root = new URL('..', import.meta.url).pathname;
 const qledger = join(root, 'tools/qledger');
 const dir = mkdtempSync(join(tmpdir(), 'qledger-wbench-'));
 
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
 function timed(cmd: string, args: string[]): number {
   const t0 = process.hrtime.bigint();
@@ -44,25 +44,9 @@ interface Case {
   readonly bytes: number;
 }
 
-function seededRandom(seed: number) {
-  let x = seed >>> 0;
-  return () => {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    return (x >>> 0) / 2 ** 32;
-  };
-}
-
 const create = (size: string) => (p: string) => void execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', p, size]);
 
-const randomCmds = (() => {
-  const rnd = seededRandom(42);
-  const clusters = new Set<number>();
-  const total = (100 * 2 ** 30) / 65536;
-  while (clusters.size < 20000) clusters.add(Math.floor(rnd() * total));
-  return [...clusters].map((c) => `write -q -P 7 ${c * 65536 + Math.floor(rnd() * 16) * 4096} 4k`);
-})();
+const randomCmds = randomWriteCommands();
 
 const CASES: Case[] = [
   { name: 'sequential 1 GiB in 1 MiB writes', make: create('1G'), cmds: Array.from({ length: 1024 }, (_, i) => `write -q -P 1 ${i}M 1M`), bytes: 2 ** 30 },
