@@ -3,6 +3,8 @@
  * follow qemu-img (and qemu-io for `io`), so scripts can swap the command.
  */
 
+import { realpathSync } from 'node:fs';
+import { pathToFileURL } from 'node:url';
 import { QledgerError, UsageError, UnsupportedError } from '../errors.ts';
 import { getopt, parseOptionList, parseSize } from './args.ts';
 import { Image } from '../engine/image.ts';
@@ -317,8 +319,18 @@ export async function main(argv: string[], io: Output = stdio): Promise<number> 
   }
 }
 
-const isEntry = process.argv[1] !== undefined && import.meta.url === new URL(`file://${process.argv[1]}`).href;
-if (isEntry) {
+/** Run as a program (the bundle, or main.ts through tsx), also through a symlink such as node_modules/.bin/qledger. */
+function isEntry(): boolean {
+  const script = process.argv[1];
+  if (script === undefined) return false;
+  try {
+    return import.meta.url === pathToFileURL(realpathSync(script)).href;
+  } catch {
+    return false;
+  }
+}
+
+if (isEntry()) {
   main(process.argv.slice(2)).then((code) => {
     process.exitCode = code;
   });
