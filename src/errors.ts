@@ -13,6 +13,7 @@ export type ErrorCode =
   | 'E_NOT_FOUND' // a file, snapshot or backing file is missing
   | 'E_RANGE' // a guest request outside the virtual disk
   | 'E_READ_ONLY' // a write to something opened read-only
+  | 'E_CLOSED' // an image used after close()
   | 'E_IO' // the device failed or returned short data
   | 'E_RECORD' // a metadata record does not fit the state it is applied to
   | 'E_OVERFLOW'; // a refcount would exceed refcount_bits

@@ -13,7 +13,7 @@ import { Qcow2Layer } from './qcow2-layer.ts';
 import { guest, type Layer } from './layer.ts';
 import type { Geometry } from '../format/header.ts';
 import type { SnapshotEntry } from '../format/snapshot.ts';
-import { QledgerError } from '../errors.ts';
+import { QledgerError, RangeRequestError } from '../errors.ts';
 import { openWriterSession, createImage, type WritableOpenOptions } from './writable.ts';
 import type { RecoveryReport } from './journal/replay.ts';
 import type { Qcow2Writer, ZeroOptions } from './writer.ts';
@@ -29,7 +29,18 @@ export interface ImageOpenOptions extends OpenOptions, Pick<WritableOpenOptions,
   readonly write?: boolean | undefined;
 }
 
+declare global {
+  // Node 20.15+ has Symbol.asyncDispose at run time (explicit resource management); this
+  // declaration is the one @types/node and TypeScript's esnext.disposable library make, so
+  // a consumer type-checks with or without either.
+  interface SymbolConstructor {
+    readonly asyncDispose: unique symbol;
+  }
+}
+
 export class Image {
+  private closed = false;
+
   private constructor(
     readonly top: Layer,
     /** the write engine, when opened read-write */
@@ -54,40 +65,48 @@ export class Image {
     return (await createImage(path, opts)).summary;
   }
 
+  /** The writer, or why there is none (every method below fails as a rejected promise, never synchronously). */
   private w(): Qcow2Writer {
+    this.open();
     if (!this.writer) throw new QledgerError('E_READ_ONLY', `${this.top.filename}: opened read-only`);
     return this.writer;
   }
 
-  write(offset: number, data: Uint8Array): Promise<void> {
-    return this.w().write(offset, data);
+  private open(): void {
+    if (this.closed) throw new QledgerError('E_CLOSED', `${this.top.filename}: image is closed`);
+  }
+
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    await this.w().write(offset, data);
   }
 
   /** Compressed write (deflate images): whole clusters that hold no data yet, as qemu-io write -c. */
-  writeCompressed(offset: number, data: Uint8Array): Promise<void> {
-    return this.w().writeCompressed(offset, data);
+  async writeCompressed(offset: number, data: Uint8Array): Promise<void> {
+    await this.w().writeCompressed(offset, data);
   }
 
-  writeZeroes(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
-    return this.w().writeZeroes(offset, length, opts);
+  async writeZeroes(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
+    await this.w().writeZeroes(offset, length, opts);
   }
 
-  discard(offset: number, length: number): Promise<void> {
-    return this.w().discard(offset, length);
+  async discard(offset: number, length: number): Promise<void> {
+    await this.w().discard(offset, length);
   }
 
-  flush(): Promise<void> {
-    return this.w().flush();
+  async flush(): Promise<void> {
+    await this.w().flush();
   }
 
   /** Resize; growth may preallocate the new space ('metadata', 'falloc' or 'full', as qemu-img resize --preallocation). */
-  truncate(size: number, preallocation: 'off' | 'metadata' | 'falloc' | 'full' = 'off'): Promise<void> {
-    return this.w().truncate(size, false, preallocation);
+  async truncate(size: number, preallocation: 'off' | 'metadata' | 'falloc' | 'full' = 'off'): Promise<void> {
+    await this.w().truncate(size, false, preallocation);
   }
 
   /** Drop the image without flushing or closing cleanly: what a crash leaves. */
-  abandon(): Promise<void> {
-    return this.writer ? this.writer.abandon() : this.top.close();
+  async abandon(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await (this.writer ? this.writer.abandon() : this.top.close());
   }
 
   /** virtual disk size in bytes */
@@ -133,32 +152,45 @@ export class Image {
   }
 
   async read(offset: number, length: number): Promise<Uint8Array> {
+    this.open();
+    if (!Number.isSafeInteger(length) || length < 0) throw new RangeRequestError(`read of length ${length}: lengths are non-negative integers`, { offset, length });
     const out = new Uint8Array(length);
     await this.readInto(out, offset);
     return out;
   }
 
   async readInto(out: Uint8Array, offset: number): Promise<void> {
+    this.open();
     if (this.writer) await this.writer.read(offset, out);
     else await readGuest(this.top, guest(offset), out);
   }
 
   /** Extents as `qemu-img map` reports them. */
-  map(start = 0, length = this.size): AsyncGenerator<MapEntry> {
-    return mapExtents(this.top, start, length);
+  async *map(start = 0, length = this.size): AsyncGenerator<MapEntry> {
+    this.open();
+    yield* mapExtents(this.top, start, length);
   }
 
   /** Status of the run at `offset`, resolved through the backing chain. */
-  status(offset: number, length: number): Promise<MapEntry> {
+  async status(offset: number, length: number): Promise<MapEntry> {
+    this.open();
     return chainStatus(this.top, offset, length);
   }
 
-  info(layer: Layer = this.top): Promise<ImageInfo> {
+  async info(layer: Layer = this.top): Promise<ImageInfo> {
+    this.open();
     return imageInfo(layer);
   }
 
-  /** Flush (write mode) and close the chain. */
-  close(): Promise<void> {
-    return this.writer ? this.writer.close() : this.top.close();
+  /** Flush (write mode) and close the chain. Closing twice is harmless; any other use afterwards is E_CLOSED. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await (this.writer ? this.writer.close() : this.top.close());
+  }
+
+  /** `await using img = await Image.open(...)` closes the image at the end of the scope. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
   }
 }

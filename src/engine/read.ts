@@ -5,7 +5,8 @@ import { guest, type GuestOffset, type Layer } from './layer.ts';
 
 /** Fill `out` with the guest bytes at `offset` as seen through `layer` and its backing chain. */
 export async function readGuest(layer: Layer, offset: GuestOffset, out: Uint8Array): Promise<void> {
-  if (offset < 0 || offset + out.length > layer.size) {
+  if (!Number.isSafeInteger(offset) || offset < 0) throw new RangeRequestError(`read at offset ${offset}: offsets are non-negative integers`, { offset, length: out.length });
+  if (offset + out.length > layer.size) {
     throw new RangeRequestError(`read of ${out.length} bytes at ${hex(offset)} is outside the ${layer.size}-byte disk`, { offset, length: out.length });
   }
   let pos = 0;

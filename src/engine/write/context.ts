@@ -144,7 +144,7 @@ export class WriteContext {
   }
 
   checkWritable(): void {
-    if (this.closed) throw new QledgerError('E_USAGE', `${this.filename}: image is closed`);
+    if (this.closed) throw new QledgerError('E_CLOSED', `${this.filename}: image is closed`);
     if (this.corrupt) throw new CorruptionError(`${this.filename}: image is marked corrupt; writes are refused`, { path: this.filename });
     if (this.files.image.readOnly) throw new QledgerError('E_READ_ONLY', `${this.filename}: opened read-only`);
   }
