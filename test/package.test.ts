@@ -42,7 +42,7 @@ beforeAll(() => {
   mkdirSync(project);
   // `npm pack` runs the build (prepare), so the tarball holds what this checkout's sources make
   must('npm', ['pack', '--silent', '--pack-destination', packs], root);
-  for (const dep of ['immer', 'fzstd']) must('npm', ['pack', '--silent', '--ignore-scripts', '--pack-destination', packs, join(root, 'node_modules', dep)], root);
+  for (const dep of ['immer', 'fzstd', '@types/node', 'undici-types']) must('npm', ['pack', '--silent', '--ignore-scripts', '--pack-destination', packs, join(root, 'node_modules', dep)], root);
   writeFileSync(join(project, 'package.json'), JSON.stringify({ name: 'consumer', private: true, type: 'module' }));
   const tarballs = readdirSync(packs).map((f) => join(packs, f));
   must('npm', ['install', '--offline', '--no-save', ...tarballs], project);

@@ -1,3 +1,4 @@
+/// <reference types="node" preserve="true" />
 /**
  * The image handle the library and the CLI use: a chain of layers opened
  * from a path, with guest reads, map, block status and info, and, opened
@@ -5,8 +6,10 @@
  * through this facade only.
  */
 
+import { Readable, Writable } from 'node:stream';
+import type { BlockDevice } from '../io/device.ts';
 import { readGuest } from './read.ts';
-import { openLayer, type OpenOptions } from './open.ts';
+import { openDeviceLayer, openLayer, type OpenOptions } from './open.ts';
 import { mapExtents, chainStatus, type MapEntry } from './map.ts';
 import { imageInfo, type ImageInfo } from './info.ts';
 import { Qcow2Layer } from './qcow2-layer.ts';
@@ -14,7 +17,7 @@ import { guest, type Layer } from './layer.ts';
 import type { Geometry } from '../format/header.ts';
 import type { SnapshotEntry } from '../format/snapshot.ts';
 import { QledgerError, RangeRequestError } from '../errors.ts';
-import { openWriterSession, createImage, type WritableOpenOptions } from './writable.ts';
+import { openWriterSession, openWriterSessionOn, createImage, createOnDevice, type WritableOpenOptions } from './writable.ts';
 import type { RecoveryReport } from './journal/replay.ts';
 import type { Qcow2Writer, ZeroOptions } from './writer.ts';
 import type { CreateOptions } from './create.ts';
@@ -49,20 +52,33 @@ export class Image {
     readonly recovery?: RecoveryReport | undefined,
   ) {}
 
-  /** Open `path` with its backing chain; read-only unless `write` is set. */
-  static async open(path: string, opts: ImageOpenOptions = {}): Promise<Image> {
+  /**
+   * Open an image with its backing chain; read-only unless `write` is set.
+   * `target` is a path, or any BlockDevice (the memory device, or your
+   * own storage): then `target.name` names it in messages and is what a
+   * backing file or data file the image names resolves against. Closing the
+   * image closes the device.
+   */
+  static async open(target: string | BlockDevice, opts: ImageOpenOptions = {}): Promise<Image> {
+    const name = typeof target === 'string' ? target : target.name;
     if (opts.write) {
-      if (opts.snapshot !== undefined) throw new QledgerError('E_USAGE', `${path}: a snapshot can only be opened read-only`);
+      if (opts.snapshot !== undefined) throw new QledgerError('E_USAGE', `${name}: a snapshot can only be opened read-only`);
       const o: WritableOpenOptions = { format: opts.format, trace: opts.trace, detectZeroes: opts.detectZeroes, cacheBytes: opts.cacheBytes, journal: opts.journal, journalBytes: opts.journalBytes, onWarning: opts.onWarning };
-      const { writer, recovery } = await openWriterSession(path, o);
+      const { writer, recovery } = typeof target === 'string' ? await openWriterSession(target, o) : await openWriterSessionOn(target, name, o);
       return new Image(writer.layer, writer, recovery);
     }
-    return new Image(await openLayer(path, opts));
+    return new Image(typeof target === 'string' ? await openLayer(target, opts) : await openDeviceLayer(target, opts));
   }
 
-  /** Create a qcow2 image (qemu-img create -f qcow2); returns qemu-img's "Formatting ..." line. */
-  static async create(path: string, opts: CreateOptions): Promise<string> {
-    return (await createImage(path, opts)).summary;
+  /**
+   * Create a qcow2 image (qemu-img create -f qcow2) at a path, or on a
+   * BlockDevice (no backing file or data file there); returns qemu-img's
+   * "Formatting ..." line for a path.
+   */
+  static async create(target: string | BlockDevice, opts: CreateOptions): Promise<string> {
+    if (typeof target === 'string') return (await createImage(target, opts)).summary;
+    await createOnDevice(target, target.name, opts);
+    return '';
   }
 
   /** The writer, or why there is none (every method below fails as a rejected promise, never synchronously). */
@@ -187,6 +203,50 @@ export class Image {
     if (this.closed) return;
     this.closed = true;
     await (this.writer ? this.writer.close() : this.top.close());
+  }
+
+  /**
+   * The guest bytes [start, end) as a Readable (end exclusive; default the
+   * whole disk), read in chunks of `highWaterMark` bytes (default 1 MiB) as
+   * the consumer pulls them: `pipeline(img.createReadStream(), out)`.
+   */
+  createReadStream(o: { start?: number; end?: number; highWaterMark?: number } = {}): Readable {
+    const start = o.start ?? 0;
+    const end = o.end ?? this.size;
+    const chunk = o.highWaterMark ?? 1 << 20;
+    if (!Number.isSafeInteger(start) || !Number.isSafeInteger(end) || start < 0 || end < start || end > this.size) {
+      throw new RangeRequestError(`read stream of [${start}, ${end}): outside the ${this.size}-byte disk`, { start, end });
+    }
+    if (!Number.isSafeInteger(chunk) || chunk <= 0) throw new RangeRequestError(`read stream highWaterMark ${chunk}: a positive integer is needed`, { highWaterMark: chunk });
+    const self = this;
+    async function* pieces(): AsyncGenerator<Buffer> {
+      for (let pos = start; pos < end; pos += chunk) {
+        const b = await self.read(pos, Math.min(chunk, end - pos));
+        yield Buffer.from(b.buffer, b.byteOffset, b.byteLength);
+      }
+    }
+    return Readable.from(pieces(), { objectMode: false, highWaterMark: chunk });
+  }
+
+  /**
+   * A Writable into the guest disk from offset `start` (default 0): chunks
+   * are written in order, each acknowledged once the image has it, and the
+   * stream finishes after a flush, so `await pipeline(src, img.createWriteStream())`
+   * resolves when the data is durable.
+   */
+  createWriteStream(o: { start?: number } = {}): Writable {
+    let pos = o.start ?? 0;
+    return new Writable({
+      write: (chunk: Buffer, _encoding, done) => {
+        this.write(pos, chunk).then(() => {
+          pos += chunk.length;
+          done();
+        }, done);
+      },
+      final: (done) => {
+        this.flush().then(() => done(), done);
+      },
+    });
   }
 
   /** `await using img = await Image.open(...)` closes the image at the end of the scope. */

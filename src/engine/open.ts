@@ -54,53 +54,7 @@ async function openAt(path: string, opts: OpenOptions, seen: Set<string>, depth:
 
   const dev = await FileDevice.open(path, { readOnly: true });
   try {
-    const format = opts.format ?? (await probeFormat(dev));
-    if (format === 'raw') {
-      if (opts.snapshot !== undefined) throw new UsageError(`${path}: raw images have no snapshots`);
-      return new RawLayer(path, dev, await dev.size());
-    }
-    const loaded = await loadQcow2(dev);
-    const { parsed, snapshots } = loaded;
-    const h = parsed.header;
-    let view: { l1TableOffset: number; l1Size: number; size: number } | undefined;
-    if (opts.snapshot !== undefined) {
-      const sn = findSnapshot(snapshots, opts.snapshot);
-      if (!sn) throw new NotFoundError(`${path}: no snapshot with id or name '${opts.snapshot}'`, { path, snapshot: opts.snapshot });
-      view = { l1TableOffset: sn.l1TableOffset, l1Size: sn.l1Size, size: sn.diskSize ?? h.size };
-    }
-
-    let dataDev: BlockDevice | undefined;
-    if ((h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n && parsed.dataFile !== undefined) {
-      const dataPath = combinePath(path, parsed.dataFile);
-      dataDev = await FileDevice.open(dataPath, { readOnly: true }).catch((e: unknown) => {
-        throw new NotFoundError(`${path}: could not open external data file '${dataPath}': ${(e as Error).message}`, { path, dataFile: dataPath });
-      });
-    }
-
-    let backing: Layer | undefined;
-    if (parsed.backingFile !== undefined && !opts.noBacking) {
-      const bpath = combinePath(path, parsed.backingFile);
-      const bfmt = parsed.backingFormat;
-      if (bfmt !== undefined && bfmt !== 'qcow2' && bfmt !== 'raw') {
-        throw new UnsupportedError(`${path}: backing file format '${bfmt}' is not supported (qcow2 and raw are)`, { path, backingFormat: bfmt });
-      }
-      try {
-        backing = await openAt(bpath, { format: bfmt as ImageFormat | undefined }, seen, depth + 1);
-      } catch (e) {
-        await dataDev?.close();
-        if (e instanceof NotFoundError && e.data['path'] === bpath) {
-          throw new NotFoundError(`${path}: could not open backing file '${bpath}': no such file`, { path, backingFile: bpath });
-        }
-        throw e;
-      }
-    }
-    try {
-      return await openQcow2Layer(dev, path, { loaded, backing, dataDev, view });
-    } catch (e) {
-      await dataDev?.close();
-      await backing?.close();
-      throw e;
-    }
+    return await layerOn(dev, path, opts, seen, depth);
   } catch (e) {
     await dev.close();
     if (e instanceof QledgerError && !e.message.includes(path)) {
@@ -109,6 +63,69 @@ async function openAt(path: string, opts: OpenOptions, seen: Set<string>, depth:
     }
     throw e;
   }
+}
+
+/**
+ * The layer of the image on `dev` (named `path` in messages; a backing file
+ * or data file it names resolves against that name, as for files).
+ */
+async function layerOn(dev: BlockDevice, path: string, opts: OpenOptions, seen: Set<string>, depth: number): Promise<Layer> {
+  const format = opts.format ?? (await probeFormat(dev));
+  if (format === 'raw') {
+    if (opts.snapshot !== undefined) throw new UsageError(`${path}: raw images have no snapshots`);
+    return new RawLayer(path, dev, await dev.size());
+  }
+  const loaded = await loadQcow2(dev);
+  const { parsed, snapshots } = loaded;
+  const h = parsed.header;
+  let view: { l1TableOffset: number; l1Size: number; size: number } | undefined;
+  if (opts.snapshot !== undefined) {
+    const sn = findSnapshot(snapshots, opts.snapshot);
+    if (!sn) throw new NotFoundError(`${path}: no snapshot with id or name '${opts.snapshot}'`, { path, snapshot: opts.snapshot });
+    view = { l1TableOffset: sn.l1TableOffset, l1Size: sn.l1Size, size: sn.diskSize ?? h.size };
+  }
+
+  let dataDev: BlockDevice | undefined;
+  if ((h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n && parsed.dataFile !== undefined) {
+    const dataPath = combinePath(path, parsed.dataFile);
+    dataDev = await FileDevice.open(dataPath, { readOnly: true }).catch((e: unknown) => {
+      throw new NotFoundError(`${path}: could not open external data file '${dataPath}': ${(e as Error).message}`, { path, dataFile: dataPath });
+    });
+  }
+
+  let backing: Layer | undefined;
+  if (parsed.backingFile !== undefined && !opts.noBacking) {
+    const bpath = combinePath(path, parsed.backingFile);
+    const bfmt = parsed.backingFormat;
+    if (bfmt !== undefined && bfmt !== 'qcow2' && bfmt !== 'raw') {
+      throw new UnsupportedError(`${path}: backing file format '${bfmt}' is not supported (qcow2 and raw are)`, { path, backingFormat: bfmt });
+    }
+    try {
+      backing = await openAt(bpath, { format: bfmt as ImageFormat | undefined }, seen, depth + 1);
+    } catch (e) {
+      await dataDev?.close();
+      if (e instanceof NotFoundError && e.data['path'] === bpath) {
+        throw new NotFoundError(`${path}: could not open backing file '${bpath}': no such file`, { path, backingFile: bpath });
+      }
+      throw e;
+    }
+  }
+  try {
+    return await openQcow2Layer(dev, path, { loaded, backing, dataDev, view });
+  } catch (e) {
+    await dataDev?.close();
+    await backing?.close();
+    throw e;
+  }
+}
+
+/**
+ * Open the image on a caller's device (the memory device, or a user's
+ * own), read-only, with its backing chain resolved against `dev.name`. The
+ * caller keeps the device: it is closed with the layer, not on failure.
+ */
+export async function openDeviceLayer(dev: BlockDevice, opts: OpenOptions = {}): Promise<Layer> {
+  return layerOn(dev, dev.name, opts, new Set(), 0);
 }
 
 /** QEMU's lookup for -l: by id first, then by name. */

@@ -148,6 +148,22 @@ export async function openWriter(path: string, opts: WritableOpenOptions = {}): 
 /** openWriter, with the report of the journal recovery the open ran. */
 export async function openWriterSession(path: string, opts: WritableOpenOptions = {}): Promise<OpenedWriter> {
   const dev = await FileDevice.open(path, { readOnly: false });
+  try {
+    return await openWriterSessionOn(dev, path, opts);
+  } catch (e) {
+    await dev.close();
+    throw e;
+  }
+}
+
+/**
+ * The read-write open of the qcow2 image on `dev` (a file, the memory
+ * device or a caller's own device), named `path` in messages; a data file
+ * or backing file it names resolves against that name. On failure the
+ * caller keeps `dev`.
+ */
+export async function openWriterSessionOn(dev: BlockDevice, path: string, opts: WritableOpenOptions = {}): Promise<OpenedWriter> {
+  if (dev.readOnly) throw new QledgerError('E_READ_ONLY', `${path}: the device is read-only; it cannot be opened for writing`);
   let dataDev: BlockDevice | undefined;
   let backing: Layer | undefined;
   try {
@@ -170,7 +186,6 @@ export async function openWriterSession(path: string, opts: WritableOpenOptions 
   } catch (e) {
     await backing?.close();
     await dataDev?.close();
-    await dev.close();
     throw e;
   }
 }
