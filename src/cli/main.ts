@@ -11,9 +11,10 @@ import { Image } from '../engine/image.ts';
 import { convertToRaw, compareImages } from '../engine/convert.ts';
 import { formatInfoHuman, qemuJson, snapshotLine, type ImageInfo } from '../engine/info.ts';
 import { formatMapHuman, formatMapJson, MapHumanError, type MapEntry } from '../engine/map.ts';
-import type { ImageFormat } from '../engine/open.ts';
+import { probeFile, type ImageFormat } from '../engine/open.ts';
 import { runIo } from './io.ts';
 import { stdio, type Output } from './output.ts';
+import { VERSION } from '../version.ts';
 
 export type { Output } from './output.ts';
 import { runCrashTest } from './crash-test.ts';
@@ -252,8 +253,13 @@ async function cmdCheck(argv: string[], io: Output): Promise<number> {
   const p = getopt(argv, { withArg: 'fr', flags: 'qU', long: { output: true, 'force-share': false, 'image-opts': false } }, 'check');
   one(p.positional, 1, 'check');
   const fmt = last(p.opts, 'f');
-  if (fmt !== undefined && fmt !== 'qcow2') throw new UsageError(`check: only qcow2 images can be checked (got -f ${String(fmt)})`);
   const output = outputArg(last(p.opts, 'output'));
+  // qemu-img: a format without checks (raw, given or probed) is exit 63
+  if (fmt === 'raw' || (fmt === undefined && (await probeFile(p.positional[0]!)) === 'raw')) {
+    io.err('qledger: This image format does not support checks\n');
+    return 63;
+  }
+  if (fmt !== undefined && fmt !== 'qcow2') throw new UsageError(`check: only qcow2 images can be checked (got -f ${String(fmt)})`);
   const r = last(p.opts, 'r');
   if (r !== undefined && r !== 'leaks' && r !== 'all') throw new UsageError(`Unknown option value for -r (expecting 'leaks' or 'all'): ${String(r)}`);
   const quiet = p.opts.some(([k]) => k === 'q');
@@ -275,9 +281,44 @@ async function cmdCheck(argv: string[], io: Output): Promise<number> {
   return checkExitCode(report);
 }
 
+const COMMANDS = ['check', 'compare', 'convert', 'crash-test', 'create', 'info', 'io', 'journal', 'map', 'snapshot'] as const;
+
+/** The usage lines of one subcommand, from the overview above. */
+function usageOf(cmd: string): string {
+  const lines = USAGE.split('\n');
+  const at = lines.findIndex((l) => l.startsWith(`  ${cmd} `) || l === `  ${cmd}`);
+  if (at < 0) return USAGE;
+  let end = at + 1;
+  while (end < lines.length && lines[end]!.startsWith('     ')) end++;
+  return `usage: qledger ${lines.slice(at, end).map((l) => l.trim()).join('\n       ')}\n`;
+}
+
+/** The command closest to a mistyped one (edit distance at most 2), for the error message. */
+function nearest(cmd: string): string | undefined {
+  const dist = (a: string, b: string) => {
+    const d = Array.from({ length: a.length + 1 }, (_, i) => [i, ...Array<number>(b.length).fill(0)]);
+    for (let j = 1; j <= b.length; j++) d[0]![j] = j;
+    for (let i = 1; i <= a.length; i++) {
+      for (let j = 1; j <= b.length; j++) d[i]![j] = Math.min(d[i - 1]![j]! + 1, d[i]![j - 1]! + 1, d[i - 1]![j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1));
+    }
+    return d[a.length]![b.length]!;
+  };
+  let best: string | undefined;
+  let bestD = 3;
+  for (const c of COMMANDS) {
+    const x = dist(cmd, c);
+    if (x < bestD) [best, bestD] = [c, x];
+  }
+  return best;
+}
+
 export async function main(argv: string[], io: Output = stdio): Promise<number> {
   const [cmd, ...rest] = argv;
   try {
+    if (cmd !== undefined && (COMMANDS as readonly string[]).includes(cmd) && (rest[0] === '-h' || rest[0] === '--help')) {
+      io.out(usageOf(cmd));
+      return 0;
+    }
     switch (cmd) {
       case 'info':
         return await cmdInfo(rest, io);
@@ -305,8 +346,16 @@ export async function main(argv: string[], io: Output = stdio): Promise<number> 
       case 'help':
         io.out(USAGE);
         return cmd === undefined ? 1 : 0;
-      default:
-        throw new UsageError(`unknown command '${cmd}' (try 'qledger --help')`);
+      case '-V':
+      case '--version':
+        io.out(`qledger version ${VERSION}\n`);
+        return 0;
+      default: {
+        // qemu-img's words, then qledger's suggestion
+        const near = nearest(cmd);
+        io.err(`qledger: Command not found: ${cmd}\nTry 'qledger --help' for more information${near ? `\n(unknown command '${cmd}'; did you mean '${near}'?)` : `\n(unknown command '${cmd}')`}\n`);
+        return 1;
+      }
     }
   } catch (e) {
     if (e instanceof QledgerError) {
@@ -331,6 +380,13 @@ function isEntry(): boolean {
 }
 
 if (isEntry()) {
+  // a reader that goes away (qledger io -c 'read -v ...' | head -1) ends the output quietly, as with qemu-io
+  for (const s of [process.stdout, process.stderr]) {
+    s.on('error', (e: NodeJS.ErrnoException) => {
+      if (e.code === 'EPIPE') process.exit(process.exitCode ?? 0);
+      throw e;
+    });
+  }
   main(process.argv.slice(2)).then((code) => {
     process.exitCode = code;
   });
