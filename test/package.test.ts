@@ -8,7 +8,7 @@
 
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { spawnSync } from 'node:child_process';
-import { mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdirSync, readFileSync, readdirSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { qemuAvailable, qemuImg, tempDir } from './helpers/qemu.ts';
 
@@ -40,8 +40,14 @@ function readmeExample(): string {
 beforeAll(() => {
   mkdirSync(packs);
   mkdirSync(project);
-  // `npm pack` runs the build (prepare), so the tarball holds what this checkout's sources make
-  must('npm', ['pack', '--silent', '--pack-destination', packs], root);
+  // `npm pack` runs the build (prepare), so the tarball holds what this checkout's sources make.
+  // It runs in a copy: rebuilding this checkout's dist/ would pull it from under tests that run tools/qledger.
+  const stage = join(t.dir, 'stage');
+  mkdirSync(stage);
+  for (const f of ['package.json', 'tsconfig.json', 'tsconfig.build.json', 'README.md', 'LICENSE', 'journal-format.md', 'binding.gyp']) cpSync(join(root, f), join(stage, f));
+  for (const d of ['src', 'native']) cpSync(join(root, d), join(stage, d), { recursive: true });
+  symlinkSync(join(root, 'node_modules'), join(stage, 'node_modules'));
+  must('npm', ['pack', '--silent', '--pack-destination', packs], stage);
   for (const dep of ['immer', 'fzstd', '@types/node', 'undici-types']) must('npm', ['pack', '--silent', '--ignore-scripts', '--pack-destination', packs, join(root, 'node_modules', dep)], root);
   writeFileSync(join(project, 'package.json'), JSON.stringify({ name: 'consumer', private: true, type: 'module' }));
   const tarballs = readdirSync(packs).map((f) => join(packs, f));
