@@ -13,7 +13,7 @@
 export { Image, type ImageOpenOptions } from './engine/image.ts';
 export type { CreateOptions, Preallocation } from './engine/create.ts';
 export type { TraceEvent, ZeroOptions, DetectZeroes } from './engine/writer.ts';
-export { checkImage } from './engine/check/check.ts';
+export { checkImage, type CheckOptions } from './engine/check/check.ts';
 export type { CheckReport, CheckFinding, RepairMode } from './engine/check/report.ts';
 export { crashTest, type GuestOp, type CrashTestOptions, type CrashTestResult } from './harness/crash-harness.ts';
 export type { JournalRecord, MetaRecord, MarkerRecord, LogRecord, L2Word, Word64, HeaderField } from './journal/records.ts';

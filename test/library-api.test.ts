@@ -9,7 +9,7 @@ import { describe, it, expect, afterAll } from 'vitest';
 import { createReadStream, createWriteStream, readFileSync, writeFileSync } from 'node:fs';
 import { pipeline } from 'node:stream/promises';
 import { join } from 'node:path';
-import { Image, MemoryDevice, QledgerError } from '../src/index.ts';
+import { Image, MemoryDevice, QledgerError, checkImage, convertToRaw } from '../src/index.ts';
 import { qemuAvailable, qemuImg, qemuIo, tempDir } from './helpers/qemu.ts';
 
 const t = tempDir();
@@ -144,6 +144,61 @@ describe('streams', () => {
   it('a read stream outside the disk is refused', async () => {
     const img = await Image.open(await fresh('stream-range.qcow2'));
     expect(() => img.createReadStream({ start: 0, end: (4 << 20) + 1 })).toThrow(/outside/);
+    await img.close();
+  });
+});
+
+describe('AbortSignal', () => {
+  const aborted = (e: unknown) => expect((e as Error).name).toBe('AbortError');
+
+  it('stops map iteration, convert and check; an already-aborted signal rejects at once', async () => {
+    const p = join(t.dir, 'abort.qcow2');
+    await Image.create(p, { size: 64 << 20, clusterSize: 4096 });
+    const w = await Image.open(p, { write: true });
+    // every other cluster written: many extents to iterate
+    for (let c = 0; c < 512; c += 2) await w.write(c * 4096, new Uint8Array(4096).fill(1));
+    await w.close();
+
+    const img = await Image.open(p);
+    const ac = new AbortController();
+    let seen = 0;
+    const err = await (async () => {
+      for await (const _ of img.map(0, img.size, { signal: ac.signal })) {
+        void _;
+        if (++seen === 3) ac.abort();
+      }
+    })().then(() => undefined, (e: unknown) => e);
+    aborted(err);
+    expect(seen).toBe(3);
+
+    const done = new AbortController();
+    done.abort();
+    aborted(await convertToRaw(img, join(t.dir, 'abort.raw'), undefined, false, done.signal).then(() => undefined, (e: unknown) => e));
+    const mid = new AbortController();
+    aborted(
+      await convertToRaw(img, join(t.dir, 'abort2.raw'), (d) => {
+        if (d > 0) mid.abort();
+      }, false, mid.signal).then(() => undefined, (e: unknown) => e),
+    );
+    await img.close();
+    aborted(await checkImage(p, { signal: done.signal }).then(() => undefined, (e: unknown) => e));
+    // without a signal, or with one never aborted, the same calls complete
+    expect((await checkImage(p, { signal: new AbortController().signal })).corruptions).toBe(0);
+  });
+
+  it('destroys a read stream', async () => {
+    const img = await Image.open(await fresh('abort-stream.qcow2'));
+    const ac = new AbortController();
+    const s = img.createReadStream({ highWaterMark: 4096, signal: ac.signal });
+    let chunks = 0;
+    const err = await (async () => {
+      for await (const _ of s) {
+        void _;
+        if (++chunks === 2) ac.abort();
+      }
+    })().then(() => undefined, (e: unknown) => e);
+    aborted(err);
+    expect(chunks).toBeLessThan(10);
     await img.close();
   });
 });

@@ -16,9 +16,11 @@ export interface ProgressFn {
  * Write the guest content of `img` to a raw file at `outPath`, sparse where
  * zero. `flush`: make the output durable before returning; qemu-img
  * convert's default output cache mode ('unsafe') does not, so neither does
- * the CLI unless `-t` asks for another mode.
+ * the CLI unless `-t` asks for another mode. `signal` aborts between
+ * chunks (the output is then partial, as qemu-img's when interrupted).
  */
-export async function convertToRaw(img: Image, outPath: string, progress?: ProgressFn, flush = false): Promise<void> {
+export async function convertToRaw(img: Image, outPath: string, progress?: ProgressFn, flush = false, signal?: AbortSignal): Promise<void> {
+  signal?.throwIfAborted();
   const out = await FileDevice.open(outPath, { readOnly: false, create: true });
   try {
     const size = img.size;
@@ -29,12 +31,14 @@ export async function convertToRaw(img: Image, outPath: string, progress?: Progr
     let pos = 0;
     progress?.(0, size);
     while (pos < size) {
+      signal?.throwIfAborted();
       const st = await img.status(pos, Math.min(size - pos, 1 << 30));
       if (st.zero && !st.data) {
         pos += st.length;
       } else {
         const end = pos + st.length;
         while (pos < end) {
+          signal?.throwIfAborted();
           const n = Math.min(CHUNK, end - pos);
           const b = bufs[k]!.subarray(0, n);
           await img.readInto(b, pos);

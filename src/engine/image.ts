@@ -181,10 +181,10 @@ export class Image {
     else await readGuest(this.top, guest(offset), out);
   }
 
-  /** Extents as `qemu-img map` reports them. */
-  async *map(start = 0, length = this.size): AsyncGenerator<MapEntry> {
+  /** Extents as `qemu-img map` reports them; `signal` stops the iteration (it rejects with the signal's reason). */
+  async *map(start = 0, length = this.size, o: { signal?: AbortSignal | undefined } = {}): AsyncGenerator<MapEntry> {
     this.open();
-    yield* mapExtents(this.top, start, length);
+    yield* mapExtents(this.top, start, length, o.signal);
   }
 
   /** Status of the run at `offset`, resolved through the backing chain. */
@@ -210,7 +210,7 @@ export class Image {
    * whole disk), read in chunks of `highWaterMark` bytes (default 1 MiB) as
    * the consumer pulls them: `pipeline(img.createReadStream(), out)`.
    */
-  createReadStream(o: { start?: number; end?: number; highWaterMark?: number } = {}): Readable {
+  createReadStream(o: { start?: number; end?: number; highWaterMark?: number; signal?: AbortSignal } = {}): Readable {
     const start = o.start ?? 0;
     const end = o.end ?? this.size;
     const chunk = o.highWaterMark ?? 1 << 20;
@@ -225,7 +225,7 @@ export class Image {
         yield Buffer.from(b.buffer, b.byteOffset, b.byteLength);
       }
     }
-    return Readable.from(pieces(), { objectMode: false, highWaterMark: chunk });
+    return Readable.from(pieces(), { objectMode: false, highWaterMark: chunk, ...(o.signal ? { signal: o.signal } : {}) });
   }
 
   /**

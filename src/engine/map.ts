@@ -93,11 +93,12 @@ function mergeable(a: MapEntry, b: MapEntry): boolean {
 }
 
 /** Every extent of [start, start + length), merged as qemu-img map merges them. */
-export async function* mapExtents(top: Layer, start = 0, length = top.size): AsyncGenerator<MapEntry> {
+export async function* mapExtents(top: Layer, start = 0, length = top.size, signal?: AbortSignal): AsyncGenerator<MapEntry> {
   const end = start + length;
   let cur: MapEntry | undefined;
   let pos = start;
   while (pos < end) {
+    signal?.throwIfAborted();
     const next = await chainStatus(top, pos, end - pos);
     pos += next.length;
     if (cur && mergeable(cur, next)) {

@@ -50,7 +50,13 @@ async function onePass(img: Image, repair: RepairMode | undefined, report: Check
 }
 
 /** Check (and with `repair`, repair) the qcow2 image at `path`. */
-export async function checkImage(path: string, opts: { repair?: RepairMode | undefined } = {}): Promise<CheckReport> {
+export interface CheckOptions {
+  readonly repair?: RepairMode | undefined;
+  /** abort the check: it rejects with the signal's reason; a repair that has started writing completes first */
+  readonly signal?: AbortSignal | undefined;
+}
+
+export async function checkImage(path: string, opts: CheckOptions = {}): Promise<CheckReport> {
   const dev = await FileDevice.open(path, { readOnly: opts.repair === undefined });
   try {
     return await checkDevice(dev, path, opts);
@@ -60,10 +66,11 @@ export async function checkImage(path: string, opts: { repair?: RepairMode | und
 }
 
 /** Check (and repair) the qcow2 image on any device; the crash harness checks in-memory images. */
-export async function checkDevice(dev: BlockDevice, path: string, opts: { repair?: RepairMode | undefined } = {}): Promise<CheckReport> {
+export async function checkDevice(dev: BlockDevice, path: string, opts: CheckOptions = {}): Promise<CheckReport> {
+  opts.signal?.throwIfAborted();
   {
     if ((await probeFormat(dev)) !== 'qcow2') throw new QledgerError('E_FORMAT', `${path}: not a qcow2 image (check supports qcow2 only)`);
-    let img = await loadImage(dev, path);
+    let img = await loadImage(dev, path, opts.signal);
     const report = emptyReport(path);
     const h0 = img.parsed.header;
     if (opts.repair && h0.version === 3 && (h0.autoclearFeatures & AUTOCLEAR_JOURNAL) !== 0n) {
@@ -71,14 +78,14 @@ export async function checkDevice(dev: BlockDevice, path: string, opts: { repair
       // now on and must never be replayed (QEMU's repair clears the bit the same way).
       await patchHeader(dev, h0, { autoclearFeatures: h0.autoclearFeatures & ~AUTOCLEAR_JOURNAL });
       await dev.flush();
-      img = await loadImage(dev, path);
+      img = await loadImage(dev, path, opts.signal);
     }
     let a = await onePass(img, opts.repair, report);
     if (opts.repair && !report.failure) {
       await dev.flush();
       report.repairedFindings = a.findings;
       // double check the fixed image, without repairing
-      img = await loadImage(dev, path);
+      img = await loadImage(dev, path, opts.signal);
       a = await onePass(img, undefined, report);
       if (a.corruptions === 0 && a.leaks === 0 && a.checkErrors === 0 && (img.parsed.header.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n) {
         await patchHeader(dev, img.parsed.header, { incompatibleFeatures: img.parsed.header.incompatibleFeatures & ~INCOMPAT_DIRTY });

@@ -82,6 +82,8 @@ export interface Image {
   readonly snapshotTableBytes: number;
   readonly g: Geometry;
   readonly filename: string;
+  /** stops the counting (never a repair that has started writing) */
+  readonly signal?: AbortSignal | undefined;
 }
 
 
@@ -263,6 +265,7 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
     const entries = l1Entries(await readAt(dev, l1Off, l1Size * 8), l1Size);
     const perBatch = Math.max(1, Math.floor(BATCH_BYTES / cs));
     for (let b = 0; b < entries.length; b += perBatch) {
+      img.signal?.throwIfAborted();
       const batch = entries.slice(b, b + perBatch);
       // like QEMU, read each table where the entry says, aligned or not (past the end reads as zeros)
       const aligned = await readClusters(dev, batch.filter((x) => x.l2 % cs === 0).map((x) => x.l2), cs);
@@ -359,7 +362,7 @@ export async function countReferences(dev: BlockDevice, name: string, opts: { bi
   return { get: (c) => a.counts.get(cluster(c)), endCluster: a.nbClusters };
 }
 
-export async function loadImage(dev: BlockDevice, filename: string): Promise<Image> {
+export async function loadImage(dev: BlockDevice, filename: string, signal?: AbortSignal): Promise<Image> {
   const { parsed, snapshots, snapshotTableBytes } = await loadQcow2(dev);
-  return { dev, parsed, snapshots, snapshotTableBytes, g: geometryOf(parsed.header), filename };
+  return { dev, parsed, snapshots, snapshotTableBytes, g: geometryOf(parsed.header), filename, signal };
 }
