@@ -8,7 +8,7 @@ import { readFileSync } from 'node:fs';
 import { UsageError } from '../errors.ts';
 import { getopt, parseOptionList, parseSize } from './args.ts';
 import { createOptionsFrom } from '../engine/create.ts';
-import { crashTest, parseWorkload, reproduction, type GuestOp, type CrashFailure } from '../harness/crash-harness.ts';
+import { addCounts, crashTest, emptyCounts, parseWorkload, reproduction, type GuestOp, type CrashFailure } from '../harness/crash-harness.ts';
 import { FAULTS, type Fault } from '../engine/faults.ts';
 import { rng } from '../io/crash-device.ts';
 import { qemuJson } from '../engine/info.ts';
@@ -88,26 +88,15 @@ export async function runCrashTest(argv: string[], io: Output): Promise<number> 
     const runs = num('runs', 10);
     for (let i = 0; i < runs; i++) workloads.push(randomWorkload(seed + i, size, cs));
   }
-  let states = 0;
-  let corruptions = 0;
-  let dataErrors = 0;
-  let leaks = 0;
-  let replayed = 0;
-  let leaksAfter = 0;
-  let seconds = 0;
+  const n = emptyCounts();
   const failures: Array<CrashFailure & { workload: number; reproduce: string }> = [];
   for (const [i, ops] of workloads.entries()) {
     const r = await crashTest(ops, { create, maxStates, seed: seed + i, fault: fault as Fault | undefined, qemuSamples, journal });
-    states += r.states;
-    corruptions += r.corruptions;
-    dataErrors += r.dataErrors;
-    leaks += r.leaks;
-    replayed += r.replayed;
-    leaksAfter += r.leaksAfterRecovery;
-    seconds += r.seconds;
+    addCounts(n, r);
     const repro = reproduction(ops, { create, seed: seed + i, fault: fault as Fault | undefined });
     for (const f of r.failures.slice(0, 5)) failures.push({ ...f, workload: i, reproduce: repro });
   }
+  const { states, corruptions, dataErrors, leaks, replayed, leaksAfterRecovery: leaksAfter, seconds } = n;
   const sps = seconds > 0 ? Math.round(states / seconds) : 0;
   if (output === 'json') {
     io.out(qemuJson({ workloads: workloads.length, states, corruptions, 'data-errors': dataErrors, leaks, 'journal-replays': replayed, 'leaks-after-recovery': leaksAfter, 'states-per-second': sps, failures }) + '\n');

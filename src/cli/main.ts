@@ -11,7 +11,7 @@ import { Image } from '../engine/image.ts';
 import { convertToRaw, compareImages } from '../engine/convert.ts';
 import { formatInfoHuman, qemuJson, snapshotLine, type ImageInfo } from '../engine/info.ts';
 import { formatMapHuman, formatMapJson, MapHumanError, type MapEntry } from '../engine/map.ts';
-import { probeFile, type ImageFormat } from '../engine/open.ts';
+import type { ImageFormat } from '../engine/open.ts';
 import { runIo } from './io.ts';
 import { stdio, type Output } from './output.ts';
 import { VERSION } from '../version.ts';
@@ -254,16 +254,23 @@ async function cmdCheck(argv: string[], io: Output): Promise<number> {
   one(p.positional, 1, 'check');
   const fmt = last(p.opts, 'f');
   const output = outputArg(last(p.opts, 'output'));
-  // qemu-img: a format without checks (raw, given or probed) is exit 63
-  if (fmt === 'raw' || (fmt === undefined && (await probeFile(p.positional[0]!)) === 'raw')) {
+  // qemu-img: a format without checks (raw, given or probed) is exit 63, in its words
+  const noChecks = () => {
     io.err('qledger: This image format does not support checks\n');
     return 63;
-  }
+  };
+  if (fmt === 'raw') return noChecks();
   if (fmt !== undefined && fmt !== 'qcow2') throw new UsageError(`check: only qcow2 images can be checked (got -f ${String(fmt)})`);
   const r = last(p.opts, 'r');
   if (r !== undefined && r !== 'leaks' && r !== 'all') throw new UsageError(`Unknown option value for -r (expecting 'leaks' or 'all'): ${String(r)}`);
   const quiet = p.opts.some(([k]) => k === 'q');
-  const report = await checkImage(p.positional[0]!, { repair: r as RepairMode | undefined });
+  let report;
+  try {
+    report = await checkImage(p.positional[0]!, { repair: r as RepairMode | undefined });
+  } catch (e) {
+    if (e instanceof QledgerError && e.data['noChecks'] === true) return noChecks();
+    throw e;
+  }
   if (r === undefined && report.leaks && !report.corruptions) {
     const j = await readJournal(p.positional[0]!).catch(() => undefined);
     if (j?.live && j.transactions.some((t) => t.committed && !t.applied)) {

@@ -42,16 +42,6 @@ export async function probeFormat(dev: BlockDevice): Promise<ImageFormat> {
   return u32(head, 0) === QCOW2_MAGIC ? 'qcow2' : 'raw';
 }
 
-/** The format of the file at `path` by its magic (qcow2, else raw), without opening it as an image. */
-export async function probeFile(path: string): Promise<ImageFormat> {
-  const dev = await FileDevice.open(path, { readOnly: true });
-  try {
-    return await probeFormat(dev);
-  } finally {
-    await dev.close();
-  }
-}
-
 export async function openLayer(path: string, opts: OpenOptions = {}): Promise<Layer> {
   return openAt(path, opts, new Set(), 0);
 }

@@ -83,6 +83,17 @@ export interface CrashTestResult {
   readonly deviceOps: number;
 }
 
+/** The counters of a crash test, added up over several workloads by `addCounts`. */
+export type CrashCounts = { -readonly [K in 'states' | 'corruptions' | 'dataErrors' | 'leaks' | 'leaksAfterRecovery' | 'replayed' | 'seconds']: CrashTestResult[K] };
+
+export function emptyCounts(): CrashCounts {
+  return { states: 0, corruptions: 0, dataErrors: 0, leaks: 0, leaksAfterRecovery: 0, replayed: 0, seconds: 0 };
+}
+
+export function addCounts(into: CrashCounts, r: CrashCounts): void {
+  for (const k of Object.keys(into) as Array<keyof CrashCounts>) into[k] += r[k];
+}
+
 const SECTOR = 512;
 
 /** An in-memory image as a read-only layer (raw, or qcow2 over an optional backing layer). */

@@ -6,7 +6,7 @@
  * qemu-img prints.
  */
 
-import { QledgerError } from '../../errors.ts';
+import { UnsupportedError } from '../../errors.ts';
 import { readAt, type BlockDevice } from '../../io/device.ts';
 import { FileDevice } from '../../io/file-device.ts';
 import { AUTOCLEAR_JOURNAL, INCOMPAT_DIRTY } from '../../format/features.ts';
@@ -69,7 +69,8 @@ export async function checkImage(path: string, opts: CheckOptions = {}): Promise
 export async function checkDevice(dev: BlockDevice, path: string, opts: CheckOptions = {}): Promise<CheckReport> {
   opts.signal?.throwIfAborted();
   {
-    if ((await probeFormat(dev)) !== 'qcow2') throw new QledgerError('E_FORMAT', `${path}: not a qcow2 image (check supports qcow2 only)`);
+    // qemu-img's words and exit code (63) for a format without checks; `noChecks` lets the CLI say them
+    if ((await probeFormat(dev)) !== 'qcow2') throw new UnsupportedError(`${path}: This image format does not support checks`, { path, noChecks: true });
     let img = await loadImage(dev, path, opts.signal);
     const report = emptyReport(path);
     const h0 = img.parsed.header;
