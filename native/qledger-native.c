@@ -5,18 +5,24 @@
  *     `map` needs them to tell holes from data the way QEMU does.
  *   fallocate(fd, mode, offset, length): fallocate(2); mode 0 allocates,
  *     1 punches a hole (PUNCH_HOLE|KEEP_SIZE), 2 zeroes a range (ZERO_RANGE).
+ *   ofdLock(fd, start, length, take): an open-file-description byte-range
+ *     lock (fcntl F_OFD_SETLK), shared when take is 1, released when 0; the
+ *     locks QEMU's file driver uses to advertise permissions.
+ *   ofdHeld(fd, start, length): whether another open file description holds
+ *     a lock there (F_OFD_GETLK asking for an exclusive lock), as QEMU tests.
  * Errors are thrown as JS errors carrying the errno name in `code`.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <string.h>
 #include <unistd.h>
 #include <node_api.h>
 
 static napi_value throw_errno(napi_env env, int err, const char *what) {
   char msg[128];
-  const char *code = err == ENXIO ? "ENXIO" : err == EOPNOTSUPP ? "EOPNOTSUPP" : err == EINVAL ? "EINVAL" : err == ENOSPC ? "ENOSPC" : "EIO";
+  const char *code = err == ENXIO ? "ENXIO" : err == EOPNOTSUPP ? "EOPNOTSUPP" : err == EINVAL ? "EINVAL" : err == ENOSPC ? "ENOSPC" : err == EAGAIN || err == EACCES ? "EAGAIN" : "EIO";
   snprintf(msg, sizeof msg, "%s: %s", what, strerror(err));
   napi_throw_error(env, code, msg);
   return NULL;
@@ -60,11 +66,41 @@ static napi_value do_fallocate(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+static napi_value ofd_lock(napi_env env, napi_callback_info info) {
+  double a[4];
+  if (get_args(env, info, 4, a)) return throw_errno(env, EINVAL, "ofdLock");
+  struct flock fl;
+  memset(&fl, 0, sizeof fl);
+  fl.l_whence = SEEK_SET;
+  fl.l_start = (off_t)a[1];
+  fl.l_len = (off_t)a[2];
+  fl.l_type = (int)a[3] ? F_RDLCK : F_UNLCK;
+  if (fcntl((int)a[0], F_OFD_SETLK, &fl) < 0) return throw_errno(env, errno, "fcntl(F_OFD_SETLK)");
+  return NULL;
+}
+
+static napi_value ofd_held(napi_env env, napi_callback_info info) {
+  double a[3];
+  napi_value r;
+  if (get_args(env, info, 3, a)) return throw_errno(env, EINVAL, "ofdHeld");
+  struct flock fl;
+  memset(&fl, 0, sizeof fl);
+  fl.l_whence = SEEK_SET;
+  fl.l_start = (off_t)a[1];
+  fl.l_len = (off_t)a[2];
+  fl.l_type = F_WRLCK;
+  if (fcntl((int)a[0], F_OFD_GETLK, &fl) < 0) return throw_errno(env, errno, "fcntl(F_OFD_GETLK)");
+  napi_get_boolean(env, fl.l_type != F_UNLCK, &r);
+  return r;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor d[] = {
     {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_default, NULL},
     {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_default, NULL},
     {"fallocate", NULL, do_fallocate, NULL, NULL, NULL, napi_default, NULL},
+    {"ofdLock", NULL, ofd_lock, NULL, NULL, NULL, napi_default, NULL},
+    {"ofdHeld", NULL, ofd_held, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof d / sizeof d[0], d);
   return exports;

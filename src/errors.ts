@@ -14,6 +14,7 @@ export type ErrorCode =
   | 'E_RANGE' // a guest request outside the virtual disk
   | 'E_READ_ONLY' // a write to something opened read-only
   | 'E_CLOSED' // an image used after close()
+  | 'E_LOCKED' // another user of the file holds permissions that conflict (QEMU's image locks)
   | 'E_IO' // the device failed or returned short data
   | 'E_RECORD' // a metadata record does not fit the state it is applied to
   | 'E_OVERFLOW'; // a refcount would exceed refcount_bits

@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { decodeHeader, encodeHeader, QCOW2_MAGIC, putU32, putU64 } from '../src/format/index.ts';
 import { FormatError, UnsupportedError } from '../src/errors.ts';
 import { tempDir } from './helpers/qemu.ts';
+import { FileDevice } from '../src/io/file-device.ts';
 import { runCli } from './helpers/cli.ts';
 
 const { dir, cleanup } = tempDir('qledger-bad-');
@@ -140,5 +141,22 @@ describe('bad input', () => {
     const enc = withField((b) => putU32(b, 32, 1));
     expect(() => decodeHeader(enc, enc.length)).toThrow(UnsupportedError);
     expect(QCOW2_MAGIC).toBe(0x514649fb);
+  });
+
+  it('a file offset past 2^53 never reaches Node as a position (it would read or write at the current one)', async () => {
+    const f = join(dir, 'far.bin');
+    writeFileSync(f, Buffer.alloc(4096, 0x5a));
+    const dev = await FileDevice.open(f, { readOnly: false });
+    try {
+      const far = 2 ** 53 + 0x3e000;
+      const got = new Uint8Array(512).fill(1);
+      await dev.readInto(got, far);
+      expect(got.every((x) => x === 0)).toBe(true); // past the end of any file: zeros, not the header
+      await expect(dev.write(far, new Uint8Array(512))).rejects.toMatchObject({ code: 'E_RANGE' });
+      await expect(dev.readInto(new Uint8Array(8), -8)).rejects.toMatchObject({ code: 'E_RANGE' });
+    } finally {
+      await dev.close();
+    }
+    expect(readFileSync(f).every((x) => x === 0x5a)).toBe(true);
   });
 });

@@ -66,7 +66,17 @@ const DAMAGES: Record<string, Damage> = {
   'L1 entry pointing at the L1 table': (b, L) => setEntry(b, L.l1 + 8, L.l1, true),
   'refcount table entry pointing into the header': (b, L) => putU64(b, L.reftable + 8, 0x200),
   'refcount too high on the L2 table': (b, L) => setRefcount16(b, L, L.l2 / CS, 3),
+  // refcount-table entry 0, read as QEMU's qcow2_get_refcount() reads it
+  'refcount table entry with bit 63 set (unreadable block)': (b, L) => void (b[L.reftable] = 0x80),
+  'refcount table entry with reserved bits set': (b, L) => void (b[L.reftable + 7] = b[L.reftable + 7]! | 0x01),
+  'unaligned refcount table entry (unreadable block)': (b, L) => void (b[L.reftable + 6] = b[L.reftable + 6]! | 0x02),
+  'refcount table entry past the end of the file (reads as zeros)': (b, L) => void (b[L.reftable + 3] = 0x01),
+  'refcount table entry past the block layer limit': (b, L) => putU64(b, L.reftable, 2 ** 63 - 2 ** 30),
+  'L1 entry past 2^53 (not a safe integer for Node)': (b, L) => setEntry(b, L.l1, 2 ** 53 + L.l2, true),
 };
+
+/** The findings on stderr, without the host-offset suffix qledger adds and with qemu-img's name. */
+const qemuWords = (err: string) => err.replace(/ \((?:offset|host offset|L2 table at) 0x[0-9a-f]+(?:, index \d+)?\)$/gm, '').replace(/^qledger:/gm, 'qemu-img:');
 
 function json(args: string[], file: string): { code: number | null; json: unknown; stderr: string } {
   const r = spawnSync('qemu-img', ['check', '--output=json', ...args, file], { encoding: 'utf8' });
@@ -119,6 +129,7 @@ describe.skipIf(!qemuAvailable)('check agrees with qemu-img check', () => {
       const q = json([], f);
       const r = await ours(['check', '--output=json', f]);
       expect({ code: r.code, json: JSON.parse(r.out || '{}') }).toEqual({ code: q.code, json: q.json });
+      expect(qemuWords(r.err)).toBe(q.stderr);
       expect(readFileSync(f).equals(damaged)).toBe(true); // check alone writes nothing
       // 2. repair: same outcome as QEMU's repair, and clean where QEMU gets it clean
       const fo = f.replace('.qcow2', '-ours.qcow2');

@@ -229,7 +229,9 @@ export async function runIo(argv: string[], io: Output): Promise<number> {
   if (fmt !== undefined && fmt !== 'qcow2' && fmt !== 'raw') throw new UsageError(`Unknown file format '${String(fmt)}'`);
   const readOnly = p.opts.some(([k]) => k === 'r' || k === 'read-only');
   const wantsWrite = cmds.some((c) => WRITE_COMMANDS.has(splitCommand(c)[0] ?? ''));
-  const img = await Image.open(p.positional[0]!, { format: fmt as 'qcow2' | 'raw' | undefined, write: wantsWrite && !readOnly, detectZeroes: dz as 'off' | 'on' | 'unmap' | undefined, journal: jo !== 'off', onWarning: (m) => io.err(`qledger: warning: ${m}\n`) });
+  const forceShare = p.opts.some(([k]) => k === 'U' || k === 'force-share');
+  // qemu-io opens read-write unless -r, so it locks as a writer even when the commands only read
+  const img = await Image.open(p.positional[0]!, { format: fmt as 'qcow2' | 'raw' | undefined, write: wantsWrite && !readOnly, forceShare, lockAsWriter: !readOnly && !forceShare, detectZeroes: dz as 'off' | 'on' | 'unmap' | undefined, journal: jo !== 'off', onWarning: (m) => io.err(`qledger: warning: ${m}\n`) });
   let failed = false;
   let aborted = false;
   try {

@@ -6,6 +6,7 @@
 import { realpathSync } from 'node:fs';
 import { pathToFileURL } from 'node:url';
 import { QledgerError, UsageError, UnsupportedError } from '../errors.ts';
+import { LockedError } from '../io/image-lock.ts';
 import { getopt, parseOptionList, parseSize } from './args.ts';
 import { Image } from '../engine/image.ts';
 import { convertToRaw, compareImages } from '../engine/convert.ts';
@@ -47,6 +48,18 @@ Commands (options as in qemu-img / qemu-io):
                   | discard OFF LEN | flush | truncate SIZE | abort | map | alloc OFF [LEN] | info | length
 `;
 
+/** -U / --force-share: share every permission with the image's other users (read-only opens). */
+export function forceShareOf(p: { opts: ReadonlyArray<readonly [string, string | true]> }): boolean {
+  return p.opts.some(([k]) => k === 'U' || k === 'force-share');
+}
+
+/** qemu-img's words for an image it cannot lock (qemu-io words it as "can't open device"). */
+export function lockedMessage(e: LockedError, tool: 'img' | 'io'): string {
+  const path = String(e.data['path']);
+  const head = tool === 'img' ? `Could not open '${path}'` : `can't open device ${path}`;
+  return `qledger: ${head}: ${e.message}\n${String(e.data['hint'])}\n`;
+}
+
 function formatArg(v: string | true | undefined): ImageFormat | undefined {
   if (v === undefined) return undefined;
   if (v === 'qcow2' || v === 'raw') return v;
@@ -75,7 +88,7 @@ async function cmdInfo(argv: string[], io: Output): Promise<number> {
   one(p.positional, 1, 'info');
   const output = outputArg(last(p.opts, 'output'));
   const chain = last(p.opts, 'backing-chain') === true;
-  const img = await Image.open(p.positional[0]!, { format: formatArg(last(p.opts, 'f')), noBacking: !chain });
+  const img = await Image.open(p.positional[0]!, { format: formatArg(last(p.opts, 'f')), noBacking: !chain, forceShare: forceShareOf(p) });
   try {
     const layers = chain ? img.chain : [img.top];
     const infos: ImageInfo[] = [];
@@ -98,7 +111,7 @@ async function cmdMap(argv: string[], io: Output): Promise<number> {
   const p = getopt(argv, { withArg: 'f', flags: 'hU', long: { output: true, 'start-offset': true, 'max-length': true, 'force-share': false, 'image-opts': false } }, 'map');
   one(p.positional, 1, 'map');
   const output = outputArg(last(p.opts, 'output'));
-  const img = await Image.open(p.positional[0]!, { format: formatArg(last(p.opts, 'f')) });
+  const img = await Image.open(p.positional[0]!, { format: formatArg(last(p.opts, 'f')), forceShare: forceShareOf(p) });
   try {
     const so = last(p.opts, 'start-offset');
     const ml = last(p.opts, 'max-length');
@@ -146,7 +159,7 @@ async function cmdConvert(argv: string[], io: Output): Promise<number> {
   // -t: the output's cache mode; qemu-img's default for convert is 'unsafe' (no flush)
   const cache = last(p.opts, 't') ?? 'unsafe';
   if (!['unsafe', 'writeback', 'writethrough', 'none', 'directsync'].includes(String(cache))) throw new UsageError(`Invalid cache option: ${String(cache)}`);
-  const img = await Image.open(p.positional[0]!, { format: formatArg(last(p.opts, 'f')), snapshot });
+  const img = await Image.open(p.positional[0]!, { format: formatArg(last(p.opts, 'f')), snapshot, forceShare: forceShareOf(p) });
   try {
     await convertToRaw(
       img,
@@ -168,7 +181,7 @@ async function cmdSnapshot(argv: string[], io: Output): Promise<number> {
     if (last(p.opts, k) !== undefined) throw new UnsupportedError(`snapshot -${k}: creating, applying and deleting snapshots are not supported yet`);
   }
   if (last(p.opts, 'l') !== true) throw new UsageError('snapshot: expecting -l');
-  const img = await Image.open(p.positional[0]!, { format: formatArg(last(p.opts, 'f')), noBacking: true });
+  const img = await Image.open(p.positional[0]!, { format: formatArg(last(p.opts, 'f')), noBacking: true, forceShare: forceShareOf(p) });
   try {
     if (img.snapshots.length > 0) {
       io.out('Snapshot list:\n' + snapshotLine() + '\n');
@@ -186,9 +199,9 @@ async function cmdCompare(argv: string[], io: Output): Promise<number> {
     const p = getopt(argv, { withArg: 'fFT', flags: 'sqpU', long: { 'force-share': false, 'image-opts': false } }, 'compare');
     one(p.positional, 2, 'compare');
     const quiet = last(p.opts, 'q') === true;
-    const a = await Image.open(p.positional[0]!, { format: formatArg(last(p.opts, 'f')) });
+    const a = await Image.open(p.positional[0]!, { format: formatArg(last(p.opts, 'f')), forceShare: forceShareOf(p) });
     try {
-      const b = await Image.open(p.positional[1]!, { format: formatArg(last(p.opts, 'F') ?? last(p.opts, 'f')) });
+      const b = await Image.open(p.positional[1]!, { format: formatArg(last(p.opts, 'F') ?? last(p.opts, 'f')), forceShare: forceShareOf(p) });
       try {
         const strict = last(p.opts, 's') === true;
         const r = await compareImages(a, b, strict);
@@ -206,6 +219,10 @@ async function cmdCompare(argv: string[], io: Output): Promise<number> {
       await a.close();
     }
   } catch (e) {
+    if (e instanceof LockedError) {
+      io.err(lockedMessage(e, 'img'));
+      return 2;
+    }
     if (e instanceof QledgerError) {
       io.err(`qledger: ${e.message}\n`);
       return 2;
@@ -244,7 +261,15 @@ async function cmdCreate(argv: string[], io: Output): Promise<number> {
     opts.set('size', String(size));
   }
   const co = createOptionsFrom(opts, parseSize);
-  const summary = await Image.create(path, co);
+  let summary: string;
+  try {
+    summary = await Image.create(path, co);
+  } catch (e) {
+    // qemu-img create names the file without "Could not open"
+    if (!(e instanceof LockedError)) throw e;
+    io.err(`qledger: ${String(e.data['path'])}: ${e.message}\n${String(e.data['hint'])}\n`);
+    return 1;
+  }
   if (!p.opts.some(([k]) => k === 'q')) io.out(summary + '\n');
   return 0;
 }
@@ -266,7 +291,7 @@ async function cmdCheck(argv: string[], io: Output): Promise<number> {
   const quiet = p.opts.some(([k]) => k === 'q');
   let report;
   try {
-    report = await checkImage(p.positional[0]!, { repair: r as RepairMode | undefined });
+    report = await checkImage(p.positional[0]!, { repair: r as RepairMode | undefined, forceShare: forceShareOf(p) });
   } catch (e) {
     if (e instanceof QledgerError && e.data['noChecks'] === true) return noChecks();
     throw e;
@@ -285,6 +310,8 @@ async function cmdCheck(argv: string[], io: Output): Promise<number> {
   }
   if (output === 'json') io.out(qemuJson(checkJson(report)) + '\n');
   else if (!quiet) io.out(checkHuman(report));
+  // qemu-img: internal errors during the check end in "Check failed" and exit 1
+  if (report.checkErrors) io.err('qledger: Check failed\n');
   return checkExitCode(report);
 }
 
@@ -365,6 +392,10 @@ export async function main(argv: string[], io: Output = stdio): Promise<number> 
       }
     }
   } catch (e) {
+    if (e instanceof LockedError) {
+      io.err(lockedMessage(e, cmd === 'io' ? 'io' : 'img'));
+      return 1;
+    }
     if (e instanceof QledgerError) {
       io.err(`qledger: ${e.message}\n`);
       return 1;

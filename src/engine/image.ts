@@ -63,6 +63,8 @@ export class Image {
     const name = typeof target === 'string' ? target : target.name;
     if (opts.write) {
       if (opts.snapshot !== undefined) throw new QledgerError('E_USAGE', `${name}: a snapshot can only be opened read-only`);
+      // qemu's words: sharing write permissions is for readers only
+      if (opts.forceShare) throw new QledgerError('E_USAGE', `${name}: force-share=on can only be used with read-only images`);
       const o: WritableOpenOptions = { format: opts.format, trace: opts.trace, detectZeroes: opts.detectZeroes, cacheBytes: opts.cacheBytes, journal: opts.journal, journalBytes: opts.journalBytes, onWarning: opts.onWarning };
       const { writer, recovery } = typeof target === 'string' ? await openWriterSession(target, o) : await openWriterSessionOn(target, name, o);
       return new Image(writer.layer, writer, recovery);

@@ -8,6 +8,7 @@
 import { realpath } from 'node:fs/promises';
 import { FormatError, NotFoundError, QledgerError, UnsupportedError, UsageError } from '../errors.ts';
 import { FileDevice } from '../io/file-device.ts';
+import { imagePermissions, LockedError } from '../io/image-lock.ts';
 import type { BlockDevice } from '../io/device.ts';
 import { readAt } from '../io/device.ts';
 import { QCOW2_MAGIC } from '../format/header.ts';
@@ -28,6 +29,17 @@ export interface OpenOptions {
   readonly snapshot?: string | undefined;
   /** do not open backing files (info without --backing-chain needs none) */
   readonly noBacking?: boolean | undefined;
+  /**
+   * share every permission with other users of the files, as qemu-img -U
+   * (read-only opens only): opens an image another program is writing,
+   * whose content may then change underneath
+   */
+  readonly forceShare?: boolean | undefined;
+  /**
+   * lock the top image as a writer would although it is read here (qemu-io
+   * opens read-write unless -r, so it refuses an image in use for writing)
+   */
+  readonly lockAsWriter?: boolean | undefined;
 }
 
 /** QEMU's path_combine(): a relative name is taken relative to the directory of `base`. */
@@ -52,7 +64,7 @@ async function openAt(path: string, opts: OpenOptions, seen: Set<string>, depth:
   if (seen.has(real)) throw new FormatError('backing chain', 'backing_file_offset', 8, `${path} is its own backing file (chain loop)`, { path });
   seen.add(real);
 
-  const dev = await FileDevice.open(path, { readOnly: true });
+  const dev = await FileDevice.open(path, { readOnly: true, lock: imagePermissions({ readOnly: !opts.lockAsWriter, forceShare: opts.forceShare }) });
   try {
     return await layerOn(dev, path, opts, seen, depth);
   } catch (e) {
@@ -88,7 +100,8 @@ async function layerOn(dev: BlockDevice, path: string, opts: OpenOptions, seen: 
   let dataDev: BlockDevice | undefined;
   if ((h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n && parsed.dataFile !== undefined) {
     const dataPath = combinePath(path, parsed.dataFile);
-    dataDev = await FileDevice.open(dataPath, { readOnly: true }).catch((e: unknown) => {
+    dataDev = await FileDevice.open(dataPath, { readOnly: true, lock: imagePermissions({ readOnly: !opts.lockAsWriter, dataFile: true, forceShare: opts.forceShare }) }).catch((e: unknown) => {
+      if (e instanceof LockedError) throw e;
       throw new NotFoundError(`${path}: could not open external data file '${dataPath}': ${(e as Error).message}`, { path, dataFile: dataPath });
     });
   }
@@ -101,7 +114,7 @@ async function layerOn(dev: BlockDevice, path: string, opts: OpenOptions, seen: 
       throw new UnsupportedError(`${path}: backing file format '${bfmt}' is not supported (qcow2 and raw are)`, { path, backingFormat: bfmt });
     }
     try {
-      backing = await openAt(bpath, { format: bfmt as ImageFormat | undefined }, seen, depth + 1);
+      backing = await openAt(bpath, { format: bfmt as ImageFormat | undefined, forceShare: opts.forceShare }, seen, depth + 1);
     } catch (e) {
       await dataDev?.close();
       if (e instanceof NotFoundError && e.data['path'] === bpath) {

@@ -5,6 +5,7 @@
 
 import { NotFoundError, QledgerError, UnsupportedError } from '../errors.ts';
 import { FileDevice } from '../io/file-device.ts';
+import { imagePermissions, LockedError } from '../io/image-lock.ts';
 import type { BlockDevice } from '../io/device.ts';
 import { INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, AUTOCLEAR_DATA_FILE_RAW } from '../format/features.ts';
 import { getRefcount } from '../format/refcount.ts';
@@ -173,7 +174,8 @@ export async function openWriterSessionOn(dev: BlockDevice, path: string, opts: 
     const h = parsed.header;
     if ((h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n && parsed.dataFile !== undefined) {
       const dataPath = combinePath(path, parsed.dataFile);
-      dataDev = await FileDevice.open(dataPath, { readOnly: false }).catch((e: unknown) => {
+      dataDev = await FileDevice.open(dataPath, { readOnly: false, lock: imagePermissions({ readOnly: false, dataFile: true }) }).catch((e: unknown) => {
+        if (e instanceof LockedError) throw e;
         throw new NotFoundError(`${path}: could not open external data file '${dataPath}': ${(e as Error).message}`, { path, dataFile: dataPath });
       });
     }

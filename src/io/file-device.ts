@@ -1,27 +1,49 @@
 /**
- * A BlockDevice over a file, through node:fs/promises.
+ * A BlockDevice over a file, through node:fs/promises, holding QEMU's image
+ * locks (image-lock.ts) while it is open.
  */
 
-import { open, stat, type FileHandle } from 'node:fs/promises';
-import { IoError, NotFoundError, QledgerError } from '../errors.ts';
+import { open, stat, constants as fsc, type FileHandle } from 'node:fs/promises';
+import { IoError, NotFoundError, QledgerError, hexDigits } from '../errors.ts';
 import { ZERO_CHUNK, type BlockDevice } from './device.ts';
 import { native } from './native.ts';
+import { HeldLock, imagePermissions, type LockPermissions } from './image-lock.ts';
+
+/** How a file is locked while open (see image-lock.ts): QEMU's permissions, or not at all. */
+export type FileLocking = LockPermissions | false;
 
 export class FileDevice implements BlockDevice {
   private closed = false;
+  private lock: HeldLock | undefined;
   private constructor(
     readonly name: string,
     readonly readOnly: boolean,
     private readonly fh: FileHandle,
   ) {}
 
-  static async open(path: string, opts: { readOnly: boolean; create?: boolean }): Promise<FileDevice> {
-    const flags = opts.readOnly ? 'r' : opts.create ? 'w+' : 'r+';
+  /**
+   * Open a file, locked as QEMU locks an image file unless `lock` says
+   * otherwise (default: an image opened read-only or read-write). `create`
+   * empties the file, but only once the lock is held: a file another
+   * program is using is refused untouched, as qemu-img create refuses it.
+   */
+  static async open(path: string, opts: { readOnly: boolean; create?: boolean; lock?: FileLocking }): Promise<FileDevice> {
+    const flags = opts.readOnly ? fsc.O_RDONLY : opts.create ? fsc.O_RDWR | fsc.O_CREAT : fsc.O_RDWR;
+    let fh: FileHandle | undefined;
     try {
       const st = await stat(path).catch(() => undefined);
       if (st && st.isDirectory()) throw new IoError(`${path}: is a directory`, { path });
-      return new FileDevice(path, opts.readOnly, await open(path, flags));
+      fh = await open(path, flags, 0o644);
+      const dev = new FileDevice(path, opts.readOnly, fh);
+      const permissions = opts.lock ?? imagePermissions({ readOnly: opts.readOnly });
+      if (permissions) {
+        const id = await fh.stat();
+        dev.lock = HeldLock.acquire(fh.fd, `${id.dev}:${id.ino}`, path, permissions);
+      }
+      if (opts.create) await fh.truncate(0);
+      return dev;
     } catch (e) {
+      await fh?.close().catch(() => undefined);
       if (e instanceof QledgerError) throw e;
       const code = (e as NodeJS.ErrnoException).code;
       if (code === 'ENOENT') throw new NotFoundError(`${path}: no such file`, { path });
@@ -39,6 +61,14 @@ export class FileDevice implements BlockDevice {
   }
 
   async readInto(buf: Uint8Array, offset: number): Promise<void> {
+    // Node reads from the file's current position when given a position that
+    // is not a safe integer (it would return the header for a table "at"
+    // 2^53); no file reaches that far, so such a read is past the end: zeros.
+    if (!Number.isSafeInteger(offset + buf.length) || offset < 0) {
+      if (offset < 0) throw new QledgerError('E_RANGE', `${this.name}: read at negative offset -0x${hexDigits(-offset)}`, { offset });
+      buf.fill(0);
+      return;
+    }
     let done = 0;
     while (done < buf.length) {
       const { bytesRead } = await this.fh.read(buf, done, buf.length - done, offset + done);
@@ -52,6 +82,8 @@ export class FileDevice implements BlockDevice {
 
   async write(offset: number, data: Uint8Array): Promise<void> {
     this.assertWritable();
+    // never let Node turn an impossible position into "the current position"
+    if (!Number.isSafeInteger(offset + data.length) || offset < 0) throw new QledgerError('E_RANGE', `${this.name}: write at offset 0x${hexDigits(offset)} is outside any file`, { offset });
     let done = 0;
     while (done < data.length) {
       const { bytesWritten } = await this.fh.write(data, done, data.length - done, offset + done);
@@ -131,6 +163,7 @@ export class FileDevice implements BlockDevice {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.lock?.release();
     await this.fh.close();
   }
 

@@ -1,7 +1,8 @@
 /**
  * The optional native helper (native/qledger-native.c, built by `npm install`
- * through node-gyp): SEEK_DATA/SEEK_HOLE and fallocate, which Node's fs lacks.
- * Everything works without it; only hole detection becomes a content guess.
+ * through node-gyp): SEEK_DATA/SEEK_HOLE, fallocate and OFD byte-range locks,
+ * which Node's fs lacks. Everything works without it; hole detection becomes
+ * a content guess and image locks hold only within this process.
  */
 
 import { createRequire } from 'node:module';
@@ -10,6 +11,10 @@ export interface NativeHelper {
   seekData(fd: number, offset: number): number;
   seekHole(fd: number, offset: number): number;
   fallocate(fd: number, mode: 0 | 1 | 2, offset: number, length: number): void;
+  /** take (1) or release (0) a shared OFD byte-range lock; throws code EAGAIN on a conflict */
+  ofdLock?(fd: number, start: number, length: number, take: 0 | 1): void;
+  /** whether another open file description holds a lock on the range */
+  ofdHeld?(fd: number, start: number, length: number): boolean;
 }
 
 function load(): NativeHelper | undefined {

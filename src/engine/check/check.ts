@@ -6,7 +6,8 @@
  * qemu-img prints.
  */
 
-import { UnsupportedError } from '../../errors.ts';
+import { UnsupportedError, UsageError } from '../../errors.ts';
+import { imagePermissions } from '../../io/image-lock.ts';
 import { readAt, type BlockDevice } from '../../io/device.ts';
 import { FileDevice } from '../../io/file-device.ts';
 import { AUTOCLEAR_JOURNAL, INCOMPAT_DIRTY } from '../../format/features.ts';
@@ -22,6 +23,8 @@ async function onePass(img: Image, repair: RepairMode | undefined, report: Check
   const reftable = await readAt(img.dev, h.refcountTableOffset, h.refcountTableClusters * img.g.clusterSize);
   const stored = new Stored(img, reftable, await img.dev.size());
   await stored.load(a.nbClusters);
+  // QEMU's corruption signal while reading; a repair rebuilds instead of marking the image corrupt
+  if (repair === undefined) for (const message of stored.notes) a.findings.push({ counts: 'none', message, fixed: false });
   // As QEMU: compare without fixing first. When the refcount structure must
   // be rebuilt, nothing is written to the old one (its blocks may be guest
   // data now, a block an L2 entry points into), and -r leaks stops there.
@@ -54,10 +57,13 @@ export interface CheckOptions {
   readonly repair?: RepairMode | undefined;
   /** abort the check: it rejects with the signal's reason; a repair that has started writing completes first */
   readonly signal?: AbortSignal | undefined;
+  /** share every permission with the image's other users, as qemu-img check -U (no repair) */
+  readonly forceShare?: boolean | undefined;
 }
 
 export async function checkImage(path: string, opts: CheckOptions = {}): Promise<CheckReport> {
-  const dev = await FileDevice.open(path, { readOnly: opts.repair === undefined });
+  if (opts.forceShare && opts.repair) throw new UsageError(`${path}: force-share=on can only be used with read-only images`);
+  const dev = await FileDevice.open(path, { readOnly: opts.repair === undefined, lock: imagePermissions({ readOnly: opts.repair === undefined, forceShare: opts.forceShare }) });
   try {
     return await checkDevice(dev, path, opts);
   } finally {

@@ -103,52 +103,90 @@ export function l1Entries(l1: Uint8Array, count: number): Array<{ i: number; hi:
 }
 
 /**
- * Stored refcounts, read through the refcount table. `load` reads every
- * usable refcount block covering the file once (bounded by the file size);
- * `get` is then synchronous, so comparing a million clusters costs no I/O
- * round trips.
+ * The largest byte QEMU's block layer reads (BDRV_MAX_LENGTH, INT64_MAX
+ * aligned down to 1 GiB): a refcount block reaching past it cannot be read,
+ * and qemu-img reports each cluster it covers as a check error.
+ */
+export const BLOCK_LAYER_MAX = 2 ** 63 - 2 ** 30;
+
+/**
+ * Stored refcounts, read through the refcount table the way QEMU's
+ * qcow2_get_refcount() reads them, so that a damaged entry gives the same
+ * counts: the reserved low bits are masked off, an empty entry means 0, an
+ * unaligned entry or one past the block layer's limit cannot be read (a
+ * check error per cluster, and no COPIED verdict), and a block past the end
+ * of the file reads as zeros. `load` reads every readable refcount block
+ * covering the file once (bounded by the file size); `get` is then
+ * synchronous, so comparing a million clusters costs no I/O round trips.
  */
 export class Stored {
   private readonly blocks = new Map<number, Uint8Array>();
+  private readonly unreadableBlocks = new Set<number>();
   constructor(
     private readonly img: Image,
     readonly reftable: Uint8Array,
     private readonly fileSize: number,
   ) {}
-  private blockOffset(rt: number): number {
-    const g = this.img.g;
+  private entry(rt: number): number {
     if (rt * 8 >= this.reftable.length) return 0;
-    const { offset, reservedBits } = refcountTableEntry(this.reftable, rt);
-    if (reservedBits || offset === 0 || offset % g.clusterSize !== 0 || offset + g.clusterSize > this.fileSize) return 0;
-    return offset;
+    return refcountTableEntry(this.reftable, rt).offset;
   }
+  private readable(offset: number): boolean {
+    const cs = this.img.g.clusterSize;
+    return offset % cs === 0 && offset + cs <= BLOCK_LAYER_MAX;
+  }
+  /** Messages QEMU prints while reading (its corruption signal, printed once). */
+  readonly notes: string[] = [];
   async load(nbClusters: number): Promise<void> {
-    const E = this.img.g.refcountBlockEntries;
-    const want = new Map<number, number>();
+    const { g, dev } = this.img;
+    const cs = g.clusterSize;
+    const E = g.refcountBlockEntries;
+    const inFile = new Map<number, number>();
+    const partial = new Map<number, number>();
     for (let rt = 0; rt * E < nbClusters; rt++) {
-      const off = this.blockOffset(rt);
-      if (off) want.set(rt, off);
+      const off = this.entry(rt);
+      if (!off) continue;
+      if (!this.readable(off)) {
+        this.unreadableBlocks.add(rt);
+        if (off % cs !== 0 && !this.notes.length) {
+          this.notes.push(`qcow2: Image is corrupt: Refblock offset 0x${hexDigits(off)} unaligned (reftable index: ${rt === 0 ? '0' : `0x${rt.toString(16)}`}); further non-fatal corruption events will be suppressed`);
+        }
+      } else if (off + cs <= this.fileSize) inFile.set(rt, off);
+      else partial.set(rt, off);
     }
-    const got = await readClusters(this.img.dev, want.values(), this.img.g.clusterSize);
+    const got = await readClusters(dev, inFile.values(), cs);
     // a private copy per block: two entries may name the same cluster
-    for (const [rt, off] of want) this.blocks.set(rt, got.get(off)!.slice());
+    for (const [rt, off] of inFile) this.blocks.set(rt, got.get(off)!.slice());
+    // past the end of the file: the bytes that exist, then zeros (as the block layer reads)
+    for (const [rt, off] of partial) {
+      const b = new Uint8Array(cs);
+      if (off < this.fileSize) b.set(await readAt(dev, off, this.fileSize - off));
+      this.blocks.set(rt, b);
+    }
   }
   /** The loaded refcount block of refcount-table index `rt`, if any. */
   block(rt: number): Uint8Array | undefined {
     return this.blocks.get(rt);
   }
-  get(cluster: number): number {
+  /** True when the block of refcount-table index `rt` cannot be read (QEMU: EIO). */
+  unreadable(rt: number): boolean {
+    return this.unreadableBlocks.has(rt);
+  }
+  /** The stored refcount of a cluster; undefined when its block cannot be read. */
+  get(cluster: number): number | undefined {
     const g = this.img.g;
-    const b = this.blocks.get(Math.floor(cluster / g.refcountBlockEntries));
+    const rt = Math.floor(cluster / g.refcountBlockEntries);
+    if (this.unreadableBlocks.has(rt)) return undefined;
+    const b = this.blocks.get(rt);
     return b ? getRefcount(b, cluster % g.refcountBlockEntries, g.refcountOrder) : 0;
   }
-  /** Change a stored refcount on disk (its block must exist). */
+  /** Change a stored refcount on disk (its block must exist inside the file). */
   async set(cluster: number, value: number): Promise<boolean> {
     const g = this.img.g;
     const rt = Math.floor(cluster / g.refcountBlockEntries);
-    const off = this.blockOffset(rt);
+    const off = this.entry(rt);
     const b = this.blocks.get(rt);
-    if (!off || !b) return false;
+    if (!off || !b || off + g.clusterSize > this.fileSize) return false;
     const i = cluster % g.refcountBlockEntries;
     setRefcount(b, i, g.refcountOrder, Math.min(value, maxRefcount(g.refcountOrder)));
     // write the sector holding the entry (refcount entries never straddle sectors)
@@ -175,7 +213,7 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
     allocated: 0,
     fragmented: 0,
     compressed: 0,
-    highest: -1,
+    highest: 0, // as QEMU: the image end offset is at least one cluster
     nbClusters: Math.ceil(fileSize / cs),
     validBlocks: new Map(),
     countedBlocks: [],

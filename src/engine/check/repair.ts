@@ -31,6 +31,12 @@ export async function compare(img: Image, a: Analysis, stored: Stored, repair: R
   for (let base = 0; base < a.nbClusters; base += E) {
     const block = stored.block(base / E);
     const end = Math.min(a.nbClusters, base + E);
+    if (stored.unreadable(base / E)) {
+      // QEMU cannot read the block: each cluster is a check error, compared with nothing
+      for (let c = base; c < end; c++) a.findings.push({ counts: 'check-error', message: `Can't get refcount for cluster ${c}: Input/output error`, cluster: c, offset: c * cs, fixed: false });
+      a.checkErrors += end - base;
+      continue;
+    }
     for (let c = base; c < end; c++) {
       const s = block ? getRefcount(block, c - base, order) : 0;
       const n = a.counts.get(cluster(c));
@@ -75,6 +81,8 @@ export async function checkCopied(img: Image, a: Analysis, stored: Stored, repai
     for (const o of wanted) if (a.activeTables.has(o)) tables.set(o, a.activeTables.get(o)!);
     for (const { i, hi, lo, l2 } of batch) {
       const rc = stored.get(Math.floor(l2 / cs));
+      // an unreadable refcount: QEMU skips the entry without a word
+      if (rc === undefined) continue;
       if ((rc === 1) !== ((hi & COPIED_HI) !== 0)) {
         const f: CheckFinding = { counts: 'corruption', message: `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hexDigits(hi * 2 ** 32 + lo)} refcount=${rc} (L2 table at 0x${hexDigits(l2)})`, offset: l2, cluster: Math.floor(l2 / cs), fixed: false };
         a.findings.push(f);
@@ -96,8 +104,9 @@ export async function checkCopied(img: Image, a: Analysis, stored: Stored, repai
         const off = standardOffset(e);
         if (off === 0 && !(hasDataFile && isCopied(e))) continue;
         const rc2 = hasDataFile ? 1 : stored.get(Math.floor(off / cs));
+        if (rc2 === undefined) continue;
         if ((rc2 === 1) !== isCopied(e)) {
-          const f: CheckFinding = { counts: 'corruption', message: `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${hexDigits(e.hi * 2 ** 32 + e.lo).padStart(16, '0')} refcount=${rc2} (host offset 0x${hexDigits(off)})`, offset: off, cluster: Math.floor(off / cs), fixed: false };
+          const f: CheckFinding = { counts: 'corruption', message: `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${hexDigits(e.hi * 2 ** 32 + e.lo)} refcount=${rc2} (host offset 0x${hexDigits(off)})`, offset: off, cluster: Math.floor(off / cs), fixed: false };
           a.findings.push(f);
           if (repair) {
             putU32(t, j * g.l2EntrySize, rc2 === 1 ? (e.hi | L2E_COPIED_HI) >>> 0 : (e.hi & ~L2E_COPIED_HI) >>> 0);
