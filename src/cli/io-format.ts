@@ -6,22 +6,24 @@
 import type { Output } from './output.ts';
 
 /**
- * printf's "%.3f" of the exact binary value of `v`: the nearest of the
- * three-decimal numbers, a tie to the even one (glibc rounds the exact
- * value; JavaScript's toFixed breaks ties upwards, so 1.0625 would print
- * as 1.063 where qemu-io prints 1.062).
+ * printf's "%.Nf" of the exact binary value of `v`: the nearest N-decimal
+ * number, a tie to the even one (glibc rounds the exact value; JavaScript's
+ * toFixed breaks ties upwards, so 1.0625 would print as 1.063 where qemu-io
+ * prints 1.062, and 3.125 as 3.13 where qemu-img's progress prints 3.12).
  */
-export function fixed3(v: number): string {
+export function printfFixed(v: number, digits: number): string {
   const exact = v.toFixed(20); // exact for the magnitudes printed here
   const dot = exact.indexOf('.');
-  const tail = exact.slice(dot + 4);
-  if (!/^50*$/.test(tail)) return v.toFixed(3);
-  const digits = exact.slice(0, dot) + exact.slice(dot + 1, dot + 4);
-  const even = Number(digits.at(-1)) % 2 === 0;
-  const n = BigInt(digits) + (even ? 0n : 1n);
-  const s = n.toString().padStart(4, '0');
-  return `${s.slice(0, -3)}.${s.slice(-3)}`;
+  const tail = exact.slice(dot + 1 + digits);
+  if (!/^50*$/.test(tail)) return v.toFixed(digits);
+  const kept = exact.slice(0, dot) + exact.slice(dot + 1, dot + 1 + digits);
+  const even = Number(kept.at(-1)) % 2 === 0;
+  const n = BigInt(kept) + (even ? 0n : 1n);
+  const s = n.toString().padStart(digits + 1, '0');
+  return digits ? `${s.slice(0, -digits)}.${s.slice(-digits)}` : s;
 }
+
+export const fixed3 = (v: number): string => printfFixed(v, 3);
 
 /** qemu-io's cvtstr(): "%.3f" with ".000" trimmed, binary units. */
 export function cvtstr(v: number): string {

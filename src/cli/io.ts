@@ -15,6 +15,7 @@ import { QledgerError, UsageError } from '../errors.ts';
 import { getopt, splitCommand } from './args.ts';
 import { Image } from '../engine/image.ts';
 import type { Output } from './output.ts';
+import { imageSpec } from './image-spec.ts';
 import { argCountError, findCommand, helpText, type IoContext } from './io-commands.ts';
 
 export { cvtstr } from './io-format.ts';
@@ -140,7 +141,11 @@ export async function runIo(argv: string[], io: Output): Promise<number> {
   const fromInput = cmds.length === 0;
   const wantsWrite = fromInput || cmds.some((c) => findCommand(splitCommand(c)[0] ?? '')?.writes === true);
   const s = new Session(io, { format: fmt as SessionOptions['format'], detectZeroes: dz as SessionOptions['detectZeroes'], journal: jo !== 'off', cache: cache as SessionOptions['cache'] }, wantsWrite);
-  if (p.positional[0] !== undefined) await s.open(p.positional[0], { readOnly, forceShare });
+  if (p.positional[0] !== undefined) {
+    const spec = imageSpec(p.positional[0], p.opts.some(([k]) => k === 'image-opts'));
+    if (spec.format !== undefined) s.o.format = spec.format;
+    await s.open(spec.path, { readOnly, forceShare: forceShare || spec.forceShare });
+  }
   let failed = false;
   const stop = { quit: false };
   try {

@@ -3,9 +3,9 @@
  * follow qemu-img (and qemu-io for `io`), so scripts can swap the command.
  */
 
-import { realpathSync } from 'node:fs';
+import { existsSync, realpathSync } from 'node:fs';
 import { pathToFileURL } from 'node:url';
-import { QledgerError, UsageError, UnsupportedError } from '../errors.ts';
+import { NotFoundError, QledgerError, UsageError, UnsupportedError } from '../errors.ts';
 import { LockedError } from '../io/image-lock.ts';
 import { getopt, parseOptionList, parseSize } from './args.ts';
 import { Image } from '../engine/image.ts';
@@ -14,6 +14,8 @@ import { formatInfoHuman, qemuJson, snapshotLine, type ImageInfo } from '../engi
 import { formatMapHuman, formatMapJson, MapHumanError, type MapEntry } from '../engine/map.ts';
 import type { ImageFormat } from '../engine/open.ts';
 import { runIo } from './io.ts';
+import { printfFixed } from './io-format.ts';
+import { imageSpec, type ImageSpec } from './image-spec.ts';
 import { stdio, type Output } from './output.ts';
 import { VERSION } from '../version.ts';
 
@@ -60,6 +62,19 @@ export function lockedMessage(e: LockedError, tool: 'img' | 'io'): string {
   return `qledger: ${head}: ${e.message}\n${String(e.data['hint'])}\n`;
 }
 
+/**
+ * Image argument `i`: a filename, a json: pseudo-filename, or with
+ * --image-opts an option string; with the format (-f, or `fmtKey`, else
+ * -f) and -U folded in.
+ */
+function imageOf(p: { opts: ReadonlyArray<readonly [string, string | true]>; positional: string[] }, i: number, fmtKey = 'f'): ImageSpec {
+  const imageOpts = p.opts.some(([k]) => k === 'image-opts');
+  const spec = imageSpec(p.positional[i]!, imageOpts);
+  const given = formatArg(last(p.opts, fmtKey) ?? last(p.opts, 'f'));
+  if (imageOpts && given !== undefined) throw new UsageError('--image-opts and --format are mutually exclusive');
+  return { path: spec.path, format: spec.format ?? given, forceShare: spec.forceShare || forceShareOf(p) };
+}
+
 function formatArg(v: string | true | undefined): ImageFormat | undefined {
   if (v === undefined) return undefined;
   if (v === 'qcow2' || v === 'raw') return v;
@@ -72,7 +87,7 @@ function outputArg(v: string | true | undefined): 'human' | 'json' {
   throw new UsageError(`--output must be used with human or json as argument.`);
 }
 
-function last(opts: Array<[string, string | true]>, ...names: string[]): string | true | undefined {
+function last(opts: ReadonlyArray<readonly [string, string | true]>, ...names: string[]): string | true | undefined {
   let v: string | true | undefined;
   for (const [k, x] of opts) if (names.includes(k)) v = x;
   return v;
@@ -88,7 +103,8 @@ async function cmdInfo(argv: string[], io: Output): Promise<number> {
   one(p.positional, 1, 'info');
   const output = outputArg(last(p.opts, 'output'));
   const chain = last(p.opts, 'backing-chain') === true;
-  const img = await Image.open(p.positional[0]!, { format: formatArg(last(p.opts, 'f')), noBacking: !chain, forceShare: forceShareOf(p) });
+  const at = imageOf(p, 0);
+  const img = await Image.open(at.path, { format: at.format, noBacking: !chain, forceShare: at.forceShare });
   try {
     const layers = chain ? img.chain : [img.top];
     const infos: ImageInfo[] = [];
@@ -111,7 +127,8 @@ async function cmdMap(argv: string[], io: Output): Promise<number> {
   const p = getopt(argv, { withArg: 'f', flags: 'hU', long: { output: true, 'start-offset': true, 'max-length': true, 'force-share': false, 'image-opts': false } }, 'map');
   one(p.positional, 1, 'map');
   const output = outputArg(last(p.opts, 'output'));
-  const img = await Image.open(p.positional[0]!, { format: formatArg(last(p.opts, 'f')), forceShare: forceShareOf(p) });
+  const at = imageOf(p, 0);
+  const img = await Image.open(at.path, { format: at.format, forceShare: at.forceShare });
   try {
     const so = last(p.opts, 'start-offset');
     const ml = last(p.opts, 'max-length');
@@ -147,11 +164,16 @@ function snapshotParam(v: string): string {
 }
 
 async function cmdConvert(argv: string[], io: Output): Promise<number> {
-  const p = getopt(argv, { withArg: 'fOlsoSmtTW', flags: 'pqnchUC', long: { 'force-share': false, 'image-opts': false, 'target-image-opts': false } }, 'convert');
+  const p = getopt(argv, { withArg: 'fOlsoSmtTrB', flags: 'pqnchUCW', long: { 'force-share': false, 'image-opts': false, 'target-image-opts': false } }, 'convert');
   if (p.positional.length < 2) throw new UsageError('convert: expecting an input and an output filename');
   if (p.positional.length > 2) throw new UnsupportedError('convert: concatenating several input images is not supported');
   const outFmt = last(p.opts, 'O') ?? 'raw';
   if (outFmt !== 'raw') throw new UnsupportedError(`convert: output format '${String(outFmt)}' is not supported yet (raw is)`);
+  // qemu-img's words: raw output cannot be compressed
+  if (last(p.opts, 'c') === true) throw new UnsupportedError('Compression not supported for this file format');
+  const existing = last(p.opts, 'n') === true;
+  const outPath = p.positional[1]!;
+  if (existing && !existsSync(outPath)) throw new NotFoundError(`Could not open '${outPath}': Could not open '${outPath}': No such file or directory`, { path: outPath });
   const l = last(p.opts, 'l');
   const s = last(p.opts, 's');
   const snapshot = typeof l === 'string' ? snapshotParam(l) : typeof s === 'string' ? s : undefined;
@@ -159,14 +181,18 @@ async function cmdConvert(argv: string[], io: Output): Promise<number> {
   // -t: the output's cache mode; qemu-img's default for convert is 'unsafe' (no flush)
   const cache = last(p.opts, 't') ?? 'unsafe';
   if (!['unsafe', 'writeback', 'writethrough', 'none', 'directsync'].includes(String(cache))) throw new UsageError(`Invalid cache option: ${String(cache)}`);
-  const img = await Image.open(p.positional[0]!, { format: formatArg(last(p.opts, 'f')), snapshot, forceShare: forceShareOf(p) });
+  const at = imageOf(p, 0);
+  const img = await Image.open(at.path, { format: at.format, snapshot, forceShare: at.forceShare });
   try {
-    await convertToRaw(
-      img,
-      p.positional[1]!,
-      progress ? (done, total) => io.out(`    (${total ? ((100 * done) / total).toFixed(2) : '100.00'}/100%)\r`) : undefined,
-      cache !== 'unsafe',
-    );
+    // qemu-img's progress: printed at the start, at each whole percent, and at the end
+    let shown = -Infinity;
+    const show = (done: number, total: number) => {
+      const pct = total ? (100 * done) / total : 100;
+      if (pct - shown < 1 && !(pct === 100 && shown !== 100)) return;
+      shown = pct;
+      io.out(`    (${printfFixed(pct, 2)}/100%)\r`);
+    };
+    await convertToRaw(img, outPath, progress ? show : undefined, cache !== 'unsafe', undefined, { existing });
     if (progress) io.out('\n');
     return 0;
   } finally {
@@ -181,7 +207,8 @@ async function cmdSnapshot(argv: string[], io: Output): Promise<number> {
     if (last(p.opts, k) !== undefined) throw new UnsupportedError(`snapshot -${k}: creating, applying and deleting snapshots are not supported yet`);
   }
   if (last(p.opts, 'l') !== true) throw new UsageError('snapshot: expecting -l');
-  const img = await Image.open(p.positional[0]!, { format: formatArg(last(p.opts, 'f')), noBacking: true, forceShare: forceShareOf(p) });
+  const at = imageOf(p, 0);
+  const img = await Image.open(at.path, { format: at.format, noBacking: true, forceShare: at.forceShare });
   try {
     if (img.snapshots.length > 0) {
       io.out('Snapshot list:\n' + snapshotLine() + '\n');
@@ -199,9 +226,11 @@ async function cmdCompare(argv: string[], io: Output): Promise<number> {
     const p = getopt(argv, { withArg: 'fFT', flags: 'sqpU', long: { 'force-share': false, 'image-opts': false } }, 'compare');
     one(p.positional, 2, 'compare');
     const quiet = last(p.opts, 'q') === true;
-    const a = await Image.open(p.positional[0]!, { format: formatArg(last(p.opts, 'f')), forceShare: forceShareOf(p) });
+    const sa = imageOf(p, 0);
+    const sb = imageOf(p, 1, 'F');
+    const a = await Image.open(sa.path, { format: sa.format, forceShare: sa.forceShare });
     try {
-      const b = await Image.open(p.positional[1]!, { format: formatArg(last(p.opts, 'F') ?? last(p.opts, 'f')), forceShare: forceShareOf(p) });
+      const b = await Image.open(sb.path, { format: sb.format, forceShare: sb.forceShare });
       try {
         const strict = last(p.opts, 's') === true;
         const r = await compareImages(a, b, strict);
@@ -211,6 +240,7 @@ async function cmdCompare(argv: string[], io: Output): Promise<number> {
           return 0;
         }
         if (r.reason === 'content' && !quiet) io.out(`Content mismatch at offset ${r.offset}!\n`);
+        if (r.reason === 'status' && !quiet) io.out(`Strict mode: Offset ${r.offset} block status mismatch!\n`);
         return 1;
       } finally {
         await b.close();
@@ -286,18 +316,20 @@ async function cmdCheck(argv: string[], io: Output): Promise<number> {
   };
   if (fmt === 'raw') return noChecks();
   if (fmt !== undefined && fmt !== 'qcow2') throw new UsageError(`check: only qcow2 images can be checked (got -f ${String(fmt)})`);
+  const at = imageOf(p, 0);
+  if (at.format === 'raw') return noChecks();
   const r = last(p.opts, 'r');
   if (r !== undefined && r !== 'leaks' && r !== 'all') throw new UsageError(`Unknown option value for -r (expecting 'leaks' or 'all'): ${String(r)}`);
   const quiet = p.opts.some(([k]) => k === 'q');
   let report;
   try {
-    report = await checkImage(p.positional[0]!, { repair: r as RepairMode | undefined, forceShare: forceShareOf(p) });
+    report = await checkImage(at.path, { repair: r as RepairMode | undefined, forceShare: at.forceShare });
   } catch (e) {
     if (e instanceof QledgerError && e.data['noChecks'] === true) return noChecks();
     throw e;
   }
   if (r === undefined && report.leaks && !report.corruptions) {
-    const j = await readJournal(p.positional[0]!).catch(() => undefined);
+    const j = await readJournal(at.path).catch(() => undefined);
     if (j?.live && j.transactions.some((t) => t.committed && !t.applied)) {
       io.err(`qledger: note: the image's journal holds a committed write-back that is not in place yet; a read-write open (qledger io) completes it and removes these leaks\n`);
     }

@@ -1,7 +1,9 @@
 /** Whole-image copies and comparisons: `convert -O raw` and `compare`. */
 
+import type { MapEntry } from './map.ts';
 import { FileDevice } from '../io/file-device.ts';
 import { isZero } from '../format/bytes.ts';
+import { UsageError } from '../errors.ts';
 import type { Image } from './image.ts';
 
 const CHUNK = 8 * 1024 * 1024;
@@ -19,11 +21,23 @@ export interface ProgressFn {
  * the CLI unless `-t` asks for another mode. `signal` aborts between
  * chunks (the output is then partial, as qemu-img's when interrupted).
  */
-export async function convertToRaw(img: Image, outPath: string, progress?: ProgressFn, flush = false, signal?: AbortSignal): Promise<void> {
+export interface ConvertOptions {
+  /**
+   * qemu-img convert -n: write into an existing file, neither creating nor
+   * resizing it (zeroes are written where the image reads as zero, since
+   * the file may hold data); a file smaller than the image is refused
+   */
+  readonly existing?: boolean | undefined;
+}
+
+export async function convertToRaw(img: Image, outPath: string, progress?: ProgressFn, flush = false, signal?: AbortSignal, opts: ConvertOptions = {}): Promise<void> {
   signal?.throwIfAborted();
-  const out = await FileDevice.open(outPath, { readOnly: false, create: true });
+  const out = await FileDevice.open(outPath, { readOnly: false, create: !opts.existing });
   try {
     const size = img.size;
+    if (opts.existing && (await out.size()) < size) throw new UsageError('output file is smaller than input file', { path: outPath });
+    // with progress, steps of about half a percent (qemu-img prints at each whole one)
+    const step = progress ? Math.min(CHUNK, Math.max(65536, Math.floor(size / 200 / 65536) * 65536)) : CHUNK;
     // two buffers: the next chunk is read while the last one is written
     const bufs = [new Uint8Array(CHUNK), new Uint8Array(CHUNK)];
     let k = 0;
@@ -34,24 +48,29 @@ export async function convertToRaw(img: Image, outPath: string, progress?: Progr
       signal?.throwIfAborted();
       const st = await img.status(pos, Math.min(size - pos, 1 << 30));
       if (st.zero && !st.data) {
+        if (opts.existing) {
+          if (writing) await writing;
+          writing = out.writeZeroes(pos, st.length, true);
+        }
         pos += st.length;
       } else {
         const end = pos + st.length;
         while (pos < end) {
           signal?.throwIfAborted();
-          const n = Math.min(CHUNK, end - pos);
+          const n = Math.min(step, end - pos);
           const b = bufs[k]!.subarray(0, n);
           await img.readInto(b, pos);
           if (writing) await writing;
-          writing = writeSparse(out, pos, b);
+          writing = opts.existing ? out.write(pos, b) : writeSparse(out, pos, b);
           k ^= 1;
           pos += n;
+          if (pos < end) progress?.(pos, size);
         }
       }
       progress?.(pos, size);
     }
     if (writing) await writing;
-    await out.truncate(size);
+    if (!opts.existing) await out.truncate(size);
     if (flush) await out.flush();
   } finally {
     await out.close();
@@ -74,7 +93,16 @@ async function writeSparse(out: FileDevice, offset: number, b: Uint8Array): Prom
 
 export type CompareResult =
   | { identical: true; sizeMismatch: boolean }
-  | { identical: false; offset: number; sizeMismatch: boolean; reason: 'content' | 'size' };
+  | { identical: false; offset: number; sizeMismatch: boolean; reason: 'content' | 'size' | 'status' };
+
+/**
+ * The block status flags qemu-img compare -s compares (QEMU's BDRV_BLOCK_*:
+ * data, zero, offset valid, allocated, and end of file when the run reaches
+ * the end of the image).
+ */
+function statusFlags(st: MapEntry, size: number): string {
+  return `${+st.data}${+st.zero}${+(st.offset !== undefined)}${+st.present}${+(st.start + st.length >= size)}`;
+}
 
 const SECTOR = 512;
 
@@ -89,6 +117,7 @@ export async function compareImages(a: Image, b: Image, strict = false): Promise
   while (pos < common) {
     const [sa, sb] = await Promise.all([a.status(pos, common - pos), b.status(pos, common - pos)]);
     const len = Math.min(sa.length, sb.length);
+    if (strict && statusFlags(sa, a.size) !== statusFlags(sb, b.size)) return { identical: false, offset: pos, sizeMismatch, reason: 'status' };
     if (sa.zero && !sa.data && sb.zero && !sb.data) {
       pos += len;
       continue;
