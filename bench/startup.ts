@@ -2,8 +2,9 @@
  * Start-up: `qledger info` of a small image against `qemu-img info` and
  * against Node's own start-up (`node -e 0`), whole processes, alternating,
  * median of BENCH_RUNS (default 15). The CLI runs as a user runs it: the
- * bundled `dist/qledger.mjs` through tools/qledger (build first with npm
- * install or npm run build).
+ * package's bin `dist/qledger.cjs` (the bundled CLI through V8's code
+ * cache), directly and through tools/qledger (build first with npm install
+ * or npm run build).
  */
 
 import { execFileSync, spawnSync } from 'node:child_process';
@@ -28,7 +29,8 @@ try {
   execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', img, '64M']);
   const cases: Array<[string, string, string[]]> = [
     ['node -e 0', 'node', ['-e', '0']],
-    ['qledger info (tools/qledger, bundled CLI)', join(root, 'tools/qledger'), ['info', img]],
+    ['qledger info (the bin, dist/qledger.cjs)', 'node', [join(root, 'dist/qledger.cjs'), 'info', img]],
+    ['qledger info (tools/qledger)', join(root, 'tools/qledger'), ['info', img]],
     ['qemu-img info', 'qemu-img', ['info', img]],
   ];
   const times = cases.map(() => [] as number[]);

@@ -198,7 +198,7 @@ d('images written by QEMU read back as QEMU reads them', () => {
     await expectAgrees(f);
     for (const s of ['s1', 's2', '1', '2']) await expectSameBytes(f, s);
     const list = qemuImg(['snapshot', '-l', f]);
-    const ours = run('node', ['--import', 'tsx', join(import.meta.dirname, '../src/cli/main.ts'), 'snapshot', '-l', f]);
+    const ours = run('node', ['--import', 'tsx', join(import.meta.dirname, '../src/cli/bin.ts'), 'snapshot', '-l', f]);
     expect(ours).toBe(list);
   });
 

@@ -46,6 +46,8 @@ beforeAll(() => {
   mkdirSync(stage);
   for (const f of ['package.json', 'tsconfig.json', 'tsconfig.build.json', 'README.md', 'LICENSE', 'journal-format.md', 'binding.gyp']) cpSync(join(root, f), join(stage, f));
   for (const d of ['src', 'native']) cpSync(join(root, d), join(stage, d), { recursive: true });
+  mkdirSync(join(stage, 'tools'));
+  cpSync(join(root, 'tools/build-cli.mjs'), join(stage, 'tools/build-cli.mjs'));
   symlinkSync(join(root, 'node_modules'), join(stage, 'node_modules'));
   must('npm', ['pack', '--silent', '--pack-destination', packs], stage);
   for (const dep of ['immer', 'fzstd', '@types/node', 'undici-types']) must('npm', ['pack', '--silent', '--ignore-scripts', '--pack-destination', packs, join(root, 'node_modules', dep)], root);
@@ -59,7 +61,7 @@ afterAll(() => t.cleanup());
 describe('the packed package in a fresh project', () => {
   it('ships the build, types, bin and licence, and no tests, benchmarks or CI', () => {
     const files = must('tar', ['-tzf', join(packs, readdirSync(packs).find((f) => f.startsWith('qledger-'))!)], root).split('\n');
-    for (const want of ['package/dist/index.js', 'package/dist/index.d.ts', 'package/dist/qledger.mjs', 'package/LICENSE', 'package/README.md', 'package/native/qledger-native.c', 'package/binding.gyp']) {
+    for (const want of ['package/dist/index.js', 'package/dist/index.d.ts', 'package/dist/qledger.cjs', 'package/dist/cli.cjs', 'package/LICENSE', 'package/README.md', 'package/native/qledger-native.c', 'package/binding.gyp']) {
       expect(files, want).toContain(want);
     }
     expect(files.filter((f) => /^package\/(test|bench|\.ci|tools)\//.test(f))).toEqual([]);

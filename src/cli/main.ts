@@ -3,8 +3,7 @@
  * follow qemu-img (and qemu-io for `io`), so scripts can swap the command.
  */
 
-import { existsSync, realpathSync } from 'node:fs';
-import { pathToFileURL } from 'node:url';
+import { existsSync } from 'node:fs';
 import { NotFoundError, QledgerError, UsageError, UnsupportedError } from '../errors.ts';
 import { LockedError } from '../io/image-lock.ts';
 import { getopt, parseOptionList, parseSize } from './args.ts';
@@ -13,19 +12,26 @@ import { convertToRaw, compareImages } from '../engine/convert.ts';
 import { formatInfoHuman, qemuJson, snapshotLine, type ImageInfo } from '../engine/info.ts';
 import { formatMapHuman, formatMapJson, MapHumanError, type MapEntry } from '../engine/map.ts';
 import type { ImageFormat } from '../engine/open.ts';
-import { runIo } from './io.ts';
 import { printfFixed } from './io-format.ts';
 import { imageSpec, type ImageSpec } from './image-spec.ts';
 import { stdio, type Output } from './output.ts';
 import { VERSION } from '../version.ts';
 
 export type { Output } from './output.ts';
-import { runCrashTest } from './crash-test.ts';
-import { runJournal } from './journal.ts';
-import { readJournal } from '../engine/journal/locate.ts';
-import { createOptionsFrom, CREATE_OPTION_NAMES } from '../engine/create.ts';
-import { checkImage } from '../engine/check/check.ts';
-import { checkExitCode, checkHuman, checkJson, type RepairMode } from '../engine/check/report.ts';
+import type { RepairMode } from '../engine/check/report.ts';
+
+// Subcommands load what only they need when they run: `info` and `map`
+// never load the write engine, the checker, the crash harness or their
+// dependencies (start-up time is most of a short command's time).
+const lazy = {
+  io: () => import('./io.ts'),
+  crashTest: () => import('./crash-test.ts'),
+  journal: () => import('./journal.ts'),
+  locate: () => import('../engine/journal/locate.ts'),
+  create: () => import('../engine/create.ts'),
+  check: () => import('../engine/check/check.ts'),
+  report: () => import('../engine/check/report.ts'),
+};
 
 
 const USAGE = `usage: qledger COMMAND [options]
@@ -269,7 +275,7 @@ async function cmdCreate(argv: string[], io: Output): Promise<number> {
   for (const [k, v] of p.opts) {
     if (k !== 'o' || typeof v !== 'string') continue;
     if (v === 'help' || v === '?') {
-      io.out(`Supported options:\n${CREATE_OPTION_NAMES.map((n) => `  ${n}\n`).join('')}`);
+      io.out(`Supported options:\n${(await lazy.create()).CREATE_OPTION_NAMES.map((n) => `  ${n}\n`).join('')}`);
       return 0;
     }
     for (const [ok, ov] of parseOptionList(v)) opts.set(ok, ov);
@@ -290,7 +296,7 @@ async function cmdCreate(argv: string[], io: Output): Promise<number> {
     }
     opts.set('size', String(size));
   }
-  const co = createOptionsFrom(opts, parseSize);
+  const co = (await lazy.create()).createOptionsFrom(opts, parseSize);
   let summary: string;
   try {
     summary = await Image.create(path, co);
@@ -323,13 +329,13 @@ async function cmdCheck(argv: string[], io: Output): Promise<number> {
   const quiet = p.opts.some(([k]) => k === 'q');
   let report;
   try {
-    report = await checkImage(at.path, { repair: r as RepairMode | undefined, forceShare: at.forceShare });
+    report = await (await lazy.check()).checkImage(at.path, { repair: r as RepairMode | undefined, forceShare: at.forceShare });
   } catch (e) {
     if (e instanceof QledgerError && e.data['noChecks'] === true) return noChecks();
     throw e;
   }
   if (r === undefined && report.leaks && !report.corruptions) {
-    const j = await readJournal(at.path).catch(() => undefined);
+    const j = await (await lazy.locate()).readJournal(at.path).catch(() => undefined);
     if (j?.live && j.transactions.some((t) => t.committed && !t.applied)) {
       io.err(`qledger: note: the image's journal holds a committed write-back that is not in place yet; a read-write open (qledger io) completes it and removes these leaks\n`);
     }
@@ -340,6 +346,7 @@ async function cmdCheck(argv: string[], io: Output): Promise<number> {
     io.err(`qledger: ${report.failure}\n`);
     return 1;
   }
+  const { checkExitCode, checkHuman, checkJson } = await lazy.report();
   if (output === 'json') io.out(qemuJson(checkJson(report)) + '\n');
   else if (!quiet) io.out(checkHuman(report));
   // qemu-img: internal errors during the check end in "Check failed" and exit 1
@@ -397,15 +404,15 @@ export async function main(argv: string[], io: Output = stdio): Promise<number> 
       case 'compare':
         return await cmdCompare(rest, io);
       case 'io':
-        return await runIo(rest, io);
+        return await (await lazy.io()).runIo(rest, io);
       case 'create':
         return await cmdCreate(rest, io);
       case 'check':
         return await cmdCheck(rest, io);
       case 'crash-test':
-        return await runCrashTest(rest, io);
+        return await (await lazy.crashTest()).runCrashTest(rest, io);
       case 'journal':
-        return await runJournal(rest, io);
+        return await (await lazy.journal()).runJournal(rest, io);
       case undefined:
       case '-h':
       case '--help':
@@ -438,19 +445,13 @@ export async function main(argv: string[], io: Output = stdio): Promise<number> 
   }
 }
 
-/** Run as a program (the bundle, or main.ts through tsx), also through a symlink such as node_modules/.bin/qledger. */
-function isEntry(): boolean {
-  const script = process.argv[1];
-  if (script === undefined) return false;
-  try {
-    return import.meta.url === pathToFileURL(realpathSync(script)).href;
-  } catch {
-    return false;
-  }
-}
-
-if (isEntry()) {
-  // a reader that goes away (qledger io -c 'read -v ...' | head -1) ends the output quietly, as with qemu-io
+/**
+ * Run as the qledger program (src/cli/bin.ts, the bundle's entry): the
+ * process arguments, the exit status, and a reader that goes away
+ * (qledger io -c 'read -v ...' | head -1) ending the output quietly, as
+ * with qemu-io.
+ */
+export function runAsProgram(): void {
   for (const s of [process.stdout, process.stderr]) {
     s.on('error', (e: NodeJS.ErrnoException) => {
       if (e.code === 'EPIPE') process.exit(process.exitCode ?? 0);

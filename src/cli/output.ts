@@ -4,8 +4,6 @@
  * takes one; none imports another.
  */
 
-import { createInterface } from 'node:readline';
-
 export interface Output {
   out(s: string): void;
   err(s: string): void;
@@ -16,5 +14,9 @@ export interface Output {
 export const stdio: Output = {
   out: (s) => process.stdout.write(s),
   err: (s) => process.stderr.write(s),
-  lines: () => createInterface({ input: process.stdin, crlfDelay: Infinity }),
+  lines: async function* () {
+    // loaded only by the one command that reads standard input
+    const { createInterface } = await import('node:readline');
+    yield* createInterface({ input: process.stdin, crlfDelay: Infinity });
+  },
 };

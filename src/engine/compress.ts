@@ -4,7 +4,11 @@
  * once a whole cluster has been produced, as QEMU does.
  */
 
-import { inflateRawSync, constants as Z } from 'node:zlib';
+import { createRequire } from 'node:module';
+
+// node:zlib (and the stream machinery it loads) only once a compressed cluster is read
+let zlibModule: typeof import('node:zlib') | undefined;
+const zlib = () => (zlibModule ??= createRequire(import.meta.url)('node:zlib') as typeof import('node:zlib'));
 import { decompress as zstdFrame } from 'fzstd';
 import { CorruptionError, hex } from '../errors.ts';
 import { COMPRESSION_DEFLATE } from '../format/features.ts';
@@ -21,7 +25,7 @@ function inflate(src: Uint8Array, clusterSize: number): Uint8Array | undefined {
   try {
     // Raw deflate (QEMU writes window bits -12); a sync flush tolerates the
     // trailing sector padding, and maxOutputLength bounds memory on bad input.
-    return inflateRawSync(src, { finishFlush: Z.Z_SYNC_FLUSH, maxOutputLength: clusterSize });
+    return zlib().inflateRawSync(src, { finishFlush: zlib().constants.Z_SYNC_FLUSH, maxOutputLength: clusterSize });
   } catch (e) {
     // Output that reached the cap means the cluster is complete: decode again stopping there.
     if ((e as NodeJS.ErrnoException).code === 'ERR_BUFFER_TOO_LARGE') return inflateCapped(src, clusterSize);
@@ -31,7 +35,7 @@ function inflate(src: Uint8Array, clusterSize: number): Uint8Array | undefined {
 
 function inflateCapped(src: Uint8Array, clusterSize: number): Uint8Array | undefined {
   try {
-    return inflateRawSync(src, { finishFlush: Z.Z_SYNC_FLUSH, maxOutputLength: clusterSize * 2 }).subarray(0, clusterSize);
+    return zlib().inflateRawSync(src, { finishFlush: zlib().constants.Z_SYNC_FLUSH, maxOutputLength: clusterSize * 2 }).subarray(0, clusterSize);
   } catch {
     return undefined;
   }

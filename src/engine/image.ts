@@ -6,7 +6,8 @@
  * through this facade only.
  */
 
-import { Readable, Writable } from 'node:stream';
+import type { Readable, Writable } from 'node:stream';
+import { createRequire } from 'node:module';
 import type { BlockDevice } from '../io/device.ts';
 import { readGuest } from './read.ts';
 import { openDeviceLayer, openLayer, type OpenOptions } from './open.ts';
@@ -17,10 +18,16 @@ import { guest, type Layer } from './layer.ts';
 import type { Geometry } from '../format/header.ts';
 import type { SnapshotEntry } from '../format/snapshot.ts';
 import { QledgerError, RangeRequestError } from '../errors.ts';
-import { openWriterSession, openWriterSessionOn, createImage, createOnDevice, type WritableOpenOptions } from './writable.ts';
+import type { WritableOpenOptions } from './writable.ts';
 import type { RecoveryReport } from './journal/replay.ts';
 import type { Qcow2Writer, ZeroOptions } from './writer.ts';
 import type { CreateOptions } from './create.ts';
+
+// Loaded when first needed: a read-only open (qledger info, map, compare)
+// never pays for the write engine or for node:stream.
+const writable = () => import('./writable.ts');
+let streamModule: typeof import('node:stream') | undefined;
+const stream = () => (streamModule ??= createRequire(import.meta.url)('node:stream') as typeof import('node:stream'));
 
 /**
  * Read-only options, plus `write` and, for a read-write open, the write
@@ -66,7 +73,8 @@ export class Image {
       // qemu's words: sharing write permissions is for readers only
       if (opts.forceShare) throw new QledgerError('E_USAGE', `${name}: force-share=on can only be used with read-only images`);
       const o: WritableOpenOptions = { format: opts.format, trace: opts.trace, detectZeroes: opts.detectZeroes, cacheBytes: opts.cacheBytes, journal: opts.journal, journalBytes: opts.journalBytes, onWarning: opts.onWarning };
-      const { writer, recovery } = typeof target === 'string' ? await openWriterSession(target, o) : await openWriterSessionOn(target, name, o);
+      const w = await writable();
+      const { writer, recovery } = typeof target === 'string' ? await w.openWriterSession(target, o) : await w.openWriterSessionOn(target, name, o);
       return new Image(writer.layer, writer, recovery);
     }
     return new Image(typeof target === 'string' ? await openLayer(target, opts) : await openDeviceLayer(target, opts));
@@ -78,8 +86,9 @@ export class Image {
    * "Formatting ..." line for a path.
    */
   static async create(target: string | BlockDevice, opts: CreateOptions): Promise<string> {
-    if (typeof target === 'string') return (await createImage(target, opts)).summary;
-    await createOnDevice(target, target.name, opts);
+    const w = await writable();
+    if (typeof target === 'string') return (await w.createImage(target, opts)).summary;
+    await w.createOnDevice(target, target.name, opts);
     return '';
   }
 
@@ -227,7 +236,7 @@ export class Image {
         yield Buffer.from(b.buffer, b.byteOffset, b.byteLength);
       }
     }
-    return Readable.from(pieces(), { objectMode: false, highWaterMark: chunk, ...(o.signal ? { signal: o.signal } : {}) });
+    return stream().Readable.from(pieces(), { objectMode: false, highWaterMark: chunk, ...(o.signal ? { signal: o.signal } : {}) });
   }
 
   /**
@@ -238,7 +247,7 @@ export class Image {
    */
   createWriteStream(o: { start?: number } = {}): Writable {
     let pos = o.start ?? 0;
-    return new Writable({
+    return new (stream().Writable)({
       write: (chunk: Buffer, _encoding, done) => {
         this.write(pos, chunk).then(() => {
           pos += chunk.length;
