@@ -19,6 +19,25 @@ export type ErrorCode =
   | 'E_RECORD' // a metadata record does not fit the state it is applied to
   | 'E_OVERFLOW'; // a refcount would exceed refcount_bits
 
+/**
+ * Every error qledger raises: `code` (E_FORMAT, E_RANGE, E_LOCKED, …) for
+ * programs, `data` naming the field, offset or path, and a one-line
+ * message.
+ *
+ * @example
+ * import { Image, MemoryDevice, QledgerError } from 'qledger';
+ *
+ * const dev = new MemoryDevice('small.qcow2');
+ * await Image.create(dev, { size: 1 << 20 });
+ * const img = await Image.open(dev);
+ * try {
+ *   await img.read(-1, 512);
+ * } catch (e) {
+ *   if (!(e instanceof QledgerError)) throw e;
+ *   console.log(e.code, e.message); // E_RANGE ...
+ * }
+ * await img.close();
+ */
 export class QledgerError extends Error {
   readonly code: ErrorCode;
   readonly data: Readonly<Record<string, unknown>>;

@@ -29,6 +29,7 @@ export type { ImageInfo, SnapshotInfo, Qcow2SpecificInfo } from './engine/info.t
 export { convertToRaw, compareImages, type CompareResult } from './engine/convert.ts';
 export * from './errors.ts';
 export type { BlockDevice } from './io/device.ts';
-export { FileDevice } from './io/file-device.ts';
+export { FileDevice, type FileLocking } from './io/file-device.ts';
+export { LockedError, imagePermissions, type LockPermissions } from './io/image-lock.ts';
 export { MemoryDevice } from './io/memory-device.ts';
 export * as format from './format/index.ts';

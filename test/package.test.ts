@@ -44,7 +44,7 @@ beforeAll(() => {
   // It runs in a copy: rebuilding this checkout's dist/ would pull it from under tests that run tools/qledger.
   const stage = join(t.dir, 'stage');
   mkdirSync(stage);
-  for (const f of ['package.json', 'tsconfig.json', 'tsconfig.build.json', 'README.md', 'LICENSE', 'journal-format.md', 'binding.gyp']) cpSync(join(root, f), join(stage, f));
+  for (const f of ['package.json', 'tsconfig.json', 'tsconfig.build.json', 'README.md', 'API.md', 'LICENSE', 'journal-format.md', 'binding.gyp']) cpSync(join(root, f), join(stage, f));
   for (const d of ['src', 'native']) cpSync(join(root, d), join(stage, d), { recursive: true });
   mkdirSync(join(stage, 'tools'));
   cpSync(join(root, 'tools/build-cli.mjs'), join(stage, 'tools/build-cli.mjs'));

@@ -14,13 +14,7 @@ export interface ProgressFn {
   (done: number, total: number): void;
 }
 
-/**
- * Write the guest content of `img` to a raw file at `outPath`, sparse where
- * zero. `flush`: make the output durable before returning; qemu-img
- * convert's default output cache mode ('unsafe') does not, so neither does
- * the CLI unless `-t` asks for another mode. `signal` aborts between
- * chunks (the output is then partial, as qemu-img's when interrupted).
- */
+/** Options of convertToRaw. */
 export interface ConvertOptions {
   /**
    * qemu-img convert -n: write into an existing file, neither creating nor
@@ -30,6 +24,28 @@ export interface ConvertOptions {
   readonly existing?: boolean | undefined;
 }
 
+/**
+ * Write the guest content of `img` to a raw file at `outPath`, sparse where
+ * zero, as `qemu-img convert -O raw`. `flush`: make the output durable
+ * before returning; qemu-img convert's default output cache mode
+ * ('unsafe') does not, so neither does the CLI unless `-t` asks for another
+ * mode. `signal` aborts between chunks (the output is then partial, as
+ * qemu-img's when interrupted). `opts.existing`: write into an existing
+ * file, as `convert -n`.
+ *
+ * @example
+ * import { Image, convertToRaw } from 'qledger';
+ * import { mkdtempSync, statSync } from 'node:fs';
+ * import { tmpdir } from 'node:os';
+ * import { join } from 'node:path';
+ *
+ * const dir = mkdtempSync(join(tmpdir(), 'qledger-'));
+ * await Image.create(join(dir, 'disk.qcow2'), { size: 8 << 20 });
+ * const img = await Image.open(join(dir, 'disk.qcow2'));
+ * await convertToRaw(img, join(dir, 'disk.raw'), (done, total) => console.log(`${done}/${total}`));
+ * await img.close();
+ * console.log(statSync(join(dir, 'disk.raw')).size); // 8388608
+ */
 export async function convertToRaw(img: Image, outPath: string, progress?: ProgressFn, flush = false, signal?: AbortSignal, opts: ConvertOptions = {}): Promise<void> {
   signal?.throwIfAborted();
   const out = await FileDevice.open(outPath, { readOnly: false, create: !opts.existing });
@@ -106,7 +122,25 @@ function statusFlags(st: MapEntry, size: number): string {
 
 const SECTOR = 512;
 
-/** qemu-img compare: first differing 512-byte sector, sizes beyond the shorter image must read as zero. */
+/**
+ * `qemu-img compare`: the first differing 512-byte sector; sizes beyond the
+ * shorter image must read as zero; `strict` also compares block status.
+ *
+ * @example
+ * import { Image, MemoryDevice, compareImages } from 'qledger';
+ *
+ * const a = new MemoryDevice('a.qcow2');
+ * const b = new MemoryDevice('b.qcow2');
+ * await Image.create(a, { size: 1 << 20 });
+ * await Image.create(b, { size: 1 << 20 });
+ * const ia = await Image.open(a, { write: true });
+ * const ib = await Image.open(b, { write: true });
+ * await ib.write(4096, new Uint8Array(512).fill(1));
+ * const r = await compareImages(ia, ib);
+ * console.log(JSON.stringify(r)); // {"identical":false,"offset":4096,"sizeMismatch":false,"reason":"content"}
+ * await ia.close();
+ * await ib.close();
+ */
 export async function compareImages(a: Image, b: Image, strict = false): Promise<CompareResult> {
   const common = Math.min(a.size, b.size);
   const sizeMismatch = a.size !== b.size;

@@ -48,6 +48,31 @@ declare global {
   }
 }
 
+/**
+ * An open image: a qcow2 or raw file (or any BlockDevice) with its backing
+ * chain; guest reads, map and block status, info, streams, and with
+ * `write: true` the write engine. Every method returns a promise that
+ * rejects with a QledgerError (`code` and `data`) on failure.
+ *
+ * @example
+ * import { Image } from 'qledger';
+ * import { mkdtempSync } from 'node:fs';
+ * import { tmpdir } from 'node:os';
+ * import { join } from 'node:path';
+ *
+ * const path = join(mkdtempSync(join(tmpdir(), 'qledger-')), 'disk.qcow2');
+ * await Image.create(path, { size: 64 << 20 });
+ * {
+ *   await using img = await Image.open(path, { write: true });
+ *   await img.write(0, new Uint8Array(65536).fill(0x5a));
+ *   await img.writeZeroes(1 << 20, 1 << 20);
+ * }
+ * const img = await Image.open(path);
+ * const bytes = await img.read(0, 4096);
+ * console.log(bytes.every((b) => b === 0x5a)); // true
+ * for await (const e of img.map()) console.log(e.start, e.length, e.data ? 'data' : 'zero');
+ * await img.close();
+ */
 export class Image {
   private closed = false;
 

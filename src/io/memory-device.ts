@@ -5,6 +5,22 @@
 import { QledgerError } from '../errors.ts';
 import type { BlockDevice } from './device.ts';
 
+/**
+ * A BlockDevice in memory (tests, fuzzing, the crash harness, or any
+ * storage that is not a file): images are created and opened on it as on
+ * a path.
+ *
+ * @example
+ * import { Image, MemoryDevice } from 'qledger';
+ *
+ * const dev = new MemoryDevice('scratch.qcow2');
+ * await Image.create(dev, { size: 4 << 20, clusterSize: 4096 });
+ * const img = await Image.open(dev, { write: true });
+ * await img.write(8192, new TextEncoder().encode('hello'));
+ * console.log(new TextDecoder().decode(await img.read(8192, 5))); // hello
+ * console.log(img.geometry?.clusterSize); // 4096
+ * await img.close();
+ */
 export class MemoryDevice implements BlockDevice {
   private buf: Uint8Array;
   private length: number;

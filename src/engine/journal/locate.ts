@@ -96,7 +96,27 @@ export interface JournalDump {
   readonly end?: { readonly at: number; readonly reason: string } | undefined;
 }
 
-/** The journal of the qcow2 image at `path`, read-only: the library's view of the event stream. */
+/**
+ * The journal of the qcow2 image at `path`, read-only: the library's view
+ * of the event stream (each transaction with its records, committed or
+ * torn, applied or not).
+ *
+ * @example
+ * import { Image, readJournal, describeRecord } from 'qledger';
+ * import { mkdtempSync } from 'node:fs';
+ * import { tmpdir } from 'node:os';
+ * import { join } from 'node:path';
+ *
+ * const path = join(mkdtempSync(join(tmpdir(), 'qledger-')), 'disk.qcow2');
+ * await Image.create(path, { size: 16 << 20 });
+ * const img = await Image.open(path, { write: true });
+ * await img.write(0, new Uint8Array(4096).fill(7));
+ * await img.flush();
+ * await img.abandon(); // as a crash leaves it
+ * const j = await readJournal(path);
+ * console.log(j.state, j.live); // valid true
+ * for (const t of j.transactions) for (const r of t.records) console.log(describeRecord(r));
+ */
 export async function readJournal(path: string): Promise<JournalDump> {
   const dev = await FileDevice.open(path, { readOnly: true });
   try {
