@@ -66,15 +66,21 @@ static napi_value do_fallocate(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
-static napi_value ofd_lock(napi_env env, napi_callback_info info) {
-  double a[4];
-  if (get_args(env, info, 4, a)) return throw_errno(env, EINVAL, "ofdLock");
+/* A byte-range lock description for fcntl: bytes [start, start + len) of type. */
+static struct flock byte_range(double start, double len, short type) {
   struct flock fl;
   memset(&fl, 0, sizeof fl);
   fl.l_whence = SEEK_SET;
-  fl.l_start = (off_t)a[1];
-  fl.l_len = (off_t)a[2];
-  fl.l_type = (int)a[3] ? F_RDLCK : F_UNLCK;
+  fl.l_start = (off_t)start;
+  fl.l_len = (off_t)len;
+  fl.l_type = type;
+  return fl;
+}
+
+static napi_value ofd_lock(napi_env env, napi_callback_info info) {
+  double a[4];
+  if (get_args(env, info, 4, a)) return throw_errno(env, EINVAL, "ofdLock");
+  struct flock fl = byte_range(a[1], a[2], (int)a[3] ? F_RDLCK : F_UNLCK);
   if (fcntl((int)a[0], F_OFD_SETLK, &fl) < 0) return throw_errno(env, errno, "fcntl(F_OFD_SETLK)");
   return NULL;
 }
@@ -83,12 +89,7 @@ static napi_value ofd_held(napi_env env, napi_callback_info info) {
   double a[3];
   napi_value r;
   if (get_args(env, info, 3, a)) return throw_errno(env, EINVAL, "ofdHeld");
-  struct flock fl;
-  memset(&fl, 0, sizeof fl);
-  fl.l_whence = SEEK_SET;
-  fl.l_start = (off_t)a[1];
-  fl.l_len = (off_t)a[2];
-  fl.l_type = F_WRLCK;
+  struct flock fl = byte_range(a[1], a[2], F_WRLCK);
   if (fcntl((int)a[0], F_OFD_GETLK, &fl) < 0) return throw_errno(env, errno, "fcntl(F_OFD_GETLK)");
   napi_get_boolean(env, fl.l_type != F_UNLCK, &r);
   return r;
