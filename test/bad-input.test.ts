@@ -74,6 +74,8 @@ const cases: Array<[string, Uint8Array, RegExp]> = [
   ['L2 past the end', withField((b) => putU64(b, 3 * 65536, 1 << 30)), /L2 table at 0x40000000 .* past the end/],
   ['unaligned L2 offset', withField((b) => putU64(b, 3 * 65536, 65536 * 2 + 512)), /L2 table offset 0x20200 unaligned \(L1 index: 0x0\)/],
   ['extension too long', withField((b) => { putU32(b, 112, 0x1234); putU32(b, 116, 1 << 20); }), /length at offset 0x74/],
+  // QEMU checks the length before the type: "Header extension too large" even for the end marker
+  ['end-of-extensions marker with a length too long', withField((b) => { putU32(b, 112, 0); putU32(b, 116, 1 << 24); }), /length at offset 0x74/],
 ];
 
 describe('bad input', () => {

@@ -199,6 +199,8 @@ describe.skipIf(!qemuAvailable)('check agrees with qemu-img check', () => {
   });
 });
 
+const FUZZ_RUNS = Number(process.env['QLEDGER_PROPERTY_RUNS'] ?? 40);
+
 describe.skipIf(!qemuAvailable)('check on fuzzed metadata', () => {
   it('never crashes; after -r all, "clean" from qledger means clean for qemu-img too', async () => {
     const { default: fc } = await import('fast-check');
@@ -236,10 +238,10 @@ describe.skipIf(!qemuAvailable)('check on fuzzed metadata', () => {
             }
           },
         ),
-        { numRuns: Number(process.env['QLEDGER_PROPERTY_RUNS'] ?? 40) },
+        { numRuns: FUZZ_RUNS },
       );
     } finally {
       t.cleanup();
     }
-  });
+  }, Math.max(120_000, FUZZ_RUNS * 150)); // a long budget gets the time it needs
 });

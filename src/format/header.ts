@@ -323,8 +323,9 @@ function decodeExtensions(b: Uint8Array, start: number, end: number, version: nu
     if (off + 8 > limit) throw new FormatError(E, 'type', off, 'extension header runs past the end of the header area');
     const type = u32(b, off);
     const len = u32(b, off + 4);
-    if (type === EXT_END) break;
+    // the length is checked before the type, as QEMU does: even the end marker's must fit
     if (len > limit - off - 8) throw new FormatError(E, 'length', off + 4, `extension ${hex(type)} of ${len} bytes runs past the end of the header area`);
+    if (type === EXT_END) break;
     const data = b.slice(off + 8, off + 8 + len);
     out.extensions.push({ type, offset: off, data });
     switch (type) {
