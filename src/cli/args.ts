@@ -65,6 +65,11 @@ export function getopt(argv: readonly string[], spec: OptSpec, cmd: string): Par
   return { opts, positional };
 }
 
+/** -U / --force-share: share every permission with the image's other users (read-only opens). */
+export function forceShareOf(p: { readonly opts: ReadonlyArray<readonly [string, string | true]> }): boolean {
+  return p.opts.some(([k]) => k === 'U' || k === 'force-share');
+}
+
 const SUFFIX: Record<string, number> = { b: 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50, e: 2 ** 60 };
 
 /**

@@ -12,7 +12,7 @@
  */
 
 import { QledgerError, UsageError } from '../errors.ts';
-import { getopt, splitCommand } from './args.ts';
+import { forceShareOf, getopt, splitCommand } from './args.ts';
 import { Image } from '../engine/image.ts';
 import type { Output } from './output.ts';
 import { imageSpec } from './image-spec.ts';
@@ -135,7 +135,7 @@ export async function runIo(argv: string[], io: Output): Promise<number> {
   const fmt = val('f', 'format');
   if (fmt !== undefined && fmt !== 'qcow2' && fmt !== 'raw') throw new UsageError(`Unknown file format '${String(fmt)}'`);
   const readOnly = p.opts.some(([k]) => k === 'r' || k === 'read-only');
-  const forceShare = p.opts.some(([k]) => k === 'U' || k === 'force-share');
+  const forceShare = forceShareOf(p);
   const cmds = p.opts.filter(([k]) => k === 'c' || k === 'cmd').map(([, v]) => String(v));
   // from -c, the image is opened for writing only when a command writes; from standard input, always
   const fromInput = cmds.length === 0;

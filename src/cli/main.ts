@@ -6,7 +6,7 @@
 import { existsSync } from 'node:fs';
 import { NotFoundError, QledgerError, UsageError, UnsupportedError } from '../errors.ts';
 import { LockedError } from '../io/image-lock.ts';
-import { getopt, parseOptionList, parseSize } from './args.ts';
+import { forceShareOf, getopt, parseOptionList, parseSize } from './args.ts';
 import { Image } from '../engine/image.ts';
 import { convertToRaw, compareImages } from '../engine/convert.ts';
 import { formatInfoHuman, qemuJson, snapshotLine, type ImageInfo } from '../engine/info.ts';
@@ -56,15 +56,10 @@ Commands (options as in qemu-img / qemu-io):
                   | discard OFF LEN | flush | truncate SIZE | abort | map | alloc OFF [LEN] | info | length
 `;
 
-/** -U / --force-share: share every permission with the image's other users (read-only opens). */
-export function forceShareOf(p: { opts: ReadonlyArray<readonly [string, string | true]> }): boolean {
-  return p.opts.some(([k]) => k === 'U' || k === 'force-share');
-}
-
-/** qemu-img's words for an image it cannot lock (qemu-io words it as "can't open device"). */
-export function lockedMessage(e: LockedError, tool: 'img' | 'io'): string {
+/** qemu-img's words for an image it cannot lock (qemu-io: "can't open device"; qemu-img create: the name alone). */
+function lockedMessage(e: LockedError, tool: 'img' | 'io' | 'create'): string {
   const path = String(e.data['path']);
-  const head = tool === 'img' ? `Could not open '${path}'` : `can't open device ${path}`;
+  const head = tool === 'img' ? `Could not open '${path}'` : tool === 'io' ? `can't open device ${path}` : path;
   return `qledger: ${head}: ${e.message}\n${String(e.data['hint'])}\n`;
 }
 
@@ -301,9 +296,8 @@ async function cmdCreate(argv: string[], io: Output): Promise<number> {
   try {
     summary = await Image.create(path, co);
   } catch (e) {
-    // qemu-img create names the file without "Could not open"
     if (!(e instanceof LockedError)) throw e;
-    io.err(`qledger: ${String(e.data['path'])}: ${e.message}\n${String(e.data['hint'])}\n`);
+    io.err(lockedMessage(e, 'create'));
     return 1;
   }
   if (!p.opts.some(([k]) => k === 'q')) io.out(summary + '\n');

@@ -477,6 +477,16 @@ export interface Geometry {
   readonly refcountBlockEntries: number;
 }
 
+/** The L1 entry that maps guest offset `off` (QEMU's offset_to_l1_index). */
+export function l1IndexOf(g: Geometry, off: number): number {
+  return Math.floor(off / (g.l2Entries * g.clusterSize));
+}
+
+/** The entry of its L2 table that maps guest offset `off` (QEMU's offset_to_l2_index). */
+export function l2IndexOf(g: Geometry, off: number): number {
+  return Math.floor(off / g.clusterSize) % g.l2Entries;
+}
+
 export function geometryOf(h: Qcow2Header): Geometry {
   const clusterSize = 2 ** h.clusterBits;
   const extendedL2 = (h.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n;

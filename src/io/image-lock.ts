@@ -92,16 +92,19 @@ export class HeldLock {
     const release = () => {
       for (const b of taken) native!.ofdLock!(fd, b, 1, 0);
     };
-    const ofd = native?.ofdLock !== undefined && native.ofdHeld !== undefined;
+    let ofd = native?.ofdLock !== undefined && native.ofdHeld !== undefined;
     if (ofd) {
       for (const b of lockBytes(permissions)) {
         try {
           native!.ofdLock!(fd, b, 1, 1);
         } catch (e) {
           release();
-          // only an exclusive lock (never QEMU's) refuses a shared one; a file system without OFD locks is not a conflict
+          taken.length = 0;
+          // only an exclusive lock (never QEMU's) refuses a shared one
           if ((e as { code?: string }).code === 'EAGAIN') throw new LockedError(path, nameOfByte(b), b >= LOCK_SHARED_BASE);
-          return new HeldLock(fd, key, permissions, []).register();
+          // a file system without OFD locks: the rules still hold within this process
+          ofd = false;
+          break;
         }
         taken.push(b);
       }

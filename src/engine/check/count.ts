@@ -141,28 +141,23 @@ export class Stored {
     const { g, dev } = this.img;
     const cs = g.clusterSize;
     const E = g.refcountBlockEntries;
-    const inFile = new Map<number, number>();
-    const partial = new Map<number, number>();
+    const want = new Map<number, number>();
     for (let rt = 0; rt * E < nbClusters; rt++) {
       const off = this.entry(rt);
       if (!off) continue;
-      if (!this.readable(off)) {
-        this.unreadableBlocks.add(rt);
-        if (off % cs !== 0 && !this.notes.length) {
-          this.notes.push(`qcow2: Image is corrupt: Refblock offset 0x${hexDigits(off)} unaligned (reftable index: ${rt === 0 ? '0' : `0x${rt.toString(16)}`}); further non-fatal corruption events will be suppressed`);
-        }
-      } else if (off + cs <= this.fileSize) inFile.set(rt, off);
-      else partial.set(rt, off);
+      if (this.readable(off)) {
+        want.set(rt, off);
+        continue;
+      }
+      this.unreadableBlocks.add(rt);
+      if (off % cs !== 0 && !this.notes.length) {
+        this.notes.push(`qcow2: Image is corrupt: Refblock offset 0x${hexDigits(off)} unaligned (reftable index: ${rt === 0 ? '0' : `0x${rt.toString(16)}`}); further non-fatal corruption events will be suppressed`);
+      }
     }
-    const got = await readClusters(dev, inFile.values(), cs);
+    // a block past the end of the file reads as zeros, as every device reads there
+    const got = await readClusters(dev, want.values(), cs);
     // a private copy per block: two entries may name the same cluster
-    for (const [rt, off] of inFile) this.blocks.set(rt, got.get(off)!.slice());
-    // past the end of the file: the bytes that exist, then zeros (as the block layer reads)
-    for (const [rt, off] of partial) {
-      const b = new Uint8Array(cs);
-      if (off < this.fileSize) b.set(await readAt(dev, off, this.fileSize - off));
-      this.blocks.set(rt, b);
-    }
+    for (const [rt, off] of want) this.blocks.set(rt, got.get(off)!.slice());
   }
   /** The loaded refcount block of refcount-table index `rt`, if any. */
   block(rt: number): Uint8Array | undefined {

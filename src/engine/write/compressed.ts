@@ -6,6 +6,7 @@
  * normally.
  */
 
+import { l1IndexOf, l2IndexOf } from '../../format/header.ts';
 import { deflateRawSync } from 'node:zlib';
 import { QledgerError, hex } from '../../errors.ts';
 import { encodeCompressedDescriptor, isCompressed, standardOffset } from '../../format/l2.ts';
@@ -31,11 +32,11 @@ export class CompressedWriter {
     const ctx = this.ctx;
     const g = ctx.geometry;
     const cs = g.clusterSize;
-    const l1Index = Math.floor(guestOff / (g.l2Entries * cs));
+    const l1Index = l1IndexOf(g, guestOff);
     const t = ctx.t();
     await this.mapping.l2ForWrite(l1Index);
     const table = t.l1TableOffset(l1Index);
-    const index = (guestOff / cs) % g.l2Entries;
+    const index = l2IndexOf(g, guestOff);
     const e = this.mapping.entry(l1Index, index);
     await this.mapping.validate(e, table, index, guestOff);
     if (isCompressed(e) || standardOffset(e) !== 0) {

@@ -7,8 +7,8 @@
  * old entries held are dropped.
  */
 
+import { l1IndexOf, l2IndexOf, type Geometry } from '../../format/header.ts';
 import { hex } from '../../errors.ts';
-import type { Geometry } from '../../format/header.ts';
 import { ALL_SUBCLUSTERS, L2E_ZERO_LO, isCompressed, isCopied, sameL2Entry, standardEntry, standardOffset, subclusterBits, subclusterType, type L2Entry } from '../../format/l2.ts';
 import { clusterOf, guest, host, hostOf, type GuestOffset, type HostOffset } from '../../format/offsets.ts';
 import { readGuest } from '../read.ts';
@@ -120,7 +120,7 @@ export class DataWriter {
     const ctx = this.ctx;
     const g = ctx.geometry;
     const cs = g.clusterSize;
-    const l1Index = Math.floor(offset / (g.l2Entries * cs));
+    const l1Index = l1IndexOf(g, offset);
     await this.mapping.l2ForWrite(l1Index);
     const table = ctx.t().l1TableOffset(l1Index);
     const env: PlanEnv = { geometry: g, hasDataFile: ctx.hasDataFile, hasBacking: ctx.backing !== undefined };
@@ -132,7 +132,7 @@ export class DataWriter {
       const a = Math.max(offset, cstart) - cstart;
       const b = Math.min(end, cstart + cs) - cstart;
       const piece = data.subarray(cstart + a - offset, cstart + b - offset);
-      const index = (cstart / cs) % g.l2Entries;
+      const index = l2IndexOf(g, cstart);
       const e = this.mapping.entry(l1Index, index);
       await this.mapping.validate(e, table, index, cstart);
       const p = planClusterWrite(e, a, b, env);

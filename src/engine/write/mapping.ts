@@ -6,6 +6,7 @@
  * operation (zero, discard, shrink, preallocate) goes through.
  */
 
+import { l2IndexOf } from '../../format/header.ts';
 import { hex } from '../../errors.ts';
 import { COPIED_HI, l1Word } from '../../format/l1.ts';
 import { compressedDescriptor, isCompressed, isCopied, l2EntryAt, sameL2Entry, standardOffset, subclusterType, type L2Entry } from '../../format/l2.ts';
@@ -151,7 +152,7 @@ export class Mapping {
       await this.l2ForWrite(l1Index);
       const table = t.l1TableOffset(l1Index);
       for (; c < to; c = guest(c + cs)) {
-        const index = (c / cs) % g.l2Entries;
+        const index = l2IndexOf(g, c);
         const entry = this.entry(l1Index, index);
         if (o.validate !== false) await this.validate(entry, table, index, c);
         const change = await visit({ l1Index, index, guest: c, table, entry });

@@ -12,6 +12,7 @@
  * or more references.
  */
 
+import { l1IndexOf, l2IndexOf } from '../../format/header.ts';
 import { isZero } from '../../format/bytes.ts';
 import { isCompressed, isCopied, standardEntry, standardOffset, type L2Entry } from '../../format/l2.ts';
 import { maxRefcount } from '../../format/refcount.ts';
@@ -223,7 +224,7 @@ export class ZeroCluster {
     const ctx = this.ctx;
     const g = ctx.geometry;
     const cs = g.clusterSize;
-    const l1Index = Math.floor(start / (g.l2Entries * cs));
+    const l1Index = l1IndexOf(g, start);
     const t = ctx.t();
     if (this.current() === undefined && !this.searched) await this.find();
     let z = this.current();
@@ -231,7 +232,7 @@ export class ZeroCluster {
     const todo: number[] = [];
     if (t.l1TableOffset(l1Index) !== 0 && !t.l2(l1Index)) await this.tables.loadL2(l1Index, t.l1TableOffset(l1Index));
     for (let c: number = start; c < stop; c += cs) {
-      const index = (c / cs) % g.l2Entries;
+      const index = l2IndexOf(g, c);
       if (t.l2(l1Index)) {
         const e = this.mapping.entry(l1Index, index);
         if (standardOffset(e) === zoff && !isCompressed(e)) continue;

@@ -7,6 +7,7 @@
  * through the data path.
  */
 
+import { l1IndexOf, l2IndexOf } from '../../format/header.ts';
 import { isZero } from '../../format/bytes.ts';
 import { ALL_SUBCLUSTERS, L2E_ZERO_LO, L2_UNALLOCATED, isCompressed, isCopied, sameL2Entry, standardOffset, subclusterBits, type L2Entry } from '../../format/l2.ts';
 import { guest, type GuestOffset } from '../../format/offsets.ts';
@@ -80,9 +81,9 @@ export class ZeroWriter {
     const cs = g.clusterSize;
     const sc = g.subclusterSize;
     if (a % sc !== 0 || (b % sc !== 0 && b !== ctx.header().size)) return false;
-    const l1Index = Math.floor(a / (g.l2Entries * cs));
+    const l1Index = l1IndexOf(g, a);
     const t = ctx.t();
-    const index = Math.floor(a / cs) % g.l2Entries;
+    const index = l2IndexOf(g, a);
     if (t.l1TableOffset(l1Index) === 0 && !ctx.backing) return true; // reads as zero already
     await this.mapping.l2ForWrite(l1Index);
     const table = t.l1TableOffset(l1Index);
