@@ -1,8 +1,8 @@
 /**
  * The write engine's rooms on their own: the pure per-cluster write plan,
- * the overlap index following the record stream, the refcount-structure
- * sizing, the header-extension insert plan, and the fault plan's one hook
- * into ordering. (The rooms together are exercised by every write test.)
+ * the refcount-structure sizing, the header-extension insert plan, and the
+ * fault plan's one hook into ordering (the overlap index has
+ * overlap.test.ts). (The rooms together are exercised by every write test.)
  */
 
 import { describe, it, expect } from 'vitest';
@@ -11,9 +11,8 @@ import { geometryOf, decodeHeader, type Geometry } from '../src/format/header.ts
 import { ALL_SUBCLUSTERS, L2E_ZERO_LO, L2_UNALLOCATED, encodeCompressedDescriptor, standardEntry, type L2Entry } from '../src/format/l2.ts';
 import { refcountStructureSize } from '../src/format/refcount.ts';
 import { planExtensionInsert } from '../src/format/extension-insert.ts';
-import { cluster, host } from '../src/format/offsets.ts';
+import { host } from '../src/format/offsets.ts';
 import { planClusterWrite, type PlanEnv } from '../src/engine/write/data-write.ts';
-import { OL_ACTIVE_L1, OL_ACTIVE_L2, OL_REFCOUNT_BLOCK, OL_REFCOUNT_TABLE, OverlapIndex, overlapName } from '../src/engine/write/overlap.ts';
 import { FaultPlan } from '../src/engine/faults.ts';
 import { PhaseLists } from '../src/engine/ordering.ts';
 import { MemoryDevice } from '../src/io/memory-device.ts';
@@ -98,33 +97,6 @@ describe('the per-cluster write plan', () => {
       }),
       { numRuns: runs },
     );
-  });
-});
-
-describe('the overlap index', () => {
-  const g = geometry(16);
-  const cs = g.clusterSize;
-
-  it('follows new tables, table moves and frees from the record stream', () => {
-    const ov = new OverlapIndex(g);
-    ov.reserve(host(3 * cs), 8 * 100, OL_ACTIVE_L1);
-    ov.follow({ kind: 'table-new', role: 'l2', slot: 0, offset: 10 * cs, copyOf: 0 });
-    ov.follow({ kind: 'table-new', role: 'refblock', slot: 1, offset: 11 * cs, copyOf: 0 });
-    expect(ov.at(cluster(10))).toBe(OL_ACTIVE_L2);
-    expect(overlapName(ov.at(cluster(11)))).toBe('refcount block');
-    expect(ov.at(cluster(11))).toBe(OL_REFCOUNT_BLOCK);
-    ov.follow({ kind: 'l1-swap', oldOffset: 3 * cs, oldSize: 100, newOffset: 20 * cs, newSize: 20000 });
-    expect(ov.has(cluster(3))).toBe(false);
-    expect(ov.at(cluster(20))).toBe(OL_ACTIVE_L1);
-    expect(ov.at(cluster(22))).toBe(OL_ACTIVE_L1);
-    expect(ov.has(cluster(23))).toBe(false);
-    ov.follow({ kind: 'reftable-swap', oldOffset: 1 * cs, oldClusters: 1, newOffset: 30 * cs, newClusters: 2 });
-    expect(ov.at(cluster(31))).toBe(OL_REFCOUNT_TABLE);
-    // a refcount going to zero frees the cluster whatever it held; a drop to a non-zero count does not
-    ov.follow({ kind: 'refcount', cluster: 10, old: 2, new: 1 });
-    expect(ov.has(cluster(10))).toBe(true);
-    ov.follow({ kind: 'refcount', cluster: 10, old: 1, new: 0 });
-    expect(ov.has(cluster(10))).toBe(false);
   });
 });
 

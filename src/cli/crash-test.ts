@@ -90,18 +90,22 @@ export async function runCrashTest(argv: string[], io: Output): Promise<number> 
   }
   const n = emptyCounts();
   const failures: Array<CrashFailure & { workload: number; reproduce: string }> = [];
+  // writes the overlap index refused (a workload stops at its refusal; its states are judged as usual)
+  const refusals: Array<{ workload: number; message: string }> = [];
   for (const [i, ops] of workloads.entries()) {
     const r = await crashTest(ops, { create, maxStates, seed: seed + i, fault: fault as Fault | undefined, qemuSamples, journal });
     addCounts(n, r);
     const repro = reproduction(ops, { create, seed: seed + i, fault: fault as Fault | undefined });
     for (const f of r.failures.slice(0, 5)) failures.push({ ...f, workload: i, reproduce: repro });
+    if (r.refusal) refusals.push({ workload: i, message: r.refusal });
   }
   const { states, corruptions, dataErrors, leaks, replayed, leaksAfterRecovery: leaksAfter, seconds } = n;
   const sps = seconds > 0 ? Math.round(states / seconds) : 0;
   if (output === 'json') {
-    io.out(qemuJson({ workloads: workloads.length, states, corruptions, 'data-errors': dataErrors, leaks, 'journal-replays': replayed, 'leaks-after-recovery': leaksAfter, 'states-per-second': sps, failures }) + '\n');
+    io.out(qemuJson({ workloads: workloads.length, states, corruptions, 'data-errors': dataErrors, leaks, 'journal-replays': replayed, 'leaks-after-recovery': leaksAfter, 'states-per-second': sps, 'overlap-refusals': refusals.length, failures }) + '\n');
   } else {
-    io.out(`workloads: ${workloads.length}\nstates: ${states}\ncorruptions: ${corruptions}\ndata errors: ${dataErrors}\nstates with leaks before recovery (allowed): ${leaks}\nstates recovered by journal replay: ${replayed}\nstates with leaks after recovery: ${journal ? leaksAfter : 'not judged (journal off)'}\nstates per second: ${sps}\n`);
+    io.out(`workloads: ${workloads.length}\nstates: ${states}\ncorruptions: ${corruptions}\ndata errors: ${dataErrors}\nstates with leaks before recovery (allowed): ${leaks}\nstates recovered by journal replay: ${replayed}\nstates with leaks after recovery: ${journal ? leaksAfter : 'not judged (journal off)'}\nstates per second: ${sps}\nworkloads stopped by an overlap refusal: ${refusals.length}\n`);
+    for (const r of refusals.slice(0, 3)) io.out(`REFUSED workload ${r.workload}: ${r.message}\n`);
     for (const f of failures) io.out(`FAIL workload ${f.workload}, ${f.state}: ${f.problem}\n  replay: ${f.reproduce}\n`);
     if (!failures.length) io.out('No corruption and no wrong data in any crash state.\n');
   }

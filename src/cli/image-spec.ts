@@ -9,12 +9,15 @@
 
 import { QledgerError } from '../errors.ts';
 import { parseOptionList } from './args.ts';
+import { OVERLAP_MODES, isOverlapMode, type OverlapMode } from '../engine/write/overlap.ts';
 
 export interface ImageSpec {
   readonly path: string;
   /** the format the spec names; undefined: probe (or -f) */
   readonly format: 'qcow2' | 'raw' | undefined;
   readonly forceShare: boolean;
+  /** qcow2's overlap-check option, if the spec names it */
+  readonly overlapCheck?: OverlapMode | undefined;
 }
 
 const FORMATS = new Set(['qcow2', 'raw']);
@@ -62,6 +65,9 @@ function options(spec: string, imageOpts: boolean): Map<string, string> | undefi
 export function imageSpec(arg: string, imageOpts: boolean): ImageSpec {
   const o = options(arg, imageOpts);
   if (!o) return { path: arg, format: undefined, forceShare: false };
+  const ol = o.get('overlap-check');
+  o.delete('overlap-check');
+  if (ol !== undefined && !isOverlapMode(ol)) refuse(arg, `Unsupported value '${ol}' for qcow2 option 'overlap-check'. Allowed are any of the following: ${OVERLAP_MODES.join(', ')}`);
   const take = (k: string) => {
     const v = o.get(k);
     o.delete(k);
@@ -88,5 +94,6 @@ export function imageSpec(arg: string, imageOpts: boolean): ImageSpec {
   }
   for (const k of o.keys()) refuse(arg, `Block format '${format ?? driver ?? 'qcow2'}' does not support the option '${k}'`);
   if (path === undefined || path === '') refuse(arg, "A block device must be specified for \"file\"");
-  return { path, format, forceShare };
+  if (ol !== undefined && format === 'raw') refuse(arg, `Block format 'raw' does not support the option 'overlap-check'`);
+  return { path, format, forceShare, overlapCheck: ol as OverlapMode | undefined };
 }

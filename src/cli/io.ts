@@ -16,6 +16,7 @@ import { forceShareOf, getopt, splitCommand } from './args.ts';
 import { Image } from '../engine/image.ts';
 import type { Output } from './output.ts';
 import { imageSpec } from './image-spec.ts';
+import { OVERLAP_MODES, isOverlapMode, type OverlapMode } from '../engine/write/overlap.ts';
 import { argCountError, findCommand, helpText, type IoContext } from './io-commands.ts';
 
 export { cvtstr } from './io-format.ts';
@@ -28,6 +29,7 @@ interface SessionOptions {
   detectZeroes: 'off' | 'on' | 'unmap' | undefined;
   journal: boolean;
   cache: (typeof CACHE_MODES)[number];
+  overlapCheck: OverlapMode | undefined;
 }
 
 class Session implements IoContext {
@@ -50,6 +52,7 @@ class Session implements IoContext {
       lockAsWriter: !opts.readOnly,
       detectZeroes: this.o.detectZeroes,
       journal: this.o.journal,
+      overlapCheck: this.o.overlapCheck,
       onWarning: (m) => this.io.err(`qledger: warning: ${m}\n`),
     });
     this.path = path;
@@ -118,7 +121,7 @@ export async function runIo(argv: string[], io: Output): Promise<number> {
     {
       withArg: 'cftdiTo',
       flags: 'rUnqkmhsC',
-      long: { 'force-share': false, 'image-opts': false, 'read-only': false, format: true, cmd: true, cache: true, aio: true, discard: true, trace: true, snapshot: false, nocache: false, 'copy-on-read': false, misalign: false, 'native-aio': false, 'detect-zeroes': true, journal: true },
+      long: { 'force-share': false, 'image-opts': false, 'read-only': false, format: true, cmd: true, cache: true, aio: true, discard: true, trace: true, snapshot: false, nocache: false, 'copy-on-read': false, misalign: false, 'native-aio': false, 'detect-zeroes': true, journal: true, 'overlap-check': true },
     },
     'io',
   );
@@ -127,6 +130,8 @@ export async function runIo(argv: string[], io: Output): Promise<number> {
   if (jo !== undefined && jo !== 'on' && jo !== 'off') throw new UsageError(`--journal expects on or off`);
   const dz = val('detect-zeroes');
   if (dz !== undefined && dz !== 'off' && dz !== 'on' && dz !== 'unmap') throw new UsageError(`--detect-zeroes expects off, on or unmap`);
+  const ol = val('overlap-check');
+  if (ol !== undefined && (typeof ol !== 'string' || !isOverlapMode(ol))) throw new UsageError(`--overlap-check expects one of ${OVERLAP_MODES.join(', ')}`);
   const cache = val('t', 'cache') ?? (p.opts.some(([k]) => k === 'n' || k === 'nocache') ? 'none' : 'writeback');
   if (!(CACHE_MODES as readonly unknown[]).includes(cache)) throw new UsageError(`Invalid cache option: ${String(cache)}`);
   const aio = val('i', 'aio');
@@ -140,10 +145,11 @@ export async function runIo(argv: string[], io: Output): Promise<number> {
   // from -c, the image is opened for writing only when a command writes; from standard input, always
   const fromInput = cmds.length === 0;
   const wantsWrite = fromInput || cmds.some((c) => findCommand(splitCommand(c)[0] ?? '')?.writes === true);
-  const s = new Session(io, { format: fmt as SessionOptions['format'], detectZeroes: dz as SessionOptions['detectZeroes'], journal: jo !== 'off', cache: cache as SessionOptions['cache'] }, wantsWrite);
+  const s = new Session(io, { format: fmt as SessionOptions['format'], detectZeroes: dz as SessionOptions['detectZeroes'], journal: jo !== 'off', cache: cache as SessionOptions['cache'], overlapCheck: ol as OverlapMode | undefined }, wantsWrite);
   if (p.positional[0] !== undefined) {
     const spec = imageSpec(p.positional[0], p.opts.some(([k]) => k === 'image-opts'));
     if (spec.format !== undefined) s.o.format = spec.format;
+    if (spec.overlapCheck !== undefined) s.o.overlapCheck = spec.overlapCheck;
     await s.open(spec.path, { readOnly, forceShare: forceShare || spec.forceShare });
   }
   let failed = false;

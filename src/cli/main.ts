@@ -51,7 +51,7 @@ Commands (options as in qemu-img / qemu-io):
   compare [-f fmt] [-F fmt] [-s] [-q] FILE1 FILE2
   journal dump [--output=human|json] FILE
      the journal's transactions and records, read-only
-  io [-r] [-f fmt] [--journal=on|off] [--detect-zeroes=off|on|unmap] -c CMD [-c CMD ...] FILE
+  io [-r] [-f fmt] [--journal=on|off] [--detect-zeroes=off|on|unmap] [--overlap-check=none|constant|cached|all] -c CMD [-c CMD ...] FILE
      io commands: read [-P pattern] [-v] [-q] OFF LEN | write [-P pattern] [-z [-u]] [-q] OFF LEN
                   | discard OFF LEN | flush | truncate SIZE | abort | map | alloc OFF [LEN] | info | length
 `;

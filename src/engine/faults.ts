@@ -4,8 +4,10 @@
  * (a harness that cannot fail proves nothing). Never set outside tests and
  * `crash-test --fault`. Production code holds one hook per rule: the
  * ordering planner calls `rearrange`, the allocator asks `reuseFreedAtOnce`,
- * the data path writes through `dataDevice` and the write-back calls
- * `afterPhase`.
+ * `reuseFreedMetadata` and `wrongCluster`, the data path writes through
+ * `dataDevice` and the write-back calls `afterPhase`. The last four faults
+ * (OVERLAP_FAULTS) reproduce real allocator and cache bugs that the
+ * overlap index must refuse before they reach the disk.
  */
 
 import type { BlockDevice } from '../io/device.ts';
@@ -18,11 +20,19 @@ export const FAULTS = {
   'header-before-table': 'the header switches to a new L1 or refcount table before the table is durable',
   'data-after-mapping': 'guest data reaches the device only after the L2 entry that maps it',
   'reuse-before-durable': 'a cluster freed since the last flush may be reallocated at once',
+  'alloc-live-l2': 'the allocator hands out a live L2 table as a data cluster',
+  'alloc-cluster-zero': 'the allocator hands out cluster 0 (the header) once',
+  'stale-l2-offset': 'a stale cached table offset: an L2 table is written over a refcount block',
+  'reuse-freed-metadata': 'a metadata cluster freed since the last flush (an old L1 or refcount table, an L2 table) is reused at once, while the disk still points at it',
 } as const;
 export type Fault = keyof typeof FAULTS;
 
+/** The faults the overlap index must stop before the write reaches the device (write/overlap-guard.ts). */
+export const OVERLAP_FAULTS: readonly Fault[] = ['alloc-live-l2', 'alloc-cluster-zero', 'stale-l2-offset', 'reuse-freed-metadata'];
+
 export class FaultPlan implements PhaseRearranger {
   private holding: HoldingDevice | undefined;
+  private handedOutZero = false;
 
   constructor(readonly fault: Fault) {}
 
@@ -31,9 +41,39 @@ export class FaultPlan implements PhaseRearranger {
     return this.fault === 'reuse-before-durable';
   }
 
+  /** Rule: a metadata cluster freed in this epoch is not reused before the free is durable (the allocator skips what the overlap index still holds). */
+  get reuseFreedMetadata(): boolean {
+    return this.fault === 'reuse-freed-metadata';
+  }
+
+  /**
+   * Rule: the allocator hands out free clusters only. The faults return a
+   * wrong one instead: a live L2 table for data (`liveL2`), or cluster 0
+   * once. Undefined: allocate normally.
+   */
+  wrongCluster(n: number, purpose: 'data' | 'table', liveL2: () => number | undefined): number | undefined {
+    if (n !== 1) return undefined;
+    if (this.fault === 'alloc-live-l2' && purpose === 'data') return liveL2();
+    if (this.fault === 'alloc-cluster-zero' && !this.handedOutZero) {
+      this.handedOutZero = true;
+      return 0;
+    }
+    return undefined;
+  }
+
   /** Rules: refcounts before references, references dropped before the decrement, a table before the header that switches to it. */
   rearrange(p: PhaseLists, tablesMoved: boolean): void {
-    if (this.fault === 'l2-before-refcount') {
+    if (this.fault === 'stale-l2-offset') {
+      // the first L2 table write goes where a refcount block is, as a stale cached offset would send it
+      const lists = [p.allocate, p.hook, p.reference, p.free];
+      const block = lists.flat().find((w) => w.what.startsWith('refblock'));
+      for (const list of lists) {
+        const i = list.findIndex((w) => /^(new )?l2 /.test(w.what));
+        if (i < 0 || !block) continue;
+        list[i] = { ...list[i]!, offset: block.offset, what: `${list[i]!.what} (stale offset)` };
+        return;
+      }
+    } else if (this.fault === 'l2-before-refcount') {
       p.allocate.unshift(...p.reference.splice(0), ...p.hook.splice(0));
     } else if (this.fault === 'free-before-unmap' && p.free.length) {
       p.allocate.unshift(...p.free.splice(0));

@@ -32,9 +32,11 @@ const stream = () => (streamModule ??= createRequire(import.meta.url)('node:stre
 /**
  * Read-only options, plus `write` and, for a read-write open, the write
  * engine's options as `WritableOpenOptions` documents them: trace,
- * detectZeroes, cacheBytes, journal (default on), journalBytes, onWarning.
+ * detectZeroes, cacheBytes, journal (default on), journalBytes, onWarning,
+ * overlapCheck (QEMU's overlap-check modes: 'none', 'constant', 'cached',
+ * 'all'; default 'all').
  */
-export interface ImageOpenOptions extends OpenOptions, Pick<WritableOpenOptions, 'trace' | 'detectZeroes' | 'cacheBytes' | 'journal' | 'journalBytes' | 'onWarning'> {
+export interface ImageOpenOptions extends OpenOptions, Pick<WritableOpenOptions, 'trace' | 'detectZeroes' | 'cacheBytes' | 'journal' | 'journalBytes' | 'onWarning' | 'overlapCheck'> {
   /** open read-write (qcow2 only); the backing chain stays read-only */
   readonly write?: boolean | undefined;
 }
@@ -97,7 +99,7 @@ export class Image {
       if (opts.snapshot !== undefined) throw new QledgerError('E_USAGE', `${name}: a snapshot can only be opened read-only`);
       // qemu's words: sharing write permissions is for readers only
       if (opts.forceShare) throw new QledgerError('E_USAGE', `${name}: force-share=on can only be used with read-only images`);
-      const o: WritableOpenOptions = { format: opts.format, trace: opts.trace, detectZeroes: opts.detectZeroes, cacheBytes: opts.cacheBytes, journal: opts.journal, journalBytes: opts.journalBytes, onWarning: opts.onWarning };
+      const o: WritableOpenOptions = { format: opts.format, trace: opts.trace, detectZeroes: opts.detectZeroes, cacheBytes: opts.cacheBytes, journal: opts.journal, journalBytes: opts.journalBytes, onWarning: opts.onWarning, overlapCheck: opts.overlapCheck };
       const w = await writable();
       const { writer, recovery } = typeof target === 'string' ? await w.openWriterSession(target, o) : await w.openWriterSessionOn(target, name, o);
       return new Image(writer.layer, writer, recovery);

@@ -38,6 +38,7 @@ import { host, type HostOffset } from '../format/offsets.ts';
 import { maxRefcount, getRefcount, setRefcount } from '../format/refcount.ts';
 import type { MetaRecord } from '../journal/records.ts';
 import { PTrie } from '../state/ptrie.ts';
+import { OL_ACTIVE_L1, OL_ACTIVE_L2, OL_MAIN_HEADER, OL_REFCOUNT_BLOCK, OL_REFCOUNT_TABLE } from './write/overlap.ts';
 import { CHUNK_ENTRIES, l1Bytes, l1TableOffset, reftableBytes, reftableEntry, type HeaderState, type MetaState } from '../state/state.ts';
 
 export interface DeviceWrite {
@@ -47,6 +48,12 @@ export interface DeviceWrite {
   readonly what: string;
   /** the ordering phase the rules assign it to (traces show it; tests check barriers between them) */
   readonly category?: string | undefined;
+  /**
+   * The overlap kinds (write/overlap.ts, OL_*) the bytes are: the overlap
+   * index refuses the write if it lands on anything else. Unset: guest data,
+   * which may touch no metadata.
+   */
+  readonly kind?: number | undefined;
 }
 
 export interface Phase {
@@ -192,8 +199,8 @@ export async function executePlan(phases: readonly Phase[], io: PlanIO, o: { wri
 const SECTOR = 512;
 
 /** Writes for the sectors of `next` that differ from `prev` (all of them when prev is undefined). */
-export function dirtySectors(prev: Uint8Array | undefined, next: Uint8Array, base: HostOffset, what: string): DeviceWrite[] {
-  if (!prev) return [{ offset: base, data: next, what }];
+export function dirtySectors(prev: Uint8Array | undefined, next: Uint8Array, base: HostOffset, what: string, kind?: number): DeviceWrite[] {
+  if (!prev) return [{ offset: base, data: next, what, kind }];
   const out: DeviceWrite[] = [];
   const a = Buffer.from(prev.buffer, prev.byteOffset, prev.byteLength);
   let runStart = -1;
@@ -202,11 +209,11 @@ export function dirtySectors(prev: Uint8Array | undefined, next: Uint8Array, bas
     const differs = end > prev.length || a.compare(next, o, end, o, end) !== 0;
     if (differs && runStart < 0) runStart = o;
     if (!differs && runStart >= 0) {
-      out.push({ offset: host(base + runStart), data: next.subarray(runStart, o), what });
+      out.push({ offset: host(base + runStart), data: next.subarray(runStart, o), what, kind });
       runStart = -1;
     }
   }
-  if (runStart >= 0) out.push({ offset: host(base + runStart), data: next.subarray(runStart), what });
+  if (runStart >= 0) out.push({ offset: host(base + runStart), data: next.subarray(runStart), what, kind });
   return out;
 }
 
@@ -247,7 +254,7 @@ export function planFlush(p: PlanInput): Plan {
   // ---- phase 0 ----
   for (const [slot, offset] of newL2) {
     const t = current.l2.get(slot);
-    if (t && l1TableOffset(current, slot) === offset) phase0.push({ offset: host(offset), data: t, what: `new l2 ${hex(offset)}` });
+    if (t && l1TableOffset(current, slot) === offset) phase0.push({ offset: host(offset), data: t, what: `new l2 ${hex(offset)}`, kind: OL_ACTIVE_L2 });
   }
   // refcount blocks: durable value + increments (decrements wait for phase 3)
   const afterPhase0 = new Map<number, Uint8Array>();
@@ -269,21 +276,21 @@ export function planFlush(p: PlanInput): Plan {
     }
     if (p.lazy) view.set(cur); // a new block under lazy refcounts: its exact values, dirty bit covers it
     afterPhase0.set(rt, view);
-    phase0.push(...dirtySectors(base, view, offset, `refblock ${hex(offset)}`));
+    phase0.push(...dirtySectors(base, view, offset, `refblock ${hex(offset)}`, OL_REFCOUNT_BLOCK));
   }
   if (l1Moved) {
     const bytes = padSector(l1Bytes(current));
-    phase0.push({ offset: host(current.header.l1TableOffset), data: bytes, what: `new l1 ${hex(current.header.l1TableOffset)}` });
+    phase0.push({ offset: host(current.header.l1TableOffset), data: bytes, what: `new l1 ${hex(current.header.l1TableOffset)}`, kind: OL_ACTIVE_L1 });
   }
   if (reftableMoved) {
-    phase0.push({ offset: host(current.header.refcountTableOffset), data: reftableBytes(current), what: `new reftable ${hex(current.header.refcountTableOffset)}` });
+    phase0.push({ offset: host(current.header.refcountTableOffset), data: reftableBytes(current), what: `new reftable ${hex(current.header.refcountTableOffset)}`, kind: OL_REFCOUNT_TABLE });
   }
 
   // ---- phase 1 ----
   const headerChanged = durable.header !== current.header;
   let headerWritten = false;
   if (reftableMoved) {
-    phase1.push({ offset: host(0), data: p.encodeHeader(current.header), what: 'header' });
+    phase1.push({ offset: host(0), data: p.encodeHeader(current.header), what: 'header', kind: OL_MAIN_HEADER });
     headerWritten = true;
   } else {
     for (const [chunk, before, after] of PTrie.diff(durable.reftable, current.reftable)) {
@@ -292,7 +299,7 @@ export function planFlush(p: PlanInput): Plan {
       const limit = current.header.refcountTableClusters * cs;
       if (start >= limit) continue;
       const n = Math.min(after.length, limit - start);
-      phase1.push(...dirtySectors(before?.subarray(0, n) ?? new Uint8Array(n), after.subarray(0, n), host(current.header.refcountTableOffset + start), 'reftable'));
+      phase1.push(...dirtySectors(before?.subarray(0, n) ?? new Uint8Array(n), after.subarray(0, n), host(current.header.refcountTableOffset + start), 'reftable', OL_REFCOUNT_TABLE));
     }
   }
 
@@ -301,7 +308,7 @@ export function planFlush(p: PlanInput): Plan {
     if (!after || newL2.has(slot) || !before) continue;
     const offset = l1TableOffset(current, slot);
     if (offset === 0 || offset !== l1TableOffset(durable, slot)) continue;
-    phase2.push(...dirtySectors(before, after, offset, `l2 ${hex(offset)}`));
+    phase2.push(...dirtySectors(before, after, offset, `l2 ${hex(offset)}`, OL_ACTIVE_L2));
   }
   if (!l1Moved) {
     for (const [chunk, before, after] of PTrie.diff(durable.l1, current.l1)) {
@@ -312,16 +319,16 @@ export function planFlush(p: PlanInput): Plan {
       const n = Math.min(after.length, limit - start);
       // sector granularity inside the table; the table need not be sector-sized
       const prev = before?.subarray(0, n) ?? new Uint8Array(n);
-      phase2.push(...dirtySectors(prev, after.subarray(0, n), host(current.header.l1TableOffset + start), 'l1'));
+      phase2.push(...dirtySectors(prev, after.subarray(0, n), host(current.header.l1TableOffset + start), 'l1', OL_ACTIVE_L1));
     }
   }
-  if (headerChanged && !headerWritten) phase2.push({ offset: host(0), data: p.encodeHeader(current.header), what: 'header' });
+  if (headerChanged && !headerWritten) phase2.push({ offset: host(0), data: p.encodeHeader(current.header), what: 'header', kind: OL_MAIN_HEADER });
 
   // ---- phase 3 ----
   if (decrements && !p.lazy) {
     for (const [rt, view] of afterPhase0) {
       const cur = current.refblocks.get(rt)!;
-      phase3.push(...dirtySectors(view, cur, reftableEntry(current, rt), `refblock ${hex(reftableEntry(current, rt))}`));
+      phase3.push(...dirtySectors(view, cur, reftableEntry(current, rt), `refblock ${hex(reftableEntry(current, rt))}`, OL_REFCOUNT_BLOCK));
     }
   }
 

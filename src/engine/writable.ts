@@ -23,6 +23,7 @@ import { countReferences } from './check/count.ts';
 import { planCreate, writeSkeleton, writeSkeletonTo, type CreateOptions } from './create.ts';
 import type { Fault } from './faults.ts';
 import type { Layer } from './layer.ts';
+import type { OverlapMode } from './write/overlap.ts';
 import { RawLayer } from './raw-layer.ts';
 import { MemoryDevice } from '../io/memory-device.ts';
 
@@ -49,6 +50,8 @@ export interface WritableOpenOptions {
   readonly onWarning?: ((message: string) => void) | undefined;
   /** test-only: a write-back stops after this many phases, as a power cut would */
   readonly stopAfterPhase?: number | undefined;
+  /** QEMU's overlap-check: none, constant, cached or all (the default) */
+  readonly overlapCheck?: OverlapMode | undefined;
 }
 
 export interface OpenedWriter {
@@ -84,9 +87,10 @@ export async function openSession(dev: BlockDevice, dataDev: BlockDevice | undef
     // nothing is written here: the journal starts with the first write-back that changes metadata
     if (opts.journal !== false && h0.version === 3) journal = await planJournal(loaded.parsed, located, opts.journalBytes, diskRefcounts(dev, loaded.parsed));
   }
-  const { parsed, fileSize, snapshots } = loaded;
-  const writer = await Qcow2Writer.open({ filename: name, dev, dataDev, parsed, fileSize, snapshots: snapshots as SnapshotEntry[], backing, trace: opts.trace, writebackRecords: opts.writebackRecords, fault: opts.fault, detectZeroes: opts.detectZeroes, cacheBytes: opts.cacheBytes, journal, onWarning: opts.onWarning, stopAfterPhase: opts.stopAfterPhase });
-  await rebuildRefcounts(writer, dev, name, parsed.header.incompatibleFeatures, recovery.action === 'scan');
+  const { parsed, fileSize, snapshots, snapshotTableBytes } = loaded;
+  const writer = await Qcow2Writer.open({ filename: name, dev, dataDev, parsed, fileSize, snapshots: snapshots as SnapshotEntry[], snapshotTableBytes, overlapCheck: opts.overlapCheck, backing, trace: opts.trace, writebackRecords: opts.writebackRecords, fault: opts.fault, detectZeroes: opts.detectZeroes, cacheBytes: opts.cacheBytes, journal, onWarning: opts.onWarning, stopAfterPhase: opts.stopAfterPhase });
+  // overlapping metadata: nothing is written, the rebuild included
+  if (!writer.refusal) await rebuildRefcounts(writer, dev, name, parsed.header.incompatibleFeatures, recovery.action === 'scan');
   return { writer, recovery };
 }
 

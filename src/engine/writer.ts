@@ -19,7 +19,7 @@ import { AUTOCLEAR_BITMAPS, AUTOCLEAR_JOURNAL, AUTOCLEAR_KNOWN, COMPRESSION_DEFL
 import { geometryOf, type Geometry } from '../format/header.ts';
 import { maxRefcount } from '../format/refcount.ts';
 import { readAt } from '../io/device.ts';
-import { Transaction, initialState, l1TableOffset, reftableEntry, type MetaState } from '../state/state.ts';
+import { Transaction, initialState, l1TableOffset, type MetaState } from '../state/state.ts';
 import { faultPlan, type Fault } from './faults.ts';
 import type { JournalPlan } from './journal/live.ts';
 import { cluster, guest, host } from '../format/offsets.ts';
@@ -27,7 +27,9 @@ import { Qcow2Layer, type Qcow2LayerOptions } from './qcow2-layer.ts';
 import { readGuest } from './read.ts';
 import { WriteContext } from './write/context.ts';
 import { HeaderBits } from './write/header-bits.ts';
-import { OL_ACTIVE_L1, OL_ACTIVE_L2, OL_INACTIVE_L1, OL_MAIN_HEADER, OL_REFCOUNT_BLOCK, OL_REFCOUNT_TABLE, OL_SNAPSHOT_TABLE } from './write/overlap.ts';
+import { OverlapIndex, overlapNames, type OverlapMode } from './write/overlap.ts';
+import { buildOverlapIndex } from './write/overlap-build.ts';
+import { ANY_KIND, GuardedDevice } from './write/overlap-guard.ts';
 import type { PreallocMode } from './write/resize.ts';
 import { buildRooms, type Rooms } from './write/rooms.ts';
 import { Trace, type TraceEvent } from './write/trace.ts';
@@ -36,6 +38,13 @@ export type { TraceEvent } from './write/trace.ts';
 
 /** What a writer opens: the image's files and header, as a read-only layer takes them, plus options. */
 export interface WriterOptions extends Pick<Qcow2LayerOptions, 'filename' | 'dev' | 'dataDev' | 'parsed' | 'fileSize' | 'snapshots' | 'backing'> {
+  /** the snapshot table's size in bytes, as read at open (its entries are variable-sized) */
+  readonly snapshotTableBytes?: number | undefined;
+  /**
+   * QEMU's overlap-check mode: which metadata kinds every write is checked
+   * against (default 'all': QEMU's 'cached' plus the inactive L2 tables).
+   */
+  readonly overlapCheck?: OverlapMode | undefined;
   /** receives every record, device write and flush, in order */
   readonly trace?: TraceEvent[] | undefined;
   /**
@@ -83,7 +92,7 @@ export class Qcow2Writer {
   private queue: Promise<unknown> = Promise.resolve();
   private txCounter = 0;
 
-  private constructor(o: WriterOptions, state: MetaState, headerBits: HeaderBits, trace: Trace) {
+  private constructor(o: WriterOptions, state: MetaState, headerBits: HeaderBits, trace: Trace, image: GuardedDevice) {
     const h = o.parsed.header;
     this.filename = o.filename;
     this.geometry = geometryOf(h);
@@ -91,8 +100,13 @@ export class Qcow2Writer {
     this.compressionType = h.compressionType;
     const faults = faultPlan(o.fault);
     const guestDev = o.dataDev ?? (faults ? faults.dataDevice(o.dev) : o.dev);
-    this.ctx = new WriteContext(o.filename, { image: o.dev, data: o.dataDev, guest: guestDev }, this.geometry, h.version, o.backing, headerBits, trace, state, o.fileSize);
+    // guest data in the image is checked against the same index; an external data file holds no metadata
+    const guest = o.dataDev ? GuardedDevice.over(o.dataDev, new OverlapIndex(this.geometry, 'none')) : image.wrap(guestDev);
+    this.ctx = new WriteContext(o.filename, { image, data: o.dataDev, guest }, this.geometry, h.version, o.backing, headerBits, trace, state, o.fileSize);
+    const ctx0 = this.ctx;
+    image.onRefusal = (message, data) => ctx0.signalCorruption(message, data);
     this.rooms = buildRooms(this.ctx, {
+      overlap: image.index,
       cacheBytes: o.cacheBytes ?? 64 * 1024 * 1024,
       writebackRecords: o.writebackRecords ?? 200_000,
       faults,
@@ -122,22 +136,6 @@ export class Qcow2Writer {
       },
     });
     ctx.attachReader(this.layer);
-    // overlap index: what no record describes, and what the tables held at open
-    const ov = this.rooms.overlap;
-    const cs = this.geometry.clusterSize;
-    ov.reserve(host(0), cs, OL_MAIN_HEADER);
-    ov.reserve(host(h.l1TableOffset), h.l1Size * 8, OL_ACTIVE_L1);
-    ov.reserve(host(h.refcountTableOffset), h.refcountTableClusters * cs, OL_REFCOUNT_TABLE);
-    for (const sn of o.snapshots) ov.reserve(host(sn.l1TableOffset), sn.l1Size * 8, OL_INACTIVE_L1);
-    for (let i = 0; i < h.l1Size; i++) {
-      const off = l1TableOffset(state, i);
-      if (off) ov.reserve(off, cs, OL_ACTIVE_L2);
-    }
-    for (let i = 0; i < (h.refcountTableClusters * cs) / 8; i++) {
-      const off = reftableEntry(state, i);
-      if (off) ov.reserve(off, cs, OL_REFCOUNT_BLOCK);
-    }
-    if (h.nbSnapshots) ov.reserve(host(h.snapshotsOffset), 1, OL_SNAPSHOT_TABLE);
   }
 
   /** Open for writing; the caller opened `dev` read-write and validated the header. */
@@ -167,10 +165,24 @@ export class Qcow2Writer {
       reftable,
     );
     const trace = new Trace(o.trace);
-    const headerBits = new HeaderBits(o.dev, h.version, h.headerLength, (h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n, trace);
+    // The overlap index, from the tables as they are now; from here on every write to the image goes through it.
+    const overlap = new OverlapIndex(g, o.overlapCheck ?? 'all');
+    await buildOverlapIndex(overlap, { dev: o.dev, parsed: o.parsed, l1, reftable, snapshots: o.snapshots, snapshotTableBytes: o.snapshotTableBytes ?? 0 });
+    const image = GuardedDevice.over(o.dev, overlap);
+    // The header is cluster 0 by definition: its writes may not leave it, and a structure wrongly placed
+    // there must not stop the corrupt bit from being written.
+    const headerView = image.as(ANY_KIND, 'header', g.clusterSize);
+    const headerBits = new HeaderBits(headerView, h.version, h.headerLength, (h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n, trace);
     headerBits.journalBitOnDisk = journalled && (h.autoclearFeatures & AUTOCLEAR_JOURNAL) !== 0n;
     await headerBits.reload();
-    const w = new Qcow2Writer(o, state, headerBits, trace);
+    const w = new Qcow2Writer(o, state, headerBits, trace, image);
+    const clash = overlap.firstOverlap();
+    if (clash) {
+      // Damage found before anything is written: report it, write nothing (not even the corrupt bit), refuse writes; reads go on.
+      w.ctx.refusal = `metadata overlaps: the ${overlapNames(clash.kinds).join(' and the ')} share the cluster at ${hex(clash.offset)}`;
+      o.onWarning?.(`${o.filename}: ${w.ctx.refusal}; the image is opened for reading only (run 'qledger check')`);
+      return w;
+    }
     // Unknown autoclear bits say "an extension I do not maintain may be stale
     // now": clear them before the first write, as QEMU does. qledger does not
     // maintain persistent bitmaps either, so their bit goes too. A session
@@ -191,6 +203,16 @@ export class Qcow2Writer {
   }
 
   // ---- public operations ---------------------------------------------------
+
+  /** The overlap index every write is checked against (its mode, size and refusals: benchmarks and tests read them). */
+  get overlap(): { readonly index: OverlapIndex; readonly refusals: number } {
+    return { index: this.ctx.files.image.index, refusals: this.ctx.files.image.refusals };
+  }
+
+  /** Set when metadata overlapped at open: why every write is refused. */
+  get refusal(): string | undefined {
+    return this.ctx.refusal;
+  }
 
   get size(): number {
     return this.ctx.header().size;

@@ -24,7 +24,7 @@ import { join } from 'node:path';
 import { MemoryDevice } from '../io/memory-device.ts';
 import { RecordingDevice, crashStates } from '../io/crash-device.ts';
 import { isZero, u64big } from '../format/bytes.ts';
-import { INCOMPAT_DIRTY } from '../format/features.ts';
+import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../format/features.ts';
 import { openQcow2Layer } from '../engine/qcow2-layer.ts';
 import { RawLayer } from '../engine/raw-layer.ts';
 import { readGuest } from '../engine/read.ts';
@@ -34,7 +34,7 @@ import { createOnDevice, openSession, openWriterOnDevice } from '../engine/writa
 import type { CreateOptions } from '../engine/create.ts';
 import type { Fault } from '../engine/faults.ts';
 import { workloadCommands, type GuestOp } from './workload.ts';
-import { QledgerError } from '../errors.ts';
+import { CorruptionError, QledgerError } from '../errors.ts';
 
 export { parseWorkload, workloadCommands, type GuestOp } from './workload.ts';
 
@@ -78,6 +78,12 @@ export interface CrashTestResult {
   /** states whose read-write open (d) replayed a journal transaction */
   readonly replayed: number;
   readonly failures: CrashFailure[];
+  /**
+   * The overlap index refused a write and the workload stopped there (a
+   * fault that breaks the allocator or the table cache; write/overlap.ts):
+   * its message. The states up to the refusal are judged as usual.
+   */
+  readonly refusal?: string | undefined;
   readonly seconds: number;
   /** device operations the workload produced */
   readonly deviceOps: number;
@@ -168,68 +174,89 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
   await w.read(0, model);
   const initialModel = model.slice();
   const steps: Step[] = [];
+  let refusal: string | undefined;
   for (const op of ops) {
     const devStart = rec.ops.length;
     let lo = 0;
     let hi = 0;
-    switch (op.op) {
-      case 'write':
-        await w.write(op.offset, new Uint8Array(op.length).fill(op.pattern));
+    try {
+      switch (op.op) {
+        case 'write':
+          await w.write(op.offset, new Uint8Array(op.length).fill(op.pattern));
+          model.fill(op.pattern, op.offset, op.offset + op.length);
+          [lo, hi] = [op.offset, op.offset + op.length];
+          break;
+        case 'compress': {
+          // refused clusters (already holding data) leave the guest unchanged; the
+          // model takes what the image reads afterwards, cluster by cluster
+          try {
+            await w.writeCompressed(op.offset, new Uint8Array(op.length).fill(op.pattern));
+          } catch (e) {
+            if (!(e instanceof QledgerError) || (e.code !== 'E_IO' && e.code !== 'E_RANGE')) throw e;
+          }
+          const after = new Uint8Array(op.length);
+          await w.read(op.offset, after);
+          model.set(after, op.offset);
+          [lo, hi] = [op.offset, op.offset + op.length];
+          break;
+        }
+        case 'zero':
+          await w.writeZeroes(op.offset, op.length, { unmap: op.unmap });
+          model.fill(0, op.offset, op.offset + op.length);
+          [lo, hi] = [op.offset, op.offset + op.length];
+          break;
+        case 'discard': {
+          await w.discard(op.offset, op.length);
+          const end = op.offset + op.length;
+          lo = Math.ceil(op.offset / cs) * cs;
+          hi = end === model.length ? end : end - (end % cs);
+          for (let c = lo; c < hi; c += cs) {
+            const to = Math.min(hi, c + cs);
+            if (v2 && backingGuest) {
+              model.fill(0, c, to);
+              model.set(backingGuest.subarray(c, Math.min(to, backingGuest.length)), c);
+            } else model.fill(0, c, to);
+          }
+          hi = Math.max(lo, hi);
+          break;
+        }
+        case 'flush':
+          await w.flush();
+          break;
+        case 'truncate': {
+          await w.truncate(op.size);
+          const next = new Uint8Array(op.size);
+          next.set(model.subarray(0, Math.min(model.length, op.size)));
+          [lo, hi] = [Math.min(model.length, op.size), op.size];
+          model = next;
+          break;
+        }
+      }
+    } catch (e) {
+      if (!isRefusal(e)) throw e;
+      // The write never reached the device; what the operation wrote before it may have.
+      refusal = (e as Error).message;
+      if (op.op === 'write') {
         model.fill(op.pattern, op.offset, op.offset + op.length);
         [lo, hi] = [op.offset, op.offset + op.length];
-        break;
-      case 'compress': {
-        // refused clusters (already holding data) leave the guest unchanged; the
-        // model takes what the image reads afterwards, cluster by cluster
-        try {
-          await w.writeCompressed(op.offset, new Uint8Array(op.length).fill(op.pattern));
-        } catch (e) {
-          if (!(e instanceof QledgerError) || (e.code !== 'E_IO' && e.code !== 'E_RANGE')) throw e;
-        }
-        const after = new Uint8Array(op.length);
-        await w.read(op.offset, after);
-        model.set(after, op.offset);
-        [lo, hi] = [op.offset, op.offset + op.length];
-        break;
-      }
-      case 'zero':
-        await w.writeZeroes(op.offset, op.length, { unmap: op.unmap });
-        model.fill(0, op.offset, op.offset + op.length);
-        [lo, hi] = [op.offset, op.offset + op.length];
-        break;
-      case 'discard': {
-        await w.discard(op.offset, op.length);
-        const end = op.offset + op.length;
-        lo = Math.ceil(op.offset / cs) * cs;
-        hi = end === model.length ? end : end - (end % cs);
-        for (let c = lo; c < hi; c += cs) {
-          const to = Math.min(hi, c + cs);
-          if (v2 && backingGuest) {
-            model.fill(0, c, to);
-            model.set(backingGuest.subarray(c, Math.min(to, backingGuest.length)), c);
-          } else model.fill(0, c, to);
-        }
-        hi = Math.max(lo, hi);
-        break;
-      }
-      case 'flush':
-        await w.flush();
-        break;
-      case 'truncate': {
-        await w.truncate(op.size);
-        const next = new Uint8Array(op.size);
-        next.set(model.subarray(0, Math.min(model.length, op.size)));
-        [lo, hi] = [Math.min(model.length, op.size), op.size];
-        model = next;
-        break;
       }
     }
     // whole sectors: a partial-sector write leaves the rest of its sector as it was
     lo = Math.floor(lo / SECTOR) * SECTOR;
     hi = Math.min(model.length, Math.ceil(hi / SECTOR) * SECTOR);
     steps.push({ op, devStart, devEnd: rec.ops.length, lo, content: model.slice(lo, Math.max(lo, hi)), size: model.length });
+    if (refusal) break;
   }
-  await w.close();
+  // a refusal marked the image corrupt: the session is over, nothing more is written
+  if (!refusal) {
+    try {
+      await w.close();
+    } catch (e) {
+      if (!isRefusal(e)) throw e;
+      refusal = (e as Error).message;
+    }
+  }
+  if (refusal) await w.abandon();
 
   // ---- judge the crash states ----
   /** guest content at each completed guest flush, computed once */
@@ -273,23 +300,35 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
       } catch (e) {
         fail(`read failed: ${(e as Error).message}`, 'corruption');
       }
-      // (d)
-      try {
-        const dev = new MemoryDevice(name, st.image);
-        const warnings: string[] = [];
-        const { writer: rw, recovery } = await openSession(dev, undefined, name, await backingLayer(), { journal, journalBytes: o.journalBytes ?? 64 * 1024, onWarning: (m) => warnings.push(m) });
-        if (recovery.action === 'replayed') replayed++;
-        // a journal qledger wrote and a crash cut is never invalid
-        if (recovery.action === 'ignored') fail(`the journal was ignored: ${warnings.join('; ')}`, 'corruption');
-        await rw.close();
-        const r = await checkDevice(new MemoryDevice(name, dev.snapshot(), { readOnly: true }), name);
-        if (r.corruptions || r.checkErrors) fail(`after a read-write open: ${r.corruptions} corruptions: ${r.findings.filter((f) => f.counts !== 'leak').map((f) => f.message).slice(0, 3).join('; ')}`, 'corruption');
-        else if (r.leaks && journalled) {
-          leaksAfterRecovery++;
-          fail(`after the journal's recovery: ${r.leaks} leaked clusters: ${r.findings.filter((f) => f.counts === 'leak').map((f) => f.message).slice(0, 3).join('; ')}`, 'corruption');
+      // (d); an image marked corrupt (after a refusal) must be refused read-write, as QEMU refuses it
+      const markedCorrupt = (u64big(st.image, 72) & INCOMPAT_CORRUPT) !== 0n && (u64big(st.image, 4) >> 32n) === 3n;
+      if (markedCorrupt) {
+        const opened = await openSession(new MemoryDevice(name, st.image), undefined, name, await backingLayer(), { journal }).then(
+          async (x) => {
+            await x.writer.abandon();
+            return true;
+          },
+          () => false,
+        );
+        if (opened) fail('an image marked corrupt was opened read-write', 'corruption');
+      } else {
+        try {
+          const dev = new MemoryDevice(name, st.image);
+          const warnings: string[] = [];
+          const { writer: rw, recovery } = await openSession(dev, undefined, name, await backingLayer(), { journal, journalBytes: o.journalBytes ?? 64 * 1024, onWarning: (m) => warnings.push(m) });
+          if (recovery.action === 'replayed') replayed++;
+          // a journal qledger wrote and a crash cut is never invalid
+          if (recovery.action === 'ignored') fail(`the journal was ignored: ${warnings.join('; ')}`, 'corruption');
+          await rw.close();
+          const r = await checkDevice(new MemoryDevice(name, dev.snapshot(), { readOnly: true }), name);
+          if (r.corruptions || r.checkErrors) fail(`after a read-write open: ${r.corruptions} corruptions: ${r.findings.filter((f) => f.counts !== 'leak').map((f) => f.message).slice(0, 3).join('; ')}`, 'corruption');
+          else if (r.leaks && journalled) {
+            leaksAfterRecovery++;
+            fail(`after the journal's recovery: ${r.leaks} leaked clusters: ${r.findings.filter((f) => f.counts === 'leak').map((f) => f.message).slice(0, 3).join('; ')}`, 'corruption');
+          }
+        } catch (e) {
+          fail(`read-write open failed: ${(e as Error).message}`, 'corruption');
         }
-      } catch (e) {
-        fail(`read-write open failed: ${(e as Error).message}`, 'corruption');
       }
       // (e)
       if (tmp && qemuLeft > 0 && !dirty) {
@@ -305,7 +344,7 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
   } finally {
     if (tmp) rmSync(tmp, { recursive: true, force: true });
   }
-  return { states, corruptions, dataErrors, leaks, leaksAfterRecovery, replayed, failures, seconds: Number(process.hrtime.bigint() - t0) / 1e9, deviceOps: rec.ops.length };
+  return { states, corruptions, dataErrors, leaks, leaksAfterRecovery, replayed, failures, refusal, seconds: Number(process.hrtime.bigint() - t0) / 1e9, deviceOps: rec.ops.length };
 
   function judgeData(got: Uint8Array, st: { crashPoint: number; epoch: number; description: string }, all: readonly Step[], init: Uint8Array): string | undefined {
     // the flush that opens this state's epoch is its last durable point
@@ -368,6 +407,11 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
     }
     return undefined;
   }
+}
+
+/** The overlap index's refusal (overlap-guard.ts): a CorruptionError in QEMU's words. */
+function isRefusal(e: unknown): boolean {
+  return e instanceof CorruptionError && /Preventing invalid write/.test(e.message);
 }
 
 /** A Buffer view of the same bytes (no copy), for its native compare. */

@@ -13,6 +13,7 @@ import { cluster, clusterOf, hostOf, type ClusterIndex, type HostOffset } from '
 import { refcountOf } from '../../state/state.ts';
 import type { WriteContext } from './context.ts';
 import type { OverlapIndex } from './overlap.ts';
+import type { FaultPlan } from '../faults.ts';
 import type { TableCache } from './tables.ts';
 
 export class Allocator {
@@ -27,9 +28,16 @@ export class Allocator {
     private readonly ctx: WriteContext,
     private readonly tables: TableCache,
     private readonly overlap: OverlapIndex,
-    /** test fault 'reuse-before-durable': a freed cluster may be reused at once */
-    private readonly reuseFreedAtOnce: boolean,
-  ) {}
+    /** test faults that break the allocator's rules (faults.ts) */
+    private readonly faults: FaultPlan | undefined,
+  ) {
+    this.reuseFreedAtOnce = faults?.reuseFreedAtOnce ?? false;
+  }
+
+  /** test fault 'reuse-before-durable': a freed cluster may be reused at once */
+  private readonly reuseFreedAtOnce: boolean;
+  /** test fault 'reuse-freed-metadata': metadata clusters freed in this epoch, handed out at once */
+  private readonly freedMetadata = new Set<ClusterIndex>();
 
   /** Follow the record stream: a cluster whose refcount drops to 0 is freed in this epoch. */
   follow(r: JournalRecord): void {
@@ -38,6 +46,7 @@ export class Allocator {
     this.freedInEpoch.add(c);
     if (c < this.freedMin) this.freedMin = c;
     if (this.reuseFreedAtOnce && c < this.cursor) this.cursor = c;
+    if (this.faults?.reuseFreedMetadata && this.overlap.has(c)) this.freedMetadata.add(c);
   }
 
   /** Refcount of `cluster` in the live state; 0 where no refcount block exists. */
@@ -67,11 +76,19 @@ export class Allocator {
    * A cluster is free when its refcount is 0 both now and on disk: a cluster
    * freed since the last write-back stays untouched until it is durable.
    */
-  async allocate(n: number): Promise<ClusterIndex> {
+  async allocate(n: number, purpose: 'data' | 'table' = 'table'): Promise<ClusterIndex> {
     const ctx = this.ctx;
     const t = ctx.t();
+    const wrong = this.faults?.wrongCluster(n, purpose, () => this.liveL2());
+    if (wrong !== undefined) {
+      // a broken allocator: it takes a reference on what it hands out, as a real one would
+      await this.changeRefcount(cluster(wrong), 1);
+      return cluster(wrong);
+    }
     const E = ctx.geometry.refcountBlockEntries;
     let start: number = this.cursor;
+    // test fault 'reuse-freed-metadata': the search goes back to a freed metadata cluster at once
+    for (const c of this.freedMetadata) if (c < start) start = c;
     let run = 0;
     while (run < n) {
       const c = cluster(start + run);
@@ -87,6 +104,11 @@ export class Allocator {
         continue;
       }
       await this.tables.refblock(rt, off);
+      if (this.freedMetadata.has(c)) {
+        // test fault: a freed metadata cluster handed out again at once
+        run++;
+        continue;
+      }
       if (t.refcount(c) !== 0 || this.freedNotDurable(c) || this.overlap.has(c)) {
         start = c + 1;
         run = 0;
@@ -94,12 +116,26 @@ export class Allocator {
       }
       run++;
     }
-    for (let i = 0; i < n; i++) await this.changeRefcount(cluster(start + i), 1);
+    for (let i = 0; i < n; i++) {
+      this.freedMetadata.delete(cluster(start + i));
+      await this.changeRefcount(cluster(start + i), 1);
+    }
     // Single clusters move the cursor past everything scanned; a multi-cluster
     // run does not, so the holes it skipped stay for single allocations.
     if (n === 1 || start === this.cursor) this.cursor = cluster(start + n);
     ctx.extent.grow(start + n);
     return cluster(start);
+  }
+
+  /** test fault 'alloc-live-l2': the cluster of the first L2 table the active L1 points at */
+  private liveL2(): number | undefined {
+    const t = this.ctx.t();
+    const cs = this.ctx.geometry.clusterSize;
+    for (let i = 0; i < t.header.l1Size; i++) {
+      const off = t.l1TableOffset(i);
+      if (off) return off / cs;
+    }
+    return undefined;
   }
 
   /**
@@ -169,6 +205,7 @@ export class Allocator {
     const ctx = this.ctx;
     if (this.freedMin < this.cursor) this.cursor = this.freedMin;
     this.freedMin = cluster(Infinity);
+    this.freedMetadata.clear();
     if (this.freedInEpoch.size === 0) return;
     const cs = ctx.geometry.clusterSize;
     const free = [...this.freedInEpoch].filter((c) => refcountOf(ctx.cur, c) === 0).sort((a, b) => a - b);

@@ -64,7 +64,7 @@ export class CompressedWriter {
       await this.alloc.changeRefcount(tail.cluster, 1);
       tail.used += z.length;
     } else {
-      const n = await this.alloc.allocate(1);
+      const n = await this.alloc.allocate(1, 'data');
       at = hostOf(n, cs);
       this.tail = { cluster: n, used: z.length };
     }

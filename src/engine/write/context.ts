@@ -15,15 +15,16 @@ import { Transaction, type HeaderState, type MetaState } from '../../state/state
 import type { Layer } from '../layer.ts';
 import type { Qcow2Layer } from '../qcow2-layer.ts';
 import type { HeaderBits } from './header-bits.ts';
+import type { GuardedDevice } from './overlap-guard.ts';
 import type { Trace } from './trace.ts';
 
 export interface WriteFiles {
-  /** the image file: metadata, and guest data without an external data file */
-  readonly image: BlockDevice;
-  /** the external data file, if any */
+  /** the image file: metadata, and guest data without an external data file; every write checked by the overlap index */
+  readonly image: GuardedDevice;
+  /** the external data file, if any (unguarded: it holds no metadata) */
   readonly data: BlockDevice | undefined;
-  /** where guest data goes: the data file, or the image (through a test fault's device, if one is set) */
-  readonly guest: BlockDevice;
+  /** where guest data goes: the data file, or the image (through a test fault's device, if one is set), guarded the same way */
+  readonly guest: GuardedDevice;
 }
 
 /**
@@ -81,6 +82,8 @@ export class WriteContext {
   /** the open transaction: one per guest operation */
   tx: Transaction | undefined;
   corrupt = false;
+  /** metadata found overlapping at open: writes are refused with this, and nothing is written (not even the corrupt bit) */
+  refusal: string | undefined;
   closed = false;
   readonly extent: FileExtent;
   private readonly listeners: RecordListener[] = [];
@@ -145,6 +148,7 @@ export class WriteContext {
 
   checkWritable(): void {
     if (this.closed) throw new QledgerError('E_CLOSED', `${this.filename}: image is closed`);
+    if (this.refusal) throw new CorruptionError(`${this.filename}: ${this.refusal}; writes are refused (the image is readable)`, { path: this.filename });
     if (this.corrupt) throw new CorruptionError(`${this.filename}: image is marked corrupt; writes are refused`, { path: this.filename });
     if (this.files.image.readOnly) throw new QledgerError('E_READ_ONLY', `${this.filename}: opened read-only`);
   }
@@ -154,8 +158,16 @@ export class WriteContext {
    * nothing else may be written to it now) and refuse every later write.
    */
   async signalCorruption(message: string, data: Record<string, unknown> = {}): Promise<never> {
-    if (!this.corrupt && !this.files.image.readOnly && this.version === 3) await this.headerBits.markCorrupt(this.durable.header);
+    const first = !this.corrupt;
     this.corrupt = true;
+    if (first && !this.files.image.readOnly && this.version === 3) {
+      try {
+        await this.headerBits.markCorrupt(this.durable.header);
+      } catch (e) {
+        // the corrupt bit itself refused (it cannot leave the header cluster): the first message is the one to report
+        if (!(e instanceof CorruptionError)) throw e;
+      }
+    }
     throw new CorruptionError(`${this.filename}: ${message}; the image is marked corrupt and writes are refused`, data);
   }
 }

@@ -14,7 +14,7 @@ import { activateJournal, type JournalLog, type JournalPlan } from '../journal/l
 import type { WriteAhead } from '../ordering.ts';
 import { host } from '../../format/offsets.ts';
 import type { WriteContext } from './context.ts';
-import { OL_JOURNAL, type OverlapIndex } from './overlap.ts';
+import { OL_JOURNAL, OL_MAIN_HEADER, type OverlapIndex } from './overlap.ts';
 
 export class JournalSession {
   private log: JournalLog | undefined;
@@ -102,7 +102,8 @@ export class JournalSession {
       ctx.extent.endCluster = at + plan.bytes / cs;
       ctx.extent.zeroFrom = Math.max(ctx.extent.zeroFrom, ext.offset + ext.size);
     }
-    const started = await activateJournal(ctx.files.image, cs, ext, plan, this.extensions);
+    // the journal's view of the image: its area, and the header cluster for its extension
+    const started = await activateJournal(ctx.files.image.as(OL_JOURNAL | OL_MAIN_HEADER, 'journal'), cs, ext, plan, this.extensions);
     ctx.trace.write(ext.offset, 512, 'journal area header [journal set-up]');
     if (!started) {
       this.plan = undefined;
@@ -160,7 +161,7 @@ export class JournalSession {
 
   /** A clean close: the frames are no longer needed, their space goes back to the file system. */
   async close(): Promise<void> {
-    if (this.log) await this.ctx.files.image.discard(this.log.ext.offset + 512, this.log.ext.size - 512);
+    if (this.log) await this.ctx.files.image.as(OL_JOURNAL, 'journal').discard(this.log.ext.offset + 512, this.log.ext.size - 512);
   }
 
   /**

@@ -109,7 +109,7 @@ export class Resizer {
   /** The bytes behind preallocated clusters: zeros written ('full'), blocks reserved ('falloc'), or nothing. */
   private async fill(mode: PreallocMode, offset: HostOffset, length: number): Promise<void> {
     const ctx = this.ctx;
-    const dev = ctx.files.data ?? ctx.files.image;
+    const dev = ctx.hasDataFile ? ctx.files.guest : ctx.files.image;
     if (mode === 'full') {
       const zero = new Uint8Array(Math.min(length, 1 << 20));
       for (let o = 0; o < length; o += zero.length) {

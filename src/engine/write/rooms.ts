@@ -14,7 +14,7 @@ import { DataWriter } from './data-write.ts';
 import { Discarder } from './discard.ts';
 import { JournalSession } from './journal-session.ts';
 import { Mapping } from './mapping.ts';
-import { OverlapIndex } from './overlap.ts';
+import type { OverlapIndex } from './overlap.ts';
 import { Resizer } from './resize.ts';
 import { SharedClusters, ZeroCluster } from './shared.ts';
 import { TableCache } from './tables.ts';
@@ -22,6 +22,8 @@ import { WriteBack } from './writeback.ts';
 import { ZeroWriter } from './zero.ts';
 
 export interface RoomOptions {
+  /** the overlap index the image's guarded device checks against, built at open */
+  readonly overlap: OverlapIndex;
   readonly cacheBytes: number;
   readonly writebackRecords: number;
   readonly faults: FaultPlan | undefined;
@@ -48,16 +50,16 @@ export interface Rooms {
 }
 
 export function buildRooms(ctx: WriteContext, o: RoomOptions): Rooms {
-  const overlap = new OverlapIndex(ctx.geometry);
+  const overlap = o.overlap;
   const tables = new TableCache(ctx, overlap, o.cacheBytes);
-  const alloc = new Allocator(ctx, tables, overlap, o.faults?.reuseFreedAtOnce ?? false);
+  const alloc = new Allocator(ctx, tables, overlap, o.faults);
   const mapping = new Mapping(ctx, tables, alloc);
   const shared = new SharedClusters(ctx, tables, alloc, mapping);
   const zeroCluster = new ZeroCluster(ctx, tables, alloc, mapping, shared);
-  const data = new DataWriter(ctx, alloc, mapping, overlap, shared);
+  const data = new DataWriter(ctx, alloc, mapping, shared);
   const zero = new ZeroWriter(ctx, mapping, data, zeroCluster);
   const journal = new JournalSession(ctx, overlap, o.journal, o.extensions, o.onWarning);
-  const writeback = new WriteBack(ctx, alloc, tables, journal, o.faults, o.writebackRecords, o.stopAfterPhase);
+  const writeback = new WriteBack(ctx, alloc, tables, journal, overlap, o.faults, o.writebackRecords, o.stopAfterPhase);
   ctx.subscribe((r) => ctx.trace.record(r));
   ctx.subscribe((r) => overlap.follow(r));
   ctx.subscribe((r) => alloc.follow(r));

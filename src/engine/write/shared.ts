@@ -146,7 +146,7 @@ export class SharedClusters implements UnrefListener {
     await this.mapping.l2ForWrite(at.l1Index);
     const table = t.l1TableOffset(at.l1Index);
     const e = this.mapping.entry(at.l1Index, at.index);
-    const n = await this.alloc.allocate(1);
+    const n = await this.alloc.allocate(1, 'data');
     await s.fill(n);
     this.mapping.set(at, table, e, standardEntry(hostOf(n, cs), true));
     await this.alloc.changeRefcount(c, -1);
@@ -246,7 +246,7 @@ export class ZeroCluster {
     await this.mapping.l2ForWrite(l1Index);
     const table = t.l1TableOffset(l1Index);
     if (z === undefined) {
-      z = await this.alloc.allocate(1);
+      z = await this.alloc.allocate(1, 'data');
       await this.zeroHostCluster(z);
       await this.alloc.changeRefcount(z, todo.length - 1);
       this.use(z, []);

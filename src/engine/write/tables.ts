@@ -9,7 +9,7 @@ import { hex } from '../../errors.ts';
 import { readAt } from '../../io/device.ts';
 import { clusterOf, type HostOffset } from '../../format/offsets.ts';
 import type { WriteContext } from './context.ts';
-import { OL_ACTIVE_L2, overlapName, type OverlapIndex } from './overlap.ts';
+import { OL_ACTIVE_L2, OL_INACTIVE_L2, overlapName, type OverlapIndex } from './overlap.ts';
 
 export class TableCache {
   constructor(
@@ -34,7 +34,8 @@ export class TableCache {
     if (off < cs || off + cs > ctx.extent.end()) {
       await ctx.signalCorruption(`L2 table offset ${hex(off)} (L1 index: ${hex(l1Index)}) lies outside the image`, { l1Index, l2Offset: off });
     }
-    const other = this.overlap.at(clusterOf(off, cs)) & ~OL_ACTIVE_L2;
+    // an L2 table shared with a snapshot is both active and inactive; anything else there is damage
+    const other = this.overlap.at(clusterOf(off, cs)) & ~(OL_ACTIVE_L2 | OL_INACTIVE_L2);
     if (other !== 0) {
       await ctx.signalCorruption(`L2 table at ${hex(off)} (L1 index: ${hex(l1Index)}) overlaps the ${overlapName(other)}`, { l1Index, l2Offset: off });
     }

@@ -17,6 +17,7 @@ import { executePlan, planFlush, type Phase, type PlanIO } from '../ordering.ts'
 import type { Allocator } from './allocator.ts';
 import type { WriteContext } from './context.ts';
 import type { JournalSession } from './journal-session.ts';
+import { OL_REFCOUNT_BLOCK, type OverlapIndex } from './overlap.ts';
 import type { TableCache } from './tables.ts';
 
 export class WriteBack {
@@ -28,6 +29,7 @@ export class WriteBack {
     private readonly alloc: Allocator,
     private readonly tables: TableCache,
     private readonly journal: JournalSession,
+    private readonly overlap: OverlapIndex,
     private readonly faults: FaultPlan | undefined,
     /** hold at most this many records before writing them back */
     private readonly maxRecords: number,
@@ -86,7 +88,8 @@ export class WriteBack {
     const onHeld = (w: { offset: number; length: number }) => ctx.trace.write(w.offset, w.length, 'data (held back by fault)');
     const io: PlanIO = {
       write: async (w, phase: Phase) => {
-        await ctx.files.image.write(w.offset, w.data);
+        // checked against the overlap index as the kind of structure it is (guest data if unset)
+        await ctx.files.image.writeAs(w.offset, w.data, w.kind ?? 0, w.what);
         ctx.trace.write(w.offset, w.data.length, `${w.what} [${w.category ?? phase.name}]`);
       },
       barrier: () => this.barrier(),
@@ -111,6 +114,8 @@ export class WriteBack {
     ctx.trace.record({ kind: 'commit', tx: 0 });
     this.pending = [];
     ctx.extent.dataWritten = false;
+    // what the disk no longer points at stops being metadata only now (before the freed space is given back)
+    this.overlap.durable();
     await this.alloc.afterWriteback();
     this.tables.evictClean();
   }
@@ -124,12 +129,13 @@ export class WriteBack {
       if (!cur) continue;
       const off = new Transaction(ctx.cur).reftableEntry(rt);
       if (!off) continue;
-      await ctx.files.image.write(off, cur);
+      await ctx.files.image.writeAs(off, cur, OL_REFCOUNT_BLOCK, `refblock ${hex(off)}`);
       ctx.trace.write(off, cs, `refblock ${hex(off)}`);
       wrote = true;
     }
     if (wrote) await this.barrier();
     ctx.durable = ctx.cur;
+    this.overlap.durable();
     await ctx.headerBits.markClean(ctx.cur.header);
     await this.barrier();
   }

@@ -1,0 +1,148 @@
+/**
+ * The one way the write engine reaches the image file: a device that
+ * checks every write, write-zeroes, discard, allocation and shrinking
+ * truncate against the overlap index before it reaches the device below
+ * (QEMU's qcow2_pre_write_overlap_check, done at the device instead of at
+ * each call site, so no path can forget it). A plain write is guest data
+ * and may touch no metadata; a metadata write says which kinds it is
+ * (`writeAs`), and a view (`as`) gives the journal and the header their
+ * own allowance. A refused write never reaches the device: the refusal
+ * marks the image corrupt (the context's signalCorruption) and throws.
+ */
+
+import { hex } from '../../errors.ts';
+import type { BlockDevice } from '../../io/device.ts';
+import { OverlapIndex } from './overlap.ts';
+
+/** Every kind: the header view's allowance (cluster 0 is the header whatever else was wrongly put there). */
+export const ANY_KIND = 0xfff;
+
+/** What a refusal does: mark the image corrupt and throw (never returns). */
+export type Refuse = (message: string, data: Record<string, unknown>) => Promise<never>;
+
+interface Shared {
+  readonly index: OverlapIndex;
+  refuse: Refuse;
+  /** writes refused so far (benchmarks and tests read it) */
+  refusals: number;
+}
+
+export class GuardedDevice implements BlockDevice {
+  private constructor(
+    readonly inner: BlockDevice,
+    private readonly shared: Shared,
+    /** kinds this view's plain writes may touch */
+    private readonly allowed: number,
+    /** what this view's plain writes are, for messages */
+    private readonly label: string,
+    /** the view may write below this offset only (the header view: its cluster) */
+    private readonly limit: number,
+  ) {}
+
+  /** Guard `dev` with `index`; refusals go to `refuse` (settable later: the context comes after the device). */
+  static over(dev: BlockDevice, index: OverlapIndex): GuardedDevice {
+    const shared: Shared = {
+      index,
+      refuse: (m) => Promise.reject(new Error(m)),
+      refusals: 0,
+    };
+    return new GuardedDevice(dev, shared, 0, 'data', Infinity);
+  }
+
+  set onRefusal(fn: Refuse) {
+    this.shared.refuse = fn;
+  }
+
+  get refusals(): number {
+    return this.shared.refusals;
+  }
+
+  get index(): OverlapIndex {
+    return this.shared.index;
+  }
+
+  /** Another device (the guest-data path through a test fault's device) checked against the same index, as guest data. */
+  wrap(dev: BlockDevice): GuardedDevice {
+    return new GuardedDevice(dev, this.shared, 0, 'data', Infinity);
+  }
+
+  /** A view whose plain writes are `label`, allowed to touch `allowed` kinds, below `limit`. */
+  as(allowed: number, label: string, limit = Infinity): GuardedDevice {
+    return new GuardedDevice(this.inner, this.shared, allowed, label, limit);
+  }
+
+  /** Refuse (mark corrupt, throw) if [offset, offset + length) holds a checked kind outside `allowed`. */
+  async check(offset: number, length: number, allowed: number, what: string): Promise<void> {
+    if (offset + length > this.limit) {
+      this.shared.refusals++;
+      await this.shared.refuse(`Preventing invalid write: ${what} at ${hex(offset)} (${length} bytes) reaches past its structure's end at ${hex(this.limit)}`, { offset, length });
+    }
+    const clash = this.shared.index.clash;
+    // the header view (everything allowed, in cluster 0) still writes the corrupt bit
+    if (clash && allowed !== ANY_KIND) {
+      this.shared.refusals++;
+      await this.shared.refuse(`${clash} (refusing ${what} at ${hex(offset)}, ${length} bytes)`, { offset, length, what });
+    }
+    const hit = this.shared.index.conflict(offset, length, allowed);
+    if (!hit) return;
+    this.shared.refusals++;
+    await this.shared.refuse(OverlapIndex.message(hit, what, offset, length), { offset, length, what, structureOffset: hit.offset, kinds: hit.kinds });
+  }
+
+  /** A write of metadata of `kinds` (or of guest data: 0), named `what` in a refusal. */
+  async writeAs(offset: number, data: Uint8Array, kinds: number, what: string): Promise<void> {
+    await this.check(offset, data.length, kinds, what);
+    await this.inner.write(offset, data);
+  }
+
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    await this.check(offset, data.length, this.allowed, this.label);
+    await this.inner.write(offset, data);
+  }
+
+  async writeZeroes(offset: number, length: number, unmap: boolean): Promise<void> {
+    await this.check(offset, length, this.allowed, `${this.label} (zeroes)`);
+    await this.inner.writeZeroes(offset, length, unmap);
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    await this.check(offset, length, this.allowed, `${this.label} (discard)`);
+    await this.inner.discard(offset, length);
+  }
+
+  /** fallocate through the device below; false (the caller writes zeros) where it has none */
+  async allocate(offset: number, length: number): Promise<boolean> {
+    if (!this.inner.allocate) return false;
+    await this.check(offset, length, this.allowed, `${this.label} (allocation)`);
+    return this.inner.allocate(offset, length);
+  }
+
+  /** Growing is free; shrinking must not cut off metadata. */
+  async truncate(size: number): Promise<void> {
+    const old = await this.inner.size();
+    if (size < old) await this.check(size, old - size, this.allowed, 'truncate');
+    await this.inner.truncate(size);
+  }
+
+  get name(): string {
+    return this.inner.name;
+  }
+  get readOnly(): boolean {
+    return this.inner.readOnly;
+  }
+  size(): Promise<number> {
+    return this.inner.size();
+  }
+  allocatedBytes(): Promise<number | undefined> {
+    return this.inner.allocatedBytes();
+  }
+  readInto(buf: Uint8Array, offset: number): Promise<void> {
+    return this.inner.readInto(buf, offset);
+  }
+  flush(): Promise<void> {
+    return this.inner.flush();
+  }
+  close(): Promise<void> {
+    return this.inner.close();
+  }
+}
