@@ -205,8 +205,8 @@ export class Qcow2Writer {
   // ---- public operations ---------------------------------------------------
 
   /** The overlap index every write is checked against (its mode, size and refusals: benchmarks and tests read them). */
-  get overlap(): { readonly index: OverlapIndex; readonly refusals: number } {
-    return { index: this.ctx.files.image.index, refusals: this.ctx.files.image.refusals };
+  get overlap(): { readonly index: OverlapIndex; readonly refusals: number; readonly checks: number } {
+    return { index: this.ctx.files.image.index, refusals: this.ctx.files.image.refusals, checks: this.ctx.files.image.checks };
   }
 
   /** Set when metadata overlapped at open: why every write is refused. */

@@ -25,6 +25,8 @@ interface Shared {
   refuse: Refuse;
   /** writes refused so far (benchmarks and tests read it) */
   refusals: number;
+  /** writes checked so far */
+  checks: number;
 }
 
 export class GuardedDevice implements BlockDevice {
@@ -45,6 +47,7 @@ export class GuardedDevice implements BlockDevice {
       index,
       refuse: (m) => Promise.reject(new Error(m)),
       refusals: 0,
+      checks: 0,
     };
     return new GuardedDevice(dev, shared, 0, 'data', Infinity);
   }
@@ -55,6 +58,10 @@ export class GuardedDevice implements BlockDevice {
 
   get refusals(): number {
     return this.shared.refusals;
+  }
+
+  get checks(): number {
+    return this.shared.checks;
   }
 
   get index(): OverlapIndex {
@@ -73,6 +80,7 @@ export class GuardedDevice implements BlockDevice {
 
   /** Refuse (mark corrupt, throw) if [offset, offset + length) holds a checked kind outside `allowed`. */
   async check(offset: number, length: number, allowed: number, what: string): Promise<void> {
+    this.shared.checks++;
     if (offset + length > this.limit) {
       this.shared.refusals++;
       await this.shared.refuse(`Preventing invalid write: ${what} at ${hex(offset)} (${length} bytes) reaches past its structure's end at ${hex(this.limit)}`, { offset, length });
