@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { crc32 } from 'node:zlib';
 import * as log from '../src/journal/log.ts';
 import { AUTOCLEAR_JOURNAL, EXT_JOURNAL } from '../src/format/features.ts';
-import { putU32, putU64, u32, u64big } from '../src/format/bytes.ts';
+import { putU32, putU64, u32, u64, u64big } from '../src/format/bytes.ts';
 import type { JournalRecord } from '../src/journal/records.ts';
 import { MemoryDevice } from '../src/io/memory-device.ts';
 import { createOnDevice, openSession, openWriterOnDevice } from '../src/engine/writable.ts';
@@ -182,6 +182,36 @@ describe('recovery', () => {
       const r = await recoverAndCheck(dev.snapshot());
       expect(r, `stopped after ${phases} phases`).toMatchObject({ corruptions: 0, leaks: 0, action: 'replayed' });
     }
+  });
+
+  it('a replay whose writes would land on other metadata is ignored with the overlap named, and writes nothing', async () => {
+    // a write-back that allocates an L2 table, stopped with only its transaction durable
+    const made = new MemoryDevice('j.qcow2');
+    await createOnDevice(made, 'j.qcow2', { size: 8 << 20, clusterSize: 4096, refcountBits: 64 });
+    const w = await openWriterOnDevice(made, 'j.qcow2', { journalBytes: 1 << 20 });
+    await w.write(0, new Uint8Array(4096).fill(1));
+    await w.flush();
+    (w as unknown as { stopAfterPhase: number }).stopAfterPhase = 0;
+    await w.write(6 << 20, new Uint8Array(4096).fill(2));
+    await expect(w.flush()).rejects.toThrow(/stopped after 0 phases/);
+    const image = made.snapshot();
+    const { parsed, fileSize } = await loadQcow2(new MemoryDevice('j', image, { readOnly: true }));
+    const d = await dumpJournal(new MemoryDevice('j', image, { readOnly: true }), parsed, fileSize);
+    const newL2 = d.transactions.at(-1)!.records.find((r) => r.kind === 'table-new' && r.role === 'l2') as { offset: number } | undefined;
+    expect(newL2).toBeDefined();
+    const at = newL2!.offset.toString(16);
+    // an unused refcount-table entry now names that cluster as a refcount block
+    const damaged = image.slice();
+    putU64(damaged, u64(damaged, 48) + 8 * 100, newL2!.offset);
+    const dev = new MemoryDevice('j.qcow2', damaged.slice());
+    const { recoverJournal } = await import('../src/engine/journal/replay.ts');
+    const r = await recoverJournal(dev, 'j.qcow2', (await loadQcow2(dev)).parsed, fileSize);
+    expect(r.action).toBe('ignored');
+    expect(r.warnings.join()).toContain(`its replay would overwrite other metadata: replay: new l2 0x${at} at 0x${at} (4096 bytes) would overwrite the refcount block at 0x${at}`);
+    expect(Buffer.from(dev.snapshot()).equals(Buffer.from(damaged))).toBe(true);
+    // undamaged, the same transaction replays
+    const ok = await recoverJournal(new MemoryDevice('j.qcow2', image.slice()), 'j.qcow2', parsed, fileSize);
+    expect(ok.action).toBe('replayed');
   });
 
   it('recovery touches only the area, the tables the transaction names and the header', async () => {

@@ -81,7 +81,7 @@ export async function openSession(dev: BlockDevice, dataDev: BlockDevice | undef
   if ((h0.incompatibleFeatures & INCOMPAT_CORRUPT) === 0n) {
     // read once: recovery may move the checkpoint, never the area or the extension
     const located = await locateJournal(dev, loaded.parsed, loaded.fileSize);
-    recovery = await recoverJournal(dev, name, loaded.parsed, loaded.fileSize, located);
+    recovery = await recoverJournal(dev, name, loaded.parsed, loaded.fileSize, located, { entries: loaded.snapshots, tableBytes: loaded.snapshotTableBytes });
     for (const w of recovery.warnings) opts.onWarning?.(w);
     if (recovery.writes) loaded = await loadQcow2(dev);
     // nothing is written here: the journal starts with the first write-back that changes metadata

@@ -24,6 +24,9 @@ import type { JournalTransaction } from '../../journal/log.ts';
 import type { HeaderField } from '../../journal/records.ts';
 import { PhaseLists, dirtySectors, executePlan, padSector, type Phase } from '../ordering.ts';
 import { checkpoint } from './live.ts';
+import type { SnapshotEntry } from '../../format/snapshot.ts';
+import { OL_ACTIVE_L1, OL_ACTIVE_L2, OL_MAIN_HEADER, OL_REFCOUNT_BLOCK, OL_REFCOUNT_TABLE, OverlapIndex, overlapName } from '../write/overlap.ts';
+import { buildOverlapIndex } from '../write/overlap-build.ts';
 import { locateJournal, type JournalView, type Located } from './locate.ts';
 
 export interface RecoveryReport {
@@ -43,7 +46,15 @@ export interface RecoveryReport {
  * committed transaction that the checkpoint does not cover, if the journal
  * is live (autoclear bit set), valid and consistent with the image.
  */
-export async function recoverJournal(dev: BlockDevice, name: string, parsed: ParsedHeader, fileSize: number, located?: Located): Promise<RecoveryReport> {
+export async function recoverJournal(
+  dev: BlockDevice,
+  name: string,
+  parsed: ParsedHeader,
+  fileSize: number,
+  located?: Located,
+  /** the image's snapshots, for the overlap check of the replay's writes */
+  snapshots: { readonly entries: readonly SnapshotEntry[]; readonly tableBytes: number } = { entries: [], tableBytes: 0 },
+): Promise<RecoveryReport> {
   const h = parsed.header;
   const none: RecoveryReport = { action: 'none', writes: 0, warnings: [] };
   if (h.version !== 3) return none;
@@ -71,11 +82,37 @@ export async function recoverJournal(dev: BlockDevice, name: string, parsed: Par
   if (typeof plan === 'string') {
     return { ...none, action: 'ignored', warnings: [`${name}: journal transaction ${tx.tx} ignored, it does not match the image: ${plan}. Leaked clusters, if any, stay until 'qledger check -r leaks'`] };
   }
+  const clash = await replayOverlap(dev, parsed, snapshots, tx, plan);
+  if (clash) return { ...none, action: 'ignored', warnings: [`${name}: journal transaction ${tx.tx} ignored, its replay would overwrite other metadata: ${clash}. Leaked clusters, if any, stay until 'qledger check -r leaks'`] };
   const writes = await executePlan(plan, { write: (w) => dev.write(w.offset, w.data), barrier: () => dev.flush() }, { concurrency: CONCURRENCY, skipEmpty: true });
   // no flush of its own: until it is durable a crash only means replaying again
   // (idempotent), and the session's first write-back starts a new generation anyway
   await checkpoint(dev, j.ext, j.generation, tx.tx);
   return { action: 'replayed', tx: tx.tx, records: tx.records.length, writes, warnings: [] };
+}
+
+/**
+ * The overlap check of a replay: the index of what the image holds now,
+ * following the transaction's records (the structures it creates and
+ * moves), and every planned write checked against it as the kind it is,
+ * before any is made. The first conflict, or undefined.
+ */
+async function replayOverlap(dev: BlockDevice, parsed: ParsedHeader, snapshots: { readonly entries: readonly SnapshotEntry[]; readonly tableBytes: number }, tx: JournalTransaction, plan: readonly Phase[]): Promise<string | undefined> {
+  const h = parsed.header;
+  const cs = 2 ** h.clusterBits;
+  const index = new OverlapIndex({ clusterSize: cs }, 'all');
+  const l1 = await readAt(dev, h.l1TableOffset, h.l1Size * 8);
+  const reftable = await readAt(dev, h.refcountTableOffset, h.refcountTableClusters * cs);
+  await buildOverlapIndex(index, { dev, parsed, l1, reftable, snapshots: snapshots.entries, snapshotTableBytes: snapshots.tableBytes });
+  // a crash mid-write-back leaves some of the transaction's tables in place already: follow, do not judge
+  for (const r of tx.records) index.follow(r);
+  for (const phase of plan) {
+    for (const w of phase.writes) {
+      const hit = index.conflict(w.offset, w.data.length, w.kind ?? 0);
+      if (hit) return `${w.what} at ${hex(w.offset)} (${w.data.length} bytes) would overwrite the ${overlapName(hit.conflict)} at ${hex(hit.offset)}`;
+    }
+  }
+  return undefined;
 }
 
 interface Span<T> {
@@ -156,7 +193,7 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
     const bad = checkTable('L1 table', l1Off, img.length);
     if (bad) return bad;
     finalL1 = img;
-    phase0.push({ offset: host(l1Off), data: padSector(img), what: 'replay: new l1' });
+    phase0.push({ offset: host(l1Off), data: padSector(img), what: 'replay: new l1', kind: OL_ACTIVE_L1 });
   } else {
     const disk = await readAt(dev, l1Off, l1Size * 8);
     finalL1 = disk.slice();
@@ -173,7 +210,7 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
       if (d !== s.first && d !== s.last) return `L1 entry ${i} is 0x${d.toString(16)}, neither 0x${s.first.toString(16)} nor 0x${s.last.toString(16)}`;
       putU64(finalL1, i * 8, s.last);
     }
-    phase2.push(...dirtySectors(disk, finalL1, host(l1Off), 'replay: l1'));
+    phase2.push(...dirtySectors(disk, finalL1, host(l1Off), 'replay: l1', OL_ACTIVE_L1));
   }
   const l2At = (i: number) => (i < l1Size ? l1Offset(finalL1, i) : 0);
 
@@ -185,7 +222,7 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
     const bad = checkTable('refcount table', rtOff, img.length);
     if (bad) return bad;
     finalRt = img;
-    phase0.push({ offset: host(rtOff), data: img, what: 'replay: new reftable' });
+    phase0.push({ offset: host(rtOff), data: img, what: 'replay: new reftable', kind: OL_REFCOUNT_TABLE });
   } else {
     const disk = await readAt(dev, rtOff, rtClusters * cs);
     finalRt = disk.slice();
@@ -201,7 +238,7 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
       if (d !== s.first && d !== s.last) return `refcount table entry ${i} is ${hex(d)}, neither ${hex(s.first)} nor ${hex(s.last)}`;
       putU64(finalRt, i * 8, s.last);
     }
-    phase1.push(...dirtySectors(disk, finalRt, host(rtOff), 'replay: reftable'));
+    phase1.push(...dirtySectors(disk, finalRt, host(rtOff), 'replay: reftable', OL_REFCOUNT_TABLE));
   }
   const blockAt = (rt: number) => (rt * 8 < finalRt.length ? refcountTableEntry(finalRt, rt).offset : 0);
 
@@ -250,7 +287,7 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
         if (i >= g.l2Entries) return `L2 index ${i} is past the table`;
         writeL2Entry(final, i, g, s.last);
       }
-      phase0.push({ offset: host(T), data: final, what: `replay: new l2 ${hex(T)}` });
+      phase0.push({ offset: host(T), data: final, what: `replay: new l2 ${hex(T)}`, kind: OL_ACTIVE_L2 });
     } else {
       const disk = l2Disk.get(T)!;
       final = disk.slice();
@@ -260,7 +297,7 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
         if (!sameL2Entry(d, s.first) && !sameL2Entry(d, s.last)) return `L2 table ${hex(T)} entry ${i} holds neither the transaction's old nor its new value`;
         writeL2Entry(final, i, g, s.last);
       }
-      phase2.push(...dirtySectors(disk, final, host(T), `replay: l2 ${hex(T)}`));
+      phase2.push(...dirtySectors(disk, final, host(T), `replay: l2 ${hex(T)}`, OL_ACTIVE_L2));
     }
   }
 
@@ -301,8 +338,8 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
       setRefcount(bound, i, g.refcountOrder, Math.max(d, upper));
       setRefcount(final, i, g.refcountOrder, s.last);
     }
-    phase0.push(...dirtySectors(isNew ? undefined : disk, bound, host(B), `replay: refblock ${hex(B)}`));
-    phase3.push(...dirtySectors(bound, final, host(B), `replay: refblock ${hex(B)}`));
+    phase0.push(...dirtySectors(isNew ? undefined : disk, bound, host(B), `replay: refblock ${hex(B)}`, OL_REFCOUNT_BLOCK));
+    phase3.push(...dirtySectors(bound, final, host(B), `replay: refblock ${hex(B)}`, OL_REFCOUNT_BLOCK));
   }
 
   // ---- the final entries must make sense with the final refcounts (a journal
@@ -357,7 +394,7 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
     autoclearFeatures: finalField.autoclear_features,
   });
   if (!Buffer.from(finalHeader).equals(Buffer.from(diskHeader))) {
-    (rtSwap ? phase1 : phase2).push({ offset: host(0), data: finalHeader, what: 'replay: header' });
+    (rtSwap ? phase1 : phase2).push({ offset: host(0), data: finalHeader, what: 'replay: header', kind: OL_MAIN_HEADER });
   }
   return lists.phases(false);
 }
