@@ -135,8 +135,12 @@ interface Workload {
 }
 class OpCommand implements fc.AsyncCommand<Workload, object> {
   constructor(readonly op: GuestOp) {}
-  check(_m: Readonly<Workload>): boolean {
-    return true;
+  /** a guest range must lie inside the disk as the workload has sized it so far (a shrink makes it smaller) */
+  check(m: Readonly<Workload>): boolean {
+    const op = this.op;
+    if (op.op === 'flush' || op.op === 'truncate') return true;
+    const size = [...m.ops].reverse().find((o) => o.op === 'truncate')?.size ?? Infinity;
+    return op.offset + op.length <= size;
   }
   async run(m: Workload) {
     m.ops.push(this.op);
@@ -153,6 +157,8 @@ class GrowCommand extends OpCommand {
     return !m.ops.some((o) => o.op === 'truncate');
   }
 }
+/** qemu-img resize --shrink to half: mappings past the end dropped, whole L2 tables unhooked (snapshot-shared ones copied first) */
+class ShrinkCommand extends GrowCommand {}
 
 function commands(size: number, cs: number) {
   const range = ranges(size, cs);
@@ -166,6 +172,7 @@ function commands(size: number, cs: number) {
       range.map(([offset, length]) => new DiscardCommand({ op: 'discard', offset, length })),
       fc.constant(new FlushCommand({ op: 'flush' })),
       fc.constant(new GrowCommand({ op: 'truncate', size: size * 4 })),
+      fc.constant(new ShrinkCommand({ op: 'truncate', size: size / 2 })),
     ],
     { maxCommands: 10 },
   );

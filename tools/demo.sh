@@ -6,7 +6,7 @@
 # commands. A write-back cut short by a simulated power cut leaves leaks
 # that the journal's recovery removes. Then the crash harness explores the
 # crash states of a workload (and catches a deliberately broken ordering
-# rule), and the read side:
+# rule; the overlap index refuses a broken allocator's write), and the read side:
 # QEMU writes a snapshotted, compressed image and qledger reads it back.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +59,9 @@ if $q crash-test -o cluster_size=4k --workload "$d/workload.txt" --fault free-be
   echo "demo: the harness missed the fault"; exit 1
 fi
 grep -E '^(states|corruptions):' "$d/fault.txt"; grep -m1 '^FAIL' "$d/fault.txt"
+echo "== crash-test with an allocator that hands out a live L2 table for data: the overlap index refuses the write (no corrupt state)"
+$q crash-test -o cluster_size=4k --workload "$d/workload.txt" --fault alloc-live-l2 --max-states 100 > "$d/ol.txt"
+grep -E '^(states|corruptions|workloads stopped)' "$d/ol.txt"; grep -m1 '^REFUSED' "$d/ol.txt"
 
 echo "== read: QEMU writes a chained, snapshotted, compressed image; qledger reads it"
 qemu-io -c 'write -c -P 0x22 6M 64k' "$d/base.qcow2" >/dev/null

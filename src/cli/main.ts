@@ -26,6 +26,7 @@ import type { RepairMode } from '../engine/check/report.ts';
 const lazy = {
   io: () => import('./io.ts'),
   crashTest: () => import('./crash-test.ts'),
+  resize: () => import('./resize.ts'),
   journal: () => import('./journal.ts'),
   locate: () => import('../engine/journal/locate.ts'),
   create: () => import('../engine/create.ts'),
@@ -48,6 +49,7 @@ Commands (options as in qemu-img / qemu-io):
   map [-f fmt] [--output=human|json] [--start-offset=N] [--max-length=N] FILE
   convert [-f fmt] [-O raw] [-l SNAPSHOT] [-p] [-q] IN OUT
   snapshot -l [-f fmt] FILE
+  resize [--shrink] [--preallocation=off|metadata|falloc|full] [-f fmt] [--image-opts] [-q] FILE [+|-]SIZE
   compare [-f fmt] [-F fmt] [-s] [-q] FILE1 FILE2
   journal dump [--output=human|json] FILE
      the journal's transactions and records, read-only
@@ -348,7 +350,7 @@ async function cmdCheck(argv: string[], io: Output): Promise<number> {
   return checkExitCode(report);
 }
 
-const COMMANDS = ['check', 'compare', 'convert', 'crash-test', 'create', 'info', 'io', 'journal', 'map', 'snapshot'] as const;
+const COMMANDS = ['check', 'compare', 'convert', 'crash-test', 'create', 'info', 'io', 'journal', 'map', 'resize', 'snapshot'] as const;
 
 /** The usage lines of one subcommand, from the overview above. */
 function usageOf(cmd: string): string {
@@ -407,6 +409,8 @@ export async function main(argv: string[], io: Output = stdio): Promise<number> 
         return await (await lazy.crashTest()).runCrashTest(rest, io);
       case 'journal':
         return await (await lazy.journal()).runJournal(rest, io);
+      case 'resize':
+        return await (await lazy.resize()).runResize(rest, io);
       case undefined:
       case '-h':
       case '--help':

@@ -225,6 +225,17 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
           break;
         case 'truncate': {
           await w.truncate(op.size);
+          if (op.size < model.length) {
+            // A shrink drops the mappings past the new end before the header's size
+            // changes (as QEMU's does): a crash between shows the old size, with the
+            // forfeited range reading as zeros or, over a backing file, as the
+            // backing data there, as after a discard of it.
+            const from = Math.floor(op.size / SECTOR) * SECTOR;
+            const zeros = new Uint8Array(model.length - from);
+            const shown = zeros.slice();
+            if (backingGuest) shown.set(backingGuest.subarray(from, Math.min(backingGuest.length, model.length)));
+            for (const content of [zeros, shown]) steps.push({ op: { op: 'discard', offset: from, length: model.length - from }, devStart, devEnd: rec.ops.length, lo: from, content, size: model.length });
+          }
           const next = new Uint8Array(op.size);
           next.set(model.subarray(0, Math.min(model.length, op.size)));
           [lo, hi] = [Math.min(model.length, op.size), op.size];
@@ -298,7 +309,7 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
         const problem = judgeData(got, st.image.length ? st : st, steps, initialModel);
         if (problem) fail(problem, 'data');
       } catch (e) {
-        fail(`read failed: ${(e as Error).message}`, 'corruption');
+        fail(`read failed: ${(e as Error).message}${process.env['QLEDGER_DEBUG'] ? (e as Error).stack : ''}`, 'corruption');
       }
       // (d); an image marked corrupt (after a refusal) must be refused read-write, as QEMU refuses it
       const markedCorrupt = (u64big(st.image, 72) & INCOMPAT_CORRUPT) !== 0n && (u64big(st.image, 4) >> 32n) === 3n;
@@ -373,7 +384,8 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
           n.set(baseModel.subarray(0, Math.min(baseModel.length, s.size)));
           baseModel = n;
         }
-        baseModel.set(s.content.subarray(0, Math.max(0, Math.min(s.content.length, baseModel.length - s.lo))), s.lo);
+        // past the end (a shrink came later): nothing of it stays
+        if (s.lo < baseModel.length) baseModel.set(s.content.subarray(0, Math.max(0, Math.min(s.content.length, baseModel.length - s.lo))), s.lo);
       }
       baseModels.set(g, baseModel);
     }

@@ -75,6 +75,8 @@ export class ClusterKinds {
   find(first: number, count: number, mask: number): { cluster: number; bits: number } | undefined {
     if (mask === 0 || count <= 0) return undefined;
     const end = first + count;
+    // the common case, one window and a map with no fragment there: one probe
+    if (this.windows.size === 0) return undefined;
     for (let base = Math.floor(first / WINDOW) * WINDOW; base < end; base += WINDOW) {
       const w = this.windows.get(base / WINDOW);
       if (!w) continue;

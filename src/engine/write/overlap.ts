@@ -168,8 +168,9 @@ export class OverlapIndex {
   conflict(offset: number, bytes: number, allowed: number): OverlapHit | undefined {
     const mask = this.checked & ~allowed;
     if (mask === 0 || bytes <= 0) return undefined;
-    const [first, count] = this.span(offset, bytes);
-    const hit = this.map.find(first, count, mask);
+    // the hot path of every write: no tuple, no allocation unless there is a hit
+    const first = Math.floor(offset / this.cs);
+    const hit = this.map.find(first, Math.ceil((offset + bytes) / this.cs) - first, mask);
     if (!hit) return undefined;
     return { offset: (hit.cluster * this.cs) as HostOffset, kinds: hit.bits, conflict: hit.bits & mask };
   }

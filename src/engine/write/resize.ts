@@ -34,8 +34,10 @@ export class Resizer {
     const cs = g.clusterSize;
     const span = g.l2Entries * cs;
     const h = t.header;
+    // QEMU resizes v3 images with snapshots (they keep their trees and sizes; tables shared
+    // with them are copied before a shrink drops their entries), never v2 ones
+    if (ctx.version === 2 && ctx.reader().snapshots.length) throw new QledgerError('E_UNSUPPORTED', `${ctx.filename}: Can't resize a v2 image which has snapshots`);
     if (size < h.size) {
-      if (ctx.reader().snapshots.length) throw new QledgerError('E_UNSUPPORTED', `${ctx.filename}: cannot shrink an image with internal snapshots`);
       // drop everything past the new end (full discard: nothing reads back)
       await this.mapping.rewrite(guest(Math.ceil(size / cs) * cs), guest(h.size), () => ({ next: L2_UNALLOCATED, unref: true }), {
         openTable: (l1Index) => t.l1TableOffset(l1Index) !== 0,
