@@ -27,6 +27,7 @@ const lazy = {
   io: () => import('./io.ts'),
   crashTest: () => import('./crash-test.ts'),
   resize: () => import('./resize.ts'),
+  measure: () => import('./measure.ts'),
   journal: () => import('./journal.ts'),
   locate: () => import('../engine/journal/locate.ts'),
   create: () => import('../engine/create.ts'),
@@ -49,6 +50,7 @@ Commands (options as in qemu-img / qemu-io):
   map [-f fmt] [--output=human|json] [--start-offset=N] [--max-length=N] FILE
   convert [-f fmt] [-O raw] [-l SNAPSHOT] [-p] [-q] IN OUT
   snapshot -l [-f fmt] FILE
+  measure [--output=human|json] [-O qcow2|raw] [-o OPTIONS] [--size N | [-f fmt] [-l SNAPSHOT] [-U] FILE]
   resize [--shrink] [--preallocation=off|metadata|falloc|full] [-f fmt] [--image-opts] [-q] FILE [+|-]SIZE
   compare [-f fmt] [-F fmt] [-s] [-q] FILE1 FILE2
   journal dump [--output=human|json] FILE
@@ -350,7 +352,7 @@ async function cmdCheck(argv: string[], io: Output): Promise<number> {
   return checkExitCode(report);
 }
 
-const COMMANDS = ['check', 'compare', 'convert', 'crash-test', 'create', 'info', 'io', 'journal', 'map', 'resize', 'snapshot'] as const;
+const COMMANDS = ['check', 'compare', 'convert', 'crash-test', 'create', 'info', 'io', 'journal', 'map', 'measure', 'resize', 'snapshot'] as const;
 
 /** The usage lines of one subcommand, from the overview above. */
 function usageOf(cmd: string): string {
@@ -411,6 +413,8 @@ export async function main(argv: string[], io: Output = stdio): Promise<number> 
         return await (await lazy.journal()).runJournal(rest, io);
       case 'resize':
         return await (await lazy.resize()).runResize(rest, io);
+      case 'measure':
+        return await (await lazy.measure()).runMeasure(rest, io);
       case undefined:
       case '-h':
       case '--help':
