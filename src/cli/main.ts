@@ -31,6 +31,7 @@ const lazy = {
   journal: () => import('./journal.ts'),
   locate: () => import('../engine/journal/locate.ts'),
   create: () => import('../engine/create.ts'),
+  convertQcow2: () => import('../engine/convert-qcow2.ts'),
   check: () => import('../engine/check/check.ts'),
   report: () => import('../engine/check/report.ts'),
 };
@@ -48,7 +49,7 @@ Commands (options as in qemu-img / qemu-io):
      exit: 0 no corruption and no wrong data in any crash state, 2 otherwise
   info [-f fmt] [--output=human|json] [--backing-chain] FILE
   map [-f fmt] [--output=human|json] [--start-offset=N] [--max-length=N] FILE
-  convert [-f fmt] [-O raw] [-l SNAPSHOT] [-p] [-q] IN OUT
+  convert [-f fmt] [-O raw|qcow2] [-o OPTIONS] [-c] [-n] [-l SNAPSHOT] [-p] [-q] IN OUT
   snapshot -l [-f fmt] FILE
   measure [--output=human|json] [-O qcow2|raw] [-o OPTIONS] [--size N | [-f fmt] [-l SNAPSHOT] [-U] FILE]
   resize [--shrink] [--preallocation=off|metadata|falloc|full] [-f fmt] [--image-opts] [-q] FILE [+|-]SIZE
@@ -173,9 +174,13 @@ async function cmdConvert(argv: string[], io: Output): Promise<number> {
   if (p.positional.length < 2) throw new UsageError('convert: expecting an input and an output filename');
   if (p.positional.length > 2) throw new UnsupportedError('convert: concatenating several input images is not supported');
   const outFmt = last(p.opts, 'O') ?? 'raw';
-  if (outFmt !== 'raw') throw new UnsupportedError(`convert: output format '${String(outFmt)}' is not supported yet (raw is)`);
+  if (outFmt !== 'raw' && outFmt !== 'qcow2') throw new UnsupportedError(`convert: output format '${String(outFmt)}' is not supported (qcow2 and raw are)`);
+  const compress = last(p.opts, 'c') === true;
   // qemu-img's words: raw output cannot be compressed
-  if (last(p.opts, 'c') === true) throw new UnsupportedError('Compression not supported for this file format');
+  if (compress && outFmt === 'raw') throw new UnsupportedError('Compression not supported for this file format');
+  const createOpts = (await lazy.create()).createOptionsFrom(new Map(p.opts.filter(([k]) => k === 'o').flatMap(([, v]) => [...parseOptionList(String(v))])), (t, what) => parseSize(t, what));
+  if (outFmt === 'raw' && p.opts.some(([k]) => k === 'o')) throw new UnsupportedError('convert: -o options apply to qcow2 output');
+  if (last(p.opts, 'B') !== undefined || createOpts.backingFile !== undefined) throw new UnsupportedError('convert: an output backing file (-B, -o backing_file) is not supported yet');
   const existing = last(p.opts, 'n') === true;
   const outPath = p.positional[1]!;
   if (existing && !existsSync(outPath)) throw new NotFoundError(`Could not open '${outPath}': Could not open '${outPath}': No such file or directory`, { path: outPath });
@@ -197,7 +202,8 @@ async function cmdConvert(argv: string[], io: Output): Promise<number> {
       shown = pct;
       io.out(`    (${printfFixed(pct, 2)}/100%)\r`);
     };
-    await convertToRaw(img, outPath, progress ? show : undefined, cache !== 'unsafe', undefined, { existing });
+    if (outFmt === 'qcow2') await (await lazy.convertQcow2()).convertToQcow2(img, outPath, { create: createOpts, compress, existing, progress: progress ? show : undefined });
+    else await convertToRaw(img, outPath, progress ? show : undefined, cache !== 'unsafe', undefined, { existing });
     if (progress) io.out('\n');
     return 0;
   } finally {

@@ -1,0 +1,124 @@
+/**
+ * `qemu-img convert -O qcow2`: a new qcow2 image (qemu-img create's
+ * options) written with the guest content of another, through the write
+ * engine: zero ranges and all-zero 4 KiB blocks are not written (they read
+ * as zero in a fresh image), `-c` compresses every cluster that holds data
+ * (deflate, as QEMU), `-n` writes into an existing qcow2 image (zeroes where
+ * the input reads as zero). The target is written without a journal: a
+ * crash during a conversion leaves a partial copy either way.
+ */
+
+import { UsageError } from '../errors.ts';
+import { isZero } from '../format/bytes.ts';
+import type { CreateOptions } from './create.ts';
+import type { ProgressFn } from './convert.ts';
+import { Image } from './image.ts';
+import { createImage } from './writable.ts';
+
+const CHUNK = 8 * 1024 * 1024;
+
+export interface Qcow2ConvertOptions {
+  /** qemu-img create's options for the new image (its size is the input's) */
+  readonly create?: CreateOptions | undefined;
+  /** -c: compressed clusters */
+  readonly compress?: boolean | undefined;
+  /** -n: the target exists (a qcow2 image at least as large as the input) */
+  readonly existing?: boolean | undefined;
+  readonly progress?: ProgressFn | undefined;
+  readonly signal?: AbortSignal | undefined;
+}
+
+export async function convertToQcow2(img: Image, outPath: string, o: Qcow2ConvertOptions = {}): Promise<void> {
+  o.signal?.throwIfAborted();
+  const size = img.size;
+  if (!o.existing) await createImage(outPath, { ...o.create, size });
+  const out = await Image.open(outPath, { format: 'qcow2', write: true, journal: false, detectZeroes: 'off' });
+  try {
+    if (o.existing && out.size < size) throw new UsageError('output file is smaller than input file', { path: outPath });
+    const zeroes = o.existing ? (off: number, len: number) => out.writeZeroes(off, len, { unmap: true }) : undefined;
+    const progress = o.progress;
+    progress?.(0, size);
+    if (o.compress) await compressed(img, out, size, zeroes, o);
+    else {
+      const buf = new Uint8Array(CHUNK);
+      // qemu-img convert leaves a zero run out only in whole units of max(-S 4 KiB, the target's cluster)
+      const unit = Math.max(4096, out.geometry!.clusterSize);
+      for (let pos = 0; pos < size; ) {
+        o.signal?.throwIfAborted();
+        const st = await img.status(pos, Math.min(size - pos, 1 << 30));
+        if (st.zero && !st.data) {
+          await zeroes?.(pos, st.length);
+          pos += st.length;
+        } else {
+          for (const end = pos + st.length; pos < end; ) {
+            o.signal?.throwIfAborted();
+            const b = buf.subarray(0, Math.min(CHUNK, end - pos));
+            await img.readInto(b, pos);
+            await writeAligned(out, pos, b, unit, zeroes);
+            pos += b.length;
+            if (pos < end) progress?.(pos, size);
+          }
+        }
+        progress?.(pos, size);
+      }
+    }
+    await out.close();
+  } catch (e) {
+    await out.close().catch(() => undefined);
+    throw e;
+  }
+}
+
+/** -c: cluster by cluster of the output; a cluster with any data is read whole and compressed. */
+async function compressed(img: Image, out: Image, size: number, zeroes: ((off: number, len: number) => Promise<void>) | undefined, o: Qcow2ConvertOptions): Promise<void> {
+  const cs = out.geometry!.clusterSize;
+  const buf = new Uint8Array(cs);
+  // the output's size is the input's rounded up to 512 bytes: its last cluster is compressed whole
+  const outSize = out.size;
+  for (let pos = 0; pos < size; ) {
+    o.signal?.throwIfAborted();
+    const n = Math.min(cs, outSize - pos);
+    const st = await img.status(pos, size - pos);
+    if (st.zero && !st.data && st.length >= Math.min(n, size - pos)) {
+      // whole output clusters that read as zero: nothing to write
+      const skip = Math.max(n, Math.floor(st.length / cs) * cs);
+      await zeroes?.(pos, Math.min(skip, size - pos));
+      pos += skip;
+    } else {
+      const b = buf.subarray(0, n);
+      b.fill(0);
+      await img.readInto(b.subarray(0, Math.min(n, size - pos)), pos);
+      if (isZero(b)) await zeroes?.(pos, n);
+      else await out.writeCompressed(pos, b);
+      pos += n;
+    }
+    o.progress?.(Math.min(pos, size), size);
+  }
+}
+
+/**
+ * Write `b` (guest bytes at `offset`) but the units of `unit` bytes, aligned
+ * on the guest, that are all zero: qemu-img convert's zero detection with
+ * its alignment to the target's clusters (a cluster with any data is
+ * written whole, so the output maps as qemu-img's does). `zeroes` writes
+ * zeroes over the units left out (a target that may hold data: -n).
+ */
+async function writeAligned(out: Image, offset: number, b: Uint8Array, unit: number, zeroes?: (offset: number, length: number) => Promise<void>): Promise<void> {
+  const end = offset + b.length;
+  let run: { from: number; data: boolean } | undefined;
+  const flush = async (to: number) => {
+    if (!run) return;
+    if (run.data) await out.write(run.from, b.subarray(run.from - offset, to - offset));
+    else await zeroes?.(run.from, to - run.from);
+  };
+  for (let at = offset; at < end; ) {
+    const next = Math.min(end, (Math.floor(at / unit) + 1) * unit);
+    const data = !isZero(b.subarray(at - offset, next - offset));
+    if (!run || run.data !== data) {
+      await flush(at);
+      run = { from: at, data };
+    }
+    at = next;
+  }
+  await flush(end);
+}
