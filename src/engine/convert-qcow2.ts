@@ -28,6 +28,28 @@ export interface Qcow2ConvertOptions {
   readonly signal?: AbortSignal | undefined;
 }
 
+/**
+ * Write the guest content of `img` to a new qcow2 image at `outPath` (or,
+ * with `existing`, into the qcow2 image there), as `qemu-img convert -O
+ * qcow2`: `create` takes qemu-img create's options, `compress` writes
+ * compressed clusters.
+ *
+ * @example
+ * import { Image, convertToQcow2 } from 'qledger';
+ * import { mkdtempSync } from 'node:fs';
+ * import { tmpdir } from 'node:os';
+ * import { join } from 'node:path';
+ *
+ * const dir = mkdtempSync(join(tmpdir(), 'qledger-'));
+ * await Image.create(join(dir, 'in.qcow2'), { size: 8 << 20 });
+ * const src = await Image.open(join(dir, 'in.qcow2'), { write: true });
+ * await src.write(0, new Uint8Array(65536).fill(7));
+ * await convertToQcow2(src, join(dir, 'out.qcow2'), { create: { clusterSize: 4096 }, compress: true });
+ * await src.close();
+ * const out = await Image.open(join(dir, 'out.qcow2'));
+ * console.log(out.geometry?.clusterSize, (await out.read(0, 4))[0]); // 4096 7
+ * await out.close();
+ */
 export async function convertToQcow2(img: Image, outPath: string, o: Qcow2ConvertOptions = {}): Promise<void> {
   o.signal?.throwIfAborted();
   const size = img.size;

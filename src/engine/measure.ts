@@ -85,6 +85,17 @@ export function bitmapsSize(bitmaps: ReadonlyArray<{ readonly name: string; read
   return total + roundUp(dir, clusterSize);
 }
 
+/**
+ * `qemu-img measure`: the file size an image of `target`'s format and
+ * options needs for a virtual size, or for an input's data ranges.
+ *
+ * @example
+ * import { measure } from 'qledger';
+ *
+ * const target = { format: 'qcow2', clusterSize: 65536, refcountBits: 16, extendedL2: false, version: 3, preallocation: 'off', hasBackingFile: false } as const;
+ * const m = await measure(target, { size: 1 << 30 });
+ * console.log(m.required, m.fullyAllocated); // 393216 1074135040
+ */
 export async function measure(target: MeasureTarget, input: MeasureInput | { readonly size: number; readonly data?: undefined; readonly bitmaps?: undefined }): Promise<Measurement> {
   if (target.format === 'raw') {
     // the raw driver: the input's size, or the size asked for, whatever it holds
