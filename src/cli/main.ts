@@ -28,6 +28,7 @@ const lazy = {
   crashTest: () => import('./crash-test.ts'),
   resize: () => import('./resize.ts'),
   measure: () => import('./measure.ts'),
+  dd: () => import('./dd.ts'),
   journal: () => import('./journal.ts'),
   locate: () => import('../engine/journal/locate.ts'),
   create: () => import('../engine/create.ts'),
@@ -51,6 +52,7 @@ Commands (options as in qemu-img / qemu-io):
   map [-f fmt] [--output=human|json] [--start-offset=N] [--max-length=N] FILE
   convert [-f fmt] [-O raw|qcow2] [-o OPTIONS] [-c] [-n] [-l SNAPSHOT] [-p] [-q] IN OUT
   snapshot -l [-f fmt] FILE
+  dd [-f fmt] [-O raw|qcow2] [-U] [bs=N] [count=N] [skip=N] if=INPUT of=OUTPUT
   measure [--output=human|json] [-O qcow2|raw] [-o OPTIONS] [--size N | [-f fmt] [-l SNAPSHOT] [-U] FILE]
   resize [--shrink] [--preallocation=off|metadata|falloc|full] [-f fmt] [--image-opts] [-q] FILE [+|-]SIZE
   compare [-f fmt] [-F fmt] [-s] [-q] FILE1 FILE2
@@ -358,7 +360,7 @@ async function cmdCheck(argv: string[], io: Output): Promise<number> {
   return checkExitCode(report);
 }
 
-const COMMANDS = ['check', 'compare', 'convert', 'crash-test', 'create', 'info', 'io', 'journal', 'map', 'measure', 'resize', 'snapshot'] as const;
+const COMMANDS = ['check', 'compare', 'convert', 'crash-test', 'create', 'dd', 'info', 'io', 'journal', 'map', 'measure', 'resize', 'snapshot'] as const;
 
 /** The usage lines of one subcommand, from the overview above. */
 function usageOf(cmd: string): string {
@@ -421,6 +423,8 @@ export async function main(argv: string[], io: Output = stdio): Promise<number> 
         return await (await lazy.resize()).runResize(rest, io);
       case 'measure':
         return await (await lazy.measure()).runMeasure(rest, io);
+      case 'dd':
+        return await (await lazy.dd()).runDd(rest, io);
       case undefined:
       case '-h':
       case '--help':
