@@ -29,6 +29,7 @@ const lazy = {
   resize: () => import('./resize.ts'),
   measure: () => import('./measure.ts'),
   dd: () => import('./dd.ts'),
+  commit: () => import('./commit.ts'),
   journal: () => import('./journal.ts'),
   locate: () => import('../engine/journal/locate.ts'),
   create: () => import('../engine/create.ts'),
@@ -52,6 +53,7 @@ Commands (options as in qemu-img / qemu-io):
   map [-f fmt] [--output=human|json] [--start-offset=N] [--max-length=N] FILE
   convert [-f fmt] [-O raw|qcow2] [-o OPTIONS] [-c] [-n] [-l SNAPSHOT] [-p] [-q] IN OUT
   snapshot -l [-f fmt] FILE
+  commit [-f fmt] [-t cache] [-b BASE] [-d] [-p] [-q] FILE
   dd [-f fmt] [-O raw|qcow2] [-U] [bs=N] [count=N] [skip=N] if=INPUT of=OUTPUT
   measure [--output=human|json] [-O qcow2|raw] [-o OPTIONS] [--size N | [-f fmt] [-l SNAPSHOT] [-U] FILE]
   resize [--shrink] [--preallocation=off|metadata|falloc|full] [-f fmt] [--image-opts] [-q] FILE [+|-]SIZE
@@ -360,7 +362,7 @@ async function cmdCheck(argv: string[], io: Output): Promise<number> {
   return checkExitCode(report);
 }
 
-const COMMANDS = ['check', 'compare', 'convert', 'crash-test', 'create', 'dd', 'info', 'io', 'journal', 'map', 'measure', 'resize', 'snapshot'] as const;
+const COMMANDS = ['check', 'commit', 'compare', 'convert', 'crash-test', 'create', 'dd', 'info', 'io', 'journal', 'map', 'measure', 'resize', 'snapshot'] as const;
 
 /** The usage lines of one subcommand, from the overview above. */
 function usageOf(cmd: string): string {
@@ -425,6 +427,8 @@ export async function main(argv: string[], io: Output = stdio): Promise<number> 
         return await (await lazy.measure()).runMeasure(rest, io);
       case 'dd':
         return await (await lazy.dd()).runDd(rest, io);
+      case 'commit':
+        return await (await lazy.commit()).runCommit(rest, io);
       case undefined:
       case '-h':
       case '--help':

@@ -152,6 +152,11 @@ export class Image {
   }
 
   /** Resize; growth may preallocate the new space ('metadata', 'falloc' or 'full', as qemu-img resize --preallocation). */
+  /** Empty the image: every cluster it maps dropped, its backing file (if any) showing through (qemu-img commit's make_empty). */
+  async makeEmpty(): Promise<void> {
+    await this.w().makeEmpty();
+  }
+
   async truncate(size: number, preallocation: 'off' | 'metadata' | 'falloc' | 'full' = 'off'): Promise<void> {
     await this.w().truncate(size, false, preallocation);
   }

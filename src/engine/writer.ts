@@ -27,9 +27,9 @@ import { Qcow2Layer, type Qcow2LayerOptions } from './qcow2-layer.ts';
 import { readGuest } from './read.ts';
 import { WriteContext } from './write/context.ts';
 import { HeaderBits } from './write/header-bits.ts';
-import { OverlapIndex, overlapNames, type OverlapMode } from './write/overlap.ts';
+import { ANY_KIND, OverlapIndex, overlapNames, type OverlapMode } from './write/overlap.ts';
 import { buildOverlapIndex } from './write/overlap-build.ts';
-import { ANY_KIND, GuardedDevice } from './write/overlap-guard.ts';
+import { GuardedDevice } from './write/overlap-guard.ts';
 import type { PreallocMode } from './write/resize.ts';
 import { buildRooms, type Rooms } from './write/rooms.ts';
 import { Trace, type TraceEvent } from './write/trace.ts';
@@ -286,6 +286,22 @@ export class Qcow2Writer {
       if (length === 0) return;
       await this.run('write-zeroes', () => this.rooms.zero.zeroRange(guest(offset), length, opts.unmap ?? false));
       await this.rooms.writeback.maybe();
+    });
+  }
+
+  /**
+   * Empty the image (after a commit into its backing file): every mapping
+   * of the active tree dropped, one transaction, written back before this
+   * resolves. QEMU's slow path, valid for every image kind; a crash part
+   * way leaves the journal's transaction to complete, or (journal off)
+   * some clusters still mapped, which read what the backing file now
+   * holds anyway after a commit.
+   */
+  makeEmpty(): Promise<void> {
+    return this.serial(async () => {
+      this.ctx.checkWritable();
+      await this.run('make empty', () => this.rooms.discard.unallocateAll());
+      await this.rooms.writeback.flush();
     });
   }
 

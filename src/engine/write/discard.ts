@@ -6,7 +6,7 @@
  * cluster's reference is dropped.
  */
 
-import { isCompressed, zeroEntry, L2_UNALLOCATED, L2E_ZERO_LO, ALL_SUBCLUSTERS } from '../../format/l2.ts';
+import { isCompressed, sameL2Entry, zeroEntry, L2_UNALLOCATED, L2E_ZERO_LO, ALL_SUBCLUSTERS } from '../../format/l2.ts';
 import { guest, type GuestOffset } from '../../format/offsets.ts';
 import type { WriteContext } from './context.ts';
 import { Mapping, type EntryChange, type WalkedEntry } from './mapping.ts';
@@ -33,6 +33,21 @@ export class Discarder {
         if (ctx.backing && ctx.version === 3) await this.zero.zeroClusters(from, to, true);
         return false;
       },
+    });
+  }
+
+  /**
+   * A full discard of every cluster the active tree maps (QEMU's
+   * make_empty, its slow path that works for every image kind): each entry
+   * becomes unallocated, so what the backing file holds shows through
+   * again, and its host cluster's reference is dropped (a cluster shared
+   * with a snapshot stays for the snapshot). L2 tables stay.
+   */
+  async unallocateAll(): Promise<void> {
+    const ctx = this.ctx;
+    const t = ctx.t();
+    await this.mapping.rewrite(guest(0), guest(ctx.header().size), ({ entry: e }) => (sameL2Entry(e, L2_UNALLOCATED) ? undefined : { next: L2_UNALLOCATED, unref: isCompressed(e) || Mapping.hasHostCluster(e, ctx.hasDataFile) }), {
+      openTable: (l1Index) => t.l1TableOffset(l1Index) !== 0,
     });
   }
 

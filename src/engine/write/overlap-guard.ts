@@ -12,10 +12,7 @@
 
 import { hex } from '../../errors.ts';
 import type { BlockDevice } from '../../io/device.ts';
-import { OverlapIndex } from './overlap.ts';
-
-/** Every kind: the header view's allowance (cluster 0 is the header whatever else was wrongly put there). */
-export const ANY_KIND = 0xfff;
+import { ANY_KIND, OverlapIndex } from './overlap.ts';
 
 /** What a refusal does: mark the image corrupt and throw (never returns). */
 export type Refuse = (message: string, data: Record<string, unknown>) => Promise<never>;

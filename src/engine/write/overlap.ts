@@ -33,6 +33,9 @@ export const OL_JOURNAL = 1 << 9;
 /** a persistent bitmap's table (QEMU has no kind for it; qledger checks it with the directory) */
 export const OL_BITMAP_TABLE = 1 << 10;
 
+/** Every kind at once (a freed cluster drops whatever it held; the header view may touch anything in cluster 0). */
+export const ANY_KIND = 0xfff;
+
 /** QEMU's overlap-check modes, by its names, and the kinds each checks (QCOW2_OL_CONSTANT, _CACHED, _ALL). */
 export const OVERLAP_MODES = ['none', 'constant', 'cached', 'all'] as const;
 export type OverlapMode = (typeof OVERLAP_MODES)[number];
@@ -77,8 +80,8 @@ export function overlapNames(kinds: number): string[] {
  */
 const MAY_SHARE = OL_ACTIVE_L2 | OL_INACTIVE_L2;
 export function isOverlap(kinds: number): boolean {
-  const single = kinds & (kinds - 1);
-  return single !== 0 && (kinds & ~MAY_SHARE) !== 0;
+  const several = (kinds & (kinds - 1)) !== 0;
+  return several && (kinds & ~MAY_SHARE) !== 0;
 }
 
 export interface OverlapHit {
@@ -233,7 +236,7 @@ export class OverlapIndex {
         break;
       case 'refcount':
         // a freed cluster holds nothing any more, whatever it held, once the free is durable
-        if (r.new === 0 && r.old > 0) this.releaseLater((r.cluster * cs) as HostOffset, cs, ~0 & 0xfff);
+        if (r.new === 0 && r.old > 0) this.releaseLater((r.cluster * cs) as HostOffset, cs, ANY_KIND);
         break;
       default:
         break;

@@ -1,0 +1,141 @@
+/**
+ * qemu-img commit: `commit [-f FMT] [-t CACHE] [-b BASE] [-d] [-p] [-q]
+ * IMG`. What the top image allocates (data, and zero clusters as zeroes) is
+ * written into its backing file through the backing file's own engine
+ * (qcow2, journalled) or as its bytes (raw), the backing file grown first
+ * when the top is larger; then, unless -d, the top is emptied in one
+ * transaction (QEMU's make_empty, by its path that works for every image
+ * kind). "Image committed." A crash at any point leaves the chain reading
+ * the top's content: until the top is emptied it still maps it, and
+ * afterwards the base holds it. Only the immediate backing file can be the
+ * base; -b naming a deeper one is refused as not supported yet.
+ */
+
+import { resolve } from 'node:path';
+import { NotFoundError, UnsupportedError, UsageError } from '../errors.ts';
+import { FileDevice } from '../io/file-device.ts';
+import { Image } from '../engine/image.ts';
+import { combinePath, probeFormat, type ImageFormat } from '../engine/open.ts';
+import { Qcow2Layer } from '../engine/qcow2-layer.ts';
+import { getopt } from './args.ts';
+import { printfFixed } from './io-format.ts';
+import type { Output } from './output.ts';
+
+const CHUNK = 4 << 20;
+
+export async function runCommit(argv: string[], io: Output): Promise<number> {
+  const p = getopt(argv, { withArg: 'ftbr', flags: 'dpqh', long: { 'image-opts': false, object: true } }, 'commit');
+  const last = (k: string) => p.opts.filter(([x]) => x === k).at(-1)?.[1];
+  if (p.positional.length !== 1) throw new UsageError("Expecting one image file name\nTry 'qledger --help' for more information");
+  const path = p.positional[0]!;
+  const quiet = last('q') === true;
+  const progress = last('p') === true && !quiet;
+  const drop = last('d') !== true;
+  const cache = last('t') ?? 'writeback';
+  if (!['unsafe', 'writeback', 'writethrough', 'none', 'directsync'].includes(String(cache))) throw new UsageError(`Invalid cache option: ${String(cache)}`);
+  if (last('r') !== undefined) throw new UnsupportedError('commit: -r (rate limit) is not supported');
+
+  // the top alone, read-only: what it allocates, and where its backing file is
+  const top = await Image.open(path, { format: last('f') as ImageFormat | undefined, noBacking: true });
+  let basePath: string;
+  let baseFormat: ImageFormat | undefined;
+  const extents: Array<{ start: number; length: number; zero: boolean }> = [];
+  try {
+    const layer = top.top;
+    const backing = layer instanceof Qcow2Layer ? layer.parsed.backingFile : undefined;
+    if (backing === undefined) throw new UsageError('Image does not have a backing file');
+    basePath = combinePath(path, backing);
+    baseFormat = (layer as Qcow2Layer).parsed.backingFormat as ImageFormat | undefined;
+    const b = last('b');
+    if (b !== undefined && resolve(String(b)) !== resolve(basePath) && String(b) !== backing) {
+      throw new UsageError(`Did not find '${String(b)}' in the backing chain of '${path}'`);
+    }
+    for await (const e of top.map()) if (e.present) extents.push({ start: e.start, length: e.length, zero: !e.data });
+  } catch (e) {
+    await top.close();
+    throw e;
+  }
+
+  const total = extents.reduce((n, e) => n + e.length, 0);
+  let done = 0;
+  let shown = -Infinity;
+  const show = () => {
+    if (!progress) return;
+    const pct = total ? (100 * done) / total : 100;
+    if (pct - shown < 1 && !(pct === 100 && shown !== 100)) return;
+    shown = pct;
+    io.out(`    (${printfFixed(pct, 2)}/100%)\r`);
+  };
+  show();
+  try {
+    const size = top.size;
+    const fmt = baseFormat ?? (await probe(basePath));
+    if (fmt === 'qcow2') {
+      const base = await Image.open(basePath, { format: 'qcow2', write: true });
+      try {
+        // QEMU's commit grows a smaller base to the top's size
+        if (base.size < size) await base.truncate(Math.ceil(size / 512) * 512);
+        await copy(top, extents, { data: (at, b) => base.write(at, b), zero: (at, n) => base.writeZeroes(at, n, { unmap: true }) }, (n) => ((done += n), show()));
+      } finally {
+        await base.close();
+      }
+    } else {
+      const base = await FileDevice.open(basePath, { readOnly: false });
+      try {
+        if ((await base.size()) < size) await base.truncate(size);
+        await copy(top, extents, { data: (at, b) => base.write(at, b), zero: (at, n) => base.writeZeroes(at, n, true) }, (n) => ((done += n), show()));
+        await base.flush();
+      } finally {
+        await base.close();
+      }
+    }
+  } finally {
+    await top.close();
+  }
+  if (progress) io.out('\n');
+  if (drop) {
+    const img = await Image.open(path, { format: 'qcow2', write: true });
+    try {
+      await img.makeEmpty();
+    } finally {
+      await img.close();
+    }
+  }
+  if (!quiet) io.out('Image committed.\n');
+  return 0;
+}
+
+async function probe(path: string): Promise<ImageFormat> {
+  const dev = await FileDevice.open(path, { readOnly: true }).catch((e: unknown) => {
+    throw new NotFoundError(`Could not open backing file '${path}': ${(e as Error).message}`, { path });
+  });
+  try {
+    return await probeFormat(dev);
+  } finally {
+    await dev.close();
+  }
+}
+
+/** The top's allocated extents, in chunks: data read from the top alone, zero extents as zeroes. */
+async function copy(
+  top: Image,
+  extents: ReadonlyArray<{ start: number; length: number; zero: boolean }>,
+  to: { data(at: number, b: Uint8Array): Promise<void>; zero(at: number, length: number): Promise<void> },
+  progress: (bytes: number) => void,
+): Promise<void> {
+  const buf = new Uint8Array(CHUNK);
+  for (const e of extents) {
+    if (e.zero) {
+      await to.zero(e.start, e.length);
+      progress(e.length);
+      continue;
+    }
+    for (let at = e.start; at < e.start + e.length; ) {
+      const b = buf.subarray(0, Math.min(CHUNK, e.start + e.length - at));
+      await top.readInto(b, at);
+      await to.data(at, b);
+      progress(b.length);
+      at += b.length;
+    }
+  }
+}

@@ -1,0 +1,70 @@
+/**
+ * qledger commit against qemu-img commit on copies of the same chain: the
+ * base ends with the same content, the top with the same map (offsets
+ * aside), both pass qemu-img check, and the chain reads as before; -d keeps
+ * the top; a raw base; qemu-img's refusals.
+ */
+
+import { describe, it, expect, afterAll } from 'vitest';
+import { spawnSync } from 'node:child_process';
+import { join } from 'node:path';
+import { readFileSync } from 'node:fs';
+import { qemuAvailable, qemuImg, qemuIo, tempDir } from './helpers/qemu.ts';
+import { runCli } from './helpers/cli.ts';
+
+const { dir, cleanup } = tempDir('qledger-commit-');
+afterAll(cleanup);
+const f = (n: string) => join(dir, n);
+const d = qemuAvailable ? describe : describe.skip;
+const mapOf = (p: string) => qemuImg(['map', '--output=json', p]).replace(/, "offset": \d+/g, '');
+const same = (a: string, b: string, fa = 'qcow2', fb = 'qcow2') => spawnSync('qemu-img', ['compare', '-f', fa, '-F', fb, a, b]).status === 0;
+
+/** A base (qcow2 or raw) of 4 MiB and an 8 MiB top over it with data, a zero cluster and data past the base's end. */
+function chain(tag: string, baseFmt: 'qcow2' | 'raw'): { base: string; top: string; before: string } {
+  const base = f(`${tag}-base.${baseFmt}`);
+  const top = f(`${tag}-top.qcow2`);
+  qemuImg(['create', '-q', '-f', baseFmt, base, '4M']);
+  qemuIo(base, ['write -P 1 0 4M'], ['-f', baseFmt]);
+  qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', '-b', `${tag}-base.${baseFmt}`, '-F', baseFmt, top, '8M']);
+  qemuIo(top, ['write -P 2 1M 64k', 'write -z 2M 64k', 'write -P 3 6M 64k', 'write -P 4 3000 700']);
+  const before = f(`${tag}-before.raw`);
+  qemuImg(['convert', '-O', 'raw', top, before]);
+  return { base, top, before };
+}
+
+d('commit, as qemu-img', () => {
+  for (const fmt of ['qcow2', 'raw'] as const) {
+    it(`into a ${fmt} base (grown to the top's size), the top emptied`, async () => {
+      const q = chain(`q-${fmt}`, fmt);
+      const l = chain(`l-${fmt}`, fmt);
+      const qr = spawnSync('qemu-img', ['commit', q.top], { encoding: 'utf8' });
+      const lr = await runCli('commit', l.top);
+      expect(lr).toEqual({ code: qr.status, out: qr.stdout, err: qr.stderr });
+      expect(lr.out).toBe('Image committed.\n');
+      expect(same(l.base, q.base, fmt, fmt)).toBe(true);
+      expect(same(l.before, l.top, 'raw', 'qcow2')).toBe(true);
+      expect(mapOf(l.top)).toBe(mapOf(q.top));
+      for (const img of [l.top, ...(fmt === 'qcow2' ? [l.base] : [])]) expect(spawnSync('qemu-img', ['check', img]).status).toBe(0);
+    });
+  }
+
+  it('-d keeps the top as it was; -q prints nothing', async () => {
+    const l = chain('keep', 'qcow2');
+    const topBefore = readFileSync(l.top);
+    const r = await runCli('commit', '-d', '-q', l.top);
+    expect(r).toEqual({ code: 0, out: '', err: '' });
+    expect(readFileSync(l.top).equals(topBefore)).toBe(true);
+    expect(same(l.before, l.base, 'raw', 'qcow2')).toBe(true);
+  });
+
+  it("refused as qemu-img refuses: no backing file, a base not in the chain", async () => {
+    qemuImg(['create', '-q', '-f', 'qcow2', f('solo.qcow2'), '1M']);
+    const a = await runCli('commit', f('solo.qcow2'));
+    const qa = spawnSync('qemu-img', ['commit', f('solo.qcow2')], { encoding: 'utf8' });
+    expect({ code: a.code, err: a.err.replace(/^qledger:/gm, 'qemu-img:') }).toEqual({ code: qa.status, err: qa.stderr });
+    const l = chain('other', 'qcow2');
+    const b = await runCli('commit', '-b', 'other.qcow2', l.top);
+    const qb = spawnSync('qemu-img', ['commit', '-b', 'other.qcow2', l.top], { encoding: 'utf8' });
+    expect({ code: b.code, err: b.err.replace(/^qledger:/gm, 'qemu-img:') }).toEqual({ code: qb.status, err: qb.stderr });
+  });
+});
