@@ -30,6 +30,7 @@ const lazy = {
   measure: () => import('./measure.ts'),
   dd: () => import('./dd.ts'),
   commit: () => import('./commit.ts'),
+  rebase: () => import('./rebase.ts'),
   journal: () => import('./journal.ts'),
   locate: () => import('../engine/journal/locate.ts'),
   create: () => import('../engine/create.ts'),
@@ -56,6 +57,7 @@ Commands (options as in qemu-img / qemu-io):
   commit [-f fmt] [-t cache] [-b BASE] [-d] [-p] [-q] FILE
   dd [-f fmt] [-O raw|qcow2] [-U] [bs=N] [count=N] [skip=N] if=INPUT of=OUTPUT
   measure [--output=human|json] [-O qcow2|raw] [-o OPTIONS] [--size N | [-f fmt] [-l SNAPSHOT] [-U] FILE]
+  rebase [-f fmt] [-p] [-q] [-u] -b BACKING [-F fmt] FILE
   resize [--shrink] [--preallocation=off|metadata|falloc|full] [-f fmt] [--image-opts] [-q] FILE [+|-]SIZE
   compare [-f fmt] [-F fmt] [-s] [-q] FILE1 FILE2
   journal dump [--output=human|json] FILE
@@ -362,7 +364,7 @@ async function cmdCheck(argv: string[], io: Output): Promise<number> {
   return checkExitCode(report);
 }
 
-const COMMANDS = ['check', 'commit', 'compare', 'convert', 'crash-test', 'create', 'dd', 'info', 'io', 'journal', 'map', 'measure', 'resize', 'snapshot'] as const;
+const COMMANDS = ['check', 'commit', 'compare', 'convert', 'crash-test', 'create', 'dd', 'info', 'io', 'journal', 'map', 'measure', 'rebase', 'resize', 'snapshot'] as const;
 
 /** The usage lines of one subcommand, from the overview above. */
 function usageOf(cmd: string): string {
@@ -429,6 +431,8 @@ export async function main(argv: string[], io: Output = stdio): Promise<number> 
         return await (await lazy.dd()).runDd(rest, io);
       case 'commit':
         return await (await lazy.commit()).runCommit(rest, io);
+      case 'rebase':
+        return await (await lazy.rebase()).runRebase(rest, io);
       case undefined:
       case '-h':
       case '--help':

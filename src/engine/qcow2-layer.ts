@@ -330,7 +330,13 @@ class OnDiskTables implements TableSource {
 /** Read and validate everything a Qcow2Layer needs, short of opening its backing file. */
 export async function loadQcow2(dev: BlockDevice) {
   const fileSize = await dev.size();
-  const head = await readAt(dev, 0, Math.min(fileSize, 2 * 1024 * 1024));
+  // The header cluster only: a read of more would pull data clusters into the page cache, and a
+  // file system then reports their unwritten (fallocated) extents as data, not holes, to every
+  // later SEEK_HOLE (QEMU's block status, qemu-img measure's and map's holes, would differ).
+  const first = await readAt(dev, 0, Math.min(fileSize, 4096));
+  const bits = first.length >= 24 ? ((first[20]! << 24) | (first[21]! << 16) | (first[22]! << 8) | first[23]!) >>> 0 : 0;
+  const headBytes = bits >= 9 && bits <= 21 ? 2 ** bits : 2 * 1024 * 1024;
+  const head = headBytes <= first.length ? first : await readAt(dev, 0, Math.min(fileSize, headBytes));
   const parsed = decodeHeader(head, fileSize);
   const h = parsed.header;
   const cs = 2 ** h.clusterBits;

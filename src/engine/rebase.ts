@@ -1,0 +1,107 @@
+/**
+ * qemu-img rebase: give an image another backing file (or none). Safe mode
+ * first writes into the image every guest range it does not allocate
+ * itself where the old backing chain and the new one read differently (at
+ * 512-byte granularity, as qemu-img compares), so the image reads the same
+ * afterwards; then the header switches to the new name and format, each
+ * write of the change leaving a valid header (format/backing-change.ts).
+ * Unsafe mode (-u) changes the header only.
+ */
+
+import { QledgerError, UsageError } from '../errors.ts';
+import { planBackingChange } from '../format/backing-change.ts';
+import { FileDevice } from '../io/file-device.ts';
+import { readAt } from '../io/device.ts';
+import { Image } from './image.ts';
+import type { ImageFormat } from './open.ts';
+
+const CHUNK = 1 << 20;
+const SECTOR = 512;
+
+export interface RebaseOptions {
+  /** the new backing file as the header will name it (relative to the image's directory); undefined: none */
+  readonly backing: string | undefined;
+  /** its format, as the header's backing-format extension will say */
+  readonly backingFormat?: 'qcow2' | 'raw' | undefined;
+  /** the new backing file's path for opening it (the name resolved against the image's directory) */
+  readonly backingPath?: string | undefined;
+  /** -u: change the header only */
+  readonly unsafe?: boolean | undefined;
+  readonly format?: ImageFormat | undefined;
+  readonly progress?: ((done: number, total: number) => void) | undefined;
+}
+
+export async function rebase(path: string, o: RebaseOptions): Promise<void> {
+  if (!o.unsafe) await copyDifferences(path, o);
+  await switchHeader(path, o.backing, o.backing === undefined ? undefined : o.backingFormat);
+}
+
+/** Safe mode: the ranges the image does not allocate where old and new backing read differently, written into the image. */
+async function copyDifferences(path: string, o: RebaseOptions): Promise<void> {
+  const img = await Image.open(path, { format: o.format ?? 'qcow2', write: true, detectZeroes: 'off' });
+  try {
+    const next = o.backing === undefined ? undefined : await Image.open(o.backingPath ?? o.backing, { format: o.backingFormat });
+    try {
+      const size = img.size;
+      const a = new Uint8Array(CHUNK);
+      const b = new Uint8Array(CHUNK);
+      o.progress?.(0, size);
+      for (let pos = 0; pos < size; ) {
+        const st = await img.topStatus(pos, Math.min(size - pos, 1 << 30));
+        if (st.allocated) {
+          pos += st.length;
+          continue;
+        }
+        for (const end = pos + st.length; pos < end; ) {
+          const n = Math.min(CHUNK, end - pos);
+          const old = a.subarray(0, n);
+          const neu = b.subarray(0, n);
+          await img.readInto(old, pos);
+          neu.fill(0);
+          if (next && pos < next.size) await next.readInto(neu.subarray(0, Math.min(n, next.size - pos)), pos);
+          // runs of differing sectors, each written as the old chain reads it
+          for (let s = 0; s < n; ) {
+            const differs = (x: number) => !Buffer.from(old.buffer, old.byteOffset + x, Math.min(SECTOR, n - x)).equals(Buffer.from(neu.buffer, neu.byteOffset + x, Math.min(SECTOR, n - x)));
+            if (!differs(s)) {
+              s += SECTOR;
+              continue;
+            }
+            let e = s + SECTOR;
+            while (e < n && differs(e)) e += SECTOR;
+            await img.write(pos + s, old.subarray(s, Math.min(e, n)));
+            s = e;
+          }
+          pos += n;
+          o.progress?.(pos, size);
+        }
+      }
+    } finally {
+      await next?.close();
+    }
+  } finally {
+    await img.close();
+  }
+}
+
+/** The header's backing file name and format, changed write by write (each leaving a valid header), each write flushed. */
+async function switchHeader(path: string, name: string | undefined, format: string | undefined): Promise<void> {
+  const dev = await FileDevice.open(path, { readOnly: false });
+  try {
+    const head = await readAt(dev, 0, 2 ** (await clusterBits(dev)));
+    const plan = planBackingChange(head, name, format);
+    if (!plan) throw new QledgerError('E_UNSUPPORTED', `${path}: no room in the header cluster for the backing file name '${name ?? ''}'`);
+    for (const w of plan) {
+      await dev.write(w.offset, w.bytes);
+      await dev.flush();
+    }
+  } finally {
+    await dev.close();
+  }
+}
+
+async function clusterBits(dev: FileDevice): Promise<number> {
+  const b = await readAt(dev, 20, 4);
+  const bits = (b[0]! << 24) | (b[1]! << 16) | (b[2]! << 8) | b[3]!;
+  if (bits < 9 || bits > 21) throw new UsageError(`${dev.name}: not a qcow2 image`);
+  return bits;
+}
