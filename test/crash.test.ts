@@ -138,8 +138,9 @@ class OpCommand implements fc.AsyncCommand<Workload, object> {
   /** a guest range must lie inside the disk as the workload has sized it so far (a shrink makes it smaller) */
   check(m: Readonly<Workload>): boolean {
     const op = this.op;
-    if (op.op === 'flush' || op.op === 'truncate') return true;
-    const size = [...m.ops].reverse().find((o) => o.op === 'truncate')?.size ?? Infinity;
+    if (op.op === 'flush' || op.op === 'truncate' || op.op === 'make-empty') return true;
+    const last = [...m.ops].reverse().find((o) => o.op === 'truncate');
+    const size = last?.op === 'truncate' ? last.size : Infinity;
     return op.offset + op.length <= size;
   }
   async run(m: Workload) {
@@ -159,6 +160,8 @@ class GrowCommand extends OpCommand {
 }
 /** qemu-img resize --shrink to half: mappings past the end dropped, whole L2 tables unhooked (snapshot-shared ones copied first) */
 class ShrinkCommand extends GrowCommand {}
+/** qemu-img commit's make_empty: every mapping of the active tree dropped in one transaction */
+class MakeEmptyCommand extends OpCommand {}
 
 function commands(size: number, cs: number) {
   const range = ranges(size, cs);
@@ -173,6 +176,7 @@ function commands(size: number, cs: number) {
       fc.constant(new FlushCommand({ op: 'flush' })),
       fc.constant(new GrowCommand({ op: 'truncate', size: size * 4 })),
       fc.constant(new ShrinkCommand({ op: 'truncate', size: size / 2 })),
+      fc.constant(new MakeEmptyCommand({ op: 'make-empty' })),
     ],
     { maxCommands: 10 },
   );
@@ -296,6 +300,7 @@ async function traceViolation(ops: GuestOp[], cs: number, fault?: Fault): Promis
     else if (o.op === 'discard') await w.discard(o.offset, o.length);
     else if (o.op === 'flush') await w.flush();
     else if (o.op === 'compress') await w.writeCompressed(o.offset, new Uint8Array(o.length).fill(o.pattern)).catch(() => undefined);
+    else if (o.op === 'make-empty') await w.makeEmpty();
     else await w.truncate(o.size);
   }
   await w.close();

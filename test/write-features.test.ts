@@ -248,3 +248,29 @@ describe('freed clusters go back to the file system', () => {
     if (qemuAvailable) expect(check(f).status).toBe(0);
   });
 });
+
+describe('compressed packing', () => {
+  it('a packing cluster freed (discard, make_empty) is never packed into again, even once it holds data', async () => {
+    const { MemoryDevice } = await import('../src/io/memory-device.ts');
+    const { checkDevice } = await import('../src/engine/check/check.ts');
+    for (const empty of [true, false]) {
+      const dev = new MemoryDevice('p.qcow2');
+      await Image.create(dev, { size: 1 << 20, clusterSize: 4096 });
+      const img = await Image.open(dev, { write: true });
+      await img.writeCompressed(0, new Uint8Array(4096));
+      if (empty) await img.makeEmpty();
+      else {
+        await img.discard(0, 4096);
+        await img.flush();
+      }
+      // the freed cluster is reused for data, and a later compressed write must not pack into it
+      await img.write(0, new Uint8Array(4096).fill(1));
+      await img.writeCompressed(4096, new Uint8Array(4096));
+      const back = await img.read(0, 4096);
+      await img.close();
+      expect(back.every((x) => x === 1)).toBe(true);
+      const r = await checkDevice(new MemoryDevice('p.qcow2', dev.snapshot(), { readOnly: true }), 'p.qcow2');
+      expect(r.corruptions + r.checkErrors).toBe(0);
+    }
+  });
+});

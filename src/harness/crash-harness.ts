@@ -223,6 +223,14 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
         case 'flush':
           await w.flush();
           break;
+        case 'make-empty': {
+          // every mapping dropped: the image reads as its backing file (or zeros) again
+          await w.makeEmpty();
+          model = new Uint8Array(model.length);
+          if (backingGuest) model.set(backingGuest.subarray(0, Math.min(backingGuest.length, model.length)));
+          [lo, hi] = [0, model.length];
+          break;
+        }
         case 'truncate': {
           await w.truncate(op.size);
           if (op.size < model.length) {
@@ -440,6 +448,10 @@ export function reproduction(ops: readonly GuestOp[], o: Pick<CrashTestOptions, 
   if (c.refcountBits) opts.push(`refcount_bits=${c.refcountBits}`);
   if (c.lazyRefcounts) opts.push('lazy_refcounts=on');
   if (c.extendedL2) opts.push('extended_l2=on');
+  if (ops.some((o) => o.op === 'make-empty')) {
+    // make_empty has no qemu-io command: the workload file is the way to replay it
+    return `printf '%s\\n' ${workloadCommands(ops).map((x) => `'${x}'`).join(' ')} > workload.txt && qledger crash-test${opts.length ? ` -o ${opts.join(',')},size=${c.size ?? 0}` : ` -o size=${c.size ?? 0}`} --workload workload.txt --seed ${o.seed}${o.fault ? ` --fault ${o.fault}` : ''}`;
+  }
   const cmds = workloadCommands(ops).map((x) => `-c '${x}'`).join(' ');
   return `qledger create -f qcow2${opts.length ? ` -o ${opts.join(',')}` : ''} crash.qcow2 ${c.size ?? 0} && qledger io ${cmds} crash.qcow2   # crash-test --seed ${o.seed}${o.fault ? ` --fault ${o.fault}` : ''}`;
 }

@@ -1,7 +1,8 @@
 /**
  * Crash-test workloads: guest operations, their qemu-io command lines
- * (qledger io and qemu-io both take them) and the parser for workload files
- * of such lines.
+ * (qledger io and qemu-io both take them; `make_empty` is a workload-file
+ * line of qledger's own, with no qemu-io command) and the parser for
+ * workload files of such lines.
  */
 
 import { QledgerError } from '../errors.ts';
@@ -13,7 +14,9 @@ export type GuestOp =
   | { readonly op: 'zero'; readonly offset: number; readonly length: number; readonly unmap: boolean }
   | { readonly op: 'discard'; readonly offset: number; readonly length: number }
   | { readonly op: 'flush' }
-  | { readonly op: 'truncate'; readonly size: number };
+  | { readonly op: 'truncate'; readonly size: number }
+  /** the image emptied (qemu-img commit's make_empty); workload files only: qemu-io has no such command */
+  | { readonly op: 'make-empty' };
 
 /** The workload as qemu-io commands (qledger io and qemu-io both take them). */
 export function workloadCommands(ops: readonly GuestOp[]): string[] {
@@ -31,6 +34,8 @@ export function workloadCommands(ops: readonly GuestOp[]): string[] {
         return 'flush';
       case 'truncate':
         return `truncate ${o.size}`;
+      case 'make-empty':
+        return 'make_empty';
     }
   });
 }
@@ -50,6 +55,7 @@ export function parseWorkload(text: string): GuestOp[] {
       return Number(m[1]) * ({ '': 1, k: 1024, m: 1 << 20, g: 1 << 30 } as Record<string, number>)[m[2]!.toLowerCase()]!;
     };
     if (w[0] === 'flush') out.push({ op: 'flush' });
+    else if (w[0] === 'make_empty') out.push({ op: 'make-empty' });
     else if (w[0] === 'truncate') out.push({ op: 'truncate', size: num(w[1]) });
     else if (w[0] === 'discard') out.push({ op: 'discard', offset: num(w[1]), length: num(w[2]) });
     else if (w[0] === 'write') {

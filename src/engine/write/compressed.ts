@@ -12,6 +12,7 @@ import { QledgerError, hex } from '../../errors.ts';
 import { encodeCompressedDescriptor, isCompressed, standardOffset } from '../../format/l2.ts';
 import { maxRefcount } from '../../format/refcount.ts';
 import { hostOf, type ClusterIndex, type GuestOffset, type HostOffset } from '../../format/offsets.ts';
+import type { JournalRecord } from '../../journal/records.ts';
 import type { Allocator } from './allocator.ts';
 import type { WriteContext } from './context.ts';
 import type { DataWriter } from './data-write.ts';
@@ -27,6 +28,15 @@ export class CompressedWriter {
     private readonly mapping: Mapping,
     private readonly data: DataWriter,
   ) {}
+
+  /**
+   * Follow the record stream: once the packing cluster is freed (its last
+   * compressed cluster discarded, the image emptied) it may be handed out
+   * again, as data even, so nothing more is packed into it.
+   */
+  follow(r: JournalRecord): void {
+    if (r.kind === 'refcount' && r.new === 0 && this.tail && r.cluster === this.tail.cluster) this.tail = undefined;
+  }
 
   async writeCluster(guestOff: GuestOffset, piece: Uint8Array): Promise<void> {
     const ctx = this.ctx;
@@ -54,7 +64,7 @@ export class CompressedWriter {
       await this.data.write(guestOff, piece);
       return;
     }
-    // pack into the cluster the last compressed write used, while it is still in use and has room
+    // pack into the cluster the last compressed write used, while it has room (follow() forgets it once freed)
     let at: HostOffset;
     const tail = this.tail;
     const tailRefs = tail ? await this.alloc.refcount(tail.cluster) : 0;

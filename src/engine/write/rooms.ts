@@ -2,7 +2,7 @@
  * Wiring: the rooms of one read-write session built over one write
  * context, each handed only the rooms below it, and the record stream's
  * subscribers registered in one place (trace, overlap index, allocator
- * epoch, journal stream, pending write-back).
+ * epoch, journal stream, pending write-back, compressed packing).
  */
 
 import type { JournalPlan } from '../journal/live.ts';
@@ -65,6 +65,8 @@ export function buildRooms(ctx: WriteContext, o: RoomOptions): Rooms {
   ctx.subscribe((r) => alloc.follow(r));
   ctx.subscribe((r) => journal.follow(r));
   ctx.subscribe((r) => writeback.follow(r));
+  const compressed = new CompressedWriter(ctx, alloc, mapping, data);
+  ctx.subscribe((r) => compressed.follow(r));
   return {
     overlap,
     tables,
@@ -75,7 +77,7 @@ export function buildRooms(ctx: WriteContext, o: RoomOptions): Rooms {
     data,
     zero,
     discard: new Discarder(ctx, mapping, zero),
-    compressed: new CompressedWriter(ctx, alloc, mapping, data),
+    compressed,
     resize: new Resizer(ctx, alloc, mapping, zero),
     journal,
     writeback,
