@@ -6,6 +6,11 @@
  *   zero    write -z over 1 GiB: of an empty image, and of a fully written one
  * qledger runs twice per repetition, with its journal (the default) and with
  * --journal=off, so the journal's cost is measured in the same run.
+ * Both tools run at the same durability, in each cache mode of BENCH_MODES
+ * (default writeback,writethrough), passed as -t to both: qemu-io's own
+ * default is writethrough (a flush after every write), qledger io's is
+ * writeback (a flush at the end), and comparing the two defaults would
+ * compare durabilities, not tools.
  * BENCH_CASE=<substring> runs only the matching cases.
  * Every result image must pass `qemu-img check` and equal qemu-io's (checked
  * outside the timing). Each timed run starts after `sync`, and the order
@@ -69,14 +74,16 @@ try {
     process.exit(1);
   }
   console.log(`write benchmarks: ${runs} runs each, median, whole process, 64 KiB clusters, fresh image per run`);
-  console.log('| case | qemu-io | qledger io (journal on) | ratio (qledger / qemu-io throughput) | qledger io --journal=off | journal cost |');
-  console.log('|---|---|---|---|---|---|');
+  console.log('| cache mode (-t, both tools) | case | qemu-io | qledger io (journal on) | ratio (qledger / qemu-io throughput) | qledger io --journal=off | journal cost |');
+  console.log('|---|---|---|---|---|---|---|');
   const filter = process.env['BENCH_CASE'];
+  const modes = (process.env['BENCH_MODES'] ?? 'writeback,writethrough').split(',');
+  for (const mode of modes)
   for (const c of CASES) {
     if (filter && !c.name.includes(filter)) continue;
     const pristine = join(dir, 'pristine.qcow2');
     c.make(pristine);
-    const args = c.cmds.flatMap((x) => ['-c', x]);
+    const args = ['-t', mode, ...c.cmds.flatMap((x) => ['-c', x])];
     const ours: number[] = [];
     const theirs: number[] = [];
     const off: number[] = [];
@@ -118,7 +125,7 @@ try {
     const f = median(off);
     const mib = (s: number) => `${(c.bytes / 2 ** 20 / s).toFixed(0)} MiB/s`;
     const cost = ((o / f - 1) * 100).toFixed(1);
-    console.log(`| ${c.name} | ${t.toFixed(3)} s (${mib(t)}) | ${o.toFixed(3)} s (${mib(o)}) | **${(t / o).toFixed(2)}** | ${f.toFixed(3)} s (${mib(f)}) | ${cost}% |`);
+    console.log(`| ${mode} | ${c.name} | ${t.toFixed(3)} s (${mib(t)}) | ${o.toFixed(3)} s (${mib(o)}) | **${(t / o).toFixed(2)}** | ${f.toFixed(3)} s (${mib(f)}) | ${cost}% |`);
   }
 } finally {
   rmSync(dir, { recursive: true, force: true });

@@ -106,4 +106,11 @@ describe('the packed package in a fresh project', () => {
     expect(r.code, r.err).toBe(0);
     expect(JSON.parse(r.out)).toMatchObject({ format: 'qcow2', 'virtual-size': 1 << 30 });
   }, 60_000);
+
+  it('the installed bin reads qemu-io commands from standard input (a lazy load inside the bundle)', () => {
+    const r = spawnSync('npx', ['--no-install', 'qledger', 'io', 'disk.qcow2'], { cwd: project, input: 'write -P 5 0 512\nread -P 5 0 512\n', encoding: 'utf8' });
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toContain('wrote 512/512 bytes at offset 0');
+    expect(r.stdout).toContain('read 512/512 bytes at offset 0');
+  }, 60_000);
 });

@@ -33,6 +33,15 @@ await build({
   banner: { js: "const __qledger_url = require('node:url').pathToFileURL(__filename).href;" },
 });
 
+// The launcher runs the bundle in a vm.Script, which has no dynamic import(): a lazy load
+// of a module the bundle does not contain (a Node built-in, say) must be a require().
+{
+  const { readFileSync } = await import('node:fs');
+  const bundled = readFileSync(`${root}dist/cli.cjs`, 'utf8');
+  const dynamic = bundled.match(/\bimport\((["'][^"']+["'])\)/g);
+  if (dynamic) throw new Error(`dist/cli.cjs has a dynamic import() the launcher cannot run: ${dynamic.join(', ')} (use createRequire)`);
+}
+
 const launcher = `#!/usr/bin/env node
 'use strict';
 // qledger: run dist/cli.cjs, compiled with V8's code cache when there is a usable one.

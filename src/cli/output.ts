@@ -4,6 +4,8 @@
  * takes one; none imports another.
  */
 
+import { createRequire } from 'node:module';
+
 export interface Output {
   out(s: string): void;
   err(s: string): void;
@@ -15,8 +17,9 @@ export const stdio: Output = {
   out: (s) => process.stdout.write(s),
   err: (s) => process.stderr.write(s),
   lines: async function* () {
-    // loaded only by the one command that reads standard input
-    const { createInterface } = await import('node:readline');
+    // loaded only by the one command that reads standard input; require, not import(): the
+    // bundled program runs in a vm.Script, which has no dynamic import (tools/build-cli.mjs)
+    const { createInterface } = createRequire(import.meta.url)('node:readline') as typeof import('node:readline');
     yield* createInterface({ input: process.stdin, crlfDelay: Infinity });
   },
 };
