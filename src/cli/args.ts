@@ -123,3 +123,6 @@ export function splitCommand(line: string): string[] {
   for (let m = re.exec(line); m; m = re.exec(line)) out.push(m[1] ?? m[2] ?? m[3]!);
   return out;
 }
+
+/** qemu's two lines after an unparsable size ("Invalid X specified. " goes before the first). */
+export const SIZE_SUFFIX_HELP = ['You may use k, M, G, T, P or E suffixes for', 'kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.'] as const;

@@ -18,7 +18,7 @@ import { Image } from '../engine/image.ts';
 import { combinePath, probeFormat, type ImageFormat } from '../engine/open.ts';
 import { Qcow2Layer } from '../engine/qcow2-layer.ts';
 import { getopt } from './args.ts';
-import { printfFixed } from './io-format.ts';
+import { progressPrinter } from './io-format.ts';
 import type { Output } from './output.ts';
 
 const CHUNK = 4 << 20;
@@ -58,14 +58,8 @@ export async function runCommit(argv: string[], io: Output): Promise<number> {
 
   const total = extents.reduce((n, e) => n + e.length, 0);
   let done = 0;
-  let shown = -Infinity;
-  const show = () => {
-    if (!progress) return;
-    const pct = total ? (100 * done) / total : 100;
-    if (pct - shown < 1 && !(pct === 100 && shown !== 100)) return;
-    shown = pct;
-    io.out(`    (${printfFixed(pct, 2)}/100%)\r`);
-  };
+  const printer = progress ? progressPrinter(io) : undefined;
+  const show = () => printer?.(done, total);
   show();
   try {
     const size = top.size;

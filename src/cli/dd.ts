@@ -11,22 +11,16 @@ import { UsageError } from '../errors.ts';
 import { FileDevice } from '../io/file-device.ts';
 import { Image } from '../engine/image.ts';
 import type { ImageFormat } from '../engine/open.ts';
-import { forceShareOf, getopt, parseSize } from './args.ts';
+import { SIZE_SUFFIX_HELP, forceShareOf, getopt, parseSize } from './args.ts';
 import { imageSpec } from './image-spec.ts';
-import type { Output } from './output.ts';
-
-const SUFFIX_HELP = 'You may use k, M, G, T, P or E suffixes for\nkilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.';
+import { fail, type Output } from './output.ts';
 
 export async function runDd(argv: string[], io: Output): Promise<number> {
-  const fail = (msg: string) => {
-    io.err(msg.split('\n').map((l) => `qledger: ${l}\n`).join(''));
-    return 1;
-  };
   const p = getopt(argv, { withArg: 'fO', flags: 'hU', long: { 'image-opts': false, 'force-share': false } }, 'dd');
   const last = (k: string) => p.opts.filter(([x]) => x === k).at(-1)?.[1];
   const outFmt = String(last('O') ?? 'raw');
   // qemu-img dd's words (it names no format); qledger writes raw and qcow2
-  if (outFmt !== 'raw' && outFmt !== 'qcow2') return fail('Unknown file format');
+  if (outFmt !== 'raw' && outFmt !== 'qcow2') return fail(io, 'Unknown file format');
   let bs = 512;
   let count: number | undefined;
   let skip = 0;
@@ -36,31 +30,31 @@ export async function runDd(argv: string[], io: Output): Promise<number> {
     const eq = operand.indexOf('=');
     const key = eq < 0 ? operand : operand.slice(0, eq);
     const value = operand.slice(eq + 1);
-    const num = (what: string): number | string => {
+    const num = (what: string): number | string[] => {
       try {
         return parseSize(value);
       } catch {
-        return `Invalid ${what} specified. ${SUFFIX_HELP}`;
+        return [`Invalid ${what} specified. ${SIZE_SUFFIX_HELP[0]}`, SIZE_SUFFIX_HELP[1]];
       }
     };
     if (eq >= 0 && key === 'bs') {
       const n = num('bs');
-      if (typeof n === 'string') return fail(n);
-      if (n < 1 || n > 2 ** 31 - 1) return fail('Invalid bs specified. Must be between 1 and 2147483647.');
+      if (typeof n !== 'number') return fail(io, ...n);
+      if (n < 1 || n > 2 ** 31 - 1) return fail(io, 'Invalid bs specified. Must be between 1 and 2147483647.');
       bs = n;
     } else if (eq >= 0 && key === 'count') {
       const n = num('count');
-      if (typeof n === 'string') return fail(n);
+      if (typeof n !== 'number') return fail(io, ...n);
       count = n;
     } else if (eq >= 0 && key === 'skip') {
       const n = num('skip');
-      if (typeof n === 'string') return fail(n);
+      if (typeof n !== 'number') return fail(io, ...n);
       skip = n;
     } else if (eq >= 0 && key === 'if') input = value;
     else if (eq >= 0 && key === 'of') output = value;
-    else return fail(`unrecognized operand ${key}`);
+    else return fail(io, `unrecognized operand ${key}`);
   }
-  if (input === undefined || output === undefined) return fail('Must specify both input and output files');
+  if (input === undefined || output === undefined) return fail(io, 'Must specify both input and output files');
 
   const spec = imageSpec(input, p.opts.some(([k]) => k === 'image-opts'));
   const img = await Image.open(spec.path, { format: (last('f') as ImageFormat | undefined) ?? spec.format, forceShare: forceShareOf(p) || spec.forceShare });
@@ -94,7 +88,7 @@ export async function runDd(argv: string[], io: Output): Promise<number> {
       }
     }
   } catch (e) {
-    if (e instanceof UsageError) return fail(e.message);
+    if (e instanceof UsageError) return fail(io, e.message);
     throw e;
   } finally {
     await img.close();

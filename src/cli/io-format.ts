@@ -1,6 +1,7 @@
 /**
  * qemu-io's printing: sizes (cvtstr), the statistics line of a request in
- * its human and its machine form (-C), and the hex dump of `read -v`.
+ * its human and its machine form (-C), and the hex dump of `read -v`; and
+ * qemu-img's progress line (-p).
  */
 
 import type { Output } from './output.ts';
@@ -80,4 +81,18 @@ export function dump(io: Output, buf: Uint8Array, offset: number): void {
     for (const b of row) line += isalnum(b) ? String.fromCharCode(b) : '.';
     io.out(line + '\n');
   }
+}
+
+/**
+ * qemu-img's -p progress: "    (NN.NN/100%)\r", printed at the start, at
+ * each whole percent and at the end (the caller prints the final newline).
+ */
+export function progressPrinter(io: Output): (done: number, total: number) => void {
+  let shown = -Infinity;
+  return (done, total) => {
+    const pct = total ? (100 * done) / total : 100;
+    if (pct - shown < 1 && !(pct === 100 && shown !== 100)) return;
+    shown = pct;
+    io.out(`    (${printfFixed(pct, 2)}/100%)\r`);
+  };
 }

@@ -12,7 +12,7 @@ import { convertToRaw, compareImages } from '../engine/convert.ts';
 import { formatInfoHuman, qemuJson, snapshotLine, type ImageInfo } from '../engine/info.ts';
 import { formatMapHuman, formatMapJson, MapHumanError, type MapEntry } from '../engine/map.ts';
 import type { ImageFormat } from '../engine/open.ts';
-import { printfFixed } from './io-format.ts';
+import { progressPrinter } from './io-format.ts';
 import { imageSpec, type ImageSpec } from './image-spec.ts';
 import { stdio, type Output } from './output.ts';
 import { VERSION } from '../version.ts';
@@ -24,14 +24,6 @@ import type { RepairMode } from '../engine/check/report.ts';
 // never load the write engine, the checker, the crash harness or their
 // dependencies (start-up time is most of a short command's time).
 const lazy = {
-  io: () => import('./io.ts'),
-  crashTest: () => import('./crash-test.ts'),
-  resize: () => import('./resize.ts'),
-  measure: () => import('./measure.ts'),
-  dd: () => import('./dd.ts'),
-  commit: () => import('./commit.ts'),
-  rebase: () => import('./rebase.ts'),
-  journal: () => import('./journal.ts'),
   locate: () => import('../engine/journal/locate.ts'),
   create: () => import('../engine/create.ts'),
   convertQcow2: () => import('../engine/convert-qcow2.ts'),
@@ -39,6 +31,19 @@ const lazy = {
   report: () => import('../engine/check/report.ts'),
 };
 
+type Subcommand = (argv: string[], io: Output) => Promise<number>;
+
+/** Subcommands with a module of their own, loaded when they run. */
+const MODULE_COMMANDS: Readonly<Record<string, () => Promise<Subcommand>>> = {
+  io: async () => (await import('./io.ts')).runIo,
+  'crash-test': async () => (await import('./crash-test.ts')).runCrashTest,
+  journal: async () => (await import('./journal.ts')).runJournal,
+  resize: async () => (await import('./resize.ts')).runResize,
+  measure: async () => (await import('./measure.ts')).runMeasure,
+  dd: async () => (await import('./dd.ts')).runDd,
+  commit: async () => (await import('./commit.ts')).runCommit,
+  rebase: async () => (await import('./rebase.ts')).runRebase,
+};
 
 const USAGE = `usage: qledger COMMAND [options]
 Commands (options as in qemu-img / qemu-io):
@@ -200,14 +205,7 @@ async function cmdConvert(argv: string[], io: Output): Promise<number> {
   const at = imageOf(p, 0);
   const img = await Image.open(at.path, { format: at.format, snapshot, forceShare: at.forceShare });
   try {
-    // qemu-img's progress: printed at the start, at each whole percent, and at the end
-    let shown = -Infinity;
-    const show = (done: number, total: number) => {
-      const pct = total ? (100 * done) / total : 100;
-      if (pct - shown < 1 && !(pct === 100 && shown !== 100)) return;
-      shown = pct;
-      io.out(`    (${printfFixed(pct, 2)}/100%)\r`);
-    };
+    const show = progressPrinter(io);
     if (outFmt === 'qcow2') await (await lazy.convertQcow2()).convertToQcow2(img, outPath, { create: createOpts, compress, existing, progress: progress ? show : undefined });
     else await convertToRaw(img, outPath, progress ? show : undefined, cache !== 'unsafe', undefined, { existing });
     if (progress) io.out('\n');
@@ -402,6 +400,8 @@ export async function main(argv: string[], io: Output = stdio): Promise<number> 
       io.out(usageOf(cmd));
       return 0;
     }
+    const module = cmd !== undefined && Object.hasOwn(MODULE_COMMANDS, cmd) ? MODULE_COMMANDS[cmd] : undefined;
+    if (module) return await (await module())(rest, io);
     switch (cmd) {
       case 'info':
         return await cmdInfo(rest, io);
@@ -413,26 +413,10 @@ export async function main(argv: string[], io: Output = stdio): Promise<number> 
         return await cmdSnapshot(rest, io);
       case 'compare':
         return await cmdCompare(rest, io);
-      case 'io':
-        return await (await lazy.io()).runIo(rest, io);
       case 'create':
         return await cmdCreate(rest, io);
       case 'check':
         return await cmdCheck(rest, io);
-      case 'crash-test':
-        return await (await lazy.crashTest()).runCrashTest(rest, io);
-      case 'journal':
-        return await (await lazy.journal()).runJournal(rest, io);
-      case 'resize':
-        return await (await lazy.resize()).runResize(rest, io);
-      case 'measure':
-        return await (await lazy.measure()).runMeasure(rest, io);
-      case 'dd':
-        return await (await lazy.dd()).runDd(rest, io);
-      case 'commit':
-        return await (await lazy.commit()).runCommit(rest, io);
-      case 'rebase':
-        return await (await lazy.rebase()).runRebase(rest, io);
       case undefined:
       case '-h':
       case '--help':

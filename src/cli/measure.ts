@@ -13,35 +13,31 @@ import { measure, type MeasureTarget } from '../engine/measure.ts';
 import { createOptionsFrom } from '../engine/create.ts';
 import type { ImageFormat } from '../engine/open.ts';
 import { Qcow2Layer } from '../engine/qcow2-layer.ts';
-import { forceShareOf, getopt, parseOptionList, parseSize } from './args.ts';
+import { SIZE_SUFFIX_HELP, forceShareOf, getopt, parseOptionList, parseSize } from './args.ts';
 import { imageSpec } from './image-spec.ts';
-import type { Output } from './output.ts';
+import { fail, type Output } from './output.ts';
 
 export async function runMeasure(argv: string[], io: Output): Promise<number> {
-  const fail = (msg: string) => {
-    io.err(msg.split('\n').map((l) => `qledger: ${l}\n`).join(''));
-    return 1;
-  };
   const p = getopt(argv, { withArg: 'fOlo', flags: 'hU', long: { output: true, size: true, 'image-opts': false, 'force-share': false, object: true } }, 'measure');
   const last = (...k: string[]) => p.opts.filter(([x]) => k.includes(x)).at(-1)?.[1];
   const output = last('output') ?? 'human';
-  if (output !== 'human' && output !== 'json') return fail('--output must be used with human or json as argument.');
+  if (output !== 'human' && output !== 'json') return fail(io, '--output must be used with human or json as argument.');
   const outFmt = String(last('O') ?? 'raw');
-  if (outFmt !== 'qcow2' && outFmt !== 'raw') return fail(`Unknown file format '${outFmt}'`);
+  if (outFmt !== 'qcow2' && outFmt !== 'raw') return fail(io, `Unknown file format '${outFmt}'`);
   let target: MeasureTarget;
   try {
     target = targetOf(outFmt, p.opts.filter(([k]) => k === 'o').map(([, v]) => String(v)));
   } catch (e) {
-    if (e instanceof UsageError && (e.data as { options?: boolean }).options) return fail(`${e.message}\nInvalid options for file format '${outFmt}'`);
-    if (e instanceof UsageError) return fail(e.message);
+    if (e instanceof UsageError && (e.data as { options?: boolean }).options) return fail(io, e.message, `Invalid options for file format '${outFmt}'`);
+    if (e instanceof UsageError) return fail(io, e.message);
     throw e;
   }
   const sizeArg = last('size');
   const file = p.positional[0];
-  if (p.positional.length > 1) return fail("Expecting one image file name\nTry 'qledger --help' for more information");
-  if (sizeArg !== undefined && file !== undefined) return fail('--size N cannot be used together with a filename.');
-  if (sizeArg === undefined && file === undefined) return fail('Either --size N or one filename must be specified.');
-  if (file === undefined && (last('f', 'l') !== undefined || p.opts.some(([k]) => k === 'image-opts'))) return fail('--image-opts, -f, and -l require a filename argument.');
+  if (p.positional.length > 1) return fail(io, "Expecting one image file name\nTry 'qledger --help' for more information");
+  if (sizeArg !== undefined && file !== undefined) return fail(io, '--size N cannot be used together with a filename.');
+  if (sizeArg === undefined && file === undefined) return fail(io, 'Either --size N or one filename must be specified.');
+  if (file === undefined && (last('f', 'l') !== undefined || p.opts.some(([k]) => k === 'image-opts'))) return fail(io, '--image-opts, -f, and -l require a filename argument.');
 
   let m;
   if (sizeArg !== undefined) {
@@ -49,12 +45,12 @@ export async function runMeasure(argv: string[], io: Output): Promise<number> {
     try {
       size = parseSize(String(sizeArg));
     } catch {
-      return fail('Invalid image size specified. You may use k, M, G, T, P or E suffixes for\nkilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.');
+      return fail(io, `Invalid image size specified. ${SIZE_SUFFIX_HELP[0]}`, SIZE_SUFFIX_HELP[1]);
     }
     try {
       m = await measure(target, { size });
     } catch (e) {
-      if (e instanceof UsageError) return fail(e.message);
+      if (e instanceof UsageError) return fail(io, e.message);
       throw e;
     }
   } else {
@@ -71,7 +67,7 @@ export async function runMeasure(argv: string[], io: Output): Promise<number> {
       })();
       m = await measure(target, { size: img.size, data, bitmaps });
     } catch (e) {
-      if (e instanceof UsageError) return fail(e.message);
+      if (e instanceof UsageError) return fail(io, e.message);
       throw e;
     } finally {
       await img.close();

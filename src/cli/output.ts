@@ -23,3 +23,13 @@ export const stdio: Output = {
     yield* createInterface({ input: process.stdin, crlfDelay: Infinity });
   },
 };
+
+/**
+ * Fail as qemu-img does: each of `lines` on standard error after
+ * "qledger: " (a line may carry its own unprefixed continuation after a
+ * newline, as qemu-img's "Try ... --help" does), exit status 1.
+ */
+export function fail(io: Output, ...lines: string[]): 1 {
+  io.err(lines.map((l) => `qledger: ${l}\n`).join(''));
+  return 1;
+}

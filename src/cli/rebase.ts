@@ -10,7 +10,7 @@ import { NotFoundError, UnsupportedError, UsageError } from '../errors.ts';
 import { combinePath, type ImageFormat } from '../engine/open.ts';
 import { rebase } from '../engine/rebase.ts';
 import { getopt } from './args.ts';
-import { printfFixed } from './io-format.ts';
+import { progressPrinter } from './io-format.ts';
 import type { Output } from './output.ts';
 
 export async function runRebase(argv: string[], io: Output): Promise<number> {
@@ -33,7 +33,6 @@ export async function runRebase(argv: string[], io: Output): Promise<number> {
   }
   if (F !== undefined && F !== 'qcow2' && F !== 'raw') throw new UnsupportedError(`rebase: backing format '${String(F)}' is not supported (qcow2 and raw are)`);
   const progress = last('p') === true && last('q') !== true;
-  let shown = -Infinity;
   try {
     await rebase(path, {
       backing: name,
@@ -41,14 +40,7 @@ export async function runRebase(argv: string[], io: Output): Promise<number> {
       backingPath: name === undefined ? undefined : combinePath(path, name),
       unsafe,
       format: last('f') as ImageFormat | undefined,
-      progress: progress
-        ? (done, total) => {
-            const pct = total ? (100 * done) / total : 100;
-            if (pct - shown < 1 && !(pct === 100 && shown !== 100)) return;
-            shown = pct;
-            io.out(`    (${printfFixed(pct, 2)}/100%)\r`);
-          }
-        : undefined,
+      progress: progress ? progressPrinter(io) : undefined,
     });
   } catch (e) {
     if (e instanceof NotFoundError && name !== undefined && !unsafe && String((e.data as { path?: string }).path ?? '').endsWith(name)) {

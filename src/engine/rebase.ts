@@ -8,11 +8,12 @@
  * Unsafe mode (-u) changes the header only.
  */
 
-import { QledgerError, UsageError } from '../errors.ts';
+import { QledgerError } from '../errors.ts';
 import { planBackingChange } from '../format/backing-change.ts';
 import { FileDevice } from '../io/file-device.ts';
 import { readAt } from '../io/device.ts';
 import { Image } from './image.ts';
+import { loadQcow2 } from './qcow2-layer.ts';
 import type { ImageFormat } from './open.ts';
 
 const CHUNK = 1 << 20;
@@ -87,7 +88,8 @@ async function copyDifferences(path: string, o: RebaseOptions): Promise<void> {
 async function switchHeader(path: string, name: string | undefined, format: string | undefined): Promise<void> {
   const dev = await FileDevice.open(path, { readOnly: false });
   try {
-    const head = await readAt(dev, 0, 2 ** (await clusterBits(dev)));
+    const { parsed } = await loadQcow2(dev);
+    const head = await readAt(dev, 0, 2 ** parsed.header.clusterBits);
     const plan = planBackingChange(head, name, format);
     if (!plan) throw new QledgerError('E_UNSUPPORTED', `${path}: no room in the header cluster for the backing file name '${name ?? ''}'`);
     for (const w of plan) {
@@ -97,11 +99,4 @@ async function switchHeader(path: string, name: string | undefined, format: stri
   } finally {
     await dev.close();
   }
-}
-
-async function clusterBits(dev: FileDevice): Promise<number> {
-  const b = await readAt(dev, 20, 4);
-  const bits = (b[0]! << 24) | (b[1]! << 16) | (b[2]! << 8) | b[3]!;
-  if (bits < 9 || bits > 21) throw new UsageError(`${dev.name}: not a qcow2 image`);
-  return bits;
 }

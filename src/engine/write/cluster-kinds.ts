@@ -142,9 +142,7 @@ export class ClusterKinds {
         const key = base / WINDOW;
         let w = this.windows.get(key);
         if (!w) this.windows.set(key, (w = []));
-        const last = w[w.length - 1];
-        if (last !== undefined && fBits(last) === b && fStart(last) + fLength(last) === c - base) w[w.length - 1] = pack(fStart(last), fLength(last) + stop - c, b);
-        else w.push(pack(c - base, stop - c, b));
+        append(w, c - base, stop - base, b);
         c = stop;
       }
     };
@@ -191,17 +189,19 @@ export class ClusterKinds {
   }
 }
 
+/** Append the run [start, end) of `bits` to a window's sorted fragments, merged into the last one where it continues it; empty runs and runs of no bits are left out. */
+function append(w: number[], start: number, end: number, bits: number): void {
+  if (end <= start || bits === 0) return;
+  const last = w[w.length - 1];
+  if (last !== undefined && fBits(last) === bits && fStart(last) + fLength(last) === start) w[w.length - 1] = pack(fStart(last), end - fStart(last), bits);
+  else w.push(pack(start, end - start, bits));
+}
+
 /** The window's fragments with `fn` applied to [s, e), merged and without empty runs. */
 function updateWindow(w: readonly number[], s: number, e: number, fn: (bits: number) => number): number[] {
   const i0 = firstEndingAfter(w, s);
   const out: number[] = w.slice(0, i0);
-  const push = (start: number, end: number, b: number) => {
-    if (end <= start || b === 0) return;
-    const last = out[out.length - 1];
-    if (last !== undefined && fBits(last) === b && fStart(last) + fLength(last) === start) {
-      out[out.length - 1] = pack(fStart(last), end - fStart(last), b);
-    } else out.push(pack(start, end - start, b));
-  };
+  const push = (start: number, end: number, b: number) => append(out, start, end, b);
   let at = s;
   let i = i0;
   for (; i < w.length; i++) {

@@ -12,7 +12,13 @@ import { hex } from '../../errors.ts';
 import { ALL_SUBCLUSTERS, L2E_ZERO_LO, isCompressed, isCopied, sameL2Entry, standardEntry, standardOffset, subclusterBits, subclusterType, type L2Entry } from '../../format/l2.ts';
 import { guest, host, hostOf, type GuestOffset, type HostOffset } from '../../format/offsets.ts';
 import { readGuest } from '../read.ts';
-import type { DeviceWrite } from '../ordering.ts';
+/** Guest bytes bound for the device: `what` for traces, the guest offset for a refusal's message (built only then). */
+export interface DataWrite {
+  readonly offset: HostOffset;
+  readonly data: Uint8Array;
+  readonly what: string;
+  readonly guest?: number | undefined;
+}
 import type { Allocator } from './allocator.ts';
 import type { WriteContext } from './context.ts';
 import type { Mapping } from './mapping.ts';
@@ -121,7 +127,7 @@ export class DataWriter {
     await this.mapping.l2ForWrite(l1Index);
     const table = ctx.t().l1TableOffset(l1Index);
     const env: PlanEnv = { geometry: g, hasDataFile: ctx.hasDataFile, hasBacking: ctx.backing !== undefined };
-    const writes: DeviceWrite[] = [];
+    const writes: DataWrite[] = [];
     const zeroes: Array<{ offset: number; length: number }> = [];
     const updates: Array<{ index: number; old: L2Entry; new: L2Entry; unref: boolean }> = [];
     const end = offset + data.length;
@@ -133,7 +139,6 @@ export class DataWriter {
       const e = this.mapping.entry(l1Index, index);
       await this.mapping.validate(e, table, index, cstart);
       const p = planClusterWrite(e, a, b, env);
-      const what = `data for guest offset ${hex(cstart + a)}`;
       if (p.invalid) await ctx.signalCorruption(`${p.invalid} (L2 offset: ${hex(table)}, L2 index: ${hex(index)})`);
       let at: HostOffset;
       if (p.inPlace) {
@@ -142,10 +147,10 @@ export class DataWriter {
       } else at = ctx.hasDataFile ? host(cstart) : hostOf(await this.alloc.allocate(1, 'data'), cs);
       switch (p.fill) {
         case 'piece':
-          writes.push({ offset: host(at + a), data: piece, what });
+          writes.push({ offset: host(at + a), data: piece, what: 'data', guest: cstart + a });
           break;
         case 'piece-zeroes':
-          writes.push({ offset: host(at + a), data: piece, what });
+          writes.push({ offset: host(at + a), data: piece, what: 'data', guest: cstart + a });
           // past everything ever written, the rest of the cluster already reads as zero
           if (at < ctx.extent.zeroFrom) {
             if (a > 0) zeroes.push({ offset: at, length: a });
@@ -157,7 +162,7 @@ export class DataWriter {
           const buf = new Uint8Array(p.to - p.from);
           if (p.fill === 'cow') await readGuest(ctx.reader(), guest(cstart + p.from), buf);
           buf.set(piece, a - p.from);
-          writes.push({ offset: host(at + p.from), data: buf, what: `${what} (cow)` });
+          writes.push({ offset: host(at + p.from), data: buf, what: 'data (cow)', guest: cstart + p.from });
           break;
         }
       }
@@ -176,7 +181,7 @@ export class DataWriter {
   }
 
   /** Device writes, merged where they are contiguous both on the device and in memory. */
-  async deviceWrites(writes: DeviceWrite[]): Promise<void> {
+  async deviceWrites(writes: DataWrite[]): Promise<void> {
     const ctx = this.ctx;
     const dev = ctx.files.guest;
     let i = 0;
@@ -186,11 +191,13 @@ export class DataWriter {
       while (j < writes.length) {
         const nx = writes[j]!;
         if (nx.offset !== cur.offset + cur.data.length || nx.data.buffer !== cur.data.buffer || nx.data.byteOffset !== cur.data.byteOffset + cur.data.length) break;
-        cur = { offset: cur.offset, data: new Uint8Array(cur.data.buffer, cur.data.byteOffset, cur.data.length + nx.data.length), what: cur.what };
+        cur = { offset: cur.offset, data: new Uint8Array(cur.data.buffer, cur.data.byteOffset, cur.data.length + nx.data.length), what: cur.what, guest: cur.guest };
         j++;
       }
-      // the overlap index checks it (overlap-guard.ts): guest data may touch no metadata
-      await dev.writeAs(cur.offset, cur.data, 0, cur.what);
+      // the overlap index checks it (overlap-guard.ts): guest data may touch no metadata; the
+      // refusal's label is built only for a refusal (this is every guest write's path)
+      const w = cur;
+      await dev.writeAs(w.offset, w.data, 0, w.guest === undefined ? w.what : () => w.what.replace('data', `data for guest offset ${hex(w.guest!)}`));
       ctx.trace.record({ kind: 'data', host: cur.offset, length: cur.data.length });
       ctx.trace.write(cur.offset, cur.data.length, cur.what);
       ctx.extent.noteData(cur.offset, cur.data.length, !ctx.hasDataFile);

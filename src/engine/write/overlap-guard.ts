@@ -14,6 +14,11 @@ import { hex } from '../../errors.ts';
 import type { BlockDevice } from '../../io/device.ts';
 import { ANY_KIND, OverlapIndex } from './overlap.ts';
 
+/** A write's name for a refusal: given, or built when needed (guest writes name their guest offset). */
+function labelOf(label: string | (() => string)): string {
+  return typeof label === 'string' ? label : label();
+}
+
 /** What a refusal does: mark the image corrupt and throw (never returns). */
 export type Refuse = (message: string, data: Record<string, unknown>) => Promise<never>;
 
@@ -76,26 +81,26 @@ export class GuardedDevice implements BlockDevice {
   }
 
   /** Refuse (mark corrupt, throw) if [offset, offset + length) holds a checked kind outside `allowed`. */
-  async check(offset: number, length: number, allowed: number, what: string): Promise<void> {
+  async check(offset: number, length: number, allowed: number, label: string | (() => string)): Promise<void> {
     this.shared.checks++;
     if (offset + length > this.limit) {
       this.shared.refusals++;
-      await this.shared.refuse(`Preventing invalid write: ${what} at ${hex(offset)} (${length} bytes) reaches past its structure's end at ${hex(this.limit)}`, { offset, length });
+      await this.shared.refuse(`Preventing invalid write: ${labelOf(label)} at ${hex(offset)} (${length} bytes) reaches past its structure's end at ${hex(this.limit)}`, { offset, length });
     }
     const clash = this.shared.index.clash;
     // the header view (everything allowed, in cluster 0) still writes the corrupt bit
     if (clash && allowed !== ANY_KIND) {
       this.shared.refusals++;
-      await this.shared.refuse(`${clash} (refusing ${what} at ${hex(offset)}, ${length} bytes)`, { offset, length, what });
+      await this.shared.refuse(`${clash} (refusing ${labelOf(label)} at ${hex(offset)}, ${length} bytes)`, { offset, length, what: labelOf(label) });
     }
     const hit = this.shared.index.conflict(offset, length, allowed);
     if (!hit) return;
     this.shared.refusals++;
-    await this.shared.refuse(OverlapIndex.message(hit, what, offset, length), { offset, length, what, structureOffset: hit.offset, kinds: hit.kinds });
+    await this.shared.refuse(OverlapIndex.message(hit, labelOf(label), offset, length), { offset, length, what: labelOf(label), structureOffset: hit.offset, kinds: hit.kinds });
   }
 
-  /** A write of metadata of `kinds` (or of guest data: 0), named `what` in a refusal. */
-  async writeAs(offset: number, data: Uint8Array, kinds: number, what: string): Promise<void> {
+  /** A write of metadata of `kinds` (or of guest data: 0), named `what` in a refusal (a function: built only then). */
+  async writeAs(offset: number, data: Uint8Array, kinds: number, what: string | (() => string)): Promise<void> {
     await this.check(offset, data.length, kinds, what);
     await this.inner.write(offset, data);
   }
