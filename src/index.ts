@@ -11,6 +11,9 @@
  */
 
 export { Image, type ImageOpenOptions } from './engine/image.ts';
+export { ImageSnapshots } from './engine/image-snapshots.ts';
+export type { SnapshotFields } from './engine/write/snapshots.ts';
+export type { SnapshotEntry } from './format/snapshot.ts';
 export type { CreateOptions, Preallocation } from './engine/create.ts';
 export type { TraceEvent, ZeroOptions, DetectZeroes } from './engine/writer.ts';
 export { checkImage, type CheckOptions } from './engine/check/check.ts';

@@ -118,6 +118,20 @@ function workload(size: number, cs: number): fc.Arbitrary<GuestOp[]> {
   return fc.tuple(fc.array(op, { minLength: 1, maxLength: 10 }), fc.boolean()).map(([ops, grow]) => (grow ? [...ops, { op: 'truncate' as const, size: size * 4 }, { op: 'write' as const, offset: size * 3, length: 4096, pattern: 9 }] : ops));
 }
 
+/** The faults of the snapshot operations' ordering rules: their search needs workloads with snapshots. */
+const SNAPSHOT_FAULTS: readonly Fault[] = ['unshare-with-increment', 'snapshot-before-refcounts', 'copied-before-free'];
+
+/** Writes, a snapshot, writes over it (copy-on-write), then the snapshot applied or deleted. */
+function snapshotWorkload(size: number, cs: number): fc.Arbitrary<GuestOp[]> {
+  const writes = fc.array(fc.tuple(ranges(size, cs), fc.integer({ min: 1, max: 255 })).map(([[offset, length], pattern]): GuestOp => ({ op: 'write', offset, length, pattern })), { minLength: 1, maxLength: 4 });
+  return fc.tuple(writes, writes, fc.constantFrom('apply' as const, 'delete' as const)).map(([a, b, action]) => [
+    ...a,
+    { op: 'snapshot' as const, action: 'create' as const, name: 's' },
+    ...b,
+    { op: 'snapshot' as const, action, name: 's' },
+  ]);
+}
+
 async function judge(ops: GuestOp[], kind: Kind, extra: Partial<CrashTestOptions> = {}) {
   const o: CrashTestOptions = { create: kind.create, backing: kind.backing ?? kind.backingBytes?.(), backingFormat: kind.backingFormat, image: kind.image?.(), maxStates: STATES, seed: 7, qemuSamples: qemuAvailable ? 2 : 0, ...extra };
   const r = await crashTest(ops, o);
@@ -138,7 +152,7 @@ class OpCommand implements fc.AsyncCommand<Workload, object> {
   /** a guest range must lie inside the disk as the workload has sized it so far (a shrink makes it smaller) */
   check(m: Readonly<Workload>): boolean {
     const op = this.op;
-    if (op.op === 'flush' || op.op === 'truncate' || op.op === 'make-empty') return true;
+    if (op.op === 'flush' || op.op === 'truncate' || op.op === 'make-empty' || op.op === 'snapshot') return true;
     const last = [...m.ops].reverse().find((o) => o.op === 'truncate');
     const size = last?.op === 'truncate' ? last.size : Infinity;
     return op.offset + op.length <= size;
@@ -163,6 +177,31 @@ class ShrinkCommand extends GrowCommand {}
 /** qemu-img commit's make_empty: every mapping of the active tree dropped in one transaction */
 class MakeEmptyCommand extends OpCommand {}
 
+/** The snapshots a workload holds after its operations so far, by name, in table order. */
+function snapshotsOf(ops: readonly GuestOp[]): string[] {
+  const out: string[] = [];
+  for (const o of ops) {
+    if (o.op !== 'snapshot') continue;
+    if (o.action === 'create') out.push(o.name);
+    else if (o.action === 'delete' && out.includes(o.name)) out.splice(out.indexOf(o.name), 1);
+  }
+  return out;
+}
+/** qemu-img snapshot -c: +1 on the active tree, COPIED cleared, a new snapshot table (at most three) */
+class SnapshotCreateCommand extends OpCommand {
+  override check(m: Readonly<Workload>): boolean {
+    return snapshotsOf(m.ops).length < 3;
+  }
+}
+/** qemu-img snapshot -a: the snapshot's tree becomes the active one (a snapshot the workload holds) */
+class SnapshotApplyCommand extends OpCommand {
+  override check(m: Readonly<Workload>): boolean {
+    return this.op.op === 'snapshot' && snapshotsOf(m.ops).includes(this.op.name);
+  }
+}
+/** qemu-img snapshot -d: −1 on the snapshot's tree, COPIED set again where one reference is left */
+class SnapshotDeleteCommand extends SnapshotApplyCommand {}
+
 function commands(size: number, cs: number) {
   const range = ranges(size, cs);
   return fc.commands(
@@ -177,6 +216,11 @@ function commands(size: number, cs: number) {
       fc.constant(new GrowCommand({ op: 'truncate', size: size * 4 })),
       fc.constant(new ShrinkCommand({ op: 'truncate', size: size / 2 })),
       fc.constant(new MakeEmptyCommand({ op: 'make-empty' })),
+      ...(['a', 'b'] as const).flatMap((name) => [
+        fc.constant(new SnapshotCreateCommand({ op: 'snapshot', action: 'create', name })),
+        fc.constant(new SnapshotApplyCommand({ op: 'snapshot', action: 'apply', name })),
+        fc.constant(new SnapshotDeleteCommand({ op: 'snapshot', action: 'delete', name })),
+      ]),
     ],
     { maxCommands: 10 },
   );
@@ -206,7 +250,7 @@ describe('the harness bites: every fault switch is caught within the default bud
       // the same random search as above, with the fault switched on; some
       // workload of the first few must produce a failing crash state
       const kind = fault === 'data-after-mapping' ? KINDS[6]! : KINDS[0]!;
-      const samples = fc.sample(workload(SIZE, 4096), { numRuns: 60, seed: 42 });
+      const samples = fc.sample(SNAPSHOT_FAULTS.includes(fault) ? snapshotWorkload(SIZE, 4096) : workload(SIZE, 4096), { numRuns: 60, seed: 42 });
       let found: string | undefined;
       for (const ops of samples) {
         const { r } = await judge(ops, kind, { fault, stopAtFirst: true, qemuSamples: 0 });
@@ -258,7 +302,7 @@ describe('qledger crash-test (CLI)', () => {
     const r = await cli('crash-test', '-o', 'cluster_size=4k,size=512k', '--random', '--runs', '3', '--seed', '5', '--max-states', '60', '--output=json');
     expect(r.code).toBe(0);
     const j = JSON.parse(r.out);
-    expect(Object.keys(j)).toEqual(['workloads', 'states', 'corruptions', 'data-errors', 'leaks', 'journal-replays', 'leaks-after-recovery', 'states-per-second', 'overlap-refusals', 'failures']);
+    expect(Object.keys(j)).toEqual(['workloads', 'states', 'corruptions', 'data-errors', 'leaks', 'journal-replays', 'leaks-after-recovery', 'copied-clear', 'states-per-second', 'overlap-refusals', 'failures']);
     expect(j['leaks-after-recovery']).toBe(0);
     expect(j.workloads).toBe(3);
     expect(j.states).toBeGreaterThan(0);
@@ -279,6 +323,24 @@ describe('qledger crash-test (CLI)', () => {
     expect(clean.code).toBe(0);
   });
 
+  it('snapshot lines in a workload file: journal on, nothing left after recovery; off, only the harmless COPIED finding besides leaks', async () => {
+    const { writeFileSync, mkdtempSync } = await import('node:fs');
+    const { tmpdir } = await import('node:os');
+    const { join } = await import('node:path');
+    const f = join(mkdtempSync(join(tmpdir(), 'qledger-wl-')), 'w.txt');
+    writeFileSync(f, ['write -P 1 0 256k', 'flush', 'snapshot_create a', 'write -P 2 0 8k', 'snapshot_create b', 'write -P 3 64k 64k', 'snapshot_delete a', 'snapshot_apply b', 'snapshot_delete b', ''].join('\n'));
+    const on = JSON.parse((await cli('crash-test', '-o', 'cluster_size=4k', '--workload', f, '--max-states', '150', '--output=json')).out);
+    expect([on.corruptions, on['data-errors'], on['leaks-after-recovery']]).toEqual([0, 0, 0]);
+    expect(on['journal-replays']).toBeGreaterThan(0);
+    const off = JSON.parse((await cli('crash-test', '-o', 'cluster_size=4k', '--workload', f, '--max-states', '150', '--journal=off', '--output=json')).out);
+    expect([off.corruptions, off['data-errors']]).toEqual([0, 0]);
+    // a crash between a delete's decrement and its COPIED change: the window no order closes without the journal
+    expect(off['copied-clear']).toBeGreaterThan(0);
+    const bad = await cli('crash-test', '-o', 'cluster_size=4k', '--workload', f, '--max-states', '150', '--fault', 'copied-before-free');
+    expect(bad.code).toBe(2);
+    expect(bad.out).toContain("replay: printf '%s\\n' 'write -P 1 0 262144' 'flush' 'snapshot_create a'");
+  });
+
   it('bad options are one-line errors', async () => {
     expect((await cli('crash-test', '--fault', 'nope')).err).toBe("qledger: crash-test: unknown fault 'nope' (try --fault list)\n");
     expect((await cli('crash-test', '--runs', '-1')).code).toBe(1);
@@ -289,7 +351,7 @@ describe('qledger crash-test (CLI)', () => {
 async function traceViolation(ops: GuestOp[], cs: number, fault?: Fault): Promise<string | undefined> {
   const { MemoryDevice } = await import('../src/io/memory-device.ts');
   const { createOnDevice, openWriterOnDevice } = await import('../src/engine/writable.ts');
-  const PHASES = ['journal', 'allocate', 'hook refcount blocks', 'reference', 'free'];
+  const PHASES = ['journal', 'clear COPIED', 'allocate', 'hook refcount blocks', 'reference', 'publish snapshot table', 'free', 'set COPIED'];
   const dev = new MemoryDevice('t');
   await createOnDevice(dev, 't', { size: SIZE, clusterSize: cs });
   const trace: import('../src/engine/writer.ts').TraceEvent[] = [];
@@ -301,6 +363,7 @@ async function traceViolation(ops: GuestOp[], cs: number, fault?: Fault): Promis
     else if (o.op === 'flush') await w.flush();
     else if (o.op === 'compress') await w.writeCompressed(o.offset, new Uint8Array(o.length).fill(o.pattern)).catch(() => undefined);
     else if (o.op === 'make-empty') await w.makeEmpty();
+    else if (o.op === 'snapshot') await (o.action === 'create' ? w.createSnapshot(o.name) : o.action === 'apply' ? w.applySnapshot(o.name) : w.deleteSnapshot(o.name, true));
     else await w.truncate(o.size);
   }
   await w.close();

@@ -99,12 +99,12 @@ export async function runCrashTest(argv: string[], io: Output): Promise<number> 
     for (const f of r.failures.slice(0, 5)) failures.push({ ...f, workload: i, reproduce: repro });
     if (r.refusal) refusals.push({ workload: i, message: r.refusal });
   }
-  const { states, corruptions, dataErrors, leaks, replayed, leaksAfterRecovery: leaksAfter, seconds } = n;
+  const { states, corruptions, dataErrors, leaks, replayed, leaksAfterRecovery: leaksAfter, copiedClear, seconds } = n;
   const sps = seconds > 0 ? Math.round(states / seconds) : 0;
   if (output === 'json') {
-    io.out(qemuJson({ workloads: workloads.length, states, corruptions, 'data-errors': dataErrors, leaks, 'journal-replays': replayed, 'leaks-after-recovery': leaksAfter, 'states-per-second': sps, 'overlap-refusals': refusals.length, failures }) + '\n');
+    io.out(qemuJson({ workloads: workloads.length, states, corruptions, 'data-errors': dataErrors, leaks, 'journal-replays': replayed, 'leaks-after-recovery': leaksAfter, 'copied-clear': copiedClear, 'states-per-second': sps, 'overlap-refusals': refusals.length, failures }) + '\n');
   } else {
-    io.out(`workloads: ${workloads.length}\nstates: ${states}\ncorruptions: ${corruptions}\ndata errors: ${dataErrors}\nstates with leaks before recovery (allowed): ${leaks}\nstates recovered by journal replay: ${replayed}\nstates with leaks after recovery: ${journal ? leaksAfter : 'not judged (journal off)'}\nstates per second: ${sps}\nworkloads stopped by an overlap refusal: ${refusals.length}\n`);
+    io.out(`workloads: ${workloads.length}\nstates: ${states}\ncorruptions: ${corruptions}\ndata errors: ${dataErrors}\nstates with leaks before recovery (allowed): ${leaks}\nstates recovered by journal replay: ${replayed}\nstates with leaks after recovery: ${journal ? leaksAfter : 'not judged (journal off)'}\nstates with COPIED clear on a cluster with one reference (snapshot workloads, allowed): ${copiedClear}\nstates per second: ${sps}\nworkloads stopped by an overlap refusal: ${refusals.length}\n`);
     for (const r of refusals.slice(0, 3)) io.out(`REFUSED workload ${r.workload}: ${r.message}\n`);
     for (const f of failures) io.out(`FAIL workload ${f.workload}, ${f.state}: ${f.problem}\n  replay: ${f.reproduce}\n`);
     if (!failures.length) io.out('No corruption and no wrong data in any crash state.\n');

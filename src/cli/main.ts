@@ -9,7 +9,7 @@ import { LockedError } from '../io/image-lock.ts';
 import { forceShareOf, getopt, parseOptionList, parseSize } from './args.ts';
 import { Image } from '../engine/image.ts';
 import { convertToRaw, compareImages } from '../engine/convert.ts';
-import { formatInfoHuman, qemuJson, snapshotLine, type ImageInfo } from '../engine/info.ts';
+import { formatInfoHuman, qemuJson, type ImageInfo } from '../engine/info.ts';
 import { formatMapHuman, formatMapJson, MapHumanError, type MapEntry } from '../engine/map.ts';
 import type { ImageFormat } from '../engine/open.ts';
 import { progressPrinter } from './io-format.ts';
@@ -39,6 +39,7 @@ const MODULE_COMMANDS: Readonly<Record<string, () => Promise<Subcommand>>> = {
   'crash-test': async () => (await import('./crash-test.ts')).runCrashTest,
   journal: async () => (await import('./journal.ts')).runJournal,
   resize: async () => (await import('./resize.ts')).runResize,
+  snapshot: async () => (await import('./snapshot.ts')).runSnapshot,
   measure: async () => (await import('./measure.ts')).runMeasure,
   dd: async () => (await import('./dd.ts')).runDd,
   commit: async () => (await import('./commit.ts')).runCommit,
@@ -58,7 +59,7 @@ Commands (options as in qemu-img / qemu-io):
   info [-f fmt] [--output=human|json] [--backing-chain] FILE
   map [-f fmt] [--output=human|json] [--start-offset=N] [--max-length=N] FILE
   convert [-f fmt] [-O raw|qcow2] [-o OPTIONS] [-c] [-n] [-l SNAPSHOT] [-p] [-q] IN OUT
-  snapshot -l [-f fmt] FILE
+  snapshot [-l | -c SNAPSHOT | -a SNAPSHOT | -d SNAPSHOT] [-q] [-U] FILE
   commit [-f fmt] [-t cache] [-b BASE] [-d] [-p] [-q] FILE
   dd [-f fmt] [-O raw|qcow2] [-U] [bs=N] [count=N] [skip=N] if=INPUT of=OUTPUT
   measure [--output=human|json] [-O qcow2|raw] [-o OPTIONS] [--size N | [-f fmt] [-l SNAPSHOT] [-U] FILE]
@@ -209,26 +210,6 @@ async function cmdConvert(argv: string[], io: Output): Promise<number> {
     if (outFmt === 'qcow2') await (await lazy.convertQcow2()).convertToQcow2(img, outPath, { create: createOpts, compress, existing, progress: progress ? show : undefined });
     else await convertToRaw(img, outPath, progress ? show : undefined, cache !== 'unsafe', undefined, { existing });
     if (progress) io.out('\n');
-    return 0;
-  } finally {
-    await img.close();
-  }
-}
-
-async function cmdSnapshot(argv: string[], io: Output): Promise<number> {
-  const p = getopt(argv, { withArg: 'fcad', flags: 'lqhU', long: { 'force-share': false, 'image-opts': false } }, 'snapshot');
-  one(p.positional, 1, 'snapshot');
-  for (const k of ['c', 'a', 'd']) {
-    if (last(p.opts, k) !== undefined) throw new UnsupportedError(`snapshot -${k}: creating, applying and deleting snapshots are not supported yet`);
-  }
-  if (last(p.opts, 'l') !== true) throw new UsageError('snapshot: expecting -l');
-  const at = imageOf(p, 0);
-  const img = await Image.open(at.path, { format: at.format, noBacking: true, forceShare: at.forceShare });
-  try {
-    if (img.snapshots.length > 0) {
-      io.out('Snapshot list:\n' + snapshotLine() + '\n');
-      for (const s of img.snapshots) io.out(snapshotLine(s) + '\n');
-    }
     return 0;
   } finally {
     await img.close();
@@ -409,8 +390,6 @@ export async function main(argv: string[], io: Output = stdio): Promise<number> 
         return await cmdMap(rest, io);
       case 'convert':
         return await cmdConvert(rest, io);
-      case 'snapshot':
-        return await cmdSnapshot(rest, io);
       case 'compare':
         return await cmdCompare(rest, io);
       case 'create':

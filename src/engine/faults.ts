@@ -19,6 +19,9 @@ export const FAULTS = {
   'free-before-unmap': 'refcount decrements are written before the L2/L1 change that drops the reference',
   'header-before-table': 'the header switches to a new L1 or refcount table before the table is durable',
   'data-after-mapping': 'guest data reaches the device only after the L2 entry that maps it',
+  'unshare-with-increment': 'entries lose COPIED with the refcount increments that make their clusters shared, no barrier between',
+  'snapshot-before-refcounts': 'the header switches to a new snapshot table with the refcount increments for its tree, no barrier between',
+  'copied-before-free': 'entries gain COPIED with the refcount decrement that leaves one reference, no barrier between',
   'reuse-before-durable': 'a cluster freed since the last flush may be reallocated at once',
   'alloc-live-l2': 'the allocator hands out a live L2 table as a data cluster',
   'alloc-cluster-zero': 'the allocator hands out cluster 0 (the header) once',
@@ -65,7 +68,7 @@ export class FaultPlan implements PhaseRearranger {
   rearrange(p: PhaseLists, tablesMoved: boolean): void {
     if (this.fault === 'stale-l2-offset') {
       // the first L2 table write goes where a refcount block is, as a stale cached offset would send it
-      const lists = [p.allocate, p.hook, p.reference, p.free];
+      const lists = [p.unshare, p.allocate, p.hook, p.reference, p.publish, p.free, p.settle];
       const block = lists.flat().find((w) => w.what.startsWith('refblock'));
       for (const list of lists) {
         const i = list.findIndex((w) => /^(new )?l2 /.test(w.what));
@@ -75,6 +78,12 @@ export class FaultPlan implements PhaseRearranger {
       }
     } else if (this.fault === 'l2-before-refcount') {
       p.allocate.unshift(...p.reference.splice(0), ...p.hook.splice(0));
+    } else if (this.fault === 'unshare-with-increment' && p.unshare.length) {
+      p.allocate.push(...p.unshare.splice(0));
+    } else if (this.fault === 'snapshot-before-refcounts' && p.publish.length) {
+      p.allocate.push(...p.publish.splice(0));
+    } else if (this.fault === 'copied-before-free' && p.settle.length) {
+      p.free.push(...p.settle.splice(0));
     } else if (this.fault === 'free-before-unmap' && p.free.length) {
       p.allocate.unshift(...p.free.splice(0));
     } else if (this.fault === 'header-before-table' && tablesMoved) {

@@ -22,6 +22,7 @@ import type { WritableOpenOptions } from './writable.ts';
 import type { RecoveryReport } from './journal/replay.ts';
 import type { Qcow2Writer, ZeroOptions } from './writer.ts';
 import type { CreateOptions } from './create.ts';
+import { ImageSnapshots } from './image-snapshots.ts';
 
 // Loaded when first needed: a read-only open (qledger info, map, compare)
 // never pays for the write engine or for node:stream.
@@ -184,9 +185,12 @@ export class Image {
     return out;
   }
 
-  get snapshots(): readonly SnapshotEntry[] {
-    return this.snapshotsOf(this.top);
+  /** The top image's internal snapshots: a list, and with `write: true` create, apply and delete (image-snapshots.ts). */
+  get snapshots(): ImageSnapshots {
+    return (this.snapshotView ??= new ImageSnapshots({ entries: () => this.snapshotsOf(this.top), writer: () => this.w() }));
   }
+
+  private snapshotView: ImageSnapshots | undefined;
 
   /** The internal snapshots of one image of the chain (none for raw). */
   snapshotsOf(layer: Layer): readonly SnapshotEntry[] {

@@ -4,6 +4,9 @@
  * flush this module turns the records of the epoch into device writes in
  * phases separated by flush barriers:
  *
+ *   phase -1 entries that lose COPIED and keep their cluster (a snapshot
+ *            is about to share it): harmless while the refcount is still 1.
+ *   barrier  an entry loses COPIED before its refcount goes past 1.
  *   phase 0  contents nothing points at yet: new L2 tables, new refcount
  *            blocks, a new L1 table or refcount table, and every refcount
  *            increment. (Guest and copy-on-write data went to fresh clusters
@@ -14,8 +17,13 @@
  *            the header when the refcount table moved.
  *   barrier  a refcount block is reachable before anything it counts is referenced.
  *   phase 2  L2 entries, L1 entries, the header (L1 move, size, feature bits).
+ *   barrier  the trees a new snapshot table names are counted first.
+ *   phase 2b the header when the snapshot table changed (snapshot create,
+ *            apply, delete).
  *   barrier  the change that drops a reference before the decrement that frees.
  *   phase 3  refcount decrements.
+ *   barrier  a cluster's refcount is 1 on disk before an entry gains COPIED.
+ *   phase 3b entries that gain COPIED (a snapshot deleted left one reference).
  *   barrier  the flush itself: everything is durable when it returns.
  *
  * A refcount block written in phase 0 holds, for each cluster, its durable
@@ -23,6 +31,12 @@
  * bound is at least the number of references in any mix of old and new
  * sectors a power cut can leave, so a crash leaks clusters at worst. Phase 3
  * then writes the exact values. Empty phases and their barriers are skipped.
+ *
+ * COPIED and the refcount are in different clusters, so no order keeps
+ * them agreeing at every instant; phases -1 and 3b keep the only mismatch a
+ * crash can leave the harmless one (COPIED clear on a cluster with one
+ * reference: a write copies it first). QEMU's snapshot code can leave the
+ * other one too; with the journal, recovery leaves neither.
  *
  * Tables are written by dirty 512-byte sector, compared with what is on the
  * disk, so an 8-byte change costs one sector write, not a 64 KiB table.
@@ -36,9 +50,9 @@
 import { hex } from '../errors.ts';
 import { host, type HostOffset } from '../format/offsets.ts';
 import { maxRefcount, getRefcount, setRefcount } from '../format/refcount.ts';
-import type { MetaRecord } from '../journal/records.ts';
+import type { MetaRecord, Word64 } from '../journal/records.ts';
 import { PTrie } from '../state/ptrie.ts';
-import { OL_ACTIVE_L1, OL_ACTIVE_L2, OL_MAIN_HEADER, OL_REFCOUNT_BLOCK, OL_REFCOUNT_TABLE } from './write/overlap.ts';
+import { OL_ACTIVE_L1, OL_ACTIVE_L2, OL_INACTIVE_L2, OL_MAIN_HEADER, OL_REFCOUNT_BLOCK, OL_REFCOUNT_TABLE } from './write/overlap.ts';
 import { CHUNK_ENTRIES, l1Bytes, l1TableOffset, reftableBytes, reftableEntry, type HeaderState, type MetaState } from '../state/state.ts';
 
 export interface DeviceWrite {
@@ -88,10 +102,16 @@ export interface Plan {
 
 /** The four phases' writes while a plan is built, in the rules' order. */
 export class PhaseLists {
+  /** entries losing COPIED, before any refcount goes past 1 */
+  readonly unshare: DeviceWrite[] = [];
   readonly allocate: DeviceWrite[] = [];
   readonly hook: DeviceWrite[] = [];
   readonly reference: DeviceWrite[] = [];
+  /** the header switching to a new snapshot table */
+  readonly publish: DeviceWrite[] = [];
   readonly free: DeviceWrite[] = [];
+  /** entries gaining COPIED once the decrement that left one reference is durable */
+  readonly settle: DeviceWrite[] = [];
 
   /**
    * The phases to run. The allocate phase is kept, empty, when guest data
@@ -103,20 +123,26 @@ export class PhaseLists {
     const add = (name: string, ws: DeviceWrite[], keep = false) => {
       if (ws.length || keep) out.push({ name, writes: ws });
     };
+    add('clear COPIED', this.unshare);
     add('allocate', this.allocate, keepAllocate);
     add('hook refcount blocks', this.hook);
     add('reference', this.reference);
+    add('publish snapshot table', this.publish);
     add('free', this.free);
+    add('set COPIED', this.settle);
     return out;
   }
 
   /** Tag every write with the phase the rules assign it (before a fault may move it; traces show it). */
   tag(): void {
     const tag = (ws: DeviceWrite[], category: string) => ws.splice(0, ws.length, ...ws.map((w) => ({ ...w, category })));
+    tag(this.unshare, 'clear COPIED');
     tag(this.allocate, 'allocate');
     tag(this.hook, 'hook refcount blocks');
     tag(this.reference, 'reference');
+    tag(this.publish, 'publish snapshot table');
     tag(this.free, 'free');
+    tag(this.settle, 'set COPIED');
   }
 }
 
@@ -231,6 +257,14 @@ export function planFlush(p: PlanInput): Plan {
   // What is new in this epoch, and the increments per refcount block.
   const newL2 = new Map<number, number>(); // slot -> offset
   const newBlocks = new Set<number>();
+  // entries that gain COPIED without moving (a snapshot deleted or applied left one reference): slot -> indices
+  const gainCopiedL2 = new Map<number, number[]>();
+  const gainCopiedL1: number[] = [];
+  // ... and entries that lose it without moving (a snapshot created or applied will share them)
+  const loseCopiedL2 = new Map<number, number[]>();
+  const loseCopiedL1: number[] = [];
+  // L2 tables an L1 entry adopted (snapshot apply) and the epoch changed: slot -> table
+  const changedL2 = new Map<number, number>();
   const increments = new Map<number, Map<number, number>>(); // rt -> (cluster -> sum of increments)
   let decrements = false;
   for (const r of pending) {
@@ -244,6 +278,13 @@ export function planFlush(p: PlanInput): Plan {
         if (!m) increments.set(rt, (m = new Map()));
         m.set(r.cluster, (m.get(r.cluster) ?? 0) + (r.new - r.old));
       } else if (r.new < r.old) decrements = true;
+    } else if (r.kind === 'l2') {
+      changedL2.set(r.l1Index, r.table);
+      if (gainsCopied(r.old, r.new)) push(gainCopiedL2, r.l1Index, r.index);
+      else if (gainsCopied(r.new, r.old)) push(loseCopiedL2, r.l1Index, r.index);
+    } else if (r.kind === 'l1') {
+      if (gainsCopied(r.old, r.new)) gainCopiedL1.push(r.index);
+      else if (gainsCopied(r.new, r.old)) loseCopiedL1.push(r.index);
     }
   }
 
@@ -255,6 +296,14 @@ export function planFlush(p: PlanInput): Plan {
   for (const [slot, offset] of newL2) {
     const t = current.l2.get(slot);
     if (t && l1TableOffset(current, slot) === offset) phase0.push({ offset: host(offset), data: t, what: `new l2 ${hex(offset)}`, kind: OL_ACTIVE_L2 });
+  }
+  // An existing table an L1 entry now points at (a snapshot's, by apply) that the epoch changed (COPIED
+  // cleared): written whole before the L1 entry that adopts it. Its other users are snapshots, whose
+  // COPIED bits nothing judges, so the write is safe before the increments are durable too.
+  for (const [slot, table] of changedL2) {
+    const t = current.l2.get(slot);
+    if (!t || newL2.has(slot) || l1TableOffset(current, slot) !== table || l1TableOffset(durable, slot) === table) continue;
+    phase0.push({ offset: host(table), data: t, what: `l2 ${hex(table)} (adopted)`, kind: OL_ACTIVE_L2 | OL_INACTIVE_L2 });
   }
   // refcount blocks: durable value + increments (decrements wait for phase 3)
   const afterPhase0 = new Map<number, Uint8Array>();
@@ -289,9 +338,13 @@ export function planFlush(p: PlanInput): Plan {
   // ---- phase 1 ----
   const headerChanged = durable.header !== current.header;
   let headerWritten = false;
+  const h = current.header;
+  const snapshotsChanged = durable.header.nbSnapshots !== h.nbSnapshots || durable.header.snapshotsOffset !== h.snapshotsOffset;
   if (reftableMoved) {
-    phase1.push({ offset: host(0), data: p.encodeHeader(current.header), what: 'header', kind: OL_MAIN_HEADER });
-    headerWritten = true;
+    // the snapshot table switches later (phase 2b): here the header keeps the durable one
+    const early = snapshotsChanged ? { ...h, nbSnapshots: durable.header.nbSnapshots, snapshotsOffset: durable.header.snapshotsOffset } : h;
+    phase1.push({ offset: host(0), data: p.encodeHeader(early), what: 'header', kind: OL_MAIN_HEADER });
+    headerWritten = !snapshotsChanged;
   } else {
     for (const [chunk, before, after] of PTrie.diff(durable.reftable, current.reftable)) {
       if (!after) continue;
@@ -308,7 +361,7 @@ export function planFlush(p: PlanInput): Plan {
     if (!after || newL2.has(slot) || !before) continue;
     const offset = l1TableOffset(current, slot);
     if (offset === 0 || offset !== l1TableOffset(durable, slot)) continue;
-    phase2.push(...dirtySectors(before, after, offset, `l2 ${hex(offset)}`, OL_ACTIVE_L2));
+    stagedWrites(lists, before, after, loseCopiedL2.get(slot), gainCopiedL2.get(slot), g.l2EntrySize, offset, `l2 ${hex(offset)}`, OL_ACTIVE_L2);
   }
   if (!l1Moved) {
     for (const [chunk, before, after] of PTrie.diff(durable.l1, current.l1)) {
@@ -319,10 +372,12 @@ export function planFlush(p: PlanInput): Plan {
       const n = Math.min(after.length, limit - start);
       // sector granularity inside the table; the table need not be sector-sized
       const prev = before?.subarray(0, n) ?? new Uint8Array(n);
-      phase2.push(...dirtySectors(prev, after.subarray(0, n), host(current.header.l1TableOffset + start), 'l1', OL_ACTIVE_L1));
+      const next = after.subarray(0, n);
+      const inChunk = (xs: number[]) => xs.filter((i) => Math.floor(i / CHUNK_ENTRIES) === chunk).map((i) => i % CHUNK_ENTRIES);
+      stagedWrites(lists, prev, next, inChunk(loseCopiedL1), inChunk(gainCopiedL1), 8, host(current.header.l1TableOffset + start), 'l1', OL_ACTIVE_L1);
     }
   }
-  if (headerChanged && !headerWritten) phase2.push({ offset: host(0), data: p.encodeHeader(current.header), what: 'header', kind: OL_MAIN_HEADER });
+  if (headerChanged && !headerWritten) (snapshotsChanged ? lists.publish : phase2).push({ offset: host(0), data: p.encodeHeader(h), what: 'header', kind: OL_MAIN_HEADER });
 
   // ---- phase 3 ----
   if (decrements && !p.lazy) {
@@ -336,6 +391,56 @@ export function planFlush(p: PlanInput): Plan {
   p.faults?.rearrange(lists, l1Moved || reftableMoved);
   const phases = lists.phases(p.dataWritten);
   return { phases, lazySkipped };
+}
+
+/** An entry gains COPIED and keeps its offset (the word's top bit is COPIED in L1 and L2 entries alike). */
+function gainsCopied(old: Word64, next: Word64): boolean {
+  return (old.hi & COPIED) === 0 && (next.hi & COPIED) !== 0 && (old.hi | COPIED) >>> 0 === next.hi >>> 0 && old.lo === next.lo;
+}
+
+const COPIED = 0x8000_0000;
+
+function push(m: Map<number, number[]>, k: number, v: number): void {
+  let xs = m.get(k);
+  if (!xs) m.set(k, (xs = []));
+  xs.push(v);
+}
+
+/**
+ * The writes that take a table from `before` to `after` in up to three
+ * stages: entries losing COPIED first (phase -1), everything else (phase
+ * 2), entries gaining COPIED last (phase 3b). `lose` and `gain` are entry
+ * indices within the tables that records named; an entry counts only if it
+ * kept its cluster.
+ */
+function stagedWrites(lists: PhaseLists, before: Uint8Array, after: Uint8Array, lose: readonly number[] | undefined, gain: readonly number[] | undefined, entrySize: number, base: HostOffset, what: string, kind: number): void {
+  const first = lose?.length ? withCopiedFrom(before, before, after, lose, entrySize, false) : before;
+  const mid = gain?.length ? withCopiedFrom(after, before, after, gain, entrySize, true) : after;
+  if (first !== before) lists.unshare.push(...dirtySectors(before, first, base, `${what} (COPIED cleared)`, kind));
+  lists.reference.push(...dirtySectors(first, mid, base, what, kind));
+  if (mid !== after) lists.settle.push(...dirtySectors(mid, after, base, `${what} (COPIED set)`, kind));
+}
+
+/**
+ * `table` (a copy when anything changes) with the COPIED bit of the
+ * `indices` entries that go from `before` to `after` by COPIED alone taken
+ * from `before` (gain: the bit kept off) or from `after` (lose: cleared early).
+ */
+function withCopiedFrom(table: Uint8Array, before: Uint8Array, after: Uint8Array, indices: readonly number[], entrySize: number, gain: boolean): Uint8Array {
+  let out: Uint8Array | undefined;
+  for (const i of indices) {
+    const o = i * entrySize;
+    if (o + 8 > after.length || o + 8 > before.length) continue;
+    const a = (after[o]! & 0x80) !== 0;
+    const b = (before[o]! & 0x80) !== 0;
+    if (a === b || a !== gain || (after[o]! & 0x7f) !== (before[o]! & 0x7f)) continue;
+    let same = true;
+    for (let k = 1; k < 8 && same; k++) same = after[o + k] === before[o + k];
+    if (!same) continue; // the entry moved: a new mapping, ordered as one
+    out ??= table.slice();
+    out[o] = out[o]! & 0x7f;
+  }
+  return out ?? table;
 }
 
 /** `b` zero-padded to whole 512-byte sectors (an L1 table need not be sector-sized). */

@@ -60,7 +60,8 @@ export class Qcow2Layer implements Layer {
   readonly backing: Layer | undefined;
   readonly parsed: ParsedHeader;
   readonly geometry: Geometry;
-  readonly snapshots: readonly SnapshotEntry[];
+  /** the snapshot table (a read-write session replaces it when it creates or deletes one) */
+  snapshots: readonly SnapshotEntry[];
   readonly dev: BlockDevice;
   /** where the tables come from: the file (read-only), or the write engine's live state */
   private readonly source: TableSource;

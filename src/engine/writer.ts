@@ -31,6 +31,8 @@ import { ANY_KIND, OverlapIndex, overlapNames, type OverlapMode } from './write/
 import { buildOverlapIndex } from './write/overlap-build.ts';
 import { GuardedDevice } from './write/overlap-guard.ts';
 import type { PreallocMode } from './write/resize.ts';
+import type { SnapshotFields } from './write/snapshots.ts';
+import type { SnapshotEntry } from '../format/snapshot.ts';
 import { buildRooms, type Rooms } from './write/rooms.ts';
 import { Trace, type TraceEvent } from './write/trace.ts';
 
@@ -114,6 +116,7 @@ export class Qcow2Writer {
       extensions: o.parsed.extensions,
       onWarning: o.onWarning,
       stopAfterPhase: o.stopAfterPhase,
+      snapshots: { entries: o.snapshots, tableBytes: o.snapshotTableBytes ?? 0 },
     });
     const ctx = this.ctx;
     const tables = this.rooms.tables;
@@ -156,6 +159,8 @@ export class Qcow2Writer {
         l1Size: h.l1Size,
         refcountTableOffset: h.refcountTableOffset,
         refcountTableClusters: h.refcountTableClusters,
+        nbSnapshots: h.nbSnapshots,
+        snapshotsOffset: h.snapshotsOffset,
         incompatibleFeatures: h.incompatibleFeatures,
         compatibleFeatures: h.compatibleFeatures,
         // a journalled session keeps the journal bit outside the state (see HeaderBits)
@@ -302,6 +307,43 @@ export class Qcow2Writer {
       this.ctx.checkWritable();
       await this.run('make empty', () => this.rooms.discard.unallocateAll());
       await this.rooms.writeback.flush();
+    });
+  }
+
+  /** The internal snapshots, as the live state has them. */
+  get snapshots(): readonly SnapshotEntry[] {
+    return this.rooms.snapshots.list;
+  }
+
+  /**
+   * Create an internal snapshot of the active state named `name` (qemu-img
+   * snapshot -c): one transaction, written back before this resolves.
+   */
+  createSnapshot(name: string, fields: SnapshotFields = {}): Promise<SnapshotEntry> {
+    return this.snapshotOp('snapshot create', () => this.rooms.snapshots.create(name, fields));
+  }
+
+  /** Make snapshot `key` (id first, then name) the active state (qemu-img snapshot -a). */
+  applySnapshot(key: string): Promise<SnapshotEntry> {
+    return this.snapshotOp('snapshot apply', () => this.rooms.snapshots.apply(key));
+  }
+
+  /** Delete snapshot `key` (id first, then name), freeing what only it held (qemu-img snapshot -d). */
+  deleteSnapshot(key: string, byName = false): Promise<SnapshotEntry> {
+    return this.snapshotOp('snapshot delete', () => this.rooms.snapshots.delete(key, byName));
+  }
+
+  private snapshotOp(op: string, fn: () => Promise<SnapshotEntry>): Promise<SnapshotEntry> {
+    return this.serial(async () => {
+      this.ctx.checkWritable();
+      // the snapshot trees are read from the disk: what is pending reaches it first
+      await this.rooms.writeback.flush();
+      let out: SnapshotEntry | undefined;
+      await this.run(op, async () => {
+        out = await fn();
+      });
+      await this.rooms.writeback.flush();
+      return out!;
     });
   }
 

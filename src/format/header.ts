@@ -425,7 +425,8 @@ export function encodeHeader(input: EncodeHeaderInput): Uint8Array {
 export type MutableHeaderFields = Pick<
   Qcow2Header,
   'size' | 'l1Size' | 'l1TableOffset' | 'refcountTableOffset' | 'refcountTableClusters' | 'incompatibleFeatures' | 'compatibleFeatures' | 'autoclearFeatures'
->;
+> &
+  Partial<Pick<Qcow2Header, 'nbSnapshots' | 'snapshotsOffset'>>;
 
 /**
  * Bytes of the header's fixed fields: 72 for v2; for v3 the header_length
@@ -443,6 +444,9 @@ export function putMutableFields(b: Uint8Array, version: 2 | 3, f: MutableHeader
   putU64(b, 40, f.l1TableOffset);
   putU64(b, 48, f.refcountTableOffset);
   putU32(b, 56, f.refcountTableClusters);
+  // the snapshot table's fields change only with the table (internal snapshots); unset: left as they are
+  if (f.nbSnapshots !== undefined) putU32(b, 60, f.nbSnapshots);
+  if (f.snapshotsOffset !== undefined) putU64(b, 64, f.snapshotsOffset);
   if (version === 3) {
     putU64(b, 72, f.incompatibleFeatures);
     putU64(b, 80, f.compatibleFeatures);

@@ -1,8 +1,8 @@
 /**
  * Crash-test workloads: guest operations, their qemu-io command lines
- * (qledger io and qemu-io both take them; `make_empty` is a workload-file
- * line of qledger's own, with no qemu-io command) and the parser for
- * workload files of such lines.
+ * (qledger io and qemu-io both take them; `make_empty` and the snapshot
+ * lines are workload-file lines of qledger's own, with no qemu-io command)
+ * and the parser for workload files of such lines.
  */
 
 import { QledgerError } from '../errors.ts';
@@ -16,7 +16,16 @@ export type GuestOp =
   | { readonly op: 'flush' }
   | { readonly op: 'truncate'; readonly size: number }
   /** the image emptied (qemu-img commit's make_empty); workload files only: qemu-io has no such command */
-  | { readonly op: 'make-empty' };
+  | { readonly op: 'make-empty' }
+  /** qemu-img snapshot -c / -a / -d NAME; workload files only (snapshot_create, snapshot_apply, snapshot_delete) */
+  | { readonly op: 'snapshot'; readonly action: SnapshotAction; readonly name: string };
+
+export type SnapshotAction = 'create' | 'apply' | 'delete';
+
+/** The operations that have no qemu-io command: a workload with one replays from a workload file. */
+export function needsWorkloadFile(ops: readonly GuestOp[]): boolean {
+  return ops.some((o) => o.op === 'make-empty' || o.op === 'snapshot');
+}
 
 /** The workload as qemu-io commands (qledger io and qemu-io both take them). */
 export function workloadCommands(ops: readonly GuestOp[]): string[] {
@@ -36,6 +45,8 @@ export function workloadCommands(ops: readonly GuestOp[]): string[] {
         return `truncate ${o.size}`;
       case 'make-empty':
         return 'make_empty';
+      case 'snapshot':
+        return `snapshot_${o.action} ${o.name}`;
     }
   });
 }
@@ -56,6 +67,10 @@ export function parseWorkload(text: string): GuestOp[] {
     };
     if (w[0] === 'flush') out.push({ op: 'flush' });
     else if (w[0] === 'make_empty') out.push({ op: 'make-empty' });
+    else if (w[0] === 'snapshot_create' || w[0] === 'snapshot_apply' || w[0] === 'snapshot_delete') {
+      if (w.length !== 2) throw bad();
+      out.push({ op: 'snapshot', action: w[0].slice('snapshot_'.length) as SnapshotAction, name: w[1]! });
+    }
     else if (w[0] === 'truncate') out.push({ op: 'truncate', size: num(w[1]) });
     else if (w[0] === 'discard') out.push({ op: 'discard', offset: num(w[1]), length: num(w[2]) });
     else if (w[0] === 'write') {

@@ -47,6 +47,8 @@ export const HEADER_FIELD_ID: Record<HeaderField, number> = {
   incompatible_features: 2,
   compatible_features: 3,
   autoclear_features: 4,
+  nb_snapshots: 5,
+  snapshots_offset: 6,
 };
 
 const utf8 = new TextEncoder();

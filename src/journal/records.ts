@@ -22,7 +22,7 @@ export interface Word64 {
 export type L2Word = L2Entry;
 
 /** Header fields a header record can change. */
-export type HeaderField = 'size' | 'incompatible_features' | 'compatible_features' | 'autoclear_features';
+export type HeaderField = 'size' | 'nb_snapshots' | 'snapshots_offset' | 'incompatible_features' | 'compatible_features' | 'autoclear_features';
 
 export type TableRole = 'l2' | 'refblock';
 

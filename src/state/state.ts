@@ -38,6 +38,9 @@ export interface HeaderState {
   readonly l1Size: number;
   readonly refcountTableOffset: number;
   readonly refcountTableClusters: number;
+  /** the snapshot table: entries and where (header nb_snapshots, snapshots_offset) */
+  readonly nbSnapshots: number;
+  readonly snapshotsOffset: number;
   readonly incompatibleFeatures: bigint;
   readonly compatibleFeatures: bigint;
   readonly autoclearFeatures: bigint;
@@ -60,6 +63,8 @@ export class RecordMismatchError extends QledgerError {
 
 const HEADER_KEY: Record<HeaderField, keyof HeaderState> = {
   size: 'size',
+  nb_snapshots: 'nbSnapshots',
+  snapshots_offset: 'snapshotsOffset',
   incompatible_features: 'incompatibleFeatures',
   compatible_features: 'compatibleFeatures',
   autoclear_features: 'autoclearFeatures',
@@ -233,6 +238,11 @@ export class Transaction {
     if (this.reftableEntry(rt) === 0) return 0;
     const block = this.refblocks.get(rt);
     return block ? getRefcount(block, cluster % g.refcountBlockEntries, g.refcountOrder) : undefined;
+  }
+
+  /** Slot `slot` no longer holds a table in this state (its L1 entry now names another, not loaded yet). */
+  unload(slot: number): void {
+    this.l2ed.set(slot, undefined);
   }
 
   /** A table read from disk joins the state unchanged (not owned: the first record copies it). */

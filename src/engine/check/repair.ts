@@ -84,7 +84,7 @@ export async function checkCopied(img: Image, a: Analysis, stored: Stored, repai
       // an unreadable refcount: QEMU skips the entry without a word
       if (rc === undefined) continue;
       if ((rc === 1) !== ((hi & COPIED_HI) !== 0)) {
-        const f: CheckFinding = { counts: 'corruption', message: `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hexDigits(hi * 2 ** 32 + lo)} refcount=${rc} (L2 table at 0x${hexDigits(l2)})`, offset: l2, cluster: Math.floor(l2 / cs), fixed: false };
+        const f: CheckFinding = { counts: 'corruption', message: `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hexDigits(hi * 2 ** 32 + lo)} refcount=${rc} (L2 table at 0x${hexDigits(l2)})`, offset: l2, cluster: Math.floor(l2 / cs), copiedClear: rc === 1, fixed: false };
         a.findings.push(f);
         if (repair) {
           putU32(l1, i * 8, rc === 1 ? (hi | COPIED_HI) >>> 0 : (hi & ~COPIED_HI) >>> 0);
@@ -106,7 +106,7 @@ export async function checkCopied(img: Image, a: Analysis, stored: Stored, repai
         const rc2 = hasDataFile ? 1 : stored.get(Math.floor(off / cs));
         if (rc2 === undefined) continue;
         if ((rc2 === 1) !== isCopied(e)) {
-          const f: CheckFinding = { counts: 'corruption', message: `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${hexDigits(e.hi * 2 ** 32 + e.lo)} refcount=${rc2} (host offset 0x${hexDigits(off)})`, offset: off, cluster: Math.floor(off / cs), fixed: false };
+          const f: CheckFinding = { counts: 'corruption', message: `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${hexDigits(e.hi * 2 ** 32 + e.lo)} refcount=${rc2} (host offset 0x${hexDigits(off)})`, offset: off, cluster: Math.floor(off / cs), copiedClear: rc2 === 1, fixed: false };
           a.findings.push(f);
           if (repair) {
             putU32(t, j * g.l2EntrySize, rc2 === 1 ? (e.hi | L2E_COPIED_HI) >>> 0 : (e.hi & ~L2E_COPIED_HI) >>> 0);

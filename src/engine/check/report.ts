@@ -12,6 +12,13 @@ export interface CheckFinding {
   readonly message: string;
   readonly cluster?: number | undefined;
   readonly offset?: number | undefined;
+  /**
+   * An OFLAG_COPIED finding of the harmless direction: COPIED clear on a
+   * cluster with one reference (a write copies it first, needlessly). A
+   * crash inside a snapshot operation without the journal can leave it, as
+   * QEMU's can; the crash harness tells it apart from real damage.
+   */
+  readonly copiedClear?: boolean | undefined;
   /** repaired by this run */
   fixed: boolean;
 }

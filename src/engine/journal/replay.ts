@@ -162,15 +162,18 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
   const mask = ~(INCOMPAT_DIRTY | AUTOCLEAR_JOURNAL);
   const diskField: Record<HeaderField, bigint> = {
     size: BigInt(h.size),
+    nb_snapshots: BigInt(h.nbSnapshots),
+    snapshots_offset: BigInt(h.snapshotsOffset),
     incompatible_features: h.incompatibleFeatures,
     compatible_features: h.compatibleFeatures,
     autoclear_features: h.autoclearFeatures,
   };
   const finalField = { ...diskField };
   for (const [f, s] of fields) {
-    const d = diskField[f] & mask;
-    if (d !== (s.first & mask) && d !== (s.last & mask)) return `header ${f} is 0x${diskField[f].toString(16)}, neither 0x${s.first.toString(16)} nor 0x${s.last.toString(16)}`;
-    finalField[f] = f === 'size' ? s.last : (s.last & mask) | (diskField[f] & ~mask);
+    const feature = f.endsWith('_features');
+    const m = feature ? mask : -1n;
+    if ((diskField[f] & m) !== (s.first & m) && (diskField[f] & m) !== (s.last & m)) return `header ${f} is 0x${diskField[f].toString(16)}, neither 0x${s.first.toString(16)} nor 0x${s.last.toString(16)}`;
+    finalField[f] = feature ? (s.last & mask) | (diskField[f] & ~mask) : s.last;
   }
   if (l1Swap && h.l1TableOffset !== l1Swap.first.offset && h.l1TableOffset !== l1Swap.last.offset) return `header l1_table_offset is ${hex(h.l1TableOffset)}, neither ${hex(l1Swap.first.offset)} nor ${hex(l1Swap.last.offset)}`;
   if (rtSwap && h.refcountTableOffset !== rtSwap.first.offset && h.refcountTableOffset !== rtSwap.last.offset) return `header refcount_table_offset is ${hex(h.refcountTableOffset)}, neither ${hex(rtSwap.first.offset)} nor ${hex(rtSwap.last.offset)}`;
@@ -385,6 +388,8 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
   const finalHeader = diskHeader.slice();
   putMutableFields(finalHeader, h.version, {
     size: Number(finalField.size),
+    nbSnapshots: Number(finalField.nb_snapshots),
+    snapshotsOffset: Number(finalField.snapshots_offset),
     l1Size,
     l1TableOffset: l1Off,
     refcountTableOffset: rtOff,

@@ -172,10 +172,16 @@ export class OverlapIndex {
     const mask = this.checked & ~allowed;
     if (mask === 0 || bytes <= 0) return undefined;
     // the hot path of every write: no tuple, no allocation unless there is a hit
-    const first = Math.floor(offset / this.cs);
-    const hit = this.map.find(first, Math.ceil((offset + bytes) / this.cs) - first, mask);
-    if (!hit) return undefined;
-    return { offset: (hit.cluster * this.cs) as HostOffset, kinds: hit.bits, conflict: hit.bits & mask };
+    let first = Math.floor(offset / this.cs);
+    const end = Math.ceil((offset + bytes) / this.cs);
+    for (;;) {
+      const hit = this.map.find(first, end - first, mask);
+      if (!hit) return undefined;
+      // an active L2 table's write may touch it where a snapshot shares it (both kinds on one cluster)
+      const shared = (allowed & OL_ACTIVE_L2) !== 0 && (hit.bits & OL_ACTIVE_L2) !== 0 && (hit.bits & mask) === OL_INACTIVE_L2;
+      if (!shared) return { offset: (hit.cluster * this.cs) as HostOffset, kinds: hit.bits, conflict: hit.bits & mask };
+      first = hit.cluster + 1;
+    }
   }
 
   /** The first cluster holding two structures that may not share one, or undefined. */

@@ -54,16 +54,8 @@ export class Resizer {
       return;
     }
     const needL1 = Math.ceil(size / span);
-    if (needL1 > h.l1Size) {
-      if (needL1 * 8 > MAX_L1_BYTES) throw new QledgerError('E_UNSUPPORTED', `${ctx.filename}: an L1 table for ${size} bytes would exceed ${MAX_L1_BYTES} bytes`);
-      const entries = h.l1Size === 0 ? needL1 : Math.max(needL1, Math.min(Math.floor(MAX_L1_BYTES / 8), Math.floor((h.l1Size * 3) / 2)));
-      const at = await this.alloc.allocate(Math.ceil((entries * 8) / cs));
-      const oldOffset = h.l1TableOffset;
-      const oldClusters = Math.ceil((h.l1Size * 8) / cs);
-      ctx.emit({ kind: 'l1-swap', oldOffset, oldSize: h.l1Size, newOffset: at * cs, newSize: entries });
-      const oldFirst = clusterOf(host(oldOffset), cs);
-      if (h.l1Size > 0) for (let i = 0; i < oldClusters; i++) await this.alloc.changeRefcount(cluster(oldFirst + i), -1);
-    }
+    if (needL1 * 8 > MAX_L1_BYTES) throw new QledgerError('E_UNSUPPORTED', `${ctx.filename}: an L1 table for ${size} bytes would exceed ${MAX_L1_BYTES} bytes`);
+    await this.growL1(needL1);
     ctx.emit({ kind: 'header', field: 'size', old: BigInt(h.size), new: BigInt(size) });
     // The new space must read as zero, not as whatever a longer backing file
     // holds there (QEMU does the same since 5.1).
@@ -72,6 +64,20 @@ export class Resizer {
       ctx.reader().size = size;
       await this.zero.zeroRange(guest(h.size), Math.min(size, b.size) - h.size, false);
     }
+  }
+
+  /** Move the L1 table to a bigger one if it has fewer than `needL1` entries (by half again at least, as QEMU). */
+  async growL1(needL1: number): Promise<void> {
+    const ctx = this.ctx;
+    const h = ctx.t().header;
+    const cs = ctx.geometry.clusterSize;
+    if (needL1 <= h.l1Size) return;
+    const entries = h.l1Size === 0 ? needL1 : Math.max(needL1, Math.min(Math.floor(MAX_L1_BYTES / 8), Math.floor((h.l1Size * 3) / 2)));
+    const at = await this.alloc.allocate(Math.ceil((entries * 8) / cs));
+    const oldClusters = Math.ceil((h.l1Size * 8) / cs);
+    ctx.emit({ kind: 'l1-swap', oldOffset: h.l1TableOffset, oldSize: h.l1Size, newOffset: at * cs, newSize: entries });
+    const oldFirst = clusterOf(host(h.l1TableOffset), cs);
+    if (h.l1Size > 0) for (let i = 0; i < oldClusters; i++) await this.alloc.changeRefcount(cluster(oldFirst + i), -1);
   }
 
   /**

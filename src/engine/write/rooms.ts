@@ -17,6 +17,8 @@ import { Mapping } from './mapping.ts';
 import type { OverlapIndex } from './overlap.ts';
 import { Resizer } from './resize.ts';
 import { SharedClusters, ZeroCluster } from './shared.ts';
+import { Snapshots } from './snapshots.ts';
+import type { SnapshotEntry } from '../../format/snapshot.ts';
 import { TableCache } from './tables.ts';
 import { WriteBack } from './writeback.ts';
 import { ZeroWriter } from './zero.ts';
@@ -31,6 +33,8 @@ export interface RoomOptions {
   readonly extensions: ConstructorParameters<typeof JournalSession>[3];
   readonly onWarning: ((message: string) => void) | undefined;
   readonly stopAfterPhase: number | undefined;
+  /** the snapshot table as read at open, and its size in bytes */
+  readonly snapshots: { readonly entries: readonly SnapshotEntry[]; readonly tableBytes: number };
 }
 
 export interface Rooms {
@@ -45,6 +49,7 @@ export interface Rooms {
   readonly discard: Discarder;
   readonly compressed: CompressedWriter;
   readonly resize: Resizer;
+  readonly snapshots: Snapshots;
   readonly journal: JournalSession;
   readonly writeback: WriteBack;
 }
@@ -67,6 +72,7 @@ export function buildRooms(ctx: WriteContext, o: RoomOptions): Rooms {
   ctx.subscribe((r) => writeback.follow(r));
   const compressed = new CompressedWriter(ctx, alloc, mapping, data);
   ctx.subscribe((r) => compressed.follow(r));
+  const resize = new Resizer(ctx, alloc, mapping, zero);
   return {
     overlap,
     tables,
@@ -78,7 +84,8 @@ export function buildRooms(ctx: WriteContext, o: RoomOptions): Rooms {
     zero,
     discard: new Discarder(ctx, mapping, zero),
     compressed,
-    resize: new Resizer(ctx, alloc, mapping, zero),
+    resize,
+    snapshots: new Snapshots(ctx, tables, alloc, resize, overlap, o.snapshots.entries, o.snapshots.tableBytes),
     journal,
     writeback,
   };

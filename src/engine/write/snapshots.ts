@@ -1,0 +1,356 @@
+/**
+ * Internal snapshots: create, apply (QEMU's "goto") and delete, each one
+ * transaction of records over the live state, as QEMU's qcow2-snapshot.c
+ * does them but ordered by the write-back's phases (ordering.ts):
+ *
+ *   create  +1 on every cluster the active tree reaches (L2 tables, data,
+ *           each cluster a compressed run touches), COPIED cleared on the
+ *           active entries, a copy of the active L1 and the new snapshot
+ *           table written to fresh clusters (like guest data, before the
+ *           transaction is durable), then the header switched to the table.
+ *   apply   +1 on the snapshot's tree, the active L1 entries set to the
+ *           snapshot's, −1 on the old active tree, COPIED cleared where a
+ *           snapshot table still carries it; the virtual size follows the
+ *           snapshot's disk size.
+ *   delete  the header switched to a table without the entry, −1 on the
+ *           snapshot's tree and its L1 freed, then COPIED set on the active
+ *           entries left with one reference.
+ *
+ * The refcount a snapshot adds is counted per tree, as QEMU counts it: an
+ * L2 table shared by two trees counts its data twice.
+ */
+
+import { CorruptionError, QledgerError, hex } from '../../errors.ts';
+import { COPIED_HI, entryOffset } from '../../format/l1.ts';
+import { compressedDescriptor, isCompressed, isCopied, l2EntryAt, standardOffset, L2E_COPIED_HI, type L2Entry } from '../../format/l2.ts';
+import { maxRefcount } from '../../format/refcount.ts';
+import { encodeSnapshotTable, type SnapshotEntry } from '../../format/snapshot.ts';
+import { cluster, clusterOf, host, type HostOffset } from '../../format/offsets.ts';
+import { putU32, u32 } from '../../format/bytes.ts';
+import { readAt, readClusters } from '../../io/device.ts';
+import type { Word64 } from '../../journal/records.ts';
+import type { Allocator } from './allocator.ts';
+import type { WriteContext } from './context.ts';
+import { OL_INACTIVE_L1, OL_INACTIVE_L2, OL_SNAPSHOT_TABLE, type OverlapIndex } from './overlap.ts';
+import type { Resizer } from './resize.ts';
+import type { TableCache } from './tables.ts';
+
+/** QEMU's QCOW_MAX_SNAPSHOTS. */
+export const MAX_SNAPSHOTS = 65536;
+
+/** What a new snapshot records besides its name (qemu-img: the time, everything else 0). */
+export interface SnapshotFields {
+  readonly dateSec?: number | undefined;
+  readonly dateNsec?: number | undefined;
+  readonly vmClockNsec?: number | undefined;
+}
+
+/** A snapshot by id first, then by name, as QEMU's find_snapshot_by_id_or_name. */
+export function findSnapshotIndex(list: readonly SnapshotEntry[], key: string): number {
+  const byId = list.findIndex((s) => s.id === key);
+  return byId >= 0 ? byId : list.findIndex((s) => s.name === key);
+}
+
+/** One tree's references: every cluster it counts, once per reference, as a flat list. */
+type Refs = number[];
+
+export class Snapshots {
+  /** the snapshot table as the live state has it */
+  list: SnapshotEntry[];
+
+  constructor(
+    private readonly ctx: WriteContext,
+    private readonly tables: TableCache,
+    private readonly alloc: Allocator,
+    private readonly resizer: Resizer,
+    private readonly overlap: OverlapIndex,
+    entries: readonly SnapshotEntry[],
+    /** bytes of the snapshot table on disk */
+    private tableBytes: number,
+  ) {
+    this.list = [...entries];
+  }
+
+  async create(name: string, f: SnapshotFields = {}): Promise<SnapshotEntry> {
+    const ctx = this.ctx;
+    const t = ctx.t();
+    const g = ctx.geometry;
+    const cs = g.clusterSize;
+    if (ctx.hasDataFile) throw new QledgerError('E_UNSUPPORTED', `${ctx.filename}: internal snapshots are not possible with an external data file`, { errno: 95 });
+    if (this.list.length >= MAX_SNAPSHOTS) throw new QledgerError('E_OVERFLOW', `${ctx.filename}: the image has ${MAX_SNAPSHOTS} snapshots, QEMU's limit`, { errno: 27 });
+    const h = t.header;
+    // QEMU's find_new_snapshot_id: one past the largest numeric id
+    const id = String(this.list.reduce((m, s) => Math.max(m, Number.parseInt(s.id, 10) || 0), 0) + 1);
+
+    // Everything is read and checked before the first record: a refusal leaves the state untouched.
+    const refs: Refs = [];
+    const copiedL2: { l1Index: number; table: HostOffset; index: number; e: L2Entry }[] = [];
+    const l1Entries: { index: number; e: Word64; table: HostOffset }[] = [];
+    for (let i = 0; i < h.l1Size; i++) {
+      const table = t.l1TableOffset(i);
+      if (table === 0) continue;
+      const bytes = t.l2(i) ?? (await this.tables.loadL2(i, table));
+      this.treeRefs(bytes, refs, (index, e) => {
+        if (isCopied(e)) copiedL2.push({ l1Index: i, table, index, e });
+      });
+      refs.push(clusterOf(table, cs));
+      l1Entries.push({ index: i, e: t.l1Entry(i), table });
+    }
+    await this.checkRoom(refs, 1);
+
+    for (const c of refs) await this.alloc.changeRefcount(cluster(c), 1);
+    for (const x of copiedL2) ctx.emit({ kind: 'l2', l1Index: x.l1Index, table: x.table, index: x.index, old: x.e, new: { ...x.e, hi: (x.e.hi & ~L2E_COPIED_HI) >>> 0 } });
+    for (const x of l1Entries) if (x.e.hi & COPIED_HI) ctx.emit({ kind: 'l1', index: x.index, old: x.e, new: { hi: (x.e.hi & ~COPIED_HI) >>> 0, lo: x.e.lo } });
+
+    // the snapshot's L1: the active one as it is now (COPIED clear everywhere)
+    const l1 = new Uint8Array(Math.ceil((h.l1Size * 8) / 512) * 512);
+    for (const x of l1Entries) {
+      putU32(l1, x.index * 8, (x.e.hi & ~COPIED_HI) >>> 0);
+      putU32(l1, x.index * 8 + 4, x.e.lo);
+    }
+    let l1Offset = 0;
+    if (h.l1Size > 0) {
+      l1Offset = (await this.alloc.allocate(Math.ceil((h.l1Size * 8) / cs))) * cs;
+      await this.writeFresh(l1Offset, l1, OL_INACTIVE_L1, 'snapshot l1');
+    }
+    const now = Date.now();
+    const sn: SnapshotEntry = {
+      l1TableOffset: l1Offset,
+      l1Size: h.l1Size,
+      id,
+      name,
+      dateSec: f.dateSec ?? Math.floor(now / 1000),
+      dateNsec: f.dateNsec ?? (now % 1000) * 1_000_000,
+      vmClockNsec: f.vmClockNsec ?? 0,
+      vmStateSize: 0,
+      diskSize: h.size,
+      icount: 0,
+      extraUnknown: new Uint8Array(0),
+    };
+    await this.switchTable([...this.list, sn]);
+    // the active tables are now also the snapshot's
+    for (const x of l1Entries) this.overlap.reserve(x.table, cs, OL_INACTIVE_L2);
+    return sn;
+  }
+
+  async apply(key: string): Promise<SnapshotEntry> {
+    const ctx = this.ctx;
+    const t = ctx.t();
+    const g = ctx.geometry;
+    const cs = g.clusterSize;
+    const at = findSnapshotIndex(this.list, key);
+    if (at < 0) throw new QledgerError('E_NOT_FOUND', `${ctx.filename}: no snapshot with id or name '${key}'`, { errno: 2 });
+    const sn = this.list[at]!;
+    const snapL1 = await this.readL1(sn);
+    const size = sn.diskSize ?? t.header.size;
+    await this.resizer.growL1(sn.l1Size);
+    const h = t.header;
+
+    // Both trees, read first. Slots whose table is the same in both cancel out.
+    const add: Refs = [];
+    const drop: Refs = [];
+    const slots: { index: number; old: Word64; table: HostOffset }[] = [];
+    const snapTables = await readClusters(ctx.files.image, [...new Set(snapL1.filter((o, i) => o !== 0 && o !== t.l1TableOffset(i)))], cs);
+    for (let i = 0; i < h.l1Size; i++) {
+      const now = t.l1TableOffset(i);
+      const next = i < snapL1.length ? snapL1[i]! : 0;
+      if (now === next) continue;
+      if (next !== 0) {
+        this.treeRefs(snapTables.get(next)!, add, () => undefined);
+        add.push(clusterOf(host(next), cs));
+      }
+      if (now !== 0) {
+        this.treeRefs(t.l2(i) ?? (await this.tables.loadL2(i, now)), drop, () => undefined);
+        drop.push(clusterOf(now, cs));
+      }
+      slots.push({ index: i, old: t.l1Entry(i), table: host(next) });
+    }
+    await this.checkRoom(add, 1);
+
+    for (const c of add) await this.alloc.changeRefcount(cluster(c), 1);
+    for (const s of slots) {
+      // the snapshot still holds the table: shared, so COPIED clear
+      ctx.emit({ kind: 'l1', index: s.index, old: s.old, new: { hi: Math.floor(s.table / 0x1_0000_0000), lo: s.table % 0x1_0000_0000 } });
+      if (s.table === 0) t.unload(s.index);
+      else t.load('l2', s.index, snapTables.get(s.table)!);
+    }
+    for (const c of drop) await this.alloc.changeRefcount(cluster(c), -1);
+    // COPIED left set in a snapshot's table (QEMU's delete sets it on tables another snapshot shares) goes now
+    for (const s of slots) {
+      if (s.table === 0) continue;
+      const bytes = t.l2(s.index)!;
+      for (let j = 0; j < g.l2Entries; j++) {
+        const e = l2EntryAt(bytes, j, g);
+        if (!isCopied(e) || isCompressed(e)) continue;
+        if ((await this.alloc.refcount(clusterOf(host(standardOffset(e)), cs))) === 1) continue;
+        ctx.emit({ kind: 'l2', l1Index: s.index, table: s.table, index: j, old: e, new: { ...e, hi: (e.hi & ~L2E_COPIED_HI) >>> 0 } });
+      }
+    }
+    if (size !== h.size) {
+      ctx.emit({ kind: 'header', field: 'size', old: BigInt(h.size), new: BigInt(size) });
+      ctx.reader().size = size;
+    }
+    return sn;
+  }
+
+  /** Delete snapshot `key`: by id, then name; `byName`: the first with that name (qemu-img snapshot -d). */
+  async delete(key: string, byName = false): Promise<SnapshotEntry> {
+    const ctx = this.ctx;
+    const t = ctx.t();
+    const g = ctx.geometry;
+    const cs = g.clusterSize;
+    const at = byName ? this.list.findIndex((s) => s.name === key) : findSnapshotIndex(this.list, key);
+    if (at < 0) throw new QledgerError('E_NOT_FOUND', `${ctx.filename}: no snapshot with id or name '${key}'`, { errno: 2 });
+    const sn = this.list[at]!;
+    const snapL1 = await this.readL1(sn);
+    const tables = [...new Set(snapL1.filter((o) => o !== 0))];
+    const bytesOf = await readClusters(ctx.files.image, tables.filter((o) => !this.activeSlotOf(o, snapL1)), cs);
+    const drop: Refs = [];
+    for (let i = 0; i < snapL1.length; i++) {
+      const T = snapL1[i]!;
+      if (T === 0) continue;
+      const active = t.l1TableOffset(i) === T ? (t.l2(i) ?? (await this.tables.loadL2(i, host(T)))) : undefined;
+      this.treeRefs(active ?? bytesOf.get(T)!, drop, () => undefined);
+      drop.push(T / cs);
+    }
+    const rest = this.list.filter((_, i) => i !== at);
+    await this.switchTable(rest);
+    const left = new Set<number>(); // clusters the deletion leaves with one reference
+    for (const c of drop) {
+      await this.alloc.changeRefcount(cluster(c), -1);
+      if ((await this.alloc.refcount(cluster(c))) === 1) left.add(c);
+      else left.delete(c);
+    }
+    const l1First = sn.l1TableOffset / cs;
+    for (let k = 0; k < Math.ceil((sn.l1Size * 8) / cs); k++) await this.alloc.changeRefcount(cluster(l1First + k), -1);
+    if (left.size) await this.settleCopied(left);
+    // tables no remaining snapshot holds stop being inactive L2 tables
+    const still = new Set<number>();
+    for (const s of rest) for (const o of await this.readL1(s)) if (o) still.add(o);
+    for (const T of tables) if (!still.has(T)) this.overlap.releaseLater(host(T), cs, OL_INACTIVE_L2);
+    return sn;
+  }
+
+  // ---- helpers -----------------------------------------------------------
+
+  /**
+   * The clusters the entries of one L2 table reference, each once per entry
+   * (a compressed run: every cluster it touches), into `out`; `each` sees every
+   * entry that references a standard cluster.
+   */
+  private treeRefs(table: Uint8Array, out: Refs, each: (index: number, e: L2Entry) => void): void {
+    const g = this.ctx.geometry;
+    const cs = g.clusterSize;
+    for (let j = 0; j < g.l2Entries; j++) {
+      const e = l2EntryAt(table, j, g);
+      if (e.hi === 0 && e.lo === 0) continue;
+      if (isCompressed(e)) {
+        const d = compressedDescriptor(e, g.clusterBits);
+        for (let c = Math.floor(d.offset / cs); c <= Math.floor((d.offset + d.length - 1) / cs); c++) out.push(c);
+        continue;
+      }
+      const off = standardOffset(e);
+      if (off === 0) continue;
+      out.push(off / cs);
+      each(j, e);
+    }
+  }
+
+  /** Refuse, before any record, increments that would pass the refcount width's maximum. */
+  private async checkRoom(refs: Refs, delta: number): Promise<void> {
+    const g = this.ctx.geometry;
+    const max = maxRefcount(g.refcountOrder);
+    const extra = new Map<number, number>();
+    for (const c of refs) extra.set(c, (extra.get(c) ?? 0) + delta);
+    for (const [c, n] of extra) {
+      const have = await this.alloc.refcount(cluster(c));
+      if (have === 0) throw new CorruptionError(`${this.ctx.filename}: cluster ${hex(c * g.clusterSize)} is referenced but its refcount is 0; run 'qledger check -r all'`, { cluster: c });
+      if (have + n > max) throw new QledgerError('E_OVERFLOW', `${this.ctx.filename}: refcount of cluster ${hex(c * g.clusterSize)} would exceed ${max} (refcount_bits=${g.refcountBits})`, { cluster: c, errno: 22 });
+    }
+  }
+
+  /** A snapshot's L1 table from disk, as table offsets (flags masked), checked. */
+  private async readL1(sn: SnapshotEntry): Promise<number[]> {
+    const ctx = this.ctx;
+    const cs = ctx.geometry.clusterSize;
+    if (sn.l1Size === 0) return [];
+    const b = await readAt(ctx.files.image, sn.l1TableOffset, sn.l1Size * 8);
+    const out: number[] = [];
+    for (let i = 0; i < sn.l1Size; i++) {
+      const o = entryOffset(u32(b, i * 8), u32(b, i * 8 + 4));
+      if (o % cs !== 0 || o + (o ? cs : 0) > ctx.extent.end()) {
+        throw new CorruptionError(`${ctx.filename}: snapshot '${sn.name}' (id ${sn.id}) L1 entry ${i} points at ${hex(o)}, outside the image or unaligned`, { snapshot: sn.id, index: i });
+      }
+      out.push(o);
+    }
+    return out;
+  }
+
+  /** Whether table `T` is the active table of a slot the snapshot's L1 names it in (then the live copy is read). */
+  private activeSlotOf(T: number, snapL1: readonly number[]): boolean {
+    const t = this.ctx.t();
+    return snapL1.some((o, i) => o === T && t.l1TableOffset(i) === T);
+  }
+
+  /** Bytes into fresh clusters nothing durable points at, like guest data; the index learns their kind. */
+  private async writeFresh(offset: number, bytes: Uint8Array, kind: number, what: string): Promise<void> {
+    const ctx = this.ctx;
+    await ctx.files.image.writeAs(offset, bytes, 0, () => `${what} at ${hex(offset)}`);
+    ctx.trace.record({ kind: 'data', host: offset, length: bytes.length });
+    ctx.trace.write(offset, bytes.length, what);
+    ctx.extent.noteData(offset, bytes.length, true);
+    this.overlap.reserve(host(offset), bytes.length, kind);
+  }
+
+  /** The header switches to a new snapshot table holding `entries`; the old table is freed. */
+  private async switchTable(entries: SnapshotEntry[]): Promise<void> {
+    const ctx = this.ctx;
+    const cs = ctx.geometry.clusterSize;
+    const h = ctx.t().header;
+    const bytes = encodeSnapshotTable(entries);
+    let offset = 0;
+    if (entries.length) {
+      offset = (await this.alloc.allocate(Math.ceil(bytes.length / cs))) * cs;
+      await this.writeFresh(offset, bytes, OL_SNAPSHOT_TABLE, 'snapshot table');
+    }
+    ctx.emit({ kind: 'header', field: 'nb_snapshots', old: BigInt(h.nbSnapshots), new: BigInt(entries.length) });
+    ctx.emit({ kind: 'header', field: 'snapshots_offset', old: BigInt(h.snapshotsOffset), new: BigInt(offset) });
+    if (h.nbSnapshots > 0 && this.tableBytes > 0) {
+      const first = h.snapshotsOffset / cs;
+      for (let k = 0; k < Math.ceil(this.tableBytes / cs); k++) await this.alloc.changeRefcount(cluster(first + k), -1);
+    }
+    this.list = entries;
+    this.tableBytes = bytes.length;
+    ctx.reader().snapshots = entries;
+  }
+
+  /**
+   * COPIED on the active entries whose cluster the deletion left with one
+   * reference: the L1 entries of such tables, and the entries of tables
+   * with one reference mapping such clusters (QEMU's qcow2_update_snapshot_refcount
+   * with addend 0 over the active tree).
+   */
+  private async settleCopied(left: Set<number>): Promise<void> {
+    const ctx = this.ctx;
+    const t = ctx.t();
+    const g = ctx.geometry;
+    const cs = g.clusterSize;
+    for (let i = 0; i < t.header.l1Size; i++) {
+      const T = t.l1TableOffset(i);
+      if (T === 0) continue;
+      const e = t.l1Entry(i);
+      const rc = await this.alloc.refcount(clusterOf(T, cs));
+      if (rc !== 1) continue; // shared: its entries' clusters are too
+      if ((e.hi & COPIED_HI) === 0 && left.has(T / cs)) ctx.emit({ kind: 'l1', index: i, old: e, new: { hi: (e.hi | COPIED_HI) >>> 0, lo: e.lo } });
+      const bytes = t.l2(i) ?? (await this.tables.loadL2(i, T));
+      for (let j = 0; j < g.l2Entries; j++) {
+        const x = l2EntryAt(bytes, j, g);
+        if (isCompressed(x) || isCopied(x)) continue;
+        const off = standardOffset(x);
+        if (off === 0 || !left.has(off / cs)) continue;
+        if ((await this.alloc.refcount(clusterOf(host(off), cs))) !== 1) continue;
+        ctx.emit({ kind: 'l2', l1Index: i, table: T, index: j, old: x, new: { ...x, hi: (x.hi | L2E_COPIED_HI) >>> 0 } });
+      }
+    }
+  }
+}
