@@ -39,6 +39,25 @@ const record: fc.Arbitrary<JournalRecord> = fc.oneof(
   fc.record({ kind: fc.constant('commit' as const), tx: off }),
   fc.record({ kind: fc.constant('image' as const), role: fc.constantFrom('l1' as const, 'reftable' as const, 'l2' as const), offset: off, bytes: fc.uint8Array({ maxLength: 64 }) }),
   fc.record({ kind: fc.constant('unjournalled' as const), records: off }),
+  fc.integer({ min: 0, max: 40 }).chain((n) =>
+    fc.record({
+      kind: fc.constant('refcounts' as const),
+      rt: off,
+      index: fc.array(fc.nat({ max: 0xffff_ffff }), { minLength: n, maxLength: n }).map((a) => Uint32Array.from(a)),
+      old: fc.array(off, { minLength: n, maxLength: n }).map((a) => Float64Array.from(a)),
+      new: fc.array(off, { minLength: n, maxLength: n }).map((a) => Float64Array.from(a)),
+    }),
+  ),
+  fc.integer({ min: 0, max: 20 }).chain((n) =>
+    fc.record({
+      kind: fc.constant('l2s' as const),
+      l1Index: fc.nat({ max: 0xffff_ffff }),
+      table: off,
+      index: fc.array(fc.nat({ max: 0xffff_ffff }), { minLength: n, maxLength: n }).map((a) => Uint32Array.from(a)),
+      old: fc.array(fc.nat({ max: 0xffff_ffff }), { minLength: 4 * n, maxLength: 4 * n }).map((a) => Uint32Array.from(a)),
+      new: fc.array(fc.nat({ max: 0xffff_ffff }), { minLength: 4 * n, maxLength: 4 * n }).map((a) => Uint32Array.from(a)),
+    }),
+  ),
 );
 
 describe('record codec', () => {
@@ -60,7 +79,7 @@ describe('record codec', () => {
     expect(rows.length).toBe(Object.keys(RECORD_TYPE).length);
     for (const [code, name, len] of rows) {
       expect(RECORD_TYPE[name as keyof typeof RECORD_TYPE], name).toBe(code);
-      if (name !== 'begin' && name !== 'image') expect(String(RECORD_LENGTH[name as keyof typeof RECORD_LENGTH]), name).toBe(len);
+      if (name !== 'begin' && name !== 'image' && name !== 'refcounts' && name !== 'l2s') expect(String(RECORD_LENGTH[name as keyof typeof RECORD_LENGTH]), name).toBe(len);
       expect(doc, `section for type ${code}`).toMatch(new RegExp(`### Type ${code}:`));
     }
   });

@@ -266,6 +266,7 @@ export function planFlush(p: PlanInput): Plan {
   // L2 tables an L1 entry adopted (snapshot apply) and the epoch changed: slot -> table
   const changedL2 = new Map<number, number>();
   const increments = new Map<number, Map<number, number>>(); // rt -> (cluster -> sum of increments)
+  const batches = new Map<number, Array<Extract<MetaRecord, { kind: 'refcounts' }>>>(); // rt -> its 'refcounts' records
   let decrements = false;
   for (const r of pending) {
     if (r.kind === 'table-new') {
@@ -278,11 +279,28 @@ export function planFlush(p: PlanInput): Plan {
         if (!m) increments.set(rt, (m = new Map()));
         m.set(r.cluster, (m.get(r.cluster) ?? 0) + (r.new - r.old));
       } else if (r.new < r.old) decrements = true;
+    } else if (r.kind === 'refcounts') {
+      // applied from the record's arrays in phase 0 (a million entries need no map)
+      let list = batches.get(r.rt);
+      if (!list) batches.set(r.rt, (list = []));
+      list.push(r);
+      for (let k = 0; k < r.index.length && !decrements; k++) if (r.new[k]! < r.old[k]!) decrements = true;
+    } else if (r.kind === 'l2s') {
+      changedL2.set(r.l1Index, r.table);
+      for (let k = 0; k < r.index.length; k++) {
+        const oh = r.old[k * 4]!;
+        const nh = r.new[k * 4]!;
+        if (((oh ^ nh) & COPIED) === 0 || r.old[k * 4 + 1] !== r.new[k * 4 + 1] || ((oh ^ nh) & ~COPIED) !== 0) continue;
+        push((nh & COPIED) !== 0 ? gainCopiedL2 : loseCopiedL2, r.l1Index, r.index[k]!);
+      }
     } else if (r.kind === 'l2') {
       changedL2.set(r.l1Index, r.table);
+      // most records keep COPIED as it is: one test of the bit before the full comparison
+      if (((r.old.hi ^ r.new.hi) & COPIED) === 0) continue;
       if (gainsCopied(r.old, r.new)) push(gainCopiedL2, r.l1Index, r.index);
       else if (gainsCopied(r.new, r.old)) push(loseCopiedL2, r.l1Index, r.index);
     } else if (r.kind === 'l1') {
+      if (((r.old.hi ^ r.new.hi) & COPIED) === 0) continue;
       if (gainsCopied(r.old, r.new)) gainCopiedL1.push(r.index);
       else if (gainsCopied(r.new, r.old)) loseCopiedL1.push(r.index);
     }
@@ -322,6 +340,14 @@ export function planFlush(p: PlanInput): Plan {
     for (const [cluster, inc] of increments.get(rt) ?? []) {
       const i = cluster % E;
       setRefcount(view, i, g.refcountOrder, Math.min(max, getRefcount(view, i, g.refcountOrder) + inc));
+    }
+    for (const b of batches.get(rt) ?? []) {
+      for (let k = 0; k < b.index.length; k++) {
+        const inc = b.new[k]! - b.old[k]!;
+        if (inc <= 0) continue;
+        const i = b.index[k]!;
+        setRefcount(view, i, g.refcountOrder, Math.min(max, getRefcount(view, i, g.refcountOrder) + inc));
+      }
     }
     if (p.lazy) view.set(cur); // a new block under lazy refcounts: its exact values, dirty bit covers it
     afterPhase0.set(rt, view);

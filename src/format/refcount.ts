@@ -59,8 +59,11 @@ export function maxRefcount(order: number): number {
   return order === 6 ? Number.MAX_SAFE_INTEGER : 2 ** (2 ** order) - 1;
 }
 
+/** maxRefcount by order, looked up on every refcount write */
+const MAX_BY_ORDER = [0, 1, 2, 3, 4, 5, 6].map(maxRefcount);
+
 export function setRefcount(block: Uint8Array, index: number, order: number, value: number): void {
-  if (value < 0 || value > maxRefcount(order) || !Number.isInteger(value)) {
+  if (value < 0 || !(value <= MAX_BY_ORDER[order]!) || !Number.isInteger(value)) {
     throw new RangeError(`refcount ${value} does not fit in ${2 ** order} bits`);
   }
   switch (order) {

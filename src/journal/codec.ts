@@ -24,10 +24,12 @@ export const RECORD_TYPE = {
   begin: 18,
   commit: 19,
   unjournalled: 20,
+  refcounts: 10,
+  l2s: 11,
 } as const;
 
 /** Encoded length of each fixed-size record type, in bytes. */
-export const RECORD_LENGTH: Record<Exclude<JournalRecord['kind'], 'begin' | 'image'>, number> = {
+export const RECORD_LENGTH: Record<Exclude<JournalRecord['kind'], 'begin' | 'image' | 'refcounts' | 'l2s'>, number> = {
   refcount: 32,
   l2: 56,
   l1: 24,
@@ -73,6 +75,8 @@ export function encodedLength(r: JournalRecord): number {
   // every guest operation's begin marker comes through here: measure, do not encode
   if (r.kind === 'begin') return 16 + Math.ceil(Buffer.byteLength(r.op, 'utf8') / 8) * 8;
   if (r.kind === 'image') return 16 + Math.ceil(r.bytes.length / 8) * 8;
+  if (r.kind === 'refcounts') return 16 + r.index.length * 24;
+  if (r.kind === 'l2s') return 24 + r.index.length * 40;
   return RECORD_LENGTH[r.kind];
 }
 
@@ -152,6 +156,27 @@ export function encodeRecordInto(r: JournalRecord, b: Uint8Array, off: number): 
     case 'unjournalled':
       putU64(b, off + 8, r.records);
       break;
+    case 'refcounts':
+      putU32(b, off + 4, r.index.length);
+      putU64(b, off + 8, r.rt);
+      for (let k = 0, o = off + 16; k < r.index.length; k++, o += 24) {
+        putU64(b, o, r.index[k]!);
+        putU64(b, o + 8, r.old[k]!);
+        putU64(b, o + 16, r.new[k]!);
+      }
+      break;
+    case 'l2s':
+      putU32(b, off + 4, r.index.length);
+      putU32(b, off + 8, r.l1Index);
+      putU64(b, off + 16, r.table);
+      for (let k = 0, o = off + 24; k < r.index.length; k++, o += 40) {
+        putU64(b, o, r.index[k]!);
+        for (let x = 0; x < 4; x++) {
+          putU32(b, o + 8 + x * 4, r.old[k * 4 + x]!);
+          putU32(b, o + 24 + x * 4, r.new[k * 4 + x]!);
+        }
+      }
+      break;
   }
   return n;
 }
@@ -183,7 +208,8 @@ export function decodeRecord(b: Uint8Array, off = 0): { record: JournalRecord; l
   const type = b[off]!;
   const kind = KIND_BY_TYPE[type];
   if (!kind) bad('type', off, `unknown record type ${type}`);
-  const length = kind === 'begin' || kind === 'image' ? 16 + Math.ceil(u32(b, off + 4) / 8) * 8 : RECORD_LENGTH[kind];
+  const length =
+    kind === 'begin' || kind === 'image' ? 16 + Math.ceil(u32(b, off + 4) / 8) * 8 : kind === 'refcounts' ? 16 + u32(b, off + 4) * 24 : kind === 'l2s' ? 24 + u32(b, off + 4) * 40 : RECORD_LENGTH[kind];
   if (off + length > b.length) bad('length', off, `record of type ${kind} is truncated`);
   let record: JournalRecord;
   switch (kind) {
@@ -237,6 +263,34 @@ export function decodeRecord(b: Uint8Array, off = 0): { record: JournalRecord; l
     case 'unjournalled':
       record = { kind, records: u64(b, off + 8) };
       break;
+    case 'refcounts': {
+      const n = u32(b, off + 4);
+      const index = new Uint32Array(n);
+      const old = new Float64Array(n);
+      const next = new Float64Array(n);
+      for (let k = 0, o = off + 16; k < n; k++, o += 24) {
+        index[k] = u64(b, o);
+        old[k] = u64(b, o + 8);
+        next[k] = u64(b, o + 16);
+      }
+      record = { kind, rt: u64(b, off + 8), index, old, new: next };
+      break;
+    }
+    case 'l2s': {
+      const n = u32(b, off + 4);
+      const index = new Uint32Array(n);
+      const old = new Uint32Array(n * 4);
+      const next = new Uint32Array(n * 4);
+      for (let k = 0, o = off + 24; k < n; k++, o += 40) {
+        index[k] = u64(b, o);
+        for (let x = 0; x < 4; x++) {
+          old[k * 4 + x] = u32(b, o + 8 + x * 4);
+          next[k * 4 + x] = u32(b, o + 24 + x * 4);
+        }
+      }
+      record = { kind, l1Index: u32(b, off + 8), table: u64(b, off + 16), index, old, new: next };
+      break;
+    }
   }
   return { record, length };
 }

@@ -29,6 +29,18 @@ export type TableRole = 'l2' | 'refblock';
 export type MetaRecord =
   /** Refcount of host cluster `cluster` goes from `old` to `new`. */
   | { readonly kind: 'refcount'; readonly cluster: number; readonly old: number; readonly new: number }
+  /**
+   * Refcounts of several clusters of refcount block `rt` at once (a tree's
+   * worth: snapshots): cluster rt·entries + index[k] goes from old[k] to
+   * new[k]. The same changes as that many 'refcount' records, in one.
+   */
+  | { readonly kind: 'refcounts'; readonly rt: number; readonly index: Uint32Array; readonly old: Float64Array; readonly new: Float64Array }
+  /**
+   * Several entries of one L2 table at once (a snapshot's COPIED changes):
+   * entry index[k] goes from words old[4k..4k+3] to new[4k..4k+3] (hi, lo,
+   * bitmapHi, bitmapLo). The same changes as that many 'l2' records.
+   */
+  | { readonly kind: 'l2s'; readonly l1Index: number; readonly table: number; readonly index: Uint32Array; readonly old: Uint32Array; readonly new: Uint32Array }
   /** Entry `index` of the L2 table at host offset `table` (the table of L1 index `l1Index`). */
   | { readonly kind: 'l2'; readonly l1Index: number; readonly table: number; readonly index: number; readonly old: L2Word; readonly new: L2Word }
   /** Entry `index` of the active L1 table. */
@@ -70,6 +82,22 @@ export type LogRecord =
 
 export type JournalRecord = MetaRecord | MarkerRecord | LogRecord;
 
+/**
+ * The batch records ('refcounts', 'l2s') as the per-entry records they
+ * stand for, every other record as it is; `blockEntries` is the image's
+ * refcount-block entry count (a batch names clusters within its block).
+ */
+export function* expandRecords(records: Iterable<JournalRecord>, blockEntries: number): Generator<JournalRecord> {
+  for (const r of records) {
+    if (r.kind === 'refcounts') {
+      for (let k = 0; k < r.index.length; k++) yield { kind: 'refcount', cluster: r.rt * blockEntries + r.index[k]!, old: r.old[k]!, new: r.new[k]! };
+    } else if (r.kind === 'l2s') {
+      const word = (a: Uint32Array, k: number): L2Word => ({ hi: a[k * 4]!, lo: a[k * 4 + 1]!, bitmapHi: a[k * 4 + 2]!, bitmapLo: a[k * 4 + 3]! });
+      for (let k = 0; k < r.index.length; k++) yield { kind: 'l2', l1Index: r.l1Index, table: r.table, index: r.index[k]!, old: word(r.old, k), new: word(r.new, k) };
+    } else yield r;
+  }
+}
+
 const w = (x: Word64) => '0x' + (x.hi >>> 0).toString(16).padStart(8, '0') + (x.lo >>> 0).toString(16).padStart(8, '0');
 
 /** One line per record, for traces, `journal dump` and failing-test output. */
@@ -80,6 +108,10 @@ export function describe(r: JournalRecord): string {
     case 'l2':
       return `l2 table ${hex(r.table)} [${r.index}] (l1 ${r.l1Index}): ${w(r.old)} -> ${w(r.new)}` +
         (r.old.bitmapHi | r.old.bitmapLo | r.new.bitmapHi | r.new.bitmapLo ? ` bitmap ${w({ hi: r.old.bitmapHi, lo: r.old.bitmapLo })} -> ${w({ hi: r.new.bitmapHi, lo: r.new.bitmapLo })}` : '');
+    case 'refcounts':
+      return `refcounts of ${r.index.length} clusters of refcount block ${r.rt}` + (r.index.length ? ` (first ${r.index[0]}: ${r.old[0]} -> ${r.new[0]})` : '');
+    case 'l2s':
+      return `l2 table ${hex(r.table)} (l1 ${r.l1Index}): ${r.index.length} entries` + (r.index.length ? ` (first [${r.index[0]}]: ${w({ hi: r.old[0]!, lo: r.old[1]! })} -> ${w({ hi: r.new[0]!, lo: r.new[1]! })})` : '');
     case 'l1':
       return `l1 [${r.index}]: ${w(r.old)} -> ${w(r.new)}`;
     case 'l1-swap':

@@ -191,7 +191,21 @@ export class Transaction {
     this.header0 = base.header;
   }
 
+  /** the table `own` returned last, per editor: a run of records on one table skips the trie */
+  private lastEd: TrieEditor<Uint8Array> | undefined;
+  private lastKey = -1;
+  private lastTable: Uint8Array | undefined;
+
   private own(ed: TrieEditor<Uint8Array>, key: number, make?: () => Uint8Array): Uint8Array {
+    if (ed === this.lastEd && key === this.lastKey && this.lastTable) return this.lastTable;
+    const table = this.ownSlow(ed, key, make);
+    this.lastEd = ed;
+    this.lastKey = key;
+    this.lastTable = table;
+    return table;
+  }
+
+  private ownSlow(ed: TrieEditor<Uint8Array>, key: number, make?: () => Uint8Array): Uint8Array {
     const t = ed.get(key);
     if (t && this.owned.has(t)) return t;
     const copy = t ? t.slice() : make?.();
@@ -242,11 +256,13 @@ export class Transaction {
 
   /** Slot `slot` no longer holds a table in this state (its L1 entry now names another, not loaded yet). */
   unload(slot: number): void {
+    this.lastEd = undefined;
     this.l2ed.set(slot, undefined);
   }
 
   /** A table read from disk joins the state unchanged (not owned: the first record copies it). */
   load(role: 'l2' | 'refblock', slot: number, bytes: Uint8Array): void {
+    this.lastEd = undefined;
     (role === 'l2' ? this.l2ed : this.refblocks).set(slot, bytes);
   }
 
@@ -264,6 +280,34 @@ export class Transaction {
         const cur = getRefcount(block, i, g.refcountOrder);
         if (cur !== r.old) throw new RecordMismatchError(`refcount of cluster ${hex(r.cluster)} is ${cur}, record says ${r.old}`, { cluster: r.cluster });
         setRefcount(block, i, g.refcountOrder, r.new);
+        return;
+      }
+      case 'refcounts': {
+        const block = this.own(this.refblocks, r.rt);
+        const order = g.refcountOrder;
+        for (let k = 0; k < r.index.length; k++) {
+          const i = r.index[k]!;
+          const cur = getRefcount(block, i, order);
+          if (cur !== r.old[k]) throw new RecordMismatchError(`refcount of cluster ${hex(r.rt * g.refcountBlockEntries + i)} is ${cur}, record says ${r.old[k]}`, { cluster: r.rt * g.refcountBlockEntries + i });
+          setRefcount(block, i, order, r.new[k]!);
+        }
+        return;
+      }
+      case 'l2s': {
+        const t = this.own(this.l2ed, r.l1Index);
+        const es = g.l2EntrySize;
+        for (let k = 0; k < r.index.length; k++) {
+          const o = r.index[k]! * es;
+          const w = k * 4;
+          const same = u32(t, o) === r.old[w] && u32(t, o + 4) === r.old[w + 1] && (!g.extendedL2 || (u32(t, o + 8) === r.old[w + 2] && u32(t, o + 12) === r.old[w + 3]));
+          if (!same) throw new RecordMismatchError(`L2 entry ${r.index[k]} of table ${hex(r.table)} does not hold the record's old value`, { table: r.table, index: r.index[k] });
+          putU32(t, o, r.new[w]!);
+          putU32(t, o + 4, r.new[w + 1]!);
+          if (g.extendedL2) {
+            putU32(t, o + 8, r.new[w + 2]!);
+            putU32(t, o + 12, r.new[w + 3]!);
+          }
+        }
         return;
       }
       case 'l2': {
@@ -335,6 +379,7 @@ export class Transaction {
           fresh = new Uint8Array(g.clusterSize);
         }
         this.owned.add(fresh);
+        this.lastEd = undefined;
         ed.set(r.slot, fresh);
         return;
       }

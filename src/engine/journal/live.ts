@@ -44,10 +44,12 @@ export class JournalLog {
    * their place. Returns the transaction number and the bytes written. The
    * caller flushes before any in-place write.
    */
-  async append(records: readonly JournalRecord[], metaRecords: number): Promise<{ tx: number; bytes: number; fits: boolean }> {
+  async append(records: readonly JournalRecord[], metaRecords: number, atLeastBytes = 0): Promise<{ tx: number; bytes: number; fits: boolean }> {
     const tx = ++this.tx;
-    let enc = encodeTransaction(records, { generation: this.generation, tx, seq: this.seq });
-    const fits = enc.bytes.length <= this.capacity;
+    // `atLeastBytes`: the records' encoded size as the caller counted it; past the capacity nothing is encoded
+    const big = atLeastBytes > this.capacity;
+    let enc = encodeTransaction(big ? [] : records, { generation: this.generation, tx, seq: this.seq });
+    const fits = !big && enc.bytes.length <= this.capacity;
     if (!fits) enc = encodeTransaction([{ kind: 'unjournalled', records: metaRecords }], { generation: this.generation, tx, seq: this.seq });
     await this.dev.write(this.ext.offset + AREA_HEADER_SIZE, enc.bytes);
     this.seq = enc.nextSeq;

@@ -21,7 +21,7 @@ import { isCompressed, isCopied, l2EntryAt, sameL2Entry, standardOffset, standar
 import { getRefcount, maxRefcount, refcountTableEntry, setRefcount } from '../../format/refcount.ts';
 import { readAt, readClusters, type BlockDevice } from '../../io/device.ts';
 import type { JournalTransaction } from '../../journal/log.ts';
-import type { HeaderField } from '../../journal/records.ts';
+import { expandRecords, type HeaderField } from '../../journal/records.ts';
 import { PhaseLists, dirtySectors, executePlan, padSector, type Phase } from '../ordering.ts';
 import { checkpoint } from './live.ts';
 import type { SnapshotEntry } from '../../format/snapshot.ts';
@@ -100,7 +100,7 @@ export async function recoverJournal(
 async function replayOverlap(dev: BlockDevice, parsed: ParsedHeader, snapshots: { readonly entries: readonly SnapshotEntry[]; readonly tableBytes: number }, tx: JournalTransaction, plan: readonly Phase[]): Promise<string | undefined> {
   const h = parsed.header;
   const cs = 2 ** h.clusterBits;
-  const index = new OverlapIndex({ clusterSize: cs }, 'all');
+  const index = new OverlapIndex(geometryOf(h), 'all');
   const l1 = await readAt(dev, h.l1TableOffset, h.l1Size * 8);
   const reftable = await readAt(dev, h.refcountTableOffset, h.refcountTableClusters * cs);
   await buildOverlapIndex(index, { dev, parsed, l1, reftable, snapshots: snapshots.entries, snapshotTableBytes: snapshots.tableBytes });
@@ -131,7 +131,8 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
   const h = parsed.header;
   const g = geometryOf(h);
   const cs = g.clusterSize;
-  const recs = tx.records;
+  // batch records (snapshot operations) as the per-entry records they stand for
+  const recs = [...expandRecords(tx.records, g.refcountBlockEntries)];
   const bound = Math.max(fileSize, j.ext.offset + j.ext.size) + 2 ** 40;
   const checkTable = (what: string, off: number, len: number): string | undefined => {
     if (!Number.isSafeInteger(off) || off <= 0 || off % cs !== 0 || off + len > bound) return `${what} at ${hex(off)} is not a valid table position`;

@@ -5,12 +5,12 @@
  * back to the file system after the write-back that made the free durable.
  */
 
-import { QledgerError, hex } from '../../errors.ts';
+import { CorruptionError, QledgerError, hex } from '../../errors.ts';
 import { MAX_REFTABLE_BYTES } from '../../format/limits.ts';
-import { maxRefcount, refcountStructureSize } from '../../format/refcount.ts';
+import { getRefcount, maxRefcount, refcountStructureSize } from '../../format/refcount.ts';
 import type { JournalRecord } from '../../journal/records.ts';
 import { cluster, clusterOf, hostOf, type ClusterIndex, type HostOffset } from '../../format/offsets.ts';
-import { refcountOf } from '../../state/state.ts';
+import { refcountOf, reftableEntry } from '../../state/state.ts';
 import type { WriteContext } from './context.ts';
 import type { OverlapIndex } from './overlap.ts';
 import type { FaultPlan } from '../faults.ts';
@@ -32,6 +32,86 @@ export class Allocator {
     private readonly faults: FaultPlan | undefined,
   ) {
     this.reuseFreedAtOnce = faults?.reuseFreedAtOnce ?? false;
+    this.max = maxRefcount(ctx.geometry.refcountOrder);
+  }
+
+  /** Each cluster's refcount in the live state (0 where no block covers it), blocks looked up once per run. */
+  async peekRefcounts(clusters: ArrayLike<number>, visit: (c: number, refcount: number) => void): Promise<void> {
+    const t = this.ctx.t();
+    const E = this.ctx.geometry.refcountBlockEntries;
+    const order = this.ctx.geometry.refcountOrder;
+    let rt = -1;
+    let block: Uint8Array | undefined;
+    for (let k = 0; k < clusters.length; k++) {
+      const c = clusters[k]!;
+      const r = Math.floor(c / E);
+      if (r !== rt) {
+        rt = r;
+        const off = t.reftableEntry(rt);
+        block = off === 0 ? undefined : await this.tables.refblock(rt, off);
+      }
+      visit(c, block ? getRefcount(block, c % E, order) : 0);
+    }
+  }
+
+  /**
+   * `delta` on the refcount of every cluster in `clusters` (a cluster listed
+   * k times changes by k·delta): a tree's worth at once (snapshots), one
+   * 'refcounts' record per refcount block, each block looked up once. All
+   * of it is computed and checked before the first record, so a refusal
+   * (a refcount past the width's maximum; with `referenced`, a cluster the
+   * tree references whose refcount is 0) changes nothing. `onResult` sees
+   * each cluster's new refcount, once per cluster.
+   */
+  async changeRefcounts(clusters: ArrayLike<number>, delta: number, o: { referenced?: boolean; onResult?: (c: number, refcount: number) => void } = {}): Promise<void> {
+    const ctx = this.ctx;
+    const g = ctx.geometry;
+    const t = ctx.t();
+    const E = g.refcountBlockEntries;
+    const order = g.refcountOrder;
+    const sorted = Float64Array.from(clusters);
+    let ascending = true;
+    for (let k = 1; k < sorted.length && ascending; k++) ascending = sorted[k - 1]! <= sorted[k]!;
+    if (!ascending) sorted.sort(); // a tree walked in L1 order mostly is already
+    const n = sorted.length;
+    const where = (c: number) => hex(hostOf(cluster(c), g.clusterSize));
+    const out: Array<Extract<JournalRecord, { kind: 'refcounts' }>> = [];
+    for (let k = 0; k < n; ) {
+      const rt = Math.floor(sorted[k]! / E);
+      const off = t.reftableEntry(rt);
+      if (off === 0) {
+        if (delta < 0) await ctx.signalCorruption(`refcount of cluster ${where(sorted[k]!)} would drop below 0`, { cluster: sorted[k] });
+        throw new CorruptionError(`${ctx.filename}: cluster ${where(sorted[k]!)} is referenced but no refcount block covers it; run 'qledger check -r all'`, { cluster: sorted[k] });
+      }
+      const block = await this.tables.refblock(rt, off);
+      let end = k;
+      while (end < n && Math.floor(sorted[end]! / E) === rt) end++;
+      const index = new Uint32Array(end - k);
+      const old = new Float64Array(end - k);
+      const next = new Float64Array(end - k);
+      let m = 0;
+      while (k < end) {
+        const c = sorted[k]!;
+        let times = 1;
+        while (k + times < end && sorted[k + times] === c) times++;
+        const i = c % E;
+        const was = getRefcount(block, i, order);
+        const now = was + times * delta;
+        if (was === 0 && o.referenced) throw new CorruptionError(`${ctx.filename}: cluster ${where(c)} is referenced but its refcount is 0; run 'qledger check -r all'`, { cluster: c });
+        if (now < 0) await ctx.signalCorruption(`refcount of cluster ${where(c)} would drop below 0`, { cluster: c });
+        if (now > this.max) throw new QledgerError('E_OVERFLOW', `${ctx.filename}: refcount of cluster ${where(c)} would exceed ${this.max} (refcount_bits=${g.refcountBits})`, { cluster: c, errno: 22 });
+        index[m] = i;
+        old[m] = was;
+        next[m] = now;
+        m++;
+        k += times;
+      }
+      out.push({ kind: 'refcounts', rt, index: index.subarray(0, m), old: old.subarray(0, m), new: next.subarray(0, m) });
+    }
+    for (const r of out) {
+      ctx.emit(r);
+      if (o.onResult) for (let k = 0; k < r.index.length; k++) o.onResult(r.rt * E + r.index[k]!, r.new[k]!);
+    }
   }
 
   /** test fault 'reuse-before-durable': a freed cluster may be reused at once */
@@ -41,8 +121,15 @@ export class Allocator {
 
   /** Follow the record stream: a cluster whose refcount drops to 0 is freed in this epoch. */
   follow(r: JournalRecord): void {
+    if (r.kind === 'refcounts') {
+      for (let k = 0; k < r.index.length; k++) if (r.new[k] === 0 && r.old[k]! > 0) this.freed(cluster(r.rt * this.ctx.geometry.refcountBlockEntries + r.index[k]!));
+      return;
+    }
     if (r.kind !== 'refcount' || r.new !== 0 || r.old === 0) return;
-    const c = cluster(r.cluster);
+    this.freed(cluster(r.cluster));
+  }
+
+  private freed(c: ClusterIndex): void {
     this.freedInEpoch.add(c);
     if (c < this.freedMin) this.freedMin = c;
     if (this.reuseFreedAtOnce && c < this.cursor) this.cursor = c;
@@ -59,12 +146,15 @@ export class Allocator {
     return t.refcount(c)!;
   }
 
+  /** the refcount width's maximum */
+  private readonly max: number;
+
   async changeRefcount(c: ClusterIndex, delta: number): Promise<void> {
     const g = this.ctx.geometry;
     const old = await this.refcount(c);
     const next = old + delta;
     if (next < 0) await this.ctx.signalCorruption(`refcount of cluster ${hex(hostOf(c, g.clusterSize))} would drop below 0`, { cluster: c });
-    const max = maxRefcount(g.refcountOrder);
+    const max = this.max;
     if (next > max) {
       throw new QledgerError('E_OVERFLOW', `${this.ctx.filename}: refcount of cluster ${hex(hostOf(c, g.clusterSize))} would exceed ${max} (refcount_bits=${g.refcountBits})`, { cluster: c });
     }
@@ -90,9 +180,24 @@ export class Allocator {
     // test fault 'reuse-freed-metadata': the search goes back to a freed metadata cluster at once
     for (const c of this.freedMetadata) if (c < start) start = c;
     let run = 0;
+    // the live and the durable block of the refcount-table index scanned last
+    let scanRt = -1;
+    let live: Uint8Array | undefined;
+    let durableBlock: Uint8Array | undefined;
+    const order = ctx.geometry.refcountOrder;
     while (run < n) {
       const c = cluster(start + run);
       const rt = Math.floor(c / E);
+      if (rt === scanRt && live) {
+        // the common case, a block already looked at: its bytes, no lookups
+        const i = c % E;
+        const busy = getRefcount(live, i, order) !== 0 || (!this.reuseFreedAtOnce && ((durableBlock && getRefcount(durableBlock, i, order) !== 0) || this.freedInEpoch.has(c))) || this.overlap.has(c);
+        if (busy && !this.freedMetadata.has(c)) {
+          start = c + 1;
+          run = 0;
+        } else run++;
+        continue;
+      }
       const off = t.reftableEntry(rt);
       if (off === 0) {
         // No refcount block covers c, so c is free (unless reserved: the journal
@@ -104,6 +209,10 @@ export class Allocator {
         continue;
       }
       await this.tables.refblock(rt, off);
+      // a block this transaction has not copied yet is the same object in the live state until it does
+      scanRt = this.freedMetadata.size === 0 ? rt : -1;
+      live = t.refblock(rt);
+      durableBlock = reftableEntry(ctx.durable, rt) === off ? ctx.durable.refblocks.get(rt) : undefined;
       if (this.freedMetadata.has(c)) {
         // test fault: a freed metadata cluster handed out again at once
         run++;

@@ -35,7 +35,12 @@ export class CompressedWriter {
    * again, as data even, so nothing more is packed into it.
    */
   follow(r: JournalRecord): void {
-    if (r.kind === 'refcount' && r.new === 0 && this.tail && r.cluster === this.tail.cluster) this.tail = undefined;
+    if (!this.tail) return;
+    if (r.kind === 'refcount' && r.new === 0 && r.cluster === this.tail.cluster) this.tail = undefined;
+    else if (r.kind === 'refcounts') {
+      const E = this.ctx.geometry.refcountBlockEntries;
+      for (let k = 0; k < r.index.length; k++) if (r.new[k] === 0 && r.rt * E + r.index[k]! === this.tail?.cluster) this.tail = undefined;
+    }
   }
 
   async writeCluster(guestOff: GuestOffset, piece: Uint8Array): Promise<void> {

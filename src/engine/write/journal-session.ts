@@ -128,7 +128,7 @@ export class JournalSession {
     return {
       dataPending: ctx.extent.dataSinceBarrier,
       append: async () => {
-        const r = await log.append([...this.stream, ...this.tableImages(pending)], pending.length);
+        const r = await log.append([...this.stream, ...this.tableImages(pending)], pending.length, this.streamBytes);
         tx = r.tx;
         ctx.trace.write(log.ext.offset, r.bytes, `journal tx ${r.tx}${r.fits ? '' : ' (unjournalled: too big)'} [journal]`);
         // The first transaction carries the autoclear bit in the same flush: a bit

@@ -107,11 +107,15 @@ export class OverlapIndex {
    */
   clash: string | undefined;
 
+  /** refcount-block entries (a batch record names clusters within its block); 0: none expected */
+  private readonly blockEntries: number;
+
   constructor(
-    g: Pick<Geometry, 'clusterSize'>,
+    g: Pick<Geometry, 'clusterSize'> & Partial<Pick<Geometry, 'refcountBlockEntries'>>,
     readonly mode: OverlapMode = 'all',
   ) {
     this.cs = g.clusterSize;
+    this.blockEntries = g.refcountBlockEntries ?? 0;
     this.checked = MODE_KINDS[mode];
   }
 
@@ -243,6 +247,9 @@ export class OverlapIndex {
       case 'refcount':
         // a freed cluster holds nothing any more, whatever it held, once the free is durable
         if (r.new === 0 && r.old > 0) this.releaseLater((r.cluster * cs) as HostOffset, cs, ANY_KIND);
+        break;
+      case 'refcounts':
+        for (let k = 0; k < r.index.length; k++) if (r.new[k] === 0 && r.old[k]! > 0) this.releaseLater(((r.rt * this.blockEntries + r.index[k]!) * cs) as HostOffset, cs, ANY_KIND);
         break;
       default:
         break;

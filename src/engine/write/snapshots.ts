@@ -22,8 +22,7 @@
 
 import { CorruptionError, QledgerError, hex } from '../../errors.ts';
 import { COPIED_HI, entryOffset } from '../../format/l1.ts';
-import { compressedDescriptor, isCompressed, isCopied, l2EntryAt, standardOffset, L2E_COPIED_HI, type L2Entry } from '../../format/l2.ts';
-import { maxRefcount } from '../../format/refcount.ts';
+import { compressedDescriptor, isCompressed, isCopied, l2EntryAt, standardOffset, L2E_COMPRESSED_HI, L2E_COPIED_HI, L2E_OFFSET_MASK_HI, L2E_OFFSET_MASK_LO, type L2Entry } from '../../format/l2.ts';
 import { encodeSnapshotTable, type SnapshotEntry } from '../../format/snapshot.ts';
 import { cluster, clusterOf, host, type HostOffset } from '../../format/offsets.ts';
 import { putU32, u32 } from '../../format/bytes.ts';
@@ -84,22 +83,29 @@ export class Snapshots {
 
     // Everything is read and checked before the first record: a refusal leaves the state untouched.
     const refs: Refs = [];
-    const copiedL2: { l1Index: number; table: HostOffset; index: number; e: L2Entry }[] = [];
     const l1Entries: { index: number; e: Word64; table: HostOffset }[] = [];
+    const active: [number, HostOffset][] = [];
+    for (let i = 0; i < h.l1Size; i++) if (t.l1TableOffset(i) !== 0) active.push([i, t.l1TableOffset(i)]);
+    await this.tables.preloadL2(active);
     for (let i = 0; i < h.l1Size; i++) {
       const table = t.l1TableOffset(i);
       if (table === 0) continue;
-      const bytes = t.l2(i) ?? (await this.tables.loadL2(i, table));
-      this.treeRefs(bytes, refs, (index, e) => {
-        if (isCopied(e)) copiedL2.push({ l1Index: i, table, index, e });
-      });
+      this.treeRefs(t.l2(i) ?? (await this.tables.loadL2(i, table)), refs, undefined);
       refs.push(clusterOf(table, cs));
       l1Entries.push({ index: i, e: t.l1Entry(i), table });
     }
-    await this.checkRoom(refs, 1);
-
-    for (const c of refs) await this.alloc.changeRefcount(cluster(c), 1);
-    for (const x of copiedL2) ctx.emit({ kind: 'l2', l1Index: x.l1Index, table: x.table, index: x.index, old: x.e, new: { ...x.e, hi: (x.e.hi & ~L2E_COPIED_HI) >>> 0 } });
+    await this.alloc.changeRefcounts(refs, 1, { referenced: true });
+    for (const x of l1Entries) {
+      // the table is loaded (above): its entries that lose COPIED, one record for the table
+      const bytes = t.l2(x.index)!;
+      const lose: number[] = [];
+      for (let j = 0; j < g.l2Entries; j++) {
+        if ((bytes[j * g.l2EntrySize]! & 0x80) === 0) continue; // COPIED is the top bit of the first byte
+        const e = l2EntryAt(bytes, j, g);
+        if (!isCompressed(e) && standardOffset(e) !== 0) lose.push(j);
+      }
+      this.emitCopied(x.index, x.table, bytes, lose, false);
+    }
     for (const x of l1Entries) if (x.e.hi & COPIED_HI) ctx.emit({ kind: 'l1', index: x.index, old: x.e, new: { hi: (x.e.hi & ~COPIED_HI) >>> 0, lo: x.e.lo } });
 
     // the snapshot's L1: the active one as it is now (COPIED clear everywhere)
@@ -143,7 +149,6 @@ export class Snapshots {
     const sn = this.list[at]!;
     const snapL1 = await this.readL1(sn);
     const size = sn.diskSize ?? t.header.size;
-    await this.resizer.growL1(sn.l1Size);
     const h = t.header;
 
     // Both trees, read first. Slots whose table is the same in both cancel out.
@@ -151,43 +156,46 @@ export class Snapshots {
     const drop: Refs = [];
     const slots: { index: number; old: Word64; table: HostOffset }[] = [];
     const snapTables = await readClusters(ctx.files.image, [...new Set(snapL1.filter((o, i) => o !== 0 && o !== t.l1TableOffset(i)))], cs);
-    for (let i = 0; i < h.l1Size; i++) {
+    for (let i = 0; i < Math.max(h.l1Size, snapL1.length); i++) {
       const now = t.l1TableOffset(i);
       const next = i < snapL1.length ? snapL1[i]! : 0;
       if (now === next) continue;
       if (next !== 0) {
-        this.treeRefs(snapTables.get(next)!, add, () => undefined);
+        this.treeRefs(snapTables.get(next)!, add, undefined);
         add.push(clusterOf(host(next), cs));
       }
       if (now !== 0) {
-        this.treeRefs(t.l2(i) ?? (await this.tables.loadL2(i, now)), drop, () => undefined);
+        this.treeRefs(t.l2(i) ?? (await this.tables.loadL2(i, now)), drop, undefined);
         drop.push(clusterOf(now, cs));
       }
       slots.push({ index: i, old: t.l1Entry(i), table: host(next) });
     }
-    await this.checkRoom(add, 1);
-
-    for (const c of add) await this.alloc.changeRefcount(cluster(c), 1);
+    // checked whole before its first record: a refusal changes nothing
+    await this.alloc.changeRefcounts(add, 1, { referenced: true });
+    // the active L1 takes the snapshot's size when that is larger (QEMU's qcow2_grow_l1_table); the entries stay
+    await this.resizer.growL1(sn.l1Size);
     for (const s of slots) {
       // the snapshot still holds the table: shared, so COPIED clear
       ctx.emit({ kind: 'l1', index: s.index, old: s.old, new: { hi: Math.floor(s.table / 0x1_0000_0000), lo: s.table % 0x1_0000_0000 } });
       if (s.table === 0) t.unload(s.index);
       else t.load('l2', s.index, snapTables.get(s.table)!);
     }
-    for (const c of drop) await this.alloc.changeRefcount(cluster(c), -1);
+    await this.alloc.changeRefcounts(drop, -1);
     // COPIED left set in a snapshot's table (QEMU's delete sets it on tables another snapshot shares) goes now
     for (const s of slots) {
       if (s.table === 0) continue;
       const bytes = t.l2(s.index)!;
+      const lose: number[] = [];
       for (let j = 0; j < g.l2Entries; j++) {
         const e = l2EntryAt(bytes, j, g);
         if (!isCopied(e) || isCompressed(e)) continue;
         if ((await this.alloc.refcount(clusterOf(host(standardOffset(e)), cs))) === 1) continue;
-        ctx.emit({ kind: 'l2', l1Index: s.index, table: s.table, index: j, old: e, new: { ...e, hi: (e.hi & ~L2E_COPIED_HI) >>> 0 } });
+        lose.push(j);
       }
+      this.emitCopied(s.index, s.table, bytes, lose, false);
     }
-    if (size !== h.size) {
-      ctx.emit({ kind: 'header', field: 'size', old: BigInt(h.size), new: BigInt(size) });
+    if (size !== t.header.size) {
+      ctx.emit({ kind: 'header', field: 'size', old: BigInt(t.header.size), new: BigInt(size) });
       ctx.reader().size = size;
     }
     return sn;
@@ -210,17 +218,17 @@ export class Snapshots {
       const T = snapL1[i]!;
       if (T === 0) continue;
       const active = t.l1TableOffset(i) === T ? (t.l2(i) ?? (await this.tables.loadL2(i, host(T)))) : undefined;
-      this.treeRefs(active ?? bytesOf.get(T)!, drop, () => undefined);
+      this.treeRefs(active ?? bytesOf.get(T)!, drop, undefined);
       drop.push(T / cs);
     }
     const rest = this.list.filter((_, i) => i !== at);
     await this.switchTable(rest);
     const left = new Set<number>(); // clusters the deletion leaves with one reference
-    for (const c of drop) {
-      await this.alloc.changeRefcount(cluster(c), -1);
-      if ((await this.alloc.refcount(cluster(c))) === 1) left.add(c);
-      else left.delete(c);
-    }
+    await this.alloc.changeRefcounts(drop, -1, {
+      onResult: (c, rc) => {
+        if (rc === 1) left.add(c);
+      },
+    });
     const l1First = sn.l1TableOffset / cs;
     for (let k = 0; k < Math.ceil((sn.l1Size * 8) / cs); k++) await this.alloc.changeRefcount(cluster(l1First + k), -1);
     if (left.size) await this.settleCopied(left);
@@ -238,35 +246,45 @@ export class Snapshots {
    * (a compressed run: every cluster it touches), into `out`; `each` sees every
    * entry that references a standard cluster.
    */
-  private treeRefs(table: Uint8Array, out: Refs, each: (index: number, e: L2Entry) => void): void {
+  private treeRefs(table: Uint8Array, out: Refs, each: ((index: number, e: L2Entry) => void) | undefined): void {
     const g = this.ctx.geometry;
     const cs = g.clusterSize;
+    const es = g.l2EntrySize;
     for (let j = 0; j < g.l2Entries; j++) {
-      const e = l2EntryAt(table, j, g);
-      if (e.hi === 0 && e.lo === 0) continue;
-      if (isCompressed(e)) {
-        const d = compressedDescriptor(e, g.clusterBits);
+      // the descriptor's words read in place: a tree has a million of them
+      const hi = u32(table, j * es);
+      const lo = u32(table, j * es + 4);
+      if (hi === 0 && lo === 0) continue;
+      if (hi & L2E_COMPRESSED_HI) {
+        const d = compressedDescriptor(l2EntryAt(table, j, g), g.clusterBits);
         for (let c = Math.floor(d.offset / cs); c <= Math.floor((d.offset + d.length - 1) / cs); c++) out.push(c);
         continue;
       }
-      const off = standardOffset(e);
+      const off = (hi & L2E_OFFSET_MASK_HI) * 0x1_0000_0000 + ((lo & L2E_OFFSET_MASK_LO) >>> 0);
       if (off === 0) continue;
       out.push(off / cs);
-      each(j, e);
+      if (each) each(j, l2EntryAt(table, j, g));
     }
   }
 
-  /** Refuse, before any record, increments that would pass the refcount width's maximum. */
-  private async checkRoom(refs: Refs, delta: number): Promise<void> {
+  /** One record: COPIED set (`set`) or cleared on entries `indices` of the table of L1 index `l1Index`, as `bytes` holds them. */
+  private emitCopied(l1Index: number, table: number, bytes: Uint8Array, indices: readonly number[], set: boolean): void {
+    if (indices.length === 0) return;
     const g = this.ctx.geometry;
-    const max = maxRefcount(g.refcountOrder);
-    const extra = new Map<number, number>();
-    for (const c of refs) extra.set(c, (extra.get(c) ?? 0) + delta);
-    for (const [c, n] of extra) {
-      const have = await this.alloc.refcount(cluster(c));
-      if (have === 0) throw new CorruptionError(`${this.ctx.filename}: cluster ${hex(c * g.clusterSize)} is referenced but its refcount is 0; run 'qledger check -r all'`, { cluster: c });
-      if (have + n > max) throw new QledgerError('E_OVERFLOW', `${this.ctx.filename}: refcount of cluster ${hex(c * g.clusterSize)} would exceed ${max} (refcount_bits=${g.refcountBits})`, { cluster: c, errno: 22 });
+    const es = g.l2EntrySize;
+    const old = new Uint32Array(indices.length * 4);
+    for (let k = 0; k < indices.length; k++) {
+      const o = indices[k]! * es;
+      old[k * 4] = u32(bytes, o);
+      old[k * 4 + 1] = u32(bytes, o + 4);
+      if (g.extendedL2) {
+        old[k * 4 + 2] = u32(bytes, o + 8);
+        old[k * 4 + 3] = u32(bytes, o + 12);
+      }
     }
+    const next = old.slice();
+    for (let k = 0; k < indices.length; k++) next[k * 4] = set ? (next[k * 4]! | L2E_COPIED_HI) >>> 0 : (next[k * 4]! & ~L2E_COPIED_HI) >>> 0;
+    this.ctx.emit({ kind: 'l2s', l1Index, table, index: Uint32Array.from(indices), old, new: next });
   }
 
   /** A snapshot's L1 table from disk, as table offsets (flags masked), checked. */
@@ -343,14 +361,15 @@ export class Snapshots {
       if (rc !== 1) continue; // shared: its entries' clusters are too
       if ((e.hi & COPIED_HI) === 0 && left.has(T / cs)) ctx.emit({ kind: 'l1', index: i, old: e, new: { hi: (e.hi | COPIED_HI) >>> 0, lo: e.lo } });
       const bytes = t.l2(i) ?? (await this.tables.loadL2(i, T));
+      const gain: number[] = [];
       for (let j = 0; j < g.l2Entries; j++) {
         const x = l2EntryAt(bytes, j, g);
         if (isCompressed(x) || isCopied(x)) continue;
         const off = standardOffset(x);
-        if (off === 0 || !left.has(off / cs)) continue;
-        if ((await this.alloc.refcount(clusterOf(host(off), cs))) !== 1) continue;
-        ctx.emit({ kind: 'l2', l1Index: i, table: T, index: j, old: x, new: { ...x, hi: (x.hi | L2E_COPIED_HI) >>> 0 } });
+        // `left` holds the final refcount of 1 of each cluster the deletion changed
+        if (off !== 0 && left.has(off / cs)) gain.push(j);
       }
+      this.emitCopied(i, T, bytes, gain, true);
     }
   }
 }

@@ -46,6 +46,20 @@ export class TableCache {
     return bytes;
   }
 
+  /**
+   * Load the L2 tables of these L1 indices (at these offsets) that the live
+   * state lacks, read concurrently: a walk over a whole tree (snapshots)
+   * waits for the device once, not once per table.
+   */
+  async preloadL2(tables: ReadonlyArray<readonly [l1Index: number, off: HostOffset]>): Promise<void> {
+    const ctx = this.ctx;
+    const have = (i: number) => (ctx.tx ? ctx.tx.l2(i) : ctx.cur.l2.get(i)) !== undefined;
+    const want = tables.filter(([i]) => !have(i));
+    for (let k = 0; k < want.length; k += 64) {
+      await Promise.all(want.slice(k, k + 64).map(([i, off]) => this.loadL2(i, off)));
+    }
+  }
+
   /** The refcount block of refcount-table index `rt` (at `off`), in the open transaction. */
   async refblock(rt: number, off: HostOffset): Promise<Uint8Array> {
     const ctx = this.ctx;

@@ -39,7 +39,7 @@ export class WriteBack {
 
   /** Follow the record stream: every metadata record waits for the next write-back. */
   follow(r: JournalRecord): void {
-    if (r.kind === 'refcount' || r.kind === 'l2' || r.kind === 'l1' || r.kind === 'l1-swap' || r.kind === 'reftable' || r.kind === 'reftable-swap' || r.kind === 'table-new' || r.kind === 'header') {
+    if (r.kind === 'refcount' || r.kind === 'refcounts' || r.kind === 'l2' || r.kind === 'l2s' || r.kind === 'l1' || r.kind === 'l1-swap' || r.kind === 'reftable' || r.kind === 'reftable-swap' || r.kind === 'table-new' || r.kind === 'header') {
       this.pending.push(r);
     }
   }
@@ -68,7 +68,7 @@ export class WriteBack {
     // before anything is planned: starting the journal may move the backing file name in the header
     await this.journal.prepare(this.pending.length);
     const lazy = this.lazyRefcounts;
-    if (lazy && !ctx.headerBits.dirtyOnDisk && this.pending.some((r) => r.kind === 'refcount')) await ctx.headerBits.markDirty(ctx.durable.header);
+    if (lazy && !ctx.headerBits.dirtyOnDisk && this.pending.some((r) => r.kind === 'refcount' || r.kind === 'refcounts')) await ctx.headerBits.markDirty(ctx.durable.header);
     const plan = planFlush({
       durable: ctx.durable,
       current: ctx.cur,
