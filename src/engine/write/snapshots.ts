@@ -214,6 +214,7 @@ export class Snapshots {
     const tables = [...new Set(snapL1.filter((o) => o !== 0))];
     const bytesOf = await readClusters(ctx.files.image, tables.filter((o) => !this.activeSlotOf(o, snapL1)), cs);
     const drop: Refs = [];
+    await this.tables.preloadL2(snapL1.flatMap((T, i) => (T !== 0 && t.l1TableOffset(i) === T ? [[i, host(T)] as [number, HostOffset]] : [])));
     for (let i = 0; i < snapL1.length; i++) {
       const T = snapL1[i]!;
       if (T === 0) continue;
@@ -223,7 +224,8 @@ export class Snapshots {
     }
     const rest = this.list.filter((_, i) => i !== at);
     await this.switchTable(rest);
-    const left = new Set<number>(); // clusters the deletion leaves with one reference
+    // clusters the deletion leaves with one reference, as a bitmap over the file's clusters
+    const left = new ClusterBits(ctx.extent.endCluster);
     await this.alloc.changeRefcounts(drop, -1, {
       onResult: (c, rc) => {
         if (rc === 1) left.add(c);
@@ -348,11 +350,14 @@ export class Snapshots {
    * with one reference mapping such clusters (QEMU's qcow2_update_snapshot_refcount
    * with addend 0 over the active tree).
    */
-  private async settleCopied(left: Set<number>): Promise<void> {
+  private async settleCopied(left: ClusterBits): Promise<void> {
     const ctx = this.ctx;
     const t = ctx.t();
     const g = ctx.geometry;
     const cs = g.clusterSize;
+    const active: [number, HostOffset][] = [];
+    for (let i = 0; i < t.header.l1Size; i++) if (t.l1TableOffset(i) !== 0) active.push([i, t.l1TableOffset(i)]);
+    await this.tables.preloadL2(active);
     for (let i = 0; i < t.header.l1Size; i++) {
       const T = t.l1TableOffset(i);
       if (T === 0) continue;
@@ -362,14 +367,44 @@ export class Snapshots {
       if ((e.hi & COPIED_HI) === 0 && left.has(T / cs)) ctx.emit({ kind: 'l1', index: i, old: e, new: { hi: (e.hi | COPIED_HI) >>> 0, lo: e.lo } });
       const bytes = t.l2(i) ?? (await this.tables.loadL2(i, T));
       const gain: number[] = [];
+      const es = g.l2EntrySize;
       for (let j = 0; j < g.l2Entries; j++) {
-        const x = l2EntryAt(bytes, j, g);
-        if (isCompressed(x) || isCopied(x)) continue;
-        const off = standardOffset(x);
+        const hi = u32(bytes, j * es);
+        if (hi & (L2E_COPIED_HI | L2E_COMPRESSED_HI)) continue;
+        const off = (hi & L2E_OFFSET_MASK_HI) * 0x1_0000_0000 + ((u32(bytes, j * es + 4) & L2E_OFFSET_MASK_LO) >>> 0);
         // `left` holds the final refcount of 1 of each cluster the deletion changed
         if (off !== 0 && left.has(off / cs)) gain.push(j);
       }
       this.emitCopied(i, T, bytes, gain, true);
     }
+  }
+}
+
+/** A set of cluster numbers below a bound, one bit each (a million of them cost 128 KiB, not a hash set). */
+class ClusterBits {
+  private bits: Uint8Array;
+
+  constructor(bound: number) {
+    this.bits = new Uint8Array(Math.ceil(Math.max(1, bound) / 8));
+  }
+
+  add(c: number): void {
+    if (c >= this.bits.length * 8) {
+      const grown = new Uint8Array(Math.ceil((c + 1) / 8) * 2);
+      grown.set(this.bits);
+      this.bits = grown;
+    }
+    this.bits[c >>> 3] = this.bits[c >>> 3]! | (1 << (c & 7));
+    this.count++;
+  }
+
+  has(c: number): boolean {
+    return c < this.bits.length * 8 && (this.bits[c >>> 3]! & (1 << (c & 7))) !== 0;
+  }
+
+  count = 0;
+
+  get size(): number {
+    return this.count;
   }
 }
