@@ -12,6 +12,7 @@
 
 export { Image, type ImageOpenOptions } from './engine/image.ts';
 export { ImageSnapshots } from './engine/image-snapshots.ts';
+export { serveNbd, type NbdServeOptions, type NbdServerHandle } from './server/nbd-server.ts';
 export type { SnapshotFields } from './engine/write/snapshots.ts';
 export type { SnapshotEntry } from './format/snapshot.ts';
 export type { CreateOptions, Preallocation } from './engine/create.ts';

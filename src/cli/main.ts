@@ -40,6 +40,7 @@ const MODULE_COMMANDS: Readonly<Record<string, () => Promise<Subcommand>>> = {
   journal: async () => (await import('./journal.ts')).runJournal,
   resize: async () => (await import('./resize.ts')).runResize,
   snapshot: async () => (await import('./snapshot.ts')).runSnapshot,
+  nbd: async () => (await import('./nbd.ts')).runNbd,
   measure: async () => (await import('./measure.ts')).runMeasure,
   dd: async () => (await import('./dd.ts')).runDd,
   commit: async () => (await import('./commit.ts')).runCommit,
@@ -66,6 +67,8 @@ Commands (options as in qemu-img / qemu-io):
   rebase [-f fmt] [-p] [-q] [-u] -b BACKING [-F fmt] FILE
   resize [--shrink] [--preallocation=off|metadata|falloc|full] [-f fmt] [--image-opts] [-q] FILE [+|-]SIZE
   compare [-f fmt] [-F fmt] [-s] [-q] FILE1 FILE2
+  nbd [-r] [-k SOCKET | -p PORT -b ADDR] [-x NAME] [-D DESC] [-e N] [-t] [-f fmt] [-l SNAPSHOT] [--pid-file FILE] FILE
+     serve the image over NBD (qemu-nbd's options); until the last client leaves, or with -t until SIGTERM
   journal dump [--output=human|json] FILE
      the journal's transactions and records, read-only
   io [-r] [-f fmt] [--journal=on|off] [--detect-zeroes=off|on|unmap] [--overlap-check=none|constant|cached|all] -c CMD [-c CMD ...] FILE
@@ -343,7 +346,7 @@ async function cmdCheck(argv: string[], io: Output): Promise<number> {
   return checkExitCode(report);
 }
 
-const COMMANDS = ['check', 'commit', 'compare', 'convert', 'crash-test', 'create', 'dd', 'info', 'io', 'journal', 'map', 'measure', 'rebase', 'resize', 'snapshot'] as const;
+const COMMANDS = ['check', 'commit', 'compare', 'convert', 'crash-test', 'create', 'dd', 'info', 'io', 'journal', 'map', 'measure', 'nbd', 'rebase', 'resize', 'snapshot'] as const;
 
 /** The usage lines of one subcommand, from the overview above. */
 function usageOf(cmd: string): string {

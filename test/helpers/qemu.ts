@@ -37,3 +37,11 @@ export function tempDir(prefix = 'qledger-test-'): { dir: string; cleanup: () =>
   const dir = mkdtempSync(join(tmpdir(), prefix));
   return { dir, cleanup: () => rmSync(dir, { recursive: true, force: true }) };
 }
+
+/** libnbd's tools and qemu-nbd, for the NBD server's interop tests (Debian: libnbd-bin, qemu-utils). */
+export const nbdToolsAvailable = has('nbdinfo') && has('nbdcopy') && has('qemu-nbd');
+
+if (!nbdToolsAvailable) {
+  if (process.env['QLEDGER_REQUIRE_QEMU']) throw new Error('nbdinfo/nbdcopy/qemu-nbd not found but QLEDGER_REQUIRE_QEMU is set: install libnbd-bin and qemu-utils');
+  console.warn('\n' + '!'.repeat(72) + '\n!!! nbdinfo / nbdcopy / qemu-nbd NOT FOUND: NBD interop tests are SKIPPED.\n!!! Install libnbd-bin and qemu-utils to run them.\n' + '!'.repeat(72) + '\n');
+}

@@ -1,0 +1,111 @@
+/**
+ * qledger nbd: qemu-nbd's server mode with qemu-nbd's option names where
+ * they overlap: `[-r] [-k SOCKET | -p PORT -b ADDR] [-x NAME] [-D DESC]
+ * [-e N] [-t] [-f FMT] [-l SNAPSHOT] [--pid-file FILE] [--detect-zeroes=…]
+ * [--overlap-check=…] IMG`. It serves until its last client leaves (or,
+ * with -t, until SIGTERM or SIGINT, which flush and close the image).
+ * qemu-nbd's other modes (-c to attach a kernel device, --fork, TLS) are
+ * refused by name.
+ */
+
+import { writeFileSync, rmSync } from 'node:fs';
+import { UnsupportedError, UsageError } from '../errors.ts';
+import { Image } from '../engine/image.ts';
+import { isOverlapMode, type OverlapMode } from '../engine/write/overlap.ts';
+import type { DetectZeroes } from '../engine/writer.ts';
+import { serveNbd } from '../server/nbd-server.ts';
+import { getopt } from './args.ts';
+import { imageSpec } from './image-spec.ts';
+import type { Output } from './output.ts';
+
+const LONG = {
+  'read-only': false, socket: true, port: true, bind: true, 'export-name': true, description: true, shared: true, persistent: false, format: true,
+  'load-snapshot': true, 'pid-file': true, 'image-opts': false, 'detect-zeroes': true, 'overlap-check': true, cache: true, discard: true, aio: true,
+  'handshake-limit': true, fork: false, connect: true, disconnect: false, 'tls-creds': true, 'tls-authz': true, 'tls-hostname': true, object: true, dedup: false, verbose: false,
+  'allocation-depth': false, bitmap: true, 'fork-nbd': false, offset: true, 'list': false, nocache: false, 'trace': true,
+};
+const ALIAS: Record<string, string> = { r: 'read-only', k: 'socket', p: 'port', b: 'bind', x: 'export-name', D: 'description', e: 'shared', t: 'persistent', f: 'format', l: 'load-snapshot', c: 'connect', d: 'disconnect', v: 'verbose', B: 'bitmap', A: 'allocation-depth', o: 'offset', L: 'list', n: 'nocache', T: 'trace' };
+
+export async function runNbd(argv: string[], io: Output): Promise<number> {
+  const p = getopt(argv, { withArg: 'kpbxDeflcBoT', flags: 'rtdvALn', long: LONG }, 'nbd');
+  const opt = new Map<string, string | true>();
+  for (const [k, v] of p.opts) opt.set(ALIAS[k] ?? k, v);
+  const str = (k: string) => (typeof opt.get(k) === 'string' ? (opt.get(k) as string) : undefined);
+  for (const k of ['connect', 'disconnect', 'fork', 'list']) if (opt.has(k)) throw new UnsupportedError(`nbd: --${k} is not supported (qledger serves NBD; it does not attach kernel devices, fork or act as a client)`);
+  for (const k of ['tls-creds', 'tls-authz', 'tls-hostname', 'object']) if (opt.has(k)) throw new UnsupportedError(`nbd: --${k} is not supported: qledger's NBD server has no TLS yet`);
+  for (const k of ['bitmap', 'allocation-depth', 'offset', 'trace']) if (opt.has(k)) throw new UnsupportedError(`nbd: --${k} is not supported yet`);
+  if (opt.has('dedup')) throw new UnsupportedError('nbd: --dedup is not supported yet (content deduplication is not built)');
+  const cache = str('cache');
+  if (cache !== undefined && cache !== 'writeback' && cache !== 'none' && cache !== 'writethrough' && cache !== 'unsafe' && cache !== 'directsync') throw new UsageError(`Invalid cache mode '${cache}'`);
+  if (p.positional.length !== 1) throw new UsageError("Expected exactly one image file name\nTry 'qledger nbd --help' for more information");
+  if (opt.has('socket') && (opt.has('port') || opt.has('bind'))) throw new UsageError('nbd: -k and -p/-b cannot be used together');
+  const portText = str('port');
+  const port = portText === undefined ? 10809 : Number(portText);
+  if (!Number.isInteger(port) || port < 0 || port > 65535) throw new UsageError(`Invalid port '${portText}'`);
+  const sharedText = str('shared');
+  const shared = sharedText === undefined ? 1 : Number(sharedText);
+  if (!Number.isInteger(shared) || shared < 0) throw new UsageError(`Invalid shared device number '${sharedText}'`);
+  const limitText = str('handshake-limit');
+  const handshakeMs = limitText === undefined ? 10_000 : Number(limitText) * 1000;
+  if (!Number.isFinite(handshakeMs) || handshakeMs < 0) throw new UsageError(`Invalid handshake limit '${limitText}'`);
+  const dz = str('detect-zeroes');
+  if (dz !== undefined && dz !== 'off' && dz !== 'on' && dz !== 'unmap') throw new UsageError(`Invalid detect-zeroes '${dz}'`);
+  const oc = str('overlap-check');
+  if (oc !== undefined && !isOverlapMode(oc)) throw new UsageError(`nbd: --overlap-check expects none, constant, cached or all`);
+  const discard = str('discard') ?? 'ignore';
+  if (discard !== 'ignore' && discard !== 'off' && discard !== 'unmap' && discard !== 'on') throw new UsageError(`Invalid discard mode '${discard}'`);
+  const fmt = str('format');
+  if (fmt !== undefined && fmt !== 'qcow2' && fmt !== 'raw') throw new UsageError(`Unknown file format '${fmt}'`);
+  const spec = imageSpec(p.positional[0]!, opt.has('image-opts'));
+  const snapshot = str('load-snapshot');
+  // a snapshot is served read-only, as qemu-nbd -l does
+  const readOnly = opt.has('read-only') || snapshot !== undefined;
+  const format = (fmt as 'qcow2' | 'raw' | undefined) ?? spec.format;
+  let img: Image;
+  if (readOnly) img = await Image.open(spec.path, { format, snapshot });
+  else {
+    const probe = await Image.open(spec.path, { format, noBacking: true });
+    const raw = probe.format === 'raw';
+    await probe.close();
+    if (raw) throw new UnsupportedError(`nbd: ${spec.path}: raw images are served read-only so far (add -r)`);
+    img = await Image.open(spec.path, {
+      format: 'qcow2',
+      write: true,
+      detectZeroes: dz as DetectZeroes | undefined,
+      overlapCheck: oc as OverlapMode | undefined,
+      onWarning: (m) => io.err(`qledger: warning: ${m}\n`),
+    });
+  }
+  const pidFile = str('pid-file');
+  try {
+    const server = await serveNbd(img, {
+      socket: str('socket'),
+      port,
+      host: str('bind') ?? '0.0.0.0',
+      exportName: str('export-name') ?? '',
+      description: str('description'),
+      readOnly,
+      // qemu-nbd's --discard: ignore (its default) or unmap
+      discard: discard === 'unmap' || discard === 'on' ? 'unmap' : 'ignore',
+      shared,
+      persistent: opt.has('persistent'),
+      handshakeMs,
+      log: opt.has('verbose') ? (l) => io.err(`qledger: nbd: ${l}\n`) : undefined,
+    });
+    if (pidFile) writeFileSync(pidFile, `${process.pid}\n`);
+    const stop = () => void server.close();
+    process.once('SIGTERM', stop);
+    process.once('SIGINT', stop);
+    try {
+      await server.done;
+    } finally {
+      process.off('SIGTERM', stop);
+      process.off('SIGINT', stop);
+    }
+  } finally {
+    // flushes: every write a client had acknowledged is durable, and a journalled session closes clean
+    await img.close();
+    if (pidFile) rmSync(pidFile, { force: true });
+  }
+  return 0;
+}

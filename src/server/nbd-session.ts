@@ -1,0 +1,417 @@
+/**
+ * One NBD connection: the fixed newstyle handshake (options EXPORT_NAME,
+ * ABORT, LIST, INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT and
+ * SET_META_CONTEXT with base:allocation) and the transmission phase
+ * (READ with structured replies and hole chunks, WRITE, FLUSH, TRIM,
+ * WRITE_ZEROES, BLOCK_STATUS, CACHE, DISC), requests pipelined, each reply
+ * sent whole when its request completes. Everything the client sends is
+ * bad input until checked: a malformed header ends the connection, a bad
+ * request gets the protocol's errno, and nothing reaches the backend unless
+ * it is in range and allowed.
+ */
+
+import type { Socket } from 'node:net';
+import { QledgerError } from '../errors.ts';
+import {
+  BASE_ALLOCATION, CF, CMD, ERRNO, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO, MAX_OPTION_BYTES, NBDMAGIC, OPT, REP, REPLY_FLAG_DONE, REPLY_TYPE,
+  STATE_HOLE, STATE_ZERO, TF, chunkHeader, decodeRequest, errorChunk, infoBlockSize, infoExport, infoString, optionError, optionReply, simpleReply, type Request,
+} from './nbd-protocol.ts';
+import { PeerGone, SocketReader } from './socket-reader.ts';
+
+/** What an export serves from: an image through the library (nbd-server.ts adapts `Image`). */
+export interface NbdBackend {
+  readonly size: number;
+  readonly readOnly: boolean;
+  read(offset: number, length: number): Promise<Uint8Array>;
+  write(offset: number, data: Uint8Array): Promise<void>;
+  writeZeroes(offset: number, length: number, unmap: boolean): Promise<void>;
+  trim(offset: number, length: number): Promise<void>;
+  flush(): Promise<void>;
+  /** the run at `offset` (at most `length` bytes): whether it reads as zero, and whether it holds no data */
+  status(offset: number, length: number): Promise<{ length: number; hole: boolean; zero: boolean }>;
+}
+
+export interface NbdExport {
+  readonly name: string;
+  readonly description?: string | undefined;
+  readonly backend: NbdBackend;
+  /** block sizes advertised: minimum, preferred, maximum (the largest request payload) */
+  readonly minBlock: number;
+  readonly preferredBlock: number;
+  readonly maxBlock: number;
+}
+
+export interface SessionOptions {
+  /** the handshake must end within this many milliseconds (qemu-nbd's --handshake-limit) */
+  readonly handshakeMs: number;
+  /** at most this many requests in flight per connection (more wait in the socket) */
+  readonly maxInFlight: number;
+  /** a line about what went wrong with this client (not its normal end) */
+  readonly log?: ((line: string) => void) | undefined;
+}
+
+/** Options a client may send before it is cut off (a loop of LIST is not a way to hold a connection). */
+const MAX_OPTIONS = 1000;
+/** Extents one BLOCK_STATUS reply describes at most. */
+const MAX_EXTENTS = 65536;
+const ACK = REP.ACK;
+
+export class NbdSession {
+  private readonly reader: SocketReader;
+  private structured = false;
+  /** the base:allocation context id once SET_META_CONTEXT selected it (0: none) */
+  private allocationContext = 0;
+  private noZeroes = false;
+  private inFlight = 0;
+  private slot: (() => void) | undefined;
+  private drainWaiter: (() => void) | undefined;
+  private closed = false;
+
+  constructor(
+    private readonly socket: Socket,
+    private readonly exp: NbdExport,
+    private readonly o: SessionOptions,
+  ) {
+    this.reader = new SocketReader(socket);
+    socket.setNoDelay(true);
+    socket.on('drain', () => {
+      const w = this.drainWaiter;
+      this.drainWaiter = undefined;
+      w?.();
+    });
+    socket.on('close', () => {
+      this.closed = true;
+      this.drainWaiter?.();
+    });
+  }
+
+  /** Serve the connection to its end; never rejects (a client's failure is not the server's). */
+  async run(): Promise<void> {
+    try {
+      const timer = setTimeout(() => {
+        this.o.log?.('handshake not completed in time: connection closed');
+        this.socket.destroy();
+      }, this.o.handshakeMs);
+      let go: boolean;
+      try {
+        go = await this.handshake();
+      } finally {
+        clearTimeout(timer);
+      }
+      if (go) await this.transmission();
+    } catch (e) {
+      if (!(e instanceof PeerGone)) this.o.log?.(`connection closed: ${(e as Error).message}`);
+    } finally {
+      await this.settled();
+      this.socket.end();
+      this.socket.destroySoon?.();
+    }
+  }
+
+  // ---- handshake -----------------------------------------------------------
+
+  private async handshake(): Promise<boolean> {
+    const hello = Buffer.alloc(18);
+    hello.writeBigUInt64BE(NBDMAGIC, 0);
+    hello.writeBigUInt64BE(IHAVEOPT, 8);
+    hello.writeUInt16BE(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES, 16);
+    this.send([hello]);
+    const flags = (await this.reader.read(4)).readUInt32BE(0);
+    if ((flags & FLAG_C_FIXED_NEWSTYLE) === 0 || (flags & ~(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)) !== 0) {
+      throw new Error(`client flags 0x${flags.toString(16)}: only the fixed newstyle handshake is served`);
+    }
+    this.noZeroes = (flags & FLAG_C_NO_ZEROES) !== 0;
+    for (let n = 0; n < MAX_OPTIONS; n++) {
+      const h = await this.reader.read(16);
+      if (h.readBigUInt64BE(0) !== IHAVEOPT) throw new Error('option request without the IHAVEOPT magic');
+      const option = h.readUInt32BE(8);
+      const length = h.readUInt32BE(12);
+      if (length > MAX_OPTION_BYTES) throw new Error(`option ${option} of ${length} bytes is over the ${MAX_OPTION_BYTES}-byte limit`);
+      const data = await this.reader.read(length);
+      const r = this.option(option, data);
+      if (r === 'go') return true;
+      if (r === 'abort') return false;
+    }
+    throw new Error(`more than ${MAX_OPTIONS} options`);
+  }
+
+  /** One option: its replies sent; 'go' enters transmission, 'abort' ends the connection. */
+  private option(option: number, data: Buffer): 'go' | 'abort' | 'more' {
+    const exp = this.exp;
+    switch (option) {
+      case OPT.EXPORT_NAME: {
+        // no error reply exists for this option: an unknown name ends the connection
+        if (data.toString('utf8') !== exp.name) throw new Error(`no export named '${data.toString('utf8')}'`);
+        const b = Buffer.alloc(this.noZeroes ? 10 : 134);
+        b.writeBigUInt64BE(BigInt(exp.backend.size), 0);
+        b.writeUInt16BE(this.flags(), 8);
+        this.send([b]);
+        return 'go';
+      }
+      case OPT.ABORT:
+        this.send([optionReply(option, ACK)]);
+        return 'abort';
+      case OPT.LIST: {
+        if (data.length !== 0) return this.reject(option, REP.ERR_INVALID, 'NBD_OPT_LIST takes no data');
+        const name = Buffer.from(exp.name, 'utf8');
+        const d = Buffer.alloc(4 + name.length);
+        d.writeUInt32BE(name.length, 0);
+        d.set(name, 4);
+        this.send([optionReply(option, REP.SERVER, d), optionReply(option, ACK)]);
+        return 'more';
+      }
+      case OPT.STARTTLS:
+        return this.reject(option, REP.ERR_POLICY, 'TLS is not configured on this server');
+      case OPT.INFO:
+      case OPT.GO:
+        return this.infoOrGo(option, data);
+      case OPT.STRUCTURED_REPLY:
+        if (data.length !== 0) return this.reject(option, REP.ERR_INVALID, 'NBD_OPT_STRUCTURED_REPLY takes no data');
+        if (this.structured) return this.reject(option, REP.ERR_INVALID, 'structured replies are already negotiated');
+        this.structured = true;
+        this.send([optionReply(option, ACK)]);
+        return 'more';
+      case OPT.LIST_META_CONTEXT:
+      case OPT.SET_META_CONTEXT:
+        return this.metaContext(option, data);
+      default:
+        return this.reject(option, REP.ERR_UNSUP, `option ${option} is not supported`);
+    }
+  }
+
+  private reject(option: number, type: number, message: string): 'more' {
+    this.send([optionError(option, type, message)]);
+    return 'more';
+  }
+
+  /** NBD_OPT_INFO and NBD_OPT_GO: u32 name length, name, u16 count, count × u16 info requests. */
+  private infoOrGo(option: number, data: Buffer): 'go' | 'more' {
+    if (data.length < 6) return this.reject(option, REP.ERR_INVALID, 'request too short');
+    const nameLen = data.readUInt32BE(0);
+    if (nameLen > data.length - 6) return this.reject(option, REP.ERR_INVALID, 'name length past the request');
+    const name = data.subarray(4, 4 + nameLen).toString('utf8');
+    const count = data.readUInt16BE(4 + nameLen);
+    if (data.length !== 6 + nameLen + 2 * count) return this.reject(option, REP.ERR_INVALID, 'request length does not match its info requests');
+    if (name !== this.exp.name) return this.reject(option, REP.ERR_UNKNOWN, `no export named '${name}'`);
+    const asked = new Set<number>();
+    for (let i = 0; i < count; i++) asked.add(data.readUInt16BE(6 + nameLen + 2 * i));
+    const out = [optionReply(option, REP.INFO, infoExport(this.exp.backend.size, this.flags()))];
+    if (asked.has(INFO.NAME)) out.push(optionReply(option, REP.INFO, infoString(INFO.NAME, this.exp.name)));
+    if (asked.has(INFO.DESCRIPTION) && this.exp.description !== undefined) out.push(optionReply(option, REP.INFO, infoString(INFO.DESCRIPTION, this.exp.description)));
+    out.push(optionReply(option, REP.INFO, infoBlockSize(this.exp.minBlock, this.exp.preferredBlock, this.exp.maxBlock)));
+    out.push(optionReply(option, ACK));
+    this.send(out);
+    return option === OPT.GO ? 'go' : 'more';
+  }
+
+  /** LIST_META_CONTEXT / SET_META_CONTEXT: u32 name length, name, u32 count, count × (u32 length, query). */
+  private metaContext(option: number, data: Buffer): 'more' {
+    const set = option === OPT.SET_META_CONTEXT;
+    if (set && !this.structured) return this.reject(option, REP.ERR_INVALID, 'metadata contexts need structured replies first');
+    if (data.length < 8) return this.reject(option, REP.ERR_INVALID, 'request too short');
+    const nameLen = data.readUInt32BE(0);
+    if (nameLen > data.length - 8) return this.reject(option, REP.ERR_INVALID, 'name length past the request');
+    const name = data.subarray(4, 4 + nameLen).toString('utf8');
+    const count = data.readUInt32BE(4 + nameLen);
+    const queries: string[] = [];
+    let o = 8 + nameLen;
+    for (let i = 0; i < count; i++) {
+      if (o + 4 > data.length) return this.reject(option, REP.ERR_INVALID, 'query past the request');
+      const n = data.readUInt32BE(o);
+      if (n > data.length - o - 4) return this.reject(option, REP.ERR_INVALID, 'query past the request');
+      queries.push(data.subarray(o + 4, o + 4 + n).toString('utf8'));
+      o += 4 + n;
+    }
+    if (o !== data.length) return this.reject(option, REP.ERR_INVALID, 'request length does not match its queries');
+    if (name !== this.exp.name) return this.reject(option, REP.ERR_UNKNOWN, `no export named '${name}'`);
+    // base:allocation, asked by name; LIST also answers "base:" and no query at all
+    const wanted = queries.some((q) => q === BASE_ALLOCATION) || (!set && (queries.length === 0 || queries.includes('base:')));
+    const out: Buffer[] = [];
+    if (set) this.allocationContext = wanted ? 1 : 0;
+    if (wanted) {
+      const ctx = Buffer.from(BASE_ALLOCATION, 'utf8');
+      const d = Buffer.alloc(4 + ctx.length);
+      d.writeUInt32BE(set ? 1 : 0, 0);
+      d.set(ctx, 4);
+      out.push(optionReply(option, REP.META_CONTEXT, d));
+    }
+    out.push(optionReply(option, ACK));
+    this.send(out);
+    return 'more';
+  }
+
+  /** The transmission flags of this export on this connection. */
+  private flags(): number {
+    // One backend behind every connection: a flush on any of them makes every completed write durable.
+    let f = TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_FUA | TF.SEND_CACHE | TF.CAN_MULTI_CONN;
+    if (this.exp.backend.readOnly) f |= TF.READ_ONLY;
+    else f |= TF.SEND_TRIM | TF.SEND_WRITE_ZEROES | TF.SEND_FAST_ZERO;
+    if (this.structured) f |= TF.SEND_DF;
+    return f;
+  }
+
+  // ---- transmission ----------------------------------------------------------
+
+  private async transmission(): Promise<void> {
+    for (;;) {
+      await this.room();
+      const h = await this.reader.read(28);
+      const req = decodeRequest(h);
+      if (!req) throw new Error('request without the request magic');
+      if (req.type === CMD.DISC) return; // in-flight requests finish first (run waits)
+      let payload: Buffer | undefined;
+      if (req.type === CMD.WRITE) {
+        if (req.length > this.exp.maxBlock) {
+          // the payload has to be consumed to find the next request: dropped in bounded pieces
+          await this.reader.skip(req.length);
+          this.reply(req, ERRNO.EOVERFLOW, `write of ${req.length} bytes is over the ${this.exp.maxBlock}-byte maximum`);
+          continue;
+        }
+        payload = await this.reader.read(req.length);
+      }
+      this.inFlight++;
+      void this.handle(req, payload).finally(() => {
+        this.inFlight--;
+        const s = this.slot;
+        this.slot = undefined;
+        s?.();
+      });
+    }
+  }
+
+  /** Wait while too many requests are in flight or the socket's output is backed up. */
+  private async room(): Promise<void> {
+    while (this.inFlight >= this.o.maxInFlight) await new Promise<void>((r) => (this.slot = r));
+    if (this.socket.writableNeedDrain && !this.closed) await new Promise<void>((r) => (this.drainWaiter = r));
+  }
+
+  /** Every request in flight has finished (replies sent or dropped). */
+  private async settled(): Promise<void> {
+    while (this.inFlight > 0) await new Promise<void>((r) => (this.slot = r));
+  }
+
+  private async handle(req: Request, payload: Buffer | undefined): Promise<void> {
+    const b = this.exp.backend;
+    const known = CF.FUA | CF.NO_HOLE | CF.DF | CF.REQ_ONE | CF.FAST_ZERO;
+    if (req.flags & ~known) return this.reply(req, ERRNO.EINVAL, `unknown command flags 0x${req.flags.toString(16)}`);
+    const writes = req.type === CMD.WRITE || req.type === CMD.TRIM || req.type === CMD.WRITE_ZEROES;
+    if (req.type > CMD.BLOCK_STATUS || req.type === CMD.DISC) return this.reply(req, ERRNO.EINVAL, `unknown command ${req.type}`);
+    if (writes && b.readOnly) return this.reply(req, ERRNO.EPERM, 'the export is read-only');
+    if (req.type === CMD.READ && req.length > this.exp.maxBlock) return this.reply(req, ERRNO.EOVERFLOW, `read of ${req.length} bytes is over the ${this.exp.maxBlock}-byte maximum`);
+    if (req.type !== CMD.FLUSH && (req.offset > b.size || req.length > b.size - req.offset)) {
+      return this.reply(req, ERRNO.EINVAL, `range 0x${req.offset.toString(16)}+${req.length} is past the export's ${b.size} bytes`);
+    }
+    try {
+      switch (req.type) {
+        case CMD.READ:
+          return await this.read(req);
+        case CMD.WRITE:
+          await b.write(req.offset, payload!);
+          break;
+        case CMD.FLUSH:
+          await b.flush();
+          break;
+        case CMD.TRIM:
+          await b.trim(req.offset, req.length);
+          break;
+        case CMD.WRITE_ZEROES:
+          await b.writeZeroes(req.offset, req.length, (req.flags & CF.NO_HOLE) === 0);
+          break;
+        case CMD.CACHE:
+          break; // the page cache and the table cache fill on demand; nothing to prefetch ahead of a read
+        case CMD.BLOCK_STATUS:
+          return await this.blockStatus(req);
+      }
+      if (writes && req.flags & CF.FUA) await b.flush();
+      this.reply(req, 0);
+    } catch (e) {
+      this.reply(req, errnoOf(e), (e as Error).message);
+    }
+  }
+
+  /** A read: with structured replies, data chunks and hole chunks by the backend's map (one data chunk with DF). */
+  private async read(req: Request): Promise<void> {
+    const b = this.exp.backend;
+    if (!this.structured) {
+      const data = await b.read(req.offset, req.length);
+      return this.send([simpleReply(0, req.cookie), data]);
+    }
+    if (req.length === 0) return this.send([chunkHeader(REPLY_FLAG_DONE, REPLY_TYPE.NONE, req.cookie, 0)]);
+    const pieces: Buffer[] = [];
+    const end = req.offset + req.length;
+    const df = (req.flags & CF.DF) !== 0;
+    for (let at = req.offset; at < end; ) {
+      const st = df ? { length: end - at, zero: false } : await b.status(at, end - at);
+      const n = Math.max(1, Math.min(st.length, end - at));
+      const last = at + n >= end;
+      const flags = last ? REPLY_FLAG_DONE : 0;
+      if (st.zero && n >= 512) {
+        const h = Buffer.alloc(12);
+        h.writeBigUInt64BE(BigInt(at), 0);
+        h.writeUInt32BE(n, 8);
+        pieces.push(chunkHeader(flags, REPLY_TYPE.OFFSET_HOLE, req.cookie, 12), h);
+      } else {
+        const data = await b.read(at, n);
+        const h = Buffer.alloc(8);
+        h.writeBigUInt64BE(BigInt(at), 0);
+        pieces.push(chunkHeader(flags, REPLY_TYPE.OFFSET_DATA, req.cookie, 8 + data.length), h, Buffer.from(data.buffer, data.byteOffset, data.byteLength));
+      }
+      at += n;
+    }
+    this.send(pieces);
+  }
+
+  private async blockStatus(req: Request): Promise<void> {
+    if (!this.structured || this.allocationContext === 0) return this.reply(req, ERRNO.EINVAL, 'no metadata context is selected (SET_META_CONTEXT base:allocation)');
+    if (req.length === 0) return this.reply(req, ERRNO.EINVAL, 'block status of 0 bytes');
+    const b = this.exp.backend;
+    const end = req.offset + req.length;
+    const one = (req.flags & CF.REQ_ONE) !== 0;
+    const desc: number[] = [];
+    for (let at = req.offset; at < end && desc.length / 2 < MAX_EXTENTS; ) {
+      const st = await b.status(at, end - at);
+      const n = Math.max(1, Math.min(st.length, end - at));
+      const flags = (st.hole ? STATE_HOLE : 0) | (st.zero ? STATE_ZERO : 0);
+      // neighbours with the same flags are one extent
+      if (desc.length && desc[desc.length - 1] === flags && desc[desc.length - 2]! + n <= 0xffff_ffff) desc[desc.length - 2]! += n;
+      else desc.push(n, flags);
+      at += n;
+      if (one) break;
+    }
+    const payload = Buffer.alloc(4 + desc.length * 4);
+    payload.writeUInt32BE(this.allocationContext, 0);
+    for (let i = 0; i < desc.length; i++) payload.writeUInt32BE(desc[i]!, 4 + i * 4);
+    this.send([chunkHeader(REPLY_FLAG_DONE, REPLY_TYPE.BLOCK_STATUS, req.cookie, payload.length), payload]);
+  }
+
+  /**
+   * A reply without data: simple, except that with structured replies a
+   * READ or BLOCK_STATUS error is an error chunk (the protocol allows simple
+   * replies to every other command).
+   */
+  private reply(req: Request, error: number, message = ''): void {
+    if (this.structured && error !== 0 && (req.type === CMD.READ || req.type === CMD.BLOCK_STATUS)) return this.send([errorChunk(req.cookie, error, message)]);
+    this.send([simpleReply(error, req.cookie)]);
+  }
+
+  /** Buffers of one reply, written in one go so replies never interleave. */
+  private send(parts: Uint8Array[]): void {
+    if (this.closed || this.socket.destroyed) return;
+    this.socket.cork();
+    for (const p of parts) this.socket.write(p);
+    this.socket.uncork();
+  }
+}
+
+/** The errno a failed operation answers with. */
+export function errnoOf(e: unknown): number {
+  const code = (e as { code?: unknown }).code;
+  if (code === 'ENOSPC' || code === 'EDQUOT') return ERRNO.ENOSPC;
+  if (code === 'EFBIG') return ERRNO.EOVERFLOW;
+  if (e instanceof QledgerError) {
+    if (e.code === 'E_RANGE') return ERRNO.EINVAL;
+    if (e.code === 'E_READ_ONLY') return ERRNO.EPERM;
+    if (e.code === 'E_CLOSED') return ERRNO.ESHUTDOWN;
+  }
+  return ERRNO.EIO;
+}

@@ -1,0 +1,101 @@
+/**
+ * Exact-length reads from a stream socket: `read(n)` resolves with the next
+ * n bytes, in order, and rejects once the peer has gone (end, error or
+ * close) before they all came. A reader holds at most what one pending read
+ * asks for plus one chunk: the socket is paused while nobody waits, so a
+ * client that sends faster than the server handles gets TCP back-pressure,
+ * not unbounded buffering.
+ */
+
+import type { Socket } from 'node:net';
+
+export class PeerGone extends Error {
+  constructor(message = 'the client disconnected') {
+    super(message);
+  }
+}
+
+export class SocketReader {
+  private chunks: Buffer[] = [];
+  private have = 0;
+  private want: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | undefined;
+  private gone: Error | undefined;
+
+  constructor(private readonly socket: Socket) {
+    socket.pause();
+    socket.on('data', (c: Buffer) => {
+      this.chunks.push(c);
+      this.have += c.length;
+      this.serve();
+    });
+    const end = (e?: Error) => {
+      this.gone ??= e ?? new PeerGone();
+      this.serve();
+    };
+    socket.on('end', () => end());
+    socket.on('close', () => end());
+    socket.on('error', (e) => end(new PeerGone(`the connection failed: ${e.message}`)));
+  }
+
+  /** The next `n` bytes. */
+  read(n: number): Promise<Buffer> {
+    if (this.want) return Promise.reject(new Error('SocketReader: one read at a time'));
+    return new Promise((resolve, reject) => {
+      this.want = { n, resolve, reject };
+      this.serve();
+    });
+  }
+
+  /** Read and drop `n` bytes, a chunk at a time (a payload the server refuses). */
+  async skip(n: number): Promise<void> {
+    for (let left = n; left > 0; ) {
+      const k = Math.min(left, 1 << 20);
+      await this.read(k);
+      left -= k;
+    }
+  }
+
+  private serve(): void {
+    const w = this.want;
+    if (!w) {
+      if (this.have > 0) this.socket.pause();
+      return;
+    }
+    if (this.have >= w.n) {
+      this.want = undefined;
+      w.resolve(this.take(w.n));
+      if (this.have === 0 && !this.gone) this.socket.pause();
+      return;
+    }
+    if (this.gone) {
+      this.want = undefined;
+      w.reject(this.gone);
+      return;
+    }
+    this.socket.resume();
+  }
+
+  private take(n: number): Buffer {
+    if (n === 0) return Buffer.alloc(0);
+    const first = this.chunks[0]!;
+    if (first.length >= n) {
+      const out = first.subarray(0, n);
+      if (first.length === n) this.chunks.shift();
+      else this.chunks[0] = first.subarray(n);
+      this.have -= n;
+      return out;
+    }
+    const out = Buffer.allocUnsafe(n);
+    let o = 0;
+    while (o < n) {
+      const c = this.chunks[0]!;
+      const k = Math.min(c.length, n - o);
+      c.copy(out, o, 0, k);
+      o += k;
+      if (k === c.length) this.chunks.shift();
+      else this.chunks[0] = c.subarray(k);
+    }
+    this.have -= n;
+    return out;
+  }
+}

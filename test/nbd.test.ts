@@ -1,0 +1,389 @@
+/**
+ * The NBD server (qledger nbd, serveNbd) against the real clients and
+ * against qemu-nbd: nbdinfo sees the same export (size, flags, block sizes,
+ * contexts) and the same base:allocation map as from qemu-nbd on a copy of
+ * the same image; qemu-io and qemu-img use it as a disk; nbdcopy copies out
+ * of it and into it over one and four connections; every write a client
+ * had acknowledged is in the image after the server stops, which checks
+ * clean. Bad clients (raw sockets): each malformed or out-of-range request
+ * gets the protocol's errno or a closed connection, the server goes on
+ * serving and the image stays consistent.
+ */
+
+import { describe, it, expect, afterAll } from 'vitest';
+import { createConnection, type Socket } from 'node:net';
+import { copyFileSync, existsSync, readFileSync } from 'node:fs';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { join } from 'node:path';
+import { nbdToolsAvailable, qemuAvailable, qemuImg, qemuIo, run, tempDir } from './helpers/qemu.ts';
+import { Image } from '../src/index.ts';
+import { serveNbd } from '../src/server/nbd-server.ts';
+
+const { dir, cleanup } = tempDir('qledger-nbd-');
+afterAll(cleanup);
+const d = qemuAvailable && nbdToolsAvailable ? describe : describe.skip;
+const root = new URL('..', import.meta.url).pathname;
+const uri = (sock: string, name = '') => `nbd+unix:///${name}?socket=${sock}`;
+
+/** An image with data, a zero range and unallocated space, made by QEMU. */
+function sample(name: string, opts = 'cluster_size=65536'): string {
+  const f = join(dir, name);
+  qemuImg(['create', '-q', '-f', 'qcow2', '-o', opts, f, '16M']);
+  qemuIo(f, ['write -P 5 0 1M', 'write -z 2M 1M', 'write -P 6 4M 64k', 'discard 4M 4k']);
+  return f;
+}
+
+async function waitFor(path: string): Promise<void> {
+  for (let i = 0; i < 200 && !existsSync(path); i++) await new Promise((r) => setTimeout(r, 25));
+  if (!existsSync(path)) throw new Error(`no socket at ${path}`);
+}
+
+/** qemu-nbd or qledger nbd serving `file` on a fresh socket until killed. */
+async function server(tool: 'qemu-nbd' | 'qledger', file: string, args: string[] = []): Promise<{ sock: string; proc: ChildProcess; stop: () => Promise<number | null>; exit: () => Promise<number | null> }> {
+  const sock = join(dir, `${tool}-${Math.random().toString(36).slice(2)}.sock`);
+  const proc = tool === 'qemu-nbd' ? spawn('qemu-nbd', ['-k', sock, '-f', 'qcow2', ...args, file], { stdio: 'inherit' }) : spawn(join(root, 'tools/qledger'), ['nbd', '-k', sock, ...args, file], { stdio: 'inherit' });
+  await waitFor(sock);
+  const exited = new Promise<number | null>((r) => proc.once('exit', (code) => r(code)));
+  return {
+    sock,
+    proc,
+    stop: async () => {
+      if (proc.exitCode === null) proc.kill('SIGTERM');
+      return exited;
+    },
+    /** the server's own exit (its last client gone), within 10 s */
+    exit: () => Promise.race([exited, new Promise<number | null>((_, reject) => setTimeout(() => reject(new Error(`${tool} did not exit`)), 10_000))]),
+  };
+}
+
+d('what clients see: the same as from qemu-nbd', () => {
+  it('nbdinfo: export size, flags, block sizes and contexts; the base:allocation map', async () => {
+    const a = sample('info.qcow2');
+    const b = join(dir, 'info-copy.qcow2');
+    copyFileSync(a, b);
+    const q = await server('qemu-nbd', a, ['-t']);
+    const l = await server('qledger', b, ['-t']);
+    try {
+      const info = (sock: string) => {
+        const j = JSON.parse(run('nbdinfo', ['--json', uri(sock)]));
+        const e = j.exports[0];
+        delete e.uri;
+        return { ...j, exports: [e] };
+      };
+      const qi = info(q.sock);
+      const li = info(l.sock);
+      // qemu-nbd 7.2 advertises multi-conn only for shared exports; qledger's connections share one engine, so a flush on one covers all
+      expect(qi.exports[0].can_multi_conn).toBe(false);
+      expect(li.exports[0].can_multi_conn).toBe(true);
+      qi.exports[0].can_multi_conn = true;
+      expect(li).toEqual(qi);
+      expect(run('nbdinfo', ['--map', uri(l.sock)])).toBe(run('nbdinfo', ['--map', uri(q.sock)]));
+      expect(run('nbdinfo', ['--map', '--totals', uri(l.sock)])).toBe(run('nbdinfo', ['--map', '--totals', uri(q.sock)]));
+    } finally {
+      await q.stop();
+      await l.stop();
+    }
+  });
+
+  it('qemu-io and qemu-img through the export: reads, writes, zero writes, discards, map; the image checks clean afterwards', async () => {
+    const a = sample('rw.qcow2', 'cluster_size=4096');
+    const b = join(dir, 'rw-copy.qcow2');
+    copyFileSync(a, b);
+    const cmds = ['read -P 5 0 1M', 'write -P 9 512k 8k', 'write -z 0 4k', 'write -z -u 1M 64k', 'discard 4M 64k', 'write -P 10 15M 1M', 'aio_write -P 11 8M 64k', 'aio_flush', 'read -P 0 2M 1M', 'flush'];
+    const q = await server('qemu-nbd', a);
+    const l = await server('qledger', b);
+    const qo = qemuIo(uri(q.sock), cmds, ['-f', 'raw']);
+    const lo = qemuIo(uri(l.sock), cmds, ['-f', 'raw']);
+    // without -t both servers stop once qemu-io, their one client, has gone
+    expect(await q.exit()).toBe(0);
+    expect(await l.exit()).toBe(0);
+    const strip = (s: string) => s.replace(/\(.*\)/g, '').replace(/\d+\.\d+ sec/g, 'T sec');
+    expect(strip(lo)).toBe(strip(qo));
+    expect(spawnSync('qemu-img', ['check', b]).status).toBe(0);
+    expect(spawnSync('qemu-img', ['compare', a, b]).status).toBe(0);
+  });
+
+  it('nbdcopy out of the export and into it, one and four connections; the copy equals qemu-img convert', async () => {
+    const a = sample('copy.qcow2');
+    const ref = join(dir, 'copy-ref.raw');
+    qemuImg(['convert', '-O', 'raw', a, ref]);
+    const l = await server('qledger', a, ['-t', '-e', '4']);
+    try {
+      for (const conns of ['1', '4']) {
+        const out = join(dir, `copy-out-${conns}.raw`);
+        run('nbdcopy', ['-C', conns, uri(l.sock), out]);
+        expect(readFileSync(out).equals(readFileSync(ref)), `nbdcopy -C ${conns}`).toBe(true);
+      }
+      // into it: a raw file of other content, over four connections, then flushed by nbdcopy
+      const src = join(dir, 'copy-src.raw');
+      qemuImg(['create', '-q', '-f', 'raw', src, '16M']);
+      qemuIo(src, ['write -P 33 0 3M', 'write -P 34 10M 2M'], ['-f', 'raw']);
+      run('nbdcopy', ['-C', '4', src, uri(l.sock)]);
+    } finally {
+      await l.stop();
+    }
+    expect(spawnSync('qemu-img', ['check', a]).status).toBe(0);
+    expect(spawnSync('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', join(dir, 'copy-src.raw'), a]).status).toBe(0);
+  });
+
+  it('-x names the export, -r serves read-only, -l serves a snapshot', async () => {
+    const a = sample('named.qcow2');
+    qemuImg(['snapshot', '-c', 'snap', a]);
+    qemuIo(a, ['write -P 77 0 64k']);
+    const l = await server('qledger', a, ['-t', '-x', 'disk0', '-D', 'the disk']);
+    try {
+      const j = JSON.parse(run('nbdinfo', ['--json', uri(l.sock, 'disk0')]));
+      expect(j.exports[0]['export-name']).toBe('disk0');
+      expect(j.exports[0].description).toBe('the disk');
+      expect(spawnSync('nbdinfo', [uri(l.sock, 'other')]).status).not.toBe(0);
+      expect(run('nbdinfo', ['--list', '--json', uri(l.sock)])).toContain('"export-name": "disk0"');
+    } finally {
+      await l.stop();
+    }
+    const r = await server('qledger', a, ['-t', '-l', 'snap']);
+    try {
+      expect(JSON.parse(run('nbdinfo', ['--json', uri(r.sock)])).exports[0].is_read_only).toBe(true);
+      expect(qemuIo(uri(r.sock), ['read -P 5 0 64k'], ['-f', 'raw', '-r'])).not.toContain('Pattern verification failed');
+      expect(spawnSync('qemu-io', ['-f', 'raw', '-c', 'write 0 4k', uri(r.sock)], { encoding: 'utf8' }).stdout + '').not.toMatch(/^wrote/m);
+    } finally {
+      await r.stop();
+    }
+  });
+
+  it('SIGTERM: the image is flushed and closed clean (no dirty bit, journal closed), every acknowledged write in it', async () => {
+    const a = sample('term.qcow2');
+    const l = await server('qledger', a, ['-t']);
+    qemuIo(uri(l.sock), ['write -P 42 6M 1M'], ['-f', 'raw']);
+    expect(await l.stop()).toBe(0);
+    expect(existsSync(l.sock)).toBe(false);
+    expect(spawnSync('qemu-img', ['check', a]).status).toBe(0);
+    expect(qemuIo(a, ['read -P 42 6M 1M'])).not.toContain('Pattern verification failed');
+  });
+});
+
+// ---- bad clients, over a raw socket ------------------------------------------------------------
+
+/** A minimal client: exact reads, and the fixed newstyle handshake up to GO with structured replies. */
+class RawClient {
+  private buf = Buffer.alloc(0);
+  private waiters: Array<() => void> = [];
+  ended = false;
+  constructor(readonly s: Socket) {
+    s.on('data', (c) => {
+      this.buf = Buffer.concat([this.buf, c]);
+      this.waiters.splice(0).forEach((w) => w());
+    });
+    s.on('close', () => {
+      this.ended = true;
+      this.waiters.splice(0).forEach((w) => w());
+    });
+    s.on('error', () => undefined);
+  }
+  static async connect(sock: string): Promise<RawClient> {
+    const s = createConnection(sock);
+    await new Promise((r) => s.once('connect', r));
+    return new RawClient(s);
+  }
+  async read(n: number): Promise<Buffer> {
+    while (this.buf.length < n) {
+      if (this.ended) throw new Error('closed');
+      await new Promise<void>((r) => this.waiters.push(r));
+    }
+    const out = this.buf.subarray(0, n);
+    this.buf = this.buf.subarray(n);
+    return out;
+  }
+  /** resolves true once the server has closed the connection */
+  async closedByServer(): Promise<boolean> {
+    for (let i = 0; i < 100 && !this.ended; i++) await new Promise((r) => setTimeout(r, 20));
+    return this.ended;
+  }
+  option(opt: number, data: Buffer = Buffer.alloc(0)): void {
+    const h = Buffer.alloc(16);
+    h.writeBigUInt64BE(0x49484156454f5054n, 0);
+    h.writeUInt32BE(opt, 8);
+    h.writeUInt32BE(data.length, 12);
+    this.s.write(Buffer.concat([h, data]));
+  }
+  async optionReply(): Promise<{ type: number; data: Buffer }> {
+    const h = await this.read(20);
+    return { type: h.readUInt32BE(12), data: await this.read(h.readUInt32BE(16)) };
+  }
+  async hello(flags = 3): Promise<void> {
+    await this.read(18);
+    const f = Buffer.alloc(4);
+    f.writeUInt32BE(flags, 0);
+    this.s.write(f);
+  }
+  /** up to transmission: structured replies, base:allocation, GO */
+  async go(): Promise<void> {
+    await this.hello();
+    this.option(8);
+    expect((await this.optionReply()).type).toBe(1);
+    const ctx = Buffer.from('base:allocation');
+    const q = Buffer.alloc(12 + ctx.length);
+    q.writeUInt32BE(0, 0);
+    q.writeUInt32BE(1, 4);
+    q.writeUInt32BE(ctx.length, 8);
+    ctx.copy(q, 12);
+    this.option(10, q);
+    expect((await this.optionReply()).type).toBe(4);
+    expect((await this.optionReply()).type).toBe(1);
+    this.option(7, Buffer.from([0, 0, 0, 0, 0, 0]));
+    for (;;) {
+      const r = await this.optionReply();
+      if (r.type === 1) break;
+      expect(r.type).toBe(3);
+    }
+  }
+  request(type: number, offset: number, length: number, flags = 0, cookie = 1n, payload?: Buffer): void {
+    const h = Buffer.alloc(28);
+    h.writeUInt32BE(0x25609513, 0);
+    h.writeUInt16BE(flags, 4);
+    h.writeUInt16BE(type, 6);
+    h.writeBigUInt64BE(cookie, 8);
+    h.writeBigUInt64BE(BigInt(offset), 16);
+    h.writeUInt32BE(length, 24);
+    this.s.write(payload ? Buffer.concat([h, payload]) : h);
+  }
+  /** the last structured chunk's payload */
+  payload: Buffer = Buffer.alloc(0);
+  /** a simple reply's errno, or a structured chunk's (0: success; its payload in `payload`) */
+  async error(): Promise<number> {
+    const m = (await this.read(4)).readUInt32BE(0);
+    if (m === 0x67446698) {
+      const r = await this.read(12);
+      return r.readUInt32BE(0);
+    }
+    expect(m).toBe(0x668e33ef);
+    const h = await this.read(16);
+    const type = h.readUInt16BE(2);
+    const payload = await this.read(h.readUInt32BE(12));
+    this.payload = payload;
+    return type & 0x8000 ? payload.readUInt32BE(0) : 0;
+  }
+  end(): void {
+    this.s.destroy();
+  }
+}
+
+d('bad clients: the protocol\'s errno or a closed connection, never a crashed server or a damaged image', () => {
+  it('handshake and transmission abuse, one client after another on a read-only and a writable export', async () => {
+    const f = sample('bad.qcow2');
+    const img = await Image.open(f, { write: true });
+    const sock = join(dir, 'bad.sock');
+    const srv = await serveNbd(img, { socket: sock, persistent: true, handshakeMs: 2000 });
+    try {
+      // unknown client flags: closed
+      let c = await RawClient.connect(sock);
+      await c.hello(0x80);
+      expect(await c.closedByServer()).toBe(true);
+      // an option without the IHAVEOPT magic: closed
+      c = await RawClient.connect(sock);
+      await c.hello();
+      c.s.write(Buffer.alloc(16, 0xee));
+      expect(await c.closedByServer()).toBe(true);
+      // an option claiming 1 GiB of data: closed before it is read
+      c = await RawClient.connect(sock);
+      await c.hello();
+      const big = Buffer.alloc(16);
+      big.writeBigUInt64BE(0x49484156454f5054n, 0);
+      big.writeUInt32BE(7, 8);
+      big.writeUInt32BE(1 << 30, 12);
+      c.s.write(big);
+      expect(await c.closedByServer()).toBe(true);
+      // unknown option: ERR_UNSUP, and the handshake goes on; a GO naming no export: ERR_UNKNOWN; a malformed GO: ERR_INVALID
+      c = await RawClient.connect(sock);
+      await c.hello();
+      c.option(99, Buffer.from('junk'));
+      expect((await c.optionReply()).type).toBe(0x80000001);
+      const wrong = Buffer.from([0, 0, 0, 3, 0x61, 0x62, 0x63, 0, 0]);
+      c.option(7, wrong);
+      expect((await c.optionReply()).type).toBe(0x80000006);
+      c.option(7, Buffer.from([0, 0, 0, 9, 0, 0]));
+      expect((await c.optionReply()).type).toBe(0x80000003);
+      c.option(11);
+      expect((await c.optionReply()).type).toBe(0x80000001); // extended headers: not yet
+      c.option(2);
+      expect((await c.optionReply()).type).toBe(1);
+      expect(await c.closedByServer()).toBe(true);
+      // a client that never finishes the handshake is cut off at the limit
+      c = await RawClient.connect(sock);
+      await c.hello();
+      expect(await new Promise((r) => setTimeout(() => r(c.closedByServer()), 2100))).toBe(true);
+
+      // transmission
+      c = await RawClient.connect(sock);
+      await c.go();
+      const size = img.size;
+      c.request(0, size - 512, 1024); // read past the end
+      expect(await c.error()).toBe(22);
+      c.request(0, 0, 64 << 20); // over the maximum block
+      expect(await c.error()).toBe(75);
+      c.request(1, size, 512, 0, 2n, Buffer.alloc(512)); // write past the end (payload consumed)
+      expect(await c.error()).toBe(22);
+      c.request(1, 0, 33 << 20, 0, 3n, Buffer.alloc(33 << 20, 1)); // write over the maximum: payload skipped
+      expect(await c.error()).toBe(75);
+      c.request(42, 0, 512); // unknown command
+      expect(await c.error()).toBe(22);
+      c.request(0, 0, 512, 0x4000); // unknown flag
+      expect(await c.error()).toBe(22);
+      c.request(7, 0, 0); // block status of nothing
+      expect(await c.error()).toBe(22);
+      c.request(1, 8192, 4, 1, 4n, Buffer.from([1, 2, 3, 4])); // a good write, FUA: durable when acknowledged
+      expect(await c.error()).toBe(0);
+      // a bad request magic: the stream cannot be trusted any more
+      c.s.write(Buffer.alloc(28, 0xab));
+      expect(await c.closedByServer()).toBe(true);
+      // a client that leaves in the middle of a write's payload
+      c = await RawClient.connect(sock);
+      await c.go();
+      const h = Buffer.alloc(28);
+      h.writeUInt32BE(0x25609513, 0);
+      h.writeUInt16BE(1, 6);
+      h.writeBigUInt64BE(1n << 20n, 16);
+      h.writeUInt32BE(1 << 20, 24);
+      c.s.write(Buffer.concat([h, Buffer.alloc(4096, 7)]));
+      await new Promise((r) => setTimeout(r, 50));
+      c.end();
+      // and the server still serves
+      c = await RawClient.connect(sock);
+      await c.go();
+      c.request(0, 8192, 4);
+      expect(await c.error()).toBe(0);
+      // one data chunk: the offset, then the bytes
+      expect(c.payload.readBigUInt64BE(0)).toBe(8192n);
+      expect([...c.payload.subarray(8)]).toEqual([1, 2, 3, 4]);
+      c.end();
+    } finally {
+      await srv.close();
+      await img.close();
+    }
+    expect(spawnSync('qemu-img', ['check', f]).status).toBe(0);
+    // the torn write never happened
+    expect(qemuIo(f, ['read -P 0 1M 4k'])).not.toMatch(/Pattern verification failed/);
+  });
+
+  it('a read-only export: writes, trims and zero writes get EPERM', async () => {
+    const f = sample('ro.qcow2');
+    const img = await Image.open(f);
+    const sock = join(dir, 'ro.sock');
+    const srv = await serveNbd(img, { socket: sock, persistent: true });
+    try {
+      const c = await RawClient.connect(sock);
+      await c.go();
+      c.request(1, 0, 512, 0, 1n, Buffer.alloc(512));
+      expect(await c.error()).toBe(1);
+      c.request(4, 0, 512);
+      expect(await c.error()).toBe(1);
+      c.request(6, 0, 512);
+      expect(await c.error()).toBe(1);
+      c.request(3, 0, 0);
+      expect(await c.error()).toBe(0);
+      c.end();
+    } finally {
+      await srv.close();
+      await img.close();
+    }
+  });
+});
