@@ -1,11 +1,11 @@
 /**
  * npm run bench: every benchmark, each against QEMU in the same run.
- * BENCH_ONLY=state|startup|write|read|check|crash|seed|journal|overlap|snapshot|regression runs one; BENCH_RUNS sets the repetitions.
+ * BENCH_ONLY=state|startup|write|read|check|crash|seed|journal|overlap|snapshot|nbd|regression runs one; BENCH_RUNS sets the repetitions.
  * regression (this checkout against another, BENCH_BASE=/path) runs only when BENCH_BASE is set.
  */
 
 const only = process.env['BENCH_ONLY'];
-const all = ['state', 'startup', 'write', 'read', 'check', 'crash', 'seed', 'journal', 'overlap', 'snapshot', 'regression'];
+const all = ['state', 'startup', 'write', 'read', 'check', 'crash', 'seed', 'journal', 'overlap', 'snapshot', 'nbd', 'regression'];
 for (const name of all) {
   if (only && only !== name) continue;
   if (name === 'regression' && !process.env['BENCH_BASE']) continue;

@@ -247,9 +247,25 @@ export class Qcow2Writer {
     return this.ctx.cur;
   }
 
+  /**
+   * Reads run after every operation issued before them and alongside each
+   * other (a server's pipelined reads overlap their device reads); an
+   * operation issued after them waits for them, so no cluster a read is
+   * still reading is freed and reused under it.
+   */
   read(offset: number, out: Uint8Array): Promise<void> {
-    return this.serial(() => readGuest(this.layer, guest(offset), out));
+    const p = this.queue.then(() => readGuest(this.layer, guest(offset), out));
+    const tracked = p.then(
+      () => undefined,
+      () => undefined,
+    );
+    this.reads.add(tracked);
+    void tracked.then(() => this.reads.delete(tracked));
+    return p;
   }
+
+  /** reads in flight, which the next operation waits for */
+  private readonly reads = new Set<Promise<void>>();
 
   write(offset: number, data: Uint8Array): Promise<void> {
     return this.serial(async () => {
@@ -469,7 +485,9 @@ export class Qcow2Writer {
   // ---- plumbing ----------------------------------------------------------
 
   private serial<T>(fn: () => Promise<T>): Promise<T> {
-    const p = this.queue.then(fn, fn);
+    const reads = this.reads.size ? [...this.reads] : undefined;
+    const before = reads ? this.queue.then(() => Promise.all(reads)) : this.queue;
+    const p = before.then(fn, fn);
     this.queue = p.catch(() => undefined);
     return p;
   }

@@ -52,6 +52,8 @@ export interface SessionOptions {
 
 /** Options a client may send before it is cut off (a loop of LIST is not a way to hold a connection). */
 const MAX_OPTIONS = 1000;
+/** Reply bytes queued on a socket before the session stops reading requests. */
+const MAX_QUEUED_REPLY_BYTES = 64 * 1024 * 1024;
 /** Extents one BLOCK_STATUS reply describes at most. */
 const MAX_EXTENTS = 65536;
 const ACK = REP.ACK;
@@ -279,10 +281,15 @@ export class NbdSession {
     }
   }
 
-  /** Wait while too many requests are in flight or the socket's output is backed up. */
+  /**
+   * Wait while too many requests are in flight or too many reply bytes wait
+   * for the client to read them (a client that sends and never reads is held
+   * there; one that reads is never slowed: a socket's own high-water mark,
+   * 16 KiB, is below one read reply).
+   */
   private async room(): Promise<void> {
     while (this.inFlight >= this.o.maxInFlight) await new Promise<void>((r) => (this.slot = r));
-    if (this.socket.writableNeedDrain && !this.closed) await new Promise<void>((r) => (this.drainWaiter = r));
+    while (this.socket.writableLength > MAX_QUEUED_REPLY_BYTES && !this.closed) await new Promise<void>((r) => (this.drainWaiter = r));
   }
 
   /** Every request in flight has finished (replies sent or dropped). */
