@@ -274,3 +274,32 @@ describe('compressed packing', () => {
     }
   });
 });
+
+describe('runs longer than a refcount block covers (issue 20: create looped for ever)', () => {
+  const { dir, cleanup } = tempDir('qledger-longrun-');
+  afterAll(cleanup);
+  const cases: ReadonlyArray<readonly [string, number]> = [
+    ['cluster_size=1024', 8 * 2 ** 30],
+    ['cluster_size=512', 64 * 2 ** 30],
+  ];
+  for (const [opts, size] of cases) {
+    it(`create -o ${opts} of ${size / 2 ** 30} GiB: the L1 table needs more clusters than one refcount block counts; done in seconds, and it checks clean`, async () => {
+      const f = join(dir, `${opts}.qcow2`);
+      const t0 = Date.now();
+      const r = await Image.create(f, { size, clusterSize: Number(opts.split('=')[1]) });
+      expect(r).toContain('Formatting');
+      expect(Date.now() - t0).toBeLessThan(30_000);
+      if (qemuAvailable) {
+        const ck = spawnSync('qemu-img', ['check', f], { encoding: 'utf8' });
+        expect(ck.status, ck.stdout + ck.stderr).toBe(0);
+        expect(JSON.parse(qemuImg(['info', '--output=json', f]))['virtual-size']).toBe(size);
+      }
+      // and the image takes writes at both ends
+      const img = await Image.open(f, { write: true });
+      await img.write(0, new Uint8Array(4096).fill(1));
+      await img.write(size - 4096, new Uint8Array(4096).fill(2));
+      await img.close();
+      if (qemuAvailable) expect(spawnSync('qemu-img', ['check', f]).status).toBe(0);
+    }, 60_000);
+  }
+});

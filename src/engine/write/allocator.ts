@@ -199,6 +199,10 @@ export class Allocator {
         continue;
       }
       const off = t.reftableEntry(rt);
+      if (off === 0 && n > 1 && !this.overlap.has(c) && (await this.coverRun(c, start + n))) {
+        // the blocks went past the run: c is covered now, and free; the run goes on
+        continue;
+      }
       if (off === 0) {
         // No refcount block covers c, so c is free (unless reserved: the journal
         // area has refcount 0 and may lie there): the new block goes there.
@@ -255,6 +259,35 @@ export class Allocator {
   private freedNotDurable(c: ClusterIndex): boolean {
     if (this.reuseFreedAtOnce) return false;
     return (refcountOf(this.ctx.durable, c) ?? 0) !== 0 || this.freedInEpoch.has(c);
+  }
+
+  /**
+   * For a run of clusters up to `end` that reaches `c`, the first cluster no
+   * refcount block covers: the blocks for every region from c's to the
+   * run's end, placed right after the run (where they count themselves),
+   * instead of one inside each region (a block inside its own region breaks
+   * any run longer than a region: an L1 table for 8 GiB at 1 KiB clusters
+   * is 512 clusters, a region 512). False, having done nothing, when a
+   * region on the way is covered already, the refcount table has no room
+   * for the blocks, or a reserved cluster is in the way.
+   */
+  private async coverRun(c: ClusterIndex, end: number): Promise<boolean> {
+    const ctx = this.ctx;
+    const t = ctx.t();
+    const cs = ctx.geometry.clusterSize;
+    const E = ctx.geometry.refcountBlockEntries;
+    const firstRt = Math.floor(c / E);
+    let blocks = 1;
+    while (Math.floor((end + blocks - 1) / E) - firstRt + 1 > blocks) blocks = Math.floor((end + blocks - 1) / E) - firstRt + 1;
+    const entries = (t.header.refcountTableClusters * cs) / 8;
+    if (firstRt + blocks > entries) return false;
+    for (let k = 0; k < blocks; k++) if (t.reftableEntry(firstRt + k) !== 0) return false;
+    for (let x = end; x < end + blocks; x++) if (this.overlap.has(cluster(x))) return false;
+    for (let k = 0; k < blocks; k++) ctx.emit({ kind: 'table-new', role: 'refblock', slot: firstRt + k, offset: (end + k) * cs, copyOf: 0 });
+    for (let k = 0; k < blocks; k++) ctx.emit({ kind: 'reftable', index: firstRt + k, old: 0, new: (end + k) * cs });
+    for (let k = 0; k < blocks; k++) ctx.emit({ kind: 'refcount', cluster: end + k, old: 0, new: 1 });
+    ctx.extent.grow(end + blocks);
+    return true;
   }
 
   /**
