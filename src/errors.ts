@@ -104,6 +104,37 @@ export class IoError extends QledgerError {
   }
 }
 
+/** strerror's words for the errors a device reports (what qemu-io prints after "write failed: "). */
+const STRERROR: Readonly<Record<string, string>> = {
+  ENOSPC: 'No space left on device',
+  EDQUOT: 'Disk quota exceeded',
+  EIO: 'Input/output error',
+  EFBIG: 'File too large',
+  EROFS: 'Read-only file system',
+  EBADF: 'Bad file descriptor',
+  EINVAL: 'Invalid argument',
+  ENXIO: 'No such device or address',
+  EPERM: 'Operation not permitted',
+  EACCES: 'Permission denied',
+};
+
+/** strerror's words for a device error (deviceError's), or undefined for anything else. */
+export function strerrorOf(e: unknown): string | undefined {
+  if (!(e instanceof QledgerError) || e.code !== 'E_IO') return undefined;
+  const code = e.data['code'];
+  return typeof code === 'string' ? STRERROR[code] : undefined;
+}
+
+/**
+ * A failed system call on a device as a one-line IoError: `what` failed,
+ * in strerror's words, with the errno code in `data.code`.
+ */
+export function deviceError(name: string, what: string, e: unknown): IoError {
+  const code = (e as NodeJS.ErrnoException | undefined)?.code;
+  const words = code !== undefined ? (STRERROR[code] ?? (e as Error).message) : String((e as Error)?.message ?? e);
+  return new IoError(`${name}: ${what} failed: ${words}`, { code });
+}
+
 /** Offsets in messages are hex, as in QEMU's. */
 export function hex(n: number | bigint): string {
   return '0x' + n.toString(16);

@@ -10,7 +10,7 @@
  */
 
 import { readFile } from 'node:fs/promises';
-import { QledgerError, UsageError } from '../errors.ts';
+import { QledgerError, UsageError, strerrorOf } from '../errors.ts';
 import { getopt, parseSize, type Parsed } from './args.ts';
 import type { Image } from '../engine/image.ts';
 import { formatInfoHuman } from '../engine/info.ts';
@@ -164,6 +164,12 @@ async function doWrite(ctx: IoContext & { img: Image }, args: string[], verb: st
       if (has(p, 'f')) await img.flush();
     });
   } catch (e) {
+    // a device that refused the data (a full disk): qemu-io's line, strerror's words
+    const words = strerrorOf(e);
+    if (words) {
+      io.out(`write failed: ${words}\n`);
+      return false;
+    }
     // what qemu-io reports for a compressed write it refuses
     if (!has(p, 'c') || !(e instanceof QledgerError) || (e.code !== 'E_RANGE' && e.code !== 'E_IO')) throw e;
     io.out(`write failed: ${e.code === 'E_RANGE' ? 'Invalid argument' : 'Input/output error'}\n`);

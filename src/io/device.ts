@@ -26,6 +26,8 @@ export interface BlockDevice {
    * back to writing zeros.
    */
   allocate?(offset: number, length: number): Promise<boolean>;
+  /** Bytes the device can still take (a file system's free space); optional, undefined when unknown. */
+  available?(): Promise<number | undefined>;
   close(): Promise<void>;
 }
 

@@ -3,8 +3,8 @@
  * locks (image-lock.ts) while it is open.
  */
 
-import { open, stat, constants as fsc, type FileHandle } from 'node:fs/promises';
-import { IoError, NotFoundError, QledgerError, hexDigits } from '../errors.ts';
+import { open, stat, statfs, constants as fsc, type FileHandle } from 'node:fs/promises';
+import { IoError, NotFoundError, QledgerError, deviceError, hexDigits } from '../errors.ts';
 import { ZERO_CHUNK, type BlockDevice } from './device.ts';
 import { native } from './native.ts';
 import { HeldLock, imagePermissions, type LockPermissions } from './image-lock.ts';
@@ -71,7 +71,9 @@ export class FileDevice implements BlockDevice {
     }
     let done = 0;
     while (done < buf.length) {
-      const { bytesRead } = await this.fh.read(buf, done, buf.length - done, offset + done);
+      const { bytesRead } = await this.fh.read(buf, done, buf.length - done, offset + done).catch((e: unknown) => {
+        throw deviceError(this.name, `read at 0x${hexDigits(offset + done)}`, e);
+      });
       if (bytesRead === 0) {
         buf.fill(0, done);
         return;
@@ -86,18 +88,26 @@ export class FileDevice implements BlockDevice {
     if (!Number.isSafeInteger(offset + data.length) || offset < 0) throw new QledgerError('E_RANGE', `${this.name}: write at offset 0x${hexDigits(offset)} is outside any file`, { offset });
     let done = 0;
     while (done < data.length) {
-      const { bytesWritten } = await this.fh.write(data, done, data.length - done, offset + done);
+      const { bytesWritten } = await this.fh.write(data, done, data.length - done, offset + done).catch((e: unknown) => {
+        throw deviceError(this.name, `write of ${data.length - done} bytes at 0x${hexDigits(offset + done)}`, e);
+      });
       done += bytesWritten;
     }
   }
 
   async flush(): Promise<void> {
-    if (!this.readOnly) await this.fh.datasync();
+    if (!this.readOnly) {
+      await this.fh.datasync().catch((e: unknown) => {
+        throw deviceError(this.name, 'flush', e);
+      });
+    }
   }
 
   async truncate(size: number): Promise<void> {
     this.assertWritable();
-    await this.fh.truncate(size);
+    await this.fh.truncate(size).catch((e: unknown) => {
+      throw deviceError(this.name, `truncate to ${size} bytes`, e);
+    });
   }
 
   /**
@@ -119,6 +129,16 @@ export class FileDevice implements BlockDevice {
       }
     }
     if (end > size) await this.fh.truncate(end);
+  }
+
+  /** The file system's free bytes for an unprivileged writer (statfs), undefined where it cannot tell. */
+  async available(): Promise<number | undefined> {
+    try {
+      const s = await statfs(this.name);
+      return s.bavail * s.bsize;
+    } catch {
+      return undefined;
+    }
   }
 
   /** fallocate(mode 0): reserve blocks, extending the file; false where unsupported. */

@@ -412,7 +412,7 @@ export class NbdSession {
 
 /** The errno a failed operation answers with. */
 export function errnoOf(e: unknown): number {
-  const code = (e as { code?: unknown }).code;
+  const code = (e as { code?: unknown }).code ?? (e instanceof QledgerError ? e.data['code'] : undefined);
   if (code === 'ENOSPC' || code === 'EDQUOT') return ERRNO.ENOSPC;
   if (code === 'EFBIG') return ERRNO.EOVERFLOW;
   if (e instanceof QledgerError) {

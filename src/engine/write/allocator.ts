@@ -16,6 +16,9 @@ import type { OverlapIndex } from './overlap.ts';
 import type { FaultPlan } from '../faults.ts';
 import type { TableCache } from './tables.ts';
 
+/** Free space below which new metadata clusters get their blocks at once (see reserveSpace). */
+const RESERVE_BELOW = 1024 * 1024 * 1024;
+
 export class Allocator {
   /** allocation search starts here (cluster index) */
   private cursor = cluster(0);
@@ -233,6 +236,7 @@ export class Allocator {
       this.freedMetadata.delete(cluster(start + i));
       await this.changeRefcount(cluster(start + i), 1);
     }
+    if (purpose === 'table') await this.reserveSpace(start, n);
     // Single clusters move the cursor past everything scanned; a multi-cluster
     // run does not, so the holes it skipped stay for single allocations.
     if (n === 1 || start === this.cursor) this.cursor = cluster(start + n);
@@ -262,6 +266,26 @@ export class Allocator {
   }
 
   /**
+   * Reserve the file's blocks for new metadata clusters now (fallocate),
+   * while guest data still has to find room: the write-back writes them
+   * only at the next flush, and a disk filled by data in between would
+   * fail that write-back, losing every write the guest was told is done
+   * (QEMU keeps them). Only when space is short (below RESERVE_BELOW free):
+   * reserved blocks change where the file system puts the data around them
+   * (ext4 fills small gaps next to them with zeros), which a map of
+   * allocation shows. Where the device cannot reserve or tell its free
+   * space (no fallocate: the native helper missing; memory devices),
+   * nothing is done.
+   */
+  private async reserveSpace(first: number, count: number): Promise<void> {
+    const dev = this.ctx.files.image;
+    const free = await dev.available();
+    if (free === undefined || free > RESERVE_BELOW) return;
+    const cs = this.ctx.geometry.clusterSize;
+    await dev.allocate(first * cs, count * cs);
+  }
+
+  /**
    * For a run of clusters up to `end` that reaches `c`, the first cluster no
    * refcount block covers: the blocks for every region from c's to the
    * run's end, placed right after the run (where they count themselves),
@@ -283,6 +307,7 @@ export class Allocator {
     if (firstRt + blocks > entries) return false;
     for (let k = 0; k < blocks; k++) if (t.reftableEntry(firstRt + k) !== 0) return false;
     for (let x = end; x < end + blocks; x++) if (this.overlap.has(cluster(x))) return false;
+    await this.reserveSpace(end, blocks);
     for (let k = 0; k < blocks; k++) ctx.emit({ kind: 'table-new', role: 'refblock', slot: firstRt + k, offset: (end + k) * cs, copyOf: 0 });
     for (let k = 0; k < blocks; k++) ctx.emit({ kind: 'reftable', index: firstRt + k, old: 0, new: (end + k) * cs });
     for (let k = 0; k < blocks; k++) ctx.emit({ kind: 'refcount', cluster: end + k, old: 0, new: 1 });
@@ -301,6 +326,8 @@ export class Allocator {
     const cs = ctx.geometry.clusterSize;
     const entries = (ctx.t().header.refcountTableClusters * cs) / 8;
     if (rt >= entries) return this.growReftable(rt, c);
+    // before the record: from then on the index holds the cluster as a refcount block
+    await this.reserveSpace(c, 1);
     ctx.emit({ kind: 'table-new', role: 'refblock', slot: rt, offset: hostOf(c, cs), copyOf: 0 });
     ctx.emit({ kind: 'refcount', cluster: c, old: 0, new: 1 });
     ctx.emit({ kind: 'reftable', index: rt, old: 0, new: hostOf(c, cs) });
@@ -327,6 +354,7 @@ export class Allocator {
     }
     const tableAt = c + blocks;
     for (let x = c; x < tableAt + tableClusters; x++) if (this.overlap.has(cluster(x))) return -(x + 1 - c);
+    await this.reserveSpace(c, blocks + tableClusters);
     for (let k = 0; k < blocks; k++) ctx.emit({ kind: 'table-new', role: 'refblock', slot: firstRt + k, offset: (c + k) * cs, copyOf: 0 });
     for (let x = c; x < tableAt + tableClusters; x++) ctx.emit({ kind: 'refcount', cluster: x, old: 0, new: 1 });
     ctx.emit({ kind: 'reftable-swap', oldOffset: h.refcountTableOffset, oldClusters: old, newOffset: tableAt * cs, newClusters: tableClusters });

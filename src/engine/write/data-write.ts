@@ -8,9 +8,9 @@
  */
 
 import { l1IndexOf, l2IndexOf, type Geometry } from '../../format/header.ts';
-import { hex } from '../../errors.ts';
+import { IoError, hex } from '../../errors.ts';
 import { ALL_SUBCLUSTERS, L2E_ZERO_LO, isCompressed, isCopied, sameL2Entry, standardEntry, standardOffset, subclusterBits, subclusterType, type L2Entry } from '../../format/l2.ts';
-import { guest, host, hostOf, type GuestOffset, type HostOffset } from '../../format/offsets.ts';
+import { cluster, guest, host, hostOf, type GuestOffset, type HostOffset } from '../../format/offsets.ts';
 import { readGuest } from '../read.ts';
 /** Guest bytes bound for the device: `what` for traces, the guest offset for a refusal's message (built only then). */
 export interface DataWrite {
@@ -130,6 +130,8 @@ export class DataWriter {
     const writes: DataWrite[] = [];
     const zeroes: Array<{ offset: number; length: number }> = [];
     const updates: Array<{ index: number; old: L2Entry; new: L2Entry; unref: boolean }> = [];
+    /** clusters this span allocated, given back if the data cannot be written */
+    const fresh: number[] = [];
     const end = offset + data.length;
     for (let cstart = guest(offset - (offset % cs)); cstart < end; cstart = guest(cstart + cs)) {
       const a = Math.max(offset, cstart) - cstart;
@@ -144,7 +146,11 @@ export class DataWriter {
       if (p.inPlace) {
         at = host(standardOffset(e));
         this.shared.written(at);
-      } else at = ctx.hasDataFile ? host(cstart) : hostOf(await this.alloc.allocate(1, 'data'), cs);
+      } else if (ctx.hasDataFile) at = host(cstart);
+      else {
+        at = hostOf(await this.alloc.allocate(1, 'data'), cs);
+        fresh.push(at / cs);
+      }
       switch (p.fill) {
         case 'piece':
           writes.push({ offset: host(at + a), data: piece, what: 'data', guest: cstart + a });
@@ -169,10 +175,17 @@ export class DataWriter {
       const next = p.next ?? standardEntry(at, true, p.bitmapLo, p.bitmapHi);
       if (!p.inPlace || !sameL2Entry(e, next)) updates.push({ index, old: e, new: next, unref: p.unrefOld });
     }
-    await this.deviceWrites(writes);
-    for (const z of zeroes) {
-      await ctx.files.guest.writeZeroes(z.offset, z.length, false);
-      ctx.trace.write(z.offset, z.length, 'zeroes (cow)');
+    try {
+      await this.deviceWrites(writes);
+      for (const z of zeroes) {
+        await ctx.files.guest.writeZeroes(z.offset, z.length, false);
+        ctx.trace.write(z.offset, z.length, 'zeroes (cow)');
+      }
+    } catch (e) {
+      // the device refused the data (a full disk, say): nothing maps the new clusters, so they go
+      // back instead of leaking; the write fails, every earlier one stays
+      if (e instanceof IoError) for (const c of fresh) await this.alloc.changeRefcount(cluster(c), -1);
+      throw e;
     }
     for (const u of updates) {
       this.mapping.set({ l1Index, index: u.index }, table, u.old, u.new);

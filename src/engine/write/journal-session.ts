@@ -6,6 +6,7 @@
  * journalled write-back runs before its in-place phases.
  */
 
+import { IoError } from '../../errors.ts';
 import { encodedLength } from '../../journal/codec.ts';
 import type { JournalRecord, MetaRecord } from '../../journal/records.ts';
 import { l1Bytes, l1TableOffset, reftableBytes } from '../../state/state.ts';
@@ -95,6 +96,7 @@ export class JournalSession {
     const plan = this.plan!;
     const cs = ctx.geometry.clusterSize;
     let ext = plan.reuse;
+    const extent = { endCluster: ctx.extent.endCluster, zeroFrom: ctx.extent.zeroFrom };
     if (!ext) {
       const at = Math.max(ctx.extent.endCluster, ctx.extent.zeroFrom / cs);
       ext = { offset: at * cs, size: plan.bytes };
@@ -103,7 +105,23 @@ export class JournalSession {
       ctx.extent.zeroFrom = Math.max(ctx.extent.zeroFrom, ext.offset + ext.size);
     }
     // the journal's view of the image: its area, and the header cluster for its extension
-    const started = await activateJournal(ctx.files.image.as(OL_JOURNAL | OL_MAIN_HEADER, 'journal'), cs, ext, plan, this.extensions);
+    let started: Awaited<ReturnType<typeof activateJournal>>;
+    try {
+      started = await activateJournal(ctx.files.image.as(OL_JOURNAL | OL_MAIN_HEADER, 'journal'), cs, ext, plan, this.extensions);
+    } catch (e) {
+      // A full disk (or a failing one) must not cost the write-back the journal was to protect: every
+      // write the guest was told is done would be lost with it. The session goes on without a journal;
+      // what activation wrote is valid at every step (nothing names the area until the first transaction).
+      if (!(e instanceof IoError)) throw e;
+      this.plan = undefined;
+      if (!plan.reuse) {
+        this.overlap.unreserve(host(ext.offset), ext.size, OL_JOURNAL);
+        ctx.extent.endCluster = extent.endCluster;
+        ctx.extent.zeroFrom = extent.zeroFrom;
+      }
+      this.onWarning?.(`${ctx.filename}: the journal could not start (${e.message}); writing without a journal`);
+      return;
+    }
     ctx.trace.write(ext.offset, 512, 'journal area header [journal set-up]');
     if (!started) {
       this.plan = undefined;

@@ -120,6 +120,11 @@ export class GuardedDevice implements BlockDevice {
     await this.inner.discard(offset, length);
   }
 
+  /** The device's free space, if it can tell. */
+  available(): Promise<number | undefined> {
+    return this.inner.available ? this.inner.available() : Promise.resolve(undefined);
+  }
+
   /** fallocate through the device below; false (the caller writes zeros) where it has none */
   async allocate(offset: number, length: number): Promise<boolean> {
     if (!this.inner.allocate) return false;

@@ -145,6 +145,13 @@ export class OverlapIndex {
     }
   }
 
+  /** The clusters of [offset, offset + bytes) stop holding `kind` now (a reservation nothing on disk ever named). */
+  unreserve(offset: HostOffset, bytes: number, kind: number): void {
+    if (bytes <= 0) return;
+    const [first, count] = this.span(offset, bytes);
+    this.map.remove(first, count, kind);
+  }
+
   /** The clusters of [offset, offset + bytes) stop holding `kind` once the next write-back is durable. */
   releaseLater(offset: HostOffset, bytes: number, kind: number): void {
     if (bytes <= 0) return;

@@ -104,7 +104,7 @@ export class Resizer {
           throw new QledgerError('E_UNSUPPORTED', `${ctx.filename}: preallocating over clusters that are already mapped is not supported`);
         }
       }
-      const first = ctx.hasDataFile ? cluster(base / cs + firstIndex) : await this.alloc.allocate(n);
+      const first = ctx.hasDataFile ? cluster(base / cs + firstIndex) : await this.alloc.allocate(n, 'data');
       const bitmapLo = g.extendedL2 && !ctx.backing ? ALL_SUBCLUSTERS : 0;
       for (let k = 0; k < n; k++) {
         const index = firstIndex + k;
