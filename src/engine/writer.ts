@@ -14,10 +14,11 @@
  */
 
 import { CorruptionError, QledgerError, RangeRequestError, UsageError, hex } from '../errors.ts';
-import { isZero } from '../format/bytes.ts';
+import { isZero, u32 } from '../format/bytes.ts';
 import { AUTOCLEAR_BITMAPS, AUTOCLEAR_JOURNAL, AUTOCLEAR_KNOWN, COMPRESSION_DEFLATE, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../format/features.ts';
 import { geometryOf, type Geometry } from '../format/header.ts';
-import { maxRefcount } from '../format/refcount.ts';
+import { maxRefcount, reftableEntryOffset } from '../format/refcount.ts';
+import { entryOffset } from '../format/l1.ts';
 import { readAt } from '../io/device.ts';
 import { Transaction, initialState, l1TableOffset, type MetaState } from '../state/state.ts';
 import { faultPlan, type Fault } from './faults.ts';
@@ -81,6 +82,33 @@ export type DetectZeroes = 'off' | 'on' | 'unmap';
 export interface ZeroOptions {
   /** allow deallocation (qemu-io write -z -u) */
   readonly unmap?: boolean | undefined;
+}
+
+/**
+ * What the write path trusts, checked before it writes anything: every
+ * refcount block and every L2 table the tables name is cluster aligned and
+ * inside the file. A block past the end reads as zeros, so its clusters
+ * (the header among them) would look free and be handed out, and writing
+ * the block back would grow the file to wherever it points; QEMU finds
+ * this only at the write that trips over it, and marks the image corrupt.
+ */
+function validateTables(name: string, g: Geometry, l1: Uint8Array, reftable: Uint8Array, l1At: number, reftableAt: number, fileSize: number): void {
+  const cs = g.clusterSize;
+  const refuse = (what: string, at: number, off: number, problem: string) => {
+    throw new CorruptionError(`${name}: ${what} at ${hex(at)} points at ${hex(off)}, ${problem}; cannot be opened read/write. Run 'qledger check -r all' first`, { path: name, offset: at, points: off });
+  };
+  for (let i = 0; i < reftable.length / 8; i++) {
+    const off = reftableEntryOffset(u32(reftable, i * 8), u32(reftable, i * 8 + 4));
+    if (off === 0) continue;
+    if (off % cs !== 0) refuse(`refcount table entry ${i}`, reftableAt + i * 8, off, 'which is not cluster aligned');
+    if (off + cs > fileSize) refuse(`refcount table entry ${i}`, reftableAt + i * 8, off, `past the end of the file (${hex(fileSize)})`);
+  }
+  for (let i = 0; i < l1.length / 8; i++) {
+    const off = entryOffset(u32(l1, i * 8), u32(l1, i * 8 + 4));
+    if (off === 0) continue;
+    if (off % cs !== 0) refuse(`L1 entry ${i}`, l1At + i * 8, off, 'which is not cluster aligned');
+    if (off + cs > fileSize) refuse(`L1 entry ${i}`, l1At + i * 8, off, `past the end of the file (${hex(fileSize)})`);
+  }
 }
 
 export class Qcow2Writer {
@@ -150,6 +178,7 @@ export class Qcow2Writer {
     const g = geometryOf(h);
     const l1 = await readAt(o.dev, h.l1TableOffset, h.l1Size * 8);
     const reftable = await readAt(o.dev, h.refcountTableOffset, h.refcountTableClusters * g.clusterSize);
+    validateTables(o.filename, g, l1, reftable, h.l1TableOffset, h.refcountTableOffset, o.fileSize);
     const journalled = o.journal !== undefined && h.version === 3;
     const state = initialState(
       g,
