@@ -162,3 +162,16 @@ describe('bad input', () => {
     expect(readFileSync(f).every((x) => x === 0x5a)).toBe(true);
   });
 });
+
+describe('a virtual size that is not a whole number of sectors (issue 20)', () => {
+  it('is cut to the last whole 512-byte sector, as QEMU counts it: info, map, reads and writes all stop there', async () => {
+    const f = join(dir, 'odd-size.qcow2');
+    writeFileSync(f, withField((b) => putU64(b, 24, 32767)));
+    const info = JSON.parse((await cli('info', '--output=json', f)).out);
+    expect(info['virtual-size']).toBe(32256);
+    expect(JSON.parse((await cli('map', '--output=json', f)).out)).toEqual([{ start: 0, length: 32256, depth: 0, present: false, zero: true, data: false }]);
+    const r = await cli('io', '-c', 'read 32256 512', '-c', 'write 32000 256', f);
+    expect(r.out).toContain('read failed: Input/output error');
+    expect(r.out).toContain('wrote 256/256 bytes at offset 32000');
+  });
+});

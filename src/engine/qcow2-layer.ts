@@ -82,7 +82,8 @@ export class Qcow2Layer implements Layer {
     this.live = o.source !== undefined;
     this.source = o.source ?? new OnDiskTables(o.filename, o.dev, o.l1, o.l1Size, o.fileSize, this.geometry.clusterSize);
     this.snapshots = o.snapshots;
-    this.size = o.size;
+    // QEMU counts a disk in 512-byte sectors: a header size past the last whole sector is cut there
+    this.size = Math.floor(o.size / 512) * 512;
     this.backing = o.backing;
     this.hasDataFile = (o.parsed.header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
     this.dataFileRaw = (o.parsed.header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n;

@@ -248,8 +248,9 @@ export class Qcow2Writer {
     return this.ctx.refusal;
   }
 
+  /** The virtual size in whole 512-byte sectors, as QEMU counts it (the header may say more). */
   get size(): number {
-    return this.ctx.header().size;
+    return Math.floor(this.ctx.header().size / 512) * 512;
   }
 
   /** write-backs go through the durable journal (v3 image, journal on, room for its header extension) */
