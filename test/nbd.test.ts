@@ -39,9 +39,9 @@ async function waitFor(path: string): Promise<void> {
 }
 
 /** qemu-nbd or qledger nbd serving `file` on a fresh socket until killed. */
-async function server(tool: 'qemu-nbd' | 'qledger', file: string, args: string[] = []): Promise<{ sock: string; proc: ChildProcess; stop: () => Promise<number | null>; exit: () => Promise<number | null> }> {
+async function server(tool: 'qemu-nbd' | 'qledger', file: string, args: string[] = [], fmt = 'qcow2'): Promise<{ sock: string; proc: ChildProcess; stop: () => Promise<number | null>; exit: () => Promise<number | null> }> {
   const sock = join(dir, `${tool}-${Math.random().toString(36).slice(2)}.sock`);
-  const proc = tool === 'qemu-nbd' ? spawn('qemu-nbd', ['-k', sock, '-f', 'qcow2', ...args, file], { stdio: 'inherit' }) : spawn(join(root, 'tools/qledger'), ['nbd', '-k', sock, ...args, file], { stdio: 'inherit' });
+  const proc = tool === 'qemu-nbd' ? spawn('qemu-nbd', ['-k', sock, '-f', fmt, ...args, file], { stdio: 'inherit' }) : spawn(join(root, 'tools/qledger'), ['nbd', '-k', sock, ...args, file], { stdio: 'inherit' });
   await waitFor(sock);
   const exited = new Promise<number | null>((r) => proc.once('exit', (code) => r(code)));
   return {
@@ -124,6 +124,27 @@ d('what clients see: the same as from qemu-nbd', () => {
     }
     expect(spawnSync('qemu-img', ['check', a]).status).toBe(0);
     expect(spawnSync('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', join(dir, 'copy-src.raw'), a]).status).toBe(0);
+  });
+
+  it('a raw file, read-write: the same map as qemu-nbd -f raw, writes and zero writes land in the file', async () => {
+    // two files made the same way (a copy may fill holes in or punch them)
+    const [a, b] = ['plain.raw', 'plain-copy.raw'].map((n) => join(dir, n)) as [string, string];
+    for (const f of [a, b]) {
+      qemuImg(['create', '-q', '-f', 'raw', f, '8M']);
+      qemuIo(f, ['write -P 3 1M 512k', 'write -P 4 6M 64k'], ['-f', 'raw']);
+    }
+    const q = await server('qemu-nbd', a, ['-t'], 'raw');
+    const l = await server('qledger', b, ['-t', '-f', 'raw']);
+    try {
+      expect(run('nbdinfo', ['--map', uri(l.sock)])).toBe(run('nbdinfo', ['--map', uri(q.sock)]));
+      const cmds = ['write -P 9 0 64k', 'write -z 1M 64k', 'read -P 3 1088k 448k', 'flush'];
+      const strip = (s: string) => s.replace(/\(.*\)/g, '').replace(/\d+\.\d+ sec/g, 'T sec');
+      expect(strip(qemuIo(uri(l.sock), cmds, ['-f', 'raw']))).toBe(strip(qemuIo(uri(q.sock), cmds, ['-f', 'raw'])));
+    } finally {
+      await q.stop();
+      await l.stop();
+    }
+    expect(readFileSync(b).equals(readFileSync(a))).toBe(true);
   });
 
   it('-x names the export, -r serves read-only, -l serves a snapshot', async () => {

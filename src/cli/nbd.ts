@@ -13,7 +13,9 @@ import { UnsupportedError, UsageError } from '../errors.ts';
 import { Image } from '../engine/image.ts';
 import { isOverlapMode, type OverlapMode } from '../engine/write/overlap.ts';
 import type { DetectZeroes } from '../engine/writer.ts';
-import { serveNbd } from '../server/nbd-server.ts';
+import { rawFileBackend, serveBackend, serveNbd } from '../server/nbd-server.ts';
+import { FileDevice } from '../io/file-device.ts';
+import { imagePermissions } from '../io/image-lock.ts';
 import { getopt } from './args.ts';
 import { imageSpec } from './image-spec.ts';
 import type { Output } from './output.ts';
@@ -61,14 +63,16 @@ export async function runNbd(argv: string[], io: Output): Promise<number> {
   // a snapshot is served read-only, as qemu-nbd -l does
   const readOnly = opt.has('read-only') || snapshot !== undefined;
   const format = (fmt as 'qcow2' | 'raw' | undefined) ?? spec.format;
-  let img: Image;
+  let img: Image | undefined;
+  let rawDev: FileDevice | undefined;
   if (readOnly) img = await Image.open(spec.path, { format, snapshot });
   else {
     const probe = await Image.open(spec.path, { format, noBacking: true });
     const raw = probe.format === 'raw';
     await probe.close();
-    if (raw) throw new UnsupportedError(`nbd: ${spec.path}: raw images are served read-only so far (add -r)`);
-    img = await Image.open(spec.path, {
+    // a raw file is its own guest: served straight from the file, locked as qemu-nbd locks it
+    if (raw) rawDev = await FileDevice.open(spec.path, { readOnly: false, lock: imagePermissions({ readOnly: false }) });
+    else img = await Image.open(spec.path, {
       format: 'qcow2',
       write: true,
       detectZeroes: dz as DetectZeroes | undefined,
@@ -78,7 +82,7 @@ export async function runNbd(argv: string[], io: Output): Promise<number> {
   }
   const pidFile = str('pid-file');
   try {
-    const server = await serveNbd(img, {
+    const options = {
       socket: str('socket'),
       port,
       host: str('bind') ?? '0.0.0.0',
@@ -90,8 +94,9 @@ export async function runNbd(argv: string[], io: Output): Promise<number> {
       shared,
       persistent: opt.has('persistent'),
       handshakeMs,
-      log: opt.has('verbose') ? (l) => io.err(`qledger: nbd: ${l}\n`) : undefined,
-    });
+      log: opt.has('verbose') ? (l: string) => io.err(`qledger: nbd: ${l}\n`) : undefined,
+    } as const;
+    const server = rawDev ? await serveBackend(rawFileBackend(rawDev, await rawDev.size(), options.discard), options) : await serveNbd(img!, options);
     if (pidFile) writeFileSync(pidFile, `${process.pid}\n`);
     const stop = () => void server.close();
     process.once('SIGTERM', stop);
@@ -104,7 +109,11 @@ export async function runNbd(argv: string[], io: Output): Promise<number> {
     }
   } finally {
     // flushes: every write a client had acknowledged is durable, and a journalled session closes clean
-    await img.close();
+    if (img) await img.close();
+    if (rawDev) {
+      await rawDev.flush();
+      await rawDev.close();
+    }
     if (pidFile) rmSync(pidFile, { force: true });
   }
   return 0;

@@ -9,6 +9,8 @@
 import { createServer, type Server, type Socket } from 'node:net';
 import { rmSync } from 'node:fs';
 import type { Image } from '../engine/image.ts';
+import { readAt, type BlockDevice } from '../io/device.ts';
+import { zeroRun } from '../io/holes.ts';
 import { QledgerError } from '../errors.ts';
 import { NbdSession, type NbdBackend, type NbdExport } from './nbd-session.ts';
 
@@ -97,10 +99,36 @@ export function imageBackend(img: Image, readOnly: boolean, discard: 'unmap' | '
  */
 export async function serveNbd(image: Image, o: NbdServeOptions = {}): Promise<NbdServerHandle> {
   const readOnly = o.readOnly === true || image.writer === undefined;
+  return serveBackend(imageBackend(image, readOnly, o.discard), o);
+}
+
+/**
+ * A raw file opened read-write as an export's backend: guest bytes are
+ * file bytes; holes (SEEK_HOLE) are base:allocation holes that read as zero.
+ */
+export function rawFileBackend(dev: BlockDevice, size: number, discard: 'unmap' | 'ignore' = 'unmap'): NbdBackend {
+  const unmapping = discard === 'unmap';
+  return {
+    size,
+    readOnly: dev.readOnly,
+    read: (offset, length) => readAt(dev, offset, length),
+    write: (offset, data) => dev.write(offset, data),
+    writeZeroes: (offset, length, unmap) => dev.writeZeroes(offset, length, unmap && unmapping),
+    trim: (offset, length) => (unmapping ? dev.discard(offset, length) : Promise.resolve()),
+    flush: () => (dev.readOnly ? Promise.resolve() : dev.flush()),
+    async status(offset, length) {
+      const z = await zeroRun(dev, offset, length);
+      return { length: z.length, hole: z.zero, zero: z.zero };
+    },
+  };
+}
+
+/** Export any backend over NBD (serveNbd's body; the CLI serves writable raw files through it). */
+export async function serveBackend(backend: NbdBackend, o: NbdServeOptions = {}): Promise<NbdServerHandle> {
   const exp: NbdExport = {
     name: o.exportName ?? '',
     description: o.description,
-    backend: imageBackend(image, readOnly, o.discard),
+    backend,
     minBlock: 1,
     // qemu-nbd says 4096 for qcow2 and raw alike
     preferredBlock: 4096,
