@@ -10,6 +10,10 @@
  * anything is timed, a copy out of each export must equal the image's
  * content and, after the copies in, both images must compare equal to the
  * raw source. Median of BENCH_RUNS (default 5), whole nbdcopy processes.
+ * Then latency: 4 KiB random reads and writes (2000 each, the same offsets
+ * for both servers) at queue depth 1 and 16 through libnbd's Python
+ * bindings (bench/nbd-latency.py, Debian python3-libnbd), alternating,
+ * median of the runs; writes end with a FLUSH inside the timing.
  */
 
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
@@ -86,13 +90,23 @@ try {
         for (const name of order) add(`${name} in -C ${c}`, time('nbdcopy', ['-C', c, i % 2 === 0 ? srcB : srcA, servers[name].uri]));
       }
     }
+    if (spawnSync('/usr/bin/python3', ['-c', 'import nbd'], { stdio: 'ignore' }).status === 0) {
+      for (let i = 0; i < runs; i++) {
+        const order = i % 2 === 0 ? (['qemu-nbd', 'qledger'] as const) : (['qledger', 'qemu-nbd'] as const);
+        for (const mode of ['read', 'write'])
+          for (const depth of ['1', '16'])
+            for (const name of order) {
+              const us = Number(execFileSync('/usr/bin/python3', [join(root, 'bench/nbd-latency.py'), servers[name].uri, mode, depth, '2000'], { encoding: 'utf8' }).trim());
+              add(`${name} ${mode} qd${depth}`, us);
+            }
+      }
+    } else console.error('bench: python3-libnbd not found: the latency part is skipped');
   } finally {
     await stop(servers['qemu-nbd'].proc);
     await stop(servers.qledger.proc);
   }
-  // the last copy in was the same source for both: the images must now be equal to it
-  const last = (runs - 1) % 2 === 0 ? srcB : srcA;
-  for (const f of [q, l]) if (spawnSync('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'qcow2', last, f]).status !== 0) throw new Error(`${f}: differs from what was copied in`);
+  // the last copy in was the same source for both (the latency writes came after it, the same ones on both): the images must now be equal to it
+  if (spawnSync('qemu-img', ['compare', '-q', q, l]).status !== 0) throw new Error('the two images differ after the same copies and writes');
   if (spawnSync('qemu-img', ['check', l]).status !== 0) throw new Error("qledger's image does not check clean");
   console.log(`image: ${sizeMb} MiB, fully allocated, 64 KiB clusters; both servers -e 4, writeback; ${runs} runs each, alternating, median, whole nbdcopy processes; copies checked equal`);
   for (const dirn of ['out', 'in']) {
@@ -102,6 +116,13 @@ try {
       console.log(`nbdcopy ${dirn === 'out' ? 'out of' : 'into  '} the export, ${c} connection${c === '1' ? ' ' : 's'}: qemu-nbd ${a.toFixed(3)} s, qledger ${b.toFixed(3)} s, ratio (qemu-nbd time / qledger time) ${(a / b).toFixed(2)}`);
     }
   }
+  for (const mode of ['read', 'write'])
+    for (const depth of ['1', '16']) {
+      const a = t[`qemu-nbd ${mode} qd${depth}`];
+      const b = t[`qledger ${mode} qd${depth}`];
+      if (!a || !b) continue;
+      console.log(`4 KiB random ${mode}s, queue depth ${depth.padEnd(2)}: qemu-nbd ${median(a).toFixed(1)} µs, qledger ${median(b).toFixed(1)} µs per request, ratio ${(median(a) / median(b)).toFixed(2)}`);
+    }
 } finally {
   rmSync(dir, { recursive: true, force: true });
 }

@@ -1,10 +1,10 @@
 /**
  * Exact-length reads from a stream socket: `read(n)` resolves with the next
  * n bytes, in order, and rejects once the peer has gone (end, error or
- * close) before they all came. A reader holds at most what one pending read
- * asks for plus one chunk: the socket is paused while nobody waits, so a
- * client that sends faster than the server handles gets TCP back-pressure,
- * not unbounded buffering.
+ * close) before they all came. A reader holds at most a few MiB beyond
+ * what a pending read asks for: past that the socket is paused, so a client
+ * that sends faster than the server handles gets back-pressure, not
+ * unbounded buffering.
  */
 
 import type { Socket } from 'node:net';
@@ -14,6 +14,9 @@ export class PeerGone extends Error {
     super(message);
   }
 }
+
+/** Bytes read ahead of what was asked before the socket is paused (pausing at every read costs a round per request). */
+const MAX_BUFFERED = 4 * 1024 * 1024;
 
 export class SocketReader {
   private chunks: Buffer[] = [];
@@ -58,13 +61,13 @@ export class SocketReader {
   private serve(): void {
     const w = this.want;
     if (!w) {
-      if (this.have > 0) this.socket.pause();
+      if (this.have > MAX_BUFFERED) this.socket.pause();
       return;
     }
     if (this.have >= w.n) {
       this.want = undefined;
       w.resolve(this.take(w.n));
-      if (this.have === 0 && !this.gone) this.socket.pause();
+      if (this.have > MAX_BUFFERED) this.socket.pause();
       return;
     }
     if (this.gone) {
