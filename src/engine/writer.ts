@@ -15,7 +15,7 @@
 
 import { CorruptionError, QledgerError, RangeRequestError, UsageError, hex } from '../errors.ts';
 import { isZero, u32 } from '../format/bytes.ts';
-import { AUTOCLEAR_BITMAPS, AUTOCLEAR_JOURNAL, AUTOCLEAR_KNOWN, COMPRESSION_DEFLATE, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../format/features.ts';
+import { AUTOCLEAR_BITMAPS, AUTOCLEAR_JOURNAL, AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, COMPRESSION_DEFLATE, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../format/features.ts';
 import { geometryOf, type Geometry } from '../format/header.ts';
 import { maxRefcount, reftableEntryOffset } from '../format/refcount.ts';
 import { entryOffset } from '../format/l1.ts';
@@ -503,6 +503,29 @@ export class Qcow2Writer {
     );
     await this.serial(() => this.rooms.writeback.flush());
     return { fixed };
+  }
+
+  /**
+   * Turn lazy refcounts on or off (qemu-img amend -o lazy_refcounts): one
+   * header field; before it goes off, the refcounts a dirty image defers
+   * are written exactly and the dirty bit cleared.
+   */
+  setLazyRefcounts(on: boolean): Promise<void> {
+    return this.serial(async () => {
+      const ctx = this.ctx;
+      ctx.checkWritable();
+      if (this.rooms.writeback.lazyRefcounts === on) return;
+      await this.rooms.writeback.flush();
+      if (!on && ctx.headerBits.dirtyOnDisk) await this.rooms.writeback.cleanDirty();
+      const had = ctx.cur.header.compatibleFeatures;
+      // one sector, atomic: not worth starting the journal for (as the autoclear bits at open)
+      await this.rooms.journal.without(async () => {
+        await this.run('amend lazy_refcounts', async () => {
+          ctx.emit({ kind: 'header', field: 'compatible_features', old: had, new: on ? had | COMPAT_LAZY_REFCOUNTS : had & ~COMPAT_LAZY_REFCOUNTS });
+        });
+        await this.rooms.writeback.flush();
+      });
+    });
   }
 
   /** Mark the image clean on disk (after a rebuild). */

@@ -80,10 +80,10 @@ export class WriteBack {
     });
     ctx.trace.record({ kind: 'begin', tx: 0, op: 'writeback' });
     // Every cluster an entry may point at must exist in the file.
-    // (Nothing pending: nothing new points anywhere, and a file QEMU left with a
-    // partial last cluster stays as it is: an open that writes nothing changes nothing.)
+    // (Nothing pending, or header fields only: nothing new points anywhere, and a file QEMU
+    // left with a partial last cluster stays as it is: an open that writes nothing changes nothing.)
     const needed = ctx.extent.endCluster * ctx.geometry.clusterSize;
-    if (this.pending.length && (await ctx.files.image.size()) < needed) {
+    if (this.pending.some((r) => r.kind !== 'header') && (await ctx.files.image.size()) < needed) {
       await ctx.files.image.truncate(needed);
       ctx.trace.truncate(needed);
     }

@@ -1,0 +1,105 @@
+/**
+ * qledger amend against qemu-img amend: compat=1.1 (v2 made v3) and
+ * lazy_refcounts=on|off give byte-identical files on copies of the same
+ * image; option refusals give qemu-img's messages and exit codes and leave
+ * the file untouched; what qledger does not do yet is refused by name.
+ */
+
+import { describe, it, expect, afterAll } from 'vitest';
+import { copyFileSync, mkdirSync, readFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { join } from 'node:path';
+import { qemuAvailable, qemuImg, qemuIo, tempDir } from './helpers/qemu.ts';
+import { runCli } from './helpers/cli.ts';
+
+const { dir, cleanup } = tempDir('qledger-amend-');
+afterAll(cleanup);
+const d = qemuAvailable ? describe : describe.skip;
+
+async function both(src: string, opts: string[], tag: string) {
+  const q = join(dir, `${tag}-q.qcow2`);
+  const l = join(dir, `${tag}-l.qcow2`);
+  copyFileSync(src, q);
+  copyFileSync(src, l);
+  const before = readFileSync(l);
+  const qr = spawnSync('qemu-img', ['amend', ...opts, q], { encoding: 'utf8' });
+  const lr = await runCli('amend', ...opts, l);
+  return { q, l, before, qr: { code: qr.status, out: qr.stdout, err: qr.stderr.replaceAll('qemu-img', 'qledger').replaceAll(q, l) }, lr };
+}
+
+d('amend: as qemu-img amend, byte for byte', () => {
+  const base = join(dir, 'base.raw');
+  qemuImg(['create', '-q', '-f', 'raw', base, '4M']);
+  const kinds: ReadonlyArray<readonly [string, (f: string) => void]> = [
+    ['a v2 image with data', (f) => {
+      qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'compat=0.10', f, '4M']);
+      qemuIo(f, ['write -P 1 0 1M']);
+    }],
+    ['a v2 image over a backing file, with an internal snapshot', (f) => {
+      qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'compat=0.10', '-b', base, '-F', 'raw', f]);
+      qemuIo(f, ['write -P 2 64k 64k']);
+      qemuImg(['snapshot', '-c', 'snap', f]);
+    }],
+    ['a v2 image with a backing name long enough that the v3 header passes the first sector', (f) => {
+      // a path of 300 characters (file names stop at 255)
+      const deep = join(dir, 'a'.repeat(150));
+      mkdirSync(deep, { recursive: true });
+      const long = join(deep, `${'b'.repeat(150)}.raw`);
+      copyFileSync(base, long);
+      qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'compat=0.10', '-b', long, '-F', 'raw', f]);
+    }],
+  ];
+  const changes: ReadonlyArray<readonly string[]> = [['-o', 'compat=1.1'], ['-o', 'compat=1.1,lazy_refcounts=on'], ['-o', 'compat=v3', '-o', 'lazy_refcounts=on'], ['-o', 'compat=0.10']];
+  for (const [name, make] of kinds) {
+    for (const opts of changes) {
+      it(`${name}: ${opts.join(' ')}`, async () => {
+        const f = join(dir, `${name.replace(/\W+/g, '-')}.qcow2`);
+        make(f);
+        const r = await both(f, [...opts], `${name.replace(/\W+/g, '-')}-${opts.join('').replace(/\W+/g, '-')}`);
+        expect(r.lr).toEqual(r.qr);
+        expect(readFileSync(r.l).equals(readFileSync(r.q))).toBe(true);
+        expect(spawnSync('qemu-img', ['check', r.l]).status).toBe(0);
+        if (opts.join().includes('lazy')) {
+          // and off again: the refcounts exact, the bit gone, as qemu-img leaves it
+          const lr = await runCli('amend', '-o', 'lazy_refcounts=off', r.l);
+          qemuImg(['amend', '-o', 'lazy_refcounts=off', r.q]);
+          expect(lr.code).toBe(0);
+          expect(readFileSync(r.l).equals(readFileSync(r.q))).toBe(true);
+        }
+      });
+    }
+  }
+
+  const refusals: ReadonlyArray<readonly [string, string[]]> = [
+    ['no options', []],
+    ['an option only creation takes', ['-o', 'cluster_size=4096']],
+    ['an unknown option', ['-o', 'foo=1']],
+    ['an unknown compatibility level', ['-o', 'compat=2.0']],
+    ['lazy_refcounts neither on nor off', ['-o', 'lazy_refcounts=maybe']],
+    ['the backing file', ['-o', 'backing_file=x']],
+    ['lazy refcounts with compat=0.10', ['-o', 'lazy_refcounts=on,compat=0.10']],
+    ['refcount_bits other than 16 with compat=0.10', ['-o', 'refcount_bits=64,compat=0.10']],
+  ];
+  for (const [what, opts] of refusals) {
+    it(`refused as qemu-img refuses it, the file untouched: ${what}`, async () => {
+      const f = join(dir, 'refuse.qcow2');
+      qemuImg(['create', '-q', '-f', 'qcow2', f, '1M']);
+      const r = await both(f, opts, `refuse-${what.replace(/\W+/g, '-')}`);
+      expect(r.lr).toEqual(r.qr);
+      expect(r.lr.code).toBe(1);
+      expect(readFileSync(r.l).equals(r.before)).toBe(true);
+    });
+  }
+
+  it('what qledger does not do yet is refused by name, the file untouched', async () => {
+    const f = join(dir, 'notyet.qcow2');
+    qemuImg(['create', '-q', '-f', 'qcow2', f, '1M']);
+    const before = readFileSync(f);
+    for (const o of ['compat=0.10', 'refcount_bits=64', 'size=2M', 'data_file=x']) {
+      const r = await runCli('amend', '-o', o, f);
+      expect(r.code, o).toBe(1);
+      expect(r.err, o).toMatch(/^qledger: amend: .* not supported yet/);
+    }
+    expect(readFileSync(f).equals(before)).toBe(true);
+  });
+});
