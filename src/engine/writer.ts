@@ -343,15 +343,17 @@ export class Qcow2Writer {
   /**
    * Empty the image (after a commit into its backing file): every mapping
    * of the active tree dropped, one transaction, written back before this
-   * resolves. QEMU's slow path, valid for every image kind; a crash part
-   * way leaves the journal's transaction to complete, or (journal off)
-   * some clusters still mapped, which read what the backing file now
-   * holds anyway after a commit.
+   * resolves. O(metadata) and valid at every instant (write/make-empty.ts):
+   * a new empty L1 table, the header switched to it in one sector, then
+   * the old tree's references dropped; entry by entry (QEMU's slow path)
+   * only while this session tracks clusters shared inside the image.
    */
   makeEmpty(): Promise<void> {
     return this.serial(async () => {
       this.ctx.checkWritable();
-      await this.run('make empty', () => this.rooms.discard.unallocateAll());
+      await this.run('make empty', async () => {
+        if (!(await this.rooms.makeEmpty.run())) await this.rooms.discard.unallocateAll();
+      });
       await this.rooms.writeback.flush();
     });
   }

@@ -25,7 +25,18 @@ export class Allocator {
   /** lowest cluster freed since the last write-back: the search goes back there once it is durable */
   private freedMin = cluster(Infinity);
   /** clusters freed since the last write-back: untouchable until it, their space given back after it */
-  private readonly freedInEpoch = new Set<ClusterIndex>();
+  private readonly freedSet = new Set<ClusterIndex>();
+  /** clusters a batch record freed, not in the set yet: a tree's worth is a million, added on first question only */
+  private freedBatch: number[] = [];
+
+  /** The clusters freed since the last write-back. */
+  private get freedInEpoch(): Set<ClusterIndex> {
+    if (this.freedBatch.length) {
+      for (const c of this.freedBatch) this.freedSet.add(cluster(c));
+      this.freedBatch = [];
+    }
+    return this.freedSet;
+  }
 
   constructor(
     private readonly ctx: WriteContext,
@@ -125,7 +136,16 @@ export class Allocator {
   /** Follow the record stream: a cluster whose refcount drops to 0 is freed in this epoch. */
   follow(r: JournalRecord): void {
     if (r.kind === 'refcounts') {
-      for (let k = 0; k < r.index.length; k++) if (r.new[k] === 0 && r.old[k]! > 0) this.freed(cluster(r.rt * this.ctx.geometry.refcountBlockEntries + r.index[k]!));
+      const E = this.ctx.geometry.refcountBlockEntries;
+      for (let k = 0; k < r.index.length; k++) {
+        if (r.new[k] !== 0 || r.old[k] === 0) continue;
+        const c = r.rt * E + r.index[k]!;
+        if (this.reuseFreedAtOnce || this.faults?.reuseFreedMetadata) this.freed(cluster(c));
+        else {
+          this.freedBatch.push(c);
+          if (c < this.freedMin) this.freedMin = cluster(c);
+        }
+      }
       return;
     }
     if (r.kind !== 'refcount' || r.new !== 0 || r.old === 0) return;
@@ -376,10 +396,14 @@ export class Allocator {
     if (this.freedMin < this.cursor) this.cursor = this.freedMin;
     this.freedMin = cluster(Infinity);
     this.freedMetadata.clear();
-    if (this.freedInEpoch.size === 0) return;
+    if (this.freedSet.size === 0 && this.freedBatch.length === 0) return;
     const cs = ctx.geometry.clusterSize;
-    const free = [...this.freedInEpoch].filter((c) => refcountOf(ctx.cur, c) === 0).sort((a, b) => a - b);
-    this.freedInEpoch.clear();
+    // the set and the batches as they are, without building a set of a million first
+    const all = Float64Array.from([...this.freedSet, ...this.freedBatch]).sort();
+    const free: number[] = [];
+    for (let k = 0; k < all.length; k++) if ((k === 0 || all[k] !== all[k - 1]) && refcountOf(ctx.cur, cluster(all[k]!)) === 0) free.push(all[k]!);
+    this.freedSet.clear();
+    this.freedBatch = [];
     for (let i = 0; i < free.length; ) {
       let j = i + 1;
       while (j < free.length && free[j] === free[j - 1]! + 1) j++;

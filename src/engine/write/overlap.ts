@@ -256,7 +256,12 @@ export class OverlapIndex {
         if (r.new === 0 && r.old > 0) this.releaseLater((r.cluster * cs) as HostOffset, cs, ANY_KIND);
         break;
       case 'refcounts':
-        for (let k = 0; k < r.index.length; k++) if (r.new[k] === 0 && r.old[k]! > 0) this.releaseLater(((r.rt * this.blockEntries + r.index[k]!) * cs) as HostOffset, cs, ANY_KIND);
+        // a tree's worth of data clusters: only those that hold metadata have anything to release
+        for (let k = 0; k < r.index.length; k++) {
+          if (r.new[k] !== 0 || r.old[k] === 0) continue;
+          const c = r.rt * this.blockEntries + r.index[k]!;
+          if (this.map.at(c) !== 0) this.releaseLater((c * cs) as HostOffset, cs, ANY_KIND);
+        }
         break;
       default:
         break;

@@ -18,6 +18,7 @@ import type { OverlapIndex } from './overlap.ts';
 import { Resizer } from './resize.ts';
 import { SharedClusters, ZeroCluster } from './shared.ts';
 import { Snapshots } from './snapshots.ts';
+import { MakeEmpty } from './make-empty.ts';
 import type { SnapshotEntry } from '../../format/snapshot.ts';
 import { TableCache } from './tables.ts';
 import { WriteBack } from './writeback.ts';
@@ -50,6 +51,7 @@ export interface Rooms {
   readonly compressed: CompressedWriter;
   readonly resize: Resizer;
   readonly snapshots: Snapshots;
+  readonly makeEmpty: MakeEmpty;
   readonly journal: JournalSession;
   readonly writeback: WriteBack;
 }
@@ -85,6 +87,7 @@ export function buildRooms(ctx: WriteContext, o: RoomOptions): Rooms {
     discard: new Discarder(ctx, mapping, zero),
     compressed,
     resize,
+    makeEmpty: new MakeEmpty(ctx, tables, alloc, shared),
     snapshots: new Snapshots(ctx, tables, alloc, resize, overlap, o.snapshots.entries, o.snapshots.tableBytes),
     journal,
     writeback,

@@ -22,7 +22,7 @@
 
 import { CorruptionError, QledgerError, hex } from '../../errors.ts';
 import { COPIED_HI, entryOffset } from '../../format/l1.ts';
-import { compressedDescriptor, isCompressed, isCopied, l2EntryAt, standardOffset, L2E_COMPRESSED_HI, L2E_COPIED_HI, L2E_OFFSET_MASK_HI, L2E_OFFSET_MASK_LO, type L2Entry } from '../../format/l2.ts';
+import { isCompressed, isCopied, l2EntryAt, standardOffset, L2E_COMPRESSED_HI, L2E_COPIED_HI, L2E_OFFSET_MASK_HI, L2E_OFFSET_MASK_LO } from '../../format/l2.ts';
 import { encodeSnapshotTable, type SnapshotEntry } from '../../format/snapshot.ts';
 import { cluster, clusterOf, host, type HostOffset } from '../../format/offsets.ts';
 import { putU32, u32 } from '../../format/bytes.ts';
@@ -33,6 +33,7 @@ import type { WriteContext } from './context.ts';
 import { OL_INACTIVE_L1, OL_INACTIVE_L2, OL_SNAPSHOT_TABLE, type OverlapIndex } from './overlap.ts';
 import type { Resizer } from './resize.ts';
 import type { TableCache } from './tables.ts';
+import { treeRefs } from './tree-refs.ts';
 
 /** QEMU's QCOW_MAX_SNAPSHOTS. */
 export const MAX_SNAPSHOTS = 65536;
@@ -90,7 +91,7 @@ export class Snapshots {
     for (let i = 0; i < h.l1Size; i++) {
       const table = t.l1TableOffset(i);
       if (table === 0) continue;
-      this.treeRefs(t.l2(i) ?? (await this.tables.loadL2(i, table)), refs, undefined);
+      treeRefs(t.l2(i) ?? (await this.tables.loadL2(i, table)), this.ctx.geometry, refs);
       refs.push(clusterOf(table, cs));
       l1Entries.push({ index: i, e: t.l1Entry(i), table });
     }
@@ -161,11 +162,11 @@ export class Snapshots {
       const next = i < snapL1.length ? snapL1[i]! : 0;
       if (now === next) continue;
       if (next !== 0) {
-        this.treeRefs(snapTables.get(next)!, add, undefined);
+        treeRefs(snapTables.get(next)!, this.ctx.geometry, add);
         add.push(clusterOf(host(next), cs));
       }
       if (now !== 0) {
-        this.treeRefs(t.l2(i) ?? (await this.tables.loadL2(i, now)), drop, undefined);
+        treeRefs(t.l2(i) ?? (await this.tables.loadL2(i, now)), this.ctx.geometry, drop);
         drop.push(clusterOf(now, cs));
       }
       slots.push({ index: i, old: t.l1Entry(i), table: host(next) });
@@ -219,7 +220,7 @@ export class Snapshots {
       const T = snapL1[i]!;
       if (T === 0) continue;
       const active = t.l1TableOffset(i) === T ? (t.l2(i) ?? (await this.tables.loadL2(i, host(T)))) : undefined;
-      this.treeRefs(active ?? bytesOf.get(T)!, drop, undefined);
+      treeRefs(active ?? bytesOf.get(T)!, this.ctx.geometry, drop);
       drop.push(T / cs);
     }
     const rest = this.list.filter((_, i) => i !== at);
@@ -242,32 +243,6 @@ export class Snapshots {
   }
 
   // ---- helpers -----------------------------------------------------------
-
-  /**
-   * The clusters the entries of one L2 table reference, each once per entry
-   * (a compressed run: every cluster it touches), into `out`; `each` sees every
-   * entry that references a standard cluster.
-   */
-  private treeRefs(table: Uint8Array, out: Refs, each: ((index: number, e: L2Entry) => void) | undefined): void {
-    const g = this.ctx.geometry;
-    const cs = g.clusterSize;
-    const es = g.l2EntrySize;
-    for (let j = 0; j < g.l2Entries; j++) {
-      // the descriptor's words read in place: a tree has a million of them
-      const hi = u32(table, j * es);
-      const lo = u32(table, j * es + 4);
-      if (hi === 0 && lo === 0) continue;
-      if (hi & L2E_COMPRESSED_HI) {
-        const d = compressedDescriptor(l2EntryAt(table, j, g), g.clusterBits);
-        for (let c = Math.floor(d.offset / cs); c <= Math.floor((d.offset + d.length - 1) / cs); c++) out.push(c);
-        continue;
-      }
-      const off = (hi & L2E_OFFSET_MASK_HI) * 0x1_0000_0000 + ((lo & L2E_OFFSET_MASK_LO) >>> 0);
-      if (off === 0) continue;
-      out.push(off / cs);
-      if (each) each(j, l2EntryAt(table, j, g));
-    }
-  }
 
   /** One record: COPIED set (`set`) or cleared on entries `indices` of the table of L1 index `l1Index`, as `bytes` holds them. */
   private emitCopied(l1Index: number, table: number, bytes: Uint8Array, indices: readonly number[], set: boolean): void {
