@@ -75,3 +75,24 @@ $q convert -O raw -l before "$d/top.qcow2" "$d/snap.raw"; qemu-img convert -O ra
 cmp "$d/snap.raw" "$d/snapref.raw" && echo "snapshot 'before': identical to qemu-img convert -l"
 diff <($q map --output=json "$d/top.qcow2") <(qemu-img map --output=json "$d/top.qcow2") && echo "map --output=json: identical to qemu-img"
 diff <($q info --output=json "$d/top.qcow2") <(qemu-img info --output=json "$d/top.qcow2") && echo "info --output=json: identical to qemu-img"
+
+echo "== snapshots: qledger creates and applies one, QEMU reads the result"
+$q snapshot -c mine "$d/top.qcow2"
+qemu-io -c 'write -P 0x55 0 64k' "$d/top.qcow2" >/dev/null
+$q snapshot -a mine "$d/top.qcow2"
+qemu-img check -q "$d/top.qcow2" && echo "qemu-img check: clean"
+$q convert -O raw "$d/top.qcow2" "$d/back.raw"
+cmp "$d/back.raw" "$d/ours.raw" && echo "after snapshot -a: the guest reads as when the snapshot was taken"
+qemu-img snapshot -l "$d/top.qcow2" | awk 'NR>2 {print "snapshot: " $2}'
+
+echo "== nbd: qledger serves the image, qemu-io and nbdinfo use it"
+if command -v nbdinfo >/dev/null; then
+  $q nbd -t -k "$d/nbd.sock" "$d/top.qcow2" & nbd=$!
+  for _ in $(seq 100); do [ -S "$d/nbd.sock" ] && break; sleep 0.05; done
+  qemu-io -f raw -c 'read -P 0x33 512k 64k' "nbd+unix:///?socket=$d/nbd.sock" | head -1
+  nbdinfo --map "nbd+unix:///?socket=$d/nbd.sock" | head -3
+  kill -TERM $nbd; wait $nbd
+  qemu-img check -q "$d/top.qcow2" && echo "after the server stopped: qemu-img check clean"
+else
+  echo "(nbdinfo not installed: apt-get install libnbd-bin)"
+fi
