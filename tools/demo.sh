@@ -7,7 +7,8 @@
 # that the journal's recovery removes. Then the crash harness explores the
 # crash states of a workload (and catches a deliberately broken ordering
 # rule; the overlap index refuses a broken allocator's write), and the read side:
-# QEMU writes a snapshotted, compressed image and qledger reads it back.
+# QEMU writes a snapshotted, compressed image and qledger reads it back;
+# qledger takes and applies a snapshot of it, and serves it over NBD.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v qemu-img >/dev/null || { echo "demo: needs qemu-img (apt-get install qemu-utils)"; exit 1; }
