@@ -91,15 +91,73 @@ d('amend: as qemu-img amend, byte for byte', () => {
     });
   }
 
+  const downgrades: ReadonlyArray<readonly [string, (f: string) => void, boolean]> = [
+    ['zero clusters, plain and allocated', (f) => {
+      qemuImg(['create', '-q', '-f', 'qcow2', f, '1M']);
+      qemuIo(f, ['write -z 0 64k', 'write -P 1 64k 64k', 'write -z 64k 64k', 'write -P 2 128k 64k']);
+    }, true],
+    ['lazy refcounts on', (f) => {
+      qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'lazy_refcounts=on', f, '1M']);
+      qemuIo(f, ['write -P 3 0 128k', 'write -z 64k 64k']);
+    }, true],
+    ['zero clusters over a backing file (each gets a cluster of zeros)', (f) => {
+      qemuImg(['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'raw', f]);
+      qemuIo(f, ['write -z 0 128k', 'write -P 4 1M 64k']);
+    }, false],
+    ['an internal snapshot without zero clusters', (f) => {
+      qemuImg(['create', '-q', '-f', 'qcow2', f, '1M']);
+      qemuIo(f, ['write -P 5 0 64k']);
+      qemuImg(['snapshot', '-c', 's', f]);
+      qemuIo(f, ['write -z 0 64k']);
+    }, false],
+  ];
+  for (const [name, make, bytes] of downgrades) {
+    it(`compat=0.10 of a v3 image: ${name}`, async () => {
+      const f = join(dir, `down-${name.replace(/\W+/g, '-')}.qcow2`);
+      make(f);
+      const r = await both(f, ['-o', 'compat=0.10'], `down-${name.replace(/\W+/g, '-')}`);
+      expect(r.lr).toEqual(r.qr);
+      if (bytes) expect(readFileSync(r.l).equals(readFileSync(r.q))).toBe(true);
+      expect(spawnSync('qemu-img', ['check', r.l]).status).toBe(0);
+      expect(spawnSync('qemu-img', ['compare', r.q, r.l]).status).toBe(0);
+      expect(JSON.parse(qemuImg(['info', '--output=json', r.l]))['format-specific'].data.compat).toBe('0.10');
+    });
+  }
+
+  const downRefusals: ReadonlyArray<readonly [string, string]> = [
+    ['extended L2', 'extended_l2=on'],
+    ['refcount_bits=64', 'refcount_bits=64'],
+    ['an external data file', `data_file=${join(dir, 'down-data.raw')}`],
+  ];
+  for (const [name, opts] of downRefusals) {
+    it(`compat=0.10 refused as qemu-img refuses it, the file untouched: ${name}`, async () => {
+      const f = join(dir, `downno-${name.replace(/\W+/g, '-')}.qcow2`);
+      qemuImg(['create', '-q', '-f', 'qcow2', '-o', opts, f, '1M']);
+      const r = await both(f, ['-o', 'compat=0.10'], `downno-${name.replace(/\W+/g, '-')}`);
+      expect(r.lr).toEqual(r.qr);
+      expect(r.lr.code).toBe(1);
+      expect(readFileSync(r.l).equals(r.before)).toBe(true);
+    });
+  }
+
   it('what qledger does not do yet is refused by name, the file untouched', async () => {
     const f = join(dir, 'notyet.qcow2');
     qemuImg(['create', '-q', '-f', 'qcow2', f, '1M']);
     const before = readFileSync(f);
-    for (const o of ['compat=0.10', 'refcount_bits=64', 'size=2M', 'data_file=x']) {
+    for (const o of ['refcount_bits=64', 'size=2M', 'data_file=x']) {
       const r = await runCli('amend', '-o', o, f);
       expect(r.code, o).toBe(1);
       expect(r.err, o).toMatch(/^qledger: amend: .* not supported yet/);
     }
     expect(readFileSync(f).equals(before)).toBe(true);
+    // a snapshot holding zero clusters (QEMU expands those in place too)
+    const s = join(dir, 'notyet-snap.qcow2');
+    qemuImg(['create', '-q', '-f', 'qcow2', s, '1M']);
+    qemuIo(s, ['write -z 0 64k']);
+    qemuImg(['snapshot', '-c', 'z', s]);
+    const sb = readFileSync(s);
+    const r = await runCli('amend', '-o', 'compat=0.10', s);
+    expect(r.err).toBe("qledger: amend: compat=0.10 of an image whose snapshot 'z' holds zero clusters is not supported yet\n");
+    expect(readFileSync(s).equals(sb)).toBe(true);
   });
 });

@@ -1,14 +1,15 @@
 /**
  * qemu-img amend: `amend [-f FMT] [-p] [-q] [--force] [--image-opts] -o
  * OPTS IMG`, with qemu-img's option checks and messages. qledger changes
- * compat (1.1: v2 made v3) and lazy_refcounts; compat=0.10, refcount_bits,
- * size and data_file are refused by name as not supported yet; options only
+ * compat (1.1: v2 made v3; 0.10: v3 made v2) and lazy_refcounts;
+ * refcount_bits, size and data_file are refused by name as not supported
+ * yet; options only
  * image creation takes, and unknown ones, get qemu-img's words.
  */
 
 import { UnsupportedError, UsageError } from '../errors.ts';
 import { Image } from '../engine/image.ts';
-import { upgradeToV3 } from '../engine/amend.ts';
+import { downgradeRefusal, downgradeToV2, upgradeToV3 } from '../engine/amend.ts';
 import { probeFormat } from '../engine/open.ts';
 import type { Qcow2Layer } from '../engine/qcow2-layer.ts';
 import { FileDevice } from '../io/file-device.ts';
@@ -64,11 +65,26 @@ export async function runAmend(argv: string[], io: Output): Promise<number> {
   if (lazy === true && target === 2) return fail(io, 'Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)');
   const rb = opts.get('refcount_bits');
   if (rb !== undefined && rb !== '16' && target === 2) return fail(io, 'Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)');
-  if (compat === '0.10' && version === 3) throw new UnsupportedError('amend: compat=0.10 (downgrading a v3 image) is not supported yet');
   if (rb !== undefined && rb !== '16') throw new UnsupportedError('amend: refcount_bits is not supported yet');
   if (opts.has('size')) throw new UnsupportedError("amend: size is not supported yet (use 'qledger resize')");
   if (opts.has('data_file') || opts.has('data_file_raw')) throw new UnsupportedError('amend: data_file and data_file_raw are not supported yet');
 
+  if (compat === '0.10' && version === 3) {
+    // everything checked before the first write, then QEMU's order: zero clusters expanded, refcounts exact, the header
+    const refusal = await downgradeRefusal(spec.path);
+    if (refusal?.notYet) throw new UnsupportedError(refusal.message);
+    if (refusal) return fail(io, refusal.message);
+    // no journal for this session: the v2 image it becomes has no place for one
+    const img = await Image.open(spec.path, { format: 'qcow2', write: true, journal: false, onWarning: (m) => io.err(`qledger: warning: ${m}\n`) });
+    try {
+      await img.writer!.expandZeroClusters();
+      await img.writer!.setLazyRefcounts(false);
+    } finally {
+      await img.close();
+    }
+    await downgradeToV2(spec.path);
+    return 0;
+  }
   if (compat === '1.1') await upgradeToV3(spec.path);
   if (lazy !== undefined) {
     const img = await Image.open(spec.path, { format: 'qcow2', write: true, onWarning: (m) => io.err(`qledger: warning: ${m}\n`) });

@@ -2,12 +2,16 @@
  * qemu-img amend's changes that qledger makes: compat=1.1 (a v2 image
  * becomes v3 by a header rewrite that is valid after every write) and
  * lazy_refcounts=on|off (one header field, through the write engine, the
- * refcounts made exact first when they go off). The rest of amend
- * (compat=0.10, refcount_bits, data_file, size) is refused by the CLI.
+ * refcounts made exact first when they go off), compat=0.10 (zero clusters
+ * expanded through the write engine, then a v2 header in one sector). The
+ * rest of amend (refcount_bits, data_file, size) is refused by the CLI.
  */
 
 import { UsageError } from '../errors.ts';
-import { EXT_FEATURE_TABLE } from '../format/features.ts';
+import { EXT_BITMAPS, EXT_FEATURE_TABLE, EXT_JOURNAL, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY } from '../format/features.ts';
+import { u32 } from '../format/bytes.ts';
+import { entryOffset } from '../format/l1.ts';
+import { L2E_COMPRESSED_HI, L2E_ZERO_LO } from '../format/l2.ts';
 import { encodeFeatureTable, encodeHeader, type Qcow2Header } from '../format/header.ts';
 import { readAt } from '../io/device.ts';
 import { FileDevice } from '../io/file-device.ts';
@@ -46,6 +50,69 @@ export async function upgradeToV3(path: string): Promise<boolean> {
     const first = old.slice(0, SECTOR);
     first.fill(0);
     first.set(next.subarray(0, Math.min(SECTOR, next.length)));
+    await dev.write(0, first);
+    await dev.flush();
+    return true;
+  } finally {
+    await dev.close();
+  }
+}
+
+/** Why a v3 image cannot become v2 here, in qemu-img's words where it has them; undefined when it can. */
+export async function downgradeRefusal(path: string): Promise<{ message: string; notYet?: boolean } | undefined> {
+  const dev = await FileDevice.open(path, { readOnly: true });
+  try {
+    const { parsed, snapshots } = await loadQcow2(dev);
+    const h = parsed.header;
+    if (h.version === 2) return undefined;
+    if ((h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n) return { message: 'Cannot downgrade an image with a data file' };
+    if (h.refcountOrder !== 4) return { message: 'compat=0.10 requires refcount_bits=16' };
+    const blocking = h.incompatibleFeatures & ~INCOMPAT_DIRTY;
+    if (blocking !== 0n) return { message: `Cannot downgrade an image with incompatible features 0x${blocking.toString(16)} set` };
+    if (parsed.bitmaps) return { message: 'amend: compat=0.10 of an image with persistent bitmaps is not supported yet', notYet: true };
+    // zero clusters in a snapshot's tree: QEMU expands them in place; qledger does the active tree only
+    const cs = 2 ** h.clusterBits;
+    for (const sn of snapshots) {
+      const l1 = await readAt(dev, sn.l1TableOffset, sn.l1Size * 8);
+      for (let i = 0; i < sn.l1Size; i++) {
+        const T = entryOffset(u32(l1, i * 8), u32(l1, i * 8 + 4));
+        if (T === 0) continue;
+        const t = await readAt(dev, T, cs);
+        for (let j = 0; j < cs / 8; j++) if ((u32(t, j * 8) & L2E_COMPRESSED_HI) === 0 && (u32(t, j * 8 + 4) & L2E_ZERO_LO) !== 0) {
+          return { message: `amend: compat=0.10 of an image whose snapshot '${sn.name}' holds zero clusters is not supported yet`, notYet: true };
+        }
+      }
+    }
+    if (v2Header(parsed).length > SECTOR) return { message: 'amend: compat=0.10 of an image whose v2 header passes the first sector is not supported yet', notYet: true };
+    return undefined;
+  } finally {
+    await dev.close();
+  }
+}
+
+/** The v2 header a v3 image's becomes: the fields, the extensions v2 keeps (not the feature table, the journal or bitmaps), the backing file name. */
+function v2Header(parsed: Awaited<ReturnType<typeof loadQcow2>>['parsed']): Uint8Array {
+  const h = parsed.header;
+  const header: Qcow2Header = { ...h, version: 2, headerLength: 72, refcountOrder: 4, incompatibleFeatures: 0n, compatibleFeatures: 0n, autoclearFeatures: 0n, compressionType: 0, extraHeaderBytes: new Uint8Array(0) };
+  const drop = new Set([EXT_FEATURE_TABLE, EXT_JOURNAL, EXT_BITMAPS]);
+  const extensions = parsed.extensions.filter((e) => !drop.has(e.type)).map((e) => ({ type: e.type, data: e.data }));
+  return encodeHeader({ header, extensions, backingFile: parsed.backingFile });
+}
+
+/**
+ * Make a v3 image v2 once its zero clusters are expanded and its
+ * refcounts exact (the caller did both through the write engine): the v2
+ * header, which downgradeRefusal made sure fits the first sector, in one
+ * sector write. Returns false when the image already is v2.
+ */
+export async function downgradeToV2(path: string): Promise<boolean> {
+  const dev = await FileDevice.open(path, { readOnly: false });
+  try {
+    const { parsed } = await loadQcow2(dev);
+    if (parsed.header.version === 2) return false;
+    const next = v2Header(parsed);
+    const first = new Uint8Array(SECTOR);
+    first.set(next);
     await dev.write(0, first);
     await dev.flush();
     return true;

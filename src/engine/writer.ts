@@ -530,6 +530,14 @@ export class Qcow2Writer {
     });
   }
 
+  /** Expand the active tree's zero clusters for a v2 header (qemu-img amend -o compat=0.10; write/downgrade.ts). */
+  expandZeroClusters(): Promise<void> {
+    return this.serial(async () => {
+      await this.run('expand zero clusters', () => this.rooms.zeroExpansion.run());
+      await this.rooms.writeback.flush();
+    });
+  }
+
   /** Mark the image clean on disk (after a rebuild). */
   async markClean(): Promise<void> {
     await this.serial(async () => {

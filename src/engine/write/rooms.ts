@@ -19,6 +19,7 @@ import { Resizer } from './resize.ts';
 import { SharedClusters, ZeroCluster } from './shared.ts';
 import { Snapshots } from './snapshots.ts';
 import { MakeEmpty } from './make-empty.ts';
+import { ZeroExpansion } from './downgrade.ts';
 import type { SnapshotEntry } from '../../format/snapshot.ts';
 import { TableCache } from './tables.ts';
 import { WriteBack } from './writeback.ts';
@@ -52,6 +53,7 @@ export interface Rooms {
   readonly resize: Resizer;
   readonly snapshots: Snapshots;
   readonly makeEmpty: MakeEmpty;
+  readonly zeroExpansion: ZeroExpansion;
   readonly journal: JournalSession;
   readonly writeback: WriteBack;
 }
@@ -88,6 +90,7 @@ export function buildRooms(ctx: WriteContext, o: RoomOptions): Rooms {
     compressed,
     resize,
     makeEmpty: new MakeEmpty(ctx, tables, alloc, shared),
+    zeroExpansion: new ZeroExpansion(ctx, tables, alloc, mapping),
     snapshots: new Snapshots(ctx, tables, alloc, resize, overlap, o.snapshots.entries, o.snapshots.tableBytes),
     journal,
     writeback,
