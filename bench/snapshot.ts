@@ -1,6 +1,6 @@
 /**
  * Snapshot benchmark (BENCH_ONLY=snapshot): snapshot create, apply and
- * delete on an image with BENCH_CLUSTERS (default 1,000,000) allocated
+ * delete, then amend -o refcount_bits=64, on an image with BENCH_CLUSTERS (default 1,000,000) allocated
  * 4 KiB clusters (qemu-img create -o preallocation=metadata), qemu-img
  * snapshot against qledger snapshot in the same run. Each round copies the
  * same image twice and runs the three commands on both copies, the tools
@@ -68,6 +68,18 @@ try {
       }
       same(q, l, `round ${i}, ${name}`);
     }
+    // amend -o refcount_bits=64 (16 → 64) on the same pair
+    const amend = (tool: string, f: string) => (tool === 'qemu-img' ? time('qemu-img', ['amend', '-o', 'refcount_bits=64', f]) : time(qledger, ['amend', '-o', 'refcount_bits=64', f]));
+    const aq = () => (times['amend'] ??= { q: [], l: [] }).q.push(amend('qemu-img', q));
+    const al = () => (times['amend'] ??= { q: [], l: [] }).l.push(amend('qledger', l));
+    if (i % 2 === 0) {
+      aq();
+      al();
+    } else {
+      al();
+      aq();
+    }
+    same(q, l, `round ${i}, amend`);
   }
   console.log(`image: ${clusters} allocated 4 KiB clusters (preallocation=metadata); ${runs} rounds, alternating, median, whole process; results checked equal after every command`);
   for (const [name] of ops) {
@@ -75,6 +87,9 @@ try {
     const o = median(times[name]!.l);
     console.log(`snapshot ${name.padEnd(6)}: qemu-img ${t.toFixed(3)} s, qledger ${o.toFixed(3)} s, ratio (qemu-img time / qledger time) ${(t / o).toFixed(2)}`);
   }
+  const t = median(times['amend']!.q);
+  const o = median(times['amend']!.l);
+  console.log(`amend -o refcount_bits=64: qemu-img ${t.toFixed(3)} s, qledger ${o.toFixed(3)} s, ratio (qemu-img time / qledger time) ${(t / o).toFixed(2)}`);
 } finally {
   rmSync(dir, { recursive: true, force: true });
 }

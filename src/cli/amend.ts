@@ -10,15 +10,34 @@
 import { UnsupportedError, UsageError } from '../errors.ts';
 import { Image } from '../engine/image.ts';
 import { downgradeRefusal, downgradeToV2, upgradeToV3 } from '../engine/amend.ts';
+import { changeRefcountOrder } from '../engine/refcount-order.ts';
 import { probeFormat } from '../engine/open.ts';
-import type { Qcow2Layer } from '../engine/qcow2-layer.ts';
 import { FileDevice } from '../io/file-device.ts';
+import { loadQcow2 } from '../engine/qcow2-layer.ts';
+import { locateJournal } from '../engine/journal/locate.ts';
+import { AUTOCLEAR_JOURNAL, INCOMPAT_DIRTY } from '../format/features.ts';
 import { getopt, parseOptionList } from './args.ts';
 import { imageSpec } from './image-spec.ts';
 import { fail, type Output } from './output.ts';
 
 /** qcow2 create options amend does not take (qemu-img: "only supported for image creation"). */
 const CREATE_ONLY = new Set(['cluster_size', 'preallocation', 'extended_l2', 'compression_type', 'encryption', 'encrypt.format', 'encrypt.key-secret', 'encrypt.cipher-alg', 'encrypt.cipher-mode', 'encrypt.ivgen-alg', 'encrypt.ivgen-hash-alg', 'encrypt.hash-alg', 'encrypt.iter-time']);
+
+/** Whether the refcounts on disk may not be exact: the dirty bit (lazy refcounts), or a journal transaction not in place yet. */
+async function mayNeedRecovery(path: string): Promise<boolean> {
+  const dev = await FileDevice.open(path, { readOnly: true });
+  try {
+    const { parsed, fileSize } = await loadQcow2(dev);
+    const h = parsed.header;
+    if (h.version !== 3) return false;
+    if ((h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n) return true;
+    if ((h.autoclearFeatures & AUTOCLEAR_JOURNAL) === 0n) return false;
+    const j = await locateJournal(dev, parsed, fileSize);
+    return j.kind === 'valid' && j.scan.transactions.some((t) => t.committed && t.tx > j.appliedTx);
+  } finally {
+    await dev.close();
+  }
+}
 
 export async function runAmend(argv: string[], io: Output): Promise<number> {
   const p = getopt(argv, { withArg: 'fo', flags: 'pqh', long: { force: false, 'image-opts': false, object: true } }, 'amend');
@@ -51,11 +70,8 @@ export async function runAmend(argv: string[], io: Output): Promise<number> {
   let version: 2 | 3 = 3;
   try {
     probed = await probeFormat(dev);
-    if (probed === 'qcow2') {
-      const img = await Image.open(spec.path, { format: 'qcow2', noBacking: true });
-      version = (img.top as Qcow2Layer).parsed.header.version;
-      await img.close();
-    }
+    // the header only (its checks as an open makes them): amend opens nothing else it does not need
+    if (probed === 'qcow2') version = (await loadQcow2(dev)).parsed.header.version;
   } finally {
     await dev.close();
   }
@@ -65,7 +81,12 @@ export async function runAmend(argv: string[], io: Output): Promise<number> {
   if (lazy === true && target === 2) return fail(io, 'Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)');
   const rb = opts.get('refcount_bits');
   if (rb !== undefined && rb !== '16' && target === 2) return fail(io, 'Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)');
-  if (rb !== undefined && rb !== '16') throw new UnsupportedError('amend: refcount_bits is not supported yet');
+  let order: number | undefined;
+  if (rb !== undefined) {
+    const n = Number(rb);
+    order = Number.isInteger(n) && n >= 1 && n <= 64 && (n & (n - 1)) === 0 ? Math.log2(n) : undefined;
+    if (order === undefined) return fail(io, 'Refcount width must be a power of two and may not exceed 64 bits');
+  }
   if (opts.has('size')) throw new UnsupportedError("amend: size is not supported yet (use 'qledger resize')");
   if (opts.has('data_file') || opts.has('data_file_raw')) throw new UnsupportedError('amend: data_file and data_file_raw are not supported yet');
 
@@ -86,6 +107,14 @@ export async function runAmend(argv: string[], io: Output): Promise<number> {
     return 0;
   }
   if (compat === '1.1') await upgradeToV3(spec.path);
+  if (order !== undefined) {
+    // exact refcounts first: a read-write open completes a journal's pending transaction, a close cleans a dirty image
+    if (await mayNeedRecovery(spec.path)) {
+      const img = await Image.open(spec.path, { format: 'qcow2', write: true, onWarning: (m) => io.err(`qledger: warning: ${m}\n`) });
+      await img.close();
+    }
+    await changeRefcountOrder(spec.path, order);
+  }
   if (lazy !== undefined) {
     const img = await Image.open(spec.path, { format: 'qcow2', write: true, onWarning: (m) => io.err(`qledger: warning: ${m}\n`) });
     try {
