@@ -119,16 +119,18 @@ function workload(size: number, cs: number): fc.Arbitrary<GuestOp[]> {
 }
 
 /** The faults of the snapshot operations' ordering rules: their search needs workloads with snapshots. */
-const SNAPSHOT_FAULTS: readonly Fault[] = ['unshare-with-increment', 'snapshot-before-refcounts', 'copied-before-free'];
+const SNAPSHOT_FAULTS: readonly Fault[] = ['unshare-with-increment', 'snapshot-before-refcounts', 'copied-before-free', 'refcount-switch-early'];
 
 /** Writes, a snapshot, writes over it (copy-on-write), then the snapshot applied or deleted. */
 function snapshotWorkload(size: number, cs: number): fc.Arbitrary<GuestOp[]> {
   const writes = fc.array(fc.tuple(ranges(size, cs), fc.integer({ min: 1, max: 255 })).map(([[offset, length], pattern]): GuestOp => ({ op: 'write', offset, length, pattern })), { minLength: 1, maxLength: 4 });
-  return fc.tuple(writes, writes, fc.constantFrom('apply' as const, 'delete' as const)).map(([a, b, action]) => [
+  return fc.tuple(writes, writes, fc.constantFrom('apply' as const, 'delete' as const)).map(([a, b, action]): GuestOp[] => [
     ...a,
     { op: 'snapshot' as const, action: 'create' as const, name: 's' },
     ...b,
     { op: 'snapshot' as const, action, name: 's' },
+    { op: 'amend' as const, option: 'refcount_bits' as const, value: '64' },
+    ...a,
   ]);
 }
 
@@ -152,7 +154,7 @@ class OpCommand implements fc.AsyncCommand<Workload, object> {
   /** a guest range must lie inside the disk as the workload has sized it so far (a shrink makes it smaller) */
   check(m: Readonly<Workload>): boolean {
     const op = this.op;
-    if (op.op === 'flush' || op.op === 'truncate' || op.op === 'make-empty' || op.op === 'snapshot') return true;
+    if (op.op === 'flush' || op.op === 'truncate' || op.op === 'make-empty' || op.op === 'snapshot' || op.op === 'amend') return true;
     const last = [...m.ops].reverse().find((o) => o.op === 'truncate');
     const size = last?.op === 'truncate' ? last.size : Infinity;
     return op.offset + op.length <= size;
@@ -201,6 +203,10 @@ class SnapshotApplyCommand extends OpCommand {
 }
 /** qemu-img snapshot -d: −1 on the snapshot's tree, COPIED set again where one reference is left */
 class SnapshotDeleteCommand extends SnapshotApplyCommand {}
+/** qemu-img amend -o refcount_bits=N: a new refcount structure, switched to by one header sector */
+class AmendRefcountBitsCommand extends OpCommand {}
+/** qemu-img amend -o compat=1.1 / 0.10: the header rewritten (zero clusters expanded first for v2) */
+class AmendCompatCommand extends OpCommand {}
 
 function commands(size: number, cs: number) {
   const range = ranges(size, cs);
@@ -216,6 +222,8 @@ function commands(size: number, cs: number) {
       fc.constant(new GrowCommand({ op: 'truncate', size: size * 4 })),
       fc.constant(new ShrinkCommand({ op: 'truncate', size: size / 2 })),
       fc.constant(new MakeEmptyCommand({ op: 'make-empty' })),
+      fc.constantFrom('64', '8', '16').map((value) => new AmendRefcountBitsCommand({ op: 'amend', option: 'refcount_bits', value })),
+      fc.constantFrom('1.1', '0.10').map((value) => new AmendCompatCommand({ op: 'amend', option: 'compat', value })),
       ...(['a', 'b'] as const).flatMap((name) => [
         fc.constant(new SnapshotCreateCommand({ op: 'snapshot', action: 'create', name })),
         fc.constant(new SnapshotApplyCommand({ op: 'snapshot', action: 'apply', name })),
@@ -364,7 +372,7 @@ async function traceViolation(ops: GuestOp[], cs: number, fault?: Fault): Promis
     else if (o.op === 'compress') await w.writeCompressed(o.offset, new Uint8Array(o.length).fill(o.pattern)).catch(() => undefined);
     else if (o.op === 'make-empty') await w.makeEmpty();
     else if (o.op === 'snapshot') await (o.action === 'create' ? w.createSnapshot(o.name) : o.action === 'apply' ? w.applySnapshot(o.name) : w.deleteSnapshot(o.name, true));
-    else await w.truncate(o.size);
+    else if (o.op === 'truncate') await w.truncate(o.size);
   }
   await w.close();
   // 1. between two barriers, metadata writes all belong to one phase of the

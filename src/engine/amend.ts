@@ -13,7 +13,7 @@ import { u32 } from '../format/bytes.ts';
 import { entryOffset } from '../format/l1.ts';
 import { L2E_COMPRESSED_HI, L2E_ZERO_LO } from '../format/l2.ts';
 import { encodeFeatureTable, encodeHeader, type Qcow2Header } from '../format/header.ts';
-import { readAt } from '../io/device.ts';
+import { readAt, type BlockDevice } from '../io/device.ts';
 import { FileDevice } from '../io/file-device.ts';
 import { loadQcow2 } from './qcow2-layer.ts';
 
@@ -28,8 +28,9 @@ const SECTOR = 512;
  * first, into bytes the v2 header does not use, and the first sector last.
  * Returns false when the image already is v3.
  */
-export async function upgradeToV3(path: string): Promise<boolean> {
-  const dev = await FileDevice.open(path, { readOnly: false });
+export async function upgradeToV3(target: string | BlockDevice): Promise<boolean> {
+  const dev = typeof target === 'string' ? await FileDevice.open(target, { readOnly: false }) : target;
+  const path = dev.name;
   try {
     const { parsed } = await loadQcow2(dev);
     const h = parsed.header;
@@ -54,13 +55,13 @@ export async function upgradeToV3(path: string): Promise<boolean> {
     await dev.flush();
     return true;
   } finally {
-    await dev.close();
+    if (typeof target === 'string') await dev.close();
   }
 }
 
 /** Why a v3 image cannot become v2 here, in qemu-img's words where it has them; undefined when it can. */
-export async function downgradeRefusal(path: string): Promise<{ message: string; notYet?: boolean } | undefined> {
-  const dev = await FileDevice.open(path, { readOnly: true });
+export async function downgradeRefusal(target: string | BlockDevice): Promise<{ message: string; notYet?: boolean } | undefined> {
+  const dev = typeof target === 'string' ? await FileDevice.open(target, { readOnly: true }) : target;
   try {
     const { parsed, snapshots } = await loadQcow2(dev);
     const h = parsed.header;
@@ -86,7 +87,7 @@ export async function downgradeRefusal(path: string): Promise<{ message: string;
     if (v2Header(parsed).length > SECTOR) return { message: 'amend: compat=0.10 of an image whose v2 header passes the first sector is not supported yet', notYet: true };
     return undefined;
   } finally {
-    await dev.close();
+    if (typeof target === 'string') await dev.close();
   }
 }
 
@@ -105,8 +106,8 @@ function v2Header(parsed: Awaited<ReturnType<typeof loadQcow2>>['parsed']): Uint
  * header, which downgradeRefusal made sure fits the first sector, in one
  * sector write. Returns false when the image already is v2.
  */
-export async function downgradeToV2(path: string): Promise<boolean> {
-  const dev = await FileDevice.open(path, { readOnly: false });
+export async function downgradeToV2(target: string | BlockDevice): Promise<boolean> {
+  const dev = typeof target === 'string' ? await FileDevice.open(target, { readOnly: false }) : target;
   try {
     const { parsed } = await loadQcow2(dev);
     if (parsed.header.version === 2) return false;
@@ -117,6 +118,6 @@ export async function downgradeToV2(path: string): Promise<boolean> {
     await dev.flush();
     return true;
   } finally {
-    await dev.close();
+    if (typeof target === 'string') await dev.close();
   }
 }

@@ -22,6 +22,7 @@ export const FAULTS = {
   'unshare-with-increment': 'entries lose COPIED with the refcount increments that make their clusters shared, no barrier between',
   'snapshot-before-refcounts': 'the header switches to a new snapshot table with the refcount increments for its tree, no barrier between',
   'copied-before-free': 'entries gain COPIED with the refcount decrement that leaves one reference, no barrier between',
+  'refcount-switch-early': 'amend refcount_bits: the header switches to the new refcount structure in the flush that writes it, no barrier between',
   'reuse-before-durable': 'a cluster freed since the last flush may be reallocated at once',
   'alloc-live-l2': 'the allocator hands out a live L2 table as a data cluster',
   'alloc-cluster-zero': 'the allocator hands out cluster 0 (the header) once',
@@ -42,6 +43,11 @@ export class FaultPlan implements PhaseRearranger {
   /** Rule: a cluster freed in this epoch stays untouched until the epoch is durable. */
   get reuseFreedAtOnce(): boolean {
     return this.fault === 'reuse-before-durable';
+  }
+
+  /** Rule (amend refcount_bits): the new refcount structure is durable before the header names it. */
+  get refcountSwitchEarly(): boolean {
+    return this.fault === 'refcount-switch-early';
   }
 
   /** Rule: a metadata cluster freed in this epoch is not reused before the free is durable (the allocator skips what the overlap index still holds). */

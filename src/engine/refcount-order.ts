@@ -13,7 +13,7 @@
 import { QledgerError, hex } from '../errors.ts';
 import { putU32, putU64 } from '../format/bytes.ts';
 import { getRefcount, maxRefcount, refcountStructureSize, refcountTableEntry, setRefcount, setRefcountTableEntry } from '../format/refcount.ts';
-import { readAt, readClusters } from '../io/device.ts';
+import { readAt, readClusters, type BlockDevice } from '../io/device.ts';
 import { FileDevice } from '../io/file-device.ts';
 import { loadQcow2 } from './qcow2-layer.ts';
 
@@ -21,12 +21,15 @@ import { loadQcow2 } from './qcow2-layer.ts';
 const MAX_CLUSTERS = 64 * 1024 * 1024;
 
 /** Rewrite the image's refcounts at width 2^order bits. Returns false when it already has that width. */
-export async function changeRefcountOrder(path: string, order: number): Promise<boolean> {
-  const dev = await FileDevice.open(path, { readOnly: false });
+export async function changeRefcountOrder(target: string | BlockDevice, order: number, o: { switchEarly?: boolean | undefined } = {}): Promise<boolean> {
+  const dev = typeof target === 'string' ? await FileDevice.open(target, { readOnly: false }) : target;
+  const path = dev.name;
   try {
     const { parsed, fileSize } = await loadQcow2(dev);
     const h = parsed.header;
     if (h.refcountOrder === order) return false;
+    // a v2 header has no refcount_order field: 16 bits is all it can say
+    if (h.version === 2) throw new QledgerError('E_USAGE', 'Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)', { path });
     const cs = 2 ** h.clusterBits;
     const oldE = (cs * 8) / 2 ** h.refcountOrder;
     const newE = (cs * 8) / 2 ** order;
@@ -79,20 +82,24 @@ export async function changeRefcountOrder(path: string, order: number): Promise<
       }
       await dev.write((at + k0) * cs, buf);
     }
-    await dev.write((at + size.blocks) * cs, newTable);
-    await dev.flush();
-    // the switch: three fields of the first sector
+    // the switch: three fields of the first sector, once the new structure is durable
+    // (test fault 'refcount-switch-early': in the same flush as the structure, no barrier between)
     const first = await readAt(dev, 0, 512);
     putU64(first, 48, (at + size.blocks) * cs);
     putU32(first, 56, size.tableClusters);
     putU32(first, 96, order);
-    await dev.write(0, first);
+    if (o.switchEarly) await dev.write(0, first);
+    await dev.write((at + size.blocks) * cs, newTable);
     await dev.flush();
+    if (!o.switchEarly) {
+      await dev.write(0, first);
+      await dev.flush();
+    }
     // the old structure's space goes back to the file system
     await dev.discard(h.refcountTableOffset, h.refcountTableClusters * cs);
     for (const off of blocks) await dev.discard(off, cs);
     return true;
   } finally {
-    await dev.close();
+    if (typeof target === 'string') await dev.close();
   }
 }

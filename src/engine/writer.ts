@@ -225,6 +225,10 @@ export class Qcow2Writer {
     const had = state.header.autoclearFeatures;
     const keep = had & AUTOCLEAR_KNOWN & ~AUTOCLEAR_BITMAPS;
     if (h.version === 3 && keep !== had) {
+      // What an earlier session wrote without a flush of its own (a journal's last checkpoint) is
+      // durable before the bit that makes its journal stale goes: else a crash could leave the
+      // journal stale with its last transaction not marked applied.
+      await o.dev.flush();
       // one sector, safe at any crash: not worth starting the journal for
       await w.rooms.journal.without(async () => {
         await w.run('clear autoclear bits', async () => {

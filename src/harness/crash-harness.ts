@@ -41,6 +41,9 @@ import { createOnDevice, openSession, openWriterOnDevice } from '../engine/writa
 import type { CreateOptions } from '../engine/create.ts';
 import type { Fault } from '../engine/faults.ts';
 import { needsWorkloadFile, workloadCommands, type GuestOp } from './workload.ts';
+import { downgradeRefusal, downgradeToV2, upgradeToV3 } from '../engine/amend.ts';
+import { changeRefcountOrder } from '../engine/refcount-order.ts';
+import { faultPlan, type FaultPlan } from '../engine/faults.ts';
 import { CorruptionError, QledgerError } from '../errors.ts';
 
 export { parseWorkload, workloadCommands, type GuestOp } from './workload.ts';
@@ -174,11 +177,13 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
   const rec = new RecordingDevice(name, initial);
   // a tiny table cache: tables are evicted and reloaded at every write-back
   const journal = o.journal ?? true;
-  const w = await openWriterOnDevice(rec, name, { fault: o.fault, backing: await backingLayer(), cacheBytes: 0, journal, journalBytes: o.journalBytes ?? 64 * 1024 });
+  const session = async () => openWriterOnDevice(rec, name, { fault: o.fault, backing: await backingLayer(), cacheBytes: 0, journal, journalBytes: o.journalBytes ?? 64 * 1024 });
+  let w = await session();
   const cs = w.geometry.clusterSize;
   // no journal on v2 images, nor where the header cluster has no room for its extension (512-byte clusters)
-  const journalled = w.journalled;
-  const v2 = (u64big(initial, 4) >> 32n) === 2n;
+  // an amend of compat may change both mid-workload: a v2 image has no journal, so leaks stay allowed
+  let journalled = w.journalled;
+  let v2 = (u64big(initial, 4) >> 32n) === 2n;
   let model = new Uint8Array(w.size);
   await w.read(0, model);
   const initialModel = model.slice();
@@ -261,6 +266,17 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
           } catch (e) {
             // a name not there, or refcounts too narrow for one more tree (1-bit): refused before any record
             if (!(e instanceof QledgerError) || (e.code !== 'E_NOT_FOUND' && e.code !== 'E_OVERFLOW')) throw e;
+          }
+          break;
+        }
+        case 'amend': {
+          // between sessions, as qemu-img amend runs: the session closes clean, the rewrite runs, a new one opens
+          await w.close();
+          const done = await amendDevice(rec, op, backingLayer, faultPlan(o.fault));
+          w = await session();
+          if (done && op.option === 'compat') {
+            v2 = op.value === '0.10';
+            if (v2) journalled = false;
           }
           break;
         }
@@ -474,6 +490,28 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
       }
     }
     return undefined;
+  }
+}
+
+/**
+ * An amend of the workload on the recording device: compat=1.1 or 0.10,
+ * refcount_bits=N, as `qledger amend` does them. False when the image
+ * cannot take it (qemu-img refuses it too: an extended-L2 image made v2,
+ * a width too narrow), having changed nothing.
+ */
+async function amendDevice(dev: RecordingDevice, op: Extract<GuestOp, { op: 'amend' }>, backing: () => Promise<Layer | undefined>, faults: FaultPlan | undefined): Promise<boolean> {
+  try {
+    if (op.option === 'refcount_bits') return await changeRefcountOrder(dev, Math.log2(Number(op.value)), { switchEarly: faults?.refcountSwitchEarly });
+    if (op.value === '1.1') return await upgradeToV3(dev);
+    if (await downgradeRefusal(dev)) return false;
+    const w = await openWriterOnDevice(dev, dev.name, { backing: await backing(), cacheBytes: 0, journal: false });
+    await w.expandZeroClusters();
+    await w.setLazyRefcounts(false);
+    await w.close();
+    return await downgradeToV2(dev);
+  } catch (e) {
+    if (e instanceof QledgerError && (e.code === 'E_USAGE' || e.code === 'E_UNSUPPORTED')) return false;
+    throw e;
   }
 }
 

@@ -18,13 +18,15 @@ export type GuestOp =
   /** the image emptied (qemu-img commit's make_empty); workload files only: qemu-io has no such command */
   | { readonly op: 'make-empty' }
   /** qemu-img snapshot -c / -a / -d NAME; workload files only (snapshot_create, snapshot_apply, snapshot_delete) */
-  | { readonly op: 'snapshot'; readonly action: SnapshotAction; readonly name: string };
+  | { readonly op: 'snapshot'; readonly action: SnapshotAction; readonly name: string }
+  /** qemu-img amend -o compat=V or refcount_bits=N (an offline rewrite between sessions); workload files only (amend OPT=V) */
+  | { readonly op: 'amend'; readonly option: 'compat' | 'refcount_bits'; readonly value: string };
 
 export type SnapshotAction = 'create' | 'apply' | 'delete';
 
 /** The operations that have no qemu-io command: a workload with one replays from a workload file. */
 export function needsWorkloadFile(ops: readonly GuestOp[]): boolean {
-  return ops.some((o) => o.op === 'make-empty' || o.op === 'snapshot');
+  return ops.some((o) => o.op === 'make-empty' || o.op === 'snapshot' || o.op === 'amend');
 }
 
 /** The workload as qemu-io commands (qledger io and qemu-io both take them). */
@@ -47,6 +49,8 @@ export function workloadCommands(ops: readonly GuestOp[]): string[] {
         return 'make_empty';
       case 'snapshot':
         return `snapshot_${o.action} ${o.name}`;
+      case 'amend':
+        return `amend ${o.option}=${o.value}`;
     }
   });
 }
@@ -67,7 +71,11 @@ export function parseWorkload(text: string): GuestOp[] {
     };
     if (w[0] === 'flush') out.push({ op: 'flush' });
     else if (w[0] === 'make_empty') out.push({ op: 'make-empty' });
-    else if (w[0] === 'snapshot_create' || w[0] === 'snapshot_apply' || w[0] === 'snapshot_delete') {
+    else if (w[0] === 'amend') {
+      const m = /^(compat|refcount_bits)=(\S+)$/.exec(w[1] ?? '');
+      if (w.length !== 2 || !m) throw bad();
+      out.push({ op: 'amend', option: m[1] as 'compat' | 'refcount_bits', value: m[2]! });
+    } else if (w[0] === 'snapshot_create' || w[0] === 'snapshot_apply' || w[0] === 'snapshot_delete') {
       if (w.length !== 2) throw bad();
       out.push({ op: 'snapshot', action: w[0].slice('snapshot_'.length) as SnapshotAction, name: w[1]! });
     }
