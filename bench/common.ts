@@ -5,12 +5,32 @@
  * that every benchmark that names a case measures the same input.
  */
 
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { Image } from '../src/engine/image.ts';
 import { openWriter } from '../src/engine/writable.ts';
 import { QledgerError } from '../src/errors.ts';
 
 export const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+
+/** Run a whole process and return its wall time in seconds; a failure throws with its standard error. */
+export function timeProcess(cmd: string, args: readonly string[]): number {
+  const t0 = process.hrtime.bigint();
+  const r = spawnSync(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'], maxBuffer: 1 << 26 });
+  const s = Number(process.hrtime.bigint() - t0) / 1e9;
+  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed (${r.status}): ${r.stderr}`);
+  return s;
+}
+
+/** Run `a` and `b`, in that order in even rounds and the other way in odd ones (neither always goes first). */
+export function alternate(round: number, a: () => void, b: () => void): void {
+  if (round % 2 === 0) {
+    a();
+    b();
+  } else {
+    b();
+    a();
+  }
+}
 
 /** xorshift32 in [0, 1): the same sequence on every run. */
 export function seededRandom(seed: number): () => number {

@@ -20,19 +20,14 @@ import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_pr
 import { existsSync, mkdtempSync, openSync, closeSync, writeSync, rmSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { median } from './common.ts';
+import { median, timeProcess } from './common.ts';
 
 const sizeMb = Number(process.env['BENCH_SIZE_MB'] ?? 1024);
 const runs = Number(process.env['BENCH_RUNS'] ?? 5);
 const root = new URL('..', import.meta.url).pathname;
 const dir = mkdtempSync(join(tmpdir(), 'qledger-bench-nbd-'));
 
-function time(cmd: string, args: string[]): number {
-  const t0 = process.hrtime.bigint();
-  const r = spawnSync(cmd, args, { stdio: ['ignore', 'ignore', 'inherit'] });
-  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed`);
-  return Number(process.hrtime.bigint() - t0) / 1e9;
-}
+const time = timeProcess;
 
 function rawFile(path: string, seed: number): void {
   const fd = openSync(path, 'w');

@@ -9,6 +9,7 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdtempSync, openSync, writeSync, closeSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { timeProcess } from './common.ts';
 
 const sizeMb = Number(process.env['BENCH_SIZE_MB'] ?? 1024);
 const runs = Number(process.env['BENCH_RUNS'] ?? 5);
@@ -20,12 +21,7 @@ function median(xs: number[]): number {
   return s[Math.floor(s.length / 2)]!;
 }
 
-function time(cmd: string, args: string[]): number {
-  const t0 = process.hrtime.bigint();
-  const r = spawnSync(cmd, args, { stdio: ['ignore', 'ignore', 'inherit'] });
-  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed`);
-  return Number(process.hrtime.bigint() - t0) / 1e9;
-}
+const time = timeProcess;
 
 try {
   if (spawnSync('qemu-img', ['--version'], { stdio: 'ignore' }).status !== 0) {

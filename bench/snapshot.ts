@@ -14,7 +14,7 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { median } from './common.ts';
+import { alternate, median, timeProcess } from './common.ts';
 
 const clusters = Number(process.env['BENCH_CLUSTERS'] ?? 1_000_000);
 const runs = Number(process.env['BENCH_RUNS'] ?? 5);
@@ -22,12 +22,7 @@ const root = new URL('..', import.meta.url).pathname;
 const qledger = join(root, 'tools/qledger');
 const dir = mkdtempSync(join(tmpdir(), 'qledger-bench-snap-'));
 
-function time(cmd: string, args: string[]): number {
-  const t0 = process.hrtime.bigint();
-  const r = spawnSync(cmd, args, { stdio: ['ignore', 'ignore', 'inherit'] });
-  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed`);
-  return Number(process.hrtime.bigint() - t0) / 1e9;
-}
+const time = timeProcess;
 
 const list = (f: string) => execFileSync('qemu-img', ['snapshot', '-l', f], { encoding: 'utf8' }).replace(/\d{4}-\d\d-\d\d \d\d:\d\d:\d\d/g, 'DATE');
 
@@ -57,28 +52,20 @@ try {
     execFileSync('cp', ['--sparse=always', base, q]);
     execFileSync('cp', ['--sparse=always', base, l]);
     for (const [name, flag] of ops) {
-      const runQ = () => times[name]!.q.push(time('qemu-img', ['snapshot', flag, 'snap', q]));
-      const runL = () => times[name]!.l.push(time(qledger, ['snapshot', flag, 'snap', l]));
-      if (i % 2 === 0) {
-        runQ();
-        runL();
-      } else {
-        runL();
-        runQ();
-      }
+      alternate(
+        i,
+        () => times[name]!.q.push(time('qemu-img', ['snapshot', flag, 'snap', q])),
+        () => times[name]!.l.push(time(qledger, ['snapshot', flag, 'snap', l])),
+      );
       same(q, l, `round ${i}, ${name}`);
     }
     // amend -o refcount_bits=64 (16 → 64) on the same pair
     const amend = (tool: string, f: string) => (tool === 'qemu-img' ? time('qemu-img', ['amend', '-o', 'refcount_bits=64', f]) : time(qledger, ['amend', '-o', 'refcount_bits=64', f]));
-    const aq = () => (times['amend'] ??= { q: [], l: [] }).q.push(amend('qemu-img', q));
-    const al = () => (times['amend'] ??= { q: [], l: [] }).l.push(amend('qledger', l));
-    if (i % 2 === 0) {
-      aq();
-      al();
-    } else {
-      al();
-      aq();
-    }
+    alternate(
+      i,
+      () => (times['amend'] ??= { q: [], l: [] }).q.push(amend('qemu-img', q)),
+      () => (times['amend'] ??= { q: [], l: [] }).l.push(amend('qledger', l)),
+    );
     same(q, l, `round ${i}, amend`);
   }
   console.log(`image: ${clusters} allocated 4 KiB clusters (preallocation=metadata); ${runs} rounds, alternating, median, whole process; results checked equal after every command`);
