@@ -171,6 +171,25 @@ d('what clients see: the same as from qemu-nbd', () => {
     }
   });
 
+  it('TCP with -p and -b, --pid-file: nbdinfo over nbd://; the server leaves after its one client and removes the pid file', async () => {
+    const a = sample('tcp.qcow2');
+    const pidFile = join(dir, 'tcp.pid');
+    const port = 20000 + Math.floor(Math.random() * 20000);
+    const proc = spawn(join(root, 'tools/qledger'), ['nbd', '-p', String(port), '-b', '127.0.0.1', '--pid-file', pidFile, '-r', a], { stdio: 'inherit' });
+    const exited = new Promise<number | null>((r) => proc.once('exit', (code) => r(code)));
+    try {
+      await waitFor(pidFile);
+      expect(Number(readFileSync(pidFile, 'utf8'))).toBe(proc.pid);
+      const j = JSON.parse(run('nbdinfo', ['--json', `nbd://127.0.0.1:${port}`]));
+      expect(j.exports[0]['export-size']).toBe(16 << 20);
+      expect(j.exports[0].is_read_only).toBe(true);
+      expect(await exited).toBe(0);
+      expect(existsSync(pidFile)).toBe(false);
+    } finally {
+      if (proc.exitCode === null) proc.kill('SIGTERM');
+    }
+  });
+
   it('SIGTERM: the image is flushed and closed clean (no dirty bit, journal closed), every acknowledged write in it', async () => {
     const a = sample('term.qcow2');
     const l = await server('qledger', a, ['-t']);
