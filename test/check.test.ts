@@ -245,3 +245,26 @@ describe.skipIf(!qemuAvailable)('check on fuzzed metadata', () => {
     }
   }, Math.max(120_000, FUZZ_RUNS * 150)); // a long budget gets the time it needs
 });
+
+describe('findings in bounded memory (issue 20): streamed as found, a bounded number kept, the totals exact', () => {
+  it('an image whose every refcount is gone: all findings reach the sink, five stay in the report', async () => {
+    const { MemoryDevice } = await import('../src/io/memory-device.ts');
+    const { createOnDevice, openWriterOnDevice } = await import('../src/engine/writable.ts');
+    const { checkDevice } = await import('../src/engine/check/check.ts');
+    const dev = new MemoryDevice('many.qcow2');
+    await createOnDevice(dev, 'many.qcow2', { size: 4 << 20, clusterSize: 4096 });
+    const w = await openWriterOnDevice(dev, 'many.qcow2', { journal: false });
+    await w.write(0, new Uint8Array(1 << 20).fill(1));
+    await w.close();
+    // the refcount block (cluster 2 of the skeleton) wiped: every cluster in use is referenced with refcount 0
+    const bytes = dev.snapshot();
+    bytes.fill(0, 2 * 4096, 3 * 4096);
+    const all = await checkDevice(new MemoryDevice('many.qcow2', bytes, { readOnly: true }), 'many.qcow2');
+    const seen: string[] = [];
+    const capped = await checkDevice(new MemoryDevice('many.qcow2', bytes, { readOnly: true }), 'many.qcow2', { onFinding: (f) => seen.push(f.message), maxFindings: 5 });
+    expect(all.findings.length).toBeGreaterThan(100);
+    expect(seen).toEqual(all.findings.map((f) => f.message));
+    expect(capped.findings.map((f) => f.message)).toEqual(seen.slice(0, 5));
+    expect([capped.corruptions, capped.leaks, capped.checkErrors]).toEqual([all.corruptions, all.leaks, all.checkErrors]);
+  });
+});

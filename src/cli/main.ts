@@ -324,7 +324,9 @@ async function cmdCheck(argv: string[], io: Output): Promise<number> {
   const quiet = p.opts.some(([k]) => k === 'q');
   let report;
   try {
-    report = await (await lazy.check()).checkImage(at.path, { repair: r as RepairMode | undefined, forceShare: at.forceShare });
+    // findings are printed as they are found and only the first thousand are kept: a damaged
+    // image's millions of errors cost time, not memory (the totals stay exact)
+    report = await (await lazy.check()).checkImage(at.path, { repair: r as RepairMode | undefined, forceShare: at.forceShare, onFinding: (f) => io.err(f.message + '\n'), maxFindings: 1000 });
   } catch (e) {
     if (e instanceof QledgerError && e.data['noChecks'] === true) return noChecks();
     throw e;
@@ -336,7 +338,6 @@ async function cmdCheck(argv: string[], io: Output): Promise<number> {
     }
   }
 
-  for (const f of [...report.repairedFindings, ...report.findings]) io.err(f.message + '\n');
   if (report.failure) {
     io.err(`qledger: ${report.failure}\n`);
     return 1;

@@ -14,7 +14,7 @@ import { AUTOCLEAR_JOURNAL, INCOMPAT_DIRTY } from '../../format/features.ts';
 import { probeFormat } from '../open.ts';
 import { analyze, loadImage, Stored, type Analysis, type Image } from './count.ts';
 import { compare, checkCopied, rebuildRefcounts } from './repair.ts';
-import { emptyReport, type CheckReport, type RepairMode } from './report.ts';
+import { emptyReport, type CheckFinding, type CheckReport, type RepairMode } from './report.ts';
 import { patchHeader } from '../write/header-bits.ts';
 
 async function onePass(img: Image, repair: RepairMode | undefined, report: CheckReport): Promise<Analysis> {
@@ -58,6 +58,13 @@ export interface CheckOptions {
   readonly signal?: AbortSignal | undefined;
   /** share every permission with the image's other users, as qemu-img check -U (no repair) */
   readonly forceShare?: boolean | undefined;
+  /** receives each finding as it is found (qledger check prints them so, as qemu-img does) */
+  readonly onFinding?: ((f: CheckFinding) => void) | undefined;
+  /**
+   * keep at most this many findings per pass in the report (default: all);
+   * the totals stay exact. A damaged image can have millions.
+   */
+  readonly maxFindings?: number | undefined;
 }
 
 /**
@@ -93,7 +100,7 @@ export async function checkDevice(dev: BlockDevice, path: string, opts: CheckOpt
   {
     // qemu-img's words and exit code (63) for a format without checks; `noChecks` lets the CLI say them
     if ((await probeFormat(dev)) !== 'qcow2') throw new UnsupportedError(`${path}: This image format does not support checks`, { path, noChecks: true });
-    let img = await loadImage(dev, path, opts.signal);
+    let img = await loadImage(dev, path, opts.signal, opts);
     const report = emptyReport(path);
     const h0 = img.parsed.header;
     if (opts.repair && h0.version === 3 && (h0.autoclearFeatures & AUTOCLEAR_JOURNAL) !== 0n) {
@@ -101,14 +108,14 @@ export async function checkDevice(dev: BlockDevice, path: string, opts: CheckOpt
       // now on and must never be replayed (QEMU's repair clears the bit the same way).
       await patchHeader(dev, h0, { autoclearFeatures: h0.autoclearFeatures & ~AUTOCLEAR_JOURNAL });
       await dev.flush();
-      img = await loadImage(dev, path, opts.signal);
+      img = await loadImage(dev, path, opts.signal, opts);
     }
     let a = await onePass(img, opts.repair, report);
     if (opts.repair && !report.failure) {
       await dev.flush();
       report.repairedFindings = a.findings;
       // double check the fixed image, without repairing
-      img = await loadImage(dev, path, opts.signal);
+      img = await loadImage(dev, path, opts.signal, opts);
       a = await onePass(img, undefined, report);
       if (a.corruptions === 0 && a.leaks === 0 && a.checkErrors === 0 && (img.parsed.header.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n) {
         await patchHeader(dev, img.parsed.header, { incompatibleFeatures: img.parsed.header.incompatibleFeatures & ~INCOMPAT_DIRTY });

@@ -25,7 +25,7 @@ import { getRefcount, setRefcount, refcountTableEntry, maxRefcount } from '../..
 import { decodeBitmapDirectory } from '../../format/bitmaps.ts';
 import type { SnapshotEntry } from '../../format/snapshot.ts';
 import { loadQcow2 } from '../qcow2-layer.ts';
-import type { CheckFinding } from './report.ts';
+import { FindingList, type CheckFinding } from './report.ts';
 import { cluster, clusterOf, host, type ClusterIndex } from '../../format/offsets.ts';
 
 /** One counter per host cluster, in chunks allocated where references land. */
@@ -84,6 +84,10 @@ export interface Image {
   readonly filename: string;
   /** stops the counting (never a repair that has started writing) */
   readonly signal?: AbortSignal | undefined;
+  /** each finding as it is found (qledger check prints it then) */
+  readonly onFinding?: ((f: CheckFinding) => void) | undefined;
+  /** findings kept in the report at most (default: all) */
+  readonly maxFindings?: number | undefined;
 }
 
 
@@ -200,7 +204,7 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
   const hasDataFile = (h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
   const a: Analysis = {
     counts: new Counts(),
-    findings: [],
+    findings: FindingList.create(img.onFinding, img.maxFindings),
     corruptions: 0,
     leaks: 0,
     checkErrors: 0,
@@ -395,7 +399,7 @@ export async function countReferences(dev: BlockDevice, name: string, opts: { bi
   return { get: (c) => a.counts.get(cluster(c)), endCluster: a.nbClusters };
 }
 
-export async function loadImage(dev: BlockDevice, filename: string, signal?: AbortSignal): Promise<Image> {
+export async function loadImage(dev: BlockDevice, filename: string, signal?: AbortSignal, findings: Pick<Image, 'onFinding' | 'maxFindings'> = {}): Promise<Image> {
   const { parsed, snapshots, snapshotTableBytes } = await loadQcow2(dev);
-  return { dev, parsed, snapshots, snapshotTableBytes, g: geometryOf(parsed.header), filename, signal };
+  return { dev, parsed, snapshots, snapshotTableBytes, g: geometryOf(parsed.header), filename, signal, ...findings };
 }

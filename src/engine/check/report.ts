@@ -23,6 +23,40 @@ export interface CheckFinding {
   fixed: boolean;
 }
 
+/**
+ * The findings of one pass: each one goes to `sink` as it is found (the
+ * CLI prints it then, as qemu-img does), and at most `keep` stay in the
+ * list, so that a hostile image with a million errors costs a bounded
+ * amount of memory; the totals are counted apart and stay exact.
+ */
+export class FindingList extends Array<CheckFinding> {
+  /** findings past `keep`, sent to the sink but not kept */
+  dropped = 0;
+  private sink: ((f: CheckFinding) => void) | undefined;
+  private keep = Infinity;
+
+  // map, filter and slice make plain arrays, not lists that print
+  static override get [Symbol.species](): ArrayConstructor {
+    return Array;
+  }
+
+  static create(sink: ((f: CheckFinding) => void) | undefined, keep = Infinity): FindingList {
+    const l = new FindingList();
+    l.sink = sink;
+    l.keep = keep;
+    return l;
+  }
+
+  override push(...items: CheckFinding[]): number {
+    for (const f of items) {
+      this.sink?.(f);
+      if (this.length < this.keep) super.push(f);
+      else this.dropped++;
+    }
+    return this.length;
+  }
+}
+
 export interface CheckReport {
   readonly filename: string;
   readonly format: 'qcow2';
