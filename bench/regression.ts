@@ -21,7 +21,7 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { copyFileSync, mkdtempSync, rmSync, openSync, writeSync, closeSync, existsSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { crashedImage, median, randomWriteCommands, scatteredImage } from './common.ts';
+import { alternate, crashedImage, median, randomWriteCommands, scatteredImage } from './common.ts';
 
 const base = process.env['BENCH_BASE'];
 if (!base || !existsSync(join(base, 'tools/qledger'))) {
@@ -178,13 +178,7 @@ try {
         other.push(r.s);
         b.stdout = r.out;
       };
-      if (i % 2 === 0) {
-        goOurs();
-        goBase();
-      } else {
-        goBase();
-        goOurs();
-      }
+      alternate(i, goOurs, goBase);
       c.verify(a, b);
       rmSync(a.img, { force: true });
       rmSync(b.img, { force: true });

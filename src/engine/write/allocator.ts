@@ -256,6 +256,7 @@ export class Allocator {
       this.freedMetadata.delete(cluster(start + i));
       await this.changeRefcount(cluster(start + i), 1);
     }
+    this.allocatedSince += n * ctx.geometry.clusterSize;
     if (purpose === 'table') await this.reserveSpace(start, n);
     // Single clusters move the cursor past everything scanned; a multi-cluster
     // run does not, so the holes it skipped stay for single allocations.
@@ -295,15 +296,25 @@ export class Allocator {
    * (ext4 fills small gaps next to them with zeros), which a map of
    * allocation shows. Where the device cannot reserve or tell its free
    * space (no fallocate: the native helper missing; memory devices),
-   * nothing is done.
+   * nothing is done. The free space is asked of the file system (statfs,
+   * some 40 µs) only when what it said last, less what was allocated
+   * since, could be near the threshold: not once per new L2 table.
    */
   private async reserveSpace(first: number, count: number): Promise<void> {
     const dev = this.ctx.files.image;
-    const free = await dev.available();
-    if (free === undefined || free > RESERVE_BELOW) return;
+    if (this.freeSeen - this.allocatedSince < 2 * RESERVE_BELOW) {
+      // a device that cannot tell is never asked again
+      this.freeSeen = (await dev.available()) ?? Infinity;
+      this.allocatedSince = 0;
+    }
+    if (this.freeSeen - this.allocatedSince > RESERVE_BELOW) return;
     const cs = this.ctx.geometry.clusterSize;
     await dev.allocate(first * cs, count * cs);
   }
+
+  /** the device's free space when last asked (-Infinity: not asked yet), and the bytes allocated since */
+  private freeSeen = -Infinity;
+  private allocatedSince = 0;
 
   /**
    * For a run of clusters up to `end` that reaches `c`, the first cluster no
