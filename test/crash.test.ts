@@ -154,7 +154,7 @@ class OpCommand implements fc.AsyncCommand<Workload, object> {
   /** a guest range must lie inside the disk as the workload has sized it so far (a shrink makes it smaller) */
   check(m: Readonly<Workload>): boolean {
     const op = this.op;
-    if (op.op === 'flush' || op.op === 'truncate' || op.op === 'make-empty' || op.op === 'snapshot' || op.op === 'amend') return true;
+    if (op.op === 'flush' || op.op === 'truncate' || op.op === 'make-empty' || op.op === 'snapshot' || op.op === 'amend' || op.op === 'dedup') return true;
     const last = [...m.ops].reverse().find((o) => o.op === 'truncate');
     const size = last?.op === 'truncate' ? last.size : Infinity;
     return op.offset + op.length <= size;

@@ -15,7 +15,7 @@ import { qemuJson } from '../engine/info.ts';
 import type { Output } from './output.ts';
 
 /** A seeded random workload: writes, zeroes, discards and flushes, biased to a hot area so frees and reuse meet. */
-export function randomWorkload(seed: number, size: number, cs: number): GuestOp[] {
+export function randomWorkload(seed: number, size: number, cs: number, dedup = false): GuestOp[] {
   const r = rng(seed);
   const int = (n: number) => Math.floor(r() * n);
   const range = (): [number, number] => {
@@ -36,17 +36,19 @@ export function randomWorkload(seed: number, size: number, cs: number): GuestOp[
     const k = r();
     const [offset, len] = range();
     const length = Math.min(len, size - offset);
-    if (k < 0.45) ops.push({ op: 'write', offset, length, pattern: 1 + int(255) });
+    // dedup: patterns from a palette of three, so that whole clusters repeat
+    if (k < 0.45) ops.push({ op: 'write', offset, length, pattern: 1 + int(dedup ? 3 : 255) });
     else if (k < 0.6) ops.push({ op: 'zero', offset, length, unmap: r() < 0.5 });
     else if (k < 0.75) ops.push({ op: 'discard', offset, length });
     else ops.push({ op: 'flush' });
   }
+  if (dedup && r() < 0.4) ops.push({ op: 'dedup' });
   if (r() < 0.3) ops.push({ op: 'truncate', size: size * 4 }, { op: 'write', offset: 3 * size + int(size - 4096), length: 4096, pattern: 9 });
   return ops;
 }
 
 export async function runCrashTest(argv: string[], io: Output): Promise<number> {
-  const p = getopt(argv, { withArg: 'o', flags: 'q', long: { output: true, workload: true, random: false, seed: true, runs: true, 'max-states': true, fault: true, 'qemu-samples': true, journal: true } }, 'crash-test');
+  const p = getopt(argv, { withArg: 'o', flags: 'q', long: { output: true, workload: true, random: false, seed: true, runs: true, 'max-states': true, fault: true, 'qemu-samples': true, journal: true, dedup: false } }, 'crash-test');
   const get = (k: string) => {
     let v: string | true | undefined;
     for (const [key, x] of p.opts) if (key === k) v = x;
@@ -80,22 +82,23 @@ export async function runCrashTest(argv: string[], io: Output): Promise<number> 
   const maxStates = num('max-states', 500);
   const qemuSamples = num('qemu-samples', 0);
   const file = get('workload');
+  const dedup = get('dedup') === true;
   const workloads: GuestOp[][] = [];
   const size = create.size!;
   const cs = create.clusterSize ?? 65536;
   if (typeof file === 'string') workloads.push(parseWorkload(readFileSync(file, 'utf8')));
   else {
     const runs = num('runs', 10);
-    for (let i = 0; i < runs; i++) workloads.push(randomWorkload(seed + i, size, cs));
+    for (let i = 0; i < runs; i++) workloads.push(randomWorkload(seed + i, size, cs, dedup));
   }
   const n = emptyCounts();
   const failures: Array<CrashFailure & { workload: number; reproduce: string }> = [];
   // writes the overlap index refused (a workload stops at its refusal; its states are judged as usual)
   const refusals: Array<{ workload: number; message: string }> = [];
   for (const [i, ops] of workloads.entries()) {
-    const r = await crashTest(ops, { create, maxStates, seed: seed + i, fault: fault as Fault | undefined, qemuSamples, journal });
+    const r = await crashTest(ops, { create, maxStates, seed: seed + i, fault: fault as Fault | undefined, qemuSamples, journal, dedup });
     addCounts(n, r);
-    const repro = reproduction(ops, { create, seed: seed + i, fault: fault as Fault | undefined });
+    const repro = reproduction(ops, { create, seed: seed + i, fault: fault as Fault | undefined, dedup });
     for (const f of r.failures.slice(0, 5)) failures.push({ ...f, workload: i, reproduce: repro });
     if (r.refusal) refusals.push({ workload: i, message: r.refusal });
   }

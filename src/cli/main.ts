@@ -46,6 +46,7 @@ const MODULE_COMMANDS: Readonly<Record<string, () => Promise<Subcommand>>> = {
   dd: async () => (await import('./dd.ts')).runDd,
   commit: async () => (await import('./commit.ts')).runCommit,
   rebase: async () => (await import('./rebase.ts')).runRebase,
+  dedup: async () => (await import('./dedup.ts')).runDedup,
 };
 
 const USAGE = `usage: qledger COMMAND [options]
@@ -56,25 +57,27 @@ Commands (options as in qemu-img / qemu-io):
   check [-f qcow2] [--output=human|json] [-r leaks|all] [-q] FILE
      exit: 0 clean, 1 check not completed, 2 corruptions, 3 leaks only
   crash-test [-o CREATE_OPTS] [--workload FILE | --random] [--seed N] [--runs N] [--max-states N]
-             [--fault NAME|list] [--qemu-samples N] [--journal=on|off] [--output=human|json]
+             [--fault NAME|list] [--qemu-samples N] [--journal=on|off] [--dedup] [--output=human|json]
      exit: 0 no corruption and no wrong data in any crash state, 2 otherwise
   info [-f fmt] [--output=human|json] [--backing-chain] FILE
   map [-f fmt] [--output=human|json] [--start-offset=N] [--max-length=N] FILE
-  convert [-f fmt] [-O raw|qcow2] [-o OPTIONS] [-c] [-n] [-l SNAPSHOT] [-p] [-q] IN OUT
+  convert [-f fmt] [-O raw|qcow2] [-o OPTIONS] [-c] [-n] [-l SNAPSHOT] [-p] [-q] [--dedup] IN OUT
   snapshot [-l | -c SNAPSHOT | -a SNAPSHOT | -d SNAPSHOT] [-q] [-U] FILE
   commit [-f fmt] [-t cache] [-b BASE] [-d] [-p] [-q] FILE
   amend [-f fmt] [-p] [-q] -o OPTIONS FILE
-     compat=1.1 and lazy_refcounts=on|off; the rest of qemu-img amend is refused by name
+     compat=0.10|1.1, lazy_refcounts=on|off, refcount_bits=N; the rest of qemu-img amend is refused by name
+  dedup [-f qcow2] [-p] [-q] [--output=human|json] FILE
+     offline content dedup: identical clusters of the active tree stored once (qledger's own)
   dd [-f fmt] [-O raw|qcow2] [-U] [bs=N] [count=N] [skip=N] if=INPUT of=OUTPUT
   measure [--output=human|json] [-O qcow2|raw] [-o OPTIONS] [--size N | [-f fmt] [-l SNAPSHOT] [-U] FILE]
   rebase [-f fmt] [-p] [-q] [-u] -b BACKING [-F fmt] FILE
   resize [--shrink] [--preallocation=off|metadata|falloc|full] [-f fmt] [--image-opts] [-q] FILE [+|-]SIZE
   compare [-f fmt] [-F fmt] [-s] [-q] FILE1 FILE2
-  nbd [-r] [-k SOCKET | -p PORT -b ADDR] [-x NAME] [-D DESC] [-e N] [-t] [-f fmt] [-l SNAPSHOT] [--pid-file FILE] FILE
+  nbd [-r] [-k SOCKET | -p PORT -b ADDR] [-x NAME] [-D DESC] [-e N] [-t] [-f fmt] [-l SNAPSHOT] [--pid-file FILE] [--dedup] FILE
      serve the image over NBD (qemu-nbd's options); until the last client leaves, or with -t until SIGTERM
   journal dump [--output=human|json] FILE
      the journal's transactions and records, read-only
-  io [-r] [-f fmt] [--journal=on|off] [--detect-zeroes=off|on|unmap] [--overlap-check=none|constant|cached|all] -c CMD [-c CMD ...] FILE
+  io [-r] [-f fmt] [--journal=on|off] [--detect-zeroes=off|on|unmap] [--overlap-check=none|constant|cached|all] [--dedup] -c CMD [-c CMD ...] FILE
      io commands: read [-P pattern] [-v] [-q] OFF LEN | write [-P pattern] [-z [-u]] [-q] OFF LEN
                   | discard OFF LEN | flush | truncate SIZE | abort | map | alloc OFF [LEN] | info | length
 `;
@@ -188,7 +191,7 @@ function snapshotParam(v: string): string {
 }
 
 async function cmdConvert(argv: string[], io: Output): Promise<number> {
-  const p = getopt(argv, { withArg: 'fOlsoSmtTrB', flags: 'pqnchUCW', long: { 'force-share': false, 'image-opts': false, 'target-image-opts': false } }, 'convert');
+  const p = getopt(argv, { withArg: 'fOlsoSmtTrB', flags: 'pqnchUCW', long: { 'force-share': false, 'image-opts': false, 'target-image-opts': false, dedup: false } }, 'convert');
   if (p.positional.length < 2) throw new UsageError('convert: expecting an input and an output filename');
   if (p.positional.length > 2) throw new UnsupportedError('convert: concatenating several input images is not supported');
   const outFmt = last(p.opts, 'O') ?? 'raw';
@@ -213,7 +216,10 @@ async function cmdConvert(argv: string[], io: Output): Promise<number> {
   const img = await Image.open(at.path, { format: at.format, snapshot, forceShare: at.forceShare });
   try {
     const show = progressPrinter(io);
-    if (outFmt === 'qcow2') await (await lazy.convertQcow2()).convertToQcow2(img, outPath, { create: createOpts, compress, existing, progress: progress ? show : undefined });
+    const dedup = p.opts.some(([k]) => k === 'dedup');
+    if (dedup && outFmt !== 'qcow2') throw new UsageError('convert: --dedup shares qcow2 clusters; it needs -O qcow2');
+    if (dedup && compress) throw new UsageError('convert: --dedup and -c do not go together (compressed clusters are not shared)');
+    if (outFmt === 'qcow2') await (await lazy.convertQcow2()).convertToQcow2(img, outPath, { create: createOpts, compress, existing, progress: progress ? show : undefined, dedup, onWarning: (m) => io.err(`qledger: warning: ${m}\n`) });
     else await convertToRaw(img, outPath, progress ? show : undefined, cache !== 'unsafe', undefined, { existing });
     if (progress) io.out('\n');
     return 0;
@@ -350,7 +356,7 @@ async function cmdCheck(argv: string[], io: Output): Promise<number> {
   return checkExitCode(report);
 }
 
-const COMMANDS = ['amend', 'check', 'commit', 'compare', 'convert', 'crash-test', 'create', 'dd', 'info', 'io', 'journal', 'map', 'measure', 'nbd', 'rebase', 'resize', 'snapshot'] as const;
+const COMMANDS = ['amend', 'check', 'commit', 'compare', 'convert', 'crash-test', 'create', 'dd', 'dedup', 'info', 'io', 'journal', 'map', 'measure', 'nbd', 'rebase', 'resize', 'snapshot'] as const;
 
 /** The usage lines of one subcommand, from the overview above. */
 function usageOf(cmd: string): string {

@@ -2,8 +2,9 @@
  * qledger nbd: qemu-nbd's server mode with qemu-nbd's option names where
  * they overlap: `[-r] [-k SOCKET | -p PORT -b ADDR] [-x NAME] [-D DESC]
  * [-e N] [-t] [-f FMT] [-l SNAPSHOT] [--pid-file FILE] [--detect-zeroes=…]
- * [--overlap-check=…] IMG`. It serves until its last client leaves (or,
- * with -t, until SIGTERM or SIGINT, which flush and close the image).
+ * [--overlap-check=…] [--dedup] IMG` (--dedup, qledger's own: content
+ * dedup of whole-cluster writes). It serves until its last client leaves
+ * (or, with -t, until SIGTERM or SIGINT, which flush and close the image).
  * qemu-nbd's other modes (-c to attach a kernel device, --fork, TLS) are
  * refused by name.
  */
@@ -22,8 +23,8 @@ import type { Output } from './output.ts';
 
 const LONG = {
   'read-only': false, socket: true, port: true, bind: true, 'export-name': true, description: true, shared: true, persistent: false, format: true,
-  'load-snapshot': true, 'pid-file': true, 'image-opts': false, 'detect-zeroes': true, 'overlap-check': true, cache: true, discard: true, aio: true,
-  'handshake-limit': true, fork: false, connect: true, disconnect: false, 'tls-creds': true, 'tls-authz': true, 'tls-hostname': true, object: true, dedup: false, verbose: false,
+  'load-snapshot': true, 'pid-file': true, 'image-opts': false, 'detect-zeroes': true, 'overlap-check': true, dedup: false, cache: true, discard: true, aio: true,
+  'handshake-limit': true, fork: false, connect: true, disconnect: false, 'tls-creds': true, 'tls-authz': true, 'tls-hostname': true, object: true, verbose: false,
   'allocation-depth': false, bitmap: true, 'fork-nbd': false, offset: true, 'list': false, nocache: false, 'trace': true,
 };
 const ALIAS: Record<string, string> = { r: 'read-only', k: 'socket', p: 'port', b: 'bind', x: 'export-name', D: 'description', e: 'shared', t: 'persistent', f: 'format', l: 'load-snapshot', c: 'connect', d: 'disconnect', v: 'verbose', B: 'bitmap', A: 'allocation-depth', o: 'offset', L: 'list', n: 'nocache', T: 'trace' };
@@ -36,7 +37,6 @@ export async function runNbd(argv: string[], io: Output): Promise<number> {
   for (const k of ['connect', 'disconnect', 'fork', 'list']) if (opt.has(k)) throw new UnsupportedError(`nbd: --${k} is not supported (qledger serves NBD; it does not attach kernel devices, fork or act as a client)`);
   for (const k of ['tls-creds', 'tls-authz', 'tls-hostname', 'object']) if (opt.has(k)) throw new UnsupportedError(`nbd: --${k} is not supported: qledger's NBD server has no TLS yet`);
   for (const k of ['bitmap', 'allocation-depth', 'offset', 'trace']) if (opt.has(k)) throw new UnsupportedError(`nbd: --${k} is not supported yet`);
-  if (opt.has('dedup')) throw new UnsupportedError('nbd: --dedup is not supported yet (content deduplication is not built)');
   const cache = str('cache');
   if (cache !== undefined && cache !== 'writeback' && cache !== 'none' && cache !== 'writethrough' && cache !== 'unsafe' && cache !== 'directsync') throw new UsageError(`Invalid cache mode '${cache}'`);
   if (p.positional.length !== 1) throw new UsageError("Expected exactly one image file name\nTry 'qledger nbd --help' for more information");
@@ -65,11 +65,13 @@ export async function runNbd(argv: string[], io: Output): Promise<number> {
   const format = (fmt as 'qcow2' | 'raw' | undefined) ?? spec.format;
   let img: Image | undefined;
   let rawDev: FileDevice | undefined;
+  if (readOnly && opt.has('dedup')) throw new UsageError('nbd: --dedup shares clusters as clients write; it cannot be used with a read-only export');
   if (readOnly) img = await Image.open(spec.path, { format, snapshot });
   else {
     const probe = await Image.open(spec.path, { format, noBacking: true });
     const raw = probe.format === 'raw';
     await probe.close();
+    if (raw && opt.has('dedup')) throw new UsageError(`nbd: --dedup shares qcow2 clusters; '${spec.path}' is raw`);
     // a raw file is its own guest: served straight from the file, locked as qemu-nbd locks it
     if (raw) rawDev = await FileDevice.open(spec.path, { readOnly: false, lock: imagePermissions({ readOnly: false }) });
     else img = await Image.open(spec.path, {
@@ -77,6 +79,7 @@ export async function runNbd(argv: string[], io: Output): Promise<number> {
       write: true,
       detectZeroes: dz as DetectZeroes | undefined,
       overlapCheck: oc as OverlapMode | undefined,
+      dedup: opt.has('dedup') ? true : undefined,
       onWarning: (m) => io.err(`qledger: warning: ${m}\n`),
     });
   }

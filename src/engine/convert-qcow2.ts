@@ -26,13 +26,17 @@ export interface Qcow2ConvertOptions {
   readonly existing?: boolean | undefined;
   readonly progress?: ProgressFn | undefined;
   readonly signal?: AbortSignal | undefined;
+  /** content dedup while writing (qledger's own): a cluster whose bytes are already in the output maps that cluster */
+  readonly dedup?: boolean | undefined;
+  /** receives warnings (dedup off for an output that cannot share clusters) */
+  readonly onWarning?: ((message: string) => void) | undefined;
 }
 
 /**
  * Write the guest content of `img` to a new qcow2 image at `outPath` (or,
  * with `existing`, into the qcow2 image there), as `qemu-img convert -O
  * qcow2`: `create` takes qemu-img create's options, `compress` writes
- * compressed clusters.
+ * compressed clusters, `dedup` stores each distinct cluster once.
  *
  * @example
  * import { Image, convertToQcow2 } from 'qledger';
@@ -54,7 +58,7 @@ export async function convertToQcow2(img: Image, outPath: string, o: Qcow2Conver
   o.signal?.throwIfAborted();
   const size = img.size;
   if (!o.existing) await createImage(outPath, { ...o.create, size });
-  const out = await Image.open(outPath, { format: 'qcow2', write: true, journal: false, detectZeroes: 'off' });
+  const out = await Image.open(outPath, { format: 'qcow2', write: true, journal: false, detectZeroes: 'off', dedup: o.dedup, onWarning: o.onWarning });
   try {
     if (o.existing && out.size < size) throw new UsageError('output file is smaller than input file', { path: outPath });
     const zeroes = o.existing ? (off: number, len: number) => out.writeZeroes(off, len, { unmap: true }) : undefined;

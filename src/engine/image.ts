@@ -23,6 +23,7 @@ import type { RecoveryReport } from './journal/replay.ts';
 import type { Qcow2Writer, ZeroOptions } from './writer.ts';
 import type { CreateOptions } from './create.ts';
 import { ImageSnapshots } from './image-snapshots.ts';
+import { dedupRefusal, dedupState, type DedupState } from './dedup/stats.ts';
 
 // Loaded when first needed: a read-only open (qledger info, map, compare)
 // never pays for the write engine or for node:stream.
@@ -35,9 +36,10 @@ const stream = () => (streamModule ??= createRequire(import.meta.url)('node:stre
  * engine's options as `WritableOpenOptions` documents them: trace,
  * detectZeroes, cacheBytes, journal (default on), journalBytes, onWarning,
  * overlapCheck (QEMU's overlap-check modes: 'none', 'constant', 'cached',
- * 'all'; default 'all').
+ * 'all'; default 'all'), dedup (content dedup of whole-cluster writes:
+ * a cluster whose bytes are already stored maps the stored cluster).
  */
-export interface ImageOpenOptions extends OpenOptions, Pick<WritableOpenOptions, 'trace' | 'detectZeroes' | 'cacheBytes' | 'journal' | 'journalBytes' | 'onWarning' | 'overlapCheck'> {
+export interface ImageOpenOptions extends OpenOptions, Pick<WritableOpenOptions, 'trace' | 'detectZeroes' | 'cacheBytes' | 'journal' | 'journalBytes' | 'onWarning' | 'overlapCheck' | 'dedup'> {
   /** open read-write (qcow2 only); the backing chain stays read-only */
   readonly write?: boolean | undefined;
 }
@@ -100,11 +102,12 @@ export class Image {
       if (opts.snapshot !== undefined) throw new QledgerError('E_USAGE', `${name}: a snapshot can only be opened read-only`);
       // qemu's words: sharing write permissions is for readers only
       if (opts.forceShare) throw new QledgerError('E_USAGE', `${name}: force-share=on can only be used with read-only images`);
-      const o: WritableOpenOptions = { format: opts.format, trace: opts.trace, detectZeroes: opts.detectZeroes, cacheBytes: opts.cacheBytes, journal: opts.journal, journalBytes: opts.journalBytes, onWarning: opts.onWarning, overlapCheck: opts.overlapCheck };
+      const o: WritableOpenOptions = { format: opts.format, trace: opts.trace, detectZeroes: opts.detectZeroes, cacheBytes: opts.cacheBytes, journal: opts.journal, journalBytes: opts.journalBytes, onWarning: opts.onWarning, overlapCheck: opts.overlapCheck, dedup: opts.dedup };
       const w = await writable();
       const { writer, recovery } = typeof target === 'string' ? await w.openWriterSession(target, o) : await w.openWriterSessionOn(target, name, o);
       return new Image(writer.layer, writer, recovery);
     }
+    if (opts.dedup) throw new QledgerError('E_USAGE', `${name}: dedup shares clusters as it writes, so it needs a read-write open (write: true)`);
     return new Image(typeof target === 'string' ? await openLayer(target, opts) : await openDeviceLayer(target, opts));
   }
 
@@ -152,10 +155,38 @@ export class Image {
     await this.w().flush();
   }
 
-  /** Resize; growth may preallocate the new space ('metadata', 'falloc' or 'full', as qemu-img resize --preallocation). */
   /** Empty the image: every cluster it maps dropped, its backing file (if any) showing through (qemu-img commit's make_empty). */
   async makeEmpty(): Promise<void> {
     await this.w().makeEmpty();
+  }
+
+  /**
+   * Offline dedup (qledger dedup): every whole data cluster of the active
+   * tree that this image owns alone and whose bytes an earlier cluster
+   * holds maps that cluster instead, and its own is freed (its space given
+   * back to the file system). A few L2 tables per transaction, each
+   * journalled. Needs an open with `write: true, dedup: true`.
+   */
+  async dedup(o: { onProgress?: ((done: number, total: number) => void) | undefined } = {}): Promise<{ scanned: number; merged: number; bytesSaved: number }> {
+    const w = this.w();
+    if (!w.dedup) {
+      const why = dedupRefusal(w.geometry.refcountBits, w.layer.dataDev !== undefined) ?? 'the image was not opened with dedup';
+      throw new QledgerError('E_UNSUPPORTED', `${w.filename}: cannot dedup: ${why}`);
+    }
+    const n = w.layer.l1Count();
+    let merged = 0;
+    for (let i = 0; i < n; i += 16) {
+      merged += await w.dedupTables(i, Math.min(n, i + 16));
+      o.onProgress?.(Math.min(n, i + 16), n);
+    }
+    await w.flush();
+    return { scanned: w.dedup.indexed, merged, bytesSaved: merged * w.geometry.clusterSize };
+  }
+
+  /** The dedup state of the active tree, from metadata alone (engine/dedup/stats.ts); qcow2 only. */
+  async dedupState(): Promise<DedupState> {
+    if (!(this.top instanceof Qcow2Layer)) throw new QledgerError('E_UNSUPPORTED', `${this.top.filename}: dedup state is a qcow2 notion; this image is ${this.top.format}`);
+    return dedupState(this.top);
   }
 
   async truncate(size: number, preallocation: 'off' | 'metadata' | 'falloc' | 'full' = 'off'): Promise<void> {

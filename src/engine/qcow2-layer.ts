@@ -93,11 +93,13 @@ export class Qcow2Layer implements Layer {
     return this.source.fileSize();
   }
 
-  private l1Count(): number {
+  /** L1 entries (of the live state, for a writer's layer). */
+  l1Count(): number {
     return this.source.l1Size();
   }
 
-  private l1At(index: number): number {
+  /** The L2 table offset of L1 entry `index` (0: none). */
+  l1At(index: number): number {
     return this.source.l1Offset(index);
   }
 

@@ -52,6 +52,8 @@ export interface WritableOpenOptions {
   readonly stopAfterPhase?: number | undefined;
   /** QEMU's overlap-check: none, constant, cached or all (the default) */
   readonly overlapCheck?: OverlapMode | undefined;
+  /** content dedup of whole-cluster writes (write/dedup.ts; default off) */
+  readonly dedup?: boolean | undefined;
 }
 
 export interface OpenedWriter {
@@ -88,7 +90,7 @@ export async function openSession(dev: BlockDevice, dataDev: BlockDevice | undef
     if (opts.journal !== false && h0.version === 3) journal = await planJournal(loaded.parsed, located, opts.journalBytes, diskRefcounts(dev, loaded.parsed));
   }
   const { parsed, fileSize, snapshots, snapshotTableBytes } = loaded;
-  const writer = await Qcow2Writer.open({ filename: name, dev, dataDev, parsed, fileSize, snapshots: snapshots as SnapshotEntry[], snapshotTableBytes, overlapCheck: opts.overlapCheck, backing, trace: opts.trace, writebackRecords: opts.writebackRecords, fault: opts.fault, detectZeroes: opts.detectZeroes, cacheBytes: opts.cacheBytes, journal, onWarning: opts.onWarning, stopAfterPhase: opts.stopAfterPhase });
+  const writer = await Qcow2Writer.open({ filename: name, dev, dataDev, parsed, fileSize, snapshots: snapshots as SnapshotEntry[], snapshotTableBytes, overlapCheck: opts.overlapCheck, backing, trace: opts.trace, writebackRecords: opts.writebackRecords, fault: opts.fault, detectZeroes: opts.detectZeroes, cacheBytes: opts.cacheBytes, journal, onWarning: opts.onWarning, stopAfterPhase: opts.stopAfterPhase, dedup: opts.dedup });
   // overlapping metadata: nothing is written, the rebuild included
   if (!writer.refusal) await rebuildRefcounts(writer, dev, name, parsed.header.incompatibleFeatures, recovery.action === 'scan');
   return { writer, recovery };

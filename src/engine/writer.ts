@@ -14,16 +14,17 @@
  */
 
 import { CorruptionError, QledgerError, RangeRequestError, UsageError, hex } from '../errors.ts';
-import { isZero, u32 } from '../format/bytes.ts';
+import { isZero } from '../format/bytes.ts';
 import { AUTOCLEAR_BITMAPS, AUTOCLEAR_JOURNAL, AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, COMPRESSION_DEFLATE, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../format/features.ts';
 import { geometryOf, type Geometry } from '../format/header.ts';
-import { maxRefcount, reftableEntryOffset } from '../format/refcount.ts';
-import { entryOffset } from '../format/l1.ts';
+import { rebuildRefcounts, validateTables } from './write/open-checks.ts';
+import type { DedupCounters } from './write/dedup.ts';
+import { dedupRefusal } from './dedup/stats.ts';
 import { readAt } from '../io/device.ts';
 import { Transaction, initialState, l1TableOffset, type MetaState } from '../state/state.ts';
 import { faultPlan, type Fault } from './faults.ts';
 import type { JournalPlan } from './journal/live.ts';
-import { cluster, guest, host } from '../format/offsets.ts';
+import { guest, host } from '../format/offsets.ts';
 import { Qcow2Layer, type Qcow2LayerOptions } from './qcow2-layer.ts';
 import { readGuest } from './read.ts';
 import { WriteContext } from './write/context.ts';
@@ -75,6 +76,13 @@ export interface WriterOptions extends Pick<Qcow2LayerOptions, 'filename' | 'dev
    * zero writes are de-allocation hints), or stays a data write ('off').
    */
   readonly detectZeroes?: DetectZeroes | undefined;
+  /**
+   * Content dedup (write/dedup.ts): whole-cluster writes whose bytes a
+   * stored cluster already holds map that cluster instead of writing one.
+   * Refused with a warning (writes go on normally) where the image cannot
+   * share clusters: 1-bit refcounts, an external data file.
+   */
+  readonly dedup?: boolean | undefined;
 }
 
 export type DetectZeroes = 'off' | 'on' | 'unmap';
@@ -82,33 +90,6 @@ export type DetectZeroes = 'off' | 'on' | 'unmap';
 export interface ZeroOptions {
   /** allow deallocation (qemu-io write -z -u) */
   readonly unmap?: boolean | undefined;
-}
-
-/**
- * What the write path trusts, checked before it writes anything: every
- * refcount block and every L2 table the tables name is cluster aligned and
- * inside the file. A block past the end reads as zeros, so its clusters
- * (the header among them) would look free and be handed out, and writing
- * the block back would grow the file to wherever it points; QEMU finds
- * this only at the write that trips over it, and marks the image corrupt.
- */
-function validateTables(name: string, g: Geometry, l1: Uint8Array, reftable: Uint8Array, l1At: number, reftableAt: number, fileSize: number): void {
-  const cs = g.clusterSize;
-  const refuse = (what: string, at: number, off: number, problem: string) => {
-    throw new CorruptionError(`${name}: ${what} at ${hex(at)} points at ${hex(off)}, ${problem}; cannot be opened read/write. Run 'qledger check -r all' first`, { path: name, offset: at, points: off });
-  };
-  for (let i = 0; i < reftable.length / 8; i++) {
-    const off = reftableEntryOffset(u32(reftable, i * 8), u32(reftable, i * 8 + 4));
-    if (off === 0) continue;
-    if (off % cs !== 0) refuse(`refcount table entry ${i}`, reftableAt + i * 8, off, 'which is not cluster aligned');
-    if (off + cs > fileSize) refuse(`refcount table entry ${i}`, reftableAt + i * 8, off, `past the end of the file (${hex(fileSize)})`);
-  }
-  for (let i = 0; i < l1.length / 8; i++) {
-    const off = entryOffset(u32(l1, i * 8), u32(l1, i * 8 + 4));
-    if (off === 0) continue;
-    if (off % cs !== 0) refuse(`L1 entry ${i}`, l1At + i * 8, off, 'which is not cluster aligned');
-    if (off + cs > fileSize) refuse(`L1 entry ${i}`, l1At + i * 8, off, `past the end of the file (${hex(fileSize)})`);
-  }
 }
 
 export class Qcow2Writer {
@@ -145,6 +126,7 @@ export class Qcow2Writer {
       onWarning: o.onWarning,
       stopAfterPhase: o.stopAfterPhase,
       snapshots: { entries: o.snapshots, tableBytes: o.snapshotTableBytes ?? 0 },
+      dedup: o.dedup === true && !this.dedupRefused(o),
     });
     const ctx = this.ctx;
     const tables = this.rooms.tables;
@@ -240,7 +222,19 @@ export class Qcow2Writer {
     return w;
   }
 
+  private dedupRefused(o: WriterOptions): boolean {
+    const why = dedupRefusal(this.geometry.refcountBits, o.dataDev !== undefined);
+    if (why) o.onWarning?.(`${o.filename}: dedup is off: ${why}; writes go on without it`);
+    return why !== undefined;
+  }
+
   // ---- public operations ---------------------------------------------------
+
+  /** What content dedup did in this session (undefined when it is off): counters, and the index's entries and bytes. */
+  get dedup(): (DedupCounters & { readonly indexEntries: number; readonly indexBytes: number }) | undefined {
+    const d = this.rooms.dedup;
+    return d ? { ...d.counters, indexEntries: d.indexEntries, indexBytes: d.indexBytes } : undefined;
+  }
 
   /** The overlap index every write is checked against (its mode, size and refusals: benchmarks and tests read them). */
   get overlap(): { readonly index: OverlapIndex; readonly refusals: number; readonly checks: number } {
@@ -355,10 +349,29 @@ export class Qcow2Writer {
   makeEmpty(): Promise<void> {
     return this.serial(async () => {
       this.ctx.checkWritable();
+      this.rooms.shared.forgetScan();
       await this.run('make empty', async () => {
         if (!(await this.rooms.makeEmpty.run())) await this.rooms.discard.unallocateAll();
       });
       await this.rooms.writeback.flush();
+    });
+  }
+
+  /**
+   * Offline dedup of the L2 tables of L1 entries [from, to) (qledger dedup
+   * walks the L1 in steps of a few tables): one transaction; the image was
+   * opened with `dedup`. Returns the clusters merged.
+   */
+  dedupTables(from: number, to: number): Promise<number> {
+    return this.serial(async () => {
+      const d = this.rooms.dedup;
+      if (!d) throw new QledgerError('E_USAGE', `${this.filename}: offline dedup needs an image opened with dedup`);
+      let merged = 0;
+      await this.run('dedup merge', async () => {
+        merged = await d.mergeTables(from, to);
+      });
+      await this.rooms.writeback.maybe();
+      return merged;
     });
   }
 
@@ -391,6 +404,7 @@ export class Qcow2Writer {
       // the snapshot trees are read from the disk: what is pending reaches it first
       await this.rooms.writeback.flush();
       let out: SnapshotEntry | undefined;
+      this.rooms.shared.forgetScan();
       await this.run(op, async () => {
         out = await fn();
       });
@@ -481,30 +495,9 @@ export class Qcow2Writer {
    */
   async applyRefcounts(expected: (cluster: number) => number, endCluster: number): Promise<{ fixed: number }> {
     let fixed = 0;
-    const ctx = this.ctx;
-    const g = this.geometry;
     await this.serial(() =>
       this.run('rebuild refcounts', async () => {
-        const t = ctx.t();
-        const E = g.refcountBlockEntries;
-        const top = Math.max(endCluster, ctx.extent.endCluster);
-        for (let c = 0; c < top; c++) {
-          const rt = Math.floor(c / E);
-          const want = expected(c);
-          if (t.reftableEntry(rt) === 0) {
-            if (want !== 0) throw new CorruptionError(`${this.filename}: cluster ${hex(c * g.clusterSize)} is referenced but no refcount block covers it; run 'qledger check -r all'`);
-            c = (rt + 1) * E - 1;
-            continue;
-          }
-          const have = await this.rooms.alloc.refcount(cluster(c));
-          if (want > maxRefcount(g.refcountOrder)) {
-            throw new QledgerError('E_OVERFLOW', `${this.filename}: cluster ${hex(c * g.clusterSize)} has ${want} references, more than refcount_bits=${g.refcountBits} can count`, { cluster: c });
-          }
-          if (have !== want) {
-            ctx.emit({ kind: 'refcount', cluster: c, old: have, new: want });
-            fixed++;
-          }
-        }
+        fixed = await rebuildRefcounts(this.ctx, this.rooms.alloc, expected, endCluster);
       }),
     );
     await this.serial(() => this.rooms.writeback.flush());

@@ -68,6 +68,8 @@ export interface CrashTestOptions {
   readonly journal?: boolean | undefined;
   /** journal area size (default 64 KiB: small in-memory images, and big write-backs take the unjournalled path) */
   readonly journalBytes?: number | undefined;
+  /** every session opens with content dedup (implied by a workload with a `dedup` line) */
+  readonly dedup?: boolean | undefined;
 }
 
 export interface CrashFailure {
@@ -177,7 +179,9 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
   const rec = new RecordingDevice(name, initial);
   // a tiny table cache: tables are evicted and reloaded at every write-back
   const journal = o.journal ?? true;
-  const session = async () => openWriterOnDevice(rec, name, { fault: o.fault, backing: await backingLayer(), cacheBytes: 0, journal, journalBytes: o.journalBytes ?? 64 * 1024 });
+  // dedup shares clusters between active entries: the COPIED state a snapshot operation may leave, a share may too
+  const dedupWorkload = o.dedup === true || ops.some((x) => x.op === 'dedup');
+  const session = async () => openWriterOnDevice(rec, name, { fault: o.fault, backing: await backingLayer(), cacheBytes: 0, journal, journalBytes: o.journalBytes ?? 64 * 1024, dedup: dedupWorkload });
   let w = await session();
   const cs = w.geometry.clusterSize;
   // no journal on v2 images, nor where the header cluster has no room for its extension (512-byte clusters)
@@ -191,7 +195,7 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
   let refusal: string | undefined;
   // the snapshots the workload made, in table order, with the guest content each holds
   const snaps: { name: string; content: Uint8Array }[] = [];
-  const snapshotWorkload = ops.some((o) => o.op === 'snapshot');
+  const snapshotWorkload = ops.some((o) => o.op === 'snapshot') || dedupWorkload;
   for (const op of ops) {
     const devStart = rec.ops.length;
     let lo = 0;
@@ -267,6 +271,13 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
             // a name not there, or refcounts too narrow for one more tree (1-bit): refused before any record
             if (!(e instanceof QledgerError) || (e.code !== 'E_NOT_FOUND' && e.code !== 'E_OVERFLOW')) throw e;
           }
+          break;
+        }
+        case 'dedup': {
+          // offline dedup: a few tables per transaction; the guest content does not change
+          const n = w.state.header.l1Size;
+          for (let i = 0; i < n; i += 2) await w.dedupTables(i, Math.min(n, i + 2));
+          await w.flush();
           break;
         }
         case 'amend': {
@@ -526,7 +537,7 @@ function asBuffer(a: Uint8Array): Buffer {
 }
 
 /** A shell line that replays a workload with qledger (for failure reports). */
-export function reproduction(ops: readonly GuestOp[], o: Pick<CrashTestOptions, 'create' | 'seed' | 'fault'>): string {
+export function reproduction(ops: readonly GuestOp[], o: Pick<CrashTestOptions, 'create' | 'seed' | 'fault' | 'dedup'>): string {
   const c = o.create;
   const opts: string[] = [];
   if (c.clusterSize) opts.push(`cluster_size=${c.clusterSize}`);
@@ -536,8 +547,8 @@ export function reproduction(ops: readonly GuestOp[], o: Pick<CrashTestOptions, 
   if (c.extendedL2) opts.push('extended_l2=on');
   if (needsWorkloadFile(ops)) {
     // make_empty and the snapshot lines have no qemu-io command: the workload file is the way to replay them
-    return `printf '%s\\n' ${workloadCommands(ops).map((x) => `'${x}'`).join(' ')} > workload.txt && qledger crash-test${opts.length ? ` -o ${opts.join(',')},size=${c.size ?? 0}` : ` -o size=${c.size ?? 0}`} --workload workload.txt --seed ${o.seed}${o.fault ? ` --fault ${o.fault}` : ''}`;
+    return `printf '%s\\n' ${workloadCommands(ops).map((x) => `'${x}'`).join(' ')} > workload.txt && qledger crash-test${opts.length ? ` -o ${opts.join(',')},size=${c.size ?? 0}` : ` -o size=${c.size ?? 0}`} --workload workload.txt --seed ${o.seed}${o.fault ? ` --fault ${o.fault}` : ''}${o.dedup ? ' --dedup' : ''}`;
   }
   const cmds = workloadCommands(ops).map((x) => `-c '${x}'`).join(' ');
-  return `qledger create -f qcow2${opts.length ? ` -o ${opts.join(',')}` : ''} crash.qcow2 ${c.size ?? 0} && qledger io ${cmds} crash.qcow2   # crash-test --seed ${o.seed}${o.fault ? ` --fault ${o.fault}` : ''}`;
+  return `qledger create -f qcow2${opts.length ? ` -o ${opts.join(',')}` : ''} crash.qcow2 ${c.size ?? 0} && qledger io${o.dedup ? ' --dedup' : ''} ${cmds} crash.qcow2   # crash-test --seed ${o.seed}${o.fault ? ` --fault ${o.fault}` : ''}${o.dedup ? ' --dedup' : ''}`;
 }

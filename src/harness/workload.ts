@@ -1,7 +1,8 @@
 /**
  * Crash-test workloads: guest operations, their qemu-io command lines
- * (qledger io and qemu-io both take them; `make_empty` and the snapshot
- * lines are workload-file lines of qledger's own, with no qemu-io command)
+ * (qledger io and qemu-io both take them; `make_empty`, `dedup`, `amend`
+ * and the snapshot lines are workload-file lines of qledger's own, with no
+ * qemu-io command)
  * and the parser for workload files of such lines.
  */
 
@@ -20,13 +21,15 @@ export type GuestOp =
   /** qemu-img snapshot -c / -a / -d NAME; workload files only (snapshot_create, snapshot_apply, snapshot_delete) */
   | { readonly op: 'snapshot'; readonly action: SnapshotAction; readonly name: string }
   /** qemu-img amend -o compat=V or refcount_bits=N (an offline rewrite between sessions); workload files only (amend OPT=V) */
-  | { readonly op: 'amend'; readonly option: 'compat' | 'refcount_bits'; readonly value: string };
+  | { readonly op: 'amend'; readonly option: 'compat' | 'refcount_bits'; readonly value: string }
+  /** qledger dedup: offline content dedup of the active tree; workload files only (dedup) */
+  | { readonly op: 'dedup' };
 
 export type SnapshotAction = 'create' | 'apply' | 'delete';
 
 /** The operations that have no qemu-io command: a workload with one replays from a workload file. */
 export function needsWorkloadFile(ops: readonly GuestOp[]): boolean {
-  return ops.some((o) => o.op === 'make-empty' || o.op === 'snapshot' || o.op === 'amend');
+  return ops.some((o) => o.op === 'make-empty' || o.op === 'snapshot' || o.op === 'amend' || o.op === 'dedup');
 }
 
 /** The workload as qemu-io commands (qledger io and qemu-io both take them). */
@@ -51,6 +54,8 @@ export function workloadCommands(ops: readonly GuestOp[]): string[] {
         return `snapshot_${o.action} ${o.name}`;
       case 'amend':
         return `amend ${o.option}=${o.value}`;
+      case 'dedup':
+        return 'dedup';
     }
   });
 }
@@ -71,6 +76,7 @@ export function parseWorkload(text: string): GuestOp[] {
     };
     if (w[0] === 'flush') out.push({ op: 'flush' });
     else if (w[0] === 'make_empty') out.push({ op: 'make-empty' });
+    else if (w[0] === 'dedup' && w.length === 1) out.push({ op: 'dedup' });
     else if (w[0] === 'amend') {
       const m = /^(compat|refcount_bits)=(\S+)$/.exec(w[1] ?? '');
       if (w.length !== 2 || !m) throw bad();

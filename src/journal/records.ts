@@ -100,14 +100,22 @@ export function* expandRecords(records: Iterable<JournalRecord>, blockEntries: n
 
 const w = (x: Word64) => '0x' + (x.hi >>> 0).toString(16).padStart(8, '0') + (x.lo >>> 0).toString(16).padStart(8, '0');
 
-/** One line per record, for traces, `journal dump` and failing-test output. */
+/** An entry that changes by its COPIED bit alone: its cluster becomes shared, or is left with one reference. */
+function copiedNote(a: Word64, b: Word64): string {
+  if (a.lo !== b.lo || ((a.hi ^ b.hi) >>> 0) !== 0x8000_0000) return '';
+  return (b.hi & 0x8000_0000) === 0 ? ' (COPIED cleared: shared)' : ' (COPIED set: one reference left)';
+}
+
+/** One line per record, for traces, `journal dump` and failing-test output (shares and unshares marked). */
 export function describe(r: JournalRecord): string {
   switch (r.kind) {
     case 'refcount':
-      return `refcount cluster ${hex(r.cluster)}: ${r.old} -> ${r.new}`;
+      // a reference added to a cluster that had one (a snapshot or dedup shares it), or dropped leaving some
+      return `refcount cluster ${hex(r.cluster)}: ${r.old} -> ${r.new}` + (r.old >= 1 && r.new > r.old ? ' (shared)' : r.new >= 1 && r.new < r.old ? ' (unshared)' : '');
     case 'l2':
       return `l2 table ${hex(r.table)} [${r.index}] (l1 ${r.l1Index}): ${w(r.old)} -> ${w(r.new)}` +
-        (r.old.bitmapHi | r.old.bitmapLo | r.new.bitmapHi | r.new.bitmapLo ? ` bitmap ${w({ hi: r.old.bitmapHi, lo: r.old.bitmapLo })} -> ${w({ hi: r.new.bitmapHi, lo: r.new.bitmapLo })}` : '');
+        (r.old.bitmapHi | r.old.bitmapLo | r.new.bitmapHi | r.new.bitmapLo ? ` bitmap ${w({ hi: r.old.bitmapHi, lo: r.old.bitmapLo })} -> ${w({ hi: r.new.bitmapHi, lo: r.new.bitmapLo })}` : '') +
+        copiedNote(r.old, r.new);
     case 'refcounts':
       return `refcounts of ${r.index.length} clusters of refcount block ${r.rt}` + (r.index.length ? ` (first ${r.index[0]}: ${r.old[0]} -> ${r.new[0]})` : '');
     case 'l2s':

@@ -11,7 +11,18 @@ import { l1IndexOf, l2IndexOf, type Geometry } from '../../format/header.ts';
 import { IoError, hex } from '../../errors.ts';
 import { ALL_SUBCLUSTERS, L2E_ZERO_LO, isCompressed, isCopied, sameL2Entry, standardEntry, standardOffset, subclusterBits, subclusterType, type L2Entry } from '../../format/l2.ts';
 import { cluster, guest, host, hostOf, type GuestOffset, type HostOffset } from '../../format/offsets.ts';
+import { Buffer } from 'node:buffer';
 import { readGuest } from '../read.ts';
+import { Mapping } from './mapping.ts';
+/** A whole cluster a span wrote, for dedup: its guest cluster, fingerprint, bytes, host cluster and update (-1: in place). */
+interface SpanCluster {
+  readonly gc: number;
+  readonly fp: Fingerprint;
+  readonly piece: Uint8Array;
+  readonly at: HostOffset;
+  readonly update: number;
+}
+
 /** Guest bytes bound for the device: `what` for traces, the guest offset for a refusal's message (built only then). */
 export interface DataWrite {
   readonly offset: HostOffset;
@@ -21,8 +32,9 @@ export interface DataWrite {
 }
 import type { Allocator } from './allocator.ts';
 import type { WriteContext } from './context.ts';
-import type { Mapping } from './mapping.ts';
 import type { SharedClusters } from './shared.ts';
+import type { Dedup } from './dedup.ts';
+import { fingerprint, type Fingerprint } from '../dedup/fingerprint.ts';
 
 /**
  * How the bytes of one cluster reach the device:
@@ -100,6 +112,9 @@ export function planClusterWrite(e: L2Entry, a: number, b: number, env: PlanEnv)
 }
 
 export class DataWriter {
+  /** content dedup, when the session asked for it (write/dedup.ts) */
+  dedup: Dedup | undefined;
+
   constructor(
     private readonly ctx: WriteContext,
     private readonly alloc: Allocator,
@@ -133,6 +148,17 @@ export class DataWriter {
     /** clusters this span allocated, given back if the data cannot be written */
     const fresh: number[] = [];
     const end = offset + data.length;
+    const dd = this.dedup;
+    /** dedup: whole clusters this span writes, to index once written (and to share within the span) */
+    const written: SpanCluster[] | undefined = dd ? [] : undefined;
+    /** dedup: the fingerprints of the span's whole clusters, by guest cluster */
+    const fps = new Map<number, Fingerprint>();
+    if (dd) {
+      const first = Math.ceil(offset / cs) * cs;
+      dd.endSpan(); // nothing of an earlier span that failed half-way
+      for (let c = first; c + cs <= offset + data.length; c += cs) fps.set(c / cs, fingerprint(data.subarray(c - offset, c - offset + cs)));
+      if (fps.size) await dd.prefetch([...fps.values()]);
+    }
     for (let cstart = guest(offset - (offset % cs)); cstart < end; cstart = guest(cstart + cs)) {
       const a = Math.max(offset, cstart) - cstart;
       const b = Math.min(end, cstart + cs) - cstart;
@@ -142,6 +168,31 @@ export class DataWriter {
       await this.mapping.validate(e, table, index, cstart);
       const p = planClusterWrite(e, a, b, env);
       if (p.invalid) await ctx.signalCorruption(`${p.invalid} (L2 offset: ${hex(table)}, L2 index: ${hex(index)})`);
+      const fp = a === 0 && b === cs ? fps.get(cstart / cs) : undefined;
+      if (dd && written && fp) {
+        const gc = cstart / cs;
+        const same = this.sameInSpan(written, piece, fp);
+        if (same && dd.canTake(await this.alloc.refcount(cluster(same.at / cs)))) {
+          // an earlier cluster of this span holds the same bytes: both map its fresh cluster
+          const u = updates[same.update]!;
+          if (isCopied(u.new)) updates[same.update] = { ...u, new: standardEntry(same.at, false, u.new.bitmapLo, u.new.bitmapHi) };
+          await this.alloc.changeRefcount(cluster(same.at / cs), 1);
+          this.shared.noteShare(cluster(same.at / cs), same.gc, gc);
+          dd.counters.lookups++;
+          dd.counters.shared++;
+          updates.push({ index, old: e, new: standardEntry(same.at, false, u.new.bitmapLo, u.new.bitmapHi), unref: Mapping.hasHostCluster(e, false) || isCompressed(e) });
+          dd.busy.add(gc);
+          continue;
+        }
+        const m = await dd.lookup(e, piece, fp);
+        if (m === 'unchanged') continue;
+        dd.busy.add(gc);
+        if (m) {
+          const next = await dd.share(m, gc);
+          updates.push({ index, old: e, new: next, unref: Mapping.hasHostCluster(e, false) || isCompressed(e) });
+          continue;
+        }
+      } else if (dd) dd.busy.add(cstart / cs);
       let at: HostOffset;
       if (p.inPlace) {
         at = host(standardOffset(e));
@@ -151,6 +202,7 @@ export class DataWriter {
         at = hostOf(await this.alloc.allocate(1, 'data'), cs);
         fresh.push(at / cs);
       }
+      if (written && fp) written.push({ gc: cstart / cs, fp, piece, at, update: p.inPlace ? -1 : updates.length });
       switch (p.fill) {
         case 'piece':
           writes.push({ offset: host(at + a), data: piece, what: 'data', guest: cstart + a });
@@ -184,6 +236,7 @@ export class DataWriter {
     } catch (e) {
       // the device refused the data (a full disk, say): nothing maps the new clusters, so they go
       // back instead of leaking; the write fails, every earlier one stays
+      dd?.endSpan();
       if (e instanceof IoError) for (const c of fresh) await this.alloc.changeRefcount(cluster(c), -1);
       throw e;
     }
@@ -191,6 +244,19 @@ export class DataWriter {
       this.mapping.set({ l1Index, index: u.index }, table, u.old, u.new);
       if (u.unref) await this.mapping.unref(u.old, { l1Index, index: u.index });
     }
+    if (dd && written) {
+      dd.endSpan();
+      for (const w of written) dd.note(w.gc, w.fp);
+    }
+  }
+
+  /** A whole cluster written earlier in this span into a fresh cluster with the same bytes as `piece` (fingerprint `fp`). */
+  private sameInSpan(written: SpanCluster[], piece: Uint8Array, fp: Fingerprint): SpanCluster | undefined {
+    for (const w of written) {
+      if (w.update < 0 || w.fp.hi !== fp.hi || w.fp.lo !== fp.lo) continue;
+      if (Buffer.from(w.piece.buffer, w.piece.byteOffset, w.piece.length).equals(Buffer.from(piece.buffer, piece.byteOffset, piece.length))) return w;
+    }
+    return undefined;
   }
 
   /** Device writes, merged where they are contiguous both on the device and in memory. */

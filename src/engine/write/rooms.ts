@@ -2,7 +2,7 @@
  * Wiring: the rooms of one read-write session built over one write
  * context, each handed only the rooms below it, and the record stream's
  * subscribers registered in one place (trace, overlap index, allocator
- * epoch, journal stream, pending write-back, compressed packing).
+ * epoch, journal stream, pending write-back, compressed packing); content dedup when asked for.
  */
 
 import type { JournalPlan } from '../journal/live.ts';
@@ -11,6 +11,7 @@ import { Allocator } from './allocator.ts';
 import { CompressedWriter } from './compressed.ts';
 import type { WriteContext } from './context.ts';
 import { DataWriter } from './data-write.ts';
+import { Dedup } from './dedup.ts';
 import { Discarder } from './discard.ts';
 import { JournalSession } from './journal-session.ts';
 import { Mapping } from './mapping.ts';
@@ -37,6 +38,8 @@ export interface RoomOptions {
   readonly stopAfterPhase: number | undefined;
   /** the snapshot table as read at open, and its size in bytes */
   readonly snapshots: { readonly entries: readonly SnapshotEntry[]; readonly tableBytes: number };
+  /** content dedup on (the caller checked the image can share clusters) */
+  readonly dedup: boolean;
 }
 
 export interface Rooms {
@@ -47,6 +50,7 @@ export interface Rooms {
   readonly shared: SharedClusters;
   readonly zeroCluster: ZeroCluster;
   readonly data: DataWriter;
+  readonly dedup: Dedup | undefined;
   readonly zero: ZeroWriter;
   readonly discard: Discarder;
   readonly compressed: CompressedWriter;
@@ -66,6 +70,9 @@ export function buildRooms(ctx: WriteContext, o: RoomOptions): Rooms {
   const shared = new SharedClusters(ctx, tables, alloc, mapping);
   const zeroCluster = new ZeroCluster(ctx, tables, alloc, mapping, shared);
   const data = new DataWriter(ctx, alloc, mapping, shared);
+  const dedup = o.dedup ? new Dedup(ctx, tables, alloc, mapping, shared) : undefined;
+  data.dedup = dedup;
+  shared.dedup = o.dedup;
   const zero = new ZeroWriter(ctx, mapping, data, zeroCluster);
   const journal = new JournalSession(ctx, overlap, o.journal, o.extensions, o.onWarning);
   const writeback = new WriteBack(ctx, alloc, tables, journal, overlap, o.faults, o.writebackRecords, o.stopAfterPhase);
@@ -85,6 +92,7 @@ export function buildRooms(ctx: WriteContext, o: RoomOptions): Rooms {
     shared,
     zeroCluster,
     data,
+    dedup,
     zero,
     discard: new Discarder(ctx, mapping, zero),
     compressed,

@@ -6,15 +6,23 @@
  * one active mapping gives that mapping a cluster of its own, filled by the
  * cluster's user, and the shared one goes: setting COPIED on the lone
  * mapping instead would let a crash leave COPIED and the refcount
- * disagreeing. Content dedup will be a second user; the first is
- * `ZeroCluster`: v2 over a backing file has no zero flag, so whole zero
- * clusters map to one shared zero cluster, which only ever exists with two
- * or more references.
+ * disagreeing. Two users make such clusters: `ZeroCluster` (v2 over a
+ * backing file has no zero flag, so whole zero clusters map to one shared
+ * zero cluster, which only ever exists with two or more references) and
+ * content dedup (write/dedup.ts), which tells this room of every share.
+ *
+ * A cluster shared before this session is found when it is about to lose
+ * its second-last reference: one scan of the active tables (once per
+ * session, kept as a sorted pair of typed arrays) plus the shares this
+ * session made name its other mappings. That runs where active entries
+ * can share a cluster: in a dedup session, or in an image without
+ * snapshots (where a cluster without COPIED and with two references can
+ * only be shared between active entries).
  */
 
 import { l1IndexOf, l2IndexOf } from '../../format/header.ts';
 import { isZero } from '../../format/bytes.ts';
-import { isCompressed, isCopied, standardEntry, standardOffset, type L2Entry } from '../../format/l2.ts';
+import { L2E_ZERO_LO, isCompressed, isCopied, standardEntry, standardOffset, type L2Entry } from '../../format/l2.ts';
 import { maxRefcount } from '../../format/refcount.ts';
 import { readAt } from '../../io/device.ts';
 import { clusterOf, guest, host, hostOf, type ClusterIndex, type GuestOffset, type HostOffset } from '../../format/offsets.ts';
@@ -24,6 +32,17 @@ import type { EntryAt, Mapping, UnrefListener } from './mapping.ts';
 import type { TableCache } from './tables.ts';
 
 const key = (at: EntryAt) => `${at.l1Index}:${at.index}`;
+
+function lowerBound(a: Float64Array, v: number): number {
+  let lo = 0;
+  let hi = a.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (a[mid]! < v) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
 
 /** A tracked shared cluster: the active entries known to map it, and how a lone mapping's own cluster is filled. */
 interface Tracked {
@@ -36,6 +55,12 @@ export type UntrackedUnref = (e: L2Entry, c: ClusterIndex) => Promise<void> | un
 
 export class SharedClusters implements UnrefListener {
   private readonly tracked = new Map<ClusterIndex, Tracked>();
+  /** the shares this session made: host cluster -> guest clusters mapping it (one, or several) */
+  private readonly reverse = new Map<number, number | number[]>();
+  /** the scan of the active tables: host clusters without COPIED (sorted) and the guest cluster of each */
+  private scan: { hosts: Float64Array; guests: Float64Array } | undefined;
+  /** a dedup session: active entries share clusters whether or not there are snapshots */
+  dedup = false;
   /** users that want to hear of references dropped to clusters nobody tracks yet */
   private readonly onUntracked: UntrackedUnref[] = [];
 
@@ -96,7 +121,102 @@ export class SharedClusters implements UnrefListener {
       const p = fn(e, c);
       if (p) return p;
     }
+    if (this.dedup || ctx.header().nbSnapshots === 0) return this.adopt(c, at);
     return undefined;
+  }
+
+  /** Dedup shared host cluster `c` between guest clusters `owner` and `gc`. */
+  noteShare(c: ClusterIndex, owner: number, gc: number): void {
+    const had = this.reverse.get(c);
+    if (had === undefined) this.reverse.set(c, owner === gc ? gc : [owner, gc]);
+    else if (typeof had === 'number') this.reverse.set(c, had === gc ? had : [had, gc]);
+    else if (!had.includes(gc)) had.push(gc);
+    this.tracked.get(c)?.refs.set(`${Math.floor(gc / this.ctx.geometry.l2Entries)}:${gc % this.ctx.geometry.l2Entries}`, this.at(gc));
+  }
+
+  /** The trees changed wholesale (snapshot apply, make_empty): the scan is rebuilt when next needed. */
+  forgetScan(): void {
+    this.scan = undefined;
+  }
+
+  private at(gc: number): EntryAt {
+    const n = this.ctx.geometry.l2Entries;
+    return { l1Index: Math.floor(gc / n), index: gc % n };
+  }
+
+  /**
+   * Cluster `c` (no COPIED, untracked) is about to lose the reference of
+   * the entry at `at`. With two references, the other may be an active
+   * mapping that would be left alone without COPIED: track the cluster so
+   * that settle gives that mapping a copy of its own.
+   */
+  private async adopt(c: ClusterIndex, at: EntryAt | undefined): Promise<void> {
+    if ((await this.alloc.refcount(c)) !== 2) return;
+    const cs = this.ctx.geometry.clusterSize;
+    const n = this.ctx.geometry.l2Entries;
+    const t = this.ctx.t();
+    const dropped = at ? at.l1Index * n + at.index : -1;
+    const others = new Set<number>();
+    const r = this.reverse.get(c);
+    if (typeof r === 'number') others.add(r);
+    else if (r) for (const g of r) others.add(g);
+    const scan = await this.scanned();
+    for (let k = lowerBound(scan.hosts, c); k < scan.hosts.length && scan.hosts[k] === c; k++) others.add(scan.guests[k]!);
+    others.delete(dropped);
+    const live: EntryAt[] = [];
+    for (const g of others) {
+      const a = this.at(g);
+      const off = a.l1Index < t.header.l1Size ? t.l1TableOffset(a.l1Index) : 0;
+      if (!off) continue;
+      if (!t.l2(a.l1Index)) await this.tables.loadL2(a.l1Index, off);
+      const e = this.mapping.entry(a.l1Index, a.index);
+      if (!isCompressed(e) && standardOffset(e) === hostOf(c, cs)) live.push(a);
+    }
+    if (live.length === 1) this.track(c, live, (own) => this.copyCluster(c, own));
+  }
+
+  /** The scan of the active tables (see the module comment), made once per session. */
+  private async scanned(): Promise<{ hosts: Float64Array; guests: Float64Array }> {
+    if (this.scan) return this.scan;
+    const g = this.ctx.geometry;
+    const t = this.ctx.t();
+    const cs = g.clusterSize;
+    const tablesAt: Array<[number, HostOffset]> = [];
+    for (let i = 0; i < t.header.l1Size; i++) if (t.l1TableOffset(i)) tablesAt.push([i, t.l1TableOffset(i)]);
+    await this.tables.preloadL2(tablesAt);
+    let hosts = new Float64Array(1024);
+    let guests = new Float64Array(1024);
+    let m = 0;
+    for (const [i] of tablesAt) {
+      for (let j = 0; j < g.l2Entries; j++) {
+        const e = this.mapping.entry(i, j);
+        if (isCompressed(e) || isCopied(e) || standardOffset(e) === 0) continue;
+        if (m === hosts.length) {
+          const h2 = new Float64Array(m * 2);
+          h2.set(hosts);
+          hosts = h2;
+          const g2 = new Float64Array(m * 2);
+          g2.set(guests);
+          guests = g2;
+        }
+        hosts[m] = standardOffset(e) / cs;
+        guests[m++] = i * g.l2Entries + j;
+      }
+    }
+    const order = Array.from({ length: m }, (_, k) => k).sort((x, y) => hosts[x]! - hosts[y]!);
+    this.scan = { hosts: Float64Array.from(order, (k) => hosts[k]!), guests: Float64Array.from(order, (k) => guests[k]!) };
+    return this.scan;
+  }
+
+  /** Fill a lone mapping's own cluster with the shared cluster's bytes. */
+  private async copyCluster(c: ClusterIndex, own: ClusterIndex): Promise<void> {
+    const ctx = this.ctx;
+    const cs = ctx.geometry.clusterSize;
+    const bytes = await readAt(ctx.files.image, hostOf(c, cs), cs);
+    await ctx.files.guest.writeAs(hostOf(own, cs), bytes, 0, 'data (copy of a cluster left unshared)');
+    ctx.trace.record({ kind: 'data', host: hostOf(own, cs), length: cs });
+    ctx.trace.write(hostOf(own, cs), cs, 'data (unshare copy)');
+    ctx.extent.noteData(hostOf(own, cs), cs, true);
   }
 
   /** Every active L2 entry that maps a host cluster without COPIED, by host offset (one scan of the active tables). */
@@ -148,7 +268,10 @@ export class SharedClusters implements UnrefListener {
     const e = this.mapping.entry(at.l1Index, at.index);
     const n = await this.alloc.allocate(1, 'data');
     await s.fill(n);
-    this.mapping.set(at, table, e, standardEntry(hostOf(n, cs), true));
+    // the entry keeps what it says of its cluster: the subcluster bitmap (without it an extended
+    // entry reads as unallocated) and the zero flag (a zero-alloc entry reads as zeros still)
+    const own = standardEntry(hostOf(n, cs), true, e.bitmapLo, e.bitmapHi);
+    this.mapping.set(at, table, e, { hi: own.hi, lo: (own.lo | (e.lo & L2E_ZERO_LO)) >>> 0, bitmapLo: own.bitmapLo, bitmapHi: own.bitmapHi });
     await this.alloc.changeRefcount(c, -1);
   }
 }
