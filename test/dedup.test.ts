@@ -13,7 +13,11 @@
 
 import { describe, it, expect, afterAll } from 'vitest';
 import fc from 'fast-check';
-import { copyFileSync, statSync, writeFileSync } from 'node:fs';
+import { closeSync, copyFileSync, openSync, readFileSync, readSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import zlib from 'node:zlib';
+import { decodeHeader } from '../src/format/header.ts';
+import { EXT_DEDUP_INDEX } from '../src/format/features.ts';
+import { encodeArea } from '../src/format/dedup-index-area.ts';
 import { spawn, spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { DedupIndex } from '../src/engine/dedup/dedup-index.ts';
@@ -57,8 +61,11 @@ describe('the dedup index', () => {
           const [hi, lo] = key.split(':').map(Number) as [number, number];
           const got = new Set(idx.candidates(hi, lo, 1 << 20));
           for (const gc of gcs) expect(got.has(gc), `${key} -> ${gc}`).toBe(true);
-          // what else comes back shares the key: the same hi (the table keeps hi's top 32 bits here)
-          for (const gc of got) if (!gcs.has(gc)) expect([...model].some(([k2, s]) => k2.split(':')[0] === String(hi) && s.has(gc))).toBe(true);
+          // what else comes back is filed under the same key
+          for (const gc of got) {
+            if (gcs.has(gc)) continue;
+            expect([...model].some(([k2, s]) => { const [h2, l2] = k2.split(':').map(Number) as [number, number]; return s.has(gc) && idx.sameKey({ hi, lo }, { hi: h2, lo: l2 }); })).toBe(true);
+          }
         }
       }),
       { numRuns: 30 },
@@ -197,7 +204,7 @@ d('online dedup: random sessions against a model', () => {
 
 d('online dedup: exact cases', () => {
   it('a fingerprint collision is caught by the byte check and nothing is shared', async () => {
-    // two 512-byte clusters whose fingerprints agree in the 32 bits the index keeps
+    // two 512-byte clusters whose fingerprints agree in all of `hi` (the index keeps at most its top 32 bits)
     const buf = new Uint8Array(512).fill(7);
     const view = new DataView(buf.buffer);
     const seen = new Map<number, number>();
@@ -355,6 +362,95 @@ d('online dedup: exact cases', () => {
   });
 });
 
+d('the persisted index', () => {
+  const unit = repeat(pattern(5, 65536), 4 << 20).map((b, i) => (b + (i >> 16)) & 255); // 64 distinct clusters
+  const ext = (path: string) => {
+    const head = new Uint8Array(readFileSync(path).subarray(0, 65536));
+    const e = decodeHeader(head, statSync(path).size).extensions.find((x) => x.type === EXT_DEDUP_INDEX)!;
+    return { at: e.offset + 8, offset: Number(new DataView(e.data.buffer, e.data.byteOffset).getBigUint64(0)), length: Number(new DataView(e.data.buffer, e.data.byteOffset).getBigUint64(8)) };
+  };
+  async function session(path: string, at: number, warnings: string[] = []) {
+    await using img = await Image.open(path, { write: true, dedup: true, onWarning: (m) => warnings.push(m) });
+    await img.write(at, unit);
+    const c = { ...img.writer!.dedup! };
+    expect(Buffer.from(await img.read(at, unit.length)).equals(Buffer.from(unit))).toBe(true);
+    return c;
+  }
+
+  it('a clean close writes it, the next session loads it instead of reading the image; any other writer makes it stale', async () => {
+    const path = join(dir, 'persist.qcow2');
+    await Image.create(path, { size: 64 << 20 });
+    const s1 = await session(path, 0);
+    expect(s1.loaded).toBe(0);
+    expect(spawnSync('qemu-img', ['check', path]).status).toBe(0);
+    const s2 = await session(path, 8 << 20);
+    expect({ loaded: s2.loaded, indexed: s2.indexed, shared: s2.shared }).toEqual({ loaded: 64, indexed: 0, shared: 64 });
+    // QEMU writes (and clears the unknown autoclear bit): the next session rebuilds
+    qemuIo(path, ['write -P 9 32M 64k']);
+    const s3 = await session(path, 16 << 20);
+    expect(s3.loaded).toBe(0);
+    expect(s3.indexed).toBeGreaterThan(0);
+    expect(s3.shared).toBe(64);
+    // a session without dedup clears the bit too
+    {
+      await using img = await Image.open(path, { write: true });
+      await img.write(40 << 20, new Uint8Array(65536).fill(3));
+    }
+    expect((await session(path, 24 << 20)).loaded).toBe(0);
+    expect(spawnSync('qemu-img', ['check', path]).status).toBe(0);
+  });
+
+  it('a damaged, out-of-bounds or forged copy costs shares, never wrong data', async () => {
+    const path = join(dir, 'forged.qcow2');
+    await Image.create(path, { size: 64 << 20 });
+    await session(path, 0);
+    // one flipped byte in the area: the checksum says so, and the index is rebuilt
+    const e = ext(path);
+    const fd = openSync(path, 'r+');
+    const one = Buffer.alloc(1);
+    readSync(fd, one, 0, 1, e.offset + 100);
+    one[0] = one[0]! ^ 0xff;
+    writeSync(fd, one, 0, 1, e.offset + 100);
+    closeSync(fd);
+    const warnings: string[] = [];
+    const s = await session(path, 8 << 20, warnings);
+    expect(warnings.join('\n')).toMatch(/persisted dedup index fails its checks \(dedup index area: crc32 at offset 0x[0-9a-f]+: checksum mismatch\); it is rebuilt from the image/);
+    expect({ loaded: s.loaded, shared: s.shared }).toEqual({ loaded: 0, shared: 64 });
+    // an extension pointing past the end of the file
+    const e2 = ext(path);
+    const fd2 = openSync(path, 'r+');
+    const past = Buffer.alloc(8);
+    past.writeBigUInt64BE(BigInt(statSync(path).size + (1 << 20)));
+    writeSync(fd2, past, 0, 8, e2.at);
+    closeSync(fd2);
+    const w2: string[] = [];
+    await session(path, 16 << 20, w2);
+    expect(w2.join('\n')).toMatch(/lies outside the file or off a cluster boundary; it is rebuilt/);
+    // forged: a well-formed area (right checksum) whose entries name the wrong clusters for every fingerprint
+    const e3 = ext(path);
+    const forged = new DedupIndex(1024);
+    for (let k = 0; k < 5000; k++) forged.add(Math.imul(k, 0x9e3779b1) >>> 0, k, (k * 7) % 1024);
+    for (let c = 0; c < 64; c++) {
+      const f = fingerprint(unit.subarray(c * 65536, (c + 1) * 65536));
+      forged.add(f.hi, f.lo, 600 + c); // clusters that hold other bytes (or nothing)
+    }
+    const bytes = encodeArea(forged.arrays(), (b) => zlib.crc32(b));
+    const fd3 = openSync(path, 'r+');
+    const fsize = statSync(path).size;
+    const at = Math.ceil(fsize / 65536) * 65536;
+    writeSync(fd3, bytes, 0, bytes.length, at);
+    const body = Buffer.alloc(16);
+    body.writeBigUInt64BE(BigInt(at), 0);
+    body.writeBigUInt64BE(BigInt(bytes.length), 8);
+    writeSync(fd3, body, 0, 16, e3.at);
+    closeSync(fd3);
+    const s4 = await session(path, 32 << 20);
+    expect(s4.loaded).toBeGreaterThan(0);
+    // every forged candidate failed its checks; the content is right
+    expect(spawnSync('qemu-img', ['check', path]).status).toBe(0);
+  });
+});
+
 d('offline dedup (qledger dedup) of a QEMU-made image', () => {
   it('merges duplicates, keeps the bytes, gives the space back, and QEMU goes on with the image', async () => {
     const path = join(dir, 'offline.qcow2');
@@ -380,6 +476,10 @@ d('offline dedup (qledger dedup) of a QEMU-made image', () => {
     expect(j['allocated-after']).toBeLessThan(alloc0 - 60 * 65536);
     expect(spawnSync('qemu-img', ['check', path]).status).toBe(0);
     expect(qemuImg(['compare', path, before])).toContain('Images are identical.');
+    // info --dedup (qledger's own) adds the state to what qemu-img info prints
+    const info = JSON.parse((await runCli('info', '--dedup', '--output=json', path)).out) as Record<string, unknown>;
+    expect(info['dedup']).toEqual({ 'data-clusters': 66, 'stored-clusters': 3, 'shared-clusters': 2, 'bytes-saved': 63 * 65536, ratio: 22 });
+    expect((await runCli('info', '--dedup', path)).out).toMatch(/\nDedup:\n {4}data clusters: 66\n {4}stored clusters: 3\n {4}shared clusters: 2\n {4}bytes saved: 4128768\n {4}ratio: 22\.000\n$/);
     // a second run finds nothing left to merge
     const again = JSON.parse((await runCli('dedup', '--output=json', path)).out) as Record<string, number>;
     expect(again['clusters-merged']).toBe(0);
@@ -398,7 +498,7 @@ d('offline dedup (qledger dedup) of a QEMU-made image', () => {
     expect((await runCli('check', '-r', 'all', two)).code).toBe(0);
     expect(spawnSync('qemu-img', ['check', two]).status).toBe(0);
     const human = await runCli('dedup', path);
-    expect(human.out).toMatch(/^Clusters scanned: 66\nClusters merged: \d+ \(\d+ bytes saved\)\nShared clusters: \d+ .*\nDedup ratio: \d+\.\d\d\nFile length: \d+ -> \d+ bytes; allocated: \d+ -> \d+ bytes\n$/);
+    expect(human.out).toMatch(/^Clusters scanned: \d+\nClusters merged: \d+ \(\d+ bytes saved\)\nShared clusters: \d+ .*\nDedup ratio: \d+\.\d\d\nFile length: \d+ -> \d+ bytes; allocated: \d+ -> \d+ bytes\n$/);
   });
 
   it('an image with a snapshot: the snapshot reads as before, shared clusters stay counted', async () => {

@@ -59,7 +59,7 @@ Commands (options as in qemu-img / qemu-io):
   crash-test [-o CREATE_OPTS] [--workload FILE | --random] [--seed N] [--runs N] [--max-states N]
              [--fault NAME|list] [--qemu-samples N] [--journal=on|off] [--dedup] [--output=human|json]
      exit: 0 no corruption and no wrong data in any crash state, 2 otherwise
-  info [-f fmt] [--output=human|json] [--backing-chain] FILE
+  info [-f fmt] [--output=human|json] [--backing-chain] [--dedup] FILE
   map [-f fmt] [--output=human|json] [--start-offset=N] [--max-length=N] FILE
   convert [-f fmt] [-O raw|qcow2] [-o OPTIONS] [-c] [-n] [-l SNAPSHOT] [-p] [-q] [--dedup] IN OUT
   snapshot [-l | -c SNAPSHOT | -a SNAPSHOT | -d SNAPSHOT] [-q] [-U] FILE
@@ -126,21 +126,34 @@ function one(positional: string[], n: number, cmd: string): void {
 }
 
 async function cmdInfo(argv: string[], io: Output): Promise<number> {
-  const p = getopt(argv, { withArg: 'f', flags: 'hU', long: { output: true, 'backing-chain': false, 'force-share': false, 'image-opts': false } }, 'info');
+  const p = getopt(argv, { withArg: 'f', flags: 'hU', long: { output: true, 'backing-chain': false, 'force-share': false, 'image-opts': false, dedup: false } }, 'info');
   one(p.positional, 1, 'info');
   const output = outputArg(last(p.opts, 'output'));
   const chain = last(p.opts, 'backing-chain') === true;
+  // qledger's own: each qcow2 image's dedup state (from its metadata) after what qemu-img prints
+  const dedup = last(p.opts, 'dedup') === true;
   const at = imageOf(p, 0);
   const img = await Image.open(at.path, { format: at.format, noBacking: !chain, forceShare: at.forceShare });
   try {
     const layers = chain ? img.chain : [img.top];
     const infos: ImageInfo[] = [];
-    for (const l of layers) infos.push(await img.info(l));
+    for (const l of layers) {
+      const info = await img.info(l);
+      if (dedup && l.format === 'qcow2') {
+        const st = await img.dedupState(l);
+        const j = { 'data-clusters': st.dataClusters, 'stored-clusters': st.storedClusters, 'shared-clusters': st.sharedClusters, 'bytes-saved': st.bytesSaved, ratio: Math.round(st.ratio * 1000) / 1000 };
+        infos.push(Object.assign(info, { dedup: j }));
+      } else infos.push(info);
+    }
     if (output === 'json') io.out(qemuJson(chain ? infos : infos[0]) + '\n');
     else {
       io.out(
         layers
-          .map((l, i) => formatInfoHuman(infos[i]!, img.snapshotsOf(l)))
+          .map((l, i) => {
+            const d = (infos[i] as { dedup?: Record<string, number> }).dedup;
+            const extra = d ? `Dedup:\n    data clusters: ${d['data-clusters']}\n    stored clusters: ${d['stored-clusters']}\n    shared clusters: ${d['shared-clusters']}\n    bytes saved: ${d['bytes-saved']}\n    ratio: ${d['ratio']!.toFixed(3)}\n` : '';
+            return formatInfoHuman(infos[i]!, img.snapshotsOf(l)) + extra;
+          })
           .join('\n'),
       );
     }

@@ -183,10 +183,10 @@ export class Image {
     return { scanned: w.dedup.indexed, merged, bytesSaved: merged * w.geometry.clusterSize };
   }
 
-  /** The dedup state of the active tree, from metadata alone (engine/dedup/stats.ts); qcow2 only. */
-  async dedupState(): Promise<DedupState> {
-    if (!(this.top instanceof Qcow2Layer)) throw new QledgerError('E_UNSUPPORTED', `${this.top.filename}: dedup state is a qcow2 notion; this image is ${this.top.format}`);
-    return dedupState(this.top);
+  /** The dedup state of the active tree of `layer` (default: the image itself), from metadata alone (engine/dedup/stats.ts); qcow2 only. */
+  async dedupState(layer: Layer = this.top): Promise<DedupState> {
+    if (!(layer instanceof Qcow2Layer)) throw new QledgerError('E_UNSUPPORTED', `${layer.filename}: dedup state is a qcow2 notion; this image is ${layer.format}`);
+    return dedupState(layer);
   }
 
   async truncate(size: number, preallocation: 'off' | 'metadata' | 'falloc' | 'full' = 'off'): Promise<void> {

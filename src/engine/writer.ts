@@ -15,7 +15,7 @@
 
 import { CorruptionError, QledgerError, RangeRequestError, UsageError, hex } from '../errors.ts';
 import { isZero } from '../format/bytes.ts';
-import { AUTOCLEAR_BITMAPS, AUTOCLEAR_JOURNAL, AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, COMPRESSION_DEFLATE, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../format/features.ts';
+import { AUTOCLEAR_BITMAPS, AUTOCLEAR_DEDUP_INDEX, AUTOCLEAR_JOURNAL, AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, COMPRESSION_DEFLATE, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../format/features.ts';
 import { geometryOf, type Geometry } from '../format/header.ts';
 import { rebuildRefcounts, validateTables } from './write/open-checks.ts';
 import type { DedupCounters } from './write/dedup.ts';
@@ -219,6 +219,7 @@ export class Qcow2Writer {
         await w.rooms.writeback.flush(); // the cleared bits reach the disk before any write
       });
     }
+    if (w.rooms.dedup) await w.rooms.dedup.loadPersisted(o.dev, o.parsed, o.fileSize, o.onWarning);
     return w;
   }
 
@@ -472,6 +473,11 @@ export class Qcow2Writer {
         if (!ctx.corrupt) {
           await this.rooms.writeback.flush();
           if (ctx.headerBits.dirtyOnDisk) await this.rooms.writeback.cleanDirty();
+          // dedup: the index written for the next session, then the bit that says it matches the image
+          if (this.rooms.dedup?.ready && (await this.rooms.dedup.persist())) {
+            const had = ctx.cur.header.autoclearFeatures;
+            await this.headerFeatures('persist dedup index', 'autoclear_features', had, had | AUTOCLEAR_DEDUP_INDEX);
+          }
           // The last checkpoint needs no flush: replaying an applied transaction is harmless.
           await this.rooms.journal.close();
         }
@@ -517,13 +523,17 @@ export class Qcow2Writer {
       await this.rooms.writeback.flush();
       if (!on && ctx.headerBits.dirtyOnDisk) await this.rooms.writeback.cleanDirty();
       const had = ctx.cur.header.compatibleFeatures;
-      // one sector, atomic: not worth starting the journal for (as the autoclear bits at open)
-      await this.rooms.journal.without(async () => {
-        await this.run('amend lazy_refcounts', async () => {
-          ctx.emit({ kind: 'header', field: 'compatible_features', old: had, new: on ? had | COMPAT_LAZY_REFCOUNTS : had & ~COMPAT_LAZY_REFCOUNTS });
-        });
-        await this.rooms.writeback.flush();
+      await this.headerFeatures('amend lazy_refcounts', 'compatible_features', had, on ? had | COMPAT_LAZY_REFCOUNTS : had & ~COMPAT_LAZY_REFCOUNTS);
+    });
+  }
+
+  /** One header feature field changed and written back: one sector, atomic, not worth starting the journal for (as the autoclear bits at open). */
+  private async headerFeatures(op: string, field: 'compatible_features' | 'autoclear_features', old: bigint, next: bigint): Promise<void> {
+    await this.rooms.journal.without(async () => {
+      await this.run(op, async () => {
+        this.ctx.emit({ kind: 'header', field, old, new: next });
       });
+      await this.rooms.writeback.flush();
     });
   }
 

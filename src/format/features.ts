@@ -22,6 +22,14 @@ export const AUTOCLEAR_DATA_FILE_RAW = 1n << 1n;
  * journal made stale by another program is recognised.
  */
 export const AUTOCLEAR_JOURNAL = 1n << 63n;
+/**
+ * qledger's own autoclear bit: set while the persisted dedup index named by
+ * its header extension matches the image (written at a dedup session's
+ * clean close). Every read-write open clears it, QEMU's as unknown and
+ * qledger's before anything is written, so a set bit means that no write
+ * happened since the index was written.
+ */
+export const AUTOCLEAR_DEDUP_INDEX = 1n << 62n;
 export const AUTOCLEAR_KNOWN = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW;
 
 export const FEATURE_TYPE_INCOMPATIBLE = 0;
@@ -48,6 +56,8 @@ export const EXT_BITMAPS = 0x23852875;
 export const EXT_DATA_FILE = 0x44415441;
 /** qledger journal location ("qljl"); unknown to QEMU, which keeps it verbatim */
 export const EXT_JOURNAL = 0x716c6a6c;
+/** qledger's persisted dedup index location ("qldx"); unknown to QEMU, which keeps it verbatim */
+export const EXT_DEDUP_INDEX = 0x716c6478;
 
 export const COMPRESSION_DEFLATE = 0;
 export const COMPRESSION_ZSTD = 1;

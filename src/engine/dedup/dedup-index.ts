@@ -5,7 +5,7 @@
  * Layout. The bulk is a sorted table of 6-byte entries: a 16-bit tag in
  * one typed array, a 32-bit guest cluster number in another. The table is
  * cut into 2^d buckets by the fingerprint's top d bits (a directory of
- * 2^d + 1 start positions, d between 16 and 24 chosen from the expected
+ * 2^d + 1 start positions, d between 10 and 24 chosen from the expected
  * size so that the directory costs about half a byte per entry); within
  * a bucket, entries are sorted by tag, the fingerprint's next 16 bits. So
  * an entry stands for d + 16 bits of fingerprint while storing 16 of them.
@@ -18,8 +18,8 @@
  * An index answer is only a candidate: the caller reads the cluster and
  * compares bytes before sharing anything (write/dedup.ts). That is what
  * makes a short fingerprint safe: a false match costs one read. With
- * d + 16 >= 32 bits, a lookup among a million entries meets a false match
- * about once in eight thousand lookups.
+ * d about log2(entries) - 3, a lookup meets a false match about once in
+ * eight thousand lookups at any size up to 2^27 entries.
  */
 
 /** Not a guest cluster: a removed entry. */
@@ -40,11 +40,14 @@ export class DedupIndex {
   private dVal: Uint32Array;
   private dCount = 0;
   private slots: Int32Array;
+  /** directory bits from `expected` */
+  static bitsFor(expected: number): number {
+    return Math.min(24, Math.max(10, Math.ceil(Math.log2(Math.max(2, expected))) - 3));
+  }
 
   /** `expected`: about how many entries the index will hold (sizes the directory). */
   constructor(expected = 0) {
-    const bits = Math.ceil(Math.log2(Math.max(2, expected)));
-    this.d = Math.min(24, Math.max(16, bits - 3));
+    this.d = DedupIndex.bitsFor(expected);
     this.dir = new Uint32Array((1 << this.d) + 1);
     this.tags = new Uint16Array(0);
     this.vals = new Uint32Array(0);
@@ -53,6 +56,31 @@ export class DedupIndex {
     this.dLo = new Uint32Array(cap);
     this.dVal = new Uint32Array(cap);
     this.slots = new Int32Array(cap * 2);
+  }
+
+  /** The table as arrays, the delta merged in first (for the persisted copy). */
+  arrays(): { d: number; dir: Uint32Array; tags: Uint16Array; vals: Uint32Array } {
+    this.merge();
+    return { d: this.d, dir: this.dir, tags: this.tags, vals: this.vals };
+  }
+
+  /** An index holding a persisted table (checked by its decoder: a non-decreasing directory ending at n). */
+  static fromArrays(a: { d: number; dir: Uint32Array; tags: Uint16Array; vals: Uint32Array }): DedupIndex {
+    const idx = new DedupIndex(2 ** (a.d + 3));
+    if (idx.d !== a.d || a.dir.length !== (1 << a.d) + 1) throw new Error('dedup index: directory size does not match its bits');
+    idx.dir = a.dir;
+    idx.tags = a.tags;
+    idx.vals = a.vals;
+    let live = 0;
+    for (let i = 0; i < a.vals.length; i++) if (a.vals[i] !== TOMB) live++;
+    idx.live = live;
+    let cap = MIN_DELTA;
+    while (cap * 32 < live) cap *= 2;
+    idx.dHi = new Uint32Array(cap);
+    idx.dLo = new Uint32Array(cap);
+    idx.dVal = new Uint32Array(cap);
+    idx.slots = new Int32Array(cap * 2);
+    return idx;
   }
 
   /** Entries held (tombstones in the delta included until the next merge). */
@@ -71,7 +99,7 @@ export class DedupIndex {
 
   /** The 16 fingerprint bits after the directory's d. */
   private tag(hi: number, lo: number): number {
-    const s = 32 - this.d; // hi bits left below the prefix (8..16)
+    const s = 32 - this.d; // hi bits left below the prefix (8..22)
     return s >= 16 ? (hi >>> (s - 16)) & 0xffff : ((hi << (16 - s)) | (lo >>> (16 + s))) & 0xffff;
   }
 

@@ -22,6 +22,10 @@ import { readAt, readClusters } from '../../io/device.ts';
 import { cluster, clusterOf, host, type HostOffset } from '../../format/offsets.ts';
 import { DedupIndex } from '../dedup/dedup-index.ts';
 import { fingerprint, type Fingerprint } from '../dedup/fingerprint.ts';
+import type { BlockDevice } from '../../io/device.ts';
+import type { ParsedHeader } from '../../format/header.ts';
+import { loadDedupIndex, writeDedupIndex } from '../dedup/persist.ts';
+import { OL_MAIN_HEADER } from './overlap.ts';
 import type { Allocator } from './allocator.ts';
 import type { WriteContext } from './context.ts';
 import type { EntryAt, Mapping } from './mapping.ts';
@@ -42,6 +46,8 @@ export interface DedupCounters {
   mismatches: number;
   /** clusters read and fingerprinted to build the index */
   indexed: number;
+  /** entries loaded from the persisted index instead */
+  loaded: number;
 }
 
 /** A stored cluster equal to the written bytes. */
@@ -55,7 +61,7 @@ export interface DedupMatch {
 
 export class Dedup {
   private index: DedupIndex | undefined;
-  readonly counters: DedupCounters = { lookups: 0, shared: 0, unchanged: 0, verifyReads: 0, mismatches: 0, indexed: 0 };
+  readonly counters: DedupCounters = { lookups: 0, shared: 0, unchanged: 0, verifyReads: 0, mismatches: 0, indexed: 0, loaded: 0 };
   /** guest clusters the current span has planned (their entries change when it ends): no candidates */
   readonly busy = new Set<number>();
   private readonly max: number;
@@ -112,6 +118,7 @@ export class Dedup {
     const tablesAt: Array<[number, HostOffset]> = [];
     for (let i = from; i < to; i++) if (t.l1TableOffset(i)) tablesAt.push([i, t.l1TableOffset(i)]);
     const batch = Math.max(16, Math.floor((16 << 20) / cs));
+    const sharedSeen = new Set<number>();
     for (let k = 0; k < tablesAt.length; k += 64) {
       const group = tablesAt.slice(k, k + 64);
       await this.tables.preloadL2(group);
@@ -141,6 +148,12 @@ export class Dedup {
         for (let j = 0; j < g.l2Entries; j++) {
           const e = this.mapping.entry(i, j);
           if (!this.fullData(e)) continue;
+          if (!isCopied(e)) {
+            // a cluster several entries map is read and indexed once (the set is bounded: past it, again)
+            const h = standardOffset(e);
+            if (sharedSeen.has(h)) continue;
+            if (sharedSeen.size < 1 << 22) sharedSeen.add(h);
+          }
           pending.push({ gc: i * g.l2Entries + j, at: { l1Index: i, index: j }, e });
           if (pending.length >= batch) await flush();
         }
@@ -293,6 +306,38 @@ export class Dedup {
   /** A cluster with this refcount can take one more reference. */
   canTake(refcount: number): boolean {
     return refcount < this.max;
+  }
+
+  /**
+   * At open: the persisted index, when the autoclear bit says it matches
+   * the image (dedup/persist.ts); its clusters are given back to the file
+   * system at once (nothing counts them, and the next close writes anew).
+   */
+  async loadPersisted(dev: BlockDevice, parsed: ParsedHeader, fileSize: number, onWarning: ((m: string) => void) | undefined): Promise<void> {
+    const r = await loadDedupIndex(dev, this.ctx.filename, parsed, fileSize);
+    if (r.warning) onWarning?.(r.warning);
+    if (r.index) {
+      this.index = r.index;
+      this.counters.loaded = r.index.size;
+    }
+    const cs = this.ctx.geometry.clusterSize;
+    if (r.area) await this.ctx.files.image.discard(r.area.offset, Math.ceil(r.area.length / cs) * cs);
+  }
+
+  /**
+   * At a clean close: write the index past everything the image uses and
+   * name it in the header extension (each flushed). True when the caller
+   * may set the autoclear bit; false when the header has no room.
+   */
+  async persist(): Promise<boolean> {
+    const ctx = this.ctx;
+    if (ctx.version !== 3) return false; // no autoclear bits in a v2 header: nothing could say the copy is current
+    const cs = ctx.geometry.clusterSize;
+    const at = Math.max(ctx.extent.endCluster, Math.ceil(ctx.extent.zeroFrom / cs)) * cs;
+    const r = await writeDedupIndex(this.index!, at, { area: ctx.files.image, header: ctx.files.image.as(OL_MAIN_HEADER, 'dedup index extension', cs) }, ctx.extent.end(), cs);
+    ctx.extent.noteData(at, r.length, true);
+    if (r.movedName) await ctx.headerBits.reload();
+    return r.written;
   }
 
   /** Whether the written cluster may be shared at all (the caller checks it is whole). */
