@@ -300,6 +300,30 @@ d('online dedup: exact cases', () => {
     expect(out).toMatch(/^  l2 table 0x[0-9a-f]+ \[0\] \(l1 0\): 0x80000000000([0-9a-f]{5}) -> 0x00000000000\1 \(COPIED cleared: shared\)\n  refcount cluster 0x[0-9a-f]+: 1 -> 2 \(shared\)\n  l2 table 0x[0-9a-f]+ \[1\] \(l1 0\): 0x0000000000000000 -> 0x00000000000\1$/m);
   });
 
+  it('an overlay over a backing file: shares among its own clusters, the backing data showing through elsewhere', async () => {
+    const base = join(dir, 'dd-base.qcow2');
+    qemuImg(['create', '-q', '-f', 'qcow2', base, '8M']);
+    qemuIo(base, ['write -P 0x31 0 8M']);
+    const top = join(dir, 'dd-top.qcow2');
+    qemuImg(['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top]);
+    {
+      await using img = await Image.open(top, { write: true, dedup: true });
+      const a = pattern(4, 65536);
+      await img.write(0, repeat(a, 4 * 65536));
+      await img.write(1 << 20, a);
+      await img.write(2 << 20, new Uint8Array(100).fill(2)); // a partial write: copy-on-write from the backing file
+      expect(img.writer!.dedup!.shared).toBe(4);
+    }
+    expect(spawnSync('qemu-img', ['check', top]).status).toBe(0);
+    const want = new Uint8Array(8 << 20).fill(0x31);
+    want.set(repeat(pattern(4, 65536), 4 * 65536), 0);
+    want.set(pattern(4, 65536), 1 << 20);
+    want.fill(2, 2 << 20, (2 << 20) + 100);
+    const raw = join(dir, 'dd-want.raw');
+    writeFileSync(raw, want);
+    expect(qemuImg(['compare', '-F', 'raw', top, raw])).toContain('identical');
+  });
+
   it('1-bit refcounts and external data files: dedup says why it is off and writes normally', async () => {
     const path = join(dir, 'rc1.qcow2');
     await Image.create(path, { size: 1 << 20, refcountBits: 1 });

@@ -203,11 +203,22 @@ export class Dedup {
     const g = ctx.geometry;
     const t = ctx.t();
     const hosts: number[] = [];
-    for (const fp of fps) {
-      for (const cand of this.index!.candidates(fp.hi, fp.lo, 2)) {
+    const cands = fps.map((fp) => this.index!.candidates(fp.hi, fp.lo, 2));
+    // the candidates' L2 tables first (a new session has none loaded), all at once
+    const want = new Map<number, HostOffset>();
+    for (const list of cands) {
+      for (const cand of list) {
         const l1Index = Math.floor(cand / g.l2Entries);
         const table = l1Index < t.header.l1Size ? t.l1TableOffset(l1Index) : 0;
-        if (!table || !t.l2(l1Index)) continue; // not loaded: lookup loads and reads it
+        if (table && !t.l2(l1Index)) want.set(l1Index, table);
+      }
+    }
+    if (want.size) await this.tables.preloadL2([...want]);
+    for (const list of cands) {
+      for (const cand of list) {
+        const l1Index = Math.floor(cand / g.l2Entries);
+        const table = l1Index < t.header.l1Size ? t.l1TableOffset(l1Index) : 0;
+        if (!table || !t.l2(l1Index)) continue;
         const e = this.mapping.entry(l1Index, cand % g.l2Entries);
         if (this.fullData(e) && standardOffset(e) + g.clusterSize <= ctx.extent.end()) hosts.push(standardOffset(e));
       }
