@@ -252,6 +252,48 @@ describe('crash states of random workloads: leaks at worst, never corruption', (
   }
 });
 
+/** Dedup: a whole-cluster write of one of three patterns (clusters repeat, so the session shares them) */
+class DupWriteCommand extends OpCommand {}
+/** Dedup: a partial write, which lands in a shared cluster as often as not (it is copied first) */
+class WriteIntoSharedCommand extends OpCommand {}
+/** qledger dedup: the offline merge of the active tree (workload line `dedup`) */
+class OfflineDedupCommand extends OpCommand {}
+
+function dedupCommands(size: number, cs: number) {
+  const clusters = fc.tuple(fc.integer({ min: 0, max: size / cs - 1 }), fc.integer({ min: 1, max: 3 })).map(([c, n]) => [c * cs, Math.min(n, size / cs - c) * cs] as const);
+  return fc.commands(
+    [
+      fc.tuple(clusters, fc.integer({ min: 1, max: 3 })).map(([[offset, length], pattern]) => new DupWriteCommand({ op: 'write', offset, length, pattern })),
+      fc.tuple(fc.integer({ min: 0, max: size - 700 }), fc.integer({ min: 1, max: 700 }), fc.integer({ min: 1, max: 3 })).map(([offset, length, pattern]) => new WriteIntoSharedCommand({ op: 'write', offset, length, pattern })),
+      fc.constant(new OfflineDedupCommand({ op: 'dedup' })),
+      clusters.map(([offset, length]) => new DiscardCommand({ op: 'discard', offset, length })),
+      fc.constant(new FlushCommand({ op: 'flush' })),
+      fc.constant(new SnapshotCreateCommand({ op: 'snapshot', action: 'create', name: 'a' })),
+      fc.constant(new SnapshotDeleteCommand({ op: 'snapshot', action: 'delete', name: 'a' })),
+    ],
+    { maxCommands: 10 },
+  );
+}
+
+describe('crash states of dedup workloads (shares, writes into shared clusters, offline merges, snapshots)', () => {
+  for (const journal of [true, false]) {
+    it(`journal ${journal ? 'on: no leak after recovery' : 'off: leaks (and the harmless COPIED state) at worst'}`, async () => {
+      const kind: Kind = { name: 'dedup', create: { size: SIZE, clusterSize: 4096 } };
+      await fc.assert(
+        fc.asyncProperty(dedupCommands(SIZE, 4096), async (cmds) => {
+          const model: Workload = { ops: [] };
+          await fc.asyncModelRun(() => ({ model, real: {} }), cmds);
+          if (model.ops.length === 0) return;
+          const { r, repro } = await judge(model.ops, kind, { dedup: true, journal });
+          expect(r.failures, `${r.failures.slice(0, 3).map((f) => `${f.state}: ${f.problem}`).join('\n')}\nreplay: ${repro}`).toEqual([]);
+          if (journal) expect(r.leaksAfterRecovery).toBe(0);
+        }),
+        { numRuns: RUNS },
+      );
+    });
+  }
+});
+
 describe('the harness bites: every fault switch is caught within the default budget', () => {
   for (const fault of (Object.keys(FAULTS) as Fault[]).filter((f) => !OVERLAP_FAULTS.includes(f))) {
     it(`${fault}: ${FAULTS[fault]}`, async () => {

@@ -577,6 +577,24 @@ describe('the crash harness on dedup workloads', () => {
       );
     });
   }
+  it('a share and the write that undoes it in one write-back: COPIED leaves the durable entry first (found by the long budget)', async () => {
+    // cluster 3 written, then shared by cluster 50, then copied away by a partial write, all before one flush:
+    // the durable entry of cluster 3 still had COPIED while the write-back raised its old cluster's refcount
+    const ops: GuestOp[] = [
+      { op: 'write', offset: 3 * cs, length: cs, pattern: 2 },
+      { op: 'flush' },
+      { op: 'write', offset: 50 * cs, length: cs, pattern: 2 },
+      { op: 'write', offset: 3 * cs - 261, length: 3159, pattern: 2 },
+      { op: 'truncate', size: 4 * size },
+    ];
+    for (const journal of [true, false]) {
+      const o = { create: { size, clusterSize: cs }, maxStates: 400, seed: 1, journal, dedup: true, qemuSamples: 0 };
+      const r = await crashTest(ops, o);
+      expect(r.failures, `${r.failures.slice(0, 2).map((f) => `${f.state}: ${f.problem}`).join('\n')}\nreplay: ${reproduction(ops, o)}`).toEqual([]);
+      if (journal) expect(r.leaksAfterRecovery).toBe(0);
+    }
+  });
+
   it('the fault that clears COPIED with the increment is caught on a dedup workload without snapshots', async () => {
     const ops: GuestOp[] = [
       { op: 'write', offset: 0, length: cs, pattern: 1 },

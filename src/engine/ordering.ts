@@ -436,8 +436,9 @@ function push(m: Map<number, number[]>, k: number, v: number): void {
  * The writes that take a table from `before` to `after` in up to three
  * stages: entries losing COPIED first (phase -1), everything else (phase
  * 2), entries gaining COPIED last (phase 3b). `lose` and `gain` are entry
- * indices within the tables that records named; an entry counts only if it
- * kept its cluster.
+ * indices within the tables that records named; a gain counts only if the
+ * entry kept its cluster, a lose also when the entry moved on afterwards
+ * (its durable value loses COPIED first).
  */
 function stagedWrites(lists: PhaseLists, before: Uint8Array, after: Uint8Array, lose: readonly number[] | undefined, gain: readonly number[] | undefined, entrySize: number, base: HostOffset, what: string, kind: number): void {
   const first = lose?.length ? withCopiedFrom(before, before, after, lose, entrySize, false) : before;
@@ -459,6 +460,15 @@ function withCopiedFrom(table: Uint8Array, before: Uint8Array, after: Uint8Array
     if (o + 8 > after.length || o + 8 > before.length) continue;
     const a = (after[o]! & 0x80) !== 0;
     const b = (before[o]! & 0x80) !== 0;
+    if (!gain && b && (a || (after[o]! & 0x7f) !== (before[o]! & 0x7f) || !sameLow(before, after, o))) {
+      // An entry lost COPIED during the epoch (its cluster became shared) and then moved on (a
+      // write copied the shared cluster away). Its durable value still has COPIED while this
+      // write-back raises the old cluster's refcount past 1: clear the bit there first all the
+      // same. Clearing COPIED early is always the harmless mismatch.
+      out ??= table.slice();
+      out[o] = out[o]! & 0x7f;
+      continue;
+    }
     if (a === b || a !== gain || (after[o]! & 0x7f) !== (before[o]! & 0x7f)) continue;
     let same = true;
     for (let k = 1; k < 8 && same; k++) same = after[o + k] === before[o + k];
@@ -467,6 +477,12 @@ function withCopiedFrom(table: Uint8Array, before: Uint8Array, after: Uint8Array
     out[o] = out[o]! & 0x7f;
   }
   return out ?? table;
+}
+
+/** Bytes 1..7 of the entries at `o` agree (the offset's low bytes and flags). */
+function sameLow(x: Uint8Array, y: Uint8Array, o: number): boolean {
+  for (let k = 1; k < 8; k++) if (x[o + k] !== y[o + k]) return false;
+  return true;
 }
 
 /** `b` zero-padded to whole 512-byte sectors (an L1 table need not be sector-sized). */

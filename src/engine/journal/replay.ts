@@ -298,7 +298,9 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
       for (const [i, s] of t.spans) {
         if (i >= g.l2Entries) return `L2 index ${i} is past the table`;
         const d = l2EntryAt(disk, i, g);
-        if (!sameL2Entry(d, s.first) && !sameL2Entry(d, s.last)) return `L2 table ${hex(T)} entry ${i} holds neither the transaction's old nor its new value`;
+        // or the old value with COPIED cleared: the write-back clears it first on an entry whose cluster became shared
+        const firstUnshared = { ...s.first, hi: (s.first.hi & 0x7fff_ffff) >>> 0 };
+        if (!sameL2Entry(d, s.first) && !sameL2Entry(d, s.last) && !sameL2Entry(d, firstUnshared)) return `L2 table ${hex(T)} entry ${i} holds neither the transaction's old nor its new value`;
         writeL2Entry(final, i, g, s.last);
       }
       phase2.push(...dirtySectors(disk, final, host(T), `replay: l2 ${hex(T)}`, OL_ACTIVE_L2));
