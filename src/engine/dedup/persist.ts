@@ -16,6 +16,7 @@ import { decodeHeader, type ParsedHeader } from '../../format/header.ts';
 import { planExtensionInsert } from '../../format/extension-insert.ts';
 import { areaLength, decodeArea, decodeDedupExtension, encodeArea, encodeDedupExtension, type DedupIndexExtension } from '../../format/dedup-index-area.ts';
 import { readAt, type BlockDevice } from '../../io/device.ts';
+import { insertHeaderExtension } from '../journal/live.ts';
 import { DedupIndex } from './dedup-index.ts';
 
 let crcFn: ((b: Uint8Array) => number) | undefined;
@@ -69,17 +70,11 @@ export async function writeDedupIndex(index: DedupIndex, at: number, dev: { area
     return { written: true, length: bytes.length, movedName: false };
   }
   if (e) return { written: false, length: bytes.length, movedName: false };
-  const plan = planExtensionInsert(head, EXT_DEDUP_INDEX, body);
-  if (!plan) return { written: false, length: bytes.length, movedName: false };
-  if (plan.moveName) {
-    await dev.header.write(plan.moveName.to, plan.moveName.bytes);
-    await dev.header.flush();
-    await dev.header.write(8, plan.moveName.field);
-    await dev.header.flush();
-  }
-  await dev.header.write(plan.body.offset, plan.body.bytes);
+  const movedName = planExtensionInsert(head, EXT_DEDUP_INDEX, body)?.moveName !== undefined;
+  const finish = await insertHeaderExtension(dev.header, cs, EXT_DEDUP_INDEX, body);
+  if (!finish) return { written: false, length: bytes.length, movedName: false };
   await dev.header.flush();
-  await dev.header.write(plan.marker.offset, plan.marker.bytes);
+  await finish();
   await dev.header.flush();
-  return { written: true, length: bytes.length, movedName: plan.moveName !== undefined };
+  return { written: true, length: bytes.length, movedName };
 }

@@ -132,7 +132,17 @@ export async function activateJournal(
  * writes the marker that makes the extension part of the header.
  */
 async function insertExtension(dev: BlockDevice, cs: number, ext: JournalExtension): Promise<(() => Promise<void>) | undefined> {
-  const plan = planExtensionInsert(await readAt(dev, 0, cs), EXT_JOURNAL, encodeJournalExtension(ext));
+  return insertHeaderExtension(dev, cs, EXT_JOURNAL, encodeJournalExtension(ext));
+}
+
+/**
+ * Insert header extension `type` with `body` as insertExtension does for the
+ * journal (the dedup index's copy uses it too): the name moved if it is in
+ * the way, the body written; the returned step writes the marker. Undefined
+ * when the header cluster has no room.
+ */
+export async function insertHeaderExtension(dev: BlockDevice, cs: number, type: number, body: Uint8Array): Promise<(() => Promise<void>) | undefined> {
+  const plan = planExtensionInsert(await readAt(dev, 0, cs), type, body);
   if (!plan) return undefined;
   if (plan.moveName) {
     await dev.write(plan.moveName.to, plan.moveName.bytes);
