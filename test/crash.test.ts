@@ -121,6 +121,21 @@ function workload(size: number, cs: number): fc.Arbitrary<GuestOp[]> {
 /** The faults of the snapshot operations' ordering rules: their search needs workloads with snapshots. */
 const SNAPSHOT_FAULTS: readonly Fault[] = ['unshare-with-increment', 'snapshot-before-refcounts', 'copied-before-free', 'refcount-switch-early'];
 
+/** The faults of dedup's ordering rule: their search needs dedup workloads. */
+const DEDUP_FAULTS: readonly Fault[] = ['moved-unshare-late'];
+
+/** Dedup: a cluster written, flushed, shared by a second write, then copied away by a partial write, all before one write-back. */
+function shareUndoneWorkload(size: number, cs: number): fc.Arbitrary<GuestOp[]> {
+  const n = size / cs;
+  return fc.tuple(fc.integer({ min: 1, max: n / 2 - 1 }), fc.integer({ min: n / 2, max: n - 1 }), fc.integer({ min: 1, max: cs - 1 }), fc.integer({ min: 1, max: 3 })).map(([a, b, cut, pattern]): GuestOp[] => [
+    { op: 'write', offset: a * cs, length: cs, pattern },
+    { op: 'flush' },
+    { op: 'write', offset: b * cs, length: cs, pattern },
+    { op: 'write', offset: a * cs - cut, length: 2 * cut, pattern },
+    { op: 'flush' },
+  ]);
+}
+
 /** Writes, a snapshot, writes over it (copy-on-write), then the snapshot applied or deleted. */
 function snapshotWorkload(size: number, cs: number): fc.Arbitrary<GuestOp[]> {
   const writes = fc.array(fc.tuple(ranges(size, cs), fc.integer({ min: 1, max: 255 })).map(([[offset, length], pattern]): GuestOp => ({ op: 'write', offset, length, pattern })), { minLength: 1, maxLength: 4 });
@@ -300,10 +315,11 @@ describe('the harness bites: every fault switch is caught within the default bud
       // the same random search as above, with the fault switched on; some
       // workload of the first few must produce a failing crash state
       const kind = fault === 'data-after-mapping' ? KINDS[6]! : KINDS[0]!;
-      const samples = fc.sample(SNAPSHOT_FAULTS.includes(fault) ? snapshotWorkload(SIZE, 4096) : workload(SIZE, 4096), { numRuns: 60, seed: 42 });
+      const dedup = DEDUP_FAULTS.includes(fault);
+      const samples = fc.sample(dedup ? shareUndoneWorkload(SIZE, 4096) : SNAPSHOT_FAULTS.includes(fault) ? snapshotWorkload(SIZE, 4096) : workload(SIZE, 4096), { numRuns: 60, seed: 42 });
       let found: string | undefined;
       for (const ops of samples) {
-        const { r } = await judge(ops, kind, { fault, stopAtFirst: true, qemuSamples: 0 });
+        const { r } = await judge(ops, kind, { fault, stopAtFirst: true, qemuSamples: 0, dedup, journal: !dedup });
         if (r.failures.length) {
           found = `${r.failures[0]!.state}: ${r.failures[0]!.problem}`;
           break;

@@ -22,6 +22,7 @@ export const FAULTS = {
   'unshare-with-increment': 'entries lose COPIED with the refcount increments that make their clusters shared, no barrier between',
   'snapshot-before-refcounts': 'the header switches to a new snapshot table with the refcount increments for its tree, no barrier between',
   'copied-before-free': 'entries gain COPIED with the refcount decrement that leaves one reference, no barrier between',
+  'moved-unshare-late': 'an entry that lost COPIED (a dedup share) and moved on in the same write-back keeps COPIED on disk while its old cluster gets a second reference',
   'refcount-switch-early': 'amend refcount_bits: the header switches to the new refcount structure in the flush that writes it, no barrier between',
   'reuse-before-durable': 'a cluster freed since the last flush may be reallocated at once',
   'alloc-live-l2': 'the allocator hands out a live L2 table as a data cluster',
@@ -39,6 +40,11 @@ export class FaultPlan implements PhaseRearranger {
   private handedOutZero = false;
 
   constructor(readonly fault: Fault) {}
+
+  /** Rule: an entry that lost COPIED and then moved on loses COPIED on disk before its old cluster's refcount passes 1. */
+  get movedUnshareLate(): boolean {
+    return this.fault === 'moved-unshare-late';
+  }
 
   /** Rule: a cluster freed in this epoch stays untouched until the epoch is durable. */
   get reuseFreedAtOnce(): boolean {

@@ -149,6 +149,8 @@ export class PhaseLists {
 /** The one hook a test fault has into ordering: it may move writes between phases. */
 export interface PhaseRearranger {
   rearrange(lists: PhaseLists, tablesMoved: boolean): void;
+  /** fault 'moved-unshare-late': an entry that lost COPIED and moved on keeps COPIED on disk until its new value */
+  readonly movedUnshareLate?: boolean | undefined;
 }
 
 /** What the executor does with a plan's writes. */
@@ -387,7 +389,7 @@ export function planFlush(p: PlanInput): Plan {
     if (!after || newL2.has(slot) || !before) continue;
     const offset = l1TableOffset(current, slot);
     if (offset === 0 || offset !== l1TableOffset(durable, slot)) continue;
-    stagedWrites(lists, before, after, loseCopiedL2.get(slot), gainCopiedL2.get(slot), g.l2EntrySize, offset, `l2 ${hex(offset)}`, OL_ACTIVE_L2);
+    stagedWrites(lists, before, after, loseCopiedL2.get(slot), gainCopiedL2.get(slot), g.l2EntrySize, offset, `l2 ${hex(offset)}`, OL_ACTIVE_L2, p.faults?.movedUnshareLate === true);
   }
   if (!l1Moved) {
     for (const [chunk, before, after] of PTrie.diff(durable.l1, current.l1)) {
@@ -440,8 +442,8 @@ function push(m: Map<number, number[]>, k: number, v: number): void {
  * entry kept its cluster, a lose also when the entry moved on afterwards
  * (its durable value loses COPIED first).
  */
-function stagedWrites(lists: PhaseLists, before: Uint8Array, after: Uint8Array, lose: readonly number[] | undefined, gain: readonly number[] | undefined, entrySize: number, base: HostOffset, what: string, kind: number): void {
-  const first = lose?.length ? withCopiedFrom(before, before, after, lose, entrySize, false) : before;
+function stagedWrites(lists: PhaseLists, before: Uint8Array, after: Uint8Array, lose: readonly number[] | undefined, gain: readonly number[] | undefined, entrySize: number, base: HostOffset, what: string, kind: number, movedLate = false): void {
+  const first = lose?.length ? withCopiedFrom(before, before, after, lose, entrySize, false, movedLate) : before;
   const mid = gain?.length ? withCopiedFrom(after, before, after, gain, entrySize, true) : after;
   if (first !== before) lists.unshare.push(...dirtySectors(before, first, base, `${what} (COPIED cleared)`, kind));
   lists.reference.push(...dirtySectors(first, mid, base, what, kind));
@@ -453,14 +455,14 @@ function stagedWrites(lists: PhaseLists, before: Uint8Array, after: Uint8Array, 
  * `indices` entries that go from `before` to `after` by COPIED alone taken
  * from `before` (gain: the bit kept off) or from `after` (lose: cleared early).
  */
-function withCopiedFrom(table: Uint8Array, before: Uint8Array, after: Uint8Array, indices: readonly number[], entrySize: number, gain: boolean): Uint8Array {
+function withCopiedFrom(table: Uint8Array, before: Uint8Array, after: Uint8Array, indices: readonly number[], entrySize: number, gain: boolean, movedLate = false): Uint8Array {
   let out: Uint8Array | undefined;
   for (const i of indices) {
     const o = i * entrySize;
     if (o + 8 > after.length || o + 8 > before.length) continue;
     const a = (after[o]! & 0x80) !== 0;
     const b = (before[o]! & 0x80) !== 0;
-    if (!gain && b && (a || (after[o]! & 0x7f) !== (before[o]! & 0x7f) || !sameLow(before, after, o))) {
+    if (!gain && !movedLate && b && (a || (after[o]! & 0x7f) !== (before[o]! & 0x7f) || !sameLow(before, after, o))) {
       // An entry lost COPIED during the epoch (its cluster became shared) and then moved on (a
       // write copied the shared cluster away). Its durable value still has COPIED while this
       // write-back raises the old cluster's refcount past 1: clear the bit there first all the

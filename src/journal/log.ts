@@ -16,7 +16,7 @@ import { createRequire } from 'node:module';
 
 // node:zlib's crc32, loaded at the first frame (a read-only open never needs it)
 let crcFn: ((b: Uint8Array) => number) | undefined;
-const crc32 = (b: Uint8Array): number => (crcFn ??= (createRequire(import.meta.url)('node:zlib') as typeof import('node:zlib')).crc32)(b);
+export const crc32 = (b: Uint8Array): number => (crcFn ??= (createRequire(import.meta.url)('node:zlib') as typeof import('node:zlib')).crc32)(b);
 import { FormatError } from '../errors.ts';
 import { u32, u64, putU32, putU64, u16, putU16, isZero } from '../format/bytes.ts';
 import { decodeRecord, encodeRecordInto, encodedLength } from './codec.ts';

@@ -9,7 +9,6 @@
  * checks is ignored with a warning and the index is rebuilt from the image.
  */
 
-import { createRequire } from 'node:module';
 import { FormatError, hex } from '../../errors.ts';
 import { AUTOCLEAR_DEDUP_INDEX, EXT_DEDUP_INDEX } from '../../format/features.ts';
 import { decodeHeader, type ParsedHeader } from '../../format/header.ts';
@@ -17,10 +16,9 @@ import { planExtensionInsert } from '../../format/extension-insert.ts';
 import { areaLength, decodeArea, decodeDedupExtension, encodeArea, encodeDedupExtension, type DedupIndexExtension } from '../../format/dedup-index-area.ts';
 import { readAt, type BlockDevice } from '../../io/device.ts';
 import { insertHeaderExtension } from '../journal/live.ts';
+import { crc32 } from '../../journal/log.ts';
 import { DedupIndex } from './dedup-index.ts';
 
-let crcFn: ((b: Uint8Array) => number) | undefined;
-const crc32 = (b: Uint8Array): number => (crcFn ??= (createRequire(import.meta.url)('node:zlib') as typeof import('node:zlib')).crc32)(b);
 
 export interface LoadedIndex {
   /** the index, when the copy was current and sound */

@@ -152,8 +152,10 @@ export class DataWriter {
     /** dedup: whole clusters this span writes, to index once written (and to share within the span) */
     const written: SpanCluster[] | undefined = dd ? [] : undefined;
     /** dedup: the fingerprints of the span's whole clusters, by guest cluster */
-    const fps = new Map<number, Fingerprint>();
-    if (dd) {
+    const fps = dd ? new Map<number, Fingerprint>() : undefined;
+    /** dedup: the span's fresh whole clusters by fingerprint half, for sharing within the span */
+    const byFp = dd ? new Map<number, SpanCluster[]>() : undefined;
+    if (dd && fps) {
       const first = Math.ceil(offset / cs) * cs;
       dd.endSpan(); // nothing of an earlier span that failed half-way
       for (let c = first; c + cs <= offset + data.length; c += cs) fps.set(c / cs, fingerprint(data.subarray(c - offset, c - offset + cs)));
@@ -168,10 +170,10 @@ export class DataWriter {
       await this.mapping.validate(e, table, index, cstart);
       const p = planClusterWrite(e, a, b, env);
       if (p.invalid) await ctx.signalCorruption(`${p.invalid} (L2 offset: ${hex(table)}, L2 index: ${hex(index)})`);
-      const fp = a === 0 && b === cs ? fps.get(cstart / cs) : undefined;
-      if (dd && written && fp) {
+      const fp = fps && a === 0 && b === cs ? fps.get(cstart / cs) : undefined;
+      if (dd && written && byFp && fp) {
         const gc = cstart / cs;
-        const same = this.sameInSpan(written, piece, fp);
+        const same = sameInSpan(byFp, piece, fp);
         if (same && dd.canTake(await this.alloc.refcount(cluster(same.at / cs)))) {
           // an earlier cluster of this span holds the same bytes: both map its fresh cluster
           const u = updates[same.update]!;
@@ -202,7 +204,15 @@ export class DataWriter {
         at = hostOf(await this.alloc.allocate(1, 'data'), cs);
         fresh.push(at / cs);
       }
-      if (written && fp) written.push({ gc: cstart / cs, fp, piece, at, update: p.inPlace ? -1 : updates.length });
+      if (written && fp) {
+        const w: SpanCluster = { gc: cstart / cs, fp, piece, at, update: p.inPlace ? -1 : updates.length };
+        written.push(w);
+        if (w.update >= 0) {
+          const list = byFp!.get(fp.hi);
+          if (list) list.push(w);
+          else byFp!.set(fp.hi, [w]);
+        }
+      }
       switch (p.fill) {
         case 'piece':
           writes.push({ offset: host(at + a), data: piece, what: 'data', guest: cstart + a });
@@ -250,15 +260,6 @@ export class DataWriter {
     }
   }
 
-  /** A whole cluster written earlier in this span into a fresh cluster with the same bytes as `piece` (fingerprint `fp`). */
-  private sameInSpan(written: SpanCluster[], piece: Uint8Array, fp: Fingerprint): SpanCluster | undefined {
-    for (const w of written) {
-      if (w.update < 0 || w.fp.hi !== fp.hi || w.fp.lo !== fp.lo) continue;
-      if (Buffer.from(w.piece.buffer, w.piece.byteOffset, w.piece.length).equals(Buffer.from(piece.buffer, piece.byteOffset, piece.length))) return w;
-    }
-    return undefined;
-  }
-
   /** Device writes, merged where they are contiguous both on the device and in memory. */
   async deviceWrites(writes: DataWrite[]): Promise<void> {
     const ctx = this.ctx;
@@ -283,4 +284,13 @@ export class DataWriter {
       i = j;
     }
   }
+}
+
+/** A whole cluster written earlier in the span into a fresh cluster with the same bytes as `piece` (fingerprint `fp`), found by the fingerprint. */
+function sameInSpan(byFp: Map<number, SpanCluster[]>, piece: Uint8Array, fp: Fingerprint): SpanCluster | undefined {
+  for (const w of byFp.get(fp.hi) ?? []) {
+    if (w.fp.lo !== fp.lo) continue;
+    if (Buffer.from(w.piece.buffer, w.piece.byteOffset, w.piece.length).equals(Buffer.from(piece.buffer, piece.byteOffset, piece.length))) return w;
+  }
+  return undefined;
 }
