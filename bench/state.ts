@@ -20,7 +20,7 @@ const h = {
 const g = geometryOf(h);
 const l1 = new Uint8Array(8 << 20);
 const rt = new Uint8Array(cs);
-let s: MetaState = initialState(g, { size: h.size, l1TableOffset: h.l1TableOffset, l1Size: h.l1Size, refcountTableOffset: h.refcountTableOffset, refcountTableClusters: 1, nbSnapshots: 0, snapshotsOffset: 0, incompatibleFeatures: 0n, compatibleFeatures: 0n, autoclearFeatures: 0n }, l1, rt);
+let s: MetaState = initialState(g, { size: h.size, l1TableOffset: h.l1TableOffset, l1Size: h.l1Size, refcountTableOffset: h.refcountTableOffset, refcountTableClusters: 1, nbSnapshots: 0, snapshotsOffset: 0, incompatibleFeatures: 0n, compatibleFeatures: 0n, autoclearFeatures: 0n, nbBitmaps: 0, bitmapDirectorySize: 0, bitmapDirectoryOffset: 0 }, l1, rt);
 for (let i = 0; i < 1024; i++) s = withLoaded(s, 'l2', i * 1000, new Uint8Array(cs));
 for (let i = 0; i < 64; i++) s = withLoaded(s, 'refblock', i, new Uint8Array(cs));
 // the reftable must point at the blocks for refcount records to be meaningful; the reducer reads blocks by slot

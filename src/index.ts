@@ -12,6 +12,9 @@
 
 export { Image, type ImageOpenOptions } from './engine/image.ts';
 export { ImageSnapshots } from './engine/image-snapshots.ts';
+export { ImageBitmaps } from './engine/image-bitmaps.ts';
+export type { BitmapInfo } from './engine/write/bitmaps.ts';
+export { DirtyBitmap } from './engine/bitmaps/dirty-bitmap.ts';
 export { serveNbd, type NbdServeOptions, type NbdServerHandle } from './server/nbd-server.ts';
 export type { SnapshotFields } from './engine/write/snapshots.ts';
 export type { SnapshotEntry } from './format/snapshot.ts';

@@ -121,6 +121,15 @@ function workload(size: number, cs: number): fc.Arbitrary<GuestOp[]> {
 /** The faults of the snapshot operations' ordering rules: their search needs workloads with snapshots. */
 const SNAPSHOT_FAULTS: readonly Fault[] = ['unshare-with-increment', 'snapshot-before-refcounts', 'copied-before-free', 'refcount-switch-early'];
 
+/** The faults of the bitmaps' ordering rules: their search needs workloads with bitmaps. */
+const BITMAP_FAULTS: readonly Fault[] = ['bitmaps-before-refcounts', 'bitmaps-in-use-late'];
+
+/** A bitmap added, writes it tracks in two sessions. */
+function bitmapWorkload(size: number, cs: number): fc.Arbitrary<GuestOp[]> {
+  const writes = fc.array(fc.tuple(ranges(size, cs), fc.integer({ min: 1, max: 255 })).map(([[offset, length], pattern]): GuestOp => ({ op: 'write', offset, length, pattern })), { minLength: 1, maxLength: 4 });
+  return fc.tuple(writes, writes).map(([a, b]): GuestOp[] => [{ op: 'bitmap', action: 'add', name: 'a', granularity: 4096 }, ...a, { op: 'flush' }, { op: 'reopen' }, ...b, { op: 'bitmap', action: 'add', name: 'b' }, { op: 'flush' }]);
+}
+
 /** The faults of dedup's ordering rule: their search needs dedup workloads. */
 const DEDUP_FAULTS: readonly Fault[] = ['moved-unshare-late'];
 
@@ -169,7 +178,7 @@ class OpCommand implements fc.AsyncCommand<Workload, object> {
   /** a guest range must lie inside the disk as the workload has sized it so far (a shrink makes it smaller) */
   check(m: Readonly<Workload>): boolean {
     const op = this.op;
-    if (op.op === 'flush' || op.op === 'truncate' || op.op === 'make-empty' || op.op === 'snapshot' || op.op === 'amend' || op.op === 'dedup') return true;
+    if (op.op === 'flush' || op.op === 'truncate' || op.op === 'make-empty' || op.op === 'snapshot' || op.op === 'amend' || op.op === 'dedup' || op.op === 'bitmap' || op.op === 'reopen') return true;
     const last = [...m.ops].reverse().find((o) => o.op === 'truncate');
     const size = last?.op === 'truncate' ? last.size : Infinity;
     return op.offset + op.length <= size;
@@ -222,6 +231,26 @@ class SnapshotDeleteCommand extends SnapshotApplyCommand {}
 class AmendRefcountBitsCommand extends OpCommand {}
 /** qemu-img amend -o compat=1.1 / 0.10: the header rewritten (zero clusters expanded first for v2) */
 class AmendCompatCommand extends OpCommand {}
+/** qemu-img bitmap --add: a new directory with the bitmap (and its empty table), the extension switched to it */
+class BitmapAddCommand extends OpCommand {}
+/** qemu-img bitmap --remove: a directory without it, its table and data freed after the switch */
+class BitmapRemoveCommand extends OpCommand {}
+/** qemu-img bitmap --clear / --enable / --disable: a new directory (and table) with the change */
+class BitmapChangeCommand extends OpCommand {}
+/** a clean close and a new session: the tracked bitmaps stored (in use cleared), a new session marks them in use again */
+class ReopenCommand extends OpCommand {}
+
+/** The bitmap commands of a workload: bitmaps 'a' (granularity 4 KiB) and 'b' (the default), as qemu-img bitmap does them. */
+function bitmapCommandArbs() {
+  return [
+    ...(['a', 'b'] as const).flatMap((name) => [
+      fc.constant(new BitmapAddCommand({ op: 'bitmap', action: 'add', name, granularity: name === 'a' ? 4096 : undefined })),
+      fc.constant(new BitmapRemoveCommand({ op: 'bitmap', action: 'remove', name })),
+      fc.constantFrom('clear' as const, 'enable' as const, 'disable' as const).map((action) => new BitmapChangeCommand({ op: 'bitmap', action, name })),
+    ]),
+    fc.constant(new ReopenCommand({ op: 'reopen' })),
+  ];
+}
 
 function commands(size: number, cs: number) {
   const range = ranges(size, cs);
@@ -244,10 +273,47 @@ function commands(size: number, cs: number) {
         fc.constant(new SnapshotApplyCommand({ op: 'snapshot', action: 'apply', name })),
         fc.constant(new SnapshotDeleteCommand({ op: 'snapshot', action: 'delete', name })),
       ]),
+      ...bitmapCommandArbs(),
     ],
     { maxCommands: 10 },
   );
 }
+
+/** Bitmap workloads: writes, zero writes, discards and flushes tracked by bitmaps added, changed and removed, across sessions. */
+function bitmapCommands(size: number, cs: number) {
+  const range = ranges(size, cs);
+  return fc.commands(
+    [
+      fc.tuple(range, fc.integer({ min: 1, max: 255 })).map(([[offset, length], pattern]) => new WriteCommand({ op: 'write', offset, length, pattern })),
+      fc.tuple(range, fc.boolean()).map(([[offset, length], unmap]) => new ZeroCommand({ op: 'zero', offset, length, unmap })),
+      range.map(([offset, length]) => new DiscardCommand({ op: 'discard', offset, length })),
+      fc.constant(new FlushCommand({ op: 'flush' })),
+      fc.constant(new GrowCommand({ op: 'truncate', size: size * 2 })),
+      ...bitmapCommandArbs(),
+      ...bitmapCommandArbs().slice(0, 1),
+    ],
+    { maxCommands: 12 },
+  );
+}
+
+describe('crash states of bitmap workloads (bitmaps added, tracked, stored, cleared, removed, across sessions)', () => {
+  for (const journal of [true, false]) {
+    it(`journal ${journal ? 'on: no leak after recovery' : 'off: leaks at worst'}; a bitmap not in use marks every granule written since its add`, async () => {
+      const kind: Kind = { name: 'bitmaps', create: { size: SIZE, clusterSize: 4096 } };
+      await fc.assert(
+        fc.asyncProperty(bitmapCommands(SIZE, 4096), async (cmds) => {
+          const model: Workload = { ops: [] };
+          await fc.asyncModelRun(() => ({ model, real: {} }), cmds);
+          if (model.ops.length === 0) return;
+          const { r, repro } = await judge(model.ops, kind, { journal });
+          expect(r.failures, `${r.failures.slice(0, 3).map((f) => `${f.state}: ${f.problem}`).join('\n')}\nreplay: ${repro}`).toEqual([]);
+          if (journal) expect(r.leaksAfterRecovery).toBe(0);
+        }),
+        { numRuns: RUNS },
+      );
+    });
+  }
+});
 
 describe('crash states of random workloads: leaks at worst, never corruption', () => {
   for (const kind of KINDS) {
@@ -316,7 +382,8 @@ describe('the harness bites: every fault switch is caught within the default bud
       // workload of the first few must produce a failing crash state
       const kind = fault === 'data-after-mapping' ? KINDS[6]! : KINDS[0]!;
       const dedup = DEDUP_FAULTS.includes(fault);
-      const samples = fc.sample(dedup ? shareUndoneWorkload(SIZE, 4096) : SNAPSHOT_FAULTS.includes(fault) ? snapshotWorkload(SIZE, 4096) : workload(SIZE, 4096), { numRuns: 60, seed: 42 });
+      const search = dedup ? shareUndoneWorkload(SIZE, 4096) : SNAPSHOT_FAULTS.includes(fault) ? snapshotWorkload(SIZE, 4096) : BITMAP_FAULTS.includes(fault) ? bitmapWorkload(SIZE, 4096) : workload(SIZE, 4096);
+      const samples = fc.sample(search, { numRuns: 60, seed: 42 });
       let found: string | undefined;
       for (const ops of samples) {
         const { r } = await judge(ops, kind, { fault, stopAtFirst: true, qemuSamples: 0, dedup, journal: !dedup });

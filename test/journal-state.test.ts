@@ -103,7 +103,7 @@ function smallState(): MetaState {
   l1[6] = 0x04; // L1[0] -> 0x40000, COPIED
   const rt = new Uint8Array(65536);
   rt[6] = 0x02; // block at 0x20000
-  let s = initialState(g, { size: h.size, l1TableOffset: h.l1TableOffset, l1Size: 2, refcountTableOffset: h.refcountTableOffset, refcountTableClusters: 1, nbSnapshots: 0, snapshotsOffset: 0, incompatibleFeatures: 0n, compatibleFeatures: 0n, autoclearFeatures: 0n }, l1, rt);
+  let s = initialState(g, { size: h.size, l1TableOffset: h.l1TableOffset, l1Size: 2, refcountTableOffset: h.refcountTableOffset, refcountTableClusters: 1, nbSnapshots: 0, snapshotsOffset: 0, incompatibleFeatures: 0n, compatibleFeatures: 0n, autoclearFeatures: 0n, nbBitmaps: 0, bitmapDirectorySize: 0, bitmapDirectoryOffset: 0 }, l1, rt);
   s = withLoaded(s, 'l2', 0, new Uint8Array(65536));
   s = withLoaded(s, 'refblock', 0, new Uint8Array(65536));
   return s;

@@ -10,7 +10,7 @@ import fc from 'fast-check';
 import { geometryOf, decodeHeader, type Geometry } from '../src/format/header.ts';
 import { ALL_SUBCLUSTERS, L2E_ZERO_LO, L2_UNALLOCATED, encodeCompressedDescriptor, standardEntry, type L2Entry } from '../src/format/l2.ts';
 import { refcountStructureSize } from '../src/format/refcount.ts';
-import { planExtensionInsert } from '../src/format/extension-insert.ts';
+import { EXT_QLEDGER_VACANT, planExtensionInsert, planExtensionRemove } from '../src/format/extension-insert.ts';
 import { host } from '../src/format/offsets.ts';
 import { planClusterWrite, type PlanEnv } from '../src/engine/write/data-write.ts';
 import { FaultPlan } from '../src/engine/faults.ts';
@@ -159,6 +159,53 @@ describe('header extension insert', () => {
     new DataView(dev.buffer).setUint32(72, 0xdead);
     new DataView(dev.buffer).setUint32(76, 512 - 80 - 8);
     expect(planExtensionInsert(dev, 1, new Uint8Array(16))).toBeUndefined();
+  });
+});
+
+describe('header extension removal', () => {
+  it('every write stays in one sector and leaves a valid list with every other extension intact; the extension is gone or vacant after the last (property)', async () => {
+    const T = 0x2385_2875;
+    const dev = new MemoryDevice('x.qcow2');
+    await createOnDevice(dev, 'x.qcow2', { size: 1 << 20, clusterSize: 4096 });
+    const valid = await readAt(dev, 0, 4096);
+    fc.assert(
+      fc.property(
+        fc.integer({ min: 0, max: 60 }).map((k) => 112 + k * 8),
+        fc.array(fc.integer({ min: 0, max: 40 }), { maxLength: 4 }),
+        fc.array(fc.integer({ min: 0, max: 40 }), { maxLength: 4 }),
+        (padTo, before, after) => {
+          const head = valid.slice();
+          head.fill(0, 112);
+          const dv = new DataView(head.buffer);
+          let p = 112;
+          const put = (type: number, len: number) => {
+            dv.setUint32(p, type);
+            dv.setUint32(p + 4, len);
+            for (let i = 0; i < len; i++) head[p + 8 + i] = (type + i) & 0xff || 1;
+            p += 8 + Math.ceil(len / 8) * 8;
+          };
+          // an unknown extension that puts the removed one at a chosen offset
+          if (padTo > 112) put(0x7000_0000, padTo - 112 - 8);
+          before.forEach((len, i) => put(0x7100_0000 + i, len));
+          put(T, 24);
+          after.forEach((len, i) => put(0x7200_0000 + i, len));
+          const others = (img: Uint8Array) => decodeHeader(img, 1 << 30).extensions.filter((e) => e.type !== T && e.type !== EXT_QLEDGER_VACANT).map((e) => `${e.type}:${Buffer.from(e.data).toString('hex')}`);
+          const want = others(head);
+          const plan = planExtensionRemove(head, T)!;
+          const img = head.slice();
+          for (const w of plan) {
+            expect(Math.floor(w.offset / 512)).toBe(Math.floor((w.offset + w.bytes.length - 1) / 512));
+            img.set(w.bytes, w.offset);
+            expect(others(img)).toEqual(want);
+          }
+          const last = decodeHeader(img, 1 << 30).extensions.map((e) => e.type);
+          expect(last.includes(T)).toBe(false);
+          // moved down when the list after it is short enough for two sector writes
+          if (after.reduce((n, len) => n + 8 + Math.ceil(len / 8) * 8, 8) <= 32) expect(last.includes(EXT_QLEDGER_VACANT)).toBe(false);
+        },
+      ),
+      { numRuns: runs },
+    );
   });
 });
 

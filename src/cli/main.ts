@@ -47,6 +47,7 @@ const MODULE_COMMANDS: Readonly<Record<string, () => Promise<Subcommand>>> = {
   commit: async () => (await import('./commit.ts')).runCommit,
   rebase: async () => (await import('./rebase.ts')).runRebase,
   dedup: async () => (await import('./dedup.ts')).runDedup,
+  bitmap: async () => (await import('./bitmap.ts')).runBitmap,
 };
 
 const USAGE = `usage: qledger COMMAND [options]
@@ -63,6 +64,7 @@ Commands (options as in qemu-img / qemu-io):
   map [-f fmt] [--output=human|json] [--start-offset=N] [--max-length=N] FILE
   convert [-f fmt] [-O raw|qcow2] [-o OPTIONS] [-c] [-n] [-l SNAPSHOT] [-p] [-q] [--dedup] IN OUT
   snapshot [-l | -c SNAPSHOT | -a SNAPSHOT | -d SNAPSHOT] [-q] [-U] FILE
+  bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-b FILE [-F fmt]] [-g GRAN] [-f fmt] FILE BITMAP
   commit [-f fmt] [-t cache] [-b BASE] [-d] [-p] [-q] FILE
   amend [-f fmt] [-p] [-q] -o OPTIONS FILE
      compat=0.10|1.1, lazy_refcounts=on|off, refcount_bits=N; the rest of qemu-img amend is refused by name

@@ -70,7 +70,8 @@ export async function downgradeRefusal(target: string | BlockDevice): Promise<{ 
     if (h.refcountOrder !== 4) return { message: 'compat=0.10 requires refcount_bits=16' };
     const blocking = h.incompatibleFeatures & ~INCOMPAT_DIRTY;
     if (blocking !== 0n) return { message: `Cannot downgrade an image with incompatible features 0x${blocking.toString(16)} set` };
-    if (parsed.bitmaps) return { message: 'amend: compat=0.10 of an image with persistent bitmaps is not supported yet', notYet: true };
+    // qemu-img 7.2 drops them (their clusters leak, and QEMU warns of a v2 image with bitmaps at every open): refused instead
+    if (parsed.bitmaps) return { message: "Cannot downgrade an image with persistent bitmaps: remove them first with 'qledger bitmap --remove'" };
     // zero clusters in a snapshot's tree: QEMU expands them in place; qledger does the active tree only
     const cs = 2 ** h.clusterBits;
     for (const sn of snapshots) {

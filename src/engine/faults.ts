@@ -24,6 +24,8 @@ export const FAULTS = {
   'copied-before-free': 'entries gain COPIED with the refcount decrement that leaves one reference, no barrier between',
   'moved-unshare-late': 'an entry that lost COPIED (a dedup share) and moved on in the same write-back keeps COPIED on disk while its old cluster gets a second reference',
   'refcount-switch-early': 'amend refcount_bits: the header switches to the new refcount structure in the flush that writes it, no barrier between',
+  'bitmaps-before-refcounts': 'the bitmaps extension switches to a new directory with the refcount increments for its clusters, no barrier between',
+  'bitmaps-in-use-late': 'guest data reaches the disk before the enabled bitmaps are marked in use there',
   'reuse-before-durable': 'a cluster freed since the last flush may be reallocated at once',
   'alloc-live-l2': 'the allocator hands out a live L2 table as a data cluster',
   'alloc-cluster-zero': 'the allocator hands out cluster 0 (the header) once',
@@ -44,6 +46,11 @@ export class FaultPlan implements PhaseRearranger {
   /** Rule: an entry that lost COPIED and then moved on loses COPIED on disk before its old cluster's refcount passes 1. */
   get movedUnshareLate(): boolean {
     return this.fault === 'moved-unshare-late';
+  }
+
+  /** Rule: the enabled bitmaps are in use on disk before the first guest write of a session. */
+  get inUseLate(): boolean {
+    return this.fault === 'bitmaps-in-use-late';
   }
 
   /** Rule: a cluster freed in this epoch stays untouched until the epoch is durable. */
@@ -80,7 +87,7 @@ export class FaultPlan implements PhaseRearranger {
   rearrange(p: PhaseLists, tablesMoved: boolean): void {
     if (this.fault === 'stale-l2-offset') {
       // the first L2 table write goes where a refcount block is, as a stale cached offset would send it
-      const lists = [p.unshare, p.allocate, p.hook, p.reference, p.publish, p.free, p.settle];
+      const lists = [p.unshare, p.allocate, p.hook, p.reference, p.disown, p.publish, p.own, p.free, p.settle];
       const block = lists.flat().find((w) => w.what.startsWith('refblock'));
       for (const list of lists) {
         const i = list.findIndex((w) => /^(new )?l2 /.test(w.what));
@@ -94,6 +101,8 @@ export class FaultPlan implements PhaseRearranger {
       p.allocate.push(...p.unshare.splice(0));
     } else if (this.fault === 'snapshot-before-refcounts' && p.publish.length) {
       p.allocate.push(...p.publish.splice(0));
+    } else if (this.fault === 'bitmaps-before-refcounts' && p.publish.some((w) => w.what === 'bitmaps extension')) {
+      p.allocate.push(...p.disown.splice(0), ...p.publish.splice(0), ...p.own.splice(0));
     } else if (this.fault === 'copied-before-free' && p.settle.length) {
       p.free.push(...p.settle.splice(0));
     } else if (this.fault === 'free-before-unmap' && p.free.length) {

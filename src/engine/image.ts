@@ -23,6 +23,7 @@ import type { RecoveryReport } from './journal/replay.ts';
 import type { Qcow2Writer, ZeroOptions } from './writer.ts';
 import type { CreateOptions } from './create.ts';
 import { ImageSnapshots } from './image-snapshots.ts';
+import { ImageBitmaps } from './image-bitmaps.ts';
 import { dedupRefusal, dedupState, type DedupState } from './dedup/stats.ts';
 
 // Loaded when first needed: a read-only open (qledger info, map, compare)
@@ -222,6 +223,14 @@ export class Image {
   }
 
   private snapshotView: ImageSnapshots | undefined;
+
+  /** The top image's persistent dirty bitmaps: list and dirty extents, and with `write: true` qemu-img bitmap's commands (image-bitmaps.ts). */
+  get bitmaps(): ImageBitmaps {
+    const layer = () => (this.top instanceof Qcow2Layer ? this.top : undefined);
+    return (this.bitmapView ??= new ImageBitmaps({ layer, live: () => this.writer?.bitmaps, writable: () => this.w().bitmaps }));
+  }
+
+  private bitmapView: ImageBitmaps | undefined;
 
   /** The internal snapshots of one image of the chain (none for raw). */
   snapshotsOf(layer: Layer): readonly SnapshotEntry[] {

@@ -19,7 +19,10 @@
  *   phase 2  L2 entries, L1 entries, the header (L1 move, size, feature bits).
  *   barrier  the trees a new snapshot table names are counted first.
  *   phase 2b the header when the snapshot table changed (snapshot create,
- *            apply, delete).
+ *            apply, delete); the bitmaps extension when the bitmap
+ *            directory changed, its autoclear bit cleared a phase before
+ *            when the extension's 24 bytes straddle two sectors (or the last
+ *            bitmap goes) and set a phase after (or the first one comes).
  *   barrier  the change that drops a reference before the decrement that frees.
  *   phase 3  refcount decrements.
  *   barrier  a cluster's refcount is 1 on disk before an entry gains COPIED.
@@ -48,6 +51,8 @@
  */
 
 import { hex } from '../errors.ts';
+import { encodeBitmapsExtension } from '../format/bitmaps.ts';
+import { AUTOCLEAR_BITMAPS } from '../format/features.ts';
 import { host, type HostOffset } from '../format/offsets.ts';
 import { maxRefcount, getRefcount, setRefcount } from '../format/refcount.ts';
 import type { MetaRecord, Word64 } from '../journal/records.ts';
@@ -88,6 +93,8 @@ export interface PlanInput {
   readonly dataWritten: boolean;
   /** test-only: a fault plan that breaks one ordering rule (engine/faults.ts) */
   readonly faults?: PhaseRearranger | undefined;
+  /** where the bitmaps extension's body is in the header cluster (undefined: the header has none) */
+  readonly bitmapsExt?: number | undefined;
 }
 
 /** A plan is phases; a barrier (device flush) goes after every phase that has writes, and at the end. */
@@ -107,8 +114,12 @@ export class PhaseLists {
   readonly allocate: DeviceWrite[] = [];
   readonly hook: DeviceWrite[] = [];
   readonly reference: DeviceWrite[] = [];
-  /** the header switching to a new snapshot table */
+  /** the header with the bitmaps' autoclear bit cleared, before their extension changes in more than one sector */
+  readonly disown: DeviceWrite[] = [];
+  /** the header switching to a new snapshot table, the bitmaps extension to a new directory */
   readonly publish: DeviceWrite[] = [];
+  /** the header with the bitmaps' autoclear bit set, once their extension is durable */
+  readonly own: DeviceWrite[] = [];
   readonly free: DeviceWrite[] = [];
   /** entries gaining COPIED once the decrement that left one reference is durable */
   readonly settle: DeviceWrite[] = [];
@@ -127,7 +138,9 @@ export class PhaseLists {
     add('allocate', this.allocate, keepAllocate);
     add('hook refcount blocks', this.hook);
     add('reference', this.reference);
+    add('disown bitmaps', this.disown);
     add('publish snapshot table', this.publish);
+    add('own bitmaps', this.own);
     add('free', this.free);
     add('set COPIED', this.settle);
     return out;
@@ -140,7 +153,9 @@ export class PhaseLists {
     tag(this.allocate, 'allocate');
     tag(this.hook, 'hook refcount blocks');
     tag(this.reference, 'reference');
+    tag(this.disown, 'disown bitmaps');
     tag(this.publish, 'publish snapshot table');
+    tag(this.own, 'own bitmaps');
     tag(this.free, 'free');
     tag(this.settle, 'set COPIED');
   }
@@ -370,9 +385,12 @@ export function planFlush(p: PlanInput): Plan {
   const snapshotsChanged = durable.header.nbSnapshots !== h.nbSnapshots || durable.header.snapshotsOffset !== h.snapshotsOffset;
   if (reftableMoved) {
     // the snapshot table switches later (phase 2b): here the header keeps the durable one
-    const early = snapshotsChanged ? { ...h, nbSnapshots: durable.header.nbSnapshots, snapshotsOffset: durable.header.snapshotsOffset } : h;
+    // (and the bitmaps' autoclear bit follows their extension, phase 2b)
+    const bm = bitmapsChanged(durable.header, h);
+    let early = snapshotsChanged ? { ...h, nbSnapshots: durable.header.nbSnapshots, snapshotsOffset: durable.header.snapshotsOffset } : h;
+    if (bm) early = { ...early, autoclearFeatures: (early.autoclearFeatures & ~AUTOCLEAR_BITMAPS) | (durable.header.autoclearFeatures & AUTOCLEAR_BITMAPS) };
     phase1.push({ offset: host(0), data: p.encodeHeader(early), what: 'header', kind: OL_MAIN_HEADER });
-    headerWritten = !snapshotsChanged;
+    headerWritten = !snapshotsChanged && !bm;
   } else {
     for (const [chunk, before, after] of PTrie.diff(durable.reftable, current.reftable)) {
       if (!after) continue;
@@ -405,6 +423,7 @@ export function planFlush(p: PlanInput): Plan {
       stagedWrites(lists, prev, next, inChunk(loseCopiedL1), inChunk(gainCopiedL1), 8, host(current.header.l1TableOffset + start), 'l1', OL_ACTIVE_L1);
     }
   }
+  if (headerChanged && !headerWritten && bitmapsChanged(durable.header, h)) headerWritten = planBitmapsSwitch(lists, p, durable.header, h);
   if (headerChanged && !headerWritten) (snapshotsChanged ? lists.publish : phase2).push({ offset: host(0), data: p.encodeHeader(h), what: 'header', kind: OL_MAIN_HEADER });
 
   // ---- phase 3 ----
@@ -419,6 +438,41 @@ export function planFlush(p: PlanInput): Plan {
   p.faults?.rearrange(lists, l1Moved || reftableMoved);
   const phases = lists.phases(p.dataWritten);
   return { phases, lazySkipped };
+}
+
+function bitmapsChanged(a: HeaderState, b: HeaderState): boolean {
+  return a.nbBitmaps !== b.nbBitmaps || a.bitmapDirectorySize !== b.bitmapDirectorySize || a.bitmapDirectoryOffset !== b.bitmapDirectoryOffset || ((a.autoclearFeatures ^ b.autoclearFeatures) & AUTOCLEAR_BITMAPS) !== 0n;
+}
+
+/**
+ * The bitmaps extension switched to a new directory (phase 2b). Its 24
+ * bytes in one sector and the autoclear bit set before and after: one
+ * write. Otherwise the bit is off on disk while the extension changes: the
+ * header without it first (a phase of its own), then the extension, then
+ * the header with it (unless the last bitmap went). QEMU ignores an
+ * extension whose bit is clear, so no torn mix is ever read as bitmaps.
+ * Returns whether the header was written (then nothing else writes it).
+ */
+function planBitmapsSwitch(lists: PhaseLists, p: PlanInput, old: HeaderState, h: HeaderState): boolean {
+  const at = p.bitmapsExt;
+  const fields = old.nbBitmaps !== h.nbBitmaps || old.bitmapDirectorySize !== h.bitmapDirectorySize || old.bitmapDirectoryOffset !== h.bitmapDirectoryOffset;
+  if (at === undefined && !fields) return false; // the bit alone (an open clearing a bit that names no extension): a plain header write
+  if (at === undefined) throw new Error('internal error: the bitmap directory changed but the header has no bitmaps extension');
+  const ext: DeviceWrite = { offset: host(at), data: encodeBitmapsExtension(h.nbBitmaps, h.bitmapDirectorySize, h.bitmapDirectoryOffset), what: 'bitmaps extension', kind: OL_MAIN_HEADER };
+  const wasOn = (old.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n;
+  const on = (h.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n;
+  const oneSector = Math.floor(at / 512) === Math.floor((at + 23) / 512);
+  const header = (x: HeaderState, what: string): DeviceWrite => ({ offset: host(0), data: p.encodeHeader(x), what, kind: OL_MAIN_HEADER });
+  if (wasOn && on && oneSector) {
+    lists.publish.push(ext);
+    const same = Buffer.from(p.encodeHeader(old)).equals(p.encodeHeader(h));
+    if (!same) lists.publish.push(header(h, 'header'));
+    return true;
+  }
+  if (wasOn) lists.disown.push(header({ ...h, autoclearFeatures: h.autoclearFeatures & ~AUTOCLEAR_BITMAPS }, 'header (bitmaps disowned)'));
+  lists.publish.push(ext);
+  if (on) lists.own.push(header(h, 'header (bitmaps owned)'));
+  return true;
 }
 
 /** An entry gains COPIED and keeps its offset (the word's top bit is COPIED in L1 and L2 entries alike). */

@@ -120,13 +120,13 @@ function diskRefcounts(dev: BlockDevice, parsed: ParsedHeader): (cluster: number
  * write-back too big for the journal leaves an 'unjournalled' transaction:
  * either way refcounts are rebuilt from the references, counted as the
  * checker counts them, before anything else is written, as QEMU does on
- * open. The open has just cleared the bitmaps' autoclear bit, so their
- * clusters are no longer references.
+ * open. Persistent bitmaps the open kept count as references; those it
+ * dropped (their autoclear bit cleared) no longer do.
  */
 async function rebuildRefcounts(writer: Qcow2Writer, dev: BlockDevice, name: string, incompatible: bigint, unjournalled: boolean): Promise<void> {
   const dirty = (incompatible & INCOMPAT_DIRTY) !== 0n;
   if (!dirty && !unjournalled) return;
-  const refs = await countReferences(dev, name, { bitmaps: false });
+  const refs = await countReferences(dev, name, { bitmaps: writer.bitmaps.any });
   await writer.applyRefcounts(refs.get, refs.endCluster);
   if (dirty) await writer.markClean();
 }

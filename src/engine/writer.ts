@@ -17,7 +17,7 @@ import { CorruptionError, QledgerError, RangeRequestError, UsageError, hex } fro
 import { isZero } from '../format/bytes.ts';
 import { AUTOCLEAR_BITMAPS, AUTOCLEAR_DEDUP_INDEX, AUTOCLEAR_JOURNAL, AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, COMPRESSION_DEFLATE, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../format/features.ts';
 import { geometryOf, type Geometry } from '../format/header.ts';
-import { rebuildRefcounts, validateTables } from './write/open-checks.ts';
+import { headerStateOf, rebuildRefcounts, validateTables } from './write/open-checks.ts';
 import type { DedupCounters } from './write/dedup.ts';
 import { dedupRefusal } from './dedup/stats.ts';
 import { readAt } from '../io/device.ts';
@@ -36,6 +36,7 @@ import type { PreallocMode } from './write/resize.ts';
 import type { SnapshotFields } from './write/snapshots.ts';
 import type { SnapshotEntry } from '../format/snapshot.ts';
 import { buildRooms, type Rooms } from './write/rooms.ts';
+import type { Bitmaps } from './write/bitmaps.ts';
 import { Trace, type TraceEvent } from './write/trace.ts';
 
 export type { TraceEvent } from './write/trace.ts';
@@ -162,24 +163,7 @@ export class Qcow2Writer {
     const reftable = await readAt(o.dev, h.refcountTableOffset, h.refcountTableClusters * g.clusterSize);
     validateTables(o.filename, g, l1, reftable, h.l1TableOffset, h.refcountTableOffset, o.fileSize);
     const journalled = o.journal !== undefined && h.version === 3;
-    const state = initialState(
-      g,
-      {
-        size: h.size,
-        l1TableOffset: h.l1TableOffset,
-        l1Size: h.l1Size,
-        refcountTableOffset: h.refcountTableOffset,
-        refcountTableClusters: h.refcountTableClusters,
-        nbSnapshots: h.nbSnapshots,
-        snapshotsOffset: h.snapshotsOffset,
-        incompatibleFeatures: h.incompatibleFeatures,
-        compatibleFeatures: h.compatibleFeatures,
-        // a journalled session keeps the journal bit outside the state (see HeaderBits)
-        autoclearFeatures: journalled ? h.autoclearFeatures & ~AUTOCLEAR_JOURNAL : h.autoclearFeatures,
-      },
-      l1,
-      reftable,
-    );
+    const state = initialState(g, headerStateOf(o.parsed, journalled), l1, reftable);
     const trace = new Trace(o.trace);
     // The overlap index, from the tables as they are now; from here on every write to the image goes through it.
     const overlap = new OverlapIndex(g, o.overlapCheck ?? 'all');
@@ -199,13 +183,17 @@ export class Qcow2Writer {
       o.onWarning?.(`${o.filename}: ${w.ctx.refusal}; the image is opened for reading only (run 'qledger check')`);
       return w;
     }
+    // Persistent bitmaps: loaded and checked as QEMU loads them (a directory it would refuse fails the open).
+    const bitmaps = w.rooms.bitmaps;
+    bitmaps.attach({ transact: (op, fn) => w.run(op, fn).then(() => w.rooms.writeback.flush()), exclusive: (fn) => w.serial(fn) });
+    await bitmaps.attachExtension();
+    if (h.version === 3) await bitmaps.load(o.parsed);
     // Unknown autoclear bits say "an extension I do not maintain may be stale
-    // now": clear them before the first write, as QEMU does. qledger does not
-    // maintain persistent bitmaps either, so their bit goes too. A session
+    // now": clear them before the first write, as QEMU does. A session
     // without a journal clears the journal's bit too; a journalled one keeps
     // it (outside the state) and sets it when the journal starts.
     const had = state.header.autoclearFeatures;
-    const keep = had & AUTOCLEAR_KNOWN & ~AUTOCLEAR_BITMAPS;
+    const keep = had & AUTOCLEAR_KNOWN & (bitmaps.any ? ~0n : ~AUTOCLEAR_BITMAPS);
     if (h.version === 3 && keep !== had) {
       // What an earlier session wrote without a flush of its own (a journal's last checkpoint) is
       // durable before the bit that makes its journal stale goes: else a crash could leave the
@@ -235,6 +223,11 @@ export class Qcow2Writer {
   get dedup(): (DedupCounters & { readonly indexEntries: number; readonly indexBytes: number }) | undefined {
     const d = this.rooms.dedup;
     return d ? { ...d.counters, indexEntries: d.indexEntries, indexBytes: d.indexBytes } : undefined;
+  }
+
+  /** Persistent dirty bitmaps: the list, and qemu-img bitmap's commands (each one transaction, written back before it resolves). */
+  get bitmaps(): Bitmaps {
+    return this.rooms.bitmaps;
   }
 
   /** The overlap index every write is checked against (its mode, size and refusals: benchmarks and tests read them). */
@@ -298,12 +291,13 @@ export class Qcow2Writer {
 
   write(offset: number, data: Uint8Array): Promise<void> {
     return this.serial(async () => {
-      this.checkRange('write', offset, data.length);
+      await this.guestOp('write', offset, data.length);
       if (data.length === 0) return;
       // isZero stops at the first 4 KiB block with a non-zero byte: data costs almost nothing
       if (this.detectZeroes !== 'off' && isZero(data)) {
         await this.run('write (zero detected)', () => this.rooms.zero.zeroRange(guest(offset), data.length, this.detectZeroes === 'unmap'));
       } else await this.run('write', () => this.rooms.data.write(guest(offset), data));
+      await this.rooms.bitmaps.afterWrite();
       await this.rooms.writeback.maybe();
     });
   }
@@ -315,7 +309,7 @@ export class Qcow2Writer {
    */
   writeCompressed(offset: number, data: Uint8Array): Promise<void> {
     return this.serial(async () => {
-      this.checkRange('compressed write', offset, data.length);
+      await this.guestOp('compressed write', offset, data.length);
       const cs = this.geometry.clusterSize;
       const end = offset + data.length;
       if (offset % cs !== 0 || (end % cs !== 0 && end !== this.size)) {
@@ -332,7 +326,7 @@ export class Qcow2Writer {
 
   writeZeroes(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
     return this.serial(async () => {
-      this.checkRange('write zeroes', offset, length);
+      await this.guestOp('write zeroes', offset, length);
       if (length === 0) return;
       await this.run('write-zeroes', () => this.rooms.zero.zeroRange(guest(offset), length, opts.unmap ?? false));
       await this.rooms.writeback.maybe();
@@ -416,7 +410,7 @@ export class Qcow2Writer {
 
   discard(offset: number, length: number): Promise<void> {
     return this.serial(async () => {
-      this.checkRange('discard', offset, length);
+      await this.guestOp('discard', offset, length);
       if (length === 0) return;
       await this.run('discard', () => this.rooms.discard.discard(guest(offset), length));
       await this.rooms.writeback.maybe();
@@ -438,8 +432,10 @@ export class Qcow2Writer {
       if (prealloc !== 'off' && old % this.geometry.clusterSize !== 0) {
         throw new QledgerError('E_UNSUPPORTED', `${this.filename}: growing with preallocation from a size that is not a multiple of the cluster size is not supported`);
       }
+      this.rooms.bitmaps.checkResize();
       await this.run('truncate', () => this.rooms.resize.resize(size, !fromCreate));
       this.layer.size = size;
+      this.rooms.bitmaps.resize(size);
       await this.rooms.writeback.flush();
     });
     return prealloc === 'off' ? p : p.then(() => this.preallocate(prealloc, old));
@@ -472,6 +468,7 @@ export class Qcow2Writer {
       try {
         if (!ctx.corrupt) {
           await this.rooms.writeback.flush();
+          await this.rooms.bitmaps.close();
           if (ctx.headerBits.dirtyOnDisk) await this.rooms.writeback.cleanDirty();
           // dedup: the index written for the next session, then the bit that says it matches the image
           if (this.rooms.dedup?.ready && (await this.rooms.dedup.persist())) {
@@ -579,6 +576,12 @@ export class Qcow2Writer {
       ctx.tx = undefined;
     }
     ctx.mark({ kind: 'commit', tx: id });
+  }
+
+  /** A guest operation's range checked, and marked in the enabled bitmaps (in use on disk first). */
+  private async guestOp(what: string, offset: number, length: number): Promise<void> {
+    this.checkRange(what, offset, length);
+    if (length > 0) await this.rooms.bitmaps.beforeWrite(offset, length);
   }
 
   private checkRange(what: string, offset: number, length: number): void {

@@ -274,6 +274,16 @@ export function decodeHeader(b: Uint8Array, fileSize: number): ParsedHeader {
     warnings.push('bitmaps extension present but the bitmaps autoclear bit is clear: bitmaps ignored');
     bitmaps = undefined;
   }
+  // as QEMU: an extension the autoclear bit disowns is not looked into (qledger leaves one with no bitmaps while it adds the first)
+  if (bitmaps) {
+    const E = 'qcow2 header extension';
+    const at = ext.bitmapsOffset;
+    const raw = ext.extensions.find((e) => e.type === EXT_BITMAPS)!.data;
+    if (u32(raw, 4) !== 0) throw new FormatError(E, 'bitmaps reserved', at + 4, 'reserved field is not zero');
+    if (bitmaps.nbBitmaps > L.MAX_BITMAPS) throw new FormatError(E, 'nb_bitmaps', at, `${bitmaps.nbBitmaps} bitmaps is more than ${L.MAX_BITMAPS}`);
+    if (bitmaps.nbBitmaps === 0) throw new FormatError(E, 'nb_bitmaps', at, 'bitmaps extension with no bitmaps');
+    if (bitmaps.directorySize > L.MAX_BITMAP_DIRECTORY_BYTES) throw new FormatError(E, 'bitmap_directory_size', at + 8, `${bitmaps.directorySize} bytes is too large`);
+  }
   if (bitmaps) checkTable('bitmap_directory_offset', ext.bitmapsOffset + 16, bitmaps.directoryOffset, bitmaps.directorySize, clusterSize, fileSize, 'bitmaps extension');
   return { header, ...ext, bitmaps, backingFile, warnings };
 }
@@ -350,14 +360,8 @@ function decodeExtensions(b: Uint8Array, start: number, end: number, version: nu
           break;
         }
         if (len !== 24) throw new FormatError(E, 'bitmaps length', off + 4, `${len} bytes, expected 24`);
-        const nbBitmaps = u32(data, 0);
-        if (u32(data, 4) !== 0) throw new FormatError(E, 'bitmaps reserved', off + 12, 'reserved field is not zero');
-        const directorySize = u64(data, 8);
-        const directoryOffset = u64(data, 16);
-        if (nbBitmaps > L.MAX_BITMAPS) throw new FormatError(E, 'nb_bitmaps', off + 8, `${nbBitmaps} bitmaps is more than ${L.MAX_BITMAPS}`);
-        if (nbBitmaps === 0) throw new FormatError(E, 'nb_bitmaps', off + 8, 'bitmaps extension with no bitmaps');
-        if (directorySize > L.MAX_BITMAP_DIRECTORY_BYTES) throw new FormatError(E, 'bitmap_directory_size', off + 16, `${directorySize} bytes is too large`);
-        out.bitmaps = { nbBitmaps, directorySize, directoryOffset };
+        // the rest is checked only when the autoclear bit owns the extension (decodeHeader), as QEMU does
+        out.bitmaps = { nbBitmaps: u32(data, 0), directorySize: u64(data, 8), directoryOffset: u64(data, 16) };
         out.bitmapsOffset = off + 8;
         break;
       }
@@ -512,3 +516,9 @@ export function geometryOf(h: Qcow2Header): Geometry {
   };
 }
 
+
+/** The bitmaps extension's fields as the metadata state keeps them: the extension's when the autoclear bit owns it, else 0. */
+export function bitmapsFields(p: Pick<ParsedHeader, 'bitmaps'>): { nbBitmaps: number; bitmapDirectorySize: number; bitmapDirectoryOffset: number } {
+  const b = p.bitmaps;
+  return { nbBitmaps: b?.nbBitmaps ?? 0, bitmapDirectorySize: b?.directorySize ?? 0, bitmapDirectoryOffset: b?.directoryOffset ?? 0 };
+}

@@ -14,7 +14,11 @@
  *  (d) a read-write open (which replays the journal, or rebuilds refcounts
  *      of a dirty image) and a close leave no corruption, and with the
  *      journal on (v3 images) no leaked cluster either;
- *  (e) on a sample of states, `qemu-img check` exits 0 or 3.
+ *  (e) on a sample of states, `qemu-img check` exits 0 or 3;
+ *  (f) a persistent bitmap the state holds as not in use marks every
+ *      granule whose content differs from what it was when the bitmap was
+ *      added (checked for bitmaps never cleared, disabled or resized since,
+ *      and no snapshot apply, make_empty or amend after their add).
  *
  * One finding is told apart rather than failed: in a workload with snapshot
  * operations, COPIED clear on a cluster with one reference (a crash between
@@ -32,7 +36,9 @@ import { MemoryDevice } from '../io/memory-device.ts';
 import { RecordingDevice, crashStates } from '../io/crash-device.ts';
 import { isZero, u64big } from '../format/bytes.ts';
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../format/features.ts';
-import { openQcow2Layer } from '../engine/qcow2-layer.ts';
+import { Qcow2Layer, openQcow2Layer } from '../engine/qcow2-layer.ts';
+import { BME_FLAG_IN_USE } from '../format/bitmaps.ts';
+import { loadBitmap } from '../engine/bitmaps/load.ts';
 import { RawLayer } from '../engine/raw-layer.ts';
 import { readGuest } from '../engine/read.ts';
 import { guest, type Layer } from '../engine/layer.ts';
@@ -196,6 +202,12 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
   // the snapshots the workload made, in table order, with the guest content each holds
   const snaps: { name: string; content: Uint8Array }[] = [];
   const snapshotWorkload = ops.some((o) => o.op === 'snapshot') || dedupWorkload;
+  // (f): each bitmap the workload added, the guest content then, and whether the oracle still applies to it
+  const bitmapRefs = new Map<string, { content: Uint8Array; checkable: boolean }>();
+  const bitmapNames = new Set<string>();
+  const uncheckAll = () => {
+    for (const b of bitmapRefs.values()) b.checkable = false;
+  };
   for (const op of ops) {
     const devStart = rec.ops.length;
     let lo = 0;
@@ -244,7 +256,32 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
         case 'flush':
           await w.flush();
           break;
+        case 'reopen':
+          await w.close();
+          w = await session();
+          break;
+        case 'bitmap': {
+          try {
+            if (op.action === 'add') await w.bitmaps.add(op.name, { granularity: op.granularity });
+            else await w.bitmaps[op.action](op.name);
+          } catch (e) {
+            // a name taken or not there, an inconsistent bitmap, a v2 image: refused before any record
+            if (!(e instanceof QledgerError) || (e.code !== 'E_USAGE' && e.code !== 'E_UNSUPPORTED')) throw e;
+            break;
+          }
+          // a name used twice is not judged: a state may hold either bitmap of that name
+          if (op.action === 'add') {
+            bitmapRefs.set(op.name, { content: model.slice(), checkable: !bitmapNames.has(op.name) });
+            bitmapNames.add(op.name);
+          } else if (op.action === 'remove') bitmapRefs.delete(op.name);
+          else {
+            const b = bitmapRefs.get(op.name);
+            if (b) b.checkable = false;
+          }
+          break;
+        }
         case 'make-empty': {
+          uncheckAll();
           // every mapping dropped: the image reads as its backing file (or zeros) again
           await w.makeEmpty();
           model = new Uint8Array(model.length);
@@ -262,6 +299,7 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
               await w.deleteSnapshot(op.name, true);
               if (at >= 0) snaps.splice(at, 1);
             } else {
+              uncheckAll();
               await w.applySnapshot(op.name);
               // the disk reads as the snapshot did, its size included
               if (at >= 0) model = snaps[at]!.content.slice();
@@ -281,6 +319,7 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
           break;
         }
         case 'amend': {
+          uncheckAll();
           // between sessions, as qemu-img amend runs: the session closes clean, the rewrite runs, a new one opens
           await w.close();
           const done = await amendDevice(rec, op, backingLayer, faultPlan(o.fault));
@@ -292,6 +331,7 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
           break;
         }
         case 'truncate': {
+          uncheckAll();
           try {
             await w.truncate(op.size);
           } catch (e) {
@@ -387,6 +427,9 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
         await readGuest(layer, guest(0), got);
         const problem = judgeData(got, st.image.length ? st : st, steps, initialModel);
         if (problem) fail(problem, 'data');
+        // (f)
+        const missed = bitmapRefs.size ? await judgeBitmaps(layer, got, bitmapRefs) : undefined;
+        if (missed) fail(missed, 'data');
       } catch (e) {
         fail(`read failed: ${(e as Error).message}${process.env['QLEDGER_DEBUG'] ? (e as Error).stack : ''}`, 'corruption');
       }
@@ -524,6 +567,29 @@ async function amendDevice(dev: RecordingDevice, op: Extract<GuestOp, { op: 'ame
     if (e instanceof QledgerError && (e.code === 'E_USAGE' || e.code === 'E_UNSUPPORTED')) return false;
     throw e;
   }
+}
+
+/**
+ * Oracle (f): every bitmap in the state that is not in use, and that the
+ * workload added and only wrote through since, has a bit set for each
+ * granule that reads otherwise than when it was added.
+ */
+async function judgeBitmaps(layer: Layer, got: Uint8Array, refs: ReadonlyMap<string, { content: Uint8Array; checkable: boolean }>): Promise<string | undefined> {
+  if (!(layer instanceof Qcow2Layer)) return undefined;
+  for (const e of await layer.bitmapDirectory()) {
+    const ref = refs.get(e.name);
+    if (!ref?.checkable || e.flags & BME_FLAG_IN_USE) continue;
+    const bits = await loadBitmap(layer.dev, { offset: e.tableOffset, size: e.tableSize }, layer.size, e.granularityBits, layer.geometry.clusterSize);
+    const g = 2 ** e.granularityBits;
+    const n = Math.min(got.length, ref.content.length);
+    const G = asBuffer(got);
+    const R = asBuffer(ref.content);
+    for (let x = 0; x < n; x += g) {
+      const end = Math.min(n, x + g);
+      if (G.compare(R, x, end, x, end) !== 0 && !bits.get(x / g)) return `bitmap '${e.name}' is not in use but misses the granule at 0x${x.toString(16)}, written since it was added`;
+    }
+  }
+  return undefined;
 }
 
 /** The overlap index's refusal (overlap-guard.ts): a CorruptionError in QEMU's words. */

@@ -1,8 +1,8 @@
 /**
  * Crash-test workloads: guest operations, their qemu-io command lines
- * (qledger io and qemu-io both take them; `make_empty`, `dedup`, `amend`
- * and the snapshot lines are workload-file lines of qledger's own, with no
- * qemu-io command)
+ * (qledger io and qemu-io both take them; `make_empty`, `dedup`, `amend`,
+ * `reopen`, the snapshot and the bitmap lines are workload-file lines of
+ * qledger's own, with no qemu-io command)
  * and the parser for workload files of such lines.
  */
 
@@ -23,13 +23,19 @@ export type GuestOp =
   /** qemu-img amend -o compat=V or refcount_bits=N (an offline rewrite between sessions); workload files only (amend OPT=V) */
   | { readonly op: 'amend'; readonly option: 'compat' | 'refcount_bits'; readonly value: string }
   /** qledger dedup: offline content dedup of the active tree; workload files only (dedup) */
-  | { readonly op: 'dedup' };
+  | { readonly op: 'dedup' }
+  /** qemu-img bitmap --add [-g GRAN] / --remove / --clear / --enable / --disable NAME; workload files only (bitmap_add NAME [GRAN], ...) */
+  | { readonly op: 'bitmap'; readonly action: BitmapAction; readonly name: string; readonly granularity?: number | undefined }
+  /** the session closes clean and a new one opens (bitmaps stored, journal checkpointed); workload files only (reopen) */
+  | { readonly op: 'reopen' };
+
+export type BitmapAction = 'add' | 'remove' | 'clear' | 'enable' | 'disable';
 
 export type SnapshotAction = 'create' | 'apply' | 'delete';
 
 /** The operations that have no qemu-io command: a workload with one replays from a workload file. */
 export function needsWorkloadFile(ops: readonly GuestOp[]): boolean {
-  return ops.some((o) => o.op === 'make-empty' || o.op === 'snapshot' || o.op === 'amend' || o.op === 'dedup');
+  return ops.some((o) => o.op === 'make-empty' || o.op === 'snapshot' || o.op === 'amend' || o.op === 'dedup' || o.op === 'bitmap' || o.op === 'reopen');
 }
 
 /** The workload as qemu-io commands (qledger io and qemu-io both take them). */
@@ -56,6 +62,10 @@ export function workloadCommands(ops: readonly GuestOp[]): string[] {
         return `amend ${o.option}=${o.value}`;
       case 'dedup':
         return 'dedup';
+      case 'bitmap':
+        return `bitmap_${o.action} ${o.name}${o.granularity !== undefined ? ` ${o.granularity}` : ''}`;
+      case 'reopen':
+        return 'reopen';
     }
   });
 }
@@ -77,6 +87,12 @@ export function parseWorkload(text: string): GuestOp[] {
     if (w[0] === 'flush') out.push({ op: 'flush' });
     else if (w[0] === 'make_empty') out.push({ op: 'make-empty' });
     else if (w[0] === 'dedup' && w.length === 1) out.push({ op: 'dedup' });
+    else if (w[0] === 'reopen' && w.length === 1) out.push({ op: 'reopen' });
+    else if (/^bitmap_(add|remove|clear|enable|disable)$/.test(w[0]!)) {
+      const action = w[0]!.slice('bitmap_'.length) as BitmapAction;
+      if (w.length !== 2 && !(action === 'add' && w.length === 3)) throw bad();
+      out.push({ op: 'bitmap', action, name: w[1]!, granularity: w[2] !== undefined ? num(w[2]) : undefined });
+    }
     else if (w[0] === 'amend') {
       const m = /^(compat|refcount_bits)=(\S+)$/.exec(w[1] ?? '');
       if (w.length !== 2 || !m) throw bad();

@@ -51,6 +51,9 @@ export const HEADER_FIELD_ID: Record<HeaderField, number> = {
   autoclear_features: 4,
   nb_snapshots: 5,
   snapshots_offset: 6,
+  nb_bitmaps: 7,
+  bitmap_directory_size: 8,
+  bitmap_directory_offset: 9,
 };
 
 const utf8 = new TextEncoder();

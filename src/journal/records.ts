@@ -22,7 +22,17 @@ export interface Word64 {
 export type L2Word = L2Entry;
 
 /** Header fields a header record can change. */
-export type HeaderField = 'size' | 'nb_snapshots' | 'snapshots_offset' | 'incompatible_features' | 'compatible_features' | 'autoclear_features';
+export type HeaderField =
+  | 'size'
+  | 'nb_snapshots'
+  | 'snapshots_offset'
+  | 'incompatible_features'
+  | 'compatible_features'
+  | 'autoclear_features'
+  /** the bitmaps header extension's fields (persistent dirty bitmaps) */
+  | 'nb_bitmaps'
+  | 'bitmap_directory_size'
+  | 'bitmap_directory_offset';
 
 export type TableRole = 'l2' | 'refblock';
 

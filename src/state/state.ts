@@ -44,6 +44,10 @@ export interface HeaderState {
   readonly incompatibleFeatures: bigint;
   readonly compatibleFeatures: bigint;
   readonly autoclearFeatures: bigint;
+  /** the bitmaps header extension (nb_bitmaps, bitmap_directory_size, bitmap_directory_offset; 0 without one) */
+  readonly nbBitmaps: number;
+  readonly bitmapDirectorySize: number;
+  readonly bitmapDirectoryOffset: number;
 }
 
 export interface MetaState {
@@ -68,6 +72,9 @@ const HEADER_KEY: Record<HeaderField, keyof HeaderState> = {
   incompatible_features: 'incompatibleFeatures',
   compatible_features: 'compatibleFeatures',
   autoclear_features: 'autoclearFeatures',
+  nb_bitmaps: 'nbBitmaps',
+  bitmap_directory_size: 'bitmapDirectorySize',
+  bitmap_directory_offset: 'bitmapDirectoryOffset',
 };
 
 /** Build the initial state from the header fields and the L1 and refcount tables as read from disk. */

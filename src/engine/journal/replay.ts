@@ -13,8 +13,8 @@
 
 import { hex } from '../../errors.ts';
 import { host } from '../../format/offsets.ts';
-import { putU64, u64, u64big } from '../../format/bytes.ts';
-import { AUTOCLEAR_JOURNAL, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../../format/features.ts';
+import { putU64, u32, u64, u64big } from '../../format/bytes.ts';
+import { AUTOCLEAR_BITMAPS, AUTOCLEAR_JOURNAL, EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../../format/features.ts';
 import { fixedHeaderLength, geometryOf, putMutableFields, type ParsedHeader } from '../../format/header.ts';
 import { decodeL1Entry, entryOffset, l1Offset } from '../../format/l1.ts';
 import { isCompressed, isCopied, l2EntryAt, sameL2Entry, standardOffset, standardReservedBits, writeL2Entry, type L2Entry } from '../../format/l2.ts';
@@ -22,6 +22,7 @@ import { getRefcount, maxRefcount, refcountTableEntry, setRefcount } from '../..
 import { readAt, readClusters, type BlockDevice } from '../../io/device.ts';
 import type { JournalTransaction } from '../../journal/log.ts';
 import { expandRecords, type HeaderField } from '../../journal/records.ts';
+import { encodeBitmapsExtension } from '../../format/bitmaps.ts';
 import { PhaseLists, dirtySectors, executePlan, padSector, type Phase } from '../ordering.ts';
 import { checkpoint } from './live.ts';
 import type { SnapshotEntry } from '../../format/snapshot.ts';
@@ -159,8 +160,12 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
       fields.set(r.field, f ? { first: f.first, last: r.new } : { first: r.old, last: r.new });
     } else if (r.kind === 'image') images.set(`${r.role}@${r.offset}`, r.bytes);
   }
-  // bits qledger sets outside the record stream (dirty) or keeps live (journal) are not compared
-  const mask = ~(INCOMPAT_DIRTY | AUTOCLEAR_JOURNAL);
+  // bits qledger sets outside the record stream (dirty) or keeps live (journal) are not compared,
+  // per field (bit 0 is the dirty bit in one and the bitmaps' bit in another) ...
+  const outside: Partial<Record<HeaderField, bigint>> = { incompatible_features: INCOMPAT_DIRTY, autoclear_features: AUTOCLEAR_JOURNAL };
+  // ... nor the bitmaps' bit, which their switch clears for a phase (ordering.ts, planBitmapsSwitch)
+  const unjudged: Partial<Record<HeaderField, bigint>> = { autoclear_features: AUTOCLEAR_BITMAPS };
+  const rawBitmaps = parsed.extensions.find((x) => x.type === EXT_BITMAPS && x.data.length === 24)?.data;
   const diskField: Record<HeaderField, bigint> = {
     size: BigInt(h.size),
     nb_snapshots: BigInt(h.nbSnapshots),
@@ -168,13 +173,17 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
     incompatible_features: h.incompatibleFeatures,
     compatible_features: h.compatibleFeatures,
     autoclear_features: h.autoclearFeatures,
+    // the extension as it is, even while its bit is clear (a crash inside the switch's phases)
+    nb_bitmaps: BigInt(rawBitmaps ? u32(rawBitmaps, 0) : 0),
+    bitmap_directory_size: BigInt(rawBitmaps ? u64(rawBitmaps, 8) : 0),
+    bitmap_directory_offset: BigInt(rawBitmaps ? u64(rawBitmaps, 16) : 0),
   };
   const finalField = { ...diskField };
   for (const [f, s] of fields) {
-    const feature = f.endsWith('_features');
-    const m = feature ? mask : -1n;
+    const keep = outside[f] ?? 0n;
+    const m = ~(keep | (unjudged[f] ?? 0n));
     if ((diskField[f] & m) !== (s.first & m) && (diskField[f] & m) !== (s.last & m)) return `header ${f} is 0x${diskField[f].toString(16)}, neither 0x${s.first.toString(16)} nor 0x${s.last.toString(16)}`;
-    finalField[f] = feature ? (s.last & mask) | (diskField[f] & ~mask) : s.last;
+    finalField[f] = (s.last & ~keep) | (diskField[f] & keep);
   }
   if (l1Swap && h.l1TableOffset !== l1Swap.first.offset && h.l1TableOffset !== l1Swap.last.offset) return `header l1_table_offset is ${hex(h.l1TableOffset)}, neither ${hex(l1Swap.first.offset)} nor ${hex(l1Swap.last.offset)}`;
   if (rtSwap && h.refcountTableOffset !== rtSwap.first.offset && h.refcountTableOffset !== rtSwap.last.offset) return `header refcount_table_offset is ${hex(h.refcountTableOffset)}, neither ${hex(rtSwap.first.offset)} nor ${hex(rtSwap.last.offset)}`;
@@ -403,6 +412,16 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
   });
   if (!Buffer.from(finalHeader).equals(Buffer.from(diskHeader))) {
     (rtSwap ? phase1 : phase2).push({ offset: host(0), data: finalHeader, what: 'replay: header', kind: OL_MAIN_HEADER });
+  }
+  // the bitmaps extension's fields (the extension itself was inserted before the transaction)
+  if (fields.has('nb_bitmaps') || fields.has('bitmap_directory_size') || fields.has('bitmap_directory_offset')) {
+    const e = parsed.extensions.find((x) => x.type === EXT_BITMAPS && x.data.length === 24);
+    const none = finalField.nb_bitmaps === 0n && finalField.bitmap_directory_size === 0n && finalField.bitmap_directory_offset === 0n;
+    if (e) {
+      const body = encodeBitmapsExtension(Number(finalField.nb_bitmaps), Number(finalField.bitmap_directory_size), Number(finalField.bitmap_directory_offset));
+      phase2.push({ offset: host(e.offset + 8), data: body, what: 'replay: bitmaps extension', kind: OL_MAIN_HEADER });
+    } else if (!none) return 'the transaction changes the bitmaps extension, which the header does not have';
+    // (no extension and no bitmaps left: the last one went and the extension was dropped after the transaction)
   }
   return lists.phases(false);
 }

@@ -82,6 +82,8 @@ export class WriteContext {
   /** the open transaction: one per guest operation */
   tx: Transaction | undefined;
   corrupt = false;
+  /** where the bitmaps header extension's body is in the header cluster (undefined: there is none) */
+  bitmapsExt: number | undefined;
   /** metadata found overlapping at open: writes are refused with this, and nothing is written (not even the corrupt bit) */
   refusal: string | undefined;
   closed = false;

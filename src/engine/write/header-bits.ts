@@ -24,7 +24,8 @@ export class HeaderBits {
   private journalBitToWrite = false;
 
   constructor(
-    private readonly dev: BlockDevice,
+    /** the header cluster, through the overlap guard (extension changes write here too) */
+    readonly dev: BlockDevice,
     private readonly version: 2 | 3,
     headerLength: number,
     dirty: boolean,

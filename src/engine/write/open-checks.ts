@@ -2,12 +2,15 @@
  * The write engine's checks and repairs of stored refcount structures as a
  * whole: what a read-write open checks before it trusts an image's tables
  * (engine/writer.ts calls it before anything is written), and the rebuild
- * of every refcount from counted references (a dirty image's recovery).
+ * of every refcount from counted references (a dirty image's recovery);
+ * the header fields a session starts from.
  */
 
 import { CorruptionError, QledgerError, hex } from '../../errors.ts';
 import { u32 } from '../../format/bytes.ts';
-import type { Geometry } from '../../format/header.ts';
+import { AUTOCLEAR_JOURNAL } from '../../format/features.ts';
+import { bitmapsFields, type Geometry, type ParsedHeader } from '../../format/header.ts';
+import type { HeaderState } from '../../state/state.ts';
 import { entryOffset } from '../../format/l1.ts';
 import { maxRefcount, reftableEntryOffset } from '../../format/refcount.ts';
 import { cluster } from '../../format/offsets.ts';
@@ -70,4 +73,23 @@ export async function rebuildRefcounts(ctx: WriteContext, alloc: Allocator, expe
     }
   }
   return fixed;
+}
+
+/** The header fields a session's metadata state starts from. */
+export function headerStateOf(parsed: ParsedHeader, journalled: boolean): HeaderState {
+  const h = parsed.header;
+  return {
+    size: h.size,
+    l1TableOffset: h.l1TableOffset,
+    l1Size: h.l1Size,
+    refcountTableOffset: h.refcountTableOffset,
+    refcountTableClusters: h.refcountTableClusters,
+    nbSnapshots: h.nbSnapshots,
+    snapshotsOffset: h.snapshotsOffset,
+    incompatibleFeatures: h.incompatibleFeatures,
+    compatibleFeatures: h.compatibleFeatures,
+    // a journalled session keeps the journal bit outside the state (see HeaderBits)
+    autoclearFeatures: journalled ? h.autoclearFeatures & ~AUTOCLEAR_JOURNAL : h.autoclearFeatures,
+    ...bitmapsFields(parsed),
+  };
 }

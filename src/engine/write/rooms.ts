@@ -2,12 +2,14 @@
  * Wiring: the rooms of one read-write session built over one write
  * context, each handed only the rooms below it, and the record stream's
  * subscribers registered in one place (trace, overlap index, allocator
- * epoch, journal stream, pending write-back, compressed packing); content dedup when asked for.
+ * epoch, journal stream, pending write-back, compressed packing); content dedup when asked for;
+ * persistent dirty bitmaps.
  */
 
 import type { JournalPlan } from '../journal/live.ts';
 import type { FaultPlan } from '../faults.ts';
 import { Allocator } from './allocator.ts';
+import { Bitmaps } from './bitmaps.ts';
 import { CompressedWriter } from './compressed.ts';
 import type { WriteContext } from './context.ts';
 import { DataWriter } from './data-write.ts';
@@ -58,6 +60,7 @@ export interface Rooms {
   readonly snapshots: Snapshots;
   readonly makeEmpty: MakeEmpty;
   readonly zeroExpansion: ZeroExpansion;
+  readonly bitmaps: Bitmaps;
   readonly journal: JournalSession;
   readonly writeback: WriteBack;
 }
@@ -100,6 +103,7 @@ export function buildRooms(ctx: WriteContext, o: RoomOptions): Rooms {
     makeEmpty: new MakeEmpty(ctx, tables, alloc, shared),
     zeroExpansion: new ZeroExpansion(ctx, tables, alloc, mapping),
     snapshots: new Snapshots(ctx, tables, alloc, resize, overlap, o.snapshots.entries, o.snapshots.tableBytes),
+    bitmaps: new Bitmaps(ctx, alloc, overlap, o.faults),
     journal,
     writeback,
   };

@@ -77,6 +77,7 @@ export class WriteBack {
       lazy,
       dataWritten: ctx.extent.dataWritten,
       faults: this.faults,
+      bitmapsExt: ctx.bitmapsExt,
     });
     ctx.trace.record({ kind: 'begin', tx: 0, op: 'writeback' });
     // Every cluster an entry may point at must exist in the file.
