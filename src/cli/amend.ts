@@ -1,22 +1,24 @@
 /**
  * qemu-img amend: `amend [-f FMT] [-p] [-q] [--force] [--image-opts] -o
  * OPTS IMG`, with qemu-img's option checks and messages. qledger changes
- * compat (1.1: v2 made v3; 0.10: v3 made v2) and lazy_refcounts;
- * refcount_bits, size and data_file are refused by name as not supported
- * yet; options only
+ * compat (1.1: v2 made v3; 0.10: v3 made v2), lazy_refcounts,
+ * refcount_bits, size (a resize to exactly that size) and data_file (the
+ * data file's name; data_file_raw=on is refused as QEMU refuses it on an
+ * existing image); options only
  * image creation takes, and unknown ones, get qemu-img's words.
  */
 
-import { UnsupportedError, UsageError } from '../errors.ts';
+import { QledgerError, UnsupportedError, UsageError } from '../errors.ts';
 import { Image } from '../engine/image.ts';
-import { downgradeRefusal, downgradeToV2, upgradeToV3 } from '../engine/amend.ts';
+import { downgradeRefusal, downgradeToV2, renameDataFile, upgradeToV3 } from '../engine/amend.ts';
 import { changeRefcountOrder } from '../engine/refcount-order.ts';
 import { probeFormat } from '../engine/open.ts';
 import { FileDevice } from '../io/file-device.ts';
 import { loadQcow2 } from '../engine/qcow2-layer.ts';
 import { locateJournal } from '../engine/journal/locate.ts';
-import { AUTOCLEAR_JOURNAL, INCOMPAT_DIRTY } from '../format/features.ts';
-import { getopt, parseOptionList } from './args.ts';
+import { AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_JOURNAL, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY } from '../format/features.ts';
+import { patchHeader } from '../engine/write/header-bits.ts';
+import { getopt, parseOptionList, parseSize } from './args.ts';
 import { imageSpec } from './image-spec.ts';
 import { fail, type Output } from './output.ts';
 
@@ -87,14 +89,38 @@ export async function runAmend(argv: string[], io: Output): Promise<number> {
     order = Number.isInteger(n) && n >= 1 && n <= 64 && (n & (n - 1)) === 0 ? Math.log2(n) : undefined;
     if (order === undefined) return fail(io, 'Refcount width must be a power of two and may not exceed 64 bits');
   }
-  if (opts.has('size')) throw new UnsupportedError("amend: size is not supported yet (use 'qledger resize')");
-  if (opts.has('data_file') || opts.has('data_file_raw')) throw new UnsupportedError('amend: data_file and data_file_raw are not supported yet');
+  let size: number | undefined;
+  if (opts.has('size')) {
+    try {
+      size = parseSize(opts.get('size')!);
+    } catch {
+      return fail(io, "Parameter 'size' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.");
+    }
+    if (size === 0) size = undefined; // QEMU: 0 changes nothing
+  }
+  const dataFile = opts.get('data_file');
+  let clearRaw = false;
+  const rawText = opts.get('data_file_raw');
+  if (rawText !== undefined && rawText !== 'on' && rawText !== 'off') return fail(io, "Parameter 'data_file_raw' expects 'on' or 'off'");
+  if (dataFile !== undefined || rawText !== undefined) {
+    const { hasDataFile, raw } = await dataFileOf(spec.path);
+    if (dataFile !== undefined && !hasDataFile) return fail(io, 'data-file can only be set for images that use an external data file');
+    if (rawText === 'on' && !raw) return fail(io, 'data-file-raw cannot be set on existing images');
+    clearRaw = rawText === 'off' && raw;
+    if (dataFile === '') throw new UsageError("amend: data_file= (no name) would leave the image without its data file's name; qledger refuses it");
+  }
+  if (size !== undefined && size % 512 !== 0) return fail(io, 'The new size must be a multiple of 512');
 
   if (compat === '0.10' && version === 3) {
     // everything checked before the first write, then QEMU's order: zero clusters expanded, refcounts exact, the header
     const refusal = await downgradeRefusal(spec.path);
     if (refusal?.notYet) throw new UnsupportedError(refusal.message);
     if (refusal) return fail(io, refusal.message);
+    // QEMU changes the size before it downgrades
+    if (size !== undefined) {
+      const r = await resizeTo(spec.path, size, io);
+      if (r !== 0) return r;
+    }
     // no journal for this session: the v2 image it becomes has no place for one
     const img = await Image.open(spec.path, { format: 'qcow2', write: true, journal: false, onWarning: (m) => io.err(`qledger: warning: ${m}\n`) });
     try {
@@ -123,5 +149,51 @@ export async function runAmend(argv: string[], io: Output): Promise<number> {
       await img.close();
     }
   }
+  // QEMU's order: the size after lazy_refcounts, then the data file
+  if (size !== undefined) {
+    const r = await resizeTo(spec.path, size, io);
+    if (r !== 0) return r;
+  }
+  if (dataFile !== undefined) await renameDataFile(spec.path, dataFile);
+  if (clearRaw) await clearDataFileRaw(spec.path);
   return 0;
+}
+
+/** amend -o size=N: qemu-img resize to exactly N, shrinking too (QEMU's blk_truncate with exact=true), through the write engine. */
+async function resizeTo(path: string, size: number, io: Output): Promise<number> {
+  const img = await Image.open(path, { format: 'qcow2', write: true, onWarning: (m) => io.err(`qledger: warning: ${m}\n`) });
+  try {
+    if (img.size === size) return 0;
+    await img.truncate(size);
+    return 0;
+  } catch (e) {
+    // the write engine's refusals (a v2 image with snapshots, an inconsistent bitmap) in qemu-img's words, without the file name
+    if (e instanceof QledgerError && (e.code === 'E_UNSUPPORTED' || e.code === 'E_USAGE')) return fail(io, e.message.replace(`${path}: `, ''));
+    throw e;
+  } finally {
+    await img.close();
+  }
+}
+
+/** Whether the image has an external data file (incompatible bit 2), and whether it is raw (autoclear bit 1). */
+async function dataFileOf(path: string): Promise<{ hasDataFile: boolean; raw: boolean }> {
+  const dev = await FileDevice.open(path, { readOnly: true });
+  try {
+    const h = (await loadQcow2(dev)).parsed.header;
+    return { hasDataFile: (h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n, raw: (h.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n };
+  } finally {
+    await dev.close();
+  }
+}
+
+/** data_file_raw=off: the autoclear bit cleared, one sector write of the header (the data file keeps its bytes; it is no longer promised raw). */
+async function clearDataFileRaw(path: string): Promise<void> {
+  const dev = await FileDevice.open(path, { readOnly: false });
+  try {
+    const h = (await loadQcow2(dev)).parsed.header;
+    await patchHeader(dev, h, { autoclearFeatures: h.autoclearFeatures & ~AUTOCLEAR_DATA_FILE_RAW });
+    await dev.flush();
+  } finally {
+    await dev.close();
+  }
 }

@@ -67,7 +67,7 @@ Commands (options as in qemu-img / qemu-io):
   bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-b FILE [-F fmt]] [-g GRAN] [-f fmt] FILE BITMAP
   commit [-f fmt] [-t cache] [-b BASE] [-d] [-p] [-q] FILE
   amend [-f fmt] [-p] [-q] -o OPTIONS FILE
-     compat=0.10|1.1, lazy_refcounts=on|off, refcount_bits=N; the rest of qemu-img amend is refused by name
+     compat=0.10|1.1, lazy_refcounts=on|off, refcount_bits=N, size=N, data_file=NAME, data_file_raw=off
   dedup [-f qcow2] [-p] [-q] [--output=human|json] FILE
      offline content dedup: identical clusters of the active tree stored once (qledger's own)
   dd [-f fmt] [-O raw|qcow2] [-U] [bs=N] [count=N] [skip=N] if=INPUT of=OUTPUT

@@ -8,7 +8,9 @@
  */
 
 import { UsageError } from '../errors.ts';
-import { EXT_BITMAPS, EXT_FEATURE_TABLE, EXT_JOURNAL, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY } from '../format/features.ts';
+import { EXT_BITMAPS, EXT_DATA_FILE, EXT_FEATURE_TABLE, EXT_JOURNAL, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY } from '../format/features.ts';
+import { planExtensionRemove } from '../format/extension-insert.ts';
+import { insertHeaderExtension } from './journal/live.ts';
 import { u32 } from '../format/bytes.ts';
 import { entryOffset } from '../format/l1.ts';
 import { L2E_COMPRESSED_HI, L2E_ZERO_LO } from '../format/l2.ts';
@@ -118,6 +120,34 @@ export async function downgradeToV2(target: string | BlockDevice): Promise<boole
     await dev.write(0, first);
     await dev.flush();
     return true;
+  } finally {
+    if (typeof target === 'string') await dev.close();
+  }
+}
+
+/**
+ * qemu-img amend -o data_file=NAME: the external data file's name changes,
+ * valid at every instant. The new name goes in as a second data-file
+ * extension after the others (the last one wins, in QEMU as here: the
+ * switch is the single write that makes it part of the list), then the old
+ * one is removed (format/extension-insert.ts). The caller checked that the
+ * image has a data file.
+ */
+export async function renameDataFile(target: string | BlockDevice, name: string): Promise<void> {
+  const dev = typeof target === 'string' ? await FileDevice.open(target, { readOnly: false }) : target;
+  try {
+    const { parsed } = await loadQcow2(dev);
+    if (parsed.dataFile === name) return;
+    const cs = 2 ** parsed.header.clusterBits;
+    const finish = await insertHeaderExtension(dev, cs, EXT_DATA_FILE, new TextEncoder().encode(name));
+    if (!finish) throw new UsageError(`${dev.name}: the header cluster has no room for the new data file name`);
+    await dev.flush();
+    await finish();
+    await dev.flush();
+    for (const w of planExtensionRemove(await readAt(dev, 0, cs), EXT_DATA_FILE) ?? []) {
+      await dev.write(w.offset, w.bytes);
+      await dev.flush();
+    }
   } finally {
     if (typeof target === 'string') await dev.close();
   }
