@@ -84,8 +84,11 @@ export const STATE_ZERO = 1 << 1;
 /** The errno values the protocol carries (Linux numbering, which the protocol fixes). */
 export const ERRNO = { EPERM: 1, EIO: 5, ENOMEM: 12, EINVAL: 22, ENOSPC: 28, EOVERFLOW: 75, ENOTSUP: 95, ESHUTDOWN: 108 } as const;
 
-/** The one metadata context qledger serves. */
+/** The metadata contexts qledger serves: allocation, and each exported dirty bitmap (qemu-nbd -B). */
 export const BASE_ALLOCATION = 'base:allocation';
+export const DIRTY_BITMAP_PREFIX = 'qemu:dirty-bitmap:';
+/** qemu:dirty-bitmap's extent flag. */
+export const STATE_DIRTY = 1 << 0;
 
 /** The longest option payload a client may send (the protocol's string limit is 4096; names, queries and info requests fit). */
 export const MAX_OPTION_BYTES = 64 * 1024;

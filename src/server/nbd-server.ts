@@ -9,6 +9,7 @@
 import { createServer, type Server, type Socket } from 'node:net';
 import { rmSync } from 'node:fs';
 import type { Image } from '../engine/image.ts';
+import type { DirtyBitmap } from '../engine/bitmaps/dirty-bitmap.ts';
 import { readAt, type BlockDevice } from '../io/device.ts';
 import { zeroRun } from '../io/holes.ts';
 import { QledgerError } from '../errors.ts';
@@ -27,6 +28,8 @@ export interface NbdServeOptions {
   readonly description?: string | undefined;
   /** serve read-only even from an image opened for writing (qemu-nbd -r) */
   readonly readOnly?: boolean | undefined;
+  /** persistent dirty bitmaps exported as qemu:dirty-bitmap:NAME metadata contexts (qemu-nbd -B NAME) */
+  readonly bitmaps?: readonly string[] | undefined;
   /** clients at once (default 1, qemu-nbd -e); more are refused until one leaves */
   readonly shared?: number | undefined;
   /** keep serving after the last client leaves (qemu-nbd -t) */
@@ -55,10 +58,22 @@ export interface NbdServerHandle {
 /** The largest request payload: qemu-nbd's NBD_MAX_BUFFER_SIZE. */
 export const NBD_MAX_BLOCK = 32 * 1024 * 1024;
 
-/** The library's image as an export's backend. */
-export function imageBackend(img: Image, readOnly: boolean, discard: 'unmap' | 'ignore' = 'unmap'): NbdBackend {
+/** The library's image as an export's backend; `bitmaps` are exported as qemu:dirty-bitmap contexts. */
+export function imageBackend(img: Image, readOnly: boolean, discard: 'unmap' | 'ignore' = 'unmap', bitmaps: readonly string[] = []): NbdBackend {
   const unmapping = discard === 'unmap';
+  // a read-only export's bitmaps cannot change: read once
+  const stable = new Map<string, Promise<DirtyBitmap>>();
+  const bitsOf = (name: string) => {
+    if (!readOnly) return img.bitmaps.bits(name);
+    let p = stable.get(name);
+    if (!p) stable.set(name, (p = img.bitmaps.bits(name)));
+    return p;
+  };
   return {
+    bitmaps,
+    async dirty(name, offset, length) {
+      return [...(await bitsOf(name)).extents(offset, offset + length)];
+    },
     get size() {
       return img.size;
     },
@@ -99,7 +114,14 @@ export function imageBackend(img: Image, readOnly: boolean, discard: 'unmap' | '
  */
 export async function serveNbd(image: Image, o: NbdServeOptions = {}): Promise<NbdServerHandle> {
   const readOnly = o.readOnly === true || image.writer === undefined;
-  return serveBackend(imageBackend(image, readOnly, o.discard), o);
+  // qemu-nbd -B: each bitmap must exist and be consistent, checked before the server starts
+  const list = await image.bitmaps.list();
+  for (const name of o.bitmaps ?? []) {
+    const b = list.find((x) => x.name === name);
+    if (!b) throw new QledgerError('E_USAGE', `Bitmap '${name}' is not found`, { notFound: true });
+    if (b.inconsistent) throw new QledgerError('E_USAGE', `Bitmap '${name}' is inconsistent and cannot be used`, { inconsistent: true });
+  }
+  return serveBackend(imageBackend(image, readOnly, o.discard, o.bitmaps), o);
 }
 
 /**

@@ -1,7 +1,7 @@
 /**
  * One NBD connection: the fixed newstyle handshake (options EXPORT_NAME,
  * ABORT, LIST, INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT and
- * SET_META_CONTEXT with base:allocation) and the transmission phase
+ * SET_META_CONTEXT with base:allocation and qemu:dirty-bitmap:NAME) and the transmission phase
  * (READ with structured replies and hole chunks, WRITE, FLUSH, TRIM,
  * WRITE_ZEROES, BLOCK_STATUS, CACHE, DISC), requests pipelined, each reply
  * sent whole when its request completes. Everything the client sends is
@@ -13,8 +13,8 @@
 import type { Socket } from 'node:net';
 import { QledgerError } from '../errors.ts';
 import {
-  BASE_ALLOCATION, CF, CMD, ERRNO, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO, MAX_OPTION_BYTES, NBDMAGIC, OPT, REP, REPLY_FLAG_DONE, REPLY_TYPE,
-  STATE_HOLE, STATE_ZERO, TF, chunkHeader, decodeRequest, errorChunk, infoBlockSize, infoExport, infoString, optionError, optionReply, simpleReply, type Request,
+  BASE_ALLOCATION, CF, DIRTY_BITMAP_PREFIX, CMD, ERRNO, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO, MAX_OPTION_BYTES, NBDMAGIC, OPT, REP, REPLY_FLAG_DONE, REPLY_TYPE,
+  STATE_DIRTY, STATE_HOLE, STATE_ZERO, TF, chunkHeader, decodeRequest, errorChunk, infoBlockSize, infoExport, infoString, optionError, optionReply, simpleReply, type Request,
 } from './nbd-protocol.ts';
 import { PeerGone, SocketReader } from './socket-reader.ts';
 
@@ -29,6 +29,10 @@ export interface NbdBackend {
   flush(): Promise<void>;
   /** the run at `offset` (at most `length` bytes): whether it reads as zero, and whether it holds no data */
   status(offset: number, length: number): Promise<{ length: number; hole: boolean; zero: boolean }>;
+  /** the dirty bitmaps exported as qemu:dirty-bitmap:NAME contexts (qemu-nbd -B) */
+  readonly bitmaps?: readonly string[] | undefined;
+  /** bitmap `name`'s dirty extents [start, end) meeting [offset, offset + length), in order */
+  dirty?(name: string, offset: number, length: number): Promise<ReadonlyArray<readonly [number, number]>>;
 }
 
 export interface NbdExport {
@@ -61,8 +65,8 @@ const ACK = REP.ACK;
 export class NbdSession {
   private readonly reader: SocketReader;
   private structured = false;
-  /** the base:allocation context id once SET_META_CONTEXT selected it (0: none) */
-  private allocationContext = 0;
+  /** the metadata contexts SET_META_CONTEXT selected, by id (1: base:allocation, 2 + k: the k-th exported bitmap) */
+  private contexts: number[] = [];
   private noZeroes = false;
   private inFlight = 0;
   private slot: (() => void) | undefined;
@@ -226,14 +230,16 @@ export class NbdSession {
     }
     if (o !== data.length) return this.reject(option, REP.ERR_INVALID, 'request length does not match its queries');
     if (name !== this.exp.name) return this.reject(option, REP.ERR_UNKNOWN, `no export named '${name}'`);
-    // base:allocation, asked by name; LIST also answers "base:" and no query at all
-    const wanted = queries.some((q) => q === BASE_ALLOCATION) || (!set && (queries.length === 0 || queries.includes('base:')));
+    // contexts asked by name; LIST also answers a namespace ("base:", "qemu:", "qemu:dirty-bitmap:") and no query at all
+    const names = [BASE_ALLOCATION, ...(this.exp.backend.bitmaps ?? []).map((b) => DIRTY_BITMAP_PREFIX + b)];
+    const matches = (n: string) => queries.includes(n) || (!set && (queries.length === 0 || queries.some((q) => q.endsWith(':') && n.startsWith(q))));
+    const wanted = names.flatMap((n, i) => (matches(n) ? [i + 1] : []));
     const out: Buffer[] = [];
-    if (set) this.allocationContext = wanted ? 1 : 0;
-    if (wanted) {
-      const ctx = Buffer.from(BASE_ALLOCATION, 'utf8');
+    if (set) this.contexts = wanted;
+    for (const id of wanted) {
+      const ctx = Buffer.from(names[id - 1]!, 'utf8');
       const d = Buffer.alloc(4 + ctx.length);
-      d.writeUInt32BE(set ? 1 : 0, 0);
+      d.writeUInt32BE(set ? id : 0, 0);
       d.set(ctx, 4);
       out.push(optionReply(option, REP.META_CONTEXT, d));
     }
@@ -369,11 +375,52 @@ export class NbdSession {
   }
 
   private async blockStatus(req: Request): Promise<void> {
-    if (!this.structured || this.allocationContext === 0) return this.reply(req, ERRNO.EINVAL, 'no metadata context is selected (SET_META_CONTEXT base:allocation)');
+    if (!this.structured || this.contexts.length === 0) return this.reply(req, ERRNO.EINVAL, 'no metadata context is selected (SET_META_CONTEXT base:allocation)');
     if (req.length === 0) return this.reply(req, ERRNO.EINVAL, 'block status of 0 bytes');
+    const one = (req.flags & CF.REQ_ONE) !== 0;
+    // one chunk per selected context, the last one done
+    const chunks: Buffer[] = [];
+    for (const [k, id] of this.contexts.entries()) {
+      const desc = id === 1 ? await this.allocationExtents(req, one) : await this.dirtyExtents(req, one, this.exp.backend.bitmaps![id - 2]!);
+      const payload = Buffer.alloc(4 + desc.length * 4);
+      payload.writeUInt32BE(id, 0);
+      for (let i = 0; i < desc.length; i++) payload.writeUInt32BE(desc[i]!, 4 + i * 4);
+      chunks.push(chunkHeader(k === this.contexts.length - 1 ? REPLY_FLAG_DONE : 0, REPLY_TYPE.BLOCK_STATUS, req.cookie, payload.length), payload);
+    }
+    this.send(chunks);
+  }
+
+  /** qemu:dirty-bitmap:NAME's descriptors for a request: dirty and clean runs, up to the request's end. */
+  private async dirtyExtents(req: Request, one: boolean, name: string): Promise<number[]> {
+    const end = req.offset + req.length;
+    const desc: number[] = [];
+    const push = (n: number, flags: number) => {
+      if (n <= 0) return;
+      for (let left = n; left > 0; ) {
+        const m = Math.min(left, 0x8000_0000);
+        if (desc.length && desc[desc.length - 1] === flags && desc[desc.length - 2]! + m <= 0xffff_ffff) desc[desc.length - 2]! += m;
+        else desc.push(m, flags);
+        left -= m;
+      }
+    };
+    let at = req.offset;
+    for (const [s, e] of await this.exp.backend.dirty!(name, req.offset, req.length)) {
+      const a = Math.max(s, req.offset);
+      const z = Math.min(e, end);
+      if (z <= at) continue;
+      push(a - at, 0);
+      push(z - Math.max(a, at), STATE_DIRTY);
+      at = z;
+      if (desc.length / 2 >= MAX_EXTENTS) break;
+    }
+    if (desc.length / 2 < MAX_EXTENTS) push(end - at, 0);
+    return one ? desc.slice(0, 2) : desc;
+  }
+
+  /** base:allocation's descriptors for a request. */
+  private async allocationExtents(req: Request, one: boolean): Promise<number[]> {
     const b = this.exp.backend;
     const end = req.offset + req.length;
-    const one = (req.flags & CF.REQ_ONE) !== 0;
     const desc: number[] = [];
     for (let at = req.offset; at < end && desc.length / 2 < MAX_EXTENTS; ) {
       const st = await b.status(at, end - at);
@@ -385,10 +432,7 @@ export class NbdSession {
       at += n;
       if (one) break;
     }
-    const payload = Buffer.alloc(4 + desc.length * 4);
-    payload.writeUInt32BE(this.allocationContext, 0);
-    for (let i = 0; i < desc.length; i++) payload.writeUInt32BE(desc[i]!, 4 + i * 4);
-    this.send([chunkHeader(REPLY_FLAG_DONE, REPLY_TYPE.BLOCK_STATUS, req.cookie, payload.length), payload]);
+    return desc;
   }
 
   /**

@@ -137,12 +137,15 @@ export class DirtyBitmap {
     }
   }
 
-  /** Dirty extents in guest bytes, [start, end) merged, the last one clipped to the disk. */
-  *extents(): Generator<[number, number]> {
+  /** Dirty extents in guest bytes, [start, end) merged, the last one clipped to the disk; with a range, those meeting [from, to) only. */
+  *extents(from = 0, to = Infinity): Generator<[number, number]> {
     const g = this.granularity;
     let runStart = -1;
     let runEnd = -1;
+    const firstChunk = Math.floor(from / g / this.chunkBits);
+    const lastChunk = to === Infinity ? Infinity : Math.floor((to - 1) / g / this.chunkBits);
     for (const ci of this.dirtyChunks()) {
+      if (ci < firstChunk || ci > lastChunk) continue;
       const c = this.chunks.get(ci)!;
       const base = ci * this.chunkBits;
       for (let byte = 0; byte < c.length; byte++) {
