@@ -144,3 +144,8 @@ export function hex(n: number | bigint): string {
 export function hexDigits(n: number | bigint): string {
   return n.toString(16);
 }
+
+/** A 64-bit word given as its two 32-bit halves, in hex digits, exactly (no rounding through a number above 2^53). */
+export function hexWord(hi: number, lo: number): string {
+  return ((BigInt(hi >>> 0) << 32n) | BigInt(lo >>> 0)).toString(16);
+}

@@ -137,8 +137,10 @@ export function subclusterType(e: L2Entry, sc: number, g: Geometry, hasDataFile:
 }
 
 export interface CompressedDescriptor {
-  /** host byte offset of the compressed stream */
+  /** host byte offset of the compressed stream (rounded above 2^53: such an offset is past any file) */
   readonly offset: number;
+  /** the same, exact (for messages) */
+  readonly exactOffset: bigint;
   /** bytes to read: up to the end of the last 512-byte sector used */
   readonly length: number;
 }
@@ -147,10 +149,10 @@ export interface CompressedDescriptor {
 export function compressedDescriptor(e: L2Entry, clusterBits: number): CompressedDescriptor {
   const x = 62 - (clusterBits - 8); // bits of host offset
   const v = (BigInt(e.hi & 0x3fff_ffff) << 32n) | BigInt(e.lo >>> 0);
-  const offset = Number(v & ((1n << BigInt(x)) - 1n));
+  const exact = v & ((1n << BigInt(x)) - 1n);
   const sectors = Number(v >> BigInt(x)) + 1;
-  // QEMU: nb_csectors * 512 - offset_into_sector(offset)
-  return { offset, length: sectors * 512 - (offset % 512) };
+  // QEMU: nb_csectors * 512 - offset_into_sector(offset); the offset exact (a number rounds above 2^53)
+  return { offset: Number(exact), exactOffset: exact, length: sectors * 512 - Number(exact % 512n) };
 }
 
 export function encodeCompressedDescriptor(offset: number, length: number, clusterBits: number): L2Entry {

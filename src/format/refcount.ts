@@ -55,6 +55,12 @@ export function getRefcount(block: Uint8Array, index: number, order: number): nu
   }
 }
 
+/** A stored refcount in decimal, exactly (a 64-bit one above 2^53 is rounded as a number). */
+export function refcountText(block: Uint8Array, index: number, order: number): string {
+  if (order !== 6) return String(getRefcount(block, index, order));
+  return ((BigInt(u32(block, index * 8)) << 32n) | BigInt(u32(block, index * 8 + 4))).toString();
+}
+
 export function maxRefcount(order: number): number {
   return order === 6 ? Number.MAX_SAFE_INTEGER : 2 ** (2 ** order) - 1;
 }

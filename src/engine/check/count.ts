@@ -14,14 +14,14 @@
  * what a damaged table claims.
  */
 
-import { QledgerError, hexDigits } from '../../errors.ts';
+import { QledgerError, hexDigits, hexWord } from '../../errors.ts';
 import { readAt, readClusters, type BlockDevice } from '../../io/device.ts';
 import { geometryOf, type Geometry, type ParsedHeader } from '../../format/header.ts';
 import { u32 } from '../../format/bytes.ts';
 import { AUTOCLEAR_BITMAPS, INCOMPAT_DATA_FILE } from '../../format/features.ts';
 import { compressedDescriptor, isCompressed, isCopied, readL2Entry, standardOffset, type RawL2Entry, L2E_COPIED_HI, L2E_STD_RESERVED_HI, L2E_STD_RESERVED_LO } from '../../format/l2.ts';
 import { entryOffset, l1ReservedBits } from '../../format/l1.ts';
-import { getRefcount, setRefcount, refcountTableEntry, maxRefcount } from '../../format/refcount.ts';
+import { getRefcount, setRefcount, refcountTableEntry, maxRefcount, refcountText } from '../../format/refcount.ts';
 import { decodeBitmapDirectory } from '../../format/bitmaps.ts';
 import type { SnapshotEntry } from '../../format/snapshot.ts';
 import { loadQcow2 } from '../qcow2-layer.ts';
@@ -72,7 +72,7 @@ export interface Analysis {
   /** active L2 tables as read, kept (up to BATCH_BYTES) for the COPIED check */
   readonly activeTables: Map<number, Uint8Array>;
   /** cluster -> stored refcount, for clusters whose stored value differs */
-  readonly mismatches: Array<{ cluster: number; stored: number; counted: number }>;
+  readonly mismatches: Array<{ cluster: number; stored: number; counted: number; /** the stored value exactly, when a number rounds it */ storedText?: string | undefined }>;
 }
 
 export interface Image {
@@ -179,6 +179,14 @@ export class Stored {
     const b = this.blocks.get(rt);
     return b ? getRefcount(b, cluster % g.refcountBlockEntries, g.refcountOrder) : 0;
   }
+  /** The stored refcount of a cluster in decimal, exactly (for messages); undefined as `get`. */
+  text(cluster: number): string | undefined {
+    const g = this.img.g;
+    const rt = Math.floor(cluster / g.refcountBlockEntries);
+    if (this.unreadableBlocks.has(rt)) return undefined;
+    const b = this.blocks.get(rt);
+    return b ? refcountText(b, cluster % g.refcountBlockEntries, g.refcountOrder) : '0';
+  }
   /** Change a stored refcount on disk (its block must exist inside the file). */
   async set(cluster: number, value: number): Promise<boolean> {
     const g = this.img.g;
@@ -224,13 +232,15 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
     a.findings.push({ counts: 'corruption', message, offset, cluster: offset === undefined ? undefined : Math.floor(offset / cs), fixed: false });
   };
   const maxCount = Math.min(maxRefcount(g.refcountOrder), 0xffff_ffff);
-  const inc = (offset: number, size: number) => {
+  const inc = (offset: number, size: number, exact?: bigint) => {
     if (size <= 0) return;
     if (offset + size - fileSize >= cs) {
-      corrupt(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${hexDigits(offset)} size 0x${hexDigits(size)}`, offset);
+      corrupt(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${hexDigits(exact ?? offset)} size 0x${hexDigits(size)}`, offset);
       return;
     }
     const last = Math.floor((offset + size - 1) / cs);
+    // as QEMU's in-memory refcount table grows with the references: a cluster just past the end of the file is compared too
+    if (last + 1 > a.nbClusters) a.nbClusters = last + 1;
     for (let c = clusterOf(host(offset), cs); c <= last; c = cluster(c + 1)) {
       if (a.counts.get(c) >= maxCount) {
         // QEMU stops counting at what refcount_bits can hold, and says so
@@ -242,7 +252,7 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
   };
 
   const e: RawL2Entry = { hi: 0, lo: 0, bitmapHi: 0, bitmapLo: 0 };
-  const entryHex = () => hexDigits((e.hi >>> 0) * 2 ** 32 + (e.lo >>> 0));
+  const entryHex = () => hexWord(e.hi, e.lo);
   const walkL2 = (table: Uint8Array, l2Offset: number, frag: boolean) => {
     let next = 0;
     for (let j = 0; j < g.l2Entries; j++) {
@@ -254,7 +264,7 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
       if (compressed) {
         if (isCopied(e)) {
           const d = compressedDescriptor({ ...e, hi: e.hi & ~L2E_COPIED_HI }, g.clusterBits);
-          corrupt(`ERROR: coffset=0x${hexDigits(d.offset)}: copied flag must never be set for compressed clusters`, d.offset);
+          corrupt(`ERROR: coffset=0x${hexDigits(d.exactOffset)}: copied flag must never be set for compressed clusters`, d.offset);
         }
         if (hasDataFile) {
           corrupt(`ERROR compressed cluster ${j} with data file, entry=0x${entryHex()} (L2 table at 0x${hexDigits(l2Offset)})`, l2Offset);
@@ -265,7 +275,7 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
           continue;
         }
         const d = compressedDescriptor({ ...e, hi: e.hi & ~L2E_COPIED_HI }, g.clusterBits);
-        inc(d.offset, d.length);
+        inc(d.offset, d.length, d.exactOffset);
         if (frag) {
           a.allocated++;
           a.compressed++;
@@ -308,7 +318,7 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
       const aligned = await readClusters(dev, batch.filter((x) => x.l2 % cs === 0).map((x) => x.l2), cs);
       if (frag) for (const [o, t] of aligned) if ((a.activeTables.size + 1) * cs <= BATCH_BYTES) a.activeTables.set(o, t);
       for (const { i, hi, lo, l2 } of batch) {
-        if (l1ReservedBits(hi, lo)) corrupt(`ERROR found L1 entry with reserved bits set: ${hexDigits(hi * 2 ** 32 + lo)}`, l1Off + i * 8);
+        if (l1ReservedBits(hi, lo)) corrupt(`ERROR found L1 entry with reserved bits set: ${hexWord(hi, lo)}`, l1Off + i * 8);
         inc(l2, cs);
         if (l2 % cs !== 0) corrupt(`ERROR l2_offset=${hexDigits(l2)}: Table is not cluster aligned; L1 entry corrupted (L1 index ${i})`, l2);
         walkL2(aligned.get(l2) ?? (await readAt(dev, l2, cs)), l2, frag);
@@ -316,6 +326,8 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
     }
   };
 
+  // QEMU's qcow2_check_read_snapshot_table: a v3 snapshot entry needs 16 bytes of extra data (vm_state_size_large, disk_size)
+  if (h.version >= 3) img.snapshots.forEach((sn, i) => sn.diskSize === undefined && corrupt(`ERROR snapshot table entry ${i} is incomplete`, h.snapshotsOffset));
   inc(0, cs);
   await walkL1(h.l1TableOffset, h.l1Size, true);
   if (hasDataFile && img.snapshots.length) corrupt(`ERROR ${img.snapshots.length} snapshots in image with data file`);

@@ -7,14 +7,14 @@
  * crash during repair leaves the image no worse.
  */
 
-import { hexDigits } from '../../errors.ts';
+import { hexDigits, hexWord } from '../../errors.ts';
 import { cluster, clusterOf, host } from '../../format/offsets.ts';
 import { readAt, readClusters } from '../../io/device.ts';
 import { putU32 } from '../../format/bytes.ts';
 import { INCOMPAT_DATA_FILE } from '../../format/features.ts';
 import { COPIED_HI } from '../../format/l1.ts';
 import { isCompressed, isCopied, readL2Entry, standardOffset, type RawL2Entry, L2E_COPIED_HI } from '../../format/l2.ts';
-import { getRefcount, setRefcount, setRefcountTableEntry, maxRefcount, refcountStructureSize } from '../../format/refcount.ts';
+import { getRefcount, setRefcount, setRefcountTableEntry, maxRefcount, refcountStructureSize, refcountText } from '../../format/refcount.ts';
 import { l1Entries, Stored, BATCH_BYTES, type Analysis, type Image } from './count.ts';
 import type { CheckFinding, CheckReport, RepairMode } from './report.ts';
 import { patchHeader } from '../write/header-bits.ts';
@@ -42,15 +42,15 @@ export async function compare(img: Image, a: Analysis, stored: Stored, repair: R
       const n = a.counts.get(cluster(c));
       if (s > 0 || n > 0) a.highest = c;
       if (s === n) continue;
-      a.mismatches.push({ cluster: c, stored: s, counted: n });
+      a.mismatches.push({ cluster: c, stored: s, counted: n, storedText: order === 6 && s > Number.MAX_SAFE_INTEGER ? refcountText(block!, c - base, order) : undefined });
       if (s === 0) a.rebuild = true;
     }
   }
   const fixing = repair !== undefined && !a.rebuild;
-  for (const { cluster: c, stored: s, counted: n } of a.mismatches) {
+  for (const { cluster: c, stored: s, counted: n, storedText } of a.mismatches) {
     const fix = fixing && ((s > n && repair !== undefined) || (s < n && repair === 'all')) ? (s > n ? 'leak' : 'corruption') : undefined;
     const word = fix ? 'Repairing' : s < n ? 'ERROR' : 'Leaked';
-    const finding: CheckFinding = { counts: s < n ? 'corruption' : 'leak', message: `${word} cluster ${c} refcount=${s} reference=${n} (host offset 0x${hexDigits(c * cs)})`, cluster: c, offset: c * cs, fixed: false };
+    const finding: CheckFinding = { counts: s < n ? 'corruption' : 'leak', message: `${word} cluster ${c} refcount=${storedText ?? s} reference=${n} (host offset 0x${hexDigits(c * cs)})`, cluster: c, offset: c * cs, fixed: false };
     a.findings.push(finding);
     if (fix && (await stored.set(c, n))) {
       finding.fixed = true;
@@ -76,15 +76,19 @@ export async function checkCopied(img: Image, a: Analysis, stored: Stored, repai
   const perBatch = Math.max(1, Math.floor(BATCH_BYTES / cs));
   for (let b = 0; b < entries.length; b += perBatch) {
     const batch = entries.slice(b, b + perBatch);
-    const wanted = batch.filter((x) => x.l2 % cs === 0 && x.l2 + cs <= fileSize).map((x) => x.l2);
+    // a table past the end of the file reads as zeros there, as QEMU's file driver reads it (a repair writes only inside the file)
+    const wanted = batch.filter((x) => x.l2 % cs === 0 && (!repair || x.l2 + cs <= fileSize)).map((x) => x.l2);
     const tables = await readClusters(dev, wanted.filter((o) => !a.activeTables.has(o)), cs);
+    // QEMU reads a table at an unaligned offset too (its entries judged as any others); a repair
+    // would write it there, over other metadata, which QEMU's overlap check refuses: not repaired here
+    if (!repair) for (const x of batch) if (x.l2 % cs !== 0 && !tables.has(x.l2)) tables.set(x.l2, await readAt(dev, x.l2, cs));
     for (const o of wanted) if (a.activeTables.has(o)) tables.set(o, a.activeTables.get(o)!);
     for (const { i, hi, lo, l2 } of batch) {
       const rc = stored.get(Math.floor(l2 / cs));
       // an unreadable refcount: QEMU skips the entry without a word
       if (rc === undefined) continue;
       if ((rc === 1) !== ((hi & COPIED_HI) !== 0)) {
-        const f: CheckFinding = { counts: 'corruption', message: `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hexDigits(hi * 2 ** 32 + lo)} refcount=${rc} (L2 table at 0x${hexDigits(l2)})`, offset: l2, cluster: Math.floor(l2 / cs), copiedClear: rc === 1, fixed: false };
+        const f: CheckFinding = { counts: 'corruption', message: `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hexWord(hi, lo)} refcount=${stored.text(Math.floor(l2 / cs))} (L2 table at 0x${hexDigits(l2)})`, offset: l2, cluster: Math.floor(l2 / cs), copiedClear: rc === 1, fixed: false };
         a.findings.push(f);
         if (repair) {
           putU32(l1, i * 8, rc === 1 ? (hi | COPIED_HI) >>> 0 : (hi & ~COPIED_HI) >>> 0);
@@ -106,7 +110,7 @@ export async function checkCopied(img: Image, a: Analysis, stored: Stored, repai
         const rc2 = hasDataFile ? 1 : stored.get(Math.floor(off / cs));
         if (rc2 === undefined) continue;
         if ((rc2 === 1) !== isCopied(e)) {
-          const f: CheckFinding = { counts: 'corruption', message: `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${hexDigits(e.hi * 2 ** 32 + e.lo)} refcount=${rc2} (host offset 0x${hexDigits(off)})`, offset: off, cluster: Math.floor(off / cs), copiedClear: rc2 === 1, fixed: false };
+          const f: CheckFinding = { counts: 'corruption', message: `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${hexWord(e.hi, e.lo)} refcount=${hasDataFile ? '1' : stored.text(Math.floor(off / cs))} (host offset 0x${hexDigits(off)})`, offset: off, cluster: Math.floor(off / cs), copiedClear: rc2 === 1, fixed: false };
           a.findings.push(f);
           if (repair) {
             putU32(t, j * g.l2EntrySize, rc2 === 1 ? (e.hi | L2E_COPIED_HI) >>> 0 : (e.hi & ~L2E_COPIED_HI) >>> 0);

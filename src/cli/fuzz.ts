@@ -1,0 +1,72 @@
+/**
+ * qledger fuzz: `fuzz [--cases N] [--seed S] [--shard I/N] [--commands
+ * LIST] [--timeout MS] [--memory MIB] [--out DIR] [--qemu] [--output=
+ * human|json] [IMAGE...]`, qledger's own: seeded mutations of the given
+ * images (or the built-in kinds) with every command run on each, the
+ * outcomes counted by class (harness/fuzz.ts), failing cases written to
+ * --out. Exit 0 when no case crashed, hung, passed the memory bound or
+ * wrote after an error; 2 otherwise (disagreements with qemu-img are
+ * reported, not failed).
+ */
+
+import { readFileSync } from 'node:fs';
+import { basename } from 'node:path';
+import { UsageError } from '../errors.ts';
+import { FUZZ_CLASSES, FUZZ_COMMANDS, fuzz, type FuzzCommand } from '../harness/fuzz.ts';
+import { getopt } from './args.ts';
+import type { Output } from './output.ts';
+
+export async function runFuzz(argv: string[], io: Output): Promise<number> {
+  const p = getopt(argv, { withArg: '', flags: 'q', long: { cases: true, seed: true, shard: true, commands: true, timeout: true, memory: true, out: true, qemu: false, output: true } }, 'fuzz');
+  const last = (k: string) => p.opts.filter(([x]) => x === k).at(-1)?.[1];
+  const int = (k: string, d: number, min = 0) => {
+    const v = last(k);
+    if (v === undefined) return d;
+    const n = Number(v);
+    if (!Number.isSafeInteger(n) || n < min) throw new UsageError(`fuzz: --${k} expects an integer of at least ${min} (got '${String(v)}')`);
+    return n;
+  };
+  const cases = int('cases', 1000, 1);
+  const seed = int('seed', 1);
+  const timeoutMs = int('timeout', 10_000, 1);
+  const memoryBytes = int('memory', 512, 1) * 2 ** 20;
+  let shard: { index: number; count: number } | undefined;
+  const s = last('shard');
+  if (s !== undefined) {
+    const m = /^(\d+)\/(\d+)$/.exec(String(s));
+    if (!m || Number(m[2]) < 1 || Number(m[1]) >= Number(m[2])) throw new UsageError(`fuzz: --shard expects I/N with 0 <= I < N (got '${String(s)}')`);
+    shard = { index: Number(m[1]), count: Number(m[2]) };
+  }
+  let commands: FuzzCommand[] | undefined;
+  const c = last('commands');
+  if (c !== undefined) {
+    commands = String(c).split(',') as FuzzCommand[];
+    for (const x of commands) if (!FUZZ_COMMANDS.includes(x)) throw new UsageError(`fuzz: unknown command '${x}' (commands: ${FUZZ_COMMANDS.join(', ')})`);
+  }
+  const output = last('output') ?? 'human';
+  if (output !== 'human' && output !== 'json') throw new UsageError(`fuzz: --output expects human or json`);
+  const images = p.positional.length ? p.positional.map((f) => ({ name: basename(f), bytes: new Uint8Array(readFileSync(f)) })) : undefined;
+  const out = last('out');
+  const quiet = p.opts.some(([k]) => k === 'q');
+  const step = Math.max(1, Math.floor(cases / 20));
+  const r = await fuzz({
+    cases,
+    seed,
+    shard,
+    images,
+    commands,
+    timeoutMs,
+    memoryBytes,
+    outDir: out === undefined ? undefined : String(out),
+    qemu: p.opts.some(([k]) => k === 'qemu'),
+    onCase: quiet || output === 'json' ? undefined : (k) => (k % step === 0 ? io.err(`case ${k}\n`) : undefined),
+  });
+  if (output === 'json') io.out(JSON.stringify(r, null, 2) + '\n');
+  else {
+    io.out(`cases: ${r.cases} (seed ${r.seed}${shard ? `, shard ${shard.index}/${shard.count}` : ''}), command runs: ${r.runs}, ${r.casesPerSecond.toFixed(1)} cases per second\n`);
+    for (const k of FUZZ_CLASSES) io.out(`${k}: ${r.classes[k]}\n`);
+    for (const f of r.failures.slice(0, 50)) io.out(`FAIL case ${f.case} (${f.image}: ${f.mutations.join('; ')}): ${f.command}: ${f.class}: ${f.message}${f.file ? `\n  reproduce: qledger ${f.command === 'write' ? "io -c 'write 0 128k'" : f.command === 'read' ? "io -r -c 'read 0 1M'" : f.command === 'convert' ? 'convert -O raw' : f.command} ${f.file}${f.command === 'convert' ? ' /dev/null' : ''}` : ''}\n`);
+  }
+  const bad = r.classes.crash + r.classes.hang + r.classes.memory + r.classes.writeAfterError;
+  return bad ? 2 : 0;
+}
