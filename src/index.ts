@@ -19,7 +19,8 @@ export { serveNbd, type NbdServeOptions, type NbdServerHandle } from './server/n
 export type { SnapshotFields } from './engine/write/snapshots.ts';
 export type { SnapshotEntry } from './format/snapshot.ts';
 export type { CreateOptions, Preallocation } from './engine/create.ts';
-export type { TraceEvent, ZeroOptions, DetectZeroes } from './engine/writer.ts';
+export type { TraceEvent } from './engine/writer.ts';
+export type { ZeroOptions, DetectZeroes } from './engine/writer-options.ts';
 export { checkImage, type CheckOptions } from './engine/check/check.ts';
 export type { CheckReport, CheckFinding, RepairMode } from './engine/check/report.ts';
 export { crashTest, type GuestOp, type CrashTestOptions, type CrashTestResult } from './harness/crash-harness.ts';

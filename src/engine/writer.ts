@@ -22,14 +22,13 @@ import type { DedupCounters } from './write/dedup.ts';
 import { dedupRefusal } from './dedup/stats.ts';
 import { readAt } from '../io/device.ts';
 import { Transaction, initialState, l1TableOffset, type MetaState } from '../state/state.ts';
-import { faultPlan, type Fault } from './faults.ts';
-import type { JournalPlan } from './journal/live.ts';
+import { faultPlan } from './faults.ts';
 import { guest, host } from '../format/offsets.ts';
-import { Qcow2Layer, type Qcow2LayerOptions } from './qcow2-layer.ts';
+import { Qcow2Layer } from './qcow2-layer.ts';
 import { readGuest } from './read.ts';
 import { WriteContext } from './write/context.ts';
 import { HeaderBits } from './write/header-bits.ts';
-import { ANY_KIND, OverlapIndex, overlapNames, type OverlapMode } from './write/overlap.ts';
+import { ANY_KIND, OverlapIndex, overlapNames } from './write/overlap.ts';
 import { buildOverlapIndex } from './write/overlap-build.ts';
 import { GuardedDevice } from './write/overlap-guard.ts';
 import type { PreallocMode } from './write/resize.ts';
@@ -38,60 +37,11 @@ import type { SnapshotEntry } from '../format/snapshot.ts';
 import { buildRooms, type Rooms } from './write/rooms.ts';
 import type { Bitmaps } from './write/bitmaps.ts';
 import { Trace, type TraceEvent } from './write/trace.ts';
+import type { DetectZeroes, WriterOptions, ZeroOptions } from './writer-options.ts';
 
 export type { TraceEvent } from './write/trace.ts';
 
-/** What a writer opens: the image's files and header, as a read-only layer takes them, plus options. */
-export interface WriterOptions extends Pick<Qcow2LayerOptions, 'filename' | 'dev' | 'dataDev' | 'parsed' | 'fileSize' | 'snapshots' | 'backing'> {
-  /** the snapshot table's size in bytes, as read at open (its entries are variable-sized) */
-  readonly snapshotTableBytes?: number | undefined;
-  /**
-   * QEMU's overlap-check mode: which metadata kinds every write is checked
-   * against (default 'all': QEMU's 'cached' plus the inactive L2 tables).
-   */
-  readonly overlapCheck?: OverlapMode | undefined;
-  /** receives every record, device write and flush, in order */
-  readonly trace?: TraceEvent[] | undefined;
-  /**
-   * Hold at most this many metadata records before writing them back
-   * (a flush without the final barrier's guarantee to the caller).
-   */
-  readonly writebackRecords?: number | undefined;
-  /** test-only: break one ordering rule (see FAULTS in faults.ts) */
-  readonly fault?: Fault | undefined;
-  /**
-   * Keep a durable journal (journal/live.ts, write/journal-session.ts), started at the first write-back
-   * that changes metadata, so that an open that writes nothing changes
-   * nothing. None: QEMU's plain ordered write-back.
-   */
-  readonly journal?: JournalPlan | undefined;
-  /** receives warnings (no room for the journal, say) */
-  readonly onWarning?: ((message: string) => void) | undefined;
-  /** test-only: stop a write-back after this many ordered phases, as a power cut would (the writer is dead afterwards) */
-  readonly stopAfterPhase?: number | undefined;
-  /** bytes of clean L2 tables and refcount blocks kept after a write-back (default 64 MiB) */
-  readonly cacheBytes?: number | undefined;
-  /**
-   * QEMU's detect-zeroes: a data write whose payload is all zeros becomes a
-   * zero write ('on'), one that may deallocate ('unmap', the default here:
-   * zero writes are de-allocation hints), or stays a data write ('off').
-   */
-  readonly detectZeroes?: DetectZeroes | undefined;
-  /**
-   * Content dedup (write/dedup.ts): whole-cluster writes whose bytes a
-   * stored cluster already holds map that cluster instead of writing one.
-   * Refused with a warning (writes go on normally) where the image cannot
-   * share clusters: 1-bit refcounts, an external data file.
-   */
-  readonly dedup?: boolean | undefined;
-}
-
-export type DetectZeroes = 'off' | 'on' | 'unmap';
-
-export interface ZeroOptions {
-  /** allow deallocation (qemu-io write -z -u) */
-  readonly unmap?: boolean | undefined;
-}
+export type { DetectZeroes, WriterOptions, ZeroOptions } from './writer-options.ts';
 
 export class Qcow2Writer {
   readonly layer: Qcow2Layer;
@@ -185,7 +135,7 @@ export class Qcow2Writer {
     }
     // Persistent bitmaps: loaded and checked as QEMU loads them (a directory it would refuse fails the open).
     const bitmaps = w.rooms.bitmaps;
-    bitmaps.attach({ transact: (op, fn) => w.run(op, fn).then(() => w.rooms.writeback.flush()), exclusive: (fn) => w.serial(fn) });
+    bitmaps.attach({ transact: (op, fn) => w.run(op, fn, true).then(() => w.rooms.writeback.flush()), exclusive: (fn) => w.serial(fn) });
     await bitmaps.attachExtension();
     if (h.version === 3) await bitmaps.load(o.parsed);
     // Unknown autoclear bits say "an extension I do not maintain may be stale
@@ -400,8 +350,12 @@ export class Qcow2Writer {
       await this.rooms.writeback.flush();
       let out: SnapshotEntry | undefined;
       this.rooms.shared.forgetScan();
+      const restore = this.rooms.snapshots.save();
       await this.run(op, async () => {
         out = await fn();
+      }, true).catch((e: unknown) => {
+        if (this.ctx.undone) restore();
+        throw e;
       });
       await this.rooms.writeback.flush();
       return out!;
@@ -559,17 +513,26 @@ export class Qcow2Writer {
     return p;
   }
 
-  /** One guest operation = one transaction: each table is copied at most once. */
-  private async run(op: string, fn: () => Promise<void>): Promise<void> {
+  /**
+   * One guest operation = one transaction: each table is copied at most
+   * once. `undo`: a metadata-only operation that fails is taken back in the
+   * same transaction (its records' inverses; writer/context.ts `undo`).
+   */
+  private async run(op: string, fn: () => Promise<void>, undo = false): Promise<void> {
     const ctx = this.ctx;
     ctx.checkWritable();
     const id = ++this.txCounter;
     ctx.mark({ kind: 'begin', tx: id, op });
     ctx.tx = new Transaction(ctx.cur);
+    ctx.undoLog = undo ? [] : undefined;
     try {
       await fn();
       if (this.rooms.shared.active) await this.rooms.shared.settle();
+    } catch (e) {
+      if (undo) ctx.undo();
+      throw e;
     } finally {
+      ctx.undoLog = undefined;
       // Records already emitted describe changes that may already rely on
       // data written to the device; keep them even if the operation failed.
       ctx.cur = ctx.tx.finish();

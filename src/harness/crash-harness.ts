@@ -36,9 +36,7 @@ import { MemoryDevice } from '../io/memory-device.ts';
 import { RecordingDevice, crashStates } from '../io/crash-device.ts';
 import { isZero, u64big } from '../format/bytes.ts';
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../format/features.ts';
-import { Qcow2Layer, openQcow2Layer } from '../engine/qcow2-layer.ts';
-import { BME_FLAG_IN_USE } from '../format/bitmaps.ts';
-import { loadBitmap } from '../engine/bitmaps/load.ts';
+import { openQcow2Layer } from '../engine/qcow2-layer.ts';
 import { RawLayer } from '../engine/raw-layer.ts';
 import { readGuest } from '../engine/read.ts';
 import { guest, type Layer } from '../engine/layer.ts';
@@ -46,13 +44,14 @@ import { checkDevice } from '../engine/check/check.ts';
 import { createOnDevice, openSession, openWriterOnDevice } from '../engine/writable.ts';
 import type { CreateOptions } from '../engine/create.ts';
 import type { Fault } from '../engine/faults.ts';
-import { needsWorkloadFile, workloadCommands, type GuestOp } from './workload.ts';
+import type { GuestOp } from './workload.ts';
 import { downgradeRefusal, downgradeToV2, upgradeToV3 } from '../engine/amend.ts';
 import { changeRefcountOrder } from '../engine/refcount-order.ts';
 import { faultPlan, type FaultPlan } from '../engine/faults.ts';
 import { CorruptionError, QledgerError } from '../errors.ts';
 
-export { parseWorkload, workloadCommands, type GuestOp } from './workload.ts';
+export { parseWorkload, reproduction, workloadCommands, type GuestOp } from './workload.ts';
+import { judgeBitmaps } from './bitmap-oracle.ts';
 
 export interface CrashTestOptions {
   /** the image: qemu-img create options (size included) */
@@ -569,29 +568,6 @@ async function amendDevice(dev: RecordingDevice, op: Extract<GuestOp, { op: 'ame
   }
 }
 
-/**
- * Oracle (f): every bitmap in the state that is not in use, and that the
- * workload added and only wrote through since, has a bit set for each
- * granule that reads otherwise than when it was added.
- */
-async function judgeBitmaps(layer: Layer, got: Uint8Array, refs: ReadonlyMap<string, { content: Uint8Array; checkable: boolean }>): Promise<string | undefined> {
-  if (!(layer instanceof Qcow2Layer)) return undefined;
-  for (const e of await layer.bitmapDirectory()) {
-    const ref = refs.get(e.name);
-    if (!ref?.checkable || e.flags & BME_FLAG_IN_USE) continue;
-    const bits = await loadBitmap(layer.dev, { offset: e.tableOffset, size: e.tableSize }, layer.size, e.granularityBits, layer.geometry.clusterSize);
-    const g = 2 ** e.granularityBits;
-    const n = Math.min(got.length, ref.content.length);
-    const G = asBuffer(got);
-    const R = asBuffer(ref.content);
-    for (let x = 0; x < n; x += g) {
-      const end = Math.min(n, x + g);
-      if (G.compare(R, x, end, x, end) !== 0 && !bits.get(x / g)) return `bitmap '${e.name}' is not in use but misses the granule at 0x${x.toString(16)}, written since it was added`;
-    }
-  }
-  return undefined;
-}
-
 /** The overlap index's refusal (overlap-guard.ts): a CorruptionError in QEMU's words. */
 function isRefusal(e: unknown): boolean {
   return e instanceof CorruptionError && /Preventing invalid write/.test(e.message);
@@ -600,21 +576,4 @@ function isRefusal(e: unknown): boolean {
 /** A Buffer view of the same bytes (no copy), for its native compare. */
 function asBuffer(a: Uint8Array): Buffer {
   return Buffer.isBuffer(a) ? a : Buffer.from(a.buffer, a.byteOffset, a.length);
-}
-
-/** A shell line that replays a workload with qledger (for failure reports). */
-export function reproduction(ops: readonly GuestOp[], o: Pick<CrashTestOptions, 'create' | 'seed' | 'fault' | 'dedup'>): string {
-  const c = o.create;
-  const opts: string[] = [];
-  if (c.clusterSize) opts.push(`cluster_size=${c.clusterSize}`);
-  if (c.compat) opts.push(`compat=${c.compat}`);
-  if (c.refcountBits) opts.push(`refcount_bits=${c.refcountBits}`);
-  if (c.lazyRefcounts) opts.push('lazy_refcounts=on');
-  if (c.extendedL2) opts.push('extended_l2=on');
-  if (needsWorkloadFile(ops)) {
-    // make_empty and the snapshot lines have no qemu-io command: the workload file is the way to replay them
-    return `printf '%s\\n' ${workloadCommands(ops).map((x) => `'${x}'`).join(' ')} > workload.txt && qledger crash-test${opts.length ? ` -o ${opts.join(',')},size=${c.size ?? 0}` : ` -o size=${c.size ?? 0}`} --workload workload.txt --seed ${o.seed}${o.fault ? ` --fault ${o.fault}` : ''}${o.dedup ? ' --dedup' : ''}`;
-  }
-  const cmds = workloadCommands(ops).map((x) => `-c '${x}'`).join(' ');
-  return `qledger create -f qcow2${opts.length ? ` -o ${opts.join(',')}` : ''} crash.qcow2 ${c.size ?? 0} && qledger io${o.dedup ? ' --dedup' : ''} ${cmds} crash.qcow2   # crash-test --seed ${o.seed}${o.fault ? ` --fault ${o.fault}` : ''}${o.dedup ? ' --dedup' : ''}`;
 }

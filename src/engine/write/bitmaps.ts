@@ -168,9 +168,14 @@ export class Bitmaps {
       return;
     }
     if (!this.tracking && this.list.some((e) => this.tracked(e))) {
-      this.tracking = true;
-      if (this.faults?.inUseLate) this.lateInUse = true;
-      else await this.runner!.transact('bitmaps in use', () => this.commit());
+      if (this.faults?.inUseLate) {
+        this.tracking = true;
+        this.lateInUse = true;
+      } else
+        await this.guarded(async () => {
+          this.tracking = true;
+          await this.runner!.transact('bitmaps in use', () => this.commit());
+        });
     }
     for (const e of this.list) if (this.tracked(e)) this.bitsOf(e).setRange(offset, length);
   }
@@ -192,9 +197,11 @@ export class Bitmaps {
   /** At close: the tracked bitmaps stored, in use cleared (nothing when no write was tracked). */
   async close(): Promise<void> {
     if (!this.tracking && !this.changed) return;
-    this.tracking = false;
-    this.changed = true;
-    await this.runner!.transact('store bitmaps', () => this.commit());
+    await this.guarded(async () => {
+      this.tracking = false;
+      this.changed = true;
+      await this.runner!.transact('store bitmaps', () => this.commit());
+    });
     await this.dropEmptyExtension();
   }
 
@@ -311,26 +318,40 @@ export class Bitmaps {
   private op(name: string, fn: () => Promise<void>): Promise<void> {
     return this.runner!.exclusive(async () => {
       this.ctx.checkWritable();
-      // a refusal (or no room for the extension) leaves the bitmaps as they were
-      const saved = this.list.map((e) => ({ ...e }));
-      const removed = [...this.removed];
-      this.published = false;
-      try {
-        await this.runner!.transact(name, async () => {
+      await this.guarded(() =>
+        this.runner!.transact(name, async () => {
           await fn();
           this.changed = true;
           await this.commit();
-        });
-      } catch (e) {
-        if (!this.published) {
-          this.list = saved;
-          this.removed = removed;
-          this.changed = false;
-        }
-        throw e;
-      }
+        }),
+      );
       await this.dropEmptyExtension();
     });
+  }
+
+  /**
+   * Run a transaction of this room; if it fails and its records were undone
+   * (or it failed before its directory's records), what the room keeps in
+   * memory goes back as it was: a refusal, or a device error midway, leaves
+   * the bitmaps as they were.
+   */
+  private async guarded(fn: () => Promise<void>): Promise<void> {
+    const saved = this.list.map((e) => ({ ...e }));
+    const removed = [...this.removed];
+    const [tracking, changed] = [this.tracking, this.changed];
+    this.published = false;
+    this.ctx.undone = false;
+    try {
+      await fn();
+    } catch (e) {
+      if (this.ctx.undone || !this.published) {
+        this.list = saved;
+        this.removed = removed;
+        this.tracking = tracking;
+        this.changed = changed;
+      }
+      throw e;
+    }
   }
 
   // ---- the transaction ----------------------------------------------------

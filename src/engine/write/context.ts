@@ -74,6 +74,24 @@ export class FileExtent {
 
 export type RecordListener = (r: JournalRecord) => void;
 
+/** The record that takes a change back, or undefined when there is none to write as a record. */
+function inverseOf(r: MetaRecord): MetaRecord | undefined {
+  switch (r.kind) {
+    case 'refcount':
+    case 'l2':
+    case 'l1':
+    case 'reftable':
+    case 'header':
+      return { ...r, old: r.new, new: r.old } as MetaRecord;
+    case 'refcounts':
+      return { ...r, old: r.new, new: r.old };
+    case 'l2s':
+      return { ...r, old: r.new, new: r.old };
+    default:
+      return undefined;
+  }
+}
+
 export class WriteContext {
   /** the live state between operations (committed transactions) */
   cur: MetaState;
@@ -140,7 +158,34 @@ export class WriteContext {
   /** Apply a metadata change to the open transaction and tell every subscriber (the trace first). */
   emit(r: MetaRecord): void {
     this.t().apply(r);
+    this.undoLog?.push(r);
     for (const l of this.listeners) l(r);
+  }
+
+  /** the records of an operation that is undone if it fails (metadata-only operations: snapshots, bitmaps) */
+  undoLog: MetaRecord[] | undefined;
+  /** the last failed operation with an undo log was undone (its rooms restore what they keep in memory) */
+  undone = false;
+
+  /**
+   * Undo the records of the undo log, newest first, by their inverses; false
+   * (nothing undone) when one of them has none (a table moved or created).
+   * Everything they pointed at was written to fresh clusters: with the
+   * references and the increments gone, those clusters are free again.
+   */
+  undo(): boolean {
+    const log = this.undoLog ?? [];
+    this.undoLog = undefined;
+    this.undone = false;
+    const inverses: MetaRecord[] = [];
+    for (const r of log) {
+      const x = inverseOf(r);
+      if (!x) return false;
+      inverses.push(x);
+    }
+    for (let i = inverses.length - 1; i >= 0; i--) this.emit(inverses[i]!);
+    this.undone = true;
+    return true;
   }
 
   /** A transaction marker (begin/commit of a guest operation): told to the subscribers, applied to nothing. */

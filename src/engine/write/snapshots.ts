@@ -71,6 +71,19 @@ export class Snapshots {
     this.list = [...entries];
   }
 
+  /** What this room keeps in memory, to put back when a failed operation was undone (writer.ts). */
+  save(): () => void {
+    const list = this.list;
+    const tableBytes = this.tableBytes;
+    const reader = this.ctx.reader();
+    const seen = reader.snapshots;
+    return () => {
+      this.list = list;
+      this.tableBytes = tableBytes;
+      reader.snapshots = seen;
+    };
+  }
+
   async create(name: string, f: SnapshotFields = {}): Promise<SnapshotEntry> {
     const ctx = this.ctx;
     const t = ctx.t();
