@@ -501,3 +501,25 @@ print(json.dumps(seen, sort_keys=True))
     }
   });
 });
+
+d('qemu:allocation-depth (-A), as qemu-nbd serves it', () => {
+  it('a two-image chain: the same contexts (with -B too) and the same depth map', async () => {
+    const b = join(dir, 'depth-base.qcow2');
+    qemuImg(['create', '-q', '-f', 'qcow2', b, '4M']);
+    qemuIo(b, ['write 0 64k', 'write 1M 64k', 'write 3M 4k']);
+    const t = join(dir, 'depth-top.qcow2');
+    qemuImg(['create', '-q', '-f', 'qcow2', '-b', b, '-F', 'qcow2', t]);
+    qemuImg(['bitmap', '--add', t, 'inc']);
+    qemuIo(t, ['write 1M 4k', 'write -z 2M 64k', 'discard 3M 4k']);
+    const q = await server('qemu-nbd', t, ['-r', '-t', '-A', '-B', 'inc']);
+    const l = await server('qledger', t, ['-r', '-t', '-A', '-B', 'inc']);
+    try {
+      const contexts = (sock: string) => JSON.parse(run('nbdinfo', ['--json', uri(sock)])).exports[0].contexts;
+      expect(contexts(l.sock)).toEqual(contexts(q.sock));
+      for (const ctx of ['qemu:allocation-depth', 'qemu:dirty-bitmap:inc']) expect(run('nbdinfo', [`--map=${ctx}`, uri(l.sock)]), ctx).toBe(run('nbdinfo', [`--map=${ctx}`, uri(q.sock)]));
+    } finally {
+      await q.stop();
+      await l.stop();
+    }
+  });
+});

@@ -18,6 +18,8 @@ export interface ImageSpec {
   readonly forceShare: boolean;
   /** qcow2's overlap-check option, if the spec names it */
   readonly overlapCheck?: OverlapMode | undefined;
+  /** false: the untrusted-image policy (--untrusted) */
+  readonly trusted?: boolean | undefined;
 }
 
 const FORMATS = new Set(['qcow2', 'raw']);

@@ -31,6 +31,8 @@ interface SessionOptions {
   cache: (typeof CACHE_MODES)[number];
   overlapCheck: OverlapMode | undefined;
   dedup: boolean;
+  /** false: --untrusted */
+  trusted: boolean;
 }
 
 class Session implements IoContext {
@@ -55,6 +57,7 @@ class Session implements IoContext {
       journal: this.o.journal,
       overlapCheck: this.o.overlapCheck,
       dedup: this.o.dedup && this.writeWanted && !opts.readOnly ? true : undefined,
+      trusted: this.o.trusted,
       onWarning: (m) => this.io.err(`qledger: warning: ${m}\n`),
     });
     this.path = path;
@@ -123,7 +126,7 @@ export async function runIo(argv: string[], io: Output): Promise<number> {
     {
       withArg: 'cftdiTo',
       flags: 'rUnqkmhsC',
-      long: { 'force-share': false, 'image-opts': false, 'read-only': false, format: true, cmd: true, cache: true, aio: true, discard: true, trace: true, snapshot: false, nocache: false, 'copy-on-read': false, misalign: false, 'native-aio': false, 'detect-zeroes': true, journal: true, 'overlap-check': true, dedup: false },
+      long: { 'force-share': false, 'image-opts': false, 'read-only': false, format: true, cmd: true, cache: true, aio: true, discard: true, trace: true, snapshot: false, nocache: false, 'copy-on-read': false, misalign: false, 'native-aio': false, 'detect-zeroes': true, journal: true, 'overlap-check': true, dedup: false, untrusted: false },
     },
     'io',
   );
@@ -147,7 +150,7 @@ export async function runIo(argv: string[], io: Output): Promise<number> {
   // from -c, the image is opened for writing only when a command writes; from standard input, always
   const fromInput = cmds.length === 0;
   const wantsWrite = fromInput || cmds.some((c) => findCommand(splitCommand(c)[0] ?? '')?.writes === true);
-  const s = new Session(io, { format: fmt as SessionOptions['format'], detectZeroes: dz as SessionOptions['detectZeroes'], journal: jo !== 'off', cache: cache as SessionOptions['cache'], overlapCheck: ol as OverlapMode | undefined, dedup: p.opts.some(([k]) => k === 'dedup') }, wantsWrite);
+  const s = new Session(io, { format: fmt as SessionOptions['format'], detectZeroes: dz as SessionOptions['detectZeroes'], journal: jo !== 'off', cache: cache as SessionOptions['cache'], overlapCheck: ol as OverlapMode | undefined, dedup: p.opts.some(([k]) => k === 'dedup'), trusted: !p.opts.some(([k]) => k === 'untrusted') }, wantsWrite);
   if (p.positional[0] !== undefined) {
     const spec = imageSpec(p.positional[0], p.opts.some(([k]) => k === 'image-opts'));
     if (spec.format !== undefined) s.o.format = spec.format;

@@ -78,7 +78,7 @@ Commands (options as in qemu-img / qemu-io):
   rebase [-f fmt] [-p] [-q] [-u] -b BACKING [-F fmt] FILE
   resize [--shrink] [--preallocation=off|metadata|falloc|full] [-f fmt] [--image-opts] [-q] FILE [+|-]SIZE
   compare [-f fmt] [-F fmt] [-s] [-q] FILE1 FILE2
-  nbd [-r] [-k SOCKET | -p PORT -b ADDR] [-x NAME] [-D DESC] [-e N] [-t] [-f fmt] [-l SNAPSHOT] [-B BITMAP] [--pid-file FILE] [--dedup] FILE
+  nbd [-r] [-k SOCKET | -p PORT -b ADDR] [-x NAME] [-D DESC] [-e N] [-t] [-f fmt] [-l SNAPSHOT] [-A] [-B BITMAP] [--pid-file FILE] [--dedup] FILE
      serve the image over NBD (qemu-nbd's options); until the last client leaves, or with -t until SIGTERM
   journal dump [--output=human|json] FILE
      the journal's transactions and records, read-only
@@ -104,7 +104,8 @@ function imageOf(p: { opts: ReadonlyArray<readonly [string, string | true]>; pos
   const spec = imageSpec(p.positional[i]!, imageOpts);
   const given = formatArg(last(p.opts, fmtKey) ?? last(p.opts, 'f'));
   if (imageOpts && given !== undefined) throw new UsageError('--image-opts and --format are mutually exclusive');
-  return { path: spec.path, format: spec.format ?? given, forceShare: spec.forceShare || forceShareOf(p) };
+  // --untrusted (qledger's own): the untrusted-image policy for the image and everything it names
+  return { path: spec.path, format: spec.format ?? given, forceShare: spec.forceShare || forceShareOf(p), trusted: !p.opts.some(([k]) => k === 'untrusted') };
 }
 
 function formatArg(v: string | true | undefined): ImageFormat | undefined {
@@ -131,14 +132,14 @@ function one(positional: string[], n: number, cmd: string): void {
 }
 
 async function cmdInfo(argv: string[], io: Output): Promise<number> {
-  const p = getopt(argv, { withArg: 'f', flags: 'hU', long: { output: true, 'backing-chain': false, 'force-share': false, 'image-opts': false, dedup: false } }, 'info');
+  const p = getopt(argv, { withArg: 'f', flags: 'hU', long: { output: true, 'backing-chain': false, 'force-share': false, 'image-opts': false, dedup: false, untrusted: false } }, 'info');
   one(p.positional, 1, 'info');
   const output = outputArg(last(p.opts, 'output'));
   const chain = last(p.opts, 'backing-chain') === true;
   // qledger's own: each qcow2 image's dedup state (from its metadata) after what qemu-img prints
   const dedup = last(p.opts, 'dedup') === true;
   const at = imageOf(p, 0);
-  const img = await Image.open(at.path, { format: at.format, noBacking: !chain, forceShare: at.forceShare });
+  const img = await Image.open(at.path, { format: at.format, noBacking: !chain, forceShare: at.forceShare, trusted: at.trusted });
   try {
     const layers = chain ? img.chain : [img.top];
     const infos: ImageInfo[] = [];
@@ -169,11 +170,11 @@ async function cmdInfo(argv: string[], io: Output): Promise<number> {
 }
 
 async function cmdMap(argv: string[], io: Output): Promise<number> {
-  const p = getopt(argv, { withArg: 'f', flags: 'hU', long: { output: true, 'start-offset': true, 'max-length': true, 'force-share': false, 'image-opts': false } }, 'map');
+  const p = getopt(argv, { withArg: 'f', flags: 'hU', long: { output: true, 'start-offset': true, 'max-length': true, 'force-share': false, 'image-opts': false, untrusted: false } }, 'map');
   one(p.positional, 1, 'map');
   const output = outputArg(last(p.opts, 'output'));
   const at = imageOf(p, 0);
-  const img = await Image.open(at.path, { format: at.format, forceShare: at.forceShare });
+  const img = await Image.open(at.path, { format: at.format, forceShare: at.forceShare, trusted: at.trusted });
   try {
     const so = last(p.opts, 'start-offset');
     const ml = last(p.opts, 'max-length');
@@ -209,7 +210,7 @@ function snapshotParam(v: string): string {
 }
 
 async function cmdConvert(argv: string[], io: Output): Promise<number> {
-  const p = getopt(argv, { withArg: 'fOlsoSmtTrB', flags: 'pqnchUCW', long: { 'force-share': false, 'image-opts': false, 'target-image-opts': false, dedup: false } }, 'convert');
+  const p = getopt(argv, { withArg: 'fOlsoSmtTrB', flags: 'pqnchUCW', long: { 'force-share': false, 'image-opts': false, 'target-image-opts': false, dedup: false, untrusted: false } }, 'convert');
   if (p.positional.length < 2) throw new UsageError('convert: expecting an input and an output filename');
   if (p.positional.length > 2) throw new UnsupportedError('convert: concatenating several input images is not supported');
   const outFmt = last(p.opts, 'O') ?? 'raw';
@@ -231,7 +232,7 @@ async function cmdConvert(argv: string[], io: Output): Promise<number> {
   const cache = last(p.opts, 't') ?? 'unsafe';
   if (!['unsafe', 'writeback', 'writethrough', 'none', 'directsync'].includes(String(cache))) throw new UsageError(`Invalid cache option: ${String(cache)}`);
   const at = imageOf(p, 0);
-  const img = await Image.open(at.path, { format: at.format, snapshot, forceShare: at.forceShare });
+  const img = await Image.open(at.path, { format: at.format, snapshot, forceShare: at.forceShare, trusted: at.trusted });
   try {
     const show = progressPrinter(io);
     const dedup = p.opts.some(([k]) => k === 'dedup');
@@ -249,14 +250,14 @@ async function cmdConvert(argv: string[], io: Output): Promise<number> {
 async function cmdCompare(argv: string[], io: Output): Promise<number> {
   // qemu-img compare: 0 identical, 1 different, 2 error
   try {
-    const p = getopt(argv, { withArg: 'fFT', flags: 'sqpU', long: { 'force-share': false, 'image-opts': false } }, 'compare');
+    const p = getopt(argv, { withArg: 'fFT', flags: 'sqpU', long: { 'force-share': false, 'image-opts': false, untrusted: false } }, 'compare');
     one(p.positional, 2, 'compare');
     const quiet = last(p.opts, 'q') === true;
     const sa = imageOf(p, 0);
     const sb = imageOf(p, 1, 'F');
-    const a = await Image.open(sa.path, { format: sa.format, forceShare: sa.forceShare });
+    const a = await Image.open(sa.path, { format: sa.format, forceShare: sa.forceShare, trusted: sa.trusted });
     try {
-      const b = await Image.open(sb.path, { format: sb.format, forceShare: sb.forceShare });
+      const b = await Image.open(sb.path, { format: sb.format, forceShare: sb.forceShare, trusted: sb.trusted });
       try {
         const strict = last(p.opts, 's') === true;
         const r = await compareImages(a, b, strict);

@@ -36,7 +36,7 @@ export async function runNbd(argv: string[], io: Output): Promise<number> {
   const str = (k: string) => (typeof opt.get(k) === 'string' ? (opt.get(k) as string) : undefined);
   for (const k of ['connect', 'disconnect', 'fork', 'list']) if (opt.has(k)) throw new UnsupportedError(`nbd: --${k} is not supported (qledger serves NBD; it does not attach kernel devices, fork or act as a client)`);
   for (const k of ['tls-creds', 'tls-authz', 'tls-hostname', 'object']) if (opt.has(k)) throw new UnsupportedError(`nbd: --${k} is not supported: qledger's NBD server has no TLS yet`);
-  for (const k of ['allocation-depth', 'offset', 'trace']) if (opt.has(k)) throw new UnsupportedError(`nbd: --${k} is not supported yet`);
+  for (const k of ['offset', 'trace']) if (opt.has(k)) throw new UnsupportedError(`nbd: --${k} is not supported yet`);
   // -B may repeat: every bitmap named is exported, listed last named first as qemu-nbd lists them
   const bitmaps = p.opts.filter(([k]) => k === 'B' || k === 'bitmap').map(([, v]) => String(v)).reverse();
   const cache = str('cache');
@@ -100,6 +100,7 @@ export async function runNbd(argv: string[], io: Output): Promise<number> {
       persistent: opt.has('persistent'),
       handshakeMs,
       bitmaps,
+      allocationDepth: opt.has('allocation-depth'),
       log: opt.has('verbose') ? (l: string) => io.err(`qledger: nbd: ${l}\n`) : undefined,
     } as const;
     // a raw file has no bitmaps (qemu-nbd: not found either)

@@ -103,7 +103,7 @@ export class Image {
       if (opts.snapshot !== undefined) throw new QledgerError('E_USAGE', `${name}: a snapshot can only be opened read-only`);
       // qemu's words: sharing write permissions is for readers only
       if (opts.forceShare) throw new QledgerError('E_USAGE', `${name}: force-share=on can only be used with read-only images`);
-      const o: WritableOpenOptions = { format: opts.format, trace: opts.trace, detectZeroes: opts.detectZeroes, cacheBytes: opts.cacheBytes, journal: opts.journal, journalBytes: opts.journalBytes, onWarning: opts.onWarning, overlapCheck: opts.overlapCheck, dedup: opts.dedup };
+      const o: WritableOpenOptions = { format: opts.format, trusted: opts.trusted, allowedDir: opts.allowedDir, trace: opts.trace, detectZeroes: opts.detectZeroes, cacheBytes: opts.cacheBytes, journal: opts.journal, journalBytes: opts.journalBytes, onWarning: opts.onWarning, overlapCheck: opts.overlapCheck, dedup: opts.dedup };
       const w = await writable();
       const { writer, recovery } = typeof target === 'string' ? await w.openWriterSession(target, o) : await w.openWriterSessionOn(target, name, o);
       return new Image(writer.layer, writer, recovery);

@@ -17,6 +17,8 @@ import { MAX_BACKING_CHAIN } from '../format/limits.ts';
 import { INCOMPAT_DATA_FILE } from '../format/features.ts';
 import type { SnapshotEntry } from '../format/snapshot.ts';
 import { loadQcow2, openQcow2Layer } from './qcow2-layer.ts';
+import type { ParsedHeader } from '../format/header.ts';
+import { UNTRUSTED_MAX_DEPTH, UntrustedError, allowedDirOf, checkMetadataSize, checkReference } from './untrusted.ts';
 import { RawLayer } from './raw-layer.ts';
 import type { Layer } from './layer.ts';
 
@@ -40,7 +42,18 @@ export interface OpenOptions {
    * opens read-write unless -r, so it refuses an image in use for writing)
    */
   readonly lockAsWriter?: boolean | undefined;
+  /**
+   * false: the image came from somewhere else (engine/untrusted.ts): its
+   * backing and data files must lie in `allowedDir` and a backing file must
+   * name its format; the chain and the tables are bounded. Default true.
+   */
+  readonly trusted?: boolean | undefined;
+  /** with `trusted: false`: where referenced files may be (default: the image's directory) */
+  readonly allowedDir?: string | undefined;
 }
+
+/** The untrusted policy's directory, fixed by the top image (undefined: trusted). */
+type Fence = string | undefined;
 
 /** QEMU's path_combine(): a relative name is taken relative to the directory of `base`. */
 export function combinePath(base: string, name: string): string {
@@ -55,18 +68,19 @@ export async function probeFormat(dev: BlockDevice): Promise<ImageFormat> {
 }
 
 export async function openLayer(path: string, opts: OpenOptions = {}): Promise<Layer> {
-  return openAt(path, opts, new Set(), 0);
+  return openAt(path, opts, new Set(), 0, opts.trusted === false ? allowedDirOf(path, opts) : undefined);
 }
 
-async function openAt(path: string, opts: OpenOptions, seen: Set<string>, depth: number): Promise<Layer> {
+async function openAt(path: string, opts: OpenOptions, seen: Set<string>, depth: number, fence: Fence): Promise<Layer> {
   if (depth > MAX_BACKING_CHAIN) throw new UnsupportedError(`${path}: backing chain is deeper than ${MAX_BACKING_CHAIN} images`, { path });
+  if (fence !== undefined && depth > UNTRUSTED_MAX_DEPTH) throw new UntrustedError(`${path}: backing chain is deeper than ${UNTRUSTED_MAX_DEPTH} images, the untrusted limit`, { path });
   const real = await realpath(path).catch(() => path);
   if (seen.has(real)) throw new FormatError('backing chain', 'backing_file_offset', 8, `${path} is its own backing file (chain loop)`, { path });
   seen.add(real);
 
   const dev = await FileDevice.open(path, { readOnly: true, lock: imagePermissions({ readOnly: !opts.lockAsWriter, forceShare: opts.forceShare }) });
   try {
-    return await layerOn(dev, path, opts, seen, depth);
+    return await layerOn(dev, path, opts, seen, depth, fence);
   } catch (e) {
     await dev.close();
     if (e instanceof QledgerError && !e.message.includes(path)) {
@@ -81,7 +95,7 @@ async function openAt(path: string, opts: OpenOptions, seen: Set<string>, depth:
  * The layer of the image on `dev` (named `path` in messages; a backing file
  * or data file it names resolves against that name, as for files).
  */
-async function layerOn(dev: BlockDevice, path: string, opts: OpenOptions, seen: Set<string>, depth: number): Promise<Layer> {
+async function layerOn(dev: BlockDevice, path: string, opts: OpenOptions, seen: Set<string>, depth: number, fence: Fence): Promise<Layer> {
   const format = opts.format ?? (await probeFormat(dev));
   if (format === 'raw') {
     if (opts.snapshot !== undefined) throw new UsageError(`${path}: raw images have no snapshots`);
@@ -90,6 +104,7 @@ async function layerOn(dev: BlockDevice, path: string, opts: OpenOptions, seen: 
   const loaded = await loadQcow2(dev);
   const { parsed, snapshots } = loaded;
   const h = parsed.header;
+  if (fence !== undefined) checkUntrusted(path, loaded, fence, !opts.noBacking);
   let view: { l1TableOffset: number; l1Size: number; size: number } | undefined;
   if (opts.snapshot !== undefined) {
     const sn = findSnapshot(snapshots, opts.snapshot);
@@ -114,7 +129,7 @@ async function layerOn(dev: BlockDevice, path: string, opts: OpenOptions, seen: 
       throw new UnsupportedError(`${path}: backing file format '${bfmt}' is not supported (qcow2 and raw are)`, { path, backingFormat: bfmt });
     }
     try {
-      backing = await openAt(bpath, { format: bfmt as ImageFormat | undefined, forceShare: opts.forceShare }, seen, depth + 1);
+      backing = await openAt(bpath, { format: bfmt as ImageFormat | undefined, forceShare: opts.forceShare }, seen, depth + 1, fence);
     } catch (e) {
       await dataDev?.close();
       if (e instanceof NotFoundError && e.data['path'] === bpath) {
@@ -138,7 +153,15 @@ async function layerOn(dev: BlockDevice, path: string, opts: OpenOptions, seen: 
  * caller keeps the device: it is closed with the layer, not on failure.
  */
 export async function openDeviceLayer(dev: BlockDevice, opts: OpenOptions = {}): Promise<Layer> {
-  return layerOn(dev, dev.name, opts, new Set(), 0);
+  return layerOn(dev, dev.name, opts, new Set(), 0, opts.trusted === false ? allowedDirOf(dev.name, opts) : undefined);
+}
+
+/** The untrusted policy's checks of one image of a chain, before anything it names is opened. */
+export function checkUntrusted(path: string, loaded: { parsed: ParsedHeader; snapshotTableBytes: number }, fence: string, backingToo: boolean): void {
+  const { parsed } = loaded;
+  checkMetadataSize(path, parsed, loaded.snapshotTableBytes);
+  if ((parsed.header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n && parsed.dataFile !== undefined) checkReference(path, 'data file', parsed.dataFile, combinePath(path, parsed.dataFile), fence);
+  if (backingToo && parsed.backingFile !== undefined) checkReference(path, 'backing file', parsed.backingFile, combinePath(path, parsed.backingFile), fence, parsed.backingFormat);
 }
 
 /** QEMU's lookup for -l: by id first, then by name. */

@@ -17,7 +17,8 @@ import { locateJournal } from './journal/locate.ts';
 import { planJournal, type JournalPlan } from './journal/live.ts';
 import { recoverJournal, type RecoveryReport } from './journal/replay.ts';
 import { loadQcow2 } from './qcow2-layer.ts';
-import { combinePath, openLayer, probeFormat, type ImageFormat } from './open.ts';
+import { checkUntrusted, combinePath, openLayer, probeFormat, type ImageFormat } from './open.ts';
+import { allowedDirOf } from './untrusted.ts';
 import { Qcow2Writer, type DetectZeroes, type TraceEvent } from './writer.ts';
 import { countReferences } from './check/count.ts';
 import { planCreate, writeSkeleton, writeSkeletonTo, type CreateOptions } from './create.ts';
@@ -29,6 +30,10 @@ import { MemoryDevice } from '../io/memory-device.ts';
 
 export interface WritableOpenOptions {
   readonly format?: ImageFormat | undefined;
+  /** false: the untrusted-image policy (engine/untrusted.ts) */
+  readonly trusted?: boolean | undefined;
+  /** with `trusted: false`: where referenced files may be (default: the image's directory) */
+  readonly allowedDir?: string | undefined;
   /** receives every metadata record, device write and flush, in order */
   readonly trace?: TraceEvent[] | undefined;
   readonly writebackRecords?: number | undefined;
@@ -176,8 +181,12 @@ export async function openWriterSessionOn(dev: BlockDevice, path: string, opts: 
   try {
     const format = opts.format ?? (await probeFormat(dev));
     if (format !== 'qcow2') throw new UnsupportedError(`${path}: writing is supported for qcow2 images only (this one is ${format})`, { path });
-    const { parsed } = await loadQcow2(dev);
+    const loaded = await loadQcow2(dev);
+    const { parsed } = loaded;
     const h = parsed.header;
+    const fence = opts.trusted === false ? allowedDirOf(path, opts) : undefined;
+    // an untrusted image: what it names is checked before anything is opened or written
+    if (fence !== undefined) checkUntrusted(path, loaded, fence, true);
     if ((h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n && parsed.dataFile !== undefined) {
       const dataPath = combinePath(path, parsed.dataFile);
       dataDev = await FileDevice.open(dataPath, { readOnly: false, lock: imagePermissions({ readOnly: false, dataFile: true }) }).catch((e: unknown) => {
@@ -188,7 +197,7 @@ export async function openWriterSessionOn(dev: BlockDevice, path: string, opts: 
     if (parsed.backingFile !== undefined) {
       const bfmt = parsed.backingFormat;
       if (bfmt !== undefined && bfmt !== 'qcow2' && bfmt !== 'raw') throw new UnsupportedError(`${path}: backing file format '${bfmt}' is not supported`, { path });
-      backing = await openLayer(combinePath(path, parsed.backingFile), { format: bfmt as ImageFormat | undefined });
+      backing = await openLayer(combinePath(path, parsed.backingFile), { format: bfmt as ImageFormat | undefined, trusted: opts.trusted, allowedDir: fence });
     }
     return await openSession(dev, dataDev, path, backing, opts);
   } catch (e) {

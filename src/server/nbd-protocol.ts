@@ -87,6 +87,7 @@ export const ERRNO = { EPERM: 1, EIO: 5, ENOMEM: 12, EINVAL: 22, ENOSPC: 28, EOV
 /** The metadata contexts qledger serves: allocation, and each exported dirty bitmap (qemu-nbd -B). */
 export const BASE_ALLOCATION = 'base:allocation';
 export const DIRTY_BITMAP_PREFIX = 'qemu:dirty-bitmap:';
+export const ALLOCATION_DEPTH = 'qemu:allocation-depth';
 /** qemu:dirty-bitmap's extent flag. */
 export const STATE_DIRTY = 1 << 0;
 

@@ -30,6 +30,8 @@ export interface NbdServeOptions {
   readonly readOnly?: boolean | undefined;
   /** persistent dirty bitmaps exported as qemu:dirty-bitmap:NAME metadata contexts (qemu-nbd -B NAME) */
   readonly bitmaps?: readonly string[] | undefined;
+  /** the qemu:allocation-depth metadata context (qemu-nbd -A) */
+  readonly allocationDepth?: boolean | undefined;
   /** clients at once (default 1, qemu-nbd -e); more are refused until one leaves */
   readonly shared?: number | undefined;
   /** keep serving after the last client leaves (qemu-nbd -t) */
@@ -59,7 +61,7 @@ export interface NbdServerHandle {
 export const NBD_MAX_BLOCK = 32 * 1024 * 1024;
 
 /** The library's image as an export's backend; `bitmaps` are exported as qemu:dirty-bitmap contexts. */
-export function imageBackend(img: Image, readOnly: boolean, discard: 'unmap' | 'ignore' = 'unmap', bitmaps: readonly string[] = []): NbdBackend {
+export function imageBackend(img: Image, readOnly: boolean, discard: 'unmap' | 'ignore' = 'unmap', bitmaps: readonly string[] = [], allocationDepth = false): NbdBackend {
   const unmapping = discard === 'unmap';
   // a read-only export's bitmaps cannot change: read once
   const stable = new Map<string, Promise<DirtyBitmap>>();
@@ -71,6 +73,13 @@ export function imageBackend(img: Image, readOnly: boolean, discard: 'unmap' | '
   };
   return {
     bitmaps,
+    // qemu-img map's extent: its depth in the chain, present or not
+    depth: allocationDepth
+      ? async (offset, length) => {
+          for await (const e of img.map(offset, length)) return { length: e.length, depth: e.present ? e.depth + 1 : 0 };
+          return { length, depth: 0 };
+        }
+      : undefined,
     async dirty(name, offset, length) {
       return [...(await bitsOf(name)).extents(offset, offset + length)];
     },
@@ -121,7 +130,7 @@ export async function serveNbd(image: Image, o: NbdServeOptions = {}): Promise<N
     if (!b) throw new QledgerError('E_USAGE', `Bitmap '${name}' is not found`, { notFound: true });
     if (b.inconsistent) throw new QledgerError('E_USAGE', `Bitmap '${name}' is inconsistent and cannot be used`, { inconsistent: true });
   }
-  return serveBackend(imageBackend(image, readOnly, o.discard, o.bitmaps), o);
+  return serveBackend(imageBackend(image, readOnly, o.discard, o.bitmaps, o.allocationDepth), o);
 }
 
 /**

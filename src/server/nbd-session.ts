@@ -1,7 +1,8 @@
 /**
  * One NBD connection: the fixed newstyle handshake (options EXPORT_NAME,
  * ABORT, LIST, INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT and
- * SET_META_CONTEXT with base:allocation and qemu:dirty-bitmap:NAME) and the transmission phase
+ * SET_META_CONTEXT with base:allocation, qemu:allocation-depth and
+ * qemu:dirty-bitmap:NAME) and the transmission phase
  * (READ with structured replies and hole chunks, WRITE, FLUSH, TRIM,
  * WRITE_ZEROES, BLOCK_STATUS, CACHE, DISC), requests pipelined, each reply
  * sent whole when its request completes. Everything the client sends is
@@ -13,7 +14,7 @@
 import type { Socket } from 'node:net';
 import { QledgerError } from '../errors.ts';
 import {
-  BASE_ALLOCATION, CF, DIRTY_BITMAP_PREFIX, CMD, ERRNO, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO, MAX_OPTION_BYTES, NBDMAGIC, OPT, REP, REPLY_FLAG_DONE, REPLY_TYPE,
+  ALLOCATION_DEPTH, BASE_ALLOCATION, CF, DIRTY_BITMAP_PREFIX, CMD, ERRNO, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO, MAX_OPTION_BYTES, NBDMAGIC, OPT, REP, REPLY_FLAG_DONE, REPLY_TYPE,
   STATE_DIRTY, STATE_HOLE, STATE_ZERO, TF, chunkHeader, decodeRequest, errorChunk, infoBlockSize, infoExport, infoString, optionError, optionReply, simpleReply, type Request,
 } from './nbd-protocol.ts';
 import { PeerGone, SocketReader } from './socket-reader.ts';
@@ -29,6 +30,8 @@ export interface NbdBackend {
   flush(): Promise<void>;
   /** the run at `offset` (at most `length` bytes): whether it reads as zero, and whether it holds no data */
   status(offset: number, length: number): Promise<{ length: number; hole: boolean; zero: boolean }>;
+  /** qemu:allocation-depth (qemu-nbd -A): the run at `offset` and its depth (0: unallocated in the whole chain, 1: this image, 2: its backing file, …) */
+  readonly depth?: ((offset: number, length: number) => Promise<{ length: number; depth: number }>) | undefined;
   /** the dirty bitmaps exported as qemu:dirty-bitmap:NAME contexts (qemu-nbd -B) */
   readonly bitmaps?: readonly string[] | undefined;
   /** bitmap `name`'s dirty extents [start, end) meeting [offset, offset + length), in order */
@@ -231,7 +234,7 @@ export class NbdSession {
     if (o !== data.length) return this.reject(option, REP.ERR_INVALID, 'request length does not match its queries');
     if (name !== this.exp.name) return this.reject(option, REP.ERR_UNKNOWN, `no export named '${name}'`);
     // contexts asked by name; LIST also answers a namespace ("base:", "qemu:", "qemu:dirty-bitmap:") and no query at all
-    const names = [BASE_ALLOCATION, ...(this.exp.backend.bitmaps ?? []).map((b) => DIRTY_BITMAP_PREFIX + b)];
+    const names = this.contextNames();
     const matches = (n: string) => queries.includes(n) || (!set && (queries.length === 0 || queries.some((q) => q.endsWith(':') && n.startsWith(q))));
     const wanted = names.flatMap((n, i) => (matches(n) ? [i + 1] : []));
     const out: Buffer[] = [];
@@ -381,13 +384,35 @@ export class NbdSession {
     // one chunk per selected context, the last one done
     const chunks: Buffer[] = [];
     for (const [k, id] of this.contexts.entries()) {
-      const desc = id === 1 ? await this.allocationExtents(req, one) : await this.dirtyExtents(req, one, this.exp.backend.bitmaps![id - 2]!);
+      const name = this.contextNames()[id - 1]!;
+      const desc = name === BASE_ALLOCATION ? await this.allocationExtents(req, one) : name === ALLOCATION_DEPTH ? await this.depthExtents(req, one) : await this.dirtyExtents(req, one, name.slice(DIRTY_BITMAP_PREFIX.length));
       const payload = Buffer.alloc(4 + desc.length * 4);
       payload.writeUInt32BE(id, 0);
       for (let i = 0; i < desc.length; i++) payload.writeUInt32BE(desc[i]!, 4 + i * 4);
       chunks.push(chunkHeader(k === this.contexts.length - 1 ? REPLY_FLAG_DONE : 0, REPLY_TYPE.BLOCK_STATUS, req.cookie, payload.length), payload);
     }
     this.send(chunks);
+  }
+
+  /** The contexts this export serves, in qemu-nbd's order; a context's id is its index + 1. */
+  private contextNames(): string[] {
+    const b = this.exp.backend;
+    return [BASE_ALLOCATION, ...(b.depth ? [ALLOCATION_DEPTH] : []), ...(b.bitmaps ?? []).map((x) => DIRTY_BITMAP_PREFIX + x)];
+  }
+
+  /** qemu:allocation-depth's descriptors: 0 where no image of the chain allocates, else 1 + the depth of the one that does. */
+  private async depthExtents(req: Request, one: boolean): Promise<number[]> {
+    const end = req.offset + req.length;
+    const desc: number[] = [];
+    for (let at = req.offset; at < end && desc.length / 2 < MAX_EXTENTS; ) {
+      const st = await this.exp.backend.depth!(at, end - at);
+      const n = Math.max(1, Math.min(st.length, end - at, 0x8000_0000));
+      if (desc.length && desc[desc.length - 1] === st.depth && desc[desc.length - 2]! + n <= 0xffff_ffff) desc[desc.length - 2]! += n;
+      else desc.push(n, st.depth);
+      at += n;
+      if (one) break;
+    }
+    return desc;
   }
 
   /** qemu:dirty-bitmap:NAME's descriptors for a request: dirty and clean runs, up to the request's end. */
