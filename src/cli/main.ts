@@ -63,7 +63,7 @@ Commands (options as in qemu-img / qemu-io):
      exit: 0 no corruption and no wrong data in any crash state, 2 otherwise
   info [-f fmt] [--output=human|json] [--backing-chain] [--dedup] FILE
   map [-f fmt] [--output=human|json] [--start-offset=N] [--max-length=N] FILE
-  convert [-f fmt] [-O raw|qcow2] [-o OPTIONS] [-c] [-n] [-l SNAPSHOT] [-p] [-q] [--dedup] IN OUT
+  convert [-f fmt] [-O raw|qcow2] [-o OPTIONS] [-B BACKING -F fmt] [-c] [-n] [-l SNAPSHOT] [-p] [-q] [--dedup] IN OUT
   snapshot [-l | -c SNAPSHOT | -a SNAPSHOT | -d SNAPSHOT] [-q] [-U] FILE
   bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-b FILE [-F fmt]] [-g GRAN] [-f fmt] FILE BITMAP
   commit [-f fmt] [-t cache] [-b BASE] [-d] [-p] [-q] FILE
@@ -210,7 +210,7 @@ function snapshotParam(v: string): string {
 }
 
 async function cmdConvert(argv: string[], io: Output): Promise<number> {
-  const p = getopt(argv, { withArg: 'fOlsoSmtTrB', flags: 'pqnchUCW', long: { 'force-share': false, 'image-opts': false, 'target-image-opts': false, dedup: false, untrusted: false } }, 'convert');
+  const p = getopt(argv, { withArg: 'fOlsoSmtTrBF', flags: 'pqnchUCW', long: { 'force-share': false, 'image-opts': false, 'target-image-opts': false, dedup: false, untrusted: false } }, 'convert');
   if (p.positional.length < 2) throw new UsageError('convert: expecting an input and an output filename');
   if (p.positional.length > 2) throw new UnsupportedError('convert: concatenating several input images is not supported');
   const outFmt = last(p.opts, 'O') ?? 'raw';
@@ -218,9 +218,16 @@ async function cmdConvert(argv: string[], io: Output): Promise<number> {
   const compress = last(p.opts, 'c') === true;
   // qemu-img's words: raw output cannot be compressed
   if (compress && outFmt === 'raw') throw new UnsupportedError('Compression not supported for this file format');
-  const createOpts = (await lazy.create()).createOptionsFrom(new Map(p.opts.filter(([k]) => k === 'o').flatMap(([, v]) => [...parseOptionList(String(v))])), (t, what) => parseSize(t, what));
+  let createOpts = (await lazy.create()).createOptionsFrom(new Map(p.opts.filter(([k]) => k === 'o').flatMap(([, v]) => [...parseOptionList(String(v))])), (t, what) => parseSize(t, what));
   if (outFmt === 'raw' && p.opts.some(([k]) => k === 'o')) throw new UnsupportedError('convert: -o options apply to qcow2 output');
-  if (last(p.opts, 'B') !== undefined || createOpts.backingFile !== undefined) throw new UnsupportedError('convert: an output backing file (-B, -o backing_file) is not supported yet');
+  // -B FILE [-F FMT] (or -o backing_file, backing_fmt): the output over a backing file, as qemu-img
+  const B = last(p.opts, 'B');
+  const F = last(p.opts, 'F');
+  if (B !== undefined) createOpts = { ...createOpts, backingFile: String(B), ...(F !== undefined ? { backingFormat: formatArg(F) } : {}) };
+  if (createOpts.backingFile !== undefined) {
+    if (outFmt === 'raw') throw new UnsupportedError("Backing file not supported for file format 'raw'");
+    if (createOpts.backingFormat === undefined) throw new UsageError('Use of backing file requires explicit backing format');
+  }
   const existing = last(p.opts, 'n') === true;
   const outPath = p.positional[1]!;
   if (existing && !existsSync(outPath)) throw new NotFoundError(`Could not open '${outPath}': Could not open '${outPath}': No such file or directory`, { path: outPath });

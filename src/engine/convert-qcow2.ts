@@ -4,8 +4,12 @@
  * engine: zero ranges and all-zero 4 KiB blocks are not written (they read
  * as zero in a fresh image), `-c` compresses every cluster that holds data
  * (deflate, as QEMU), `-n` writes into an existing qcow2 image (zeroes where
- * the input reads as zero). The target is written without a journal: a
- * crash during a conversion leaves a partial copy either way.
+ * the input reads as zero). With a backing file for the output (-B, or
+ * -o backing_file), as qemu-img: what the input's own top image does not
+ * allocate is left unallocated (the backing file shows through), what it
+ * allocates is written, its zero ranges as zeroes (they must hide the
+ * backing file). The target is written without a journal: a crash during a
+ * conversion leaves a partial copy either way.
  */
 
 import { UsageError } from '../errors.ts';
@@ -64,7 +68,9 @@ export async function convertToQcow2(img: Image, outPath: string, o: Qcow2Conver
     const zeroes = o.existing ? (off: number, len: number) => out.writeZeroes(off, len, { unmap: true }) : undefined;
     const progress = o.progress;
     progress?.(0, size);
-    if (o.compress) await compressed(img, out, size, zeroes, o);
+    const overBacking = (o.create?.backingFile ?? undefined) !== undefined;
+    if (overBacking) await ontoBacking(img, out, size, o);
+    else if (o.compress) await compressed(img, out, size, zeroes, o);
     else {
       const buf = new Uint8Array(CHUNK);
       // qemu-img convert leaves a zero run out only in whole units of max(-S 4 KiB, the target's cluster)
@@ -92,6 +98,49 @@ export async function convertToQcow2(img: Image, outPath: string, o: Qcow2Conver
   } catch (e) {
     await out.close().catch(() => undefined);
     throw e;
+  }
+}
+
+/**
+ * -B: the input's top image decides. An extent it does not allocate (its
+ * backing file's) stays unallocated; an allocated one is written, zero
+ * units as zeroes; where the input has no backing file, what it leaves
+ * unallocated reads as zero and is written as zeroes too. With -c the data
+ * clusters are compressed.
+ */
+async function ontoBacking(img: Image, out: Image, size: number, o: Qcow2ConvertOptions): Promise<void> {
+  const cs = out.geometry!.clusterSize;
+  const unit = Math.max(4096, cs);
+  const zeroes = (off: number, len: number) => out.writeZeroes(off, len, { unmap: false });
+  const buf = new Uint8Array(CHUNK);
+  for (let pos = 0; pos < size; ) {
+    o.signal?.throwIfAborted();
+    const st = await img.status(pos, Math.min(size - pos, 1 << 30));
+    const end = pos + st.length;
+    if (st.depth > 0) pos = end;
+    else if (st.zero && !st.data) {
+      await zeroes(pos, st.length);
+      pos = end;
+    } else {
+      while (pos < end) {
+        const b = buf.subarray(0, Math.min(CHUNK, end - pos));
+        await img.readInto(b, pos);
+        if (o.compress) await compressedRun(out, pos, b, cs, zeroes);
+        else await writeAligned(out, pos, b, unit, zeroes);
+        pos += b.length;
+      }
+    }
+    o.progress?.(pos, size);
+  }
+}
+
+/** Guest bytes `b` at `offset` as compressed clusters, all-zero clusters as zeroes (the input's extents are cluster-aligned for -c as QEMU's). */
+async function compressedRun(out: Image, offset: number, b: Uint8Array, cs: number, zeroes: (off: number, len: number) => Promise<void>): Promise<void> {
+  for (let at = 0; at < b.length; at += cs) {
+    const c = b.subarray(at, Math.min(b.length, at + cs));
+    if (isZero(c)) await zeroes(offset + at, c.length);
+    else if ((offset + at) % cs === 0 && (c.length === cs || offset + at + c.length === out.size)) await out.writeCompressed(offset + at, c);
+    else await out.write(offset + at, c);
   }
 }
 
