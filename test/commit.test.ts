@@ -57,6 +57,34 @@ d('commit, as qemu-img', () => {
     expect(same(l.before, l.base, 'raw', 'qcow2')).toBe(true);
   });
 
+  it('-b into any image of a three-image chain: what the images above it allocate goes into it; none is emptied, no link changes (as qemu-img)', async () => {
+    const mk = (tag: string) => {
+      const base = f(`${tag}-base.qcow2`);
+      const mid = f(`${tag}-mid.qcow2`);
+      const top = f(`${tag}-top.qcow2`);
+      qemuImg(['create', '-q', '-f', 'qcow2', base, '4M']);
+      qemuIo(base, ['write -P 1 0 1M']);
+      qemuImg(['create', '-q', '-f', 'qcow2', '-b', `${tag}-base.qcow2`, '-F', 'qcow2', mid]);
+      qemuIo(mid, ['write -P 2 512k 64k', 'write -z 64k 64k']);
+      qemuImg(['create', '-q', '-f', 'qcow2', '-b', `${tag}-mid.qcow2`, '-F', 'qcow2', top]);
+      qemuIo(top, ['write -P 3 2M 64k', 'write -P 4 512k 4k']);
+      return { base, mid, top };
+    };
+    const mapOf = (x: string) => qemuImg(['map', '--output=json', x]).replace(/, "offset": \d+/g, '');
+    for (const target of ['base', 'mid'] as const) {
+      const q = mk(`b3q${target}`);
+      const l = mk(`b3l${target}`);
+      const qr = spawnSync('qemu-img', ['commit', '-b', q[target], q.top], { encoding: 'utf8' });
+      const lr = await runCli('commit', '-b', l[target], l.top);
+      expect({ code: lr.code, out: lr.out }).toEqual({ code: qr.status, out: qr.stdout });
+      for (const k of ['base', 'mid', 'top'] as const) {
+        expect(spawnSync('qemu-img', ['compare', '-q', '-f', 'qcow2', '-F', 'qcow2', q[k], l[k]]).status, `${target}: ${k}`).toBe(0);
+        expect(mapOf(l[k]), `${target}: ${k}`).toBe(mapOf(q[k]));
+      }
+      expect(spawnSync('qemu-img', ['check', l[target]]).status).toBe(0);
+    }
+  });
+
   it("refused as qemu-img refuses: no backing file, a base not in the chain", async () => {
     qemuImg(['create', '-q', '-f', 'qcow2', f('solo.qcow2'), '1M']);
     const a = await runCli('commit', f('solo.qcow2'));

@@ -7,8 +7,10 @@
  * transaction (QEMU's make_empty, by its path that works for every image
  * kind). "Image committed." A crash at any point leaves the chain reading
  * the top's content: until the top is emptied it still maps it, and
- * afterwards the base holds it. Only the immediate backing file can be the
- * base; -b naming a deeper one is refused as not supported yet.
+ * afterwards the base holds it. -b names any image of the chain below the
+ * top (found as qemu-img finds it): what the images above it allocate goes
+ * into it, and, as qemu-img does, no image is emptied and no backing link
+ * changes.
  */
 
 import { resolve } from 'node:path';
@@ -30,32 +32,49 @@ export async function runCommit(argv: string[], io: Output): Promise<number> {
   const path = p.positional[0]!;
   const quiet = last('q') === true;
   const progress = last('p') === true && !quiet;
-  const drop = last('d') !== true;
+  // qemu-img empties the top only when the base is implied: -b keeps every image as it is
+  const drop = last('d') !== true && last('b') === undefined;
   const cache = last('t') ?? 'writeback';
   if (!['unsafe', 'writeback', 'writethrough', 'none', 'directsync'].includes(String(cache))) throw new UsageError(`Invalid cache option: ${String(cache)}`);
   if (last('r') !== undefined) throw new UnsupportedError('commit: -r (rate limit) is not supported');
 
-  // the top alone, read-only: what it allocates, and where its backing file is
-  const top = await Image.open(path, { format: last('f') as ImageFormat | undefined, noBacking: true });
+  // what to commit, and where: with -b, any image of the chain below the top; else the top's backing file
+  const b = last('b');
+  const format = last('f') as ImageFormat | undefined;
   let basePath: string;
   let baseFormat: ImageFormat | undefined;
-  const extents: Array<{ start: number; length: number; zero: boolean }> = [];
-  try {
-    const layer = top.top;
-    const backing = layer instanceof Qcow2Layer ? layer.parsed.backingFile : undefined;
-    if (backing === undefined) throw new UsageError('Image does not have a backing file');
-    basePath = combinePath(path, backing);
-    baseFormat = (layer as Qcow2Layer).parsed.backingFormat as ImageFormat | undefined;
-    const b = last('b');
-    if (b !== undefined && resolve(String(b)) !== resolve(basePath) && String(b) !== backing) {
-      throw new UsageError(`Did not find '${String(b)}' in the backing chain of '${path}'`);
+  /** the images above the base (the top first), opened alone: an extent is read from the one that supplies it */
+  const sources: Image[] = [];
+  const extents: Array<{ start: number; length: number; zero: boolean; depth: number }> = [];
+  {
+    const chain = await Image.open(path, { format, noBacking: b === undefined });
+    try {
+      const layer = chain.top;
+      const backing = layer instanceof Qcow2Layer ? layer.parsed.backingFile : undefined;
+      if (backing === undefined) throw new UsageError('Image does not have a backing file');
+      let k = 1;
+      if (b === undefined) {
+        basePath = combinePath(path, backing);
+        baseFormat = (layer as Qcow2Layer).parsed.backingFormat as ImageFormat | undefined;
+      } else {
+        // qemu-img's bdrv_find_backing_image: the name as a layer's header gives it, or the same file
+        const layers = chain.chain;
+        k = layers.findIndex((l, i) => i > 0 && (resolve(String(b)) === resolve(l.filename) || (layers[i - 1] instanceof Qcow2Layer && (layers[i - 1] as Qcow2Layer).parsed.backingFile === String(b))));
+        if (k < 1) throw new UsageError(`Did not find '${String(b)}' in the backing chain of '${path}'`);
+        basePath = layers[k]!.filename;
+        baseFormat = layers[k]!.format;
+      }
+      for await (const e of chain.map()) if (e.present && e.depth < k) extents.push({ start: e.start, length: e.length, zero: !e.data, depth: e.depth });
+      const names = chain.chain.slice(0, k).map((l) => [l.filename, l.format] as const);
+      await chain.close();
+      for (const [f, fmt] of names) sources.push(await Image.open(f, { format: fmt, noBacking: true }));
+    } catch (e) {
+      await chain.close().catch(() => undefined);
+      for (const x of sources) await x.close();
+      throw e;
     }
-    for await (const e of top.map()) if (e.present) extents.push({ start: e.start, length: e.length, zero: !e.data });
-  } catch (e) {
-    await top.close();
-    throw e;
   }
-
+  const top = sources[0]!;
   const total = extents.reduce((n, e) => n + e.length, 0);
   let done = 0;
   const printer = progress ? progressPrinter(io) : undefined;
@@ -69,7 +88,7 @@ export async function runCommit(argv: string[], io: Output): Promise<number> {
       try {
         // QEMU's commit grows a smaller base to the top's size
         if (base.size < size) await base.truncate(Math.ceil(size / 512) * 512);
-        await copy(top, extents, { data: (at, b) => base.write(at, b), zero: (at, n) => base.writeZeroes(at, n, { unmap: true }) }, (n) => ((done += n), show()));
+        await copy(sources, extents, { data: (at, b) => base.write(at, b), zero: (at, n) => base.writeZeroes(at, n, { unmap: true }) }, (n) => ((done += n), show()));
       } finally {
         await base.close();
       }
@@ -77,14 +96,14 @@ export async function runCommit(argv: string[], io: Output): Promise<number> {
       const base = await FileDevice.open(basePath, { readOnly: false });
       try {
         if ((await base.size()) < size) await base.truncate(size);
-        await copy(top, extents, { data: (at, b) => base.write(at, b), zero: (at, n) => base.writeZeroes(at, n, true) }, (n) => ((done += n), show()));
+        await copy(sources, extents, { data: (at, b) => base.write(at, b), zero: (at, n) => base.writeZeroes(at, n, true) }, (n) => ((done += n), show()));
         await base.flush();
       } finally {
         await base.close();
       }
     }
   } finally {
-    await top.close();
+    for (const x of sources) await x.close();
   }
   if (progress) io.out('\n');
   if (drop) {
@@ -110,10 +129,10 @@ async function probe(path: string): Promise<ImageFormat> {
   }
 }
 
-/** The top's allocated extents, in chunks: data read from the top alone, zero extents as zeroes. */
+/** The extents to commit, in chunks: data read from the image that supplies it (opened alone), zero extents as zeroes. */
 async function copy(
-  top: Image,
-  extents: ReadonlyArray<{ start: number; length: number; zero: boolean }>,
+  sources: readonly Image[],
+  extents: ReadonlyArray<{ start: number; length: number; zero: boolean; depth: number }>,
   to: { data(at: number, b: Uint8Array): Promise<void>; zero(at: number, length: number): Promise<void> },
   progress: (bytes: number) => void,
 ): Promise<void> {
@@ -126,7 +145,7 @@ async function copy(
     }
     for (let at = e.start; at < e.start + e.length; ) {
       const b = buf.subarray(0, Math.min(CHUNK, e.start + e.length - at));
-      await top.readInto(b, at);
+      await sources[e.depth]!.readInto(b, at);
       await to.data(at, b);
       progress(b.length);
       at += b.length;

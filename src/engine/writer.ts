@@ -299,6 +299,8 @@ export class Qcow2Writer {
         if (!(await this.rooms.makeEmpty.run())) await this.rooms.discard.unallocateAll();
       });
       await this.rooms.writeback.flush();
+      // the file shrinks to what remains in use (nothing points past it any more)
+      await this.run('shrink file', async () => void (await this.rooms.alloc.shrinkToUse()));
     });
   }
 

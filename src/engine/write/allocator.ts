@@ -402,6 +402,29 @@ export class Allocator {
    * discard=unmap): nothing references them any more, on disk or in memory,
    * and a later reuse rewrites them anyway. Adjacent clusters are one punch.
    */
+  /**
+   * The file cut after its last cluster in use (make_empty's file shrink, as
+   * QEMU's fast path truncates): clusters past it hold no reference and no
+   * structure the overlap index knows (the journal area among them). Run
+   * after a write-back, when nothing pending can point there. Returns the
+   * new length, or undefined when nothing could go.
+   */
+  async shrinkToUse(): Promise<number | undefined> {
+    const ctx = this.ctx;
+    const cs = ctx.geometry.clusterSize;
+    const size = await ctx.files.image.size();
+    let c = Math.ceil(size / cs) - 1;
+    while (c > 0 && !this.overlap.has(cluster(c)) && (await this.refcount(cluster(c))) === 0) c--;
+    const end = (c + 1) * cs;
+    if (end >= size) return undefined;
+    await ctx.files.image.truncate(end);
+    ctx.trace.truncate(end);
+    ctx.extent.endCluster = Math.min(ctx.extent.endCluster, c + 1);
+    ctx.extent.zeroFrom = Math.min(ctx.extent.zeroFrom, end);
+    if (this.cursor > c + 1) this.cursor = cluster(c + 1);
+    return end;
+  }
+
   async afterWriteback(): Promise<void> {
     const ctx = this.ctx;
     if (this.freedMin < this.cursor) this.cursor = this.freedMin;
