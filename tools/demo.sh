@@ -98,6 +98,18 @@ else
   echo "(nbdinfo not installed: apt-get install libnbd-bin)"
 fi
 
+echo "== bitmaps: a dirty bitmap qledger adds and keeps while it writes; qemu-nbd -B reads it back"
+qemu-img create -q -f qcow2 "$d/inc.qcow2" 16M
+$q bitmap --add -g 64k "$d/inc.qcow2" backup-1
+$q io -c 'write -q -P 7 1M 100k' -c 'write -q -z 8M 64k' "$d/inc.qcow2"
+qemu-img info "$d/inc.qcow2" | grep -A5 'bitmaps:'
+if command -v nbdinfo >/dev/null; then
+  qemu-nbd -r -t -k "$d/inc.sock" -B backup-1 "$d/inc.qcow2" & qn=$!
+  for _ in $(seq 100); do [ -S "$d/inc.sock" ] && break; sleep 0.05; done
+  nbdinfo --map=qemu:dirty-bitmap:backup-1 "nbd+unix:///?socket=$d/inc.sock"
+  kill -TERM $qn; wait $qn 2>/dev/null || true
+fi
+
 echo "== dedup: QEMU writes the same 4 MiB three times; qledger dedup stores it once, QEMU still reads and checks it"
 qemu-img create -q -f qcow2 "$d/dup.qcow2" 64M
 qemu-io -c 'write -P 0x61 0 4M' -c 'write -P 0x61 8M 4M' -c 'write -P 0x61 16M 4M' -c 'write -P 0x62 32M 1M' "$d/dup.qcow2" >/dev/null
