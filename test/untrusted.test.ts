@@ -105,10 +105,10 @@ describe('the untrusted-image policy', () => {
     expect(() => checkMetadataSize('small.qcow2', { header: { clusterBits: 16, l1Size: 16, refcountTableClusters: 1 } } as unknown as ParsedHeader, 0)).not.toThrow();
   });
 
-  it('--untrusted on info, map, convert, compare and io: the one-line refusal, exit 1, nothing written', async () => {
+  it('--untrusted on info, map, convert, compare, io and nbd: the one-line refusal, exit 1, nothing written', async () => {
     const evil = join(inside, 'evil.qcow2');
     const before = readFileSync(evil);
-    for (const args of [['info', '--untrusted', '--backing-chain', evil], ['map', '--untrusted', evil], ['convert', '--untrusted', '-O', 'raw', evil, join(dir, 'x.raw')], ['compare', '--untrusted', evil, evil], ['io', '--untrusted', '-c', 'write 0 512', evil]]) {
+    for (const args of [['info', '--untrusted', '--backing-chain', evil], ['map', '--untrusted', evil], ['convert', '--untrusted', '-O', 'raw', evil, join(dir, 'x.raw')], ['compare', '--untrusted', evil, evil], ['io', '--untrusted', '-c', 'write 0 512', evil], ['nbd', '--untrusted', '-r', '-k', join(dir, 'never.sock'), evil]]) {
       const r = await runCli(...args);
       expect({ code: r.code, lines: r.err.trim().split('\n').length }, args.join(' ')).toEqual({ code: args[0] === 'compare' ? 2 : 1, lines: 1 });
       expect(r.err, args.join(' ')).toMatch(/is outside the allowed directory/);

@@ -24,7 +24,7 @@ import type { Output } from './output.ts';
 const LONG = {
   'read-only': false, socket: true, port: true, bind: true, 'export-name': true, description: true, shared: true, persistent: false, format: true,
   'load-snapshot': true, 'pid-file': true, 'image-opts': false, 'detect-zeroes': true, 'overlap-check': true, dedup: false, cache: true, discard: true, aio: true,
-  'handshake-limit': true, fork: false, connect: true, disconnect: false, 'tls-creds': true, 'tls-authz': true, 'tls-hostname': true, object: true, verbose: false,
+  'handshake-limit': true, untrusted: false, fork: false, connect: true, disconnect: false, 'tls-creds': true, 'tls-authz': true, 'tls-hostname': true, object: true, verbose: false,
   'allocation-depth': false, bitmap: true, 'fork-nbd': false, offset: true, 'list': false, nocache: false, 'trace': true,
 };
 const ALIAS: Record<string, string> = { r: 'read-only', k: 'socket', p: 'port', b: 'bind', x: 'export-name', D: 'description', e: 'shared', t: 'persistent', f: 'format', l: 'load-snapshot', c: 'connect', d: 'disconnect', v: 'verbose', B: 'bitmap', A: 'allocation-depth', o: 'offset', L: 'list', n: 'nocache', T: 'trace' };
@@ -68,7 +68,9 @@ export async function runNbd(argv: string[], io: Output): Promise<number> {
   let img: Image | undefined;
   let rawDev: FileDevice | undefined;
   if (readOnly && opt.has('dedup')) throw new UsageError('nbd: --dedup shares clusters as clients write; it cannot be used with a read-only export');
-  if (readOnly) img = await Image.open(spec.path, { format, snapshot });
+  // --untrusted (qledger's own): the untrusted-image policy for what the image names
+  const trusted = !opt.has('untrusted');
+  if (readOnly) img = await Image.open(spec.path, { format, snapshot, trusted });
   else {
     const probe = await Image.open(spec.path, { format, noBacking: true });
     const raw = probe.format === 'raw';
@@ -79,6 +81,7 @@ export async function runNbd(argv: string[], io: Output): Promise<number> {
     else img = await Image.open(spec.path, {
       format: 'qcow2',
       write: true,
+      trusted,
       detectZeroes: dz as DetectZeroes | undefined,
       overlapCheck: oc as OverlapMode | undefined,
       dedup: opt.has('dedup') ? true : undefined,
