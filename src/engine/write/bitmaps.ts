@@ -445,11 +445,7 @@ export class Bitmaps {
   }
 
   private async writeFresh(offset: number, bytes: Uint8Array, kind: number, what: string): Promise<void> {
-    const ctx = this.ctx;
-    await ctx.files.image.writeAs(offset, bytes, kind, () => `${what} at ${hex(offset)}`);
-    ctx.trace.record({ kind: 'data', host: offset, length: bytes.length });
-    ctx.trace.write(offset, bytes.length, what);
-    ctx.extent.noteData(offset, bytes.length, true);
+    await this.ctx.writeFresh(offset, bytes, what);
     if (kind) this.overlap.reserve(host(offset), bytes.length, kind);
   }
 

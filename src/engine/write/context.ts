@@ -7,7 +7,7 @@
  * index) subscribes here instead of being called from one hub.
  */
 
-import { CorruptionError, QledgerError } from '../../errors.ts';
+import { CorruptionError, QledgerError, hex } from '../../errors.ts';
 import type { Geometry } from '../../format/header.ts';
 import type { BlockDevice } from '../../io/device.ts';
 import type { JournalRecord, MarkerRecord, MetaRecord } from '../../journal/records.ts';
@@ -160,6 +160,18 @@ export class WriteContext {
     this.t().apply(r);
     this.undoLog?.push(r);
     for (const l of this.listeners) l(r);
+  }
+
+  /**
+   * A new structure's bytes (a snapshot's L1 copy or table, a bitmap table
+   * or directory) written to fresh clusters nothing points at yet: like
+   * guest data, durable before the transaction that names them.
+   */
+  async writeFresh(offset: number, bytes: Uint8Array, what: string): Promise<void> {
+    await this.files.image.writeAs(offset, bytes, 0, () => `${what} at ${hex(offset)}`);
+    this.trace.record({ kind: 'data', host: offset, length: bytes.length });
+    this.trace.write(offset, bytes.length, what);
+    this.extent.noteData(offset, bytes.length, true);
   }
 
   /** the records of an operation that is undone if it fails (metadata-only operations: snapshots, bitmaps) */

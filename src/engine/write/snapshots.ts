@@ -302,11 +302,7 @@ export class Snapshots {
 
   /** Bytes into fresh clusters nothing durable points at, like guest data; the index learns their kind. */
   private async writeFresh(offset: number, bytes: Uint8Array, kind: number, what: string): Promise<void> {
-    const ctx = this.ctx;
-    await ctx.files.image.writeAs(offset, bytes, 0, () => `${what} at ${hex(offset)}`);
-    ctx.trace.record({ kind: 'data', host: offset, length: bytes.length });
-    ctx.trace.write(offset, bytes.length, what);
-    ctx.extent.noteData(offset, bytes.length, true);
+    await this.ctx.writeFresh(offset, bytes, what);
     this.overlap.reserve(host(offset), bytes.length, kind);
   }
 
