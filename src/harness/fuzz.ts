@@ -179,14 +179,14 @@ const HEADER_FIELDS: ReadonlyArray<[string, number, number]> = [
   ['header_length', 100, 4], ['compression_type', 104, 1],
 ];
 
-/** One mutation of `b` in place; returns what it did. */
-function mutateOnce(b: Uint8Array, r: () => number, regions: ReadonlyArray<[number, number, string]>): Uint8Array | string {
+/** One mutation of `b` in place, or its new length (a truncation); returns what it did. */
+function mutateOnce(b: Uint8Array, r: () => number, regions: ReadonlyArray<[number, number, string]>): { what: string; length?: number } {
   const kind = r();
   if (kind < 0.3) {
     const [name, at, bytes] = HEADER_FIELDS[Math.floor(r() * HEADER_FIELDS.length)]!;
     const v = boundary(r, bytes, b);
     put(b, at, bytes, v);
-    return `header ${name} = ${v}`;
+    return { what: `header ${name} = ${v}` };
   }
   if (kind < 0.8) {
     // an 8-byte entry (or a 4-byte field) of a structure: a boundary value or flipped bits
@@ -196,21 +196,21 @@ function mutateOnce(b: Uint8Array, r: () => number, regions: ReadonlyArray<[numb
     if (r() < 0.5) {
       const v = boundary(r, width, b);
       put(b, at, width, v);
-      return `${what} at 0x${at.toString(16)} = ${v}`;
+      return { what: `${what} at 0x${at.toString(16)} = ${v}` };
     }
     const bit = Math.floor(r() * width * 8);
     b[at + (bit >> 3)]! ^= 1 << (bit & 7);
-    return `${what} at 0x${at.toString(16)}: bit ${bit} flipped`;
+    return { what: `${what} at 0x${at.toString(16)}: bit ${bit} flipped` };
   }
   if (kind < 0.93) {
     const [off, len, what] = regions[Math.floor(r() * regions.length)]!;
     const at = off + Math.floor(r() * len);
     const v = Math.floor(r() * 256);
     b[at] = v;
-    return `${what} byte 0x${at.toString(16)} = 0x${v.toString(16)}`;
+    return { what: `${what} byte 0x${at.toString(16)} = 0x${v.toString(16)}` };
   }
   const to = Math.floor(r() * b.length);
-  return b.slice(0, to).length === to ? `truncated to 0x${to.toString(16)}` : 'truncated';
+  return { what: `truncated to 0x${to.toString(16)}`, length: to };
 }
 
 /** Case k: which image, its mutated bytes, and what was done to it. */
@@ -223,8 +223,8 @@ export function fuzzCase(images: ReadonlyArray<{ readonly name: string; readonly
   const n = 1 + Math.floor(r() * 3);
   for (let i = 0; i < n; i++) {
     const m = mutateOnce(b, r, regions);
-    if (typeof m === 'string' && m.startsWith('truncated to 0x')) b = b.slice(0, Number.parseInt(m.slice('truncated to 0x'.length), 16));
-    mutations.push(typeof m === 'string' ? m : 'truncated');
+    if (m.length !== undefined) b = b.slice(0, m.length);
+    mutations.push(m.what);
   }
   return { image: base.name, bytes: b, mutations };
 }

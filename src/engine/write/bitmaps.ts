@@ -207,8 +207,7 @@ export class Bitmaps {
 
   /** The disk's size changes: every bitmap follows it (QEMU refuses while one is inconsistent). */
   resize(size: number): void {
-    const bad = this.list.find((e) => e.inconsistent);
-    if (bad) throw new QledgerError('E_UNSUPPORTED', inconsistentMessage(bad.name), { errno: 95 });
+    this.checkResize();
     for (const e of this.list) {
       e.added?.resize(size);
       e.stored?.resize(size);
