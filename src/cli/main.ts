@@ -6,6 +6,10 @@
 import { existsSync } from 'node:fs';
 import { NotFoundError, QledgerError, UsageError, UnsupportedError } from '../errors.ts';
 import { LockedError } from '../io/image-lock.ts';
+import { setInlineIo } from '../io/file-device.ts';
+
+/** the CLI's inline limit (file-device.ts): every request of a one-request-at-a-time command */
+const INLINE_IO_LIMIT = 256 * 1024;
 import { forceShareOf, getopt, parseOptionList, parseSize } from './args.ts';
 import { Image } from '../engine/image.ts';
 import { convertToRaw, compareImages } from '../engine/convert.ts';
@@ -480,6 +484,10 @@ export function runAsProgram(): void {
       throw e;
     });
   }
+  // One request at a time: file requests go straight to the kernel (file-device.ts), except for the
+  // server, whose clients' requests overlap. QLEDGER_INLINE_IO=BYTES overrides the limit (0: none inline).
+  const env = process.env['QLEDGER_INLINE_IO'];
+  setInlineIo(env !== undefined && /^\d+$/.test(env) ? Number(env) : process.argv[2] === 'nbd' ? 0 : INLINE_IO_LIMIT);
   main(process.argv.slice(2)).then((code) => {
     process.exitCode = code;
   });

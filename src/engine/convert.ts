@@ -6,7 +6,9 @@ import { isZero } from '../format/bytes.ts';
 import { UsageError } from '../errors.ts';
 import type { Image } from './image.ts';
 
-const CHUNK = 8 * 1024 * 1024;
+/** a piece of the copy, and how many are in flight (qemu-img convert: 2 MiB requests, -m 8 coroutines) */
+const CHUNK = Number(process.env['QL_CHUNK'] ?? 2 * 1024 * 1024);
+const WORKERS = Number(process.env['QL_WORKERS'] ?? 4);
 /** qemu-img convert's default -S: all-zero 4 KiB blocks are left as holes. */
 const SPARSE = 4096;
 
@@ -54,42 +56,56 @@ export async function convertToRaw(img: Image, outPath: string, progress?: Progr
     if (opts.existing && (await out.size()) < size) throw new UsageError('output file is smaller than input file', { path: outPath });
     // with progress, steps of about half a percent (qemu-img prints at each whole one)
     const step = progress ? Math.min(CHUNK, Math.max(65536, Math.floor(size / 200 / 65536) * 65536)) : CHUNK;
-    // two buffers: the next chunk is read while the last one is written
-    const bufs = [new Uint8Array(CHUNK), new Uint8Array(CHUNK)];
-    let k = 0;
-    let writing: Promise<void> | undefined;
-    let pos = 0;
+    const pieces = piecesOf(img, step);
+    let copied = 0;
+    let failure: { error: unknown } | undefined;
     progress?.(0, size);
-    while (pos < size) {
-      signal?.throwIfAborted();
-      const st = await img.status(pos, Math.min(size - pos, 1 << 30));
-      if (st.zero && !st.data) {
-        if (opts.existing) {
-          if (writing) await writing;
-          writing = out.writeZeroes(pos, st.length, true);
-        }
-        pos += st.length;
-      } else {
-        const end = pos + st.length;
-        while (pos < end) {
-          signal?.throwIfAborted();
-          const n = Math.min(step, end - pos);
-          const b = bufs[k]!.subarray(0, n);
+    // Several pieces in flight, as qemu-img convert keeps several requests (its -m): each worker reads
+    // a piece and writes it, so reads and writes of different pieces overlap on the device and the
+    // kernel's copies run on more than one core. A failure stops every worker before the output closes.
+    const worker = async (buf: Uint8Array): Promise<void> => {
+      for (;;) {
+        if (failure) return;
+        signal?.throwIfAborted();
+        const next = await pieces.next();
+        if (next.done) return;
+        const { pos, length, data } = next.value;
+        if (data) {
+          const b = buf.subarray(0, length);
           await img.readInto(b, pos);
-          if (writing) await writing;
-          writing = opts.existing ? out.write(pos, b) : writeSparse(out, pos, b);
-          k ^= 1;
-          pos += n;
-          if (pos < end) progress?.(pos, size);
+          await (opts.existing ? out.write(pos, b) : writeSparse(out, pos, b));
+        } else if (opts.existing) {
+          await out.writeZeroes(pos, length, true);
         }
+        copied += length;
+        progress?.(copied, size);
       }
-      progress?.(pos, size);
-    }
-    if (writing) await writing;
+    };
+    const results = await Promise.allSettled(Array.from({ length: WORKERS }, () => worker(new Uint8Array(CHUNK)).catch((e: unknown) => {
+      failure ??= { error: e };
+    })));
+    void results;
+    if (failure) throw failure.error;
     if (!opts.existing) await out.truncate(size);
     if (flush) await out.flush();
   } finally {
     await out.close();
+  }
+}
+
+/** The image in pieces to copy, in order: data runs cut into `step`-sized pieces, zero runs whole. */
+async function* piecesOf(img: Image, step: number): AsyncGenerator<{ pos: number; length: number; data: boolean }> {
+  const size = img.size;
+  let pos = 0;
+  while (pos < size) {
+    const st = await img.status(pos, Math.min(size - pos, 1 << 30));
+    if (st.zero && !st.data) {
+      yield { pos, length: st.length, data: false };
+      pos += st.length;
+      continue;
+    }
+    const end = pos + st.length;
+    for (; pos < end; pos += Math.min(step, end - pos)) yield { pos, length: Math.min(step, end - pos), data: true };
   }
 }
 

@@ -94,7 +94,10 @@ export class Qcow2Writer {
       backing: o.backing,
       source: {
         l1Size: () => ctx.header().l1Size,
-        l1Offset: (i) => (ctx.tx ? ctx.tx.l1TableOffset(i) : l1TableOffset(ctx.cur, i)),
+        l1Offset: (i) => {
+          const live = ctx.live();
+          return live ? live.l1TableOffset(i) : l1TableOffset(ctx.cur, i);
+        },
         l2Table: (off, l1Index) => tables.l2(host(off), l1Index),
         fileSize: () => ctx.extent.end(),
       },
@@ -245,8 +248,8 @@ export class Qcow2Writer {
       if (data.length === 0) return;
       // isZero stops at the first 4 KiB block with a non-zero byte: data costs almost nothing
       if (this.detectZeroes !== 'off' && isZero(data)) {
-        await this.run('write (zero detected)', () => this.rooms.zero.zeroRange(guest(offset), data.length, this.detectZeroes === 'unmap'));
-      } else await this.run('write', () => this.rooms.data.write(guest(offset), data));
+        await this.run('write (zero detected)', () => this.rooms.zero.zeroRange(guest(offset), data.length, this.detectZeroes === 'unmap'), false, true);
+      } else await this.run('write', () => this.rooms.data.write(guest(offset), data), false, true);
       await this.rooms.bitmaps.afterWrite();
       await this.rooms.writeback.maybe();
     });
@@ -278,7 +281,7 @@ export class Qcow2Writer {
     return this.serial(async () => {
       await this.guestOp('write zeroes', offset, length);
       if (length === 0) return;
-      await this.run('write-zeroes', () => this.rooms.zero.zeroRange(guest(offset), length, opts.unmap ?? false));
+      await this.run('write-zeroes', () => this.rooms.zero.zeroRange(guest(offset), length, opts.unmap ?? false), false, true);
       await this.rooms.writeback.maybe();
     });
   }
@@ -368,7 +371,7 @@ export class Qcow2Writer {
     return this.serial(async () => {
       await this.guestOp('discard', offset, length);
       if (length === 0) return;
-      await this.run('discard', () => this.rooms.discard.discard(guest(offset), length));
+      await this.run('discard', () => this.rooms.discard.discard(guest(offset), length), false, true);
       await this.rooms.writeback.maybe();
     });
   }
@@ -519,13 +522,16 @@ export class Qcow2Writer {
    * One guest operation = one transaction: each table is copied at most
    * once. `undo`: a metadata-only operation that fails is taken back in the
    * same transaction (its records' inverses; writer/context.ts `undo`).
+   * `group`: a guest write, write-zeroes or discard, whose state
+   * transaction stays open for the next such operation until something
+   * reads the state (write/context.ts `held`).
    */
-  private async run(op: string, fn: () => Promise<void>, undo = false): Promise<void> {
+  private async run(op: string, fn: () => Promise<void>, undo = false, group = false): Promise<void> {
     const ctx = this.ctx;
     ctx.checkWritable();
     const id = ++this.txCounter;
     ctx.mark({ kind: 'begin', tx: id, op });
-    ctx.tx = new Transaction(ctx.cur);
+    ctx.tx = group ? ctx.openTransaction() : new Transaction(ctx.cur);
     ctx.undoLog = undo ? [] : undefined;
     try {
       await fn();
@@ -537,7 +543,7 @@ export class Qcow2Writer {
       ctx.undoLog = undefined;
       // Records already emitted describe changes that may already rely on
       // data written to the device; keep them even if the operation failed.
-      ctx.cur = ctx.tx.finish();
+      ctx.closeTransaction(ctx.tx, group && !undo);
       ctx.tx = undefined;
     }
     ctx.mark({ kind: 'commit', tx: id });

@@ -1,13 +1,34 @@
 /**
  * A BlockDevice over a file, through node:fs/promises, holding QEMU's image
- * locks (image-lock.ts) while it is open.
+ * locks (image-lock.ts) while it is open. Requests up to the inline limit
+ * (setInlineIo) are made on the calling thread instead.
  */
 
+import { fdatasyncSync, fstatSync, ftruncateSync, readSync, writeSync } from 'node:fs';
 import { open, stat, statfs, constants as fsc, type FileHandle } from 'node:fs/promises';
 import { IoError, NotFoundError, QledgerError, deviceError, hexDigits } from '../errors.ts';
 import { ZERO_CHUNK, type BlockDevice } from './device.ts';
 import { native } from './native.ts';
 import { HeldLock, imagePermissions, type LockPermissions } from './image-lock.ts';
+
+/**
+ * Reads and writes of at most this many bytes (and flushes, sizes and
+ * truncations, when it is not 0) go straight to the kernel on the calling
+ * thread instead of through libuv's thread pool. A page-cache write of 4 KiB
+ * then costs about 10 µs instead of about 70 µs (the pool's round trip and
+ * the promise machinery), but the event loop waits for the disk meanwhile.
+ * That is the right trade for a command that has one request in flight at a
+ * time (qledger io, convert, check: QEMU's tools block their own thread the
+ * same way in a synchronous request); a server with many clients keeps 0.
+ */
+let inlineLimit = 0;
+
+/** Set the inline limit for every file device of the process (bytes; 0: everything through the pool). Returns the previous one. */
+export function setInlineIo(limit: number): number {
+  const was = inlineLimit;
+  inlineLimit = limit;
+  return was;
+}
 
 /** How a file is locked while open (see image-lock.ts): QEMU's permissions, or not at all. */
 export type FileLocking = LockPermissions | false;
@@ -53,6 +74,7 @@ export class FileDevice implements BlockDevice {
   }
 
   async size(): Promise<number> {
+    if (inlineLimit > 0) return fstatSync(this.fh.fd).size;
     return (await this.fh.stat()).size;
   }
 
@@ -70,6 +92,21 @@ export class FileDevice implements BlockDevice {
       return;
     }
     let done = 0;
+    if (buf.length <= inlineLimit) {
+      try {
+        while (done < buf.length) {
+          const n = readSync(this.fh.fd, buf, done, buf.length - done, offset + done);
+          if (n === 0) {
+            buf.fill(0, done);
+            return;
+          }
+          done += n;
+        }
+      } catch (e) {
+        throw deviceError(this.name, `read at 0x${hexDigits(offset + done)}`, e);
+      }
+      return;
+    }
     while (done < buf.length) {
       const { bytesRead } = await this.fh.read(buf, done, buf.length - done, offset + done).catch((e: unknown) => {
         throw deviceError(this.name, `read at 0x${hexDigits(offset + done)}`, e);
@@ -87,6 +124,14 @@ export class FileDevice implements BlockDevice {
     // never let Node turn an impossible position into "the current position"
     if (!Number.isSafeInteger(offset + data.length) || offset < 0) throw new QledgerError('E_RANGE', `${this.name}: write at offset 0x${hexDigits(offset)} is outside any file`, { offset });
     let done = 0;
+    if (data.length <= inlineLimit) {
+      try {
+        while (done < data.length) done += writeSync(this.fh.fd, data, done, data.length - done, offset + done);
+      } catch (e) {
+        throw deviceError(this.name, `write of ${data.length - done} bytes at 0x${hexDigits(offset + done)}`, e);
+      }
+      return;
+    }
     while (done < data.length) {
       const { bytesWritten } = await this.fh.write(data, done, data.length - done, offset + done).catch((e: unknown) => {
         throw deviceError(this.name, `write of ${data.length - done} bytes at 0x${hexDigits(offset + done)}`, e);
@@ -97,6 +142,14 @@ export class FileDevice implements BlockDevice {
 
   async flush(): Promise<void> {
     if (!this.readOnly) {
+      if (inlineLimit > 0) {
+        try {
+          fdatasyncSync(this.fh.fd);
+        } catch (e) {
+          throw deviceError(this.name, 'flush', e);
+        }
+        return;
+      }
       await this.fh.datasync().catch((e: unknown) => {
         throw deviceError(this.name, 'flush', e);
       });
@@ -105,6 +158,14 @@ export class FileDevice implements BlockDevice {
 
   async truncate(size: number): Promise<void> {
     this.assertWritable();
+    if (inlineLimit > 0) {
+      try {
+        ftruncateSync(this.fh.fd, size);
+      } catch (e) {
+        throw deviceError(this.name, `truncate to ${size} bytes`, e);
+      }
+      return;
+    }
     await this.fh.truncate(size).catch((e: unknown) => {
       throw deviceError(this.name, `truncate to ${size} bytes`, e);
     });
@@ -128,7 +189,7 @@ export class FileDevice implements BlockDevice {
         await this.write(offset + done, ZERO_CHUNK.subarray(0, Math.min(ZERO_CHUNK.length, inFile - done)));
       }
     }
-    if (end > size) await this.fh.truncate(end);
+    if (end > size) await this.truncate(end);
   }
 
   /** The file system's free bytes for an unprivileged writer (statfs), undefined where it cannot tell. */

@@ -93,12 +93,53 @@ function inverseOf(r: MetaRecord): MetaRecord | undefined {
 }
 
 export class WriteContext {
-  /** the live state between operations (committed transactions) */
-  cur: MetaState;
+  private committed: MetaState;
+  /**
+   * A state transaction kept open after its guest operations committed, so
+   * that the next guest operation goes on in it: a run of writes between
+   * two write-backs copies each table it touches once, not once per write
+   * (20,000 random 4 KiB writes otherwise copy 2.6 GB of tables). Each
+   * operation still has its own begin and commit markers in the record
+   * stream, so the journal and every subscriber see the same records as
+   * before. Anything that reads `cur` closes it first.
+   */
+  private held: Transaction | undefined;
   /** what the disk holds after the last write-back */
   durable: MetaState;
   /** the open transaction: one per guest operation */
   tx: Transaction | undefined;
+
+  /** the live state between operations (committed transactions; a held transaction is finished first) */
+  get cur(): MetaState {
+    if (this.held) {
+      this.committed = this.held.finish();
+      this.held = undefined;
+    }
+    return this.committed;
+  }
+
+  set cur(s: MetaState) {
+    if (this.held) throw new Error('the state was replaced while a transaction was held');
+    this.committed = s;
+  }
+
+  /** The transaction an operation opens: the held one, if any, or a new one over the committed state. */
+  openTransaction(): Transaction {
+    const held = this.held;
+    this.held = undefined;
+    return held ?? new Transaction(this.cur);
+  }
+
+  /** An operation's transaction is done: finished into the committed state, or (`hold`) kept open for the next one. */
+  closeTransaction(tx: Transaction, hold: boolean): void {
+    if (hold) this.held = tx;
+    else this.committed = tx.finish();
+  }
+
+  /** The open or held transaction, for reads of the live state that must not close a held one. */
+  live(): Transaction | undefined {
+    return this.tx ?? this.held;
+  }
   corrupt = false;
   /** where the bitmaps header extension's body is in the header cluster (undefined: there is none) */
   bitmapsExt: number | undefined;
@@ -120,7 +161,7 @@ export class WriteContext {
     state: MetaState,
     fileSize: number,
   ) {
-    this.cur = state;
+    this.committed = state;
     this.durable = state;
     this.extent = new FileExtent(fileSize, geometry.clusterSize);
   }
@@ -152,7 +193,7 @@ export class WriteContext {
 
   /** Header fields of the live state: through the open transaction, if any. */
   header(): HeaderState {
-    return this.tx ? this.tx.header : this.cur.header;
+    return (this.tx ?? this.held)?.header ?? this.committed.header;
   }
 
   /** Apply a metadata change to the open transaction and tell every subscriber (the trace first). */

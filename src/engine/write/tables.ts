@@ -22,7 +22,8 @@ export class TableCache {
   /** For reads: the L2 table of `l1Index` (at `off`) in the live state, loaded on demand. */
   async l2(off: HostOffset, l1Index: number): Promise<Uint8Array> {
     const ctx = this.ctx;
-    const have = ctx.tx ? ctx.tx.l2(l1Index) : ctx.cur.l2.get(l1Index);
+    const live = ctx.live();
+    const have = live ? live.l2(l1Index) : ctx.cur.l2.get(l1Index);
     if (have) return have;
     return this.loadL2(l1Index, off);
   }
@@ -40,7 +41,8 @@ export class TableCache {
       await ctx.signalCorruption(`L2 table at ${hex(off)} (L1 index: ${hex(l1Index)}) overlaps the ${overlapName(other)}`, { l1Index, l2Offset: off });
     }
     const bytes = await readAt(ctx.files.image, off, cs);
-    if (ctx.tx) ctx.tx.load('l2', l1Index, bytes);
+    const live = ctx.live();
+    if (live) live.load('l2', l1Index, bytes);
     else ctx.cur = { ...ctx.cur, l2: ctx.cur.l2.set(l1Index, bytes) };
     if (ctx.durable.l2.get(l1Index) === undefined) ctx.durable = { ...ctx.durable, l2: ctx.durable.l2.set(l1Index, bytes) };
     return bytes;
@@ -53,7 +55,8 @@ export class TableCache {
    */
   async preloadL2(tables: ReadonlyArray<readonly [l1Index: number, off: HostOffset]>): Promise<void> {
     const ctx = this.ctx;
-    const have = (i: number) => (ctx.tx ? ctx.tx.l2(i) : ctx.cur.l2.get(i)) !== undefined;
+    const live = ctx.live();
+    const have = (i: number) => (live ? live.l2(i) : ctx.cur.l2.get(i)) !== undefined;
     const want = tables.filter(([i]) => !have(i));
     for (let k = 0; k < want.length; k += 64) {
       await Promise.all(want.slice(k, k + 64).map(([i, off]) => this.loadL2(i, off)));

@@ -1,0 +1,149 @@
+/**
+ * The speed paths keep behaviour: file requests made inline (on the calling
+ * thread, as the CLI makes them), guest operations grouped into one held
+ * state transaction, and reads split into concurrent pieces.
+ */
+
+import { describe, it, expect, afterEach } from 'vitest';
+import fc from 'fast-check';
+import { mkdtempSync, rmSync, chmodSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { FileDevice, setInlineIo } from '../src/io/file-device.ts';
+import { MemoryDevice } from '../src/io/memory-device.ts';
+import { createOnDevice, openWriterOnDevice } from '../src/engine/writable.ts';
+import { Image } from '../src/engine/image.ts';
+import { IoError } from '../src/errors.ts';
+import { createHash } from 'node:crypto';
+import type { MetaState } from '../src/state/state.ts';
+
+const runs = Number(process.env['QLEDGER_PROPERTY_RUNS'] ?? 100);
+const dirs: string[] = [];
+const tmp = () => {
+  const d = mkdtempSync(join(tmpdir(), 'qledger-fast-'));
+  dirs.push(d);
+  return d;
+};
+afterEach(() => {
+  setInlineIo(0);
+  for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
+});
+
+describe('inline file requests', () => {
+  it('write, read, size, truncate and flush behave as through the pool, at and above the limit', async () => {
+    const path = join(tmp(), 'f.bin');
+    for (const limit of [0, 4096, 1 << 30]) {
+      setInlineIo(limit);
+      const dev = await FileDevice.open(path, { readOnly: false, create: true, lock: false });
+      const a = new Uint8Array(4096).fill(0xa5);
+      const b = new Uint8Array(8192).fill(0x5a);
+      await dev.write(100_000, a);
+      await dev.write(4096, b);
+      expect(await dev.size()).toBe(104_096);
+      const got = new Uint8Array(4096 + 200);
+      await dev.readInto(got, 100_000);
+      // past the end of the file: zeros, for an inline read as for a pooled one
+      expect(got.subarray(0, 4096)).toEqual(a);
+      expect(got.subarray(4096).every((x) => x === 0)).toBe(true);
+      const mid = new Uint8Array(8192);
+      await dev.readInto(mid, 4096);
+      expect(mid).toEqual(b);
+      await dev.truncate(8192);
+      expect(await dev.size()).toBe(8192);
+      await dev.flush();
+      await dev.close();
+    }
+  });
+
+  it('a failing inline request is a device error naming the offset, not a stack trace', async () => {
+    const path = join(tmp(), 'ro.bin');
+    writeFileSync(path, new Uint8Array(4096));
+    chmodSync(path, 0o444);
+    setInlineIo(1 << 30);
+    const dev = await FileDevice.open(path, { readOnly: true, lock: false });
+    // a read-only descriptor's write reaches the kernel only through the device's own check
+    await expect(dev.write(0, new Uint8Array(512))).rejects.toThrow(/read-only/);
+    await dev.close();
+    const dir = tmp();
+    const bad = await FileDevice.open(join(dir, 'x.bin'), { readOnly: false, create: true, lock: false });
+    await bad.close();
+    await expect(bad.readInto(new Uint8Array(512), 0)).rejects.toBeInstanceOf(IoError);
+  });
+});
+
+describe('grouped guest operations', () => {
+  it('a state read between writes is immutable: later writes do not change it, and it equals a fresh open (property)', async () => {
+    await fc.assert(
+      fc.asyncProperty(fc.array(fc.tuple(fc.integer({ min: 0, max: 255 }), fc.constantFrom('write', 'zero', 'discard'), fc.integer({ min: 0, max: 3 })), { minLength: 1, maxLength: 24 }), async (ops) => {
+        const dev = new MemoryDevice('g.qcow2');
+        await createOnDevice(dev, 'g.qcow2', { size: 16 << 20, clusterSize: 65536 });
+        const w = await openWriterOnDevice(dev, 'g.qcow2', { journal: false });
+        const model = new Uint8Array(16 << 20);
+        const seen: Array<{ state: MetaState; entries: string }> = [];
+        // the image's one L2 table, its refcount block and the L1 chunk, as they are in a state
+        const snapshotOf = (s: MetaState) => {
+          const h = createHash('sha256');
+          for (const t of [s.l2.get(0), s.refblocks.get(0), s.l1.get(0)]) h.update(t ?? new Uint8Array(1));
+          return h.digest('hex');
+        };
+        for (const [cluster, kind, n] of ops) {
+          const at = cluster * 65536;
+          const len = Math.min(16 << 20, at + (n + 1) * 4096) - at;
+          if (kind === 'write') {
+            const data = new Uint8Array(len).fill(cluster + 1);
+            await w.write(at, data);
+            model.set(data, at);
+          } else if (kind === 'zero') {
+            await w.writeZeroes(at, len);
+            model.fill(0, at, at + len);
+          } else {
+            await w.discard(at, len);
+            model.fill(0, at, at + len);
+          }
+          if (n === 0) {
+            const state = w.state;
+            seen.push({ state, entries: snapshotOf(state) });
+          }
+        }
+        // every state handed out earlier still says what it said then
+        for (const s of seen) expect(snapshotOf(s.state)).toBe(s.entries);
+        const back = new Uint8Array(16 << 20);
+        await w.read(0, back);
+        expect(Buffer.compare(back, model)).toBe(0);
+        await w.close();
+        const img = await Image.open(dev);
+        const again = new Uint8Array(16 << 20);
+        await img.readInto(again, 0);
+        await img.close();
+        expect(Buffer.compare(again, model)).toBe(0);
+      }),
+      { numRuns: Math.max(10, Math.floor(runs / 5)) },
+    );
+  });
+});
+
+describe('reads in concurrent pieces', () => {
+  it('a read across data, zero and unallocated runs longer than a piece returns the bytes written', async () => {
+    const dev = new MemoryDevice('r.qcow2');
+    await createOnDevice(dev, 'r.qcow2', { size: 16 << 20, clusterSize: 65536 });
+    const w = await openWriterOnDevice(dev, 'r.qcow2', { journal: false });
+    const model = new Uint8Array(16 << 20);
+    // 3 MiB of data (three pieces), a zero run, another data run, the rest unallocated
+    const d = new Uint8Array(3 << 20).map((_, i) => (i * 7) & 0xff);
+    await w.write(0, d);
+    model.set(d, 0);
+    await w.writeZeroes(3 << 20, 1 << 20);
+    const e = new Uint8Array(2 << 20 | 4096).fill(9);
+    await w.write(5 << 20, e);
+    model.set(e, 5 << 20);
+    await w.close();
+    const img = await Image.open(dev);
+    const out = new Uint8Array(16 << 20).fill(0xee);
+    await img.readInto(out, 0);
+    expect(Buffer.compare(out, model)).toBe(0);
+    const part = new Uint8Array((4 << 20) + 123);
+    await img.readInto(part, 1234);
+    expect(Buffer.compare(part, model.subarray(1234, 1234 + part.length))).toBe(0);
+    await img.close();
+  });
+});
