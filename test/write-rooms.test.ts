@@ -14,7 +14,7 @@ import { EXT_QLEDGER_VACANT, planExtensionInsert, planExtensionRemove } from '..
 import { host } from '../src/format/offsets.ts';
 import { planClusterWrite, type PlanEnv } from '../src/engine/write/data-write.ts';
 import { FaultPlan } from '../src/engine/faults.ts';
-import { PhaseLists } from '../src/engine/ordering.ts';
+import { PhaseLists, dirtySectors } from '../src/engine/ordering.ts';
 import { MemoryDevice } from '../src/io/memory-device.ts';
 import { createOnDevice } from '../src/engine/writable.ts';
 import { readAt } from '../src/io/device.ts';
@@ -246,5 +246,32 @@ describe('the fault plan', () => {
     expect(p.phases(false).map((x) => x.name)).toEqual(['reference']);
     expect(new FaultPlan('reuse-before-durable').reuseFreedAtOnce).toBe(true);
     expect(new FaultPlan('l2-before-refcount').reuseFreedAtOnce).toBe(false);
+  });
+});
+
+describe('dirty sectors of a table', () => {
+  it('the writes turn the old table into the new one, and cover exactly the sectors that differ (property)', () => {
+    fc.assert(
+      fc.property(fc.integer({ min: 1, max: 160 }), fc.array(fc.nat(), { maxLength: 12 }), fc.boolean(), (sectors, changes, shorter) => {
+        const len = sectors * 512;
+        const next = new Uint8Array(len).map((_, i) => (i * 13) & 0xff);
+        const prev = next.slice(0, shorter ? Math.max(0, len - 512 * (1 + (changes[0] ?? 0) % 3)) : len);
+        for (const c of changes) if (prev.length) prev[c % prev.length] = prev[c % prev.length]! ^ 0x40;
+        const writes = dirtySectors(prev, next, host(1 << 20), 'table');
+        const img = new Uint8Array(len);
+        img.set(prev.subarray(0, Math.min(prev.length, len)));
+        const covered = new Set<number>();
+        for (const w of writes) {
+          img.set(w.data, w.offset - (1 << 20));
+          for (let o = w.offset - (1 << 20); o < w.offset - (1 << 20) + w.data.length; o += 512) covered.add(o / 512);
+        }
+        expect(Buffer.compare(img, next)).toBe(0);
+        for (let s = 0; s < sectors; s++) {
+          const differs = s * 512 + 512 > prev.length || Buffer.compare(prev.subarray(s * 512, s * 512 + 512), next.subarray(s * 512, s * 512 + 512)) !== 0;
+          expect(covered.has(s)).toBe(differs);
+        }
+      }),
+      { numRuns: runs * 3 },
+    );
   });
 });

@@ -14,7 +14,7 @@ import { forceShareOf, getopt, parseOptionList, parseSize } from './args.ts';
 import { Image } from '../engine/image.ts';
 import { convertToRaw, compareImages } from '../engine/convert.ts';
 import { formatInfoHuman, qemuJson, type ImageInfo } from '../engine/info.ts';
-import { formatMapHuman, formatMapJson, MapHumanError, type MapEntry } from '../engine/map.ts';
+import { formatMapHuman, MapHumanError, streamMapJson, type MapEntry } from '../engine/map.ts';
 import type { ImageFormat } from '../engine/open.ts';
 import { progressPrinter } from './io-format.ts';
 import { imageSpec, type ImageSpec } from './image-spec.ts';
@@ -185,10 +185,12 @@ async function cmdMap(argv: string[], io: Output): Promise<number> {
     const start = typeof so === 'string' ? parseSize(so, 'start offset') : 0;
     const maxLen = typeof ml === 'string' ? parseSize(ml, 'max length') : Infinity;
     const end = Math.min(img.size, start + maxLen);
-    const entries: MapEntry[] = [];
-    for await (const e of img.map(Math.min(start, img.size), Math.max(0, end - start))) entries.push(e);
-    if (output === 'json') io.out(formatMapJson(entries));
+    const from = Math.min(start, img.size);
+    const len = Math.max(0, end - start);
+    if (output === 'json') await streamMapJson(img.mapBatches(from, len), (b) => (io.outBytes ? io.outBytes(b) : io.out(Buffer.from(b).toString('latin1'))));
     else {
+      const entries: MapEntry[] = [];
+      for await (const e of img.map(from, len)) entries.push(e);
       try {
         io.out(formatMapHuman(entries));
       } catch (e) {

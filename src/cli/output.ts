@@ -8,6 +8,8 @@ import { createRequire } from 'node:module';
 
 export interface Output {
   out(s: string): void;
+  /** bytes for standard output (long outputs built as bytes); without it, they go to out() as Latin-1 text */
+  outBytes?(b: Uint8Array): void;
   err(s: string): void;
   /** lines of standard input, for commands that read them (qemu-io without -c) */
   lines?(): AsyncIterable<string>;
@@ -15,6 +17,7 @@ export interface Output {
 
 export const stdio: Output = {
   out: (s) => process.stdout.write(s),
+  outBytes: (b) => process.stdout.write(b),
   err: (s) => process.stderr.write(s),
   lines: async function* () {
     // loaded only by the one command that reads standard input; require, not import(): the

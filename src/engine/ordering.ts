@@ -240,20 +240,34 @@ export async function executePlan(phases: readonly Phase[], io: PlanIO, o: { wri
 }
 
 const SECTOR = 512;
+const BLOCK = 16 * SECTOR;
 
 /** Writes for the sectors of `next` that differ from `prev` (all of them when prev is undefined). */
 export function dirtySectors(prev: Uint8Array | undefined, next: Uint8Array, base: HostOffset, what: string, kind?: number): DeviceWrite[] {
   if (!prev) return [{ offset: base, data: next, what, kind }];
   const out: DeviceWrite[] = [];
+  if (prev === next) return out;
   const a = Buffer.from(prev.buffer, prev.byteOffset, prev.byteLength);
+  // Blocks of 16 sectors first: a write-back usually changes a few entries of a 64 KiB table, and
+  // 8 comparisons find the blocks that hold them (the sectors inside only those are compared).
+  const differs = (o: number, end: number) => end > prev.length || a.compare(next, o, end, o, end) !== 0;
   let runStart = -1;
-  for (let o = 0; o < next.length; o += SECTOR) {
-    const end = Math.min(next.length, o + SECTOR);
-    const differs = end > prev.length || a.compare(next, o, end, o, end) !== 0;
-    if (differs && runStart < 0) runStart = o;
-    if (!differs && runStart >= 0) {
-      out.push({ offset: host(base + runStart), data: next.subarray(runStart, o), what, kind });
-      runStart = -1;
+  for (let blk = 0; blk < next.length; blk += BLOCK) {
+    const blkEnd = Math.min(next.length, blk + BLOCK);
+    if (!differs(blk, blkEnd)) {
+      if (runStart >= 0) {
+        out.push({ offset: host(base + runStart), data: next.subarray(runStart, blk), what, kind });
+        runStart = -1;
+      }
+      continue;
+    }
+    for (let o = blk; o < blkEnd; o += SECTOR) {
+      const d = differs(o, Math.min(blkEnd, o + SECTOR));
+      if (d && runStart < 0) runStart = o;
+      if (!d && runStart >= 0) {
+        out.push({ offset: host(base + runStart), data: next.subarray(runStart, o), what, kind });
+        runStart = -1;
+      }
     }
   }
   if (runStart >= 0) out.push({ offset: host(base + runStart), data: next.subarray(runStart), what, kind });

@@ -108,22 +108,50 @@ export class Qcow2Layer implements Layer {
   }
 
   async status(offset: GuestOffset, bytes: number): Promise<LayerStatus> {
+    const at = this.spanAt(offset, bytes);
+    if (at.l2Offset === 0) return { length: at.maxLen, type: 'unallocated-plain', hostOffset: undefined };
+    return this.runAt(await this.l2Table(at.l2Offset, at.l1Index), at.l2Offset, offset, at.maxLen);
+  }
+
+  /**
+   * Every run from `offset` to the end of its L2 table's span (at most
+   * `bytes`), in order: what status() would answer run after run, with one
+   * table lookup instead of one per run (map walks a million extents).
+   */
+  async statusRuns(offset: GuestOffset, bytes: number): Promise<LayerStatus[]> {
+    const at = this.spanAt(offset, bytes);
+    if (at.l2Offset === 0) return [{ length: at.maxLen, type: 'unallocated-plain', hostOffset: undefined }];
+    const table = await this.l2Table(at.l2Offset, at.l1Index);
+    const runs: LayerStatus[] = [];
+    for (let done = 0; done < at.maxLen; ) {
+      const st = this.runAt(table, at.l2Offset, guest(offset + done), at.maxLen - done);
+      runs.push(st);
+      done += st.length;
+    }
+    return runs;
+  }
+
+  /** The L1 entry of `offset` and how far its status may reach (to the end of its L2 span, the disk, `bytes`). */
+  private spanAt(offset: GuestOffset, bytes: number): { l1Index: number; l2Offset: number; maxLen: number } {
     const g = this.geometry;
     const cs = g.clusterSize;
-    const clusterIndex = Math.floor(offset / cs);
-    const l1Index = Math.floor(clusterIndex / g.l2Entries);
-    const l2Index = clusterIndex % g.l2Entries;
+    const l1Index = Math.floor(Math.floor(offset / cs) / g.l2Entries);
     const l2Span = g.l2Entries * cs;
-    const untilL2End = (l1Index + 1) * l2Span - offset;
-    const maxLen = Math.min(bytes, untilL2End, this.size - offset);
-    if (l1Index >= this.l1Count()) return { length: maxLen, type: 'unallocated-plain', hostOffset: undefined };
+    const maxLen = Math.min(bytes, (l1Index + 1) * l2Span - offset, this.size - offset);
+    if (l1Index >= this.l1Count()) return { l1Index, l2Offset: 0, maxLen };
     const l2Offset = this.l1At(l1Index);
-    if (l2Offset === 0) return { length: maxLen, type: 'unallocated-plain', hostOffset: undefined };
     if (l2Offset % cs !== 0) {
       throw new CorruptionError(`${this.filename}: L2 table offset ${hex(l2Offset)} unaligned (L1 index: ${hex(l1Index)})`, { l1Index, l2Offset });
     }
-    const table = await this.l2Table(l2Offset, l1Index);
+    return { l1Index, l2Offset, maxLen };
+  }
 
+  /** The run at `offset` (at most `maxLen`, inside the span of `table`, the L2 table at `l2Offset`). */
+  private runAt(table: Uint8Array, l2Offset: number, offset: GuestOffset, maxLen: number): LayerStatus {
+    const g = this.geometry;
+    const cs = g.clusterSize;
+    const clusterIndex = Math.floor(offset / cs);
+    const l2Index = clusterIndex % g.l2Entries;
     const scSize = g.subclusterSize;
     const e = readL2Entry(table, l2Index, g, this.scratch);
     const inCluster = offset % cs;
@@ -307,7 +335,20 @@ class OnDiskTables implements TableSource {
     return this.size;
   }
 
+  /** the table returned last: a walk asks for the same one for every extent of its span */
+  private last: { offset: number; table: Promise<Uint8Array> } | undefined;
+
   l2Table(l2Offset: number, l1Index: number): Promise<Uint8Array> {
+    if (this.last?.offset === l2Offset) return this.last.table;
+    const table = this.lookup(l2Offset, l1Index);
+    this.last = { offset: l2Offset, table };
+    table.catch(() => {
+      if (this.last?.table === table) this.last = undefined;
+    });
+    return table;
+  }
+
+  private lookup(l2Offset: number, l1Index: number): Promise<Uint8Array> {
     const hit = this.cache.get(l2Offset);
     if (hit) {
       this.cache.delete(l2Offset);
