@@ -4,13 +4,15 @@
  * median of BENCH_RUNS (default 3):
  *   preallocated  qemu-img create -o preallocation=metadata,cluster_size=4k, 4 GiB (1,048,576 clusters, contiguous)
  *   scattered     1,000,000 4 KiB clusters written one by one in random order over an 8 GiB image
+ * and `map --output=json` of the scattered image (1,523,471 extents).
  * The scattered image is built once with qledger's own writer (far faster
  * than 1,000,000 qemu-io commands); both tools must report the same JSON
- * for it before anything is timed.
+ * (check) and print the same bytes (map) before anything is timed. The
+ * order alternates every run.
  */
 
 import { execFileSync, spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { median, scatteredImage } from './common.ts';
@@ -33,17 +35,17 @@ try {
     console.error('bench: qemu-img not found (apt-get install qemu-utils)');
     process.exit(1);
   }
-  const cases: Array<[string, string]> = [];
+  const cases: Array<[string, string, string]> = [];
   const pre = join(dir, 'pre.qcow2');
   execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'preallocation=metadata,cluster_size=4k', pre, '4G']);
-  cases.push(['preallocated: 1,048,576 contiguous 4 KiB clusters (qemu-img preallocation=metadata)', pre]);
+  cases.push(['preallocated: 1,048,576 contiguous 4 KiB clusters (qemu-img preallocation=metadata)', pre, '≥ 1.0']);
   const sc = join(dir, 'scattered.qcow2');
   await scatteredImage(sc);
-  cases.push(['scattered: 1,000,000 4 KiB clusters written in random order', sc]);
-  console.log(`check benchmarks: ${runs} runs each, median, whole process`);
-  console.log('| image | qemu-img check | qledger check | ratio (qemu-img time / qledger time) |');
-  console.log('|---|---|---|---|');
-  for (const [name, f] of cases) {
+  cases.push(['scattered: 1,000,000 4 KiB clusters written in random order', sc, 'keep the lead']);
+  console.log(`check and map benchmarks: ${runs} runs each, median, whole process`);
+  console.log('| case | qemu-img | qledger | ratio (qemu-img time / qledger time) | target |');
+  console.log('|---|---|---|---|---|');
+  for (const [name, f, target] of cases) {
     const q = timed('qemu-img', ['check', '--output=json', f]);
     const o = timed(qledger, ['check', '--output=json', f]);
     const qj = JSON.parse(q.out);
@@ -52,13 +54,31 @@ try {
     const ours: number[] = [];
     const theirs: number[] = [];
     for (let i = 0; i < runs; i++) {
-      theirs.push(timed('qemu-img', ['check', f]).s);
-      ours.push(timed(qledger, ['check', f]).s);
+      const q = () => theirs.push(timed('qemu-img', ['check', f]).s);
+      const l = () => ours.push(timed(qledger, ['check', f]).s);
+      if (i % 2 === 0) (q(), l());
+      else (l(), q());
     }
     const t = median(theirs);
     const ou = median(ours);
-    console.log(`| ${name} (${qj['allocated-clusters']} allocated) | ${t.toFixed(3)} s | ${ou.toFixed(3)} s | **${(t / ou).toFixed(2)}** |`);
+    console.log(`| check, ${name} (${qj['allocated-clusters']} allocated) | ${t.toFixed(3)} s | ${ou.toFixed(3)} s | **${(t / ou).toFixed(2)}** | ${target} |`);
   }
+  // map of the scattered image: the same bytes first, then timed (output to a file, as a script redirects it)
+  const mq = join(dir, 'map-qemu.json');
+  const ml = join(dir, 'map-qledger.json');
+  execFileSync('sh', ['-c', 'qemu-img map --output=json "$1" > "$2"', 'sh', sc, mq]);
+  execFileSync('sh', ['-c', '"$1" map --output=json "$2" > "$3"', 'sh', qledger, sc, ml]);
+  if (spawnSync('cmp', ['-s', mq, ml]).status !== 0) throw new Error('map --output=json: qledger prints other bytes than qemu-img');
+  const extents = JSON.parse(readFileSync(mq, 'utf8')).length as number;
+  const mt: number[] = [];
+  const mo: number[] = [];
+  for (let i = 0; i < runs; i++) {
+    const q = () => mt.push(timed('sh', ['-c', 'qemu-img map --output=json "$1" > "$2"', 'sh', sc, mq]).s);
+    const l = () => mo.push(timed('sh', ['-c', '"$1" map --output=json "$2" > "$3"', 'sh', qledger, sc, ml]).s);
+    if (i % 2 === 0) (q(), l());
+    else (l(), q());
+  }
+  console.log(`| map --output=json, scattered (${extents} extents) | ${median(mt).toFixed(3)} s | ${median(mo).toFixed(3)} s | **${(median(mt) / median(mo)).toFixed(2)}** | ≥ 2 |`);
 } finally {
   rmSync(dir, { recursive: true, force: true });
 }

@@ -9,6 +9,7 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { Image } from '../src/engine/image.ts';
 import { openWriter } from '../src/engine/writable.ts';
 import { QledgerError } from '../src/errors.ts';
+import { setInlineIo } from '../src/io/file-device.ts';
 
 export const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
@@ -66,8 +67,14 @@ export async function scatteredImage(path: string): Promise<void> {
     [order[i], order[j]] = [order[j]!, order[i]!];
   }
   const buf = new Uint8Array(4096).fill(0x5a);
-  for (let i = 0; i < n; i++) await img.write(order[i]! * 4096, buf);
-  await img.close();
+  // one write at a time: inline requests, as the CLI makes them (about twice as fast to build)
+  const was = setInlineIo(1 << 18);
+  try {
+    for (let i = 0; i < n; i++) await img.write(order[i]! * 4096, buf);
+    await img.close();
+  } finally {
+    setInlineIo(was);
+  }
 }
 
 /**

@@ -1,34 +1,36 @@
 /**
- * Read benchmark (npm run bench, or BENCH_ONLY=read): read a fully allocated 1 GiB qcow2 image to raw with
- * `qledger convert -O raw` and with `qemu-img convert -O raw`, in the same run,
- * whole processes timed, median of several runs. Prints MiB/s and the ratio.
- * BENCH_SIZE_MB and BENCH_RUNS override the defaults (1024, 5).
+ * Read benchmarks (issue 19, item 2), qledger against qemu-img/qemu-io in the
+ * same run, whole processes, order alternating, median of BENCH_RUNS (default 5):
+ *   convert -O raw            of a 1 GiB image, every cluster allocated
+ *   io -r -c 'read -q 0 1G'   of the same
+ * and both of a 1 GiB image whose 64 KiB clusters alternate data and zero
+ * (qemu-io wrote every other one). The outputs must be equal (cmp of the
+ * raw files, and qemu-img compare of each against the image) before anything
+ * is timed. BENCH_SIZE_MB overrides the size (1024).
  */
 
 import { execFileSync, spawnSync } from 'node:child_process';
-import { mkdtempSync, openSync, writeSync, closeSync, rmSync, statSync } from 'node:fs';
+import { mkdtempSync, openSync, writeSync, closeSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { timeProcess } from './common.ts';
+import { median, timeProcess } from './common.ts';
 
 const sizeMb = Number(process.env['BENCH_SIZE_MB'] ?? 1024);
 const runs = Number(process.env['BENCH_RUNS'] ?? 5);
 const root = new URL('..', import.meta.url).pathname;
 const dir = mkdtempSync(join(tmpdir(), 'qledger-bench-'));
+const qledger = join(root, 'tools/qledger');
 
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.floor(s.length / 2)]!;
+function same(a: string, b: string, what: string): void {
+  if (spawnSync('cmp', ['-s', a, b]).status !== 0) throw new Error(`${what}: qledger's output differs from qemu-img's`);
 }
-
-const time = timeProcess;
 
 try {
   if (spawnSync('qemu-img', ['--version'], { stdio: 'ignore' }).status !== 0) {
     console.error('bench: qemu-img not found (apt-get install qemu-utils): the comparison needs it');
     process.exit(1);
   }
-  // Source: non-zero data in every cluster, so every cluster is allocated.
+  // Fully allocated: non-zero data in every cluster.
   const raw = join(dir, 'src.raw');
   const fd = openSync(raw, 'w');
   const mb = Buffer.alloc(1 << 20);
@@ -37,32 +39,60 @@ try {
     writeSync(fd, mb);
   }
   closeSync(fd);
-  const img = join(dir, 'bench.qcow2');
-  execFileSync('qemu-img', ['convert', '-O', 'qcow2', raw, img]);
+  const full = join(dir, 'full.qcow2');
+  execFileSync('qemu-img', ['convert', '-O', 'qcow2', raw, full]);
   rmSync(raw);
-  const map = JSON.parse(execFileSync('qemu-img', ['map', '--output=json', img], { encoding: 'utf8' })) as Array<{ data: boolean; length: number }>;
-  const allocated = map.filter((e) => e.data).reduce((n, e) => n + e.length, 0);
+  // Half zero: every other 64 KiB cluster written by qemu-io, the rest never allocated.
+  const half = join(dir, 'half.qcow2');
+  execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', half, `${sizeMb}M`]);
+  const cmds: string[] = [];
+  for (let c = 0; c < sizeMb * 16; c += 2) cmds.push('-c', `write -q -P ${1 + (c % 250)} ${c * 65536} 64k`);
+  for (let k = 0; k < cmds.length; k += 4000) execFileSync('qemu-io', [...cmds.slice(k, k + 4000), half]);
 
-  const qledger = join(root, 'tools/qledger');
   const out = join(dir, 'out.raw');
-  const ours: number[] = [];
-  const theirs: number[] = [];
-  // warm the page cache once, then alternate so both see the same conditions
-  time('qemu-img', ['convert', '-O', 'raw', img, out]);
-  for (let i = 0; i < runs; i++) {
-    rmSync(out, { force: true });
-    theirs.push(time('qemu-img', ['convert', '-O', 'raw', img, out]));
-    rmSync(out, { force: true });
-    ours.push(time(qledger, ['convert', '-O', 'raw', img, out]));
+  const ref = join(dir, 'ref.raw');
+  console.log(`read benchmarks: ${sizeMb} MiB images, 64 KiB clusters; ${runs} runs each, median, whole process, page cache warm, order alternating`);
+  console.log('| case | qemu | qledger | ratio (qemu time / qledger time) | target |');
+  console.log('|---|---|---|---|---|');
+  for (const [name, img] of [['fully allocated', full], ['64 KiB alternating data and zero', half]] as const) {
+    // equal results first: the same raw file from both, equal to the image
+    execFileSync('qemu-img', ['convert', '-O', 'raw', img, ref]);
+    execFileSync(qledger, ['convert', '-O', 'raw', img, out]);
+    same(ref, out, `convert of ${name}`);
+    execFileSync('qemu-img', ['compare', '-q', img, out]);
+    const cases: Array<[string, string[], string[], string]> = [
+      ['convert -O raw', ['qemu-img', 'convert', '-O', 'raw', img, out], [qledger, 'convert', '-O', 'raw', img, out], '≥ 1.0'],
+      [`io -r -c 'read -q 0 ${sizeMb}M'`, ['qemu-io', '-r', '-c', `read -q 0 ${sizeMb}M`, img], [qledger, 'io', '-r', '-c', `read -q 0 ${sizeMb}M`, img], '≥ 1.2'],
+    ];
+    for (const [what, theirsCmd, oursCmd, target] of cases) {
+      const ours: number[] = [];
+      const theirs: number[] = [];
+      const q = () => {
+        rmSync(out, { force: true });
+        spawnSync('sync'); // neither pays for the other's dirty pages
+        theirs.push(timeProcess(theirsCmd[0]!, theirsCmd.slice(1)));
+      };
+      const l = () => {
+        rmSync(out, { force: true });
+        spawnSync('sync');
+        ours.push(timeProcess(oursCmd[0]!, oursCmd.slice(1)));
+      };
+      q(); // warm the page cache once
+      theirs.length = 0;
+      for (let i = 0; i < runs; i++) {
+        if (i % 2 === 0) {
+          q();
+          l();
+        } else {
+          l();
+          q();
+        }
+      }
+      const t = median(theirs);
+      const o = median(ours);
+      console.log(`| ${what}, ${name} | ${t.toFixed(3)} s | ${o.toFixed(3)} s | **${(t / o).toFixed(2)}** | ${target} |`);
+    }
   }
-  const size = statSync(out).size;
-  const o = median(ours);
-  const t = median(theirs);
-  const mibs = (s: number) => size / 2 ** 20 / s;
-  console.log(`image: ${sizeMb} MiB virtual, ${allocated / 2 ** 20} MiB allocated, 64 KiB clusters; ${runs} runs each, median, whole process`);
-  console.log(`qemu-img convert -O raw : ${t.toFixed(3)} s  ${mibs(t).toFixed(0)} MiB/s`);
-  console.log(`qledger convert -O raw  : ${o.toFixed(3)} s  ${mibs(o).toFixed(0)} MiB/s`);
-  console.log(`ratio (qledger throughput / qemu-img throughput): ${(t / o).toFixed(2)}`);
 } finally {
   rmSync(dir, { recursive: true, force: true });
 }
