@@ -46,6 +46,15 @@ export class Counts {
   get(c: ClusterIndex): number {
     return this.chunk(Math.floor(c / 65536), false)?.[c % 65536] ?? 0;
   }
+  /** One more reference to `c`, unless it already has `max`: false then (nothing counted). */
+  bump(c: number, max: number): boolean {
+    const k = Math.floor(c / 65536);
+    const a = k === this.lastKey ? this.last! : this.chunk(k, true)!;
+    const i = c - k * 65536;
+    if (a[i]! >= max) return false;
+    a[i]!++;
+    return true;
+  }
   add(c: ClusterIndex, d: number): void {
     const a = this.chunk(Math.floor(c / 65536), true)!;
     const i = c % 65536;
@@ -233,6 +242,13 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
   };
   const maxCount = Math.min(maxRefcount(g.refcountOrder), 0xffff_ffff);
   const inc = (offset: number, size: number, exact?: bigint) => {
+    // the common case first: one whole cluster inside the file (every data cluster and L2 table)
+    if (size === cs && offset % cs === 0 && offset + cs <= fileSize) {
+      const c = offset / cs;
+      if (c + 1 > a.nbClusters) a.nbClusters = c + 1;
+      if (!a.counts.bump(c, maxCount)) corrupt(`ERROR: overflow cluster offset=0x${hexDigits(offset)} (more references than refcount_bits=${g.refcountBits} can count)`, offset);
+      return;
+    }
     if (size <= 0) return;
     if (offset + size - fileSize >= cs) {
       corrupt(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${hexDigits(exact ?? offset)} size 0x${hexDigits(size)}`, offset);
