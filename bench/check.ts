@@ -15,7 +15,7 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { median, scatteredImage } from './common.ts';
+import { alternate, median, scatteredImage } from './common.ts';
 
 const runs = Number(process.env['BENCH_RUNS'] ?? 3);
 const root = new URL('..', import.meta.url).pathname;
@@ -54,10 +54,11 @@ try {
     const ours: number[] = [];
     const theirs: number[] = [];
     for (let i = 0; i < runs; i++) {
-      const q = () => theirs.push(timed('qemu-img', ['check', f]).s);
-      const l = () => ours.push(timed(qledger, ['check', f]).s);
-      if (i % 2 === 0) (q(), l());
-      else (l(), q());
+      alternate(
+        i,
+        () => theirs.push(timed('qemu-img', ['check', f]).s),
+        () => ours.push(timed(qledger, ['check', f]).s),
+      );
     }
     const t = median(theirs);
     const ou = median(ours);
@@ -73,10 +74,11 @@ try {
   const mt: number[] = [];
   const mo: number[] = [];
   for (let i = 0; i < runs; i++) {
-    const q = () => mt.push(timed('sh', ['-c', 'qemu-img map --output=json "$1" > "$2"', 'sh', sc, mq]).s);
-    const l = () => mo.push(timed('sh', ['-c', '"$1" map --output=json "$2" > "$3"', 'sh', qledger, sc, ml]).s);
-    if (i % 2 === 0) (q(), l());
-    else (l(), q());
+    alternate(
+      i,
+      () => mt.push(timed('sh', ['-c', 'qemu-img map --output=json "$1" > "$2"', 'sh', sc, mq]).s),
+      () => mo.push(timed('sh', ['-c', '"$1" map --output=json "$2" > "$3"', 'sh', qledger, sc, ml]).s),
+    );
   }
   console.log(`| map --output=json, scattered (${extents} extents) | ${median(mt).toFixed(3)} s | ${median(mo).toFixed(3)} s | **${(median(mt) / median(mo)).toFixed(2)}** | ≥ 2 |`);
 } finally {

@@ -13,7 +13,7 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdtempSync, openSync, writeSync, closeSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { median, timeProcess } from './common.ts';
+import { alternate, median, timeProcess } from './common.ts';
 
 const sizeMb = Number(process.env['BENCH_SIZE_MB'] ?? 1024);
 const runs = Number(process.env['BENCH_RUNS'] ?? 5);
@@ -79,15 +79,7 @@ try {
       };
       q(); // warm the page cache once
       theirs.length = 0;
-      for (let i = 0; i < runs; i++) {
-        if (i % 2 === 0) {
-          q();
-          l();
-        } else {
-          l();
-          q();
-        }
-      }
+      for (let i = 0; i < runs; i++) alternate(i, q, l);
       const t = median(theirs);
       const o = median(ours);
       console.log(`| ${what}, ${name} | ${t.toFixed(3)} s | ${o.toFixed(3)} s | **${(t / o).toFixed(2)}** | ${target} |`);
