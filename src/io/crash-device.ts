@@ -18,7 +18,7 @@
  */
 
 import { createHash } from 'node:crypto';
-import type { BlockDevice } from './device.ts';
+import { DeviceWrapper } from './device.ts';
 import { MemoryDevice } from './memory-device.ts';
 
 export type RecordedOp =
@@ -29,18 +29,16 @@ export type RecordedOp =
 export const SECTOR = 512;
 
 /** Wraps an in-memory image and records what is done to it. */
-export class RecordingDevice implements BlockDevice {
+export class RecordingDevice extends DeviceWrapper {
   readonly ops: RecordedOp[] = [];
   readonly initial: Uint8Array;
   private readonly mem: MemoryDevice;
-  readonly readOnly = false;
 
-  constructor(
-    readonly name: string,
-    initial: Uint8Array,
-  ) {
+  constructor(name: string, initial: Uint8Array) {
+    const mem = new MemoryDevice(name, initial);
+    super(mem);
+    this.mem = mem;
     this.initial = initial.slice();
-    this.mem = new MemoryDevice(name, initial);
   }
 
   /** The device's current (cached) content. */
@@ -48,22 +46,13 @@ export class RecordingDevice implements BlockDevice {
     return this.mem.snapshot();
   }
 
-  size(): Promise<number> {
-    return this.mem.size();
-  }
-  allocatedBytes(): Promise<number | undefined> {
-    return this.mem.allocatedBytes();
-  }
-  readInto(buf: Uint8Array, offset: number): Promise<void> {
-    return this.mem.readInto(buf, offset);
-  }
   /**
    * A write is recorded as the whole disk sectors it touches, with their
    * content after it: a sector reaches the disk as the cache holds it, so a
    * crash can show an older or newer state of a sector, never a mix of
    * bytes from writes that the cache never held together.
    */
-  async write(offset: number, data: Uint8Array): Promise<void> {
+  override async write(offset: number, data: Uint8Array): Promise<void> {
     await this.mem.write(offset, data);
     const from = Math.floor(offset / SECTOR) * SECTOR;
     const to = Math.ceil((offset + data.length) / SECTOR) * SECTOR;
@@ -72,18 +61,22 @@ export class RecordingDevice implements BlockDevice {
     await this.mem.readInto(sectors, from);
     this.ops.push({ kind: 'write', offset: from, data: sectors });
   }
-  async flush(): Promise<void> {
+  override async flush(): Promise<void> {
     this.ops.push({ kind: 'flush' });
   }
-  async truncate(size: number): Promise<void> {
+  override async truncate(size: number): Promise<void> {
     this.ops.push({ kind: 'truncate', size });
     await this.mem.truncate(size);
   }
-  async writeZeroes(offset: number, length: number): Promise<void> {
+  override async writeZeroes(offset: number, length: number): Promise<void> {
     await this.write(offset, new Uint8Array(length));
   }
-  async discard(): Promise<void> {}
-  async close(): Promise<void> {}
+  override async discard(): Promise<void> {}
+  /** no fallocate: it would change the content unrecorded (callers write zeros instead, which are recorded) */
+  override async allocate(): Promise<boolean> {
+    return false;
+  }
+  override async close(): Promise<void> {}
 }
 
 export interface CrashState {

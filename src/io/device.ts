@@ -31,6 +31,57 @@ export interface BlockDevice {
   close(): Promise<void>;
 }
 
+/**
+ * A device over another one, every request passed down unchanged: wrappers
+ * (the overlap guard, the test devices that record, hold back or fail
+ * requests) extend it and override only the requests they act on. The
+ * optional requests answer as a device without them would (`allocate`
+ * false, `available` undefined) when the one below has none.
+ */
+export class DeviceWrapper implements BlockDevice {
+  constructor(readonly inner: BlockDevice) {}
+
+  get name(): string {
+    return this.inner.name;
+  }
+  get readOnly(): boolean {
+    return this.inner.readOnly;
+  }
+  size(): Promise<number> {
+    return this.inner.size();
+  }
+  allocatedBytes(): Promise<number | undefined> {
+    return this.inner.allocatedBytes();
+  }
+  readInto(buf: Uint8Array, offset: number): Promise<void> {
+    return this.inner.readInto(buf, offset);
+  }
+  write(offset: number, data: Uint8Array): Promise<void> {
+    return this.inner.write(offset, data);
+  }
+  flush(): Promise<void> {
+    return this.inner.flush();
+  }
+  truncate(size: number): Promise<void> {
+    return this.inner.truncate(size);
+  }
+  writeZeroes(offset: number, length: number, unmap: boolean): Promise<void> {
+    return this.inner.writeZeroes(offset, length, unmap);
+  }
+  discard(offset: number, length: number): Promise<void> {
+    return this.inner.discard(offset, length);
+  }
+  allocate(offset: number, length: number): Promise<boolean> {
+    return this.inner.allocate ? this.inner.allocate(offset, length) : Promise.resolve(false);
+  }
+  available(): Promise<number | undefined> {
+    return this.inner.available ? this.inner.available() : Promise.resolve(undefined);
+  }
+  close(): Promise<void> {
+    return this.inner.close();
+  }
+}
+
 export async function readAt(dev: BlockDevice, offset: number, length: number): Promise<Uint8Array> {
   const b = new Uint8Array(length);
   await dev.readInto(b, offset);

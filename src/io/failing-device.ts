@@ -8,30 +8,26 @@
  */
 
 import { deviceError, hexDigits } from '../errors.ts';
-import type { BlockDevice } from './device.ts';
+import { DeviceWrapper } from './device.ts';
 import type { MemoryDevice } from './memory-device.ts';
 
 export type FailingOp = 'write' | 'flush' | 'allocate' | 'truncate' | 'any';
 export type FailingErrno = 'EIO' | 'ENOSPC' | 'EFBIG';
 
-export class FailingDevice implements BlockDevice {
+export class FailingDevice extends DeviceWrapper {
   /** operations of the failing kind so far */
   count = 0;
   /** the failure happened */
   failed = false;
-  readonly readOnly = false;
-
   constructor(
-    readonly inner: MemoryDevice,
+    override readonly inner: MemoryDevice,
     /** 1-based: the operation that fails (0: none) */
     readonly at: number,
     readonly kind: FailingOp = 'any',
     readonly errno: FailingErrno = 'EIO',
     readonly sticky = false,
-  ) {}
-
-  get name(): string {
-    return this.inner.name;
+  ) {
+    super(inner);
   }
 
   private hit(kind: Exclude<FailingOp, 'any'>, what: string): void {
@@ -43,41 +39,29 @@ export class FailingDevice implements BlockDevice {
     throw deviceError(this.name, what, e);
   }
 
-  size(): Promise<number> {
-    return this.inner.size();
-  }
-  allocatedBytes(): Promise<number | undefined> {
-    return this.inner.allocatedBytes();
-  }
-  readInto(buf: Uint8Array, offset: number): Promise<void> {
-    return this.inner.readInto(buf, offset);
-  }
-  async write(offset: number, data: Uint8Array): Promise<void> {
+  override async write(offset: number, data: Uint8Array): Promise<void> {
     this.hit('write', `write of ${data.length} bytes at 0x${hexDigits(offset)}`);
     await this.inner.write(offset, data);
   }
   /** (the memory device underneath zeroes either way: `unmap` changes nothing there) */
-  async writeZeroes(offset: number, length: number): Promise<void> {
+  override async writeZeroes(offset: number, length: number): Promise<void> {
     this.hit('write', `write zeroes of ${length} bytes at 0x${hexDigits(offset)}`);
     await this.inner.writeZeroes(offset, length);
   }
-  async discard(offset: number, length: number): Promise<void> {
+  override async discard(offset: number, length: number): Promise<void> {
     this.hit('write', `discard of ${length} bytes at 0x${hexDigits(offset)}`);
     await this.inner.discard();
   }
-  async flush(): Promise<void> {
+  override async flush(): Promise<void> {
     this.hit('flush', 'flush');
     await this.inner.flush();
   }
-  async truncate(size: number): Promise<void> {
+  override async truncate(size: number): Promise<void> {
     this.hit('truncate', `truncate to 0x${hexDigits(size)}`);
     await this.inner.truncate(size);
   }
-  async allocate(offset: number, length: number): Promise<boolean> {
+  override async allocate(offset: number, length: number): Promise<boolean> {
     this.hit('allocate', `allocation of ${length} bytes at 0x${hexDigits(offset)}`);
     return false;
-  }
-  close(): Promise<void> {
-    return this.inner.close();
   }
 }

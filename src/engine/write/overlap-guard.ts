@@ -11,7 +11,7 @@
  */
 
 import { hex } from '../../errors.ts';
-import type { BlockDevice } from '../../io/device.ts';
+import { DeviceWrapper, type BlockDevice } from '../../io/device.ts';
 import { ANY_KIND, OverlapIndex } from './overlap.ts';
 
 /** A write's name for a refusal: given, or built when needed (guest writes name their guest offset). */
@@ -31,9 +31,9 @@ interface Shared {
   checks: number;
 }
 
-export class GuardedDevice implements BlockDevice {
+export class GuardedDevice extends DeviceWrapper {
   private constructor(
-    readonly inner: BlockDevice,
+    inner: BlockDevice,
     private readonly shared: Shared,
     /** kinds this view's plain writes may touch */
     private readonly allowed: number,
@@ -41,7 +41,9 @@ export class GuardedDevice implements BlockDevice {
     private readonly label: string,
     /** the view may write below this offset only (the header view: its cluster) */
     private readonly limit: number,
-  ) {}
+  ) {
+    super(inner);
+  }
 
   /** Guard `dev` with `index`; refusals go to `refuse` (settable later: the context comes after the device). */
   static over(dev: BlockDevice, index: OverlapIndex): GuardedDevice {
@@ -105,59 +107,32 @@ export class GuardedDevice implements BlockDevice {
     await this.inner.write(offset, data);
   }
 
-  async write(offset: number, data: Uint8Array): Promise<void> {
+  override async write(offset: number, data: Uint8Array): Promise<void> {
     await this.check(offset, data.length, this.allowed, this.label);
     await this.inner.write(offset, data);
   }
 
-  async writeZeroes(offset: number, length: number, unmap: boolean): Promise<void> {
+  override async writeZeroes(offset: number, length: number, unmap: boolean): Promise<void> {
     await this.check(offset, length, this.allowed, `${this.label} (zeroes)`);
     await this.inner.writeZeroes(offset, length, unmap);
   }
 
-  async discard(offset: number, length: number): Promise<void> {
+  override async discard(offset: number, length: number): Promise<void> {
     await this.check(offset, length, this.allowed, `${this.label} (discard)`);
     await this.inner.discard(offset, length);
   }
 
-  /** The device's free space, if it can tell. */
-  available(): Promise<number | undefined> {
-    return this.inner.available ? this.inner.available() : Promise.resolve(undefined);
-  }
-
   /** fallocate through the device below; false (the caller writes zeros) where it has none */
-  async allocate(offset: number, length: number): Promise<boolean> {
+  override async allocate(offset: number, length: number): Promise<boolean> {
     if (!this.inner.allocate) return false;
     await this.check(offset, length, this.allowed, `${this.label} (allocation)`);
     return this.inner.allocate(offset, length);
   }
 
   /** Growing is free; shrinking must not cut off metadata. */
-  async truncate(size: number): Promise<void> {
+  override async truncate(size: number): Promise<void> {
     const old = await this.inner.size();
     if (size < old) await this.check(size, old - size, this.allowed, 'truncate');
     await this.inner.truncate(size);
-  }
-
-  get name(): string {
-    return this.inner.name;
-  }
-  get readOnly(): boolean {
-    return this.inner.readOnly;
-  }
-  size(): Promise<number> {
-    return this.inner.size();
-  }
-  allocatedBytes(): Promise<number | undefined> {
-    return this.inner.allocatedBytes();
-  }
-  readInto(buf: Uint8Array, offset: number): Promise<void> {
-    return this.inner.readInto(buf, offset);
-  }
-  flush(): Promise<void> {
-    return this.inner.flush();
-  }
-  close(): Promise<void> {
-    return this.inner.close();
   }
 }
