@@ -8,10 +8,11 @@
 
 import { describe, it, expect, afterAll } from 'vitest';
 import { spawnSync } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { qemuAvailable, qemuImg, qemuIo, tempDir } from './helpers/qemu.ts';
 import { runCli } from './helpers/cli.ts';
+import { Image } from '../src/index.ts';
 
 const { dir, cleanup } = tempDir('qledger-convq-');
 afterAll(cleanup);
@@ -50,6 +51,8 @@ d('convert -O qcow2, as qemu-img', () => {
     ['extended L2', ['-o', 'extended_l2=on,cluster_size=128k'], 'in.qcow2'],
     ['compressed', ['-c'], 'in.qcow2'],
     ['compressed, 512-byte clusters', ['-c', '-o', 'cluster_size=512'], 'in.qcow2'],
+    ['compressed with zstd', ['-c', '-o', 'compression_type=zstd'], 'in.qcow2'],
+    ['compressed with zstd, 4 KiB clusters, a raw input', ['-f', 'raw', '-c', '-o', 'compression_type=zstd,cluster_size=4k'], 'in.raw'],
     ['a backing chain, flattened', [], 'top.qcow2'],
     ['a raw input of an odd size', ['-f', 'raw'], 'in.raw'],
     ['a raw input, compressed', ['-f', 'raw', '-c', '-o', 'cluster_size=16k'], 'in.raw'],
@@ -80,6 +83,34 @@ d('convert -O qcow2, as qemu-img', () => {
     expect(r.code).toBe(0);
     expect(spawnSync('qemu-img', ['compare', f('in.qcow2'), f('n-l.qcow2')]).status).toBe(0);
     expect(spawnSync('qemu-img', ['check', f('n-l.qcow2')]).status).toBe(0);
+  });
+
+  it('io write -c on a zstd image: zstd frames QEMU reads back, packed as QEMU packs them; an incompressible cluster stored plain', async () => {
+    const ours = f('zstd-io-l.qcow2');
+    const theirs = f('zstd-io-q.qcow2');
+    for (const z of [ours, theirs]) qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'compression_type=zstd,cluster_size=4k', z, '4M']);
+    const writes = ['write -c -P 9 0 64k', 'write -c -P 10 1M 4k'];
+    qemuIo(theirs, writes);
+    const r = await runCli('io', ...writes.flatMap((w) => ['-c', w]), ours);
+    expect(r).toEqual({ code: 0, out: expect.stringContaining('wrote 4096/4096 bytes at offset 1048576') as unknown as string, err: '' });
+    expect(qemuIo(ours, ['read -P 9 0 64k', 'read -P 10 1M 4k', 'read -P 0 64k 960k'])).not.toContain('verification failed');
+    const checkOf = (p: string) => {
+      const c = spawnSync('qemu-img', ['check', '--output=json', p], { encoding: 'utf8' });
+      expect(c.status).toBe(0);
+      const j = JSON.parse(c.stdout) as Record<string, unknown>;
+      return { compressed: j['compressed-clusters'], allocated: j['allocated-clusters'], end: j['image-end-offset'] };
+    };
+    // 17 compressed clusters of one repeated byte, a few bytes each: one host cluster holds them all, in QEMU's image too
+    expect(checkOf(ours)).toEqual(checkOf(theirs));
+    expect(checkOf(ours).compressed).toBe(17);
+    // random bytes do not shrink: that cluster is written uncompressed, as QEMU does
+    const noise = new Uint8Array(4096).map(() => Math.floor(Math.random() * 256));
+    const img = await Image.open(ours, { write: true });
+    await img.writeCompressed(2 << 20, noise);
+    await img.close();
+    expect(checkOf(ours).compressed).toBe(17);
+    qemuImg(['convert', '-O', 'raw', ours, f('zstd-io.raw')]);
+    expect(Buffer.from(readFileSync(f('zstd-io.raw')).subarray(2 << 20, (2 << 20) + 4096)).equals(Buffer.from(noise))).toBe(true);
   });
 
   it("-B BACKING -F FMT (and -o backing_file): only what the input's top allocates is written, its zeroes as zeroes, as qemu-img", async () => {

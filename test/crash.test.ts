@@ -85,6 +85,7 @@ const KINDS: Kind[] = [
   { name: 'lazy refcounts, 2 KiB clusters', create: { size: SIZE, clusterSize: 2048, lazyRefcounts: true } },
   { name: 'over a raw backing file, 4 KiB clusters', create: { size: SIZE, clusterSize: 4096 }, backing: backingData },
   { name: 'v2 over a raw backing file, 8 KiB clusters', create: { size: SIZE, clusterSize: 8192, compat: '0.10' }, backing: backingData },
+  { name: 'zstd compression, 4 KiB clusters', create: { size: SIZE, clusterSize: 4096, compressionType: 'zstd' as const } },
   ...(qemuAvailable
     ? [
         { name: 'internal snapshots sharing clusters and L2 tables (QEMU-made)', create: { size: SIZE, clusterSize: 4096 }, image: snapshotImage },

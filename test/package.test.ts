@@ -50,7 +50,7 @@ beforeAll(() => {
   cpSync(join(root, 'tools/build-cli.mjs'), join(stage, 'tools/build-cli.mjs'));
   symlinkSync(join(root, 'node_modules'), join(stage, 'node_modules'));
   must('npm', ['pack', '--silent', '--pack-destination', packs], stage);
-  for (const dep of ['immer', 'fzstd', '@types/node', 'undici-types']) must('npm', ['pack', '--silent', '--ignore-scripts', '--pack-destination', packs, join(root, 'node_modules', dep)], root);
+  for (const dep of ['immer', 'fzstd', '@hpcc-js/wasm-zstd', '@types/node', 'undici-types']) must('npm', ['pack', '--silent', '--ignore-scripts', '--pack-destination', packs, join(root, 'node_modules', dep)], root);
   writeFileSync(join(project, 'package.json'), JSON.stringify({ name: 'consumer', private: true, type: 'module' }));
   const tarballs = readdirSync(packs).map((f) => join(packs, f));
   must('npm', ['install', '--offline', '--no-save', ...tarballs], project);
@@ -112,5 +112,28 @@ describe('the packed package in a fresh project', () => {
     expect(r.status, r.stderr).toBe(0);
     expect(r.stdout).toContain('wrote 512/512 bytes at offset 0');
     expect(r.stdout).toContain('read 512/512 bytes at offset 0');
+  }, 60_000);
+
+  it('zstd compressed writes from the installed bin and library (the WebAssembly compressor loads from the package)', () => {
+    const bin = (...a: string[]) => run('npx', ['--no-install', 'qledger', ...a], project);
+    expect(bin('create', '-q', '-f', 'qcow2', '-o', 'compression_type=zstd', 'z.qcow2', '1M').code).toBe(0);
+    const w = bin('io', '-c', 'write -c -P 3 0 64k', 'z.qcow2');
+    expect(w.code, w.err).toBe(0);
+    writeFileSync(
+      join(project, 'zstd.mjs'),
+      [
+        "import { Image } from 'qledger';",
+        "const img = await Image.open('z.qcow2', { write: true });",
+        'await img.writeCompressed(65536, new Uint8Array(65536).fill(4));',
+        'await img.close();',
+        '',
+      ].join('\n'),
+    );
+    const l = run('node', ['zstd.mjs'], project);
+    expect(l.err).toBe('');
+    expect(l.code).toBe(0);
+    const r = bin('io', '-c', 'read -P 3 0 64k', '-c', 'read -P 4 64k 64k', 'z.qcow2');
+    expect(r.out).not.toContain('verification failed');
+    if (qemuAvailable) expect(JSON.parse(qemuImg(['check', '--output=json', join(project, 'z.qcow2')]))['compressed-clusters']).toBe(2);
   }, 60_000);
 });

@@ -1,7 +1,9 @@
 /**
- * Decompression of compressed clusters. qcow2 stores only a sector count, so
- * the stream is followed by up to 511 bytes of whatever; both decoders stop
- * once a whole cluster has been produced, as QEMU does.
+ * The codecs of compressed clusters, both ways. qcow2 stores only a sector
+ * count, so a stored stream is followed by up to 511 bytes of whatever; both
+ * decoders stop once a whole cluster has been produced, as QEMU does. The
+ * compressors use QEMU's parameters: raw deflate with a 4 KiB window, and one
+ * zstd frame at zstd's default level.
  */
 
 import { createRequire } from 'node:module';
@@ -12,6 +14,46 @@ const zlib = () => (zlibModule ??= createRequire(import.meta.url)('node:zlib') a
 import { decompress as zstdFrame } from 'fzstd';
 import { CorruptionError, hex } from '../errors.ts';
 import { COMPRESSION_DEFLATE } from '../format/features.ts';
+
+/**
+ * Compress one whole cluster for compression type `type`; undefined when the
+ * result would not be smaller than the cluster (QEMU then writes the cluster
+ * uncompressed: its compressors get a buffer of cluster_size - 1 bytes).
+ */
+export async function compressCluster(type: number, full: Uint8Array): Promise<Uint8Array | undefined> {
+  let z: Uint8Array;
+  if (type === COMPRESSION_DEFLATE) {
+    // QEMU's deflateInit2: default level, window bits -12 (raw, 4 KiB), memLevel 9
+    z = zlib().deflateRawSync(full, { windowBits: 12, memLevel: 9 });
+  } else {
+    z = (await zstdCompressor())(full);
+  }
+  return z.length < full.length ? z : undefined;
+}
+
+type Compress = (data: Uint8Array) => Uint8Array;
+let zstdLoading: Promise<Compress> | undefined;
+
+/**
+ * zstd at level 3 (ZSTD_CLEVEL_DEFAULT, what QEMU's qcow2_zstd_compress
+ * gets), one frame with its content size. node:zlib has a zstd compressor
+ * from Node 22.15 on; on older Nodes, libzstd built to WebAssembly
+ * (@hpcc-js/wasm-zstd, the module inside the package, no download), loaded at
+ * the first compressed write (about 40 ms) so no other command pays for it.
+ */
+function zstdCompressor(): Promise<Compress> {
+  return (zstdLoading ??= (async (): Promise<Compress> => {
+    const z = zlib() as typeof import('node:zlib') & { zstdCompressSync?: (d: Uint8Array, o: object) => Buffer };
+    const level = (z.constants as unknown as Record<string, number>)['ZSTD_c_compressionLevel'];
+    if (typeof z.zstdCompressSync === 'function' && level !== undefined) {
+      const compress = z.zstdCompressSync;
+      return (d) => compress(d, { params: { [level]: 3 } });
+    }
+    const { Zstd } = await import('@hpcc-js/wasm-zstd');
+    const wasm = await Zstd.load();
+    return (d) => wasm.compress(d, 3);
+  })());
+}
 
 export function decompressCluster(type: number, src: Uint8Array, clusterSize: number, where: number): Uint8Array {
   const out = type === COMPRESSION_DEFLATE ? inflate(src, clusterSize) : unzstd(src, clusterSize);

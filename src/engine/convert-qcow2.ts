@@ -3,7 +3,7 @@
  * options) written with the guest content of another, through the write
  * engine: zero ranges and all-zero 4 KiB blocks are not written (they read
  * as zero in a fresh image), `-c` compresses every cluster that holds data
- * (deflate, as QEMU), `-n` writes into an existing qcow2 image (zeroes where
+ * (deflate or zstd, as QEMU), `-n` writes into an existing qcow2 image (zeroes where
  * the input reads as zero). With a backing file for the output (-B, or
  * -o backing_file), as qemu-img: what the input's own top image does not
  * allocate is left unallocated (the backing file shows through), what it

@@ -15,7 +15,7 @@
 
 import { CorruptionError, QledgerError, RangeRequestError, UsageError, hex } from '../errors.ts';
 import { isZero } from '../format/bytes.ts';
-import { AUTOCLEAR_BITMAPS, AUTOCLEAR_DEDUP_INDEX, AUTOCLEAR_JOURNAL, AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, COMPRESSION_DEFLATE, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../format/features.ts';
+import { AUTOCLEAR_BITMAPS, AUTOCLEAR_DEDUP_INDEX, AUTOCLEAR_JOURNAL, AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../format/features.ts';
 import { geometryOf, type Geometry } from '../format/header.ts';
 import { headerStateOf, rebuildRefcounts, validateTables } from './write/open-checks.ts';
 import type { DedupCounters } from './write/dedup.ts';
@@ -50,7 +50,6 @@ export class Qcow2Writer {
   private readonly ctx: WriteContext;
   private readonly rooms: Rooms;
   private readonly detectZeroes: DetectZeroes;
-  private readonly compressionType: number;
   private queue: Promise<unknown> = Promise.resolve();
   private txCounter = 0;
 
@@ -59,7 +58,6 @@ export class Qcow2Writer {
     this.filename = o.filename;
     this.geometry = geometryOf(h);
     this.detectZeroes = o.detectZeroes ?? 'unmap';
-    this.compressionType = h.compressionType;
     const faults = faultPlan(o.fault);
     const guestDev = o.dataDev ?? (faults ? faults.dataDevice(o.dev) : o.dev);
     // guest data in the image is checked against the same index; an external data file holds no metadata
@@ -78,6 +76,7 @@ export class Qcow2Writer {
       stopAfterPhase: o.stopAfterPhase,
       snapshots: { entries: o.snapshots, tableBytes: o.snapshotTableBytes ?? 0 },
       dedup: o.dedup === true && !this.dedupRefused(o),
+      compressionType: h.compressionType,
     });
     const ctx = this.ctx;
     const tables = this.rooms.tables;
@@ -257,7 +256,7 @@ export class Qcow2Writer {
 
   /**
    * Compressed write (qemu-io write -c): whole clusters only, each into a
-   * cluster that has no data yet; deflate with QEMU's parameters. A cluster
+   * cluster that has no data yet; deflate or zstd with QEMU's parameters. A cluster
    * that does not compress below the cluster size is written normally.
    */
   writeCompressed(offset: number, data: Uint8Array): Promise<void> {
@@ -269,7 +268,6 @@ export class Qcow2Writer {
         throw new RangeRequestError(`compressed write at ${hex(offset)} of ${data.length} bytes: compressed writes take whole clusters`, { offset, length: data.length });
       }
       if (this.ctx.hasDataFile) throw new QledgerError('E_UNSUPPORTED', `${this.filename}: compressed writes are not possible with an external data file`);
-      if (this.compressionType !== COMPRESSION_DEFLATE) throw new QledgerError('E_UNSUPPORTED', `${this.filename}: compressed writes need compression_type=zlib (there is no zstd compressor here)`);
       await this.run('compressed write', async () => {
         for (let c = offset; c < end; c += cs) await this.rooms.compressed.writeCluster(guest(c), data.subarray(c - offset, Math.min(end, c + cs) - offset));
       });

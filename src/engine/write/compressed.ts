@@ -1,18 +1,18 @@
 /**
  * Compressed writes (qemu-io write -c): whole clusters, each into a guest
- * cluster that has no host cluster yet, raw deflate with QEMU's parameters,
- * packed into shared host clusters as QEMU's qcow2_alloc_bytes does. A
+ * cluster that has no host cluster yet, deflate or zstd as the header's
+ * compression type says (engine/compress.ts, QEMU's parameters), packed into shared host clusters as QEMU's qcow2_alloc_bytes does. A
  * cluster that does not compress below the cluster size is written
  * normally.
  */
 
 import { l1IndexOf, l2IndexOf } from '../../format/header.ts';
-import { deflateRawSync } from 'node:zlib';
 import { QledgerError, hex } from '../../errors.ts';
 import { encodeCompressedDescriptor, isCompressed, standardOffset } from '../../format/l2.ts';
 import { maxRefcount } from '../../format/refcount.ts';
 import { hostOf, type ClusterIndex, type GuestOffset, type HostOffset } from '../../format/offsets.ts';
 import type { JournalRecord } from '../../journal/records.ts';
+import { compressCluster } from '../compress.ts';
 import type { Allocator } from './allocator.ts';
 import type { WriteContext } from './context.ts';
 import type { DataWriter } from './data-write.ts';
@@ -27,6 +27,8 @@ export class CompressedWriter {
     private readonly alloc: Allocator,
     private readonly mapping: Mapping,
     private readonly data: DataWriter,
+    /** the header's compression type (format/features.ts) */
+    private readonly compressionType: number,
   ) {}
 
   /**
@@ -63,9 +65,8 @@ export class CompressedWriter {
       full = new Uint8Array(cs);
       full.set(piece);
     }
-    // QEMU's deflate: raw stream, 4 KiB window (-12), default level, memLevel 9
-    const z = deflateRawSync(full, { windowBits: 12, memLevel: 9 });
-    if (z.length >= cs) {
+    const z = await compressCluster(this.compressionType, full);
+    if (!z) {
       await this.data.write(guestOff, piece);
       return;
     }

@@ -42,6 +42,8 @@ export interface RoomOptions {
   readonly snapshots: { readonly entries: readonly SnapshotEntry[]; readonly tableBytes: number };
   /** content dedup on (the caller checked the image can share clusters) */
   readonly dedup: boolean;
+  /** the header's compression type, for compressed writes */
+  readonly compressionType: number;
 }
 
 export interface Rooms {
@@ -84,7 +86,7 @@ export function buildRooms(ctx: WriteContext, o: RoomOptions): Rooms {
   ctx.subscribe((r) => alloc.follow(r));
   ctx.subscribe((r) => journal.follow(r));
   ctx.subscribe((r) => writeback.follow(r));
-  const compressed = new CompressedWriter(ctx, alloc, mapping, data);
+  const compressed = new CompressedWriter(ctx, alloc, mapping, data, o.compressionType);
   ctx.subscribe((r) => compressed.follow(r));
   const resize = new Resizer(ctx, alloc, mapping, zero);
   return {
