@@ -10,7 +10,7 @@ import { setInlineIo } from '../io/file-device.ts';
 
 /** the CLI's inline limit (file-device.ts): every request of a one-request-at-a-time command */
 const INLINE_IO_LIMIT = 256 * 1024;
-import { forceShareOf, getopt, parseOptionList, parseSize } from './args.ts';
+import { SIZE_SUFFIX_HELP, forceShareOf, getopt, parseOptionList, parseSize } from './args.ts';
 import { Image } from '../engine/image.ts';
 import { convertToRaw, compareImages } from '../engine/convert.ts';
 import { formatInfoHuman, qemuJson, type ImageInfo } from '../engine/info.ts';
@@ -18,7 +18,7 @@ import { formatMapHuman, MapHumanError, streamMapJson, type MapEntry } from '../
 import type { ImageFormat } from '../engine/open.ts';
 import { progressPrinter } from './io-format.ts';
 import { imageSpec, type ImageSpec } from './image-spec.ts';
-import { stdio, type Output } from './output.ts';
+import { fail, stdio, type Output } from './output.ts';
 import { VERSION } from '../version.ts';
 
 export type { Output } from './output.ts';
@@ -67,7 +67,7 @@ Commands (options as in qemu-img / qemu-io):
      exit: 0 no corruption and no wrong data in any crash state, 2 otherwise
   info [-f fmt] [--output=human|json] [--backing-chain] [--dedup] FILE
   map [-f fmt] [--output=human|json] [--start-offset=N] [--max-length=N] FILE
-  convert [-f fmt] [-O raw|qcow2] [-o OPTIONS] [-B BACKING -F fmt] [-c] [-n] [-l SNAPSHOT] [-p] [-q] [--dedup] IN OUT
+  convert [-f fmt] [-O raw|qcow2] [-o OPTIONS] [-B BACKING -F fmt] [-c] [-n] [--target-is-zero] [-S SIZE] [-m N] [-W] [-l SNAPSHOT] [-t CACHE] [-T CACHE] [-p] [-q] [--dedup] IN OUT
   snapshot [-l | -c SNAPSHOT | -a SNAPSHOT | -d SNAPSHOT] [-q] [-U] FILE
   bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-b FILE [-F fmt]] [-g GRAN] [-f fmt] FILE BITMAP
   commit [-f fmt] [-t cache] [-b BASE] [-d] [-p] [-q] FILE
@@ -215,8 +215,46 @@ function snapshotParam(v: string): string {
   return key;
 }
 
+/** the cache modes QEMU's bdrv_parse_cache_mode takes */
+const CACHE_MODES = ['unsafe', 'writeback', 'writethrough', 'none', 'off', 'directsync'];
+
+/**
+ * convert's -S, -m, -W, -C, -T and --target-is-zero, checked as qemu-img
+ * checks them (in the order given, then the combinations). -W (writes out
+ * of order) is what qledger does anyway; -C (copy offloading) copies
+ * through the same reads and writes; -T (the source's cache mode) changes
+ * nothing for reads here.
+ */
+function convertTuning(opts: ReadonlyArray<readonly [string, string | true]>): { sparse: number | undefined; workers: number | undefined; targetIsZero: boolean } | { error: readonly string[] } {
+  let sparse: number | undefined;
+  let workers: number | undefined;
+  for (const [k, v] of opts) {
+    if (k === 'S') {
+      let n: number;
+      try {
+        n = parseSize(String(v), 'buffer size for sparse output');
+      } catch {
+        return { error: [`Invalid buffer size for sparse output specified. ${SIZE_SUFFIX_HELP[0]}`, SIZE_SUFFIX_HELP[1]] };
+      }
+      if (n % 512 !== 0 || n > 16 * 1024 * 1024) throw new UsageError('Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).');
+      sparse = n;
+    } else if (k === 'm') {
+      const t = String(v).trim();
+      const n = /^[+-]?(0x[0-9a-f]+|\d+)$/i.test(t) ? Number(t) : NaN;
+      if (!(n >= 1 && n <= 16)) throw new UsageError('Invalid number of coroutines. Allowed number of coroutines is between 1 and 16');
+      workers = n;
+    }
+  }
+  const copyOffload = opts.some(([k]) => k === 'C');
+  if (copyOffload && opts.some(([k]) => k === 'c')) throw new UsageError('Cannot enable copy offloading when -c is used');
+  if (copyOffload && sparse !== undefined) throw new UsageError('Cannot enable copy offloading when -S is used');
+  return { sparse, workers, targetIsZero: opts.some(([k]) => k === 'target-is-zero') };
+}
+
 async function cmdConvert(argv: string[], io: Output): Promise<number> {
-  const p = getopt(argv, { withArg: 'fOlsoSmtTrBF', flags: 'pqnchUCW', long: { 'force-share': false, 'image-opts': false, 'target-image-opts': false, dedup: false, untrusted: false } }, 'convert');
+  const p = getopt(argv, { withArg: 'fOlsoSmtTrBF', flags: 'pqnchUCW', long: { 'force-share': false, 'image-opts': false, 'target-image-opts': false, dedup: false, untrusted: false, 'target-is-zero': false } }, 'convert');
+  const tuning = convertTuning(p.opts);
+  if ('error' in tuning) return fail(io, ...tuning.error);
   if (p.positional.length < 2) throw new UsageError('convert: expecting an input and an output filename');
   if (p.positional.length > 2) throw new UnsupportedError('convert: concatenating several input images is not supported');
   const outFmt = last(p.opts, 'O') ?? 'raw';
@@ -235,6 +273,11 @@ async function cmdConvert(argv: string[], io: Output): Promise<number> {
     if (createOpts.backingFormat === undefined) throw new UsageError('Use of backing file requires explicit backing format');
   }
   const existing = last(p.opts, 'n') === true;
+  if (existing && p.opts.some(([k]) => k === 'o')) throw new UsageError('-o has no effect when skipping image creation');
+  if (tuning.targetIsZero && !existing) throw new UsageError('--target-is-zero requires use of -n flag');
+  const T = last(p.opts, 'T');
+  if (T !== undefined && !CACHE_MODES.includes(String(T))) throw new UsageError(`Invalid source cache option: ${String(T)}`);
+  if (tuning.targetIsZero && createOpts.backingFile !== undefined) throw new UsageError('Cannot use --target-is-zero when the destination image has a backing file');
   const outPath = p.positional[1]!;
   if (existing && !existsSync(outPath)) throw new NotFoundError(`Could not open '${outPath}': Could not open '${outPath}': No such file or directory`, { path: outPath });
   const l = last(p.opts, 'l');
@@ -243,7 +286,7 @@ async function cmdConvert(argv: string[], io: Output): Promise<number> {
   const progress = last(p.opts, 'p') === true && last(p.opts, 'q') !== true;
   // -t: the output's cache mode; qemu-img's default for convert is 'unsafe' (no flush)
   const cache = last(p.opts, 't') ?? 'unsafe';
-  if (!['unsafe', 'writeback', 'writethrough', 'none', 'directsync'].includes(String(cache))) throw new UsageError(`Invalid cache option: ${String(cache)}`);
+  if (!CACHE_MODES.includes(String(cache))) throw new UsageError(`Invalid cache option: ${String(cache)}`);
   const at = imageOf(p, 0);
   const img = await Image.open(at.path, { format: at.format, snapshot, forceShare: at.forceShare, trusted: at.trusted });
   try {
@@ -251,8 +294,9 @@ async function cmdConvert(argv: string[], io: Output): Promise<number> {
     const dedup = p.opts.some(([k]) => k === 'dedup');
     if (dedup && outFmt !== 'qcow2') throw new UsageError('convert: --dedup shares qcow2 clusters; it needs -O qcow2');
     if (dedup && compress) throw new UsageError('convert: --dedup and -c do not go together (compressed clusters are not shared)');
-    if (outFmt === 'qcow2') await (await lazy.convertQcow2()).convertToQcow2(img, outPath, { create: createOpts, compress, existing, progress: progress ? show : undefined, dedup, onWarning: (m) => io.err(`qledger: warning: ${m}\n`) });
-    else await convertToRaw(img, outPath, progress ? show : undefined, cache !== 'unsafe', undefined, { existing });
+    const { sparse, workers, targetIsZero } = tuning;
+    if (outFmt === 'qcow2') await (await lazy.convertQcow2()).convertToQcow2(img, outPath, { create: createOpts, compress, existing, sparse, targetIsZero, progress: progress ? show : undefined, dedup, onWarning: (m) => io.err(`qledger: warning: ${m}\n`) });
+    else await convertToRaw(img, outPath, progress ? show : undefined, cache !== 'unsafe', undefined, { existing, sparse, workers, targetIsZero });
     if (progress) io.out('\n');
     return 0;
   } finally {

@@ -17,6 +17,7 @@ import { isZero } from '../format/bytes.ts';
 import type { CreateOptions } from './create.ts';
 import type { ProgressFn } from './convert.ts';
 import { Image } from './image.ts';
+import { DEFAULT_SPARSE, WINDOW, sparseRule, sparseRuns, type SparseRule } from './sparse.ts';
 import { createImage } from './writable.ts';
 
 const CHUNK = 8 * 1024 * 1024;
@@ -28,6 +29,10 @@ export interface Qcow2ConvertOptions {
   readonly compress?: boolean | undefined;
   /** -n: the target exists (a qcow2 image at least as large as the input) */
   readonly existing?: boolean | undefined;
+  /** -S: zero runs inside data shorter than this many bytes are written (default 4096); 0 allocates every cluster */
+  readonly sparse?: number | undefined;
+  /** --target-is-zero (with `existing`): the target reads as zero already; zeroes are not written */
+  readonly targetIsZero?: boolean | undefined;
   readonly progress?: ProgressFn | undefined;
   readonly signal?: AbortSignal | undefined;
   /** content dedup while writing (qledger's own): a cluster whose bytes are already in the output maps that cluster */
@@ -65,20 +70,20 @@ export async function convertToQcow2(img: Image, outPath: string, o: Qcow2Conver
   const out = await Image.open(outPath, { format: 'qcow2', write: true, journal: false, detectZeroes: 'off', dedup: o.dedup, onWarning: o.onWarning });
   try {
     if (o.existing && out.size < size) throw new UsageError('output file is smaller than input file', { path: outPath });
-    const zeroes = o.existing ? (off: number, len: number) => out.writeZeroes(off, len, { unmap: true }) : undefined;
+    const zeroes = o.existing && !o.targetIsZero ? (off: number, len: number) => out.writeZeroes(off, len, { unmap: true }) : undefined;
+    const rule = o.sparse === undefined ? DEFAULT_SPARSE : sparseRule(o.sparse);
     const progress = o.progress;
     progress?.(0, size);
     const overBacking = (o.create?.backingFile ?? undefined) !== undefined;
-    if (overBacking) await ontoBacking(img, out, size, o);
-    else if (o.compress) await compressed(img, out, size, zeroes, o);
+    if (overBacking) await ontoBacking(img, out, size, rule, o);
+    else if (o.compress) await compressed(img, out, size, zeroes, rule, o);
     else {
       const buf = new Uint8Array(CHUNK);
-      // qemu-img convert leaves a zero run out only in whole units of max(-S 4 KiB, the target's cluster)
-      const unit = Math.max(4096, out.geometry!.clusterSize);
       for (let pos = 0; pos < size; ) {
         o.signal?.throwIfAborted();
         const st = await img.status(pos, Math.min(size - pos, 1 << 30));
-        if (st.zero && !st.data) {
+        // -S 0: zero ranges are written out as zeroed buffers too (every cluster allocated)
+        if (st.zero && !st.data && rule.min > 0) {
           await zeroes?.(pos, st.length);
           pos += st.length;
         } else {
@@ -86,7 +91,7 @@ export async function convertToQcow2(img: Image, outPath: string, o: Qcow2Conver
             o.signal?.throwIfAborted();
             const b = buf.subarray(0, Math.min(CHUNK, end - pos));
             await img.readInto(b, pos);
-            await writeAligned(out, pos, b, unit, zeroes);
+            await writeSparse(out, pos, b, rule, zeroes);
             pos += b.length;
             if (pos < end) progress?.(pos, size);
           }
@@ -108,9 +113,8 @@ export async function convertToQcow2(img: Image, outPath: string, o: Qcow2Conver
  * unallocated reads as zero and is written as zeroes too. With -c the data
  * clusters are compressed.
  */
-async function ontoBacking(img: Image, out: Image, size: number, o: Qcow2ConvertOptions): Promise<void> {
+async function ontoBacking(img: Image, out: Image, size: number, rule: SparseRule, o: Qcow2ConvertOptions): Promise<void> {
   const cs = out.geometry!.clusterSize;
-  const unit = Math.max(4096, cs);
   const zeroes = (off: number, len: number) => out.writeZeroes(off, len, { unmap: false });
   const buf = new Uint8Array(CHUNK);
   for (let pos = 0; pos < size; ) {
@@ -118,15 +122,15 @@ async function ontoBacking(img: Image, out: Image, size: number, o: Qcow2Convert
     const st = await img.status(pos, Math.min(size - pos, 1 << 30));
     const end = pos + st.length;
     if (st.depth > 0) pos = end;
-    else if (st.zero && !st.data) {
+    else if (st.zero && !st.data && rule.min > 0) {
       await zeroes(pos, st.length);
       pos = end;
     } else {
       while (pos < end) {
         const b = buf.subarray(0, Math.min(CHUNK, end - pos));
         await img.readInto(b, pos);
-        if (o.compress) await compressedRun(out, pos, b, cs, zeroes);
-        else await writeAligned(out, pos, b, unit, zeroes);
+        if (o.compress) await compressedRun(out, pos, b, cs, zeroes, rule.min > 0);
+        else await writeSparse(out, pos, b, rule, zeroes);
         pos += b.length;
       }
     }
@@ -134,18 +138,19 @@ async function ontoBacking(img: Image, out: Image, size: number, o: Qcow2Convert
   }
 }
 
-/** Guest bytes `b` at `offset` as compressed clusters, all-zero clusters as zeroes (the input's extents are cluster-aligned for -c as QEMU's). */
-async function compressedRun(out: Image, offset: number, b: Uint8Array, cs: number, zeroes: (off: number, len: number) => Promise<void>): Promise<void> {
+/** Guest bytes `b` at `offset` as compressed clusters, all-zero clusters as zeroes unless `!sparse` (-S 0) (the input's extents are cluster-aligned for -c as QEMU's). */
+async function compressedRun(out: Image, offset: number, b: Uint8Array, cs: number, zeroes: (off: number, len: number) => Promise<void>, sparse: boolean): Promise<void> {
   for (let at = 0; at < b.length; at += cs) {
     const c = b.subarray(at, Math.min(b.length, at + cs));
-    if (isZero(c)) await zeroes(offset + at, c.length);
+    if (sparse && isZero(c)) await zeroes(offset + at, c.length);
     else if ((offset + at) % cs === 0 && (c.length === cs || offset + at + c.length === out.size)) await out.writeCompressed(offset + at, c);
     else await out.write(offset + at, c);
   }
 }
 
-/** -c: cluster by cluster of the output; a cluster with any data is read whole and compressed. */
-async function compressed(img: Image, out: Image, size: number, zeroes: ((off: number, len: number) => Promise<void>) | undefined, o: Qcow2ConvertOptions): Promise<void> {
+/** -c: cluster by cluster of the output; a cluster with any data (any cluster at all with -S 0) is read whole and compressed. */
+async function compressed(img: Image, out: Image, size: number, zeroes: ((off: number, len: number) => Promise<void>) | undefined, rule: SparseRule, o: Qcow2ConvertOptions): Promise<void> {
+  const sparse = rule.min > 0;
   const cs = out.geometry!.clusterSize;
   const buf = new Uint8Array(cs);
   // the output's size is the input's rounded up to 512 bytes: its last cluster is compressed whole
@@ -154,7 +159,7 @@ async function compressed(img: Image, out: Image, size: number, zeroes: ((off: n
     o.signal?.throwIfAborted();
     const n = Math.min(cs, outSize - pos);
     const st = await img.status(pos, size - pos);
-    if (st.zero && !st.data && st.length >= Math.min(n, size - pos)) {
+    if (sparse && st.zero && !st.data && st.length >= Math.min(n, size - pos)) {
       // whole output clusters that read as zero: nothing to write
       const skip = Math.max(n, Math.floor(st.length / cs) * cs);
       await zeroes?.(pos, Math.min(skip, size - pos));
@@ -163,7 +168,7 @@ async function compressed(img: Image, out: Image, size: number, zeroes: ((off: n
       const b = buf.subarray(0, n);
       b.fill(0);
       await img.readInto(b.subarray(0, Math.min(n, size - pos)), pos);
-      if (isZero(b)) await zeroes?.(pos, n);
+      if (sparse && isZero(b)) await zeroes?.(pos, n);
       else await out.writeCompressed(pos, b);
       pos += n;
     }
@@ -172,28 +177,37 @@ async function compressed(img: Image, out: Image, size: number, zeroes: ((off: n
 }
 
 /**
- * Write `b` (guest bytes at `offset`) but the units of `unit` bytes, aligned
- * on the guest, that are all zero: qemu-img convert's zero detection with
- * its alignment to the target's clusters (a cluster with any data is
- * written whole, so the output maps as qemu-img's does). `zeroes` writes
- * zeroes over the units left out (a target that may hold data: -n).
+ * Write `b` (guest bytes at `offset`, read from the start of a data run in
+ * steps of whole qemu-img buffers) but the zero runs qemu-img convert's -S
+ * rule leaves out, buffer by buffer (sparse.ts). A data run is widened to
+ * whole clusters of the output, its zeros written out: QEMU's qcow2 driver
+ * zeroes a new cluster on the device before the data goes in, so a cluster
+ * holding any data has no hole in the file (qemu-img map would report a
+ * hole, or a file ending inside the cluster, as zero). `zeroes` writes
+ * zeroes over the runs left out (a target that may hold data: -n, or one
+ * over a backing file).
  */
-async function writeAligned(out: Image, offset: number, b: Uint8Array, unit: number, zeroes?: (offset: number, length: number) => Promise<void>): Promise<void> {
-  const end = offset + b.length;
-  let run: { from: number; data: boolean } | undefined;
-  const flush = async (to: number) => {
-    if (!run) return;
-    if (run.data) await out.write(run.from, b.subarray(run.from - offset, to - offset));
-    else await zeroes?.(run.from, to - run.from);
-  };
-  for (let at = offset; at < end; ) {
-    const next = Math.min(end, (Math.floor(at / unit) + 1) * unit);
-    const data = !isZero(b.subarray(at - offset, next - offset));
-    if (!run || run.data !== data) {
-      await flush(at);
-      run = { from: at, data };
+async function writeSparse(out: Image, offset: number, b: Uint8Array, rule: SparseRule, zeroes?: (offset: number, length: number) => Promise<void>): Promise<void> {
+  const cs = out.geometry!.clusterSize;
+  for (let w = 0; w < b.length; w += WINDOW) {
+    const win = b.subarray(w, Math.min(b.length, w + WINDOW));
+    const base = offset + w;
+    // data runs widened to the output's clusters (inside this buffer), then the gaps between them
+    const data: Array<[number, number]> = [];
+    for (const r of sparseRuns(win, base, rule)) {
+      if (!r.data) continue;
+      const from = Math.max(0, Math.floor((base + r.from) / cs) * cs - base);
+      const to = Math.min(win.length, Math.ceil((base + r.to) / cs) * cs - base);
+      const last = data[data.length - 1];
+      if (last && from <= last[1]) last[1] = Math.max(last[1], to);
+      else data.push([from, to]);
     }
-    at = next;
+    let at = 0;
+    for (const [from, to] of data) {
+      if (from > at) await zeroes?.(base + at, from - at);
+      await out.write(base + from, win.subarray(from, to));
+      at = to;
+    }
+    if (at < win.length) await zeroes?.(base + at, win.length - at);
   }
-  await flush(end);
 }
