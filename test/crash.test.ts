@@ -131,6 +131,15 @@ function bitmapWorkload(size: number, cs: number): fc.Arbitrary<GuestOp[]> {
   return fc.tuple(writes, writes).map(([a, b]): GuestOp[] => [{ op: 'bitmap', action: 'add', name: 'a', granularity: 4096 }, ...a, { op: 'flush' }, { op: 'reopen' }, ...b, { op: 'bitmap', action: 'add', name: 'b' }, { op: 'flush' }]);
 }
 
+/** The faults of make_empty's ordering rules: their search needs workloads that empty the image. */
+const EMPTY_FAULTS: readonly Fault[] = ['cut-before-journal-retired', 'retire-before-checkpoint'];
+
+/** Writes, flushed (the journal starts past them), then the image emptied (make_empty), then writes again (a new journal). */
+function emptyWorkload(size: number, cs: number): fc.Arbitrary<GuestOp[]> {
+  const writes = fc.array(fc.tuple(ranges(size, cs), fc.integer({ min: 1, max: 255 })).map(([[offset, length], pattern]): GuestOp => ({ op: 'write', offset, length, pattern })), { minLength: 1, maxLength: 4 });
+  return fc.tuple(writes, writes).map(([a, b]): GuestOp[] => [...a, { op: 'flush' }, { op: 'make-empty' }, ...b, { op: 'flush' }]);
+}
+
 /** The faults of dedup's ordering rule: their search needs dedup workloads. */
 const DEDUP_FAULTS: readonly Fault[] = ['moved-unshare-late'];
 
@@ -383,7 +392,7 @@ describe('the harness bites: every fault switch is caught within the default bud
       // workload of the first few must produce a failing crash state
       const kind = fault === 'data-after-mapping' ? KINDS[6]! : KINDS[0]!;
       const dedup = DEDUP_FAULTS.includes(fault);
-      const search = dedup ? shareUndoneWorkload(SIZE, 4096) : SNAPSHOT_FAULTS.includes(fault) ? snapshotWorkload(SIZE, 4096) : BITMAP_FAULTS.includes(fault) ? bitmapWorkload(SIZE, 4096) : workload(SIZE, 4096);
+      const search = dedup ? shareUndoneWorkload(SIZE, 4096) : EMPTY_FAULTS.includes(fault) ? emptyWorkload(SIZE, 4096) : SNAPSHOT_FAULTS.includes(fault) ? snapshotWorkload(SIZE, 4096) : BITMAP_FAULTS.includes(fault) ? bitmapWorkload(SIZE, 4096) : workload(SIZE, 4096);
       const samples = fc.sample(search, { numRuns: 60, seed: 42 });
       let found: string | undefined;
       for (const ops of samples) {

@@ -27,6 +27,8 @@ export const FAULTS = {
   'bitmaps-before-refcounts': 'the bitmaps extension switches to a new directory with the refcount increments for its clusters, no barrier between',
   'bitmaps-in-use-late': 'guest data reaches the disk before the enabled bitmaps are marked in use there',
   'reuse-before-durable': 'a cluster freed since the last flush may be reallocated at once',
+  'cut-before-journal-retired': 'make_empty cuts the file below the journal area before the journal has left the header',
+  'retire-before-checkpoint': "make_empty clears the journal's bit before the last transaction's checkpoint is durable",
   'alloc-live-l2': 'the allocator hands out a live L2 table as a data cluster',
   'alloc-cluster-zero': 'the allocator hands out cluster 0 (the header) once',
   'stale-l2-offset': 'a stale cached table offset: an L2 table is written over a refcount block',
@@ -51,6 +53,16 @@ export class FaultPlan implements PhaseRearranger {
   /** Rule: the enabled bitmaps are in use on disk before the first guest write of a session. */
   get inUseLate(): boolean {
     return this.fault === 'bitmaps-in-use-late';
+  }
+
+  /** Rule (make_empty): the file is cut below the journal area only once the journal's bit and extension are gone on disk. */
+  get cutBeforeJournalRetired(): boolean {
+    return this.fault === 'cut-before-journal-retired';
+  }
+
+  /** Rule (make_empty): the journal's last checkpoint is durable before its bit is cleared. */
+  get retireBeforeCheckpoint(): boolean {
+    return this.fault === 'retire-before-checkpoint';
   }
 
   /** Rule: a cluster freed in this epoch stays untouched until the epoch is durable. */

@@ -28,7 +28,7 @@ import { Qcow2Layer } from './qcow2-layer.ts';
 import { readGuest } from './read.ts';
 import { WriteContext } from './write/context.ts';
 import { HeaderBits } from './write/header-bits.ts';
-import { ANY_KIND, OverlapIndex, overlapNames } from './write/overlap.ts';
+import { ANY_KIND, OL_JOURNAL, OverlapIndex, overlapNames } from './write/overlap.ts';
 import { buildOverlapIndex } from './write/overlap-build.ts';
 import { GuardedDevice } from './write/overlap-guard.ts';
 import type { PreallocMode } from './write/resize.ts';
@@ -49,6 +49,8 @@ export class Qcow2Writer {
   readonly filename: string;
   private readonly ctx: WriteContext;
   private readonly rooms: Rooms;
+  /** test-only fault switches (engine/faults.ts) */
+  private readonly faults: ReturnType<typeof faultPlan>;
   private readonly detectZeroes: DetectZeroes;
   private queue: Promise<unknown> = Promise.resolve();
   private txCounter = 0;
@@ -59,6 +61,7 @@ export class Qcow2Writer {
     this.geometry = geometryOf(h);
     this.detectZeroes = o.detectZeroes ?? 'unmap';
     const faults = faultPlan(o.fault);
+    this.faults = faults;
     const guestDev = o.dataDev ?? (faults ? faults.dataDevice(o.dev) : o.dev);
     // guest data in the image is checked against the same index; an external data file holds no metadata
     const guest = o.dataDev ? GuardedDevice.over(o.dataDev, new OverlapIndex(this.geometry, 'none')) : image.wrap(guestDev);
@@ -300,9 +303,29 @@ export class Qcow2Writer {
         if (!(await this.rooms.makeEmpty.run())) await this.rooms.discard.unallocateAll();
       });
       await this.rooms.writeback.flush();
-      // the file shrinks to what remains in use (nothing points past it any more)
-      await this.run('shrink file', async () => void (await this.rooms.alloc.shrinkToUse()));
+      await this.shrinkAfterEmpty();
     });
+  }
+
+  /**
+   * make_empty's last step: the file shrinks to what remains in use. The
+   * new L1 table moves down into the clusters the emptying freed; a journal
+   * area that alone keeps the file long leaves the image (the next
+   * write-back with metadata starts a new one past what is in use); then
+   * the file is cut after its last cluster in use. Each step is valid at
+   * every instant: the swap as any L1 swap, the journal's bit and extension
+   * each durable before the cut (journal-session.ts retire).
+   */
+  private async shrinkAfterEmpty(): Promise<void> {
+    const r = this.rooms;
+    await this.run('make empty (L1 table moved down)', async () => void (await r.makeEmpty.lowerL1()));
+    await r.writeback.flush();
+    const area = r.journal.area;
+    let alone = false;
+    await this.run('make empty (what keeps the file long)', async () => void (alone = area !== undefined && area.offset + area.size > (await r.alloc.inUseEnd(OL_JOURNAL))));
+    const shrink = () => this.run('shrink file', async () => void (await r.alloc.shrinkToUse()));
+    if (alone) await r.journal.retire(this.ctx.durable.header, { cut: this.faults?.cutBeforeJournalRetired ? shrink : undefined, noCheckpoint: this.faults?.retireBeforeCheckpoint ?? false });
+    await shrink();
   }
 
   /**

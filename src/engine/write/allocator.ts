@@ -413,9 +413,8 @@ export class Allocator {
     const ctx = this.ctx;
     const cs = ctx.geometry.clusterSize;
     const size = await ctx.files.image.size();
-    let c = Math.ceil(size / cs) - 1;
-    while (c > 0 && !this.overlap.has(cluster(c)) && (await this.refcount(cluster(c))) === 0) c--;
-    const end = (c + 1) * cs;
+    const end = await this.inUseEnd(0);
+    const c = end / cs - 1;
     if (end >= size) return undefined;
     await ctx.files.image.truncate(end);
     ctx.trace.truncate(end);
@@ -423,6 +422,18 @@ export class Allocator {
     ctx.extent.zeroFrom = Math.min(ctx.extent.zeroFrom, end);
     if (this.cursor > c + 1) this.cursor = cluster(c + 1);
     return end;
+  }
+
+  /**
+   * The end of the last cluster in the file that holds a reference or a
+   * structure the overlap index knows, but for the kinds in `ignore` (the
+   * journal area, to see whether it is what keeps the file long).
+   */
+  async inUseEnd(ignore: number): Promise<number> {
+    const cs = this.ctx.geometry.clusterSize;
+    let c = Math.ceil((await this.ctx.files.image.size()) / cs) - 1;
+    while (c > 0 && (this.overlap.at(cluster(c)) & ~ignore) === 0 && (await this.refcount(cluster(c))) === 0) c--;
+    return (c + 1) * cs;
   }
 
   async afterWriteback(): Promise<void> {

@@ -83,6 +83,13 @@ export class HeaderBits {
     this.journalBitToWrite = true;
   }
 
+  /** The journal leaves the image: the header without its bit, flushed (the journal is stale from here on, never replayed). */
+  async clearJournalBit(durable: HeaderState): Promise<void> {
+    this.journalBitOnDisk = false;
+    this.journalBitToWrite = false;
+    await this.put(durable, 'header (journal bit cleared) [journal retired]', true);
+  }
+
   /** Write the journal bit if it is not on disk yet (the caller's barrier makes it durable with the frames). */
   async writeJournalBit(durable: HeaderState): Promise<void> {
     if (!this.journalBitToWrite) return;

@@ -14,6 +14,9 @@ import type { HeaderState } from '../../state/state.ts';
 import { activateJournal, type JournalLog, type JournalPlan } from '../journal/live.ts';
 import type { WriteAhead } from '../ordering.ts';
 import { host } from '../../format/offsets.ts';
+import { EXT_JOURNAL } from '../../format/features.ts';
+import { planExtensionRemove } from '../../format/extension-insert.ts';
+import { readAt } from '../../io/device.ts';
 import type { WriteContext } from './context.ts';
 import { OL_JOURNAL, OL_MAIN_HEADER, type OverlapIndex } from './overlap.ts';
 
@@ -169,6 +172,59 @@ export class JournalSession {
         ctx.trace.write(log.ext.offset, 512, `journal checkpoint tx ${tx} [checkpoint]`);
       },
     };
+  }
+
+  /**
+   * Take the journal out of the image, so that the file can be cut below
+   * its area (make_empty, when the area is what keeps the file long). The
+   * caller's write-back is flushed: the journal holds nothing that is not
+   * in place; its checkpoint is made durable. The autoclear bit goes next, flushed: from then on the
+   * journal is stale and never replayed. Then the extension leaves the
+   * header's list by writes that keep the list valid after each, flushed
+   * (format/extension-insert.ts); only after that may the file be cut. The
+   * next write-back that changes metadata starts a new journal past
+   * everything in use. Either order of the two steps would be safe (a bit
+   * without an extension names nothing; an extension without the bit is
+   * stale); the file cut must come after both are durable, or a crash
+   * leaves a live journal whose area lies past the end of the file.
+   */
+  async retire(durable: HeaderState, faults?: { cut?: (() => Promise<void>) | undefined; noCheckpoint?: boolean }): Promise<boolean> {
+    const log = this.log;
+    if (!log || !this.live || !this.plan) return false;
+    const ctx = this.ctx;
+    const faultCut = faults?.cut;
+    // the last write-back's checkpoint (written without a flush) durable first: a journal whose bit is
+    // clear and that still holds a committed transaction past its checkpoint reads as stale
+    if (!faults?.noCheckpoint) {
+      await ctx.files.image.flush();
+      ctx.trace.flush();
+    }
+    if (faultCut) {
+      // test fault 'cut-before-journal-retired': the area given up, and the file cut, first
+      this.overlap.unreserve(host(log.ext.offset), log.ext.size, OL_JOURNAL);
+      await faultCut();
+    }
+    await ctx.headerBits.clearJournalBit(durable);
+    const dev = ctx.files.image.as(OL_MAIN_HEADER, 'journal');
+    const steps = planExtensionRemove(await readAt(dev, 0, ctx.geometry.clusterSize), EXT_JOURNAL) ?? [];
+    for (const w of steps) {
+      await dev.write(w.offset, w.bytes);
+      await dev.flush();
+      ctx.trace.write(w.offset, w.bytes.length, 'header extension list (journal removed) [journal retired]');
+      ctx.trace.flush();
+    }
+    await ctx.headerBits.reload();
+    if (!faultCut) this.overlap.unreserve(host(log.ext.offset), log.ext.size, OL_JOURNAL);
+    this.log = undefined;
+    this.live = false;
+    this.finish = undefined;
+    this.plan = { reuse: undefined, extPresent: false, bytes: this.plan.bytes };
+    return true;
+  }
+
+  /** The journal's area, while it is started. */
+  get area(): { readonly offset: number; readonly size: number } | undefined {
+    return this.log?.ext;
   }
 
   /** A write-back is done: the stream starts again. */

@@ -64,4 +64,30 @@ export class MakeEmpty {
     await this.alloc.changeRefcounts(refs, -1);
     return true;
   }
+
+  /**
+   * After the emptying is durable: the L1 table moved down into the lowest
+   * free clusters, when they lie below it. The emptying had to place the
+   * new table past the clusters it freed (a cluster freed in a transaction
+   * is not handed out before the transaction is durable); now they are
+   * free. The same swap as the emptying's (the table written before the
+   * header names it, the old one freed after), so the file can shrink to
+   * what remains in use. False when no lower place exists.
+   */
+  async lowerL1(): Promise<boolean> {
+    const ctx = this.ctx;
+    const h = ctx.t().header;
+    const cs = ctx.geometry.clusterSize;
+    if (h.l1Size === 0) return false;
+    const n = Math.ceil((h.l1Size * 8) / cs);
+    const old = h.l1TableOffset / cs;
+    const at = await this.alloc.allocate(n);
+    if (at >= old) {
+      for (let k = 0; k < n; k++) await this.alloc.changeRefcount(cluster(at + k), -1);
+      return false;
+    }
+    ctx.emit({ kind: 'l1-swap', oldOffset: h.l1TableOffset, oldSize: h.l1Size, newOffset: at * cs, newSize: h.l1Size });
+    for (let k = 0; k < n; k++) await this.alloc.changeRefcount(cluster(old + k), -1);
+    return true;
+  }
 }
