@@ -50,7 +50,7 @@ beforeAll(() => {
   cpSync(join(root, 'tools/build-cli.mjs'), join(stage, 'tools/build-cli.mjs'));
   symlinkSync(join(root, 'node_modules'), join(stage, 'node_modules'));
   must('npm', ['pack', '--silent', '--pack-destination', packs], stage);
-  for (const dep of ['immer', 'fzstd', '@hpcc-js/wasm-zstd', '@types/node', 'undici-types']) must('npm', ['pack', '--silent', '--ignore-scripts', '--pack-destination', packs, join(root, 'node_modules', dep)], root);
+  for (const dep of ['immer', 'fzstd', '@bokuweb/zstd-wasm', '@types/node', 'undici-types']) must('npm', ['pack', '--silent', '--ignore-scripts', '--pack-destination', packs, join(root, 'node_modules', dep)], root);
   writeFileSync(join(project, 'package.json'), JSON.stringify({ name: 'consumer', private: true, type: 'module' }));
   const tarballs = readdirSync(packs).map((f) => join(packs, f));
   must('npm', ['install', '--offline', '--no-save', ...tarballs], project);

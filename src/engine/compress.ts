@@ -38,8 +38,10 @@ let zstdLoading: Promise<Compress> | undefined;
  * zstd at level 3 (ZSTD_CLEVEL_DEFAULT, what QEMU's qcow2_zstd_compress
  * gets), one frame with its content size. node:zlib has a zstd compressor
  * from Node 22.15 on; on older Nodes, libzstd built to WebAssembly
- * (@hpcc-js/wasm-zstd, the module inside the package, no download), loaded at
- * the first compressed write (about 40 ms) so no other command pays for it.
+ * (@bokuweb/zstd-wasm: the module ships inside the package, no download),
+ * loaded at the first compressed write (about 5 ms) so no other command
+ * pays for it. It is required at run time, not bundled into the CLI: the
+ * package reads its .wasm file from its own folder.
  */
 function zstdCompressor(): Promise<Compress> {
   return (zstdLoading ??= (async (): Promise<Compress> => {
@@ -49,8 +51,8 @@ function zstdCompressor(): Promise<Compress> {
       const compress = z.zstdCompressSync;
       return (d) => compress(d, { params: { [level]: 3 } });
     }
-    const { Zstd } = await import('@hpcc-js/wasm-zstd');
-    const wasm = await Zstd.load();
+    const wasm = createRequire(import.meta.url)('@bokuweb/zstd-wasm') as { init(): Promise<void>; compress(data: Uint8Array, level: number): Uint8Array };
+    await wasm.init();
     return (d) => wasm.compress(d, 3);
   })());
 }
