@@ -295,7 +295,7 @@ async function cmdConvert(argv: string[], io: Output): Promise<number> {
     if (dedup && outFmt !== 'qcow2') throw new UsageError('convert: --dedup shares qcow2 clusters; it needs -O qcow2');
     if (dedup && compress) throw new UsageError('convert: --dedup and -c do not go together (compressed clusters are not shared)');
     const { sparse, workers, targetIsZero } = tuning;
-    if (outFmt === 'qcow2') await (await lazy.convertQcow2()).convertToQcow2(img, outPath, { create: createOpts, compress, existing, sparse, targetIsZero, progress: progress ? show : undefined, dedup, onWarning: (m) => io.err(`qledger: warning: ${m}\n`) });
+    if (outFmt === 'qcow2') await (await lazy.convertQcow2()).convertToQcow2(img, outPath, { create: createOpts, compress, existing, sparse, targetIsZero, flush: cache !== 'unsafe', progress: progress ? show : undefined, dedup, onWarning: (m) => io.err(`qledger: warning: ${m}\n`) });
     else await convertToRaw(img, outPath, progress ? show : undefined, cache !== 'unsafe', undefined, { existing, sparse, workers, targetIsZero });
     if (progress) io.out('\n');
     return 0;

@@ -8,8 +8,10 @@
  * -o backing_file), as qemu-img: what the input's own top image does not
  * allocate is left unallocated (the backing file shows through), what it
  * allocates is written, its zero ranges as zeroes (they must hide the
- * backing file). The target is written without a journal: a crash during a
- * conversion leaves a partial copy either way.
+ * backing file). The target is written without a journal, and without
+ * flushes unless `flush` asks for them (qemu-img convert's default cache
+ * mode, 'unsafe'): a crash during a conversion leaves a partial copy either
+ * way.
  */
 
 import { UsageError } from '../errors.ts';
@@ -33,6 +35,12 @@ export interface Qcow2ConvertOptions {
   readonly sparse?: number | undefined;
   /** --target-is-zero (with `existing`): the target reads as zero already; zeroes are not written */
   readonly targetIsZero?: boolean | undefined;
+  /**
+   * Flush the output, its write-back barriers included (any -t but
+   * qemu-img convert's default 'unsafe', which passes no flush to the file:
+   * a crash during the conversion may leave anything there, as with QEMU)
+   */
+  readonly flush?: boolean | undefined;
   readonly progress?: ProgressFn | undefined;
   readonly signal?: AbortSignal | undefined;
   /** content dedup while writing (qledger's own): a cluster whose bytes are already in the output maps that cluster */
@@ -67,7 +75,7 @@ export async function convertToQcow2(img: Image, outPath: string, o: Qcow2Conver
   o.signal?.throwIfAborted();
   const size = img.size;
   if (!o.existing) await createImage(outPath, { ...o.create, size });
-  const out = await Image.open(outPath, { format: 'qcow2', write: true, journal: false, detectZeroes: 'off', dedup: o.dedup, onWarning: o.onWarning });
+  const out = await Image.open(outPath, { format: 'qcow2', write: true, journal: false, detectZeroes: 'off', dedup: o.dedup, onWarning: o.onWarning, unsafe: o.flush !== true });
   try {
     if (o.existing && out.size < size) throw new UsageError('output file is smaller than input file', { path: outPath });
     const zeroes = o.existing && !o.targetIsZero ? (off: number, len: number) => out.writeZeroes(off, len, { unmap: true }) : undefined;

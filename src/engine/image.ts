@@ -40,7 +40,7 @@ const stream = () => (streamModule ??= createRequire(import.meta.url)('node:stre
  * 'all'; default 'all'), dedup (content dedup of whole-cluster writes:
  * a cluster whose bytes are already stored maps the stored cluster).
  */
-export interface ImageOpenOptions extends OpenOptions, Pick<WritableOpenOptions, 'trace' | 'detectZeroes' | 'cacheBytes' | 'journal' | 'journalBytes' | 'onWarning' | 'overlapCheck' | 'dedup'> {
+export interface ImageOpenOptions extends OpenOptions, Pick<WritableOpenOptions, 'trace' | 'detectZeroes' | 'cacheBytes' | 'journal' | 'journalBytes' | 'onWarning' | 'overlapCheck' | 'dedup' | 'unsafe'> {
   /** open read-write (qcow2 only); the backing chain stays read-only */
   readonly write?: boolean | undefined;
 }
@@ -103,7 +103,7 @@ export class Image {
       if (opts.snapshot !== undefined) throw new QledgerError('E_USAGE', `${name}: a snapshot can only be opened read-only`);
       // qemu's words: sharing write permissions is for readers only
       if (opts.forceShare) throw new QledgerError('E_USAGE', `${name}: force-share=on can only be used with read-only images`);
-      const o: WritableOpenOptions = { format: opts.format, trusted: opts.trusted, allowedDir: opts.allowedDir, trace: opts.trace, detectZeroes: opts.detectZeroes, cacheBytes: opts.cacheBytes, journal: opts.journal, journalBytes: opts.journalBytes, onWarning: opts.onWarning, overlapCheck: opts.overlapCheck, dedup: opts.dedup };
+      const o: WritableOpenOptions = { format: opts.format, trusted: opts.trusted, allowedDir: opts.allowedDir, trace: opts.trace, detectZeroes: opts.detectZeroes, cacheBytes: opts.cacheBytes, journal: opts.journal, journalBytes: opts.journalBytes, onWarning: opts.onWarning, overlapCheck: opts.overlapCheck, dedup: opts.dedup, unsafe: opts.unsafe };
       const w = await writable();
       const { writer, recovery } = typeof target === 'string' ? await w.openWriterSession(target, o) : await w.openWriterSessionOn(target, name, o);
       return new Image(writer.layer, writer, recovery);

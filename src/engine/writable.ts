@@ -59,6 +59,12 @@ export interface WritableOpenOptions {
   readonly overlapCheck?: OverlapMode | undefined;
   /** content dedup of whole-cluster writes (write/dedup.ts; default off) */
   readonly dedup?: boolean | undefined;
+  /**
+   * QEMU's cache=unsafe (qemu-img convert's default for its output): no
+   * flush reaches the file, the ordering barriers included, so a crash may
+   * leave the image in any state (path opens only)
+   */
+  readonly unsafe?: boolean | undefined;
 }
 
 export interface OpenedWriter {
@@ -159,7 +165,7 @@ export async function openWriter(path: string, opts: WritableOpenOptions = {}): 
 
 /** openWriter, with the report of the journal recovery the open ran. */
 export async function openWriterSession(path: string, opts: WritableOpenOptions = {}): Promise<OpenedWriter> {
-  const dev = await FileDevice.open(path, { readOnly: false });
+  const dev = await FileDevice.open(path, { readOnly: false, unsafe: opts.unsafe });
   try {
     return await openWriterSessionOn(dev, path, opts);
   } catch (e) {
@@ -189,7 +195,7 @@ export async function openWriterSessionOn(dev: BlockDevice, path: string, opts: 
     if (fence !== undefined) checkUntrusted(path, loaded, fence, true);
     if ((h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n && parsed.dataFile !== undefined) {
       const dataPath = combinePath(path, parsed.dataFile);
-      dataDev = await FileDevice.open(dataPath, { readOnly: false, lock: imagePermissions({ readOnly: false, dataFile: true }) }).catch((e: unknown) => {
+      dataDev = await FileDevice.open(dataPath, { readOnly: false, unsafe: opts.unsafe, lock: imagePermissions({ readOnly: false, dataFile: true }) }).catch((e: unknown) => {
         if (e instanceof LockedError) throw e;
         throw new NotFoundError(`${path}: could not open external data file '${dataPath}': ${(e as Error).message}`, { path, dataFile: dataPath });
       });

@@ -48,7 +48,11 @@ export class FileDevice implements BlockDevice {
    * empties the file, but only once the lock is held: a file another
    * program is using is refused untouched, as qemu-img create refuses it.
    */
-  static async open(path: string, opts: { readOnly: boolean; create?: boolean; lock?: FileLocking }): Promise<FileDevice> {
+  /** qemu's cache=unsafe: flushes are not passed to the file system */
+  private ignoreFlush = false;
+
+  /** `unsafe`: QEMU's cache=unsafe, every flush returns at once (a crash may then leave anything). */
+  static async open(path: string, opts: { readOnly: boolean; create?: boolean; lock?: FileLocking; unsafe?: boolean | undefined }): Promise<FileDevice> {
     const flags = opts.readOnly ? fsc.O_RDONLY : opts.create ? fsc.O_RDWR | fsc.O_CREAT : fsc.O_RDWR;
     let fh: FileHandle | undefined;
     try {
@@ -56,6 +60,7 @@ export class FileDevice implements BlockDevice {
       if (st && st.isDirectory()) throw new IoError(`${path}: is a directory`, { path });
       fh = await open(path, flags, 0o644);
       const dev = new FileDevice(path, opts.readOnly, fh);
+      dev.ignoreFlush = opts.unsafe === true;
       const permissions = opts.lock ?? imagePermissions({ readOnly: opts.readOnly });
       if (permissions) {
         const id = await fh.stat();
@@ -141,7 +146,7 @@ export class FileDevice implements BlockDevice {
   }
 
   async flush(): Promise<void> {
-    if (!this.readOnly) {
+    if (!this.readOnly && !this.ignoreFlush) {
       if (inlineLimit > 0) {
         try {
           fdatasyncSync(this.fh.fd);
