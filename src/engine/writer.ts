@@ -302,8 +302,14 @@ export class Qcow2Writer {
       await this.run('make empty', async () => {
         if (!(await this.rooms.makeEmpty.run())) await this.rooms.discard.unallocateAll();
       });
-      await this.rooms.writeback.flush();
-      await this.shrinkAfterEmpty();
+      // what the cut removes needs no punching: the freed clusters wait until the file is cut
+      this.rooms.alloc.holdDiscards();
+      try {
+        await this.rooms.writeback.flush();
+        await this.shrinkAfterEmpty();
+      } finally {
+        await this.rooms.alloc.releaseDiscards();
+      }
     });
   }
 

@@ -452,9 +452,47 @@ export class Allocator {
     for (let i = 0; i < free.length; ) {
       let j = i + 1;
       while (j < free.length && free[j] === free[j - 1]! + 1) j++;
-      await ctx.files.image.discard(free[i]! * cs, (j - i) * cs);
-      ctx.trace.write(free[i]! * cs, (j - i) * cs, 'hole (freed clusters)');
+      if (this.held) this.held.push([free[i]!, j - i]);
+      else {
+        await ctx.files.image.discard(free[i]! * cs, (j - i) * cs);
+        ctx.trace.write(free[i]! * cs, (j - i) * cs, 'hole (freed clusters)');
+      }
       i = j;
+    }
+  }
+
+  /** freed runs [cluster, count] whose punching waits (make_empty: the file is cut first) */
+  private held: Array<[number, number]> | undefined;
+
+  /** From now on, clusters freed by a write-back are punched out only at releaseDiscards. */
+  holdDiscards(): void {
+    this.held ??= [];
+  }
+
+  /**
+   * Punch out the held runs that still lie inside the file and are still
+   * free (make_empty: most of what it freed lies past the cut, which needs
+   * no punch; a held cluster handed out again since, the moved L1 table
+   * say, is not touched).
+   */
+  async releaseDiscards(): Promise<void> {
+    const ctx = this.ctx;
+    const held = this.held ?? [];
+    this.held = undefined;
+    const cs = ctx.geometry.clusterSize;
+    const end = Math.floor((await ctx.files.image.size()) / cs);
+    for (const [c0, n] of held) {
+      for (let c = c0; c < Math.min(c0 + n, end); ) {
+        if (refcountOf(ctx.cur, cluster(c)) !== 0 || this.overlap.has(cluster(c))) {
+          c++;
+          continue;
+        }
+        let k = c + 1;
+        while (k < Math.min(c0 + n, end) && refcountOf(ctx.cur, cluster(k)) === 0 && !this.overlap.has(cluster(k))) k++;
+        await ctx.files.image.discard(c * cs, (k - c) * cs);
+        ctx.trace.write(c * cs, (k - c) * cs, 'hole (freed clusters)');
+        c = k;
+      }
     }
   }
 }
