@@ -28,7 +28,8 @@ import { Qcow2Layer } from './qcow2-layer.ts';
 import { readGuest } from './read.ts';
 import { WriteContext } from './write/context.ts';
 import { HeaderBits } from './write/header-bits.ts';
-import { ANY_KIND, OL_JOURNAL, OverlapIndex, overlapNames } from './write/overlap.ts';
+import { ANY_KIND, OverlapIndex, overlapNames } from './write/overlap.ts';
+import { shrinkAfterEmpty } from './write/empty-shrink.ts';
 import { buildOverlapIndex } from './write/overlap-build.ts';
 import { GuardedDevice } from './write/overlap-guard.ts';
 import type { PreallocMode } from './write/resize.ts';
@@ -306,32 +307,11 @@ export class Qcow2Writer {
       this.rooms.alloc.holdDiscards();
       try {
         await this.rooms.writeback.flush();
-        await this.shrinkAfterEmpty();
+        await shrinkAfterEmpty(this.rooms, (op, fn) => this.run(op, fn), () => this.ctx.durable.header, this.faults);
       } finally {
         await this.rooms.alloc.releaseDiscards();
       }
     });
-  }
-
-  /**
-   * make_empty's last step: the file shrinks to what remains in use. The
-   * new L1 table moves down into the clusters the emptying freed; a journal
-   * area that alone keeps the file long leaves the image (the next
-   * write-back with metadata starts a new one past what is in use); then
-   * the file is cut after its last cluster in use. Each step is valid at
-   * every instant: the swap as any L1 swap, the journal's bit and extension
-   * each durable before the cut (journal-session.ts retire).
-   */
-  private async shrinkAfterEmpty(): Promise<void> {
-    const r = this.rooms;
-    await this.run('make empty (L1 table moved down)', async () => void (await r.makeEmpty.lowerL1()));
-    await r.writeback.flush();
-    const area = r.journal.area;
-    let alone = false;
-    await this.run('make empty (what keeps the file long)', async () => void (alone = area !== undefined && area.offset + area.size > (await r.alloc.inUseEnd(OL_JOURNAL))));
-    const shrink = () => this.run('shrink file', async () => void (await r.alloc.shrinkToUse()));
-    if (alone) await r.journal.retire(this.ctx.durable.header, { cut: this.faults?.cutBeforeJournalRetired ? shrink : undefined, noCheckpoint: this.faults?.retireBeforeCheckpoint ?? false });
-    await shrink();
   }
 
   /**

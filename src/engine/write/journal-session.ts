@@ -108,6 +108,7 @@ export class JournalSession {
       ctx.extent.zeroFrom = Math.max(ctx.extent.zeroFrom, ext.offset + ext.size);
     }
     // the journal's view of the image: its area, and the header cluster for its extension
+    const sizeBefore = await ctx.files.image.size();
     let started: Awaited<ReturnType<typeof activateJournal>>;
     try {
       started = await activateJournal(ctx.files.image.as(OL_JOURNAL | OL_MAIN_HEADER, 'journal'), cs, ext, plan, this.extensions);
@@ -127,7 +128,16 @@ export class JournalSession {
     }
     ctx.trace.write(ext.offset, 512, 'journal area header [journal set-up]');
     if (!started) {
+      // nothing names the area: it goes again, and so does the file's growth to hold it
       this.plan = undefined;
+      if (!plan.reuse) {
+        this.overlap.unreserve(host(ext.offset), ext.size, OL_JOURNAL);
+        ctx.extent.endCluster = extent.endCluster;
+        ctx.extent.zeroFrom = extent.zeroFrom;
+        // (only the area's part: what was allocated before it may lie past the old end, not written yet)
+        const to = Math.max(sizeBefore, ext.offset);
+        if ((await ctx.files.image.size()) > to) await ctx.files.image.truncate(to);
+      }
       this.onWarning?.(`${ctx.filename}: no room for the journal header extension in the header cluster; writing without a journal`);
       return;
     }

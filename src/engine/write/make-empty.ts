@@ -13,7 +13,8 @@
  * discards cluster by cluster.
  */
 
-import { cluster, clusterOf, type HostOffset } from '../../format/offsets.ts';
+import { cluster, clusterOf, host, type HostOffset } from '../../format/offsets.ts';
+import { getRefcount } from '../../format/refcount.ts';
 import type { Allocator } from './allocator.ts';
 import type { WriteContext } from './context.ts';
 import type { SharedClusters } from './shared.ts';
@@ -89,5 +90,69 @@ export class MakeEmpty {
     ctx.emit({ kind: 'l1-swap', oldOffset: h.l1TableOffset, oldSize: h.l1Size, newOffset: at * cs, newSize: h.l1Size });
     for (let k = 0; k < n; k++) await this.alloc.changeRefcount(cluster(old + k), -1);
     return true;
+  }
+
+  /**
+   * The same for the refcount table, which this session may have moved
+   * past the data when it grew (for the new L1 table, say), once the idle
+   * blocks are gone: moved down and cut to the entries still in use (at
+   * least one cluster), written before the header names it, the old
+   * clusters freed after, as any refcount-table move.
+   */
+  async lowerReftable(): Promise<boolean> {
+    const ctx = this.ctx;
+    const t = ctx.t();
+    const h = t.header;
+    const cs = ctx.geometry.clusterSize;
+    const old = h.refcountTableOffset / cs;
+    let last = (h.refcountTableClusters * cs) / 8 - 1;
+    while (last > 0 && t.reftableEntry(last) === 0) last--;
+    const n = Math.max(1, Math.ceil(((last + 1) * 8) / cs));
+    const at = await this.alloc.allocate(n);
+    if (at >= old && n === h.refcountTableClusters) {
+      for (let k = 0; k < n; k++) await this.alloc.changeRefcount(cluster(at + k), -1);
+      return false;
+    }
+    ctx.emit({ kind: 'reftable-swap', oldOffset: h.refcountTableOffset, oldClusters: h.refcountTableClusters, newOffset: at * cs, newClusters: n });
+    for (let k = 0; k < h.refcountTableClusters; k++) await this.alloc.changeRefcount(cluster(old + k), -1);
+    return true;
+  }
+
+  /**
+   * After the emptying is durable: refcount blocks that count nothing but
+   * (perhaps) themselves leave the refcount table, so the file can shrink
+   * past them (with small clusters QEMU placed a block every few MiB among
+   * the data; its fast path writes one new refcount structure instead). The
+   * table entry goes to 0 in the write-back's table-entry phase; a block
+   * counted by another block loses that count in the last phase, after the
+   * entry is durable (free after unmap: a crash in between leaks the block
+   * at worst). A block that counts itself needs nothing more: with its
+   * entry gone, no block covers its range, which reads as refcount 0.
+   * Returns the blocks dropped; a block that counted one of them becomes
+   * idle only once that count is durable, in another pass (the caller's:
+   * a block is never changed in the transaction that drops it).
+   */
+  async dropIdleRefblocks(): Promise<number> {
+    const ctx = this.ctx;
+    const t = ctx.t();
+    const g = ctx.geometry;
+    const cs = g.clusterSize;
+    const E = g.refcountBlockEntries;
+    const entries = (t.header.refcountTableClusters * cs) / 8;
+    let dropped = 0;
+    for (let rt = 0; rt < entries; rt++) {
+      const at = t.reftableEntry(rt);
+      if (at === 0) continue;
+      const block = await this.tables.refblock(rt, host(at));
+      const own = at / cs;
+      const self = own >= rt * E && own < (rt + 1) * E;
+      let busy = false;
+      for (let i = 0; i < E && !busy; i++) if (getRefcount(block, i, g.refcountOrder) !== 0 && !(self && rt * E + i === own)) busy = true;
+      if (busy) continue;
+      ctx.emit({ kind: 'reftable', index: rt, old: at, new: 0 });
+      if (!self) await this.alloc.changeRefcount(cluster(own), -1);
+      dropped++;
+    }
+    return dropped;
   }
 }
