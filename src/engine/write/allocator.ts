@@ -430,10 +430,21 @@ export class Allocator {
    * journal area, to see whether it is what keeps the file long).
    */
   async inUseEnd(ignore: number): Promise<number> {
-    const cs = this.ctx.geometry.clusterSize;
-    let c = Math.ceil((await this.ctx.files.image.size()) / cs) - 1;
-    while (c > 0 && (this.overlap.at(cluster(c)) & ~ignore) === 0 && (await this.refcount(cluster(c))) === 0) c--;
-    return (c + 1) * cs;
+    const ctx = this.ctx;
+    const g = ctx.geometry;
+    const E = g.refcountBlockEntries;
+    const t = ctx.t();
+    let c = Math.ceil((await ctx.files.image.size()) / g.clusterSize) - 1;
+    // block by block from the end (an emptied image has a million free clusters to walk past)
+    while (c > 0) {
+      const rt = Math.floor(c / E);
+      const off = t.reftableEntry(rt);
+      const block = off === 0 ? undefined : (await this.tables.refblock(rt, off), t.refblock(rt));
+      for (const first = rt * E; c >= first && c > 0; c--) {
+        if ((this.overlap.at(cluster(c)) & ~ignore) !== 0 || (block !== undefined && getRefcount(block, c - first, g.refcountOrder) !== 0)) return (c + 1) * g.clusterSize;
+      }
+    }
+    return (c + 1) * g.clusterSize;
   }
 
   async afterWriteback(): Promise<void> {
