@@ -71,7 +71,9 @@ try {
       commit(who, top, false, 'eq');
       const t = f('eq-top.qcow2');
       if (spawnSync('qemu-img', ['check', '-q', t]).status !== 0) throw new Error(`${name}: ${who}'s emptied top does not pass qemu-img check`);
-      const read = execFileSync('qemu-io', ['-r', '-c', `read -P 0x5a 0 ${bytes}`, '-c', `read -P 0 ${bytes} 1M`, t], { encoding: 'utf8' });
+      const reads: string[] = [];
+      for (let at = 0; at < bytes; at += 1 << 30) reads.push('-c', `read -q -P 0x5a ${at} ${Math.min(1 << 30, bytes - at)}`);
+      const read = execFileSync('qemu-io', ['-r', ...reads, '-c', `read -q -P 0 ${bytes} 1M`, t], { encoding: 'utf8' });
       if (read.includes('verification failed')) throw new Error(`${name}: ${who}'s chain does not read as the top did`);
       lists[who] = execFileSync('qemu-img', ['snapshot', '-l', t], { encoding: 'utf8' }).replace(/^.*\n/, '').replace(/\s+\S+\s+\S+\s+\S+\s*$/gm, '');
       sizes[who] = statSync(t).size;
