@@ -18,6 +18,8 @@ import type { ImageFormat } from './open.ts';
 
 const CHUNK = 1 << 20;
 const SECTOR = 512;
+/** equal blocks of this many bytes are skipped in one comparison */
+const BLOCK = 65536;
 
 export interface RebaseOptions {
   /** the new backing file as the header will name it (relative to the image's directory); undefined: none */
@@ -57,21 +59,29 @@ async function copyDifferences(path: string, o: RebaseOptions): Promise<void> {
           const n = Math.min(CHUNK, end - pos);
           const old = a.subarray(0, n);
           const neu = b.subarray(0, n);
-          await img.readInto(old, pos);
           neu.fill(0);
-          if (next && pos < next.size) await next.readInto(neu.subarray(0, Math.min(n, next.size - pos)), pos);
-          // runs of differing sectors, each written as the old chain reads it
-          for (let s = 0; s < n; ) {
-            const differs = (x: number) => !Buffer.from(old.buffer, old.byteOffset + x, Math.min(SECTOR, n - x)).equals(Buffer.from(neu.buffer, neu.byteOffset + x, Math.min(SECTOR, n - x)));
-            if (!differs(s)) {
-              s += SECTOR;
-              continue;
+          // both chains read at once
+          await Promise.all([img.readInto(old, pos), next && pos < next.size ? next.readInto(neu.subarray(0, Math.min(n, next.size - pos)), pos) : undefined]);
+          // runs of differing sectors, each written as the old chain reads it; equal 64 KiB blocks are
+          // skipped in one comparison, and no sector comparison allocates
+          const A = Buffer.from(old.buffer, old.byteOffset, n);
+          const B = Buffer.from(neu.buffer, neu.byteOffset, n);
+          const same = (x: number, len: number) => A.compare(B, x, x + len, x, x + len) === 0;
+          let run = -1;
+          for (let blk = 0; blk < n; blk += BLOCK) {
+            const bend = Math.min(n, blk + BLOCK);
+            if (run < 0 && same(blk, bend - blk)) continue;
+            for (let s = blk; s < bend; s += SECTOR) {
+              const len = Math.min(SECTOR, n - s);
+              if (!same(s, len)) {
+                if (run < 0) run = s;
+              } else if (run >= 0) {
+                await img.write(pos + run, old.subarray(run, s));
+                run = -1;
+              }
             }
-            let e = s + SECTOR;
-            while (e < n && differs(e)) e += SECTOR;
-            await img.write(pos + s, old.subarray(s, Math.min(e, n)));
-            s = e;
           }
+          if (run >= 0) await img.write(pos + run, old.subarray(run, n));
           pos += n;
           o.progress?.(pos, size);
         }
