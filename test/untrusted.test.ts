@@ -114,6 +114,18 @@ describe('the untrusted-image policy', () => {
       expect(r.err, args.join(' ')).toMatch(/is outside the allowed directory/);
     }
     expect(readFileSync(evil).equals(before)).toBe(true);
+    // the chain commands too: commit, rebase (safe), dd and measure
+    const secret = readFileSync(join(outside, 'secret.raw'));
+    for (const args of [['commit', '--untrusted', evil], ['rebase', '--untrusted', '-b', '', evil], ['dd', '--untrusted', `if=${evil}`, `of=${join(dir, 'dd.raw')}`], ['measure', '--untrusted', '-O', 'qcow2', evil]]) {
+      const r = await runCli(...args);
+      expect({ code: r.code, lines: r.err.trim().split('\n').length }, args.join(' ')).toEqual({ code: 1, lines: 1 });
+      expect(r.err, args.join(' ')).toMatch(/is outside the allowed directory/);
+    }
+    expect(readFileSync(evil).equals(before)).toBe(true);
+    expect(readFileSync(join(outside, 'secret.raw')).equals(secret)).toBe(true);
+    // trusted, the same image is measured, its backing file read
+    const ok = await runCli('measure', '-O', 'qcow2', evil);
+    expect(ok.code).toBe(0);
     // without --backing-chain, info opens nothing the image names but its data file: the header's names are shown
     const r = await runCli('info', '--untrusted', evil);
     expect(r.code).toBe(0);

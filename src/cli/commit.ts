@@ -19,6 +19,7 @@ import { FileDevice } from '../io/file-device.ts';
 import { Image } from '../engine/image.ts';
 import { combinePath, probeFormat, type ImageFormat } from '../engine/open.ts';
 import { Qcow2Layer } from '../engine/qcow2-layer.ts';
+import { allowedDirOf } from '../engine/untrusted.ts';
 import { getopt } from './args.ts';
 import { progressPrinter } from './io-format.ts';
 import type { Output } from './output.ts';
@@ -26,7 +27,7 @@ import type { Output } from './output.ts';
 const CHUNK = 4 << 20;
 
 export async function runCommit(argv: string[], io: Output): Promise<number> {
-  const p = getopt(argv, { withArg: 'ftbr', flags: 'dpqh', long: { 'image-opts': false, object: true } }, 'commit');
+  const p = getopt(argv, { withArg: 'ftbr', flags: 'dpqh', long: { 'image-opts': false, object: true, untrusted: false } }, 'commit');
   const last = (k: string) => p.opts.filter(([x]) => x === k).at(-1)?.[1];
   if (p.positional.length !== 1) throw new UsageError("Expecting one image file name\nTry 'qledger --help' for more information");
   const path = p.positional[0]!;
@@ -37,6 +38,9 @@ export async function runCommit(argv: string[], io: Output): Promise<number> {
   const cache = last('t') ?? 'writeback';
   if (!['unsafe', 'writeback', 'writethrough', 'none', 'directsync'].includes(String(cache))) throw new UsageError(`Invalid cache option: ${String(cache)}`);
   if (last('r') !== undefined) throw new UnsupportedError('commit: -r (rate limit) is not supported');
+  // --untrusted (qledger's own): the whole chain checked by the policy first, every open under it, fenced by the top's directory
+  const policy = p.opts.some(([k]) => k === 'untrusted') ? { trusted: false, allowedDir: allowedDirOf(path, {}) } : {};
+  if ('trusted' in policy) await (await Image.open(path, { format: last('f') as ImageFormat | undefined, ...policy })).close();
 
   // what to commit, and where: with -b, any image of the chain below the top; else the top's backing file
   const b = last('b');
@@ -47,7 +51,7 @@ export async function runCommit(argv: string[], io: Output): Promise<number> {
   const sources: Image[] = [];
   const extents: Array<{ start: number; length: number; zero: boolean; depth: number }> = [];
   {
-    const chain = await Image.open(path, { format, noBacking: b === undefined });
+    const chain = await Image.open(path, { format, noBacking: b === undefined, ...policy });
     try {
       const layer = chain.top;
       const backing = layer instanceof Qcow2Layer ? layer.parsed.backingFile : undefined;
@@ -67,7 +71,7 @@ export async function runCommit(argv: string[], io: Output): Promise<number> {
       for await (const e of chain.map()) if (e.present && e.depth < k) extents.push({ start: e.start, length: e.length, zero: !e.data, depth: e.depth });
       const names = chain.chain.slice(0, k).map((l) => [l.filename, l.format] as const);
       await chain.close();
-      for (const [f, fmt] of names) sources.push(await Image.open(f, { format: fmt, noBacking: true }));
+      for (const [f, fmt] of names) sources.push(await Image.open(f, { format: fmt, noBacking: true, ...policy }));
     } catch (e) {
       await chain.close().catch(() => undefined);
       for (const x of sources) await x.close();
@@ -84,7 +88,7 @@ export async function runCommit(argv: string[], io: Output): Promise<number> {
     const size = top.size;
     const fmt = baseFormat ?? (await probe(basePath));
     if (fmt === 'qcow2') {
-      const base = await Image.open(basePath, { format: 'qcow2', write: true });
+      const base = await Image.open(basePath, { format: 'qcow2', write: true, ...policy });
       try {
         // QEMU's commit grows a smaller base to the top's size
         if (base.size < size) await base.truncate(Math.ceil(size / 512) * 512);
@@ -107,7 +111,7 @@ export async function runCommit(argv: string[], io: Output): Promise<number> {
   }
   if (progress) io.out('\n');
   if (drop) {
-    const img = await Image.open(path, { format: 'qcow2', write: true });
+    const img = await Image.open(path, { format: 'qcow2', write: true, ...policy });
     try {
       await img.makeEmpty();
     } finally {

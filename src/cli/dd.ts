@@ -16,7 +16,7 @@ import { imageSpec } from './image-spec.ts';
 import { fail, type Output } from './output.ts';
 
 export async function runDd(argv: string[], io: Output): Promise<number> {
-  const p = getopt(argv, { withArg: 'fO', flags: 'hU', long: { 'image-opts': false, 'force-share': false } }, 'dd');
+  const p = getopt(argv, { withArg: 'fO', flags: 'hU', long: { 'image-opts': false, 'force-share': false, untrusted: false } }, 'dd');
   const last = (k: string) => p.opts.filter(([x]) => x === k).at(-1)?.[1];
   const outFmt = String(last('O') ?? 'raw');
   // qemu-img dd's words (it names no format); qledger writes raw and qcow2
@@ -57,7 +57,7 @@ export async function runDd(argv: string[], io: Output): Promise<number> {
   if (input === undefined || output === undefined) return fail(io, 'Must specify both input and output files');
 
   const spec = imageSpec(input, p.opts.some(([k]) => k === 'image-opts'));
-  const img = await Image.open(spec.path, { format: (last('f') as ImageFormat | undefined) ?? spec.format, forceShare: forceShareOf(p) || spec.forceShare });
+  const img = await Image.open(spec.path, { format: (last('f') as ImageFormat | undefined) ?? spec.format, forceShare: forceShareOf(p) || spec.forceShare, trusted: !p.opts.some(([k]) => k === 'untrusted') });
   try {
     let size = img.size;
     if (count !== undefined && count * bs < size) size = count * bs;

@@ -18,7 +18,7 @@ import { imageSpec } from './image-spec.ts';
 import { fail, type Output } from './output.ts';
 
 export async function runMeasure(argv: string[], io: Output): Promise<number> {
-  const p = getopt(argv, { withArg: 'fOlo', flags: 'hU', long: { output: true, size: true, 'image-opts': false, 'force-share': false, object: true } }, 'measure');
+  const p = getopt(argv, { withArg: 'fOlo', flags: 'hU', long: { output: true, size: true, 'image-opts': false, 'force-share': false, object: true, untrusted: false } }, 'measure');
   const last = (...k: string[]) => p.opts.filter(([x]) => k.includes(x)).at(-1)?.[1];
   const output = last('output') ?? 'human';
   if (output !== 'human' && output !== 'json') return fail(io, '--output must be used with human or json as argument.');
@@ -57,7 +57,7 @@ export async function runMeasure(argv: string[], io: Output): Promise<number> {
     const spec = imageSpec(file!, p.opts.some(([k]) => k === 'image-opts'));
     const fmt = (last('f') as ImageFormat | undefined) ?? spec.format;
     const snapshot = last('l');
-    const img = await Image.open(spec.path, { format: fmt, snapshot: snapshot === undefined ? undefined : String(snapshot), forceShare: forceShareOf(p) || spec.forceShare });
+    const img = await Image.open(spec.path, { format: fmt, snapshot: snapshot === undefined ? undefined : String(snapshot), forceShare: forceShareOf(p) || spec.forceShare, trusted: !p.opts.some(([k]) => k === 'untrusted') });
     try {
       const top = img.top;
       // qcow2 v3 inputs can hold persistent bitmaps: their size is reported (0 without any)

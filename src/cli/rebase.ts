@@ -14,7 +14,7 @@ import { progressPrinter } from './io-format.ts';
 import type { Output } from './output.ts';
 
 export async function runRebase(argv: string[], io: Output): Promise<number> {
-  const p = getopt(argv, { withArg: 'fbFtT', flags: 'pqucUh', long: { 'image-opts': false, object: true, 'force-share': false } }, 'rebase');
+  const p = getopt(argv, { withArg: 'fbFtT', flags: 'pqucUh', long: { 'image-opts': false, object: true, 'force-share': false, untrusted: false } }, 'rebase');
   const last = (k: string) => p.opts.filter(([x]) => x === k).at(-1)?.[1];
   const unsafe = last('u') === true;
   const b = last('b');
@@ -41,6 +41,7 @@ export async function runRebase(argv: string[], io: Output): Promise<number> {
       unsafe,
       format: last('f') as ImageFormat | undefined,
       progress: progress ? progressPrinter(io) : undefined,
+      trusted: !p.opts.some(([k]) => k === 'untrusted'),
     });
   } catch (e) {
     if (e instanceof NotFoundError && name !== undefined && !unsafe && String((e.data as { path?: string }).path ?? '').endsWith(name)) {

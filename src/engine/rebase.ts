@@ -15,6 +15,7 @@ import { readAt } from '../io/device.ts';
 import { Image } from './image.ts';
 import { loadQcow2 } from './qcow2-layer.ts';
 import type { ImageFormat } from './open.ts';
+import { allowedDirOf } from './untrusted.ts';
 
 const CHUNK = 1 << 20;
 const SECTOR = 512;
@@ -32,6 +33,8 @@ export interface RebaseOptions {
   readonly unsafe?: boolean | undefined;
   readonly format?: ImageFormat | undefined;
   readonly progress?: ((done: number, total: number) => void) | undefined;
+  /** false: the untrusted-image policy for the image's chain and the new backing file's, fenced by the image's directory */
+  readonly trusted?: boolean | undefined;
 }
 
 export async function rebase(path: string, o: RebaseOptions): Promise<void> {
@@ -41,9 +44,10 @@ export async function rebase(path: string, o: RebaseOptions): Promise<void> {
 
 /** Safe mode: the ranges the image does not allocate where old and new backing read differently, written into the image. */
 async function copyDifferences(path: string, o: RebaseOptions): Promise<void> {
-  const img = await Image.open(path, { format: o.format ?? 'qcow2', write: true, detectZeroes: 'off' });
+  const policy = o.trusted === false ? { trusted: false, allowedDir: allowedDirOf(path, {}) } : {};
+  const img = await Image.open(path, { format: o.format ?? 'qcow2', write: true, detectZeroes: 'off', ...policy });
   try {
-    const next = o.backing === undefined ? undefined : await Image.open(o.backingPath ?? o.backing, { format: o.backingFormat });
+    const next = o.backing === undefined ? undefined : await Image.open(o.backingPath ?? o.backing, { format: o.backingFormat, ...policy });
     try {
       const size = img.size;
       const a = new Uint8Array(CHUNK);
