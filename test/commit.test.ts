@@ -11,6 +11,8 @@ import { join } from 'node:path';
 import { readFileSync, statSync } from 'node:fs';
 import { qemuAvailable, qemuImg, qemuIo, tempDir } from './helpers/qemu.ts';
 import { runCli } from './helpers/cli.ts';
+import { FileDevice } from '../src/io/file-device.ts';
+import { makeEmptyFast } from '../src/engine/make-empty-fast.ts';
 
 const { dir, cleanup } = tempDir('qledger-commit-');
 afterAll(cleanup);
@@ -69,6 +71,27 @@ d('commit, as qemu-img', () => {
     for (const t of ['q', 'l']) expect(spawnSync('qemu-img', ['check', f(`small-${t}-top.qcow2`)]).status).toBe(0);
     expect(same(f('small-l-top.qcow2'), f('small-q-top.qcow2'))).toBe(true);
     expect(qemuIo(f('small-l-top.qcow2'), ['read -P 6 0 3M', 'read -P 7 40M 1M'])).not.toContain('verification failed');
+  });
+
+  it('the O(1) make_empty qledger commit takes: only for an image whose refcounts count nothing but its active tree; the rest untouched, for the session path', async () => {
+    const eligible = chain('fast', 'qcow2');
+    const dev = await FileDevice.open(eligible.top, { readOnly: false });
+    expect(await makeEmptyFast(dev)).toBe(true);
+    await dev.close();
+    expect(spawnSync('qemu-img', ['check', eligible.top]).status).toBe(0);
+    // the top maps nothing: the chain reads as the base
+    expect(same(eligible.top, eligible.base)).toBe(true);
+    expect(JSON.parse(qemuImg(['map', '--output=json', eligible.top])).every((e: { depth: number }) => e.depth > 0 || !('offset' in e))).toBe(true);
+    // an internal snapshot, or a bitmap: nothing written
+    for (const extra of [['snapshot', '-c', 's1'], ['bitmap', '--add']]) {
+      const c = chain(`slow-${extra[0]}`, 'qcow2');
+      qemuImg(extra[0] === 'snapshot' ? [...extra, c.top] : [...extra, c.top, 'b0']);
+      const before = readFileSync(c.top);
+      const d = await FileDevice.open(c.top, { readOnly: false });
+      expect(await makeEmptyFast(d)).toBe(false);
+      await d.close();
+      expect(readFileSync(c.top).equals(before)).toBe(true);
+    }
   });
 
   it('-d keeps the top as it was; -q prints nothing', async () => {

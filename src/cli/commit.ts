@@ -20,6 +20,7 @@ import { Image } from '../engine/image.ts';
 import { combinePath, probeFormat, type ImageFormat } from '../engine/open.ts';
 import { Qcow2Layer } from '../engine/qcow2-layer.ts';
 import { allowedDirOf } from '../engine/untrusted.ts';
+import { makeEmptyFast } from '../engine/make-empty-fast.ts';
 import { getopt } from './args.ts';
 import { progressPrinter } from './io-format.ts';
 import type { Output } from './output.ts';
@@ -111,11 +112,22 @@ export async function runCommit(argv: string[], io: Output): Promise<number> {
   }
   if (progress) io.out('\n');
   if (drop) {
-    const img = await Image.open(path, { format: 'qcow2', write: true, ...policy });
+    // O(1) for an image whose refcounts count only its active tree (engine/make-empty-fast.ts); the session's
+    // O(metadata) make_empty for the rest (snapshots, bitmaps, a data file, a journal with work left)
+    const dev = await FileDevice.open(path, { readOnly: false });
+    let done: boolean;
     try {
-      await img.makeEmpty();
+      done = await makeEmptyFast(dev);
     } finally {
-      await img.close();
+      await dev.close();
+    }
+    if (!done) {
+      const img = await Image.open(path, { format: 'qcow2', write: true, ...policy });
+      try {
+        await img.makeEmpty();
+      } finally {
+        await img.close();
+      }
     }
   }
   if (!quiet) io.out('Image committed.\n');

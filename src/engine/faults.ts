@@ -29,6 +29,7 @@ export const FAULTS = {
   'reuse-before-durable': 'a cluster freed since the last flush may be reallocated at once',
   'cut-before-journal-retired': 'make_empty cuts the file below the journal area before the journal has left the header',
   'retire-before-checkpoint': "make_empty clears the journal's bit before the last transaction's checkpoint is durable",
+  'empty-switch-early': 'the O(1) make_empty switches the header to its new refcount structure before the structure is durable',
   'alloc-live-l2': 'the allocator hands out a live L2 table as a data cluster',
   'alloc-cluster-zero': 'the allocator hands out cluster 0 (the header) once',
   'stale-l2-offset': 'a stale cached table offset: an L2 table is written over a refcount block',
@@ -58,6 +59,11 @@ export class FaultPlan implements PhaseRearranger {
   /** Rule (make_empty): the file is cut below the journal area only once the journal's bit and extension are gone on disk. */
   get cutBeforeJournalRetired(): boolean {
     return this.fault === 'cut-before-journal-retired';
+  }
+
+  /** Rule (O(1) make_empty): the new refcount structure is durable before the header names it. */
+  get emptySwitchEarly(): boolean {
+    return this.fault === 'empty-switch-early';
   }
 
   /** Rule (make_empty): the journal's last checkpoint is durable before its bit is cleared. */

@@ -16,8 +16,11 @@ export type GuestOp =
   | { readonly op: 'discard'; readonly offset: number; readonly length: number }
   | { readonly op: 'flush' }
   | { readonly op: 'truncate'; readonly size: number }
-  /** the image emptied (qemu-img commit's make_empty); workload files only: qemu-io has no such command */
-  | { readonly op: 'make-empty' }
+  /**
+   * the image emptied (qemu-img commit's make_empty); workload files only: qemu-io has no such command.
+   * `offline`: between sessions, by the O(1) path qledger commit takes (make_empty_offline)
+   */
+  | { readonly op: 'make-empty'; readonly offline?: boolean }
   /** qemu-img snapshot -c / -a / -d NAME; workload files only (snapshot_create, snapshot_apply, snapshot_delete) */
   | { readonly op: 'snapshot'; readonly action: SnapshotAction; readonly name: string }
   /** qemu-img amend -o compat=V or refcount_bits=N (an offline rewrite between sessions); workload files only (amend OPT=V) */
@@ -55,7 +58,7 @@ export function workloadCommands(ops: readonly GuestOp[]): string[] {
       case 'truncate':
         return `truncate ${o.size}`;
       case 'make-empty':
-        return 'make_empty';
+        return o.offline ? 'make_empty_offline' : 'make_empty';
       case 'snapshot':
         return `snapshot_${o.action} ${o.name}`;
       case 'amend':
@@ -86,6 +89,7 @@ export function parseWorkload(text: string): GuestOp[] {
     };
     if (w[0] === 'flush') out.push({ op: 'flush' });
     else if (w[0] === 'make_empty') out.push({ op: 'make-empty' });
+    else if (w[0] === 'make_empty_offline') out.push({ op: 'make-empty', offline: true });
     else if (w[0] === 'dedup' && w.length === 1) out.push({ op: 'dedup' });
     else if (w[0] === 'reopen' && w.length === 1) out.push({ op: 'reopen' });
     else if (/^bitmap_(add|remove|clear|enable|disable)$/.test(w[0]!)) {

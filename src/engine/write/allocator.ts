@@ -265,6 +265,44 @@ export class Allocator {
     return cluster(start);
   }
 
+  /**
+   * The first run of `n` free clusters below cluster `limit`, inside the
+   * refcount blocks that exist (none is created to look), or undefined;
+   * nothing changes. make_empty moves its tables down only into such a run
+   * (allocateRun), so a look that finds nothing costs nothing.
+   */
+  async freeRunBelow(n: number, limit: number): Promise<ClusterIndex | undefined> {
+    const ctx = this.ctx;
+    const t = ctx.t();
+    const E = ctx.geometry.refcountBlockEntries;
+    let run = 0;
+    for (let c = 1; c < limit; c++) {
+      const rt = Math.floor(c / E);
+      const off = t.reftableEntry(rt);
+      if (off === 0) {
+        run = 0;
+        c = (rt + 1) * E - 1;
+        continue;
+      }
+      await this.tables.refblock(rt, off);
+      const free = getRefcount(t.refblock(rt)!, c % E, ctx.geometry.refcountOrder) === 0 && !this.freedNotDurable(cluster(c)) && !this.overlap.has(cluster(c));
+      run = free ? run + 1 : 0;
+      if (run === n) return cluster(c - n + 1);
+    }
+    return undefined;
+  }
+
+  /** Take a reference on each cluster of the free run freeRunBelow found (a table goes there). */
+  async allocateRun(start: ClusterIndex, n: number): Promise<void> {
+    for (let i = 0; i < n; i++) {
+      this.freedMetadata.delete(cluster(start + i));
+      await this.changeRefcount(cluster(start + i), 1);
+    }
+    this.allocatedSince += n * this.ctx.geometry.clusterSize;
+    await this.reserveSpace(start, n);
+    this.ctx.extent.grow(start + n);
+  }
+
   /** test fault 'alloc-live-l2': the cluster of the first L2 table the active L1 points at */
   private liveL2(): number | undefined {
     const t = this.ctx.t();

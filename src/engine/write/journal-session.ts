@@ -14,8 +14,8 @@ import type { HeaderState } from '../../state/state.ts';
 import { activateJournal, type JournalLog, type JournalPlan } from '../journal/live.ts';
 import type { WriteAhead } from '../ordering.ts';
 import { host } from '../../format/offsets.ts';
-import { EXT_JOURNAL } from '../../format/features.ts';
-import { planExtensionRemove } from '../../format/extension-insert.ts';
+import { EXT_BITMAPS, EXT_JOURNAL } from '../../format/features.ts';
+import { findExtension, planExtensionRemove } from '../../format/extension-insert.ts';
 import { readAt } from '../../io/device.ts';
 import type { WriteContext } from './context.ts';
 import { OL_JOURNAL, OL_MAIN_HEADER, type OverlapIndex } from './overlap.ts';
@@ -224,6 +224,11 @@ export class JournalSession {
       ctx.trace.flush();
     }
     await ctx.headerBits.reload();
+    // the extensions after the journal's moved down: the bitmaps extension's body is elsewhere now
+    if (ctx.bitmapsExt !== undefined) {
+      const b = findExtension(await readAt(dev, 0, ctx.geometry.clusterSize), EXT_BITMAPS);
+      ctx.bitmapsExt = b && b.length === 24 ? b.offset + 8 : undefined;
+    }
     if (!faultCut) this.overlap.unreserve(host(log.ext.offset), log.ext.size, OL_JOURNAL);
     this.log = undefined;
     this.live = false;

@@ -82,11 +82,9 @@ export class MakeEmpty {
     if (h.l1Size === 0) return false;
     const n = Math.ceil((h.l1Size * 8) / cs);
     const old = h.l1TableOffset / cs;
-    const at = await this.alloc.allocate(n);
-    if (at >= old) {
-      for (let k = 0; k < n; k++) await this.alloc.changeRefcount(cluster(at + k), -1);
-      return false;
-    }
+    const at = await this.alloc.freeRunBelow(n, old);
+    if (at === undefined) return false;
+    await this.alloc.allocateRun(at, n);
     ctx.emit({ kind: 'l1-swap', oldOffset: h.l1TableOffset, oldSize: h.l1Size, newOffset: at * cs, newSize: h.l1Size });
     for (let k = 0; k < n; k++) await this.alloc.changeRefcount(cluster(old + k), -1);
     return true;
@@ -108,11 +106,10 @@ export class MakeEmpty {
     let last = (h.refcountTableClusters * cs) / 8 - 1;
     while (last > 0 && t.reftableEntry(last) === 0) last--;
     const n = Math.max(1, Math.ceil(((last + 1) * 8) / cs));
-    const at = await this.alloc.allocate(n);
-    if (at >= old && n === h.refcountTableClusters) {
-      for (let k = 0; k < n; k++) await this.alloc.changeRefcount(cluster(at + k), -1);
-      return false;
-    }
+    // below the table, or (a smaller one) anywhere below its end
+    const at = await this.alloc.freeRunBelow(n, n < h.refcountTableClusters ? old + h.refcountTableClusters : old);
+    if (at === undefined) return false;
+    await this.alloc.allocateRun(at, n);
     ctx.emit({ kind: 'reftable-swap', oldOffset: h.refcountTableOffset, oldClusters: h.refcountTableClusters, newOffset: at * cs, newClusters: n });
     for (let k = 0; k < h.refcountTableClusters; k++) await this.alloc.changeRefcount(cluster(old + k), -1);
     return true;
