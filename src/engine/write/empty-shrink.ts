@@ -27,8 +27,10 @@ type Run = (op: string, fn: () => Promise<void>) => Promise<void>;
 
 /** `durableHeader`: the header as on disk at the moment of asking (the steps move tables it names). */
 export async function shrinkAfterEmpty(r: Rooms, run: Run, durableHeader: () => HeaderState, faults: FaultPlan | undefined): Promise<void> {
-  await run('make empty (L1 table moved down)', async () => void (await r.makeEmpty.lowerL1()));
-  await r.writeback.flush();
+  // a step that changed nothing needs no write-back (the emptying's was the caller's)
+  let lowered = false;
+  await run('make empty (L1 table moved down)', async () => void (lowered = await r.makeEmpty.lowerL1()));
+  if (lowered) await r.writeback.flush();
   for (let moved = true; moved; ) {
     for (let dropped = 1; dropped > 0; ) {
       await run('make empty (idle refcount blocks dropped)', async () => void (dropped = await r.makeEmpty.dropIdleRefblocks()));
@@ -36,7 +38,7 @@ export async function shrinkAfterEmpty(r: Rooms, run: Run, durableHeader: () => 
     }
     // the table's old clusters are free once this is durable: the blocks that counted them may be idle now
     await run('make empty (refcount table moved down)', async () => void (moved = await r.makeEmpty.lowerReftable()));
-    await r.writeback.flush();
+    if (moved) await r.writeback.flush();
   }
   const area = r.journal.area;
   let alone = false;
