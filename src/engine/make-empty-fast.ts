@@ -2,7 +2,7 @@
  * make_empty in O(1) between sessions (qemu-img commit's last step, seed
  * 003): for an image whose refcounts count nothing but its active tree and
  * its own metadata (no internal snapshots, no bitmaps, no external data
- * file, no dedup index, clean), the emptied image is a fresh refcount
+ * file, no dedup index, no encryption, clean), the emptied image is a fresh refcount
  * structure and an empty L1 table, whatever the old tree held. QEMU 7.2
  * writes that structure over clusters 1.. in place and relies on the dirty
  * bit; here every step leaves a valid image:
@@ -26,7 +26,7 @@
 
 import { QledgerError } from '../errors.ts';
 import { putU32, putU64 } from '../format/bytes.ts';
-import { AUTOCLEAR_BITMAPS, AUTOCLEAR_DEDUP_INDEX, AUTOCLEAR_JOURNAL, EXT_BITMAPS, EXT_DEDUP_INDEX, EXT_JOURNAL, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY } from '../format/features.ts';
+import { AUTOCLEAR_BITMAPS, AUTOCLEAR_DEDUP_INDEX, AUTOCLEAR_JOURNAL, EXT_BITMAPS, EXT_CRYPTO_HEADER, EXT_DEDUP_INDEX, EXT_JOURNAL, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY } from '../format/features.ts';
 import { planExtensionRemove } from '../format/extension-insert.ts';
 import { setRefcount, setRefcountTableEntry } from '../format/refcount.ts';
 import { readAt, type BlockDevice } from '../io/device.ts';
@@ -88,6 +88,8 @@ export async function makeEmptyFast(dev: BlockDevice, o: { skipFlush?: boolean |
   const h = parsed.header;
   const has = (type: number) => parsed.extensions.some((e) => e.type === type);
   if ((h.incompatibleFeatures & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE)) !== 0n) return false;
+  // an encrypted image's key material lies in clusters the header names: they must keep their count
+  if (h.cryptMethod !== 0 || has(EXT_CRYPTO_HEADER)) return false;
   if (h.nbSnapshots !== 0 || (h.autoclearFeatures & (AUTOCLEAR_BITMAPS | AUTOCLEAR_DEDUP_INDEX)) !== 0n || has(EXT_BITMAPS) || has(EXT_DEDUP_INDEX)) return false;
   const live = (h.autoclearFeatures & AUTOCLEAR_JOURNAL) !== 0n;
   if (live) {
