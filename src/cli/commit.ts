@@ -152,19 +152,41 @@ async function copy(
   to: { data(at: number, b: Uint8Array): Promise<void>; zero(at: number, length: number): Promise<void> },
   progress: (bytes: number) => void,
 ): Promise<void> {
-  const buf = new Uint8Array(CHUNK);
-  for (const e of extents) {
-    if (e.zero) {
-      await to.zero(e.start, e.length);
-      progress(e.length);
-      continue;
+  // two buffers: the next piece is read while the last one is written (the base's writes stay in order)
+  const bufs = [new Uint8Array(CHUNK), new Uint8Array(CHUNK)];
+  let k = 0;
+  let writing: Promise<void> | undefined;
+  let failed: { error: unknown } | undefined;
+  const settle = async () => {
+    const w = writing;
+    writing = undefined;
+    await w;
+    if (failed) throw failed.error;
+  };
+  try {
+    for (const e of extents) {
+      if (e.zero) {
+        await settle();
+        await to.zero(e.start, e.length);
+        progress(e.length);
+        continue;
+      }
+      for (let at = e.start; at < e.start + e.length; ) {
+        const b = bufs[k]!.subarray(0, Math.min(CHUNK, e.start + e.length - at));
+        k ^= 1;
+        await sources[e.depth]!.readInto(b, at);
+        await settle();
+        const where = at;
+        writing = to.data(where, b).then(
+          () => progress(b.length),
+          (err: unknown) => void (failed ??= { error: err }),
+        );
+        at += b.length;
+      }
     }
-    for (let at = e.start; at < e.start + e.length; ) {
-      const b = buf.subarray(0, Math.min(CHUNK, e.start + e.length - at));
-      await sources[e.depth]!.readInto(b, at);
-      await to.data(at, b);
-      progress(b.length);
-      at += b.length;
-    }
+  } finally {
+    // never leave a write behind (a failed read must not race the last write)
+    await writing;
   }
+  await settle();
 }
