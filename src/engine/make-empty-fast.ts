@@ -12,14 +12,15 @@
  *   2. one write inside the header's first sector switches l1_table_offset,
  *      refcount_table_offset and refcount_table_clusters to S1; flushed.
  *      From here the image is empty and every old cluster is free;
- *   3. the same structure S2 at cluster 1, free now; flushed; the header
- *      switched to it; flushed;
- *   4. a journal area still named by the header leaves it (bit, then the
+ *   3. a journal area still named by the header leaves it (bit, then the
  *      extension, each flushed: journal-session.ts retire explains why in
- *      that order), and the file is cut after S2.
+ *      that order), before anything is written where its area may lie;
+ *   4. the same structure S2 at cluster 1, free now; flushed; the header
+ *      switched to it; flushed;
+ *   5. the file is cut after S2.
  * A crash reads the image as before or as empty, and leaves no leak: the
  * clusters past the end that S1 took are counted by nothing before step 2
- * and after step 3. Returns false, having written nothing, when the image
+ * and after step 4. Returns false, having written nothing, when the image
  * is not of that kind or its journal holds a transaction not in place (the
  * read-write session's make_empty handles those).
  */
@@ -106,17 +107,7 @@ export async function makeEmptyFast(dev: BlockDevice, o: { skipFlush?: boolean |
   await flush();
   await switchTo(dev, s1, cs);
   await dev.flush();
-  // 3: S2 at cluster 1, where it fits below S1 (a file that small has nothing to give back)
-  let final = s1;
-  const s2 = layout(1, l1Clusters, E, cs);
-  if (s2.end <= s1.at) {
-    await dev.write(cs, encode(s2, E, cs, h.refcountOrder));
-    await flush();
-    await switchTo(dev, s2, cs);
-    await dev.flush();
-    final = s2;
-  }
-  // 4: the journal out of the header, then the cut
+  // 3: the journal out of the header before anything goes below the end (its area may lie where S2 goes)
   if (live || has(EXT_JOURNAL)) {
     if (live) {
       // autoclear_features alone (bytes 88-95): the rest of the header is no longer the one read at the start
@@ -130,6 +121,17 @@ export async function makeEmptyFast(dev: BlockDevice, o: { skipFlush?: boolean |
       await dev.flush();
     }
   }
+  // 4: S2 at cluster 1, where it fits below S1 (a file that small has nothing to give back)
+  let final = s1;
+  const s2 = layout(1, l1Clusters, E, cs);
+  if (s2.end <= s1.at) {
+    await dev.write(cs, encode(s2, E, cs, h.refcountOrder));
+    await flush();
+    await switchTo(dev, s2, cs);
+    await dev.flush();
+    final = s2;
+  }
+  // 5: the cut
   if ((await dev.size()) > final.end * cs) await dev.truncate(final.end * cs);
   else if ((await dev.size()) < final.end * cs) throw new QledgerError('E_IO', `${dev.name}: the new refcount structure was not written`);
   await dev.flush();

@@ -276,18 +276,20 @@ export class Allocator {
     const t = ctx.t();
     const E = ctx.geometry.refcountBlockEntries;
     let run = 0;
-    for (let c = 1; c < limit; c++) {
-      const rt = Math.floor(c / E);
+    // block by block: one load per refcount block, the clusters inside it looked at without awaiting
+    for (let rt = 0; rt * E < limit; rt++) {
       const off = t.reftableEntry(rt);
       if (off === 0) {
         run = 0;
-        c = (rt + 1) * E - 1;
         continue;
       }
       await this.tables.refblock(rt, off);
-      const free = getRefcount(t.refblock(rt)!, c % E, ctx.geometry.refcountOrder) === 0 && !this.freedNotDurable(cluster(c)) && !this.overlap.has(cluster(c));
-      run = free ? run + 1 : 0;
-      if (run === n) return cluster(c - n + 1);
+      const block = t.refblock(rt)!;
+      for (let c = Math.max(1, rt * E); c < Math.min(limit, (rt + 1) * E); c++) {
+        const free = getRefcount(block, c % E, ctx.geometry.refcountOrder) === 0 && !this.freedNotDurable(cluster(c)) && !this.overlap.has(cluster(c));
+        run = free ? run + 1 : 0;
+        if (run === n) return cluster(c - n + 1);
+      }
     }
     return undefined;
   }
