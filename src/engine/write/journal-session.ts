@@ -121,7 +121,8 @@ export class JournalSession {
       if (!plan.reuse) {
         this.overlap.unreserve(host(ext.offset), ext.size, OL_JOURNAL);
         ctx.extent.endCluster = extent.endCluster;
-        ctx.extent.zeroFrom = extent.zeroFrom;
+        // zeroFrom stays past the area: the failed write of its header may have reached the device in part,
+        // so a data cluster placed there later must get its zeroes written, not assumed
       }
       this.onWarning?.(`${ctx.filename}: the journal could not start (${e.message}); writing without a journal`);
       return;
