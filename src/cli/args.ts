@@ -124,5 +124,8 @@ export function splitCommand(line: string): string[] {
   return out;
 }
 
+/** The cache modes QEMU's bdrv_parse_cache_mode takes ('off' is 'none'), for -t and -T. */
+export const CACHE_MODES: readonly string[] = ['unsafe', 'writeback', 'writethrough', 'none', 'off', 'directsync'];
+
 /** qemu's two lines after an unparsable size ("Invalid X specified. " goes before the first). */
 export const SIZE_SUFFIX_HELP = ['You may use k, M, G, T, P or E suffixes for', 'kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.'] as const;

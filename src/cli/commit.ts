@@ -21,7 +21,7 @@ import { combinePath, probeFormat, type ImageFormat } from '../engine/open.ts';
 import { Qcow2Layer } from '../engine/qcow2-layer.ts';
 import { allowedDirOf } from '../engine/untrusted.ts';
 import { makeEmptyFast } from '../engine/make-empty-fast.ts';
-import { getopt } from './args.ts';
+import { CACHE_MODES, getopt } from './args.ts';
 import { progressPrinter } from './io-format.ts';
 import type { Output } from './output.ts';
 
@@ -37,7 +37,7 @@ export async function runCommit(argv: string[], io: Output): Promise<number> {
   // qemu-img empties the top only when the base is implied: -b keeps every image as it is
   const drop = last('d') !== true && last('b') === undefined;
   const cache = last('t') ?? 'writeback';
-  if (!['unsafe', 'writeback', 'writethrough', 'none', 'directsync'].includes(String(cache))) throw new UsageError(`Invalid cache option: ${String(cache)}`);
+  if (!CACHE_MODES.includes(String(cache))) throw new UsageError(`Invalid cache option: ${String(cache)}`);
   if (last('r') !== undefined) throw new UnsupportedError('commit: -r (rate limit) is not supported');
   // --untrusted (qledger's own): the whole chain checked by the policy first, every open under it, fenced by the top's directory
   const policy = p.opts.some(([k]) => k === 'untrusted') ? { trusted: false, allowedDir: allowedDirOf(path, {}) } : {};

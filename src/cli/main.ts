@@ -10,7 +10,7 @@ import { setInlineIo } from '../io/file-device.ts';
 
 /** the CLI's inline limit (file-device.ts): every request of a one-request-at-a-time command */
 const INLINE_IO_LIMIT = 256 * 1024;
-import { SIZE_SUFFIX_HELP, forceShareOf, getopt, parseOptionList, parseSize } from './args.ts';
+import { CACHE_MODES, SIZE_SUFFIX_HELP, forceShareOf, getopt, parseOptionList, parseSize } from './args.ts';
 import { Image } from '../engine/image.ts';
 import { convertToRaw, compareImages } from '../engine/convert.ts';
 import { formatInfoHuman, qemuJson, type ImageInfo } from '../engine/info.ts';
@@ -214,9 +214,6 @@ function snapshotParam(v: string): string {
   if (key === undefined) throw new UsageError(`invalid snapshot parameter '${v}'`);
   return key;
 }
-
-/** the cache modes QEMU's bdrv_parse_cache_mode takes */
-const CACHE_MODES = ['unsafe', 'writeback', 'writethrough', 'none', 'off', 'directsync'];
 
 /**
  * convert's -S, -m, -W, -C, -T and --target-is-zero, checked as qemu-img

@@ -9,8 +9,7 @@
 
 import { UsageError } from '../errors.ts';
 import { EXT_BITMAPS, EXT_DATA_FILE, EXT_FEATURE_TABLE, EXT_JOURNAL, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY } from '../format/features.ts';
-import { planExtensionRemove } from '../format/extension-insert.ts';
-import { insertHeaderExtension } from './journal/live.ts';
+import { insertHeaderExtension, removeHeaderExtension } from './journal/live.ts';
 import { u32 } from '../format/bytes.ts';
 import { entryOffset } from '../format/l1.ts';
 import { L2E_COMPRESSED_HI, L2E_ZERO_LO } from '../format/l2.ts';
@@ -144,10 +143,7 @@ export async function renameDataFile(target: string | BlockDevice, name: string)
     await dev.flush();
     await finish();
     await dev.flush();
-    for (const w of planExtensionRemove(await readAt(dev, 0, cs), EXT_DATA_FILE) ?? []) {
-      await dev.write(w.offset, w.bytes);
-      await dev.flush();
-    }
+    await removeHeaderExtension(dev, cs, EXT_DATA_FILE);
   } finally {
     if (typeof target === 'string') await dev.close();
   }

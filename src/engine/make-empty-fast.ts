@@ -28,9 +28,9 @@
 import { QledgerError } from '../errors.ts';
 import { putU32, putU64 } from '../format/bytes.ts';
 import { AUTOCLEAR_BITMAPS, AUTOCLEAR_DEDUP_INDEX, AUTOCLEAR_JOURNAL, EXT_BITMAPS, EXT_CRYPTO_HEADER, EXT_DEDUP_INDEX, EXT_JOURNAL, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY } from '../format/features.ts';
-import { planExtensionRemove } from '../format/extension-insert.ts';
 import { setRefcount, setRefcountTableEntry } from '../format/refcount.ts';
-import { readAt, type BlockDevice } from '../io/device.ts';
+import type { BlockDevice } from '../io/device.ts';
+import { removeHeaderExtension } from './journal/live.ts';
 import { locateJournal } from './journal/locate.ts';
 import { loadQcow2 } from './qcow2-layer.ts';
 
@@ -116,10 +116,7 @@ export async function makeEmptyFast(dev: BlockDevice, o: { skipFlush?: boolean |
       await dev.write(88, b);
       await dev.flush();
     }
-    for (const w of planExtensionRemove(await readAt(dev, 0, cs), EXT_JOURNAL) ?? []) {
-      await dev.write(w.offset, w.bytes);
-      await dev.flush();
-    }
+    await removeHeaderExtension(dev, cs, EXT_JOURNAL);
   }
   // 4: S2 at cluster 1, where it fits below S1 (a file that small has nothing to give back)
   let final = s1;

@@ -8,7 +8,7 @@
 
 import { randomBytes } from 'node:crypto';
 import { EXT_JOURNAL } from '../../format/features.ts';
-import { planExtensionInsert } from '../../format/extension-insert.ts';
+import { planExtensionInsert, planExtensionRemove } from '../../format/extension-insert.ts';
 import type { ParsedHeader } from '../../format/header.ts';
 import { readAt, type BlockDevice } from '../../io/device.ts';
 import { AREA_HEADER_SIZE, EXT_JOURNAL_LENGTH, encodeAreaHeader, encodeJournalExtension, encodeTransaction, type JournalExtension } from '../../journal/log.ts';
@@ -152,4 +152,17 @@ export async function insertHeaderExtension(dev: BlockDevice, cs: number, type: 
   }
   await dev.write(plan.body.offset, plan.body.bytes);
   return () => dev.write(plan.marker.offset, plan.marker.bytes);
+}
+
+/**
+ * Remove header extension `type` by the writes format/extension-insert.ts
+ * plans, each flushed, so the list is valid after every one (`onStep` hears
+ * of each write after it). Nothing is written when the extension is absent.
+ */
+export async function removeHeaderExtension(dev: BlockDevice, cs: number, type: number, onStep?: (offset: number, length: number) => void): Promise<void> {
+  for (const w of planExtensionRemove(await readAt(dev, 0, cs), type) ?? []) {
+    await dev.write(w.offset, w.bytes);
+    await dev.flush();
+    onStep?.(w.offset, w.bytes.length);
+  }
 }

@@ -38,14 +38,14 @@ import {
   encodeBitmapsExtension,
   type BitmapDirectoryEntry,
 } from '../../format/bitmaps.ts';
-import { findExtension, planExtensionRemove } from '../../format/extension-insert.ts';
+import { findExtension } from '../../format/extension-insert.ts';
 import { AUTOCLEAR_BITMAPS, EXT_BITMAPS } from '../../format/features.ts';
 import type { ParsedHeader } from '../../format/header.ts';
 import { cluster, host } from '../../format/offsets.ts';
 import { readAt, type BlockDevice } from '../../io/device.ts';
 import { DirtyBitmap } from '../bitmaps/dirty-bitmap.ts';
 import { loadBitmap } from '../bitmaps/load.ts';
-import { insertHeaderExtension } from '../journal/live.ts';
+import { insertHeaderExtension, removeHeaderExtension } from '../journal/live.ts';
 import type { Allocator } from './allocator.ts';
 import type { WriteContext } from './context.ts';
 import { OL_BITMAP_DIRECTORY, OL_BITMAP_TABLE, type OverlapIndex } from './overlap.ts';
@@ -492,14 +492,10 @@ export class Bitmaps {
   private async dropEmptyExtension(): Promise<void> {
     if (this.list.length || this.ctx.bitmapsExt === undefined) return;
     const dev = this.header;
-    const plan = planExtensionRemove(await readAt(dev, 0, this.ctx.geometry.clusterSize), EXT_BITMAPS);
     // the journal's last checkpoint (written without a flush) durable first: the emptying
     // transaction is never replayed over an extension list in the middle of its removal
     await dev.flush();
-    for (const w of plan ?? []) {
-      await dev.write(w.offset, w.bytes);
-      await dev.flush();
-    }
+    await removeHeaderExtension(dev, this.ctx.geometry.clusterSize, EXT_BITMAPS);
     this.ctx.bitmapsExt = undefined;
   }
 }

@@ -11,11 +11,11 @@ import { encodedLength } from '../../journal/codec.ts';
 import type { JournalRecord, MetaRecord } from '../../journal/records.ts';
 import { l1Bytes, l1TableOffset, reftableBytes } from '../../state/state.ts';
 import type { HeaderState } from '../../state/state.ts';
-import { activateJournal, type JournalLog, type JournalPlan } from '../journal/live.ts';
+import { activateJournal, removeHeaderExtension, type JournalLog, type JournalPlan } from '../journal/live.ts';
 import type { WriteAhead } from '../ordering.ts';
 import { host } from '../../format/offsets.ts';
 import { EXT_BITMAPS, EXT_JOURNAL } from '../../format/features.ts';
-import { findExtension, planExtensionRemove } from '../../format/extension-insert.ts';
+import { findExtension } from '../../format/extension-insert.ts';
 import { readAt } from '../../io/device.ts';
 import type { WriteContext } from './context.ts';
 import { OL_JOURNAL, OL_MAIN_HEADER, type OverlapIndex } from './overlap.ts';
@@ -217,13 +217,10 @@ export class JournalSession {
     }
     await ctx.headerBits.clearJournalBit(durable);
     const dev = ctx.files.image.as(OL_MAIN_HEADER, 'journal');
-    const steps = planExtensionRemove(await readAt(dev, 0, ctx.geometry.clusterSize), EXT_JOURNAL) ?? [];
-    for (const w of steps) {
-      await dev.write(w.offset, w.bytes);
-      await dev.flush();
-      ctx.trace.write(w.offset, w.bytes.length, 'header extension list (journal removed) [journal retired]');
+    await removeHeaderExtension(dev, ctx.geometry.clusterSize, EXT_JOURNAL, (offset, length) => {
+      ctx.trace.write(offset, length, 'header extension list (journal removed) [journal retired]');
       ctx.trace.flush();
-    }
+    });
     await ctx.headerBits.reload();
     // the extensions after the journal's moved down: the bitmaps extension's body is elsewhere now
     if (ctx.bitmapsExt !== undefined) {
