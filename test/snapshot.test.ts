@@ -119,6 +119,27 @@ d('snapshot create, apply and delete: as qemu-img', () => {
     });
   }
 
+  it('a preallocated image: every table of a tree, tables among their data, refcount blocks counted densely', async () => {
+    // 4 KiB clusters, 20,000 allocated: 40 L2 tables, each before its 512 data clusters, 10 refcount blocks filled
+    const base = join(dir, 'prealloc.qcow2');
+    qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096,preallocation=metadata', base, String(20_000 * 4096)]);
+    qemuIo(base, ['write -P 9 0 64k', 'write -z 1M 8k']);
+    const { q, l } = await both(
+      base,
+      [
+        ['c', 'one'],
+        ['io', 'write -P 1 8k 4k', 'write -P 2 40M 8k'],
+        ['c', 'two'],
+        ['a', 'one'],
+        ['d', 'two'],
+        ['io', 'write -P 3 60M 4k'],
+        ['d', 'one'],
+      ],
+      'prealloc',
+    );
+    sameResult(q, l);
+  });
+
   it('apply brings the snapshot\'s virtual size back (v3 grown since)', async () => {
     const base = join(dir, 'size.qcow2');
     qemuImg(['create', '-q', '-f', 'qcow2', base, '1M']);

@@ -54,7 +54,7 @@ import { hex } from '../errors.ts';
 import { encodeBitmapsExtension } from '../format/bitmaps.ts';
 import { AUTOCLEAR_BITMAPS } from '../format/features.ts';
 import { host, type HostOffset } from '../format/offsets.ts';
-import { maxRefcount, getRefcount, setRefcount } from '../format/refcount.ts';
+import { maxRefcount, getRefcount, readRefcounts, setRefcount, writeRefcounts } from '../format/refcount.ts';
 import type { MetaRecord, Word64 } from '../journal/records.ts';
 import { PTrie } from '../state/ptrie.ts';
 import { OL_ACTIVE_L1, OL_ACTIVE_L2, OL_INACTIVE_L2, OL_MAIN_HEADER, OL_REFCOUNT_BLOCK, OL_REFCOUNT_TABLE } from './write/overlap.ts';
@@ -193,15 +193,52 @@ export interface WriteAhead {
   checkpoint(): Promise<void>;
 }
 
-/** The writes of one phase: in order, or `concurrency` at a time (the writes of a phase have no order among them). */
+/**
+ * The writes of one phase: in order, or `concurrency` at a time (the writes
+ * of a phase have no order among them). In order, writes that follow each
+ * other on the device, of one kind and category, go as one request of up
+ * to MERGE_BYTES: a snapshot's write-back changes every table of a tree,
+ * thousands of adjacent clusters, and each request costs a system call and
+ * an overlap check.
+ */
 async function runPhase(phase: Phase, io: PlanIO, concurrency: number): Promise<void> {
   if (concurrency <= 1) {
-    for (const w of phase.writes) await io.write(w, phase);
+    for (const w of mergeAdjacent(phase.writes)) await io.write(w, phase);
     return;
   }
   for (let i = 0; i < phase.writes.length; i += concurrency) {
     await Promise.all(phase.writes.slice(i, i + concurrency).map((w) => io.write(w, phase)));
   }
+}
+
+const MERGE_BYTES = 4 << 20;
+
+/** `writes` with runs of adjacent writes of the same kind and category joined (the bytes copied once). */
+export function mergeAdjacent(writes: readonly DeviceWrite[]): readonly DeviceWrite[] {
+  if (writes.length < 2) return writes;
+  const sorted = [...writes].sort((x, y) => x.offset - y.offset);
+  const out: DeviceWrite[] = [];
+  for (let i = 0; i < sorted.length; ) {
+    const first = sorted[i]!;
+    let end = first.offset + first.data.length;
+    let bytes = first.data.length;
+    let j = i + 1;
+    while (j < sorted.length) {
+      const w = sorted[j]!;
+      if (w.offset !== end || w.kind !== first.kind || w.category !== first.category || bytes + w.data.length > MERGE_BYTES) break;
+      end += w.data.length;
+      bytes += w.data.length;
+      j++;
+    }
+    if (j === i + 1) out.push(first);
+    else {
+      const data = new Uint8Array(bytes);
+      for (let k = i, o = 0; k < j; o += sorted[k]!.data.length, k++) data.set(sorted[k]!.data, o);
+      out.push({ ...first, data, what: `${first.what} and ${j - i - 1} adjacent` });
+    }
+    i = j;
+  }
+  return out;
 }
 
 /**
@@ -289,10 +326,10 @@ export function planFlush(p: PlanInput): Plan {
   const newL2 = new Map<number, number>(); // slot -> offset
   const newBlocks = new Set<number>();
   // entries that gain COPIED without moving (a snapshot deleted or applied left one reference): slot -> indices
-  const gainCopiedL2 = new Map<number, number[]>();
+  const gainCopiedL2 = new Map<number, Chunks>();
   const gainCopiedL1: number[] = [];
   // ... and entries that lose it without moving (a snapshot created or applied will share them)
-  const loseCopiedL2 = new Map<number, number[]>();
+  const loseCopiedL2 = new Map<number, Chunks>();
   const loseCopiedL1: number[] = [];
   // L2 tables an L1 entry adopted (snapshot apply) and the epoch changed: slot -> table
   const changedL2 = new Map<number, number>();
@@ -315,21 +352,35 @@ export function planFlush(p: PlanInput): Plan {
       let list = batches.get(r.rt);
       if (!list) batches.set(r.rt, (list = []));
       list.push(r);
-      for (let k = 0; k < r.index.length && !decrements; k++) if (r.new[k]! < r.old[k]!) decrements = true;
+      // the record's arrays in locals: `r` is of many shapes here, and a load through it per entry is slow
+      const ro = r.old;
+      const rn = r.new;
+      for (let k = 0; k < rn.length && !decrements; k++) if (rn[k]! < ro[k]!) decrements = true;
     } else if (r.kind === 'l2s') {
       changedL2.set(r.l1Index, r.table);
-      for (let k = 0; k < r.index.length; k++) {
-        const oh = r.old[k * 4]!;
-        const nh = r.new[k * 4]!;
-        if (((oh ^ nh) & COPIED) === 0 || r.old[k * 4 + 1] !== r.new[k * 4 + 1] || ((oh ^ nh) & ~COPIED) !== 0) continue;
-        push((nh & COPIED) !== 0 ? gainCopiedL2 : loseCopiedL2, r.l1Index, r.index[k]!);
+      // the entries whose change is COPIED alone, by direction; a snapshot's record is all one or the other
+      const ri = r.index;
+      const ro = r.old;
+      const rn = r.new;
+      const gain = new Uint32Array(ri.length);
+      const lose = new Uint32Array(ri.length);
+      let g1 = 0;
+      let l1 = 0;
+      for (let k = 0; k < ri.length; k++) {
+        const oh = ro[k * 4]!;
+        const nh = rn[k * 4]!;
+        if (((oh ^ nh) & COPIED) === 0 || ro[k * 4 + 1] !== rn[k * 4 + 1] || ((oh ^ nh) & ~COPIED) !== 0) continue;
+        if ((nh & COPIED) !== 0) gain[g1++] = ri[k]!;
+        else lose[l1++] = ri[k]!;
       }
+      if (g1) pushChunk(gainCopiedL2, r.l1Index, gain.subarray(0, g1));
+      if (l1) pushChunk(loseCopiedL2, r.l1Index, lose.subarray(0, l1));
     } else if (r.kind === 'l2') {
       changedL2.set(r.l1Index, r.table);
       // most records keep COPIED as it is: one test of the bit before the full comparison
       if (((r.old.hi ^ r.new.hi) & COPIED) === 0) continue;
-      if (gainsCopied(r.old, r.new)) push(gainCopiedL2, r.l1Index, r.index);
-      else if (gainsCopied(r.new, r.old)) push(loseCopiedL2, r.l1Index, r.index);
+      if (gainsCopied(r.old, r.new)) pushChunk(gainCopiedL2, r.l1Index, [r.index]);
+      else if (gainsCopied(r.new, r.old)) pushChunk(loseCopiedL2, r.l1Index, [r.index]);
     } else if (r.kind === 'l1') {
       if (((r.old.hi ^ r.new.hi) & COPIED) === 0) continue;
       if (gainsCopied(r.old, r.new)) gainCopiedL1.push(r.index);
@@ -373,12 +424,16 @@ export function planFlush(p: PlanInput): Plan {
       setRefcount(view, i, g.refcountOrder, Math.min(max, getRefcount(view, i, g.refcountOrder) + inc));
     }
     for (const b of batches.get(rt) ?? []) {
-      for (let k = 0; k < b.index.length; k++) {
-        const inc = b.new[k]! - b.old[k]!;
-        if (inc <= 0) continue;
-        const i = b.index[k]!;
-        setRefcount(view, i, g.refcountOrder, Math.min(max, getRefcount(view, i, g.refcountOrder) + inc));
+      // a tree's worth in one read and one write of the block's entries (a decrement keeps the value)
+      const vals = new Float64Array(b.index.length);
+      readRefcounts(view, b.index, g.refcountOrder, vals);
+      const bo = b.old;
+      const bn = b.new;
+      for (let k = 0; k < vals.length; k++) {
+        const inc = bn[k]! - bo[k]!;
+        if (inc > 0) vals[k] = Math.min(max, vals[k]! + inc);
       }
+      writeRefcounts(view, b.index, g.refcountOrder, vals);
     }
     if (p.lazy) view.set(cur); // a new block under lazy refcounts: its exact values, dirty bit covers it
     afterPhase0.set(rt, view);
@@ -434,7 +489,7 @@ export function planFlush(p: PlanInput): Plan {
       const prev = before?.subarray(0, n) ?? new Uint8Array(n);
       const next = after.subarray(0, n);
       const inChunk = (xs: number[]) => xs.filter((i) => Math.floor(i / CHUNK_ENTRIES) === chunk).map((i) => i % CHUNK_ENTRIES);
-      stagedWrites(lists, prev, next, inChunk(loseCopiedL1), inChunk(gainCopiedL1), 8, host(current.header.l1TableOffset + start), 'l1', OL_ACTIVE_L1);
+      stagedWrites(lists, prev, next, [inChunk(loseCopiedL1)], [inChunk(gainCopiedL1)], 8, host(current.header.l1TableOffset + start), 'l1', OL_ACTIVE_L1);
     }
   }
   if (headerChanged && !headerWritten && bitmapsChanged(durable.header, h)) headerWritten = planBitmapsSwitch(lists, p, durable.header, h);
@@ -496,7 +551,10 @@ function gainsCopied(old: Word64, next: Word64): boolean {
 
 const COPIED = 0x8000_0000;
 
-function push(m: Map<number, number[]>, k: number, v: number): void {
+/** Entry indices of one table, as the records gave them: arrays, not one array copied together. */
+type Chunks = ArrayLike<number>[];
+
+function pushChunk(m: Map<number, Chunks>, k: number, v: ArrayLike<number>): void {
   let xs = m.get(k);
   if (!xs) m.set(k, (xs = []));
   xs.push(v);
@@ -510,9 +568,9 @@ function push(m: Map<number, number[]>, k: number, v: number): void {
  * entry kept its cluster, a lose also when the entry moved on afterwards
  * (its durable value loses COPIED first).
  */
-function stagedWrites(lists: PhaseLists, before: Uint8Array, after: Uint8Array, lose: readonly number[] | undefined, gain: readonly number[] | undefined, entrySize: number, base: HostOffset, what: string, kind: number, movedLate = false): void {
-  const first = lose?.length ? withCopiedFrom(before, before, after, lose, entrySize, false, movedLate) : before;
-  const mid = gain?.length ? withCopiedFrom(after, before, after, gain, entrySize, true) : after;
+function stagedWrites(lists: PhaseLists, before: Uint8Array, after: Uint8Array, lose: Chunks | undefined, gain: Chunks | undefined, entrySize: number, base: HostOffset, what: string, kind: number, movedLate = false): void {
+  const first = lose?.some((c) => c.length) ? withCopiedFrom(before, before, after, lose, entrySize, false, movedLate) : before;
+  const mid = gain?.some((c) => c.length) ? withCopiedFrom(after, before, after, gain, entrySize, true) : after;
   if (first !== before) lists.unshare.push(...dirtySectors(before, first, base, `${what} (COPIED cleared)`, kind));
   lists.reference.push(...dirtySectors(first, mid, base, what, kind));
   if (mid !== after) lists.settle.push(...dirtySectors(mid, after, base, `${what} (COPIED set)`, kind));
@@ -523,28 +581,28 @@ function stagedWrites(lists: PhaseLists, before: Uint8Array, after: Uint8Array, 
  * `indices` entries that go from `before` to `after` by COPIED alone taken
  * from `before` (gain: the bit kept off) or from `after` (lose: cleared early).
  */
-function withCopiedFrom(table: Uint8Array, before: Uint8Array, after: Uint8Array, indices: readonly number[], entrySize: number, gain: boolean, movedLate = false): Uint8Array {
+function withCopiedFrom(table: Uint8Array, before: Uint8Array, after: Uint8Array, chunks: Chunks, entrySize: number, gain: boolean, movedLate = false): Uint8Array {
   let out: Uint8Array | undefined;
-  for (const i of indices) {
-    const o = i * entrySize;
-    if (o + 8 > after.length || o + 8 > before.length) continue;
-    const a = (after[o]! & 0x80) !== 0;
-    const b = (before[o]! & 0x80) !== 0;
-    if (!gain && !movedLate && b && (a || (after[o]! & 0x7f) !== (before[o]! & 0x7f) || !sameLow(before, after, o))) {
-      // An entry lost COPIED during the epoch (its cluster became shared) and then moved on (a
-      // write copied the shared cluster away). Its durable value still has COPIED while this
-      // write-back raises the old cluster's refcount past 1: clear the bit there first all the
-      // same. Clearing COPIED early is always the harmless mismatch.
+  for (const indices of chunks) {
+    for (let k = 0; k < indices.length; k++) {
+      const o = indices[k]! * entrySize;
+      if (o + 8 > after.length || o + 8 > before.length) continue;
+      const a = (after[o]! & 0x80) !== 0;
+      const b = (before[o]! & 0x80) !== 0;
+      if (!gain && !movedLate && b && (a || (after[o]! & 0x7f) !== (before[o]! & 0x7f) || !sameLow(before, after, o))) {
+        // An entry lost COPIED during the epoch (its cluster became shared) and then moved on (a
+        // write copied the shared cluster away). Its durable value still has COPIED while this
+        // write-back raises the old cluster's refcount past 1: clear the bit there first all the
+        // same. Clearing COPIED early is always the harmless mismatch.
+        out ??= table.slice();
+        out[o] = out[o]! & 0x7f;
+        continue;
+      }
+      if (a === b || a !== gain || (after[o]! & 0x7f) !== (before[o]! & 0x7f)) continue;
+      if (!sameLow(before, after, o)) continue; // the entry moved: a new mapping, ordered as one
       out ??= table.slice();
       out[o] = out[o]! & 0x7f;
-      continue;
     }
-    if (a === b || a !== gain || (after[o]! & 0x7f) !== (before[o]! & 0x7f)) continue;
-    let same = true;
-    for (let k = 1; k < 8 && same; k++) same = after[o + k] === before[o + k];
-    if (!same) continue; // the entry moved: a new mapping, ordered as one
-    out ??= table.slice();
-    out[o] = out[o]! & 0x7f;
   }
   return out ?? table;
 }

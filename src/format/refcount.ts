@@ -55,6 +55,59 @@ export function getRefcount(block: Uint8Array, index: number, order: number): nu
   }
 }
 
+/**
+ * The first entry at or after `from` whose refcount is 0, or `entries` when
+ * none is: an allocator skips a full block in one pass over its bytes. For
+ * byte-wide entries and wider, an entry is 0 when all its bytes are.
+ */
+export function nextZeroRefcount(block: Uint8Array, from: number, entries: number, order: number): number {
+  if (order < 3) {
+    for (let i = from; i < entries; i++) if (getRefcount(block, i, order) === 0) return i;
+    return entries;
+  }
+  const w = 1 << (order - 3);
+  for (let i = from; i < entries; i++) {
+    let o = i * w;
+    const end = o + w;
+    while (o < end && block[o] === 0) o++;
+    if (o === end) return i;
+  }
+  return entries;
+}
+
+/**
+ * The refcounts of entries `index` of a block into `out` (same length): a
+ * tree's worth of entries at once, the common widths read through one
+ * DataView instead of one call per entry.
+ */
+export function readRefcounts(block: Uint8Array, index: ArrayLike<number>, order: number, out: Float64Array): void {
+  const n = index.length;
+  if (order === 4) {
+    const dv = new DataView(block.buffer, block.byteOffset, block.byteLength);
+    for (let k = 0; k < n; k++) out[k] = dv.getUint16(index[k]! * 2);
+  } else if (order === 3) {
+    for (let k = 0; k < n; k++) out[k] = block[index[k]!]!;
+  } else if (order === 5) {
+    const dv = new DataView(block.buffer, block.byteOffset, block.byteLength);
+    for (let k = 0; k < n; k++) out[k] = dv.getUint32(index[k]! * 4);
+  } else for (let k = 0; k < n; k++) out[k] = getRefcount(block, index[k]!, order);
+}
+
+/** Entries `index` of a block set to `values` (checked against the width as setRefcount checks them). */
+export function writeRefcounts(block: Uint8Array, index: ArrayLike<number>, order: number, values: ArrayLike<number>): void {
+  const n = index.length;
+  if (order === 4 || order === 5) {
+    const max = MAX_BY_ORDER[order]!;
+    for (let k = 0; k < n; k++) {
+      const v = values[k]!;
+      if (v < 0 || !(v <= max) || !Number.isInteger(v)) throw new RangeError(`refcount ${v} does not fit in ${2 ** order} bits`);
+    }
+    const dv = new DataView(block.buffer, block.byteOffset, block.byteLength);
+    if (order === 4) for (let k = 0; k < n; k++) dv.setUint16(index[k]! * 2, values[k]!);
+    else for (let k = 0; k < n; k++) dv.setUint32(index[k]! * 4, values[k]!);
+  } else for (let k = 0; k < n; k++) setRefcount(block, index[k]!, order, values[k]!);
+}
+
 /** A stored refcount in decimal, exactly (a 64-bit one above 2^53 is rounded as a number). */
 export function refcountText(block: Uint8Array, index: number, order: number): string {
   if (order !== 6) return String(getRefcount(block, index, order));

@@ -19,7 +19,7 @@ import { Immer } from 'immer';
 import { QledgerError, hex } from '../errors.ts';
 import type { Geometry } from '../format/header.ts';
 import { u32, putU32 } from '../format/bytes.ts';
-import { getRefcount, reftableEntryOffset, setRefcount } from '../format/refcount.ts';
+import { getRefcount, readRefcounts, reftableEntryOffset, setRefcount, writeRefcounts } from '../format/refcount.ts';
 import { entryOffset } from '../format/l1.ts';
 import { host, type ClusterIndex, type HostOffset } from '../format/offsets.ts';
 import { l2EntryAt } from '../format/l2.ts';
@@ -292,28 +292,37 @@ export class Transaction {
       case 'refcounts': {
         const block = this.own(this.refblocks, r.rt);
         const order = g.refcountOrder;
-        for (let k = 0; k < r.index.length; k++) {
+        const ro = r.old;
+        const cur = new Float64Array(r.index.length);
+        readRefcounts(block, r.index, order, cur);
+        for (let k = 0; k < cur.length; k++) {
+          if (cur[k] === ro[k]) continue;
           const i = r.index[k]!;
-          const cur = getRefcount(block, i, order);
-          if (cur !== r.old[k]) throw new RecordMismatchError(`refcount of cluster ${hex(r.rt * g.refcountBlockEntries + i)} is ${cur}, record says ${r.old[k]}`, { cluster: r.rt * g.refcountBlockEntries + i });
-          setRefcount(block, i, order, r.new[k]!);
+          throw new RecordMismatchError(`refcount of cluster ${hex(r.rt * g.refcountBlockEntries + i)} is ${cur[k]}, record says ${r.old[k]}`, { cluster: r.rt * g.refcountBlockEntries + i });
         }
+        writeRefcounts(block, r.index, order, r.new);
         return;
       }
       case 'l2s': {
         const t = this.own(this.l2ed, r.l1Index);
         const es = g.l2EntrySize;
-        for (let k = 0; k < r.index.length; k++) {
-          const o = r.index[k]! * es;
-          const w = k * 4;
-          const same = u32(t, o) === r.old[w] && u32(t, o + 4) === r.old[w + 1] && (!g.extendedL2 || (u32(t, o + 8) === r.old[w + 2] && u32(t, o + 12) === r.old[w + 3]));
-          if (!same) throw new RecordMismatchError(`L2 entry ${r.index[k]} of table ${hex(r.table)} does not hold the record's old value`, { table: r.table, index: r.index[k] });
-          putU32(t, o, r.new[w]!);
-          putU32(t, o + 4, r.new[w + 1]!);
-          if (g.extendedL2) {
-            putU32(t, o + 8, r.new[w + 2]!);
-            putU32(t, o + 12, r.new[w + 3]!);
+        const words = g.extendedL2 ? 4 : 2;
+        // a whole table's entries: one DataView, every entry checked before the first is changed
+        const dv = new DataView(t.buffer, t.byteOffset, t.byteLength);
+        // the record's arrays in locals: `r` has many shapes in this switch
+        const ri = r.index;
+        const ro = r.old;
+        const rn = r.new;
+        for (let k = 0; k < ri.length; k++) {
+          const o = ri[k]! * es;
+          for (let x = 0; x < words; x++) {
+            if (dv.getUint32(o + 4 * x) === ro[k * 4 + x]) continue;
+            throw new RecordMismatchError(`L2 entry ${ri[k]} of table ${hex(r.table)} does not hold the record's old value`, { table: r.table, index: ri[k] });
           }
+        }
+        for (let k = 0; k < ri.length; k++) {
+          const o = ri[k]! * es;
+          for (let x = 0; x < words; x++) dv.setUint32(o + 4 * x, rn[k * 4 + x]!);
         }
         return;
       }

@@ -7,7 +7,7 @@
 
 import { CorruptionError, QledgerError, hex } from '../../errors.ts';
 import { MAX_REFTABLE_BYTES } from '../../format/limits.ts';
-import { getRefcount, maxRefcount, refcountStructureSize } from '../../format/refcount.ts';
+import { getRefcount, maxRefcount, nextZeroRefcount, readRefcounts, refcountStructureSize } from '../../format/refcount.ts';
 import type { JournalRecord } from '../../journal/records.ts';
 import { cluster, clusterOf, hostOf, type ClusterIndex, type HostOffset } from '../../format/offsets.ts';
 import { refcountOf, reftableEntry } from '../../state/state.ts';
@@ -15,6 +15,7 @@ import type { WriteContext } from './context.ts';
 import type { OverlapIndex } from './overlap.ts';
 import type { FaultPlan } from '../faults.ts';
 import type { TableCache } from './tables.ts';
+import { groupByBlock } from './tree-refs.ts';
 
 /** Free space below which new metadata clusters get their blocks at once (see reserveSpace). */
 const RESERVE_BELOW = 1024 * 1024 * 1024;
@@ -83,48 +84,38 @@ export class Allocator {
     const t = ctx.t();
     const E = g.refcountBlockEntries;
     const order = g.refcountOrder;
-    const sorted = Float64Array.from(clusters);
-    let ascending = true;
-    for (let k = 1; k < sorted.length && ascending; k++) ascending = sorted[k - 1]! <= sorted[k]!;
-    if (!ascending) sorted.sort(); // a tree walked in L1 order mostly is already
-    const n = sorted.length;
     const where = (c: number) => hex(hostOf(cluster(c), g.clusterSize));
     const out: Array<Extract<JournalRecord, { kind: 'refcounts' }>> = [];
-    for (let k = 0; k < n; ) {
-      const rt = Math.floor(sorted[k]! / E);
+    for (const grp of groupByBlock(clusters, E)) {
+      const rt = grp.rt;
       const off = t.reftableEntry(rt);
       if (off === 0) {
-        if (delta < 0) await ctx.signalCorruption(`refcount of cluster ${where(sorted[k]!)} would drop below 0`, { cluster: sorted[k] });
-        throw new CorruptionError(`${ctx.filename}: cluster ${where(sorted[k]!)} is referenced but no refcount block covers it; run 'qledger check -r all'`, { cluster: sorted[k] });
+        const c = rt * E + grp.index[0]!;
+        if (delta < 0) await ctx.signalCorruption(`refcount of cluster ${where(c)} would drop below 0`, { cluster: c });
+        throw new CorruptionError(`${ctx.filename}: cluster ${where(c)} is referenced but no refcount block covers it; run 'qledger check -r all'`, { cluster: c });
       }
       const block = await this.tables.refblock(rt, off);
-      let end = k;
-      while (end < n && Math.floor(sorted[end]! / E) === rt) end++;
-      const index = new Uint32Array(end - k);
-      const old = new Float64Array(end - k);
-      const next = new Float64Array(end - k);
-      let m = 0;
-      while (k < end) {
-        const c = sorted[k]!;
-        let times = 1;
-        while (k + times < end && sorted[k + times] === c) times++;
-        const i = c % E;
-        const was = getRefcount(block, i, order);
-        const now = was + times * delta;
+      const m = grp.index.length;
+      const old = new Float64Array(m);
+      const next = new Float64Array(m);
+      readRefcounts(block, grp.index, order, old);
+      for (let k = 0; k < m; k++) {
+        const was = old[k]!;
+        const now = was + grp.times[k]! * delta;
+        next[k] = now;
+        if (!((was === 0 && o.referenced) || now < 0 || now > this.max)) continue;
+        const i = grp.index[k]!;
+        const c = rt * E + i;
         if (was === 0 && o.referenced) throw new CorruptionError(`${ctx.filename}: cluster ${where(c)} is referenced but its refcount is 0; run 'qledger check -r all'`, { cluster: c });
         if (now < 0) await ctx.signalCorruption(`refcount of cluster ${where(c)} would drop below 0`, { cluster: c });
         if (now > this.max) throw new QledgerError('E_OVERFLOW', `${ctx.filename}: refcount of cluster ${where(c)} would exceed ${this.max} (refcount_bits=${g.refcountBits})`, { cluster: c, errno: 22 });
-        index[m] = i;
-        old[m] = was;
-        next[m] = now;
-        m++;
-        k += times;
       }
-      out.push({ kind: 'refcounts', rt, index: index.subarray(0, m), old: old.subarray(0, m), new: next.subarray(0, m) });
+      out.push({ kind: 'refcounts', rt, index: grp.index, old, new: next });
     }
     for (const r of out) {
       ctx.emit(r);
-      if (o.onResult) for (let k = 0; k < r.index.length; k++) o.onResult(r.rt * E + r.index[k]!, r.new[k]!);
+      const { onResult } = o;
+      if (onResult) for (let k = 0, base = r.rt * E, { index, new: next } = r; k < index.length; k++) onResult(base + index[k]!, next[k]!);
     }
   }
 
@@ -137,9 +128,10 @@ export class Allocator {
   follow(r: JournalRecord): void {
     if (r.kind === 'refcounts') {
       const E = this.ctx.geometry.refcountBlockEntries;
-      for (let k = 0; k < r.index.length; k++) {
-        if (r.new[k] !== 0 || r.old[k] === 0) continue;
-        const c = r.rt * E + r.index[k]!;
+      const { index, old, new: next } = r;
+      for (let k = 0; k < index.length; k++) {
+        if (next[k] !== 0 || old[k] === 0) continue;
+        const c = r.rt * E + index[k]!;
         if (this.reuseFreedAtOnce || this.faults?.reuseFreedMetadata) this.freed(cluster(c));
         else {
           this.freedBatch.push(c);
@@ -214,7 +206,13 @@ export class Allocator {
       if (rt === scanRt && live) {
         // the common case, a block already looked at: its bytes, no lookups
         const i = c % E;
-        const busy = getRefcount(live, i, order) !== 0 || (!this.reuseFreedAtOnce && ((durableBlock && getRefcount(durableBlock, i, order) !== 0) || this.freedInEpoch.has(c))) || this.overlap.has(c);
+        if (getRefcount(live, i, order) !== 0) {
+          // a run of used clusters: skipped in one pass over the block's bytes
+          start = rt * E + nextZeroRefcount(live, i, E, order);
+          run = 0;
+          continue;
+        }
+        const busy = (!this.reuseFreedAtOnce && ((durableBlock && getRefcount(durableBlock, i, order) !== 0) || this.freedInEpoch.has(c))) || this.overlap.has(c);
         if (busy && !this.freedMetadata.has(c)) {
           start = c + 1;
           run = 0;

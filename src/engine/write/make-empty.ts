@@ -19,7 +19,7 @@ import type { Allocator } from './allocator.ts';
 import type { WriteContext } from './context.ts';
 import type { SharedClusters } from './shared.ts';
 import type { TableCache } from './tables.ts';
-import { treeRefs } from './tree-refs.ts';
+import { ClusterList, treeRefs } from './tree-refs.ts';
 
 export class MakeEmpty {
   constructor(
@@ -46,7 +46,7 @@ export class MakeEmpty {
     if (active.length === 0) return true;
     await this.tables.preloadL2(active);
     // everything the active tree references, read before the first record
-    const refs: number[] = [];
+    const refs = new ClusterList();
     for (const [i, T] of active) {
       treeRefs(t.l2(i)!, g, refs, { dataFile: ctx.hasDataFile });
       refs.push(clusterOf(T, cs));
@@ -62,7 +62,7 @@ export class MakeEmpty {
       t.unload(i);
     }
     if (h.l1Size > 0) for (let k = 0; k < oldClusters; k++) await this.alloc.changeRefcount(cluster(oldOffset / cs + k), -1);
-    await this.alloc.changeRefcounts(refs, -1);
+    await this.alloc.changeRefcounts(refs.view(), -1);
     return true;
   }
 

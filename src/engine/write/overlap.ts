@@ -257,9 +257,9 @@ export class OverlapIndex {
         break;
       case 'refcounts':
         // a tree's worth of data clusters: only those that hold metadata have anything to release
-        for (let k = 0; k < r.index.length; k++) {
-          if (r.new[k] !== 0 || r.old[k] === 0) continue;
-          const c = r.rt * this.blockEntries + r.index[k]!;
+        for (let k = 0, { index, old, new: next } = r; k < index.length; k++) {
+          if (next[k] !== 0 || old[k] === 0) continue;
+          const c = r.rt * this.blockEntries + index[k]!;
           if (this.map.at(c) !== 0) this.releaseLater((c * cs) as HostOffset, cs, ANY_KIND);
         }
         break;

@@ -33,7 +33,7 @@ import type { WriteContext } from './context.ts';
 import { OL_INACTIVE_L1, OL_INACTIVE_L2, OL_SNAPSHOT_TABLE, type OverlapIndex } from './overlap.ts';
 import type { Resizer } from './resize.ts';
 import type { TableCache } from './tables.ts';
-import { treeRefs } from './tree-refs.ts';
+import { ClusterList, copiedEntries, treeRefs } from './tree-refs.ts';
 
 /** QEMU's QCOW_MAX_SNAPSHOTS. */
 export const MAX_SNAPSHOTS = 65536;
@@ -50,9 +50,6 @@ export function findSnapshotIndex(list: readonly SnapshotEntry[], key: string): 
   const byId = list.findIndex((s) => s.id === key);
   return byId >= 0 ? byId : list.findIndex((s) => s.name === key);
 }
-
-/** One tree's references: every cluster it counts, once per reference, as a flat list. */
-type Refs = number[];
 
 export class Snapshots {
   /** the snapshot table as the live state has it */
@@ -96,7 +93,7 @@ export class Snapshots {
     const id = String(this.list.reduce((m, s) => Math.max(m, Number.parseInt(s.id, 10) || 0), 0) + 1);
 
     // Everything is read and checked before the first record: a refusal leaves the state untouched.
-    const refs: Refs = [];
+    const refs = new ClusterList();
     const l1Entries: { index: number; e: Word64; table: HostOffset }[] = [];
     const active: [number, HostOffset][] = [];
     for (let i = 0; i < h.l1Size; i++) if (t.l1TableOffset(i) !== 0) active.push([i, t.l1TableOffset(i)]);
@@ -108,17 +105,11 @@ export class Snapshots {
       refs.push(clusterOf(table, cs));
       l1Entries.push({ index: i, e: t.l1Entry(i), table });
     }
-    await this.alloc.changeRefcounts(refs, 1, { referenced: true });
+    await this.alloc.changeRefcounts(refs.view(), 1, { referenced: true });
     for (const x of l1Entries) {
       // the table is loaded (above): its entries that lose COPIED, one record for the table
       const bytes = t.l2(x.index)!;
-      const lose: number[] = [];
-      for (let j = 0; j < g.l2Entries; j++) {
-        if ((bytes[j * g.l2EntrySize]! & 0x80) === 0) continue; // COPIED is the top bit of the first byte
-        const e = l2EntryAt(bytes, j, g);
-        if (!isCompressed(e) && standardOffset(e) !== 0) lose.push(j);
-      }
-      this.emitCopied(x.index, x.table, bytes, lose, false);
+      this.emitCopied(x.index, x.table, bytes, copiedEntries(bytes, g), false);
     }
     for (const x of l1Entries) if (x.e.hi & COPIED_HI) ctx.emit({ kind: 'l1', index: x.index, old: x.e, new: { hi: (x.e.hi & ~COPIED_HI) >>> 0, lo: x.e.lo } });
 
@@ -166,8 +157,8 @@ export class Snapshots {
     const h = t.header;
 
     // Both trees, read first. Slots whose table is the same in both cancel out.
-    const add: Refs = [];
-    const drop: Refs = [];
+    const add = new ClusterList();
+    const drop = new ClusterList();
     const slots: { index: number; old: Word64; table: HostOffset }[] = [];
     const snapTables = await readClusters(ctx.files.image, [...new Set(snapL1.filter((o, i) => o !== 0 && o !== t.l1TableOffset(i)))], cs);
     for (let i = 0; i < Math.max(h.l1Size, snapL1.length); i++) {
@@ -185,7 +176,7 @@ export class Snapshots {
       slots.push({ index: i, old: t.l1Entry(i), table: host(next) });
     }
     // checked whole before its first record: a refusal changes nothing
-    await this.alloc.changeRefcounts(add, 1, { referenced: true });
+    await this.alloc.changeRefcounts(add.view(), 1, { referenced: true });
     // the active L1 takes the snapshot's size when that is larger (QEMU's qcow2_grow_l1_table); the entries stay
     await this.resizer.growL1(sn.l1Size);
     for (const s of slots) {
@@ -194,7 +185,7 @@ export class Snapshots {
       if (s.table === 0) t.unload(s.index);
       else t.load('l2', s.index, snapTables.get(s.table)!);
     }
-    await this.alloc.changeRefcounts(drop, -1);
+    await this.alloc.changeRefcounts(drop.view(), -1);
     // COPIED left set in a snapshot's table (QEMU's delete sets it on tables another snapshot shares) goes now
     for (const s of slots) {
       if (s.table === 0) continue;
@@ -226,8 +217,10 @@ export class Snapshots {
     const sn = this.list[at]!;
     const snapL1 = await this.readL1(sn);
     const tables = [...new Set(snapL1.filter((o) => o !== 0))];
-    const bytesOf = await readClusters(ctx.files.image, tables.filter((o) => !this.activeSlotOf(o, snapL1)), cs);
-    const drop: Refs = [];
+    // a table the snapshot names in a slot that names it in the active L1 too is read live
+    const live = new Set(snapL1.filter((T, i) => T !== 0 && t.l1TableOffset(i) === T));
+    const bytesOf = await readClusters(ctx.files.image, tables.filter((o) => !live.has(o)), cs);
+    const drop = new ClusterList();
     await this.tables.preloadL2(snapL1.flatMap((T, i) => (T !== 0 && t.l1TableOffset(i) === T ? [[i, host(T)] as [number, HostOffset]] : [])));
     for (let i = 0; i < snapL1.length; i++) {
       const T = snapL1[i]!;
@@ -240,7 +233,7 @@ export class Snapshots {
     await this.switchTable(rest);
     // clusters the deletion leaves with one reference, as a bitmap over the file's clusters
     const left = new ClusterBits(ctx.extent.endCluster);
-    await this.alloc.changeRefcounts(drop, -1, {
+    await this.alloc.changeRefcounts(drop.view(), -1, {
       onResult: (c, rc) => {
         if (rc === 1) left.add(c);
       },
@@ -258,23 +251,20 @@ export class Snapshots {
   // ---- helpers -----------------------------------------------------------
 
   /** One record: COPIED set (`set`) or cleared on entries `indices` of the table of L1 index `l1Index`, as `bytes` holds them. */
-  private emitCopied(l1Index: number, table: number, bytes: Uint8Array, indices: readonly number[], set: boolean): void {
+  private emitCopied(l1Index: number, table: number, bytes: Uint8Array, indices: readonly number[] | Uint32Array, set: boolean): void {
     if (indices.length === 0) return;
     const g = this.ctx.geometry;
     const es = g.l2EntrySize;
+    const words = g.extendedL2 ? 4 : 2;
+    const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
     const old = new Uint32Array(indices.length * 4);
     for (let k = 0; k < indices.length; k++) {
       const o = indices[k]! * es;
-      old[k * 4] = u32(bytes, o);
-      old[k * 4 + 1] = u32(bytes, o + 4);
-      if (g.extendedL2) {
-        old[k * 4 + 2] = u32(bytes, o + 8);
-        old[k * 4 + 3] = u32(bytes, o + 12);
-      }
+      for (let x = 0; x < words; x++) old[k * 4 + x] = dv.getUint32(o + 4 * x);
     }
     const next = old.slice();
     for (let k = 0; k < indices.length; k++) next[k * 4] = set ? (next[k * 4]! | L2E_COPIED_HI) >>> 0 : (next[k * 4]! & ~L2E_COPIED_HI) >>> 0;
-    this.ctx.emit({ kind: 'l2s', l1Index, table, index: Uint32Array.from(indices), old, new: next });
+    this.ctx.emit({ kind: 'l2s', l1Index, table, index: indices instanceof Uint32Array ? indices : new Uint32Array(indices), old, new: next });
   }
 
   /** A snapshot's L1 table from disk, as table offsets (flags masked), checked. */
@@ -292,12 +282,6 @@ export class Snapshots {
       out.push(o);
     }
     return out;
-  }
-
-  /** Whether table `T` is the active table of a slot the snapshot's L1 names it in (then the live copy is read). */
-  private activeSlotOf(T: number, snapL1: readonly number[]): boolean {
-    const t = this.ctx.t();
-    return snapL1.some((o, i) => o === T && t.l1TableOffset(i) === T);
   }
 
   /** Bytes into fresh clusters nothing durable points at, like guest data; the index learns their kind. */

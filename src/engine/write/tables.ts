@@ -6,7 +6,7 @@
  */
 
 import { hex } from '../../errors.ts';
-import { readAt } from '../../io/device.ts';
+import { readAt, readClusters } from '../../io/device.ts';
 import { clusterOf, type HostOffset } from '../../format/offsets.ts';
 import type { WriteContext } from './context.ts';
 import { OL_ACTIVE_L2, OL_INACTIVE_L2, overlapName, type OverlapIndex } from './overlap.ts';
@@ -46,6 +46,12 @@ export class TableCache {
   }
 
   async loadL2(l1Index: number, off: HostOffset): Promise<Uint8Array> {
+    await this.checkL2(l1Index, off);
+    return this.installL2(l1Index, await readAt(this.ctx.files.image, off, this.ctx.geometry.clusterSize));
+  }
+
+  /** What a loaded L2 table must satisfy before its entries are trusted: aligned, inside the image, no other metadata there. */
+  private async checkL2(l1Index: number, off: HostOffset): Promise<void> {
     const ctx = this.ctx;
     const cs = ctx.geometry.clusterSize;
     if (off % cs !== 0) await ctx.signalCorruption(`L2 table offset ${hex(off)} unaligned (L1 index: ${hex(l1Index)})`, { l1Index, l2Offset: off });
@@ -57,7 +63,11 @@ export class TableCache {
     if (other !== 0) {
       await ctx.signalCorruption(`L2 table at ${hex(off)} (L1 index: ${hex(l1Index)}) overlaps the ${overlapName(other)}`, { l1Index, l2Offset: off });
     }
-    const bytes = await readAt(ctx.files.image, off, cs);
+  }
+
+  /** A table read from disk, put into the live state (and the durable one, which lacks it too). */
+  private installL2(l1Index: number, bytes: Uint8Array): Uint8Array {
+    const ctx = this.ctx;
     this.added++;
     const live = ctx.live();
     if (live) live.load('l2', l1Index, bytes);
@@ -68,16 +78,23 @@ export class TableCache {
 
   /**
    * Load the L2 tables of these L1 indices (at these offsets) that the live
-   * state lacks, read concurrently: a walk over a whole tree (snapshots)
-   * waits for the device once, not once per table.
+   * state lacks, each checked first, then read together (adjacent tables in
+   * one request, several requests in flight): a walk over a whole tree
+   * (snapshots) waits for the device a few times, not once per table.
    */
   async preloadL2(tables: ReadonlyArray<readonly [l1Index: number, off: HostOffset]>): Promise<void> {
     const ctx = this.ctx;
     const live = ctx.live();
     const have = (i: number) => (live ? live.l2(i) : ctx.cur.l2.get(i)) !== undefined;
     const want = tables.filter(([i]) => !have(i));
-    for (let k = 0; k < want.length; k += 64) {
-      await Promise.all(want.slice(k, k + 64).map(([i, off]) => this.loadL2(i, off)));
+    for (const [i, off] of want) await this.checkL2(i, off);
+    const bytes = await readClusters(ctx.files.image, want.map(([, off]) => off), ctx.geometry.clusterSize);
+    // a table two slots name (damage the checks let through, or a copy) is the same bytes: each slot its own copy
+    const seen = new Set<number>();
+    for (const [i, off] of want) {
+      const b = bytes.get(off)!;
+      this.installL2(i, seen.has(off) ? b.slice() : b);
+      seen.add(off);
     }
   }
 
