@@ -14,7 +14,7 @@ import { openDeviceLayer, openLayer, type OpenOptions } from './open.ts';
 import { mapExtents, extentBatches, chainStatus, type MapEntry } from './map.ts';
 import { imageInfo, type ImageInfo } from './info.ts';
 import { Qcow2Layer } from './qcow2-layer.ts';
-import { guest, type Layer } from './layer.ts';
+import { allocatedHere, guest, type Layer } from './layer.ts';
 import type { Geometry } from '../format/header.ts';
 import type { SnapshotEntry } from '../format/snapshot.ts';
 import { QledgerError, RangeRequestError } from '../errors.ts';
@@ -250,8 +250,7 @@ export class Image {
    */
   async topStatus(offset: number, length: number): Promise<{ allocated: boolean; length: number }> {
     const st = await this.top.status(guest(offset), length);
-    const allocated = st.type === 'normal' || st.type === 'compressed' || st.type === 'raw-data' || st.type === 'zero-plain' || st.type === 'zero-alloc';
-    return { allocated, length: st.length };
+    return { allocated: allocatedHere(st), length: st.length };
   }
 
   async read(offset: number, length: number): Promise<Uint8Array> {

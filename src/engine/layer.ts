@@ -18,6 +18,11 @@ export interface LayerStatus {
   readonly hostOffset: HostOffset | undefined;
 }
 
+/** The layer itself supplies these bytes (data, or zeros it records), rather than passing to its backing file. */
+export function allocatedHere(st: LayerStatus): boolean {
+  return st.type === 'normal' || st.type === 'compressed' || st.type === 'raw-data' || st.type === 'zero-plain' || st.type === 'zero-alloc';
+}
+
 export interface Layer {
   readonly filename: string;
   readonly format: 'qcow2' | 'raw';

@@ -45,14 +45,14 @@ import { createOnDevice, openSession, openWriterOnDevice } from '../engine/writa
 import type { CreateOptions } from '../engine/create.ts';
 import type { Fault } from '../engine/faults.ts';
 import type { GuestOp } from './workload.ts';
-import { downgradeRefusal, downgradeToV2, upgradeToV3 } from '../engine/amend.ts';
-import { changeRefcountOrder } from '../engine/refcount-order.ts';
 import { makeEmptyFast } from '../engine/make-empty-fast.ts';
-import { faultPlan, type FaultPlan } from '../engine/faults.ts';
+import { faultPlan } from '../engine/faults.ts';
 import { CorruptionError, QledgerError } from '../errors.ts';
 
 export { parseWorkload, reproduction, workloadCommands, type GuestOp } from './workload.ts';
 import { judgeBitmaps } from './bitmap-oracle.ts';
+import { amendDevice, flattenCopy, namesBacking } from './offline-ops.ts';
+import { switchBacking } from '../engine/rebase.ts';
 
 export interface CrashTestOptions {
   /** the image: qemu-img create options (size included) */
@@ -166,7 +166,11 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
   const bname = `backing.${bfmt}`;
   // opened once: it is read-only, and closing a layer over memory devices releases nothing
   const backingOnce = o.backing ? memLayer(bname, o.backing, bfmt) : undefined;
-  const backingLayer = async () => backingOnce;
+  // a rebase onto no backing file (rebase_flatten) ends it for the sessions after it
+  let flattened = false;
+  const backingLayer = async () => (flattened ? undefined : backingOnce);
+  // a crash state's own header says whether it has the backing file still
+  const stateBacking = async (image: Uint8Array) => (namesBacking(image) ? backingOnce : undefined);
   if (o.image) await base.write(0, o.image);
   else {
     const create = o.backing ? { ...o.create, backingFile: bname, backingFormat: bfmt } : o.create;
@@ -324,6 +328,29 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
           await w.flush();
           break;
         }
+        case 'rebase': {
+          // qemu-img rebase [-u] -b '' : onto no backing file; an image without one has nothing to change
+          if (!namesBacking(rec.snapshot())) break;
+          // safe: the differences copied through the session (made durable by its close) before the switch;
+          // with the fault, the switch first and the copy after it
+          const early = faultPlan(o.fault)?.rebaseSwitchEarly === true;
+          const late = op.unsafe ? [] : await flattenCopy(w, early);
+          await w.close();
+          await switchBacking(rec, name, undefined, undefined);
+          flattened = true;
+          backingGuest = undefined;
+          w = await session();
+          for (const [at, bytes] of late) await w.write(at, bytes);
+          if (late.length) await w.flush();
+          if (op.unsafe) {
+            // the image's own content only: where it allocated nothing it reads zeros now
+            uncheckAll();
+            model = new Uint8Array(w.size);
+            await w.read(0, model);
+          }
+          [lo, hi] = [0, model.length];
+          break;
+        }
         case 'amend': {
           uncheckAll();
           // between sessions, as qemu-img amend runs: the session closes clean, the rewrite runs, a new one opens
@@ -428,7 +455,7 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
       }
       // (b) and (c)
       try {
-        const layer = await memLayer(name, st.image, 'qcow2', await backingLayer());
+        const layer = await memLayer(name, st.image, 'qcow2', await stateBacking(st.image));
         const got = new Uint8Array(layer.size);
         await readGuest(layer, guest(0), got);
         const problem = judgeData(got, st.image.length ? st : st, steps, initialModel);
@@ -442,7 +469,7 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
       // (d); an image marked corrupt (after a refusal) must be refused read-write, as QEMU refuses it
       const markedCorrupt = (u64big(st.image, 72) & INCOMPAT_CORRUPT) !== 0n && (u64big(st.image, 4) >> 32n) === 3n;
       if (markedCorrupt) {
-        const opened = await openSession(new MemoryDevice(name, st.image), undefined, name, await backingLayer(), { journal }).then(
+        const opened = await openSession(new MemoryDevice(name, st.image), undefined, name, await stateBacking(st.image), { journal }).then(
           async (x) => {
             await x.writer.abandon();
             return true;
@@ -454,7 +481,7 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
         try {
           const dev = new MemoryDevice(name, st.image);
           const warnings: string[] = [];
-          const { writer: rw, recovery } = await openSession(dev, undefined, name, await backingLayer(), { journal, journalBytes: o.journalBytes ?? 64 * 1024, onWarning: (m) => warnings.push(m) });
+          const { writer: rw, recovery } = await openSession(dev, undefined, name, await stateBacking(st.image), { journal, journalBytes: o.journalBytes ?? 64 * 1024, onWarning: (m) => warnings.push(m) });
           if (recovery.action === 'replayed') replayed++;
           // a journal qledger wrote and a crash cut is never invalid
           if (recovery.action === 'ignored') fail(`the journal was ignored: ${warnings.join('; ')}`, 'corruption');
@@ -550,28 +577,6 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
       }
     }
     return undefined;
-  }
-}
-
-/**
- * An amend of the workload on the recording device: compat=1.1 or 0.10,
- * refcount_bits=N, as `qledger amend` does them. False when the image
- * cannot take it (qemu-img refuses it too: an extended-L2 image made v2,
- * a width too narrow), having changed nothing.
- */
-async function amendDevice(dev: RecordingDevice, op: Extract<GuestOp, { op: 'amend' }>, backing: () => Promise<Layer | undefined>, faults: FaultPlan | undefined): Promise<boolean> {
-  try {
-    if (op.option === 'refcount_bits') return await changeRefcountOrder(dev, Math.log2(Number(op.value)), { switchEarly: faults?.refcountSwitchEarly });
-    if (op.value === '1.1') return await upgradeToV3(dev);
-    if (await downgradeRefusal(dev)) return false;
-    const w = await openWriterOnDevice(dev, dev.name, { backing: await backing(), cacheBytes: 0, journal: false });
-    await w.expandZeroClusters();
-    await w.setLazyRefcounts(false);
-    await w.close();
-    return await downgradeToV2(dev);
-  } catch (e) {
-    if (e instanceof QledgerError && (e.code === 'E_USAGE' || e.code === 'E_UNSUPPORTED')) return false;
-    throw e;
   }
 }
 

@@ -1,7 +1,7 @@
 /**
  * Crash-test workloads: guest operations, their qemu-io command lines
  * (qledger io and qemu-io both take them; `make_empty`, `dedup`, `amend`,
- * `reopen`, the snapshot and the bitmap lines are workload-file lines of
+ * `reopen`, `rebase_flatten`, the snapshot and the bitmap lines are workload-file lines of
  * qledger's own, with no qemu-io command)
  * and the parser for workload files of such lines.
  */
@@ -30,7 +30,13 @@ export type GuestOp =
   /** qemu-img bitmap --add [-g GRAN] / --remove / --clear / --enable / --disable NAME; workload files only (bitmap_add NAME [GRAN], ...) */
   | { readonly op: 'bitmap'; readonly action: BitmapAction; readonly name: string; readonly granularity?: number | undefined }
   /** the session closes clean and a new one opens (bitmaps stored, journal checkpointed); workload files only (reopen) */
-  | { readonly op: 'reopen' };
+  | { readonly op: 'reopen' }
+  /**
+   * qemu-img rebase -b '' (onto no backing file: the backing file's content copied in where the image
+   * allocates nothing, then the header switched) or with \`unsafe\`, rebase -u -b '' (the header only);
+   * workload files only (rebase_flatten, rebase_flatten_unsafe)
+   */
+  | { readonly op: 'rebase'; readonly unsafe: boolean };
 
 export type BitmapAction = 'add' | 'remove' | 'clear' | 'enable' | 'disable';
 
@@ -38,7 +44,7 @@ export type SnapshotAction = 'create' | 'apply' | 'delete';
 
 /** The operations that have no qemu-io command: a workload with one replays from a workload file. */
 export function needsWorkloadFile(ops: readonly GuestOp[]): boolean {
-  return ops.some((o) => o.op === 'make-empty' || o.op === 'snapshot' || o.op === 'amend' || o.op === 'dedup' || o.op === 'bitmap' || o.op === 'reopen');
+  return ops.some((o) => o.op === 'make-empty' || o.op === 'snapshot' || o.op === 'amend' || o.op === 'dedup' || o.op === 'bitmap' || o.op === 'reopen' || o.op === 'rebase');
 }
 
 /** The workload as qemu-io commands (qledger io and qemu-io both take them). */
@@ -69,6 +75,8 @@ export function workloadCommands(ops: readonly GuestOp[]): string[] {
         return `bitmap_${o.action} ${o.name}${o.granularity !== undefined ? ` ${o.granularity}` : ''}`;
       case 'reopen':
         return 'reopen';
+      case 'rebase':
+        return o.unsafe ? 'rebase_flatten_unsafe' : 'rebase_flatten';
     }
   });
 }
@@ -92,6 +100,7 @@ export function parseWorkload(text: string): GuestOp[] {
     else if (w[0] === 'make_empty_offline') out.push({ op: 'make-empty', offline: true });
     else if (w[0] === 'dedup' && w.length === 1) out.push({ op: 'dedup' });
     else if (w[0] === 'reopen' && w.length === 1) out.push({ op: 'reopen' });
+    else if ((w[0] === 'rebase_flatten' || w[0] === 'rebase_flatten_unsafe') && w.length === 1) out.push({ op: 'rebase', unsafe: w[0] === 'rebase_flatten_unsafe' });
     else if (/^bitmap_(add|remove|clear|enable|disable)$/.test(w[0]!)) {
       const action = w[0]!.slice('bitmap_'.length) as BitmapAction;
       if (w.length !== 2 && !(action === 'add' && w.length === 3)) throw bad();

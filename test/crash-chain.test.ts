@@ -1,0 +1,116 @@
+/**
+ * Crash states of the chain operations on the image under test: rebase
+ * onto no backing file (qemu-img rebase -b '', safe: the backing file's
+ * data copied into the image where it allocates nothing, then the header
+ * switched; and -u: the header only), among random writes, over a raw and
+ * a qcow2 backing file. Every state reads as the model allows (safe rebase
+ * never changes what the guest reads), checks clean, and after the
+ * journal's recovery leaks nothing. The fault 'rebase-switch-early' (the
+ * header switched before the copy is durable) is caught.
+ *
+ * Budget: QLEDGER_CRASH_RUNS workloads per kind (default 4).
+ */
+
+import { describe, it, expect } from 'vitest';
+import fc from 'fast-check';
+import { crashTest, reproduction, type CrashTestOptions, type GuestOp } from '../src/harness/crash-harness.ts';
+import { parseWorkload, workloadCommands } from '../src/harness/workload.ts';
+import { createOnDevice, openWriterOnDevice } from '../src/engine/writable.ts';
+import { MemoryDevice } from '../src/io/memory-device.ts';
+import type { CreateOptions } from '../src/engine/create.ts';
+
+const RUNS = Number(process.env['QLEDGER_CRASH_RUNS'] ?? 4);
+const SIZE = 1 << 20;
+
+const rawBacking = (() => {
+  const b = new Uint8Array(SIZE);
+  for (let i = 0; i < SIZE; i += 512) b.fill(((i >> 9) % 251) + 1, i, i + 512);
+  return b;
+})();
+
+/** A qcow2 backing file qledger wrote: data in half its clusters, zero clusters in some. */
+async function qcow2Backing(): Promise<Uint8Array> {
+  const dev = new MemoryDevice('b.qcow2');
+  await createOnDevice(dev, 'b.qcow2', { size: SIZE, clusterSize: 4096 });
+  const w = await openWriterOnDevice(dev, 'b.qcow2', { journal: false });
+  for (let c = 0; c < SIZE / 4096; c += 2) await w.write(c * 4096, new Uint8Array(4096).fill((c % 200) + 3));
+  await w.writeZeroes(64 * 4096, 16 * 4096);
+  await w.close();
+  return dev.snapshot();
+}
+
+interface Kind {
+  readonly name: string;
+  readonly create: CreateOptions;
+  readonly backing: () => Promise<Uint8Array>;
+  readonly backingFormat: 'raw' | 'qcow2';
+}
+const KINDS: Kind[] = [
+  { name: 'over a raw backing file, 4 KiB clusters', create: { size: SIZE, clusterSize: 4096 }, backing: async () => rawBacking, backingFormat: 'raw' },
+  { name: 'v2 over a raw backing file, 8 KiB clusters', create: { size: SIZE, clusterSize: 8192, compat: '0.10' }, backing: async () => rawBacking, backingFormat: 'raw' },
+  { name: 'over a qcow2 backing file, 16 KiB clusters', create: { size: SIZE, clusterSize: 16384 }, backing: qcow2Backing, backingFormat: 'qcow2' },
+];
+
+const range = fc.tuple(fc.integer({ min: 0, max: SIZE - 1 }), fc.integer({ min: 1, max: 40_000 })).map(([o, l]) => [o, Math.min(l, SIZE - o)] as const);
+const op: fc.Arbitrary<GuestOp> = fc.oneof(
+  { weight: 4, arbitrary: fc.tuple(range, fc.integer({ min: 1, max: 255 })).map(([[offset, length], pattern]): GuestOp => ({ op: 'write', offset, length, pattern })) },
+  { weight: 1, arbitrary: range.map(([offset, length]): GuestOp => ({ op: 'zero', offset, length, unmap: false })) },
+  { weight: 1, arbitrary: range.map(([offset, length]): GuestOp => ({ op: 'discard', offset, length })) },
+  { weight: 2, arbitrary: fc.constant<GuestOp>({ op: 'flush' }) },
+);
+/** Writes, a rebase onto no backing file (safe or -u), writes after it in the image that has none now. */
+const workload = fc.tuple(fc.array(op, { minLength: 1, maxLength: 5 }), fc.boolean(), fc.array(op, { maxLength: 3 })).map(([a, unsafe, b]): GuestOp[] => [...a, { op: 'rebase', unsafe }, ...b]);
+
+async function judge(ops: GuestOp[], kind: Kind, extra: Partial<CrashTestOptions> = {}) {
+  const o: CrashTestOptions = { create: kind.create, backing: await kind.backing(), backingFormat: kind.backingFormat, maxStates: 120, seed: 11, qemuSamples: 0, ...extra };
+  return { r: await crashTest(ops, o), repro: reproduction(ops, o) };
+}
+
+describe('rebase onto no backing file: every crash state', () => {
+  for (const kind of KINDS) {
+    it(kind.name, async () => {
+      await fc.assert(
+        fc.asyncProperty(workload, async (ops) => {
+          const { r, repro } = await judge(ops, kind);
+          expect(r.failures, `${r.failures.slice(0, 3).map((f) => `${f.state}: ${f.problem}`).join('\n')}\nreplay: ${repro}`).toEqual([]);
+          expect(r.corruptions + r.dataErrors).toBe(0);
+          if (kind.create.compat !== '0.10') expect(r.leaksAfterRecovery).toBe(0);
+        }),
+        { numRuns: RUNS, verbose: 1 },
+      );
+    });
+  }
+
+  it('the workload lines parse and print back', () => {
+    const ops = parseWorkload('write -P 1 0 4k\nrebase_flatten\nrebase_flatten_unsafe\n');
+    expect(ops.slice(1)).toEqual([
+      { op: 'rebase', unsafe: false },
+      { op: 'rebase', unsafe: true },
+    ]);
+    expect(workloadCommands(ops)).toEqual(['write -P 1 0 4096', 'rebase_flatten', 'rebase_flatten_unsafe']);
+  });
+
+  it('a rebase straight after a flush, in both modes: every state judged, no failure', async () => {
+    for (const unsafe of [false, true]) {
+      const ops: GuestOp[] = [{ op: 'write', offset: 4096, length: 4096, pattern: 7 }, { op: 'flush' }, { op: 'rebase', unsafe }];
+      const { r } = await judge(ops, KINDS[0]!);
+      expect(r.failures).toEqual([]);
+      expect(r.states).toBeGreaterThan(2);
+    }
+  });
+});
+
+describe("the fault 'rebase-switch-early' is caught", () => {
+  it('some workload of the first few fails a crash state', async () => {
+    let found: string | undefined;
+    const samples = fc.sample(workload.map((ops) => ops.map((x) => (x.op === 'rebase' ? { op: 'rebase' as const, unsafe: false } : x))), { numRuns: 30, seed: 42 });
+    for (const ops of samples) {
+      const { r } = await judge(ops, KINDS[0]!, { fault: 'rebase-switch-early', stopAtFirst: true });
+      if (r.failures.length) {
+        found = `${r.failures[0]!.state}: ${r.failures[0]!.problem}`;
+        break;
+      }
+    }
+    expect(found, 'no failing crash state found with fault rebase-switch-early').toBeDefined();
+  });
+});
