@@ -1,12 +1,18 @@
 /**
- * Crash states of the chain operations on the image under test: rebase
+ * Crash states of the chain operations on the image under test: commit
+ * (its data written into its backing file through that file's own write
+ * engine, made durable, then the image emptied: the chain reads the same
+ * at every crash point, the backing file's crash states during the copy
+ * included), and rebase
  * onto no backing file (qemu-img rebase -b '', safe: the backing file's
  * data copied into the image where it allocates nothing, then the header
  * switched; and -u: the header only), among random writes, over a raw and
  * a qcow2 backing file. Every state reads as the model allows (safe rebase
  * never changes what the guest reads), checks clean, and after the
  * journal's recovery leaks nothing. The fault 'rebase-switch-early' (the
- * header switched before the copy is durable) is caught.
+ * header switched before the copy is durable) and the fault
+ * 'commit-empty-early' (the top emptied before the backing file's writes
+ * are durable) are caught.
  *
  * Budget: QLEDGER_CRASH_RUNS workloads per kind (default 4).
  */
@@ -58,6 +64,8 @@ const op: fc.Arbitrary<GuestOp> = fc.oneof(
   { weight: 1, arbitrary: range.map(([offset, length]): GuestOp => ({ op: 'discard', offset, length })) },
   { weight: 2, arbitrary: fc.constant<GuestOp>({ op: 'flush' }) },
 );
+/** Writes, a commit into the backing file (the top emptied), writes after it over the new backing file. */
+const commitWorkload = fc.tuple(fc.array(op, { minLength: 1, maxLength: 5 }), fc.array(op, { maxLength: 3 })).map(([a, b]): GuestOp[] => [...a, { op: 'commit' }, ...b]);
 /** Writes, a rebase onto no backing file (safe or -u), writes after it in the image that has none now. */
 const workload = fc.tuple(fc.array(op, { minLength: 1, maxLength: 5 }), fc.boolean(), fc.array(op, { maxLength: 3 })).map(([a, unsafe, b]): GuestOp[] => [...a, { op: 'rebase', unsafe }, ...b]);
 
@@ -82,12 +90,9 @@ describe('rebase onto no backing file: every crash state', () => {
   }
 
   it('the workload lines parse and print back', () => {
-    const ops = parseWorkload('write -P 1 0 4k\nrebase_flatten\nrebase_flatten_unsafe\n');
-    expect(ops.slice(1)).toEqual([
-      { op: 'rebase', unsafe: false },
-      { op: 'rebase', unsafe: true },
-    ]);
-    expect(workloadCommands(ops)).toEqual(['write -P 1 0 4096', 'rebase_flatten', 'rebase_flatten_unsafe']);
+    const ops = parseWorkload('write -P 1 0 4k\nrebase_flatten\nrebase_flatten_unsafe\ncommit\n');
+    expect(ops.slice(1)).toEqual([{ op: 'rebase', unsafe: false }, { op: 'rebase', unsafe: true }, { op: 'commit' }]);
+    expect(workloadCommands(ops)).toEqual(['write -P 1 0 4096', 'rebase_flatten', 'rebase_flatten_unsafe', 'commit']);
   });
 
   it('a rebase straight after a flush, in both modes: every state judged, no failure', async () => {
@@ -98,6 +103,45 @@ describe('rebase onto no backing file: every crash state', () => {
       expect(r.states).toBeGreaterThan(2);
     }
   });
+});
+
+describe('commit into the backing file: every crash state of the top, and of the backing file during the copy', () => {
+  for (const kind of KINDS) {
+    it(kind.name, async () => {
+      await fc.assert(
+        fc.asyncProperty(commitWorkload, async (ops) => {
+          const { r, repro } = await judge(ops, kind);
+          expect(r.failures, `${r.failures.slice(0, 3).map((f) => `${f.state}: ${f.problem}`).join('\n')}\nreplay: ${repro}`).toEqual([]);
+          if (kind.create.compat !== '0.10') expect(r.leaksAfterRecovery).toBe(0);
+        }),
+        { numRuns: RUNS, verbose: 1 },
+      );
+    });
+  }
+
+  it('the copy is judged: the backing file\'s own crash states are counted', async () => {
+    const ops: GuestOp[] = [{ op: 'write', offset: 0, length: 100_000, pattern: 5 }, { op: 'commit' }];
+    const without = await judge([ops[0]!], KINDS[2]!);
+    const withCommit = await judge(ops, KINDS[2]!);
+    expect(withCommit.r.failures).toEqual([]);
+    expect(withCommit.r.states).toBeGreaterThan(without.r.states + 8);
+  });
+});
+
+describe("the fault 'commit-empty-early' is caught", () => {
+  for (const kind of [KINDS[0]!, KINDS[2]!]) {
+    it(kind.name, async () => {
+      let found: string | undefined;
+      for (const ops of fc.sample(commitWorkload, { numRuns: 30, seed: 42 })) {
+        const { r } = await judge(ops, kind, { fault: 'commit-empty-early', stopAtFirst: true });
+        if (r.failures.length) {
+          found = `${r.failures[0]!.state}: ${r.failures[0]!.problem}`;
+          break;
+        }
+      }
+      expect(found, 'no failing crash state found with fault commit-empty-early').toBeDefined();
+    });
+  }
 });
 
 describe("the fault 'rebase-switch-early' is caught", () => {

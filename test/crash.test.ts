@@ -189,7 +189,7 @@ class OpCommand implements fc.AsyncCommand<Workload, object> {
   /** a guest range must lie inside the disk as the workload has sized it so far (a shrink makes it smaller) */
   check(m: Readonly<Workload>): boolean {
     const op = this.op;
-    if (op.op === 'flush' || op.op === 'truncate' || op.op === 'make-empty' || op.op === 'snapshot' || op.op === 'amend' || op.op === 'dedup' || op.op === 'bitmap' || op.op === 'reopen' || op.op === 'rebase') return true;
+    if (op.op === 'flush' || op.op === 'truncate' || op.op === 'make-empty' || op.op === 'snapshot' || op.op === 'amend' || op.op === 'dedup' || op.op === 'bitmap' || op.op === 'reopen' || op.op === 'rebase' || op.op === 'commit') return true;
     const last = [...m.ops].reverse().find((o) => o.op === 'truncate');
     const size = last?.op === 'truncate' ? last.size : Infinity;
     return op.offset + op.length <= size;
@@ -254,6 +254,8 @@ class BitmapChangeCommand extends OpCommand {}
 class ReopenCommand extends OpCommand {}
 /** qemu-img rebase [-u] -b '': onto no backing file, the backing file's data copied in first unless -u (a no-op without one) */
 class RebaseFlattenCommand extends OpCommand {}
+/** qemu-img commit: the top's data into its backing file, then the top emptied (once per workload; a no-op without one) */
+class CommitCommand extends OpCommand {}
 
 /** The bitmap commands of a workload: bitmaps 'a' (granularity 4 KiB) and 'b' (the default), as qemu-img bitmap does them. */
 function bitmapCommandArbs() {
@@ -291,6 +293,7 @@ function commands(size: number, cs: number) {
       ]),
       ...bitmapCommandArbs(),
       fc.boolean().map((unsafe) => new RebaseFlattenCommand({ op: 'rebase', unsafe })),
+      fc.constant(new CommitCommand({ op: 'commit' })),
     ],
     { maxCommands: 10 },
   );
@@ -393,8 +396,8 @@ describe('crash states of dedup workloads (shares, writes into shared clusters, 
 });
 
 describe('the harness bites: every fault switch is caught within the default budget', () => {
-  // the rebase fault needs a backing file: crash-chain.test.ts
-  for (const fault of (Object.keys(FAULTS) as Fault[]).filter((f) => !OVERLAP_FAULTS.includes(f) && f !== 'rebase-switch-early')) {
+  // the chain faults need a backing file: crash-chain.test.ts
+  for (const fault of (Object.keys(FAULTS) as Fault[]).filter((f) => !OVERLAP_FAULTS.includes(f) && f !== 'rebase-switch-early' && f !== 'commit-empty-early')) {
     it(`${fault}: ${FAULTS[fault]}`, async () => {
       // the same random search as above, with the fault switched on; some
       // workload of the first few must produce a failing crash state

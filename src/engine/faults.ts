@@ -30,6 +30,7 @@ export const FAULTS = {
   'cut-before-journal-retired': 'make_empty cuts the file below the journal area before the journal has left the header',
   'retire-before-checkpoint': "make_empty clears the journal's bit before the last transaction's checkpoint is durable",
   'empty-switch-early': 'the O(1) make_empty switches the header to its new refcount structure before the structure is durable',
+  'commit-empty-early': "commit empties the top before the data it wrote into the backing file is durable",
   'rebase-switch-early': "safe rebase switches the header to the new backing file before the differences it copies into the image are durable",
   'alloc-live-l2': 'the allocator hands out a live L2 table as a data cluster',
   'alloc-cluster-zero': 'the allocator hands out cluster 0 (the header) once',
@@ -60,6 +61,11 @@ export class FaultPlan implements PhaseRearranger {
   /** Rule (make_empty): the file is cut below the journal area only once the journal's bit and extension are gone on disk. */
   get cutBeforeJournalRetired(): boolean {
     return this.fault === 'cut-before-journal-retired';
+  }
+
+  /** Rule (commit): the data written into the backing file is durable before the top is emptied. */
+  get commitEmptyEarly(): boolean {
+    return this.fault === 'commit-empty-early';
   }
 
   /** Rule (safe rebase): the copied differences are durable before the header names the new backing file. */

@@ -36,10 +36,8 @@ import { MemoryDevice } from '../io/memory-device.ts';
 import { RecordingDevice, crashStates } from '../io/crash-device.ts';
 import { isZero, u64big } from '../format/bytes.ts';
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../format/features.ts';
-import { openQcow2Layer } from '../engine/qcow2-layer.ts';
-import { RawLayer } from '../engine/raw-layer.ts';
 import { readGuest } from '../engine/read.ts';
-import { guest, type Layer } from '../engine/layer.ts';
+import { guest } from '../engine/layer.ts';
 import { checkDevice } from '../engine/check/check.ts';
 import { createOnDevice, openSession, openWriterOnDevice } from '../engine/writable.ts';
 import type { CreateOptions } from '../engine/create.ts';
@@ -52,6 +50,7 @@ import { CorruptionError, QledgerError } from '../errors.ts';
 export { parseWorkload, reproduction, workloadCommands, type GuestOp } from './workload.ts';
 import { judgeBitmaps } from './bitmap-oracle.ts';
 import { amendDevice, flattenCopy, namesBacking } from './offline-ops.ts';
+import { CrashBase, memLayer } from './chain-base.ts';
 import { switchBacking } from '../engine/rebase.ts';
 
 export interface CrashTestOptions {
@@ -122,13 +121,6 @@ export function addCounts(into: CrashCounts, r: CrashCounts): void {
 
 const SECTOR = 512;
 
-/** An in-memory image as a read-only layer (raw, or qcow2 over an optional backing layer). */
-async function memLayer(name: string, bytes: Uint8Array, format: 'raw' | 'qcow2', backing?: Layer): Promise<Layer> {
-  const dev = new MemoryDevice(name, bytes, { readOnly: true });
-  if (format === 'raw') return new RawLayer(name, dev, bytes.length);
-  return openQcow2Layer(dev, name, { backing });
-}
-
 interface Step {
   readonly op: GuestOp;
   readonly devStart: number;
@@ -165,12 +157,13 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
   const bfmt = o.backingFormat ?? 'raw';
   const bname = `backing.${bfmt}`;
   // opened once: it is read-only, and closing a layer over memory devices releases nothing
-  const backingOnce = o.backing ? memLayer(bname, o.backing, bfmt) : undefined;
+  // the backing file, recorded: a commit writes into it (chain-base.ts)
+  const chainBase = o.backing ? new CrashBase(bname, o.backing, bfmt) : undefined;
   // a rebase onto no backing file (rebase_flatten) ends it for the sessions after it
   let flattened = false;
-  const backingLayer = async () => (flattened ? undefined : backingOnce);
-  // a crash state's own header says whether it has the backing file still
-  const stateBacking = async (image: Uint8Array) => (namesBacking(image) ? backingOnce : undefined);
+  const backingLayer = async () => (flattened ? undefined : chainBase?.current());
+  // a crash state's own header says whether it has the backing file still; a commit says which state of it
+  const stateBacking = async (image: Uint8Array, crashPoint: number) => (namesBacking(image) ? chainBase?.at(crashPoint) : undefined);
   if (o.image) await base.write(0, o.image);
   else {
     const create = o.backing ? { ...o.create, backingFile: bname, backingFormat: bfmt } : o.create;
@@ -328,6 +321,17 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
           await w.flush();
           break;
         }
+        case 'commit': {
+          // qemu-img commit into the backing file, then the top emptied; once per workload
+          if (!chainBase || chainBase.committed || !namesBacking(rec.snapshot())) break;
+          uncheckAll();
+          w = await chainBase.commit(w, () => rec.ops.length, session, faultPlan(o.fault)?.commitEmptyEarly === true);
+          const b = await chainBase.current();
+          backingGuest = new Uint8Array(b.size);
+          await readGuest(b, guest(0), backingGuest);
+          [lo, hi] = [0, model.length];
+          break;
+        }
         case 'rebase': {
           // qemu-img rebase [-u] -b '' : onto no backing file; an image without one has nothing to change
           if (!namesBacking(rec.snapshot())) break;
@@ -455,7 +459,7 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
       }
       // (b) and (c)
       try {
-        const layer = await memLayer(name, st.image, 'qcow2', await stateBacking(st.image));
+        const layer = await memLayer(name, st.image, 'qcow2', await stateBacking(st.image, st.crashPoint));
         const got = new Uint8Array(layer.size);
         await readGuest(layer, guest(0), got);
         const problem = judgeData(got, st.image.length ? st : st, steps, initialModel);
@@ -469,7 +473,7 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
       // (d); an image marked corrupt (after a refusal) must be refused read-write, as QEMU refuses it
       const markedCorrupt = (u64big(st.image, 72) & INCOMPAT_CORRUPT) !== 0n && (u64big(st.image, 4) >> 32n) === 3n;
       if (markedCorrupt) {
-        const opened = await openSession(new MemoryDevice(name, st.image), undefined, name, await stateBacking(st.image), { journal }).then(
+        const opened = await openSession(new MemoryDevice(name, st.image), undefined, name, await stateBacking(st.image, st.crashPoint), { journal }).then(
           async (x) => {
             await x.writer.abandon();
             return true;
@@ -481,7 +485,7 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
         try {
           const dev = new MemoryDevice(name, st.image);
           const warnings: string[] = [];
-          const { writer: rw, recovery } = await openSession(dev, undefined, name, await stateBacking(st.image), { journal, journalBytes: o.journalBytes ?? 64 * 1024, onWarning: (m) => warnings.push(m) });
+          const { writer: rw, recovery } = await openSession(dev, undefined, name, await stateBacking(st.image, st.crashPoint), { journal, journalBytes: o.journalBytes ?? 64 * 1024, onWarning: (m) => warnings.push(m) });
           if (recovery.action === 'replayed') replayed++;
           // a journal qledger wrote and a crash cut is never invalid
           if (recovery.action === 'ignored') fail(`the journal was ignored: ${warnings.join('; ')}`, 'corruption');
@@ -509,6 +513,13 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
         if (q.status !== 0 && q.status !== 3 && !harmless) fail(`qemu-img check exit ${q.status}: ${(q.stdout + q.stderr).trim().split('\n').slice(0, 3).join('; ')}`, 'corruption');
       }
       if (o.stopAtFirst && failures.length > before) break;
+    }
+    // the commit's copy: the top as it was then over each crash state of the backing file
+    const copy = await chainBase?.judgeCopy(name, initial, rec.ops, Math.max(8, Math.floor(o.maxStates / 4)), o.seed);
+    if (copy && !(o.stopAtFirst && failures.length)) {
+      states += copy.states;
+      dataErrors += copy.failures.length;
+      failures.push(...copy.failures);
     }
   } finally {
     if (tmp) rmSync(tmp, { recursive: true, force: true });

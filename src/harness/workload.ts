@@ -1,7 +1,7 @@
 /**
  * Crash-test workloads: guest operations, their qemu-io command lines
  * (qledger io and qemu-io both take them; `make_empty`, `dedup`, `amend`,
- * `reopen`, `rebase_flatten`, the snapshot and the bitmap lines are workload-file lines of
+ * `reopen`, `rebase_flatten`, `commit`, the snapshot and the bitmap lines are workload-file lines of
  * qledger's own, with no qemu-io command)
  * and the parser for workload files of such lines.
  */
@@ -36,7 +36,9 @@ export type GuestOp =
    * allocates nothing, then the header switched) or with \`unsafe\`, rebase -u -b '' (the header only);
    * workload files only (rebase_flatten, rebase_flatten_unsafe)
    */
-  | { readonly op: 'rebase'; readonly unsafe: boolean };
+  | { readonly op: 'rebase'; readonly unsafe: boolean }
+  /** qemu-img commit: the top's data into its backing file, made durable, then the top emptied; workload files only (commit) */
+  | { readonly op: 'commit' };
 
 export type BitmapAction = 'add' | 'remove' | 'clear' | 'enable' | 'disable';
 
@@ -44,7 +46,7 @@ export type SnapshotAction = 'create' | 'apply' | 'delete';
 
 /** The operations that have no qemu-io command: a workload with one replays from a workload file. */
 export function needsWorkloadFile(ops: readonly GuestOp[]): boolean {
-  return ops.some((o) => o.op === 'make-empty' || o.op === 'snapshot' || o.op === 'amend' || o.op === 'dedup' || o.op === 'bitmap' || o.op === 'reopen' || o.op === 'rebase');
+  return ops.some((o) => o.op === 'make-empty' || o.op === 'snapshot' || o.op === 'amend' || o.op === 'dedup' || o.op === 'bitmap' || o.op === 'reopen' || o.op === 'rebase' || o.op === 'commit');
 }
 
 /** The workload as qemu-io commands (qledger io and qemu-io both take them). */
@@ -77,6 +79,8 @@ export function workloadCommands(ops: readonly GuestOp[]): string[] {
         return 'reopen';
       case 'rebase':
         return o.unsafe ? 'rebase_flatten_unsafe' : 'rebase_flatten';
+      case 'commit':
+        return 'commit';
     }
   });
 }
@@ -100,6 +104,7 @@ export function parseWorkload(text: string): GuestOp[] {
     else if (w[0] === 'make_empty_offline') out.push({ op: 'make-empty', offline: true });
     else if (w[0] === 'dedup' && w.length === 1) out.push({ op: 'dedup' });
     else if (w[0] === 'reopen' && w.length === 1) out.push({ op: 'reopen' });
+    else if (w[0] === 'commit' && w.length === 1) out.push({ op: 'commit' });
     else if ((w[0] === 'rebase_flatten' || w[0] === 'rebase_flatten_unsafe') && w.length === 1) out.push({ op: 'rebase', unsafe: w[0] === 'rebase_flatten_unsafe' });
     else if (/^bitmap_(add|remove|clear|enable|disable)$/.test(w[0]!)) {
       const action = w[0]!.slice('bitmap_'.length) as BitmapAction;
