@@ -21,29 +21,15 @@ import { describe, it, expect } from 'vitest';
 import fc from 'fast-check';
 import { crashTest, reproduction, type CrashTestOptions, type GuestOp } from '../src/harness/crash-harness.ts';
 import { parseWorkload, workloadCommands } from '../src/harness/workload.ts';
-import { createOnDevice, openWriterOnDevice } from '../src/engine/writable.ts';
-import { MemoryDevice } from '../src/io/memory-device.ts';
+import { makeBacking } from '../src/harness/chain-base.ts';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { tempDir } from './helpers/qemu.ts';
+import { runCli } from './helpers/cli.ts';
 import type { CreateOptions } from '../src/engine/create.ts';
 
 const RUNS = Number(process.env['QLEDGER_CRASH_RUNS'] ?? 4);
 const SIZE = 1 << 20;
-
-const rawBacking = (() => {
-  const b = new Uint8Array(SIZE);
-  for (let i = 0; i < SIZE; i += 512) b.fill(((i >> 9) % 251) + 1, i, i + 512);
-  return b;
-})();
-
-/** A qcow2 backing file qledger wrote: data in half its clusters, zero clusters in some. */
-async function qcow2Backing(): Promise<Uint8Array> {
-  const dev = new MemoryDevice('b.qcow2');
-  await createOnDevice(dev, 'b.qcow2', { size: SIZE, clusterSize: 4096 });
-  const w = await openWriterOnDevice(dev, 'b.qcow2', { journal: false });
-  for (let c = 0; c < SIZE / 4096; c += 2) await w.write(c * 4096, new Uint8Array(4096).fill((c % 200) + 3));
-  await w.writeZeroes(64 * 4096, 16 * 4096);
-  await w.close();
-  return dev.snapshot();
-}
 
 interface Kind {
   readonly name: string;
@@ -52,9 +38,9 @@ interface Kind {
   readonly backingFormat: 'raw' | 'qcow2';
 }
 const KINDS: Kind[] = [
-  { name: 'over a raw backing file, 4 KiB clusters', create: { size: SIZE, clusterSize: 4096 }, backing: async () => rawBacking, backingFormat: 'raw' },
-  { name: 'v2 over a raw backing file, 8 KiB clusters', create: { size: SIZE, clusterSize: 8192, compat: '0.10' }, backing: async () => rawBacking, backingFormat: 'raw' },
-  { name: 'over a qcow2 backing file, 16 KiB clusters', create: { size: SIZE, clusterSize: 16384 }, backing: qcow2Backing, backingFormat: 'qcow2' },
+  { name: 'over a raw backing file, 4 KiB clusters', create: { size: SIZE, clusterSize: 4096 }, backing: () => makeBacking('raw', SIZE), backingFormat: 'raw' },
+  { name: 'v2 over a raw backing file, 8 KiB clusters', create: { size: SIZE, clusterSize: 8192, compat: '0.10' }, backing: () => makeBacking('raw', SIZE), backingFormat: 'raw' },
+  { name: 'over a qcow2 backing file, 16 KiB clusters', create: { size: SIZE, clusterSize: 16384 }, backing: () => makeBacking('qcow2', SIZE), backingFormat: 'qcow2' },
 ];
 
 const range = fc.tuple(fc.integer({ min: 0, max: SIZE - 1 }), fc.integer({ min: 1, max: 40_000 })).map(([o, l]) => [o, Math.min(l, SIZE - o)] as const);
@@ -156,5 +142,27 @@ describe("the fault 'rebase-switch-early' is caught", () => {
       }
     }
     expect(found, 'no failing crash state found with fault rebase-switch-early').toBeDefined();
+  });
+});
+
+describe('qledger crash-test --backing', () => {
+  it('runs commit and rebase_flatten lines over an in-memory backing file, and catches the fault', async () => {
+    const { dir, cleanup } = tempDir('qledger-crash-chain-');
+    try {
+      const wl = join(dir, 'w.txt');
+      writeFileSync(wl, 'write -P 7 0 100k\nflush\ncommit\nwrite -P 8 4k 4k\nrebase_flatten\n');
+      const ok = await runCli('crash-test', '-o', 'size=1M,cluster_size=4096', '--backing', 'qcow2', '--workload', wl, '--max-states', '60', '--output=json');
+      expect(ok.code, ok.err).toBe(0);
+      const j = JSON.parse(ok.out);
+      expect([j.corruptions, j['data-errors'], j['leaks-after-recovery']]).toEqual([0, 0, 0]);
+      expect(j.states).toBeGreaterThan(30);
+      const bad = await runCli('crash-test', '-o', 'size=1M,cluster_size=4096', '--backing', 'raw', '--workload', wl, '--fault', 'commit-empty-early');
+      expect(bad.code).toBe(2);
+      expect(bad.out).toMatch(/replay: .* --fault commit-empty-early --backing raw/);
+      const refused = await runCli('crash-test', '--backing', 'vmdk');
+      expect([refused.code, refused.err]).toEqual([1, 'qledger: crash-test: --backing expects raw or qcow2\n']);
+    } finally {
+      cleanup();
+    }
   });
 });

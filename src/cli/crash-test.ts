@@ -12,6 +12,7 @@ import { addCounts, crashTest, emptyCounts, parseWorkload, reproduction, type Gu
 import { FAULTS, type Fault } from '../engine/faults.ts';
 import { rng } from '../io/crash-device.ts';
 import { qemuJson } from '../engine/info.ts';
+import { makeBacking } from '../harness/chain-base.ts';
 import type { Output } from './output.ts';
 
 /** A seeded random workload: writes, zeroes, discards and flushes, biased to a hot area so frees and reuse meet. */
@@ -48,7 +49,7 @@ export function randomWorkload(seed: number, size: number, cs: number, dedup = f
 }
 
 export async function runCrashTest(argv: string[], io: Output): Promise<number> {
-  const p = getopt(argv, { withArg: 'o', flags: 'q', long: { output: true, workload: true, random: false, seed: true, runs: true, 'max-states': true, fault: true, 'qemu-samples': true, journal: true, dedup: false } }, 'crash-test');
+  const p = getopt(argv, { withArg: 'o', flags: 'q', long: { output: true, workload: true, random: false, seed: true, runs: true, 'max-states': true, fault: true, 'qemu-samples': true, journal: true, dedup: false, backing: true } }, 'crash-test');
   const get = (k: string) => {
     let v: string | true | undefined;
     for (const [key, x] of p.opts) if (key === k) v = x;
@@ -71,6 +72,11 @@ export async function runCrashTest(argv: string[], io: Output): Promise<number> 
   if (!opts.has('size')) opts.set('size', '1M');
   if (opts.has('backing_file') || opts.has('data_file')) throw new UsageError('crash-test: images are created in memory without backing or data files');
   const create = createOptionsFrom(opts, parseSize);
+  // --backing raw|qcow2: the image over an in-memory backing file (commit and rebase_flatten need one)
+  const bf = get('backing');
+  if (bf !== undefined && bf !== 'raw' && bf !== 'qcow2') throw new UsageError('crash-test: --backing expects raw or qcow2');
+  const backingFormat = bf as 'raw' | 'qcow2' | undefined;
+  const backing = backingFormat ? await makeBacking(backingFormat, create.size!) : undefined;
   const num = (k: string, d: number) => {
     const v = get(k);
     if (v === undefined) return d;
@@ -96,9 +102,9 @@ export async function runCrashTest(argv: string[], io: Output): Promise<number> 
   // writes the overlap index refused (a workload stops at its refusal; its states are judged as usual)
   const refusals: Array<{ workload: number; message: string }> = [];
   for (const [i, ops] of workloads.entries()) {
-    const r = await crashTest(ops, { create, maxStates, seed: seed + i, fault: fault as Fault | undefined, qemuSamples, journal, dedup });
+    const r = await crashTest(ops, { create, maxStates, seed: seed + i, fault: fault as Fault | undefined, qemuSamples, journal, dedup, backing, backingFormat });
     addCounts(n, r);
-    const repro = reproduction(ops, { create, seed: seed + i, fault: fault as Fault | undefined, dedup });
+    const repro = reproduction(ops, { create, seed: seed + i, fault: fault as Fault | undefined, dedup, withBacking: backingFormat });
     for (const f of r.failures.slice(0, 5)) failures.push({ ...f, workload: i, reproduce: repro });
     if (r.refusal) refusals.push({ workload: i, message: r.refusal });
   }

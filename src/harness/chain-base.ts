@@ -15,7 +15,7 @@ import { readGuest } from '../engine/read.ts';
 import { openQcow2Layer } from '../engine/qcow2-layer.ts';
 import { RawLayer } from '../engine/raw-layer.ts';
 import { allocatedHere, guest, type Layer } from '../engine/layer.ts';
-import { openWriterOnDevice } from '../engine/writable.ts';
+import { createOnDevice, openWriterOnDevice } from '../engine/writable.ts';
 import type { Qcow2Writer } from '../engine/writer.ts';
 
 /** An in-memory image as a read-only layer (raw, or qcow2 over an optional backing layer). */
@@ -23,6 +23,27 @@ export async function memLayer(name: string, bytes: Uint8Array, format: 'raw' | 
   const dev = new MemoryDevice(name, bytes, { readOnly: true });
   if (format === 'raw') return new RawLayer(name, dev, bytes.length);
   return openQcow2Layer(dev, name, { backing });
+}
+
+/**
+ * A backing file for crash workloads (qledger crash-test --backing FMT,
+ * the chain tests): raw, every sector a byte value of its own; or qcow2
+ * with 4 KiB clusters, data in every other cluster and a run of zero
+ * clusters, so that a commit or a rebase has both to carry.
+ */
+export async function makeBacking(format: 'raw' | 'qcow2', size: number): Promise<Uint8Array> {
+  if (format === 'raw') {
+    const b = new Uint8Array(size);
+    for (let i = 0; i < size; i += 512) b.fill(((i >> 9) % 251) + 1, i, Math.min(size, i + 512));
+    return b;
+  }
+  const dev = new MemoryDevice('backing.qcow2');
+  await createOnDevice(dev, 'backing.qcow2', { size, clusterSize: 4096 });
+  const w = await openWriterOnDevice(dev, 'backing.qcow2', { journal: false });
+  for (let c = 0; c < Math.floor(size / 4096); c += 2) await w.write(c * 4096, new Uint8Array(4096).fill((c % 200) + 3));
+  if (size >= 80 * 4096) await w.writeZeroes(64 * 4096, 16 * 4096);
+  await w.close();
+  return dev.snapshot();
 }
 
 /** `initial` with the writes and truncations of `ops[0 .. end)` applied. */

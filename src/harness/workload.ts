@@ -138,7 +138,7 @@ export function parseWorkload(text: string): GuestOp[] {
 }
 
 /** A shell line that replays a workload with qledger (for failure reports). */
-export function reproduction(ops: readonly GuestOp[], o: { readonly create: import('../engine/create.ts').CreateOptions; readonly seed: number; readonly fault?: string | undefined; readonly dedup?: boolean | undefined }): string {
+export function reproduction(ops: readonly GuestOp[], o: { readonly create: import('../engine/create.ts').CreateOptions; readonly seed: number; readonly fault?: string | undefined; readonly dedup?: boolean | undefined; readonly withBacking?: 'raw' | 'qcow2' | undefined }): string {
   const c = o.create;
   const opts: string[] = [];
   if (c.clusterSize) opts.push(`cluster_size=${c.clusterSize}`);
@@ -146,9 +146,9 @@ export function reproduction(ops: readonly GuestOp[], o: { readonly create: impo
   if (c.refcountBits) opts.push(`refcount_bits=${c.refcountBits}`);
   if (c.lazyRefcounts) opts.push('lazy_refcounts=on');
   if (c.extendedL2) opts.push('extended_l2=on');
-  if (needsWorkloadFile(ops)) {
+  if (needsWorkloadFile(ops) || o.withBacking) {
     // make_empty and the snapshot lines have no qemu-io command: the workload file is the way to replay them
-    return `printf '%s\\n' ${workloadCommands(ops).map((x) => `'${x}'`).join(' ')} > workload.txt && qledger crash-test${opts.length ? ` -o ${opts.join(',')},size=${c.size ?? 0}` : ` -o size=${c.size ?? 0}`} --workload workload.txt --seed ${o.seed}${o.fault ? ` --fault ${o.fault}` : ''}${o.dedup ? ' --dedup' : ''}`;
+    return `printf '%s\\n' ${workloadCommands(ops).map((x) => `'${x}'`).join(' ')} > workload.txt && qledger crash-test${opts.length ? ` -o ${opts.join(',')},size=${c.size ?? 0}` : ` -o size=${c.size ?? 0}`} --workload workload.txt --seed ${o.seed}${o.fault ? ` --fault ${o.fault}` : ''}${o.dedup ? ' --dedup' : ''}${o.withBacking ? ` --backing ${o.withBacking}` : ''}`;
   }
   const cmds = workloadCommands(ops).map((x) => `-c '${x}'`).join(' ');
   return `qledger create -f qcow2${opts.length ? ` -o ${opts.join(',')}` : ''} crash.qcow2 ${c.size ?? 0} && qledger io${o.dedup ? ' --dedup' : ''} ${cmds} crash.qcow2   # crash-test --seed ${o.seed}${o.fault ? ` --fault ${o.fault}` : ''}${o.dedup ? ' --dedup' : ''}`;
