@@ -13,11 +13,12 @@ import { FileDevice } from './file-device.ts';
 export const HOLE_GRANULARITY = 4096;
 
 export async function zeroRun(dev: BlockDevice, offset: number, bytes: number): Promise<{ zero: boolean; length: number }> {
+  // the file system first: SEEK_DATA past the end answers "hole" too, and a conversion asks once per run, so no size is asked for
+  const fromFs = dev instanceof FileDevice ? dev.holeRun(offset, bytes) : undefined;
+  if (fromFs) return fromFs;
   const size = await dev.size();
   const end = offset + bytes;
   if (offset >= size) return { zero: true, length: bytes };
-  const fromFs = dev instanceof FileDevice ? dev.holeRun(offset, bytes) : undefined;
-  if (fromFs) return fromFs;
   const G = HOLE_GRANULARITY;
   const buf = new Uint8Array(1 << 20);
   let pos = offset;
