@@ -15,6 +15,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { QledgerError, UsageError } from '../src/errors.ts';
 import { FuzzTimeout, builtinImages, fuzz, fuzzCase, fuzzClassOf } from '../src/harness/fuzz.ts';
+import { WorkerRunner } from '../src/harness/fuzz-worker.ts';
 import { qemuAvailable, tempDir } from './helpers/qemu.ts';
 import { runCli } from './helpers/cli.ts';
 
@@ -102,4 +103,30 @@ describe('qledger fuzz', () => {
     expect(existsSync(join(dir, 'given-out'))).toBe(true);
     expect(readFileSync(f).length).toBeGreaterThan(0);
   });
+});
+
+describe('qledger fuzz in a worker thread', () => {
+  it('a command stuck in a synchronous step counts as a hang, the worker is replaced, and the campaign goes on', async () => {
+    const images = await builtinImages();
+    const runner = new WorkerRunner({ images, seed: 3, timeoutMs: 200, memoryBytes: 512 << 20, spinCase: 1 });
+    try {
+      const r = await fuzz({ cases: 4, seed: 3, images, commands: ['info', 'read'], runner, timeoutMs: 200 });
+      expect(r.runs).toBe(8);
+      expect(r.classes.hang).toBe(1);
+      expect(r.failures.map((f) => [f.case, f.command, f.class])).toEqual([[1, 'info', 'hang']]);
+      expect(r.failures[0]!.message).toMatch(/synchronous step: the worker was stopped/);
+      // the same outcomes as in process for everything else
+      const here = await fuzz({ cases: 4, seed: 3, images, commands: ['info', 'read'], timeoutMs: 200 });
+      expect(r.classes.ok + r.classes.cleanError + 1).toBe(here.classes.ok + here.classes.cleanError);
+    } finally {
+      await runner.close();
+    }
+  }, 60_000);
+
+  it('the CLI runs its commands in a worker by default and in process with --in-process, with the same counts', async () => {
+    const a = await runCli('fuzz', '--cases', '20', '--seed', '9', '--output=json');
+    const b = await runCli('fuzz', '--cases', '20', '--seed', '9', '--in-process', '--output=json');
+    expect([a.code, b.code]).toEqual([0, 0]);
+    expect(JSON.parse(a.out).classes).toEqual(JSON.parse(b.out).classes);
+  }, 60_000);
 });

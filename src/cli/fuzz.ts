@@ -1,10 +1,12 @@
 /**
  * qledger fuzz: `fuzz [--cases N] [--seed S] [--shard I/N] [--commands
  * LIST] [--timeout MS] [--memory MIB] [--out DIR] [--qemu] [--output=
- * human|json] [IMAGE...]`, qledger's own: seeded mutations of the given
+ * human|json] [--in-process] [IMAGE...]`, qledger's own: seeded mutations of the given
  * images (or the built-in kinds) with every command run on each, the
  * outcomes counted by class (harness/fuzz.ts), failing cases written to
- * --out. Exit 0 when no case crashed, hung, passed the memory bound or
+ * --out. The commands run in a worker thread that is stopped when one
+ * hangs inside a synchronous step (harness/fuzz-worker.ts); --in-process
+ * runs them on the main thread, where only hangs between awaits are caught. Exit 0 when no case crashed, hung, passed the memory bound or
  * wrote after an error; 2 otherwise (disagreements with qemu-img are
  * reported, not failed).
  */
@@ -12,12 +14,13 @@
 import { readFileSync } from 'node:fs';
 import { basename } from 'node:path';
 import { UsageError } from '../errors.ts';
-import { FUZZ_CLASSES, FUZZ_COMMANDS, fuzz, type FuzzCommand } from '../harness/fuzz.ts';
+import { FUZZ_CLASSES, FUZZ_COMMANDS, builtinImages, fuzz, type FuzzCommand } from '../harness/fuzz.ts';
+import { WorkerRunner } from '../harness/fuzz-worker.ts';
 import { getopt } from './args.ts';
 import type { Output } from './output.ts';
 
 export async function runFuzz(argv: string[], io: Output): Promise<number> {
-  const p = getopt(argv, { withArg: '', flags: 'q', long: { cases: true, seed: true, shard: true, commands: true, timeout: true, memory: true, out: true, qemu: false, output: true } }, 'fuzz');
+  const p = getopt(argv, { withArg: '', flags: 'q', long: { cases: true, seed: true, shard: true, commands: true, timeout: true, memory: true, out: true, qemu: false, output: true, 'in-process': false } }, 'fuzz');
   const last = (k: string) => p.opts.filter(([x]) => x === k).at(-1)?.[1];
   const int = (k: string, d: number, min = 0) => {
     const v = last(k);
@@ -49,11 +52,16 @@ export async function runFuzz(argv: string[], io: Output): Promise<number> {
   const out = last('out');
   const quiet = p.opts.some(([k]) => k === 'q');
   const step = Math.max(1, Math.floor(cases / 20));
+  // the commands in a worker thread, stopped from here when one hangs in a synchronous step (--in-process: here)
+  const inProcess = p.opts.some(([k]) => k === 'in-process');
+  const seedImages = images ?? (await builtinImages());
+  const runner = inProcess ? undefined : new WorkerRunner({ images: seedImages, seed, timeoutMs, memoryBytes });
   const r = await fuzz({
+    runner,
     cases,
     seed,
     shard,
-    images,
+    images: seedImages,
     commands,
     timeoutMs,
     memoryBytes,
@@ -61,6 +69,7 @@ export async function runFuzz(argv: string[], io: Output): Promise<number> {
     qemu: p.opts.some(([k]) => k === 'qemu'),
     onCase: quiet || output === 'json' ? undefined : (k) => (k % step === 0 ? io.err(`case ${k}\n`) : undefined),
   });
+  await runner?.close();
   if (output === 'json') io.out(JSON.stringify(r, null, 2) + '\n');
   else {
     io.out(`cases: ${r.cases} (seed ${r.seed}${shard ? `, shard ${shard.index}/${shard.count}` : ''}), command runs: ${r.runs}, ${r.casesPerSecond.toFixed(1)} cases per second\n`);

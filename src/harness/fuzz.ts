@@ -22,9 +22,11 @@
  * any case is reproduced alone from its number. A failing case's image is
  * written to `outDir` with the command that failed.
  *
- * Hangs inside one synchronous step cannot be interrupted in process: the
- * timeout catches commands that stop making progress between awaits (the
- * check and map ones are cancelled through their signals).
+ * In process, the timeout catches commands that stop making progress
+ * between awaits (the check and map ones are cancelled through their
+ * signals); a hang inside one synchronous step is caught only when the
+ * commands run in a worker thread (fuzz-worker.ts, qledger fuzz's default),
+ * which is stopped from outside.
  */
 
 import { spawnSync } from 'node:child_process';
@@ -62,6 +64,8 @@ export interface FuzzOptions {
   readonly qemu?: boolean | undefined;
   /** after each case */
   readonly onCase?: ((k: number) => void) | undefined;
+  /** where the commands run (default: here, in process; fuzz-worker.ts runs them in a worker thread) */
+  readonly runner?: CaseRunner | undefined;
 }
 
 export interface FuzzFailure {
@@ -309,6 +313,34 @@ async function runCommand(cmd: FuzzCommand, name: string, bytes: Uint8Array, ac:
 
 class WriteAfterError extends Error {}
 
+/** One command on one case, classed: the timeout, the write-after-error check and the heap bound applied. */
+export async function runOne(cmd: FuzzCommand, name: string, bytes: Uint8Array, timeoutMs: number, memoryBytes: number): Promise<{ cls: FuzzClass; message: string }> {
+  const ac = new AbortController();
+  const heap0 = process.memoryUsage().heapUsed;
+  let cls: FuzzClass = 'ok';
+  let message = '';
+  try {
+    await within(timeoutMs, ac, () => runCommand(cmd, name, bytes, ac));
+  } catch (e) {
+    cls = e instanceof WriteAfterError ? 'writeAfterError' : e === ac.signal.reason || e instanceof FuzzTimeout ? 'hang' : fuzzClassOf(e);
+    message = e instanceof Error ? `${e.constructor.name}: ${e.message}${cls === 'crash' && e.stack ? `\n${e.stack.split('\n')[1]?.trim() ?? ''}` : ''}` : String(e);
+  }
+  if (cls === 'ok' || cls === 'cleanError') {
+    const grown = process.memoryUsage().heapUsed - heap0;
+    if (grown > memoryBytes) {
+      cls = 'memory';
+      message = `the heap grew by ${grown} bytes`;
+    }
+  }
+  return { cls, message };
+}
+
+/** Runs the commands of cases somewhere else (fuzz-worker.ts: in a worker thread that a hang inside one synchronous step cannot stop the campaign with). */
+export interface CaseRunner {
+  run(k: number, cmd: FuzzCommand): Promise<{ cls: FuzzClass; message: string }>;
+  close(): Promise<void>;
+}
+
 /** qemu-img check's totals on a file, or undefined when it could not check it. */
 function qemuTotals(file: string): string | undefined {
   const q = spawnSync('qemu-img', ['check', '--output=json', file], { encoding: 'utf8', timeout: 60_000 });
@@ -347,23 +379,7 @@ export async function fuzz(o: FuzzOptions): Promise<FuzzSummary> {
     };
     for (const cmd of commands) {
       runs++;
-      const ac = new AbortController();
-      const heap0 = process.memoryUsage().heapUsed;
-      let cls: FuzzClass = 'ok';
-      let message = '';
-      try {
-        await within(timeoutMs, ac, () => runCommand(cmd, name, c.bytes, ac));
-      } catch (e) {
-        cls = e instanceof WriteAfterError ? 'writeAfterError' : e === ac.signal.reason || e instanceof FuzzTimeout ? 'hang' : fuzzClassOf(e);
-        message = e instanceof Error ? `${e.constructor.name}: ${e.message}${cls === 'crash' && e.stack ? `\n${e.stack.split('\n')[1]?.trim() ?? ''}` : ''}` : String(e);
-      }
-      if (cls === 'ok' || cls === 'cleanError') {
-        const grown = process.memoryUsage().heapUsed - heap0;
-        if (grown > memoryBytes) {
-          cls = 'memory';
-          message = `the heap grew by ${grown} bytes`;
-        }
-      }
+      const { cls, message } = o.runner ? await o.runner.run(k, cmd) : await runOne(cmd, name, c.bytes, timeoutMs, memoryBytes);
       classes[cls]++;
       byCommand[cmd][cls]++;
       if (cls !== 'ok' && cls !== 'cleanError') fail(cmd, cls, message);

@@ -1,0 +1,121 @@
+/**
+ * The fuzzer's commands in a worker thread (qledger fuzz's default), so
+ * that a hang inside one synchronous step, which no timer in the same
+ * thread can interrupt, is stopped from outside: the main thread arms a
+ * watchdog for each command, terminates the worker when it fires (the
+ * command counts as a hang), and goes on with a fresh worker. A worker
+ * that runs out of its heap limit counts its command as a memory blow-up.
+ *
+ * The worker is long-lived (one per campaign, unless one is stopped): it
+ * builds each case itself from (seed, k) and the seed images it was given,
+ * so only case numbers and outcomes cross between the threads.
+ */
+
+import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
+import { createRequire } from 'node:module';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { fuzzCase, runOne, type CaseRunner, type FuzzClass, type FuzzCommand } from './fuzz.ts';
+
+interface WorkerSetup {
+  readonly qledgerFuzzWorker: true;
+  readonly images: ReadonlyArray<{ readonly name: string; readonly bytes: Uint8Array }>;
+  readonly seed: number;
+  readonly timeoutMs: number;
+  readonly memoryBytes: number;
+  /** test switch: this case's first command spins synchronously for ever (the watchdog must stop it) */
+  readonly spinCase?: number | undefined;
+}
+
+type Reply = { readonly cls: FuzzClass; readonly message: string };
+
+/** True in a thread started as a fuzz worker (the bundled CLI checks this before it runs as a program). */
+export function isFuzzWorker(): boolean {
+  return !isMainThread && (workerData as Partial<WorkerSetup> | undefined)?.qledgerFuzzWorker === true;
+}
+
+/** The worker's loop: a case number and a command in, the outcome out. */
+export function serveFuzzWorker(): void {
+  const setup = workerData as WorkerSetup;
+  let cached: { k: number; name: string; bytes: Uint8Array } | undefined;
+  parentPort!.on('message', (m: { k: number; cmd: FuzzCommand; first: boolean }) => {
+    void (async () => {
+      if (cached?.k !== m.k) cached = { k: m.k, name: `case-${m.k}.qcow2`, bytes: fuzzCase(setup.images, setup.seed, m.k).bytes };
+      if (m.first && m.k === setup.spinCase) for (;;);
+      const r: Reply = await runOne(m.cmd, cached.name, cached.bytes, setup.timeoutMs, setup.memoryBytes);
+      parentPort!.postMessage(r);
+    })();
+  });
+}
+
+/** How a new thread runs this module's worker side: the bundle itself (flagged), or the worker entry beside this file (the sources through tsx's loader, registered in the thread first). */
+function workerEntry(): { file: string; eval: boolean } {
+  const here = import.meta.url;
+  if (here.endsWith('.cjs')) return { file: fileURLToPath(here), eval: false };
+  if (!here.endsWith('.ts')) return { file: fileURLToPath(new URL('./fuzz-worker-main.js', here)), eval: false };
+  const api = new URL('./api/index.mjs', pathToFileURL(createRequire(here).resolve('tsx/esm'))).href;
+  const entry = new URL('./fuzz-worker-main.ts', here).href;
+  return { file: `import(${JSON.stringify(api)}).then((m) => { m.register(); return import(${JSON.stringify(entry)}); });`, eval: true };
+}
+
+/** The main thread's side: one worker at a time, a watchdog per command. */
+export class WorkerRunner implements CaseRunner {
+  private worker: Worker | undefined;
+  private lastK = -1;
+  private readonly watchdogMs: number;
+
+  constructor(private readonly setup: Omit<WorkerSetup, 'qledgerFuzzWorker'>) {
+    // the worker's own timer catches hangs between awaits at timeoutMs; this one, later, the rest
+    this.watchdogMs = setup.timeoutMs + Math.max(2000, setup.timeoutMs / 2);
+  }
+
+  private start(): Worker {
+    const entry = workerEntry();
+    const w = new Worker(entry.file, {
+      eval: entry.eval,
+      workerData: { ...this.setup, qledgerFuzzWorker: true } satisfies WorkerSetup,
+      // the memory class's bound, with room for the worker's own code and the case
+      resourceLimits: { maxOldGenerationSizeMb: Math.ceil(this.setup.memoryBytes / 2 ** 20) + 256 },
+      stdout: true,
+      stderr: true,
+    });
+    w.unref();
+    return w;
+  }
+
+  run(k: number, cmd: FuzzCommand): Promise<Reply> {
+    const first = k !== this.lastK;
+    this.lastK = k;
+    const w = (this.worker ??= this.start());
+    return new Promise<Reply>((resolve) => {
+      let settled = false;
+      const done = (r: Reply, stop: boolean) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        w.off('message', onMessage);
+        w.off('error', onError);
+        w.off('exit', onExit);
+        if (stop) {
+          if (this.worker === w) this.worker = undefined;
+          void w.terminate();
+        }
+        resolve(r);
+      };
+      const onMessage = (r: Reply) => done(r, false);
+      const onError = (e: Error & { code?: string }) =>
+        done(e.code === 'ERR_WORKER_OUT_OF_MEMORY' ? { cls: 'memory', message: `the worker ran out of its ${this.setup.memoryBytes + (256 << 20)}-byte heap` } : { cls: 'crash', message: `the worker failed: ${e.message}` }, true);
+      const onExit = (code: number) => done({ cls: 'crash', message: `the worker exited (${code})` }, true);
+      const timer = setTimeout(() => done({ cls: 'hang', message: `no result within ${this.watchdogMs} ms (stuck in a synchronous step: the worker was stopped)` }, true), this.watchdogMs);
+      w.on('message', onMessage);
+      w.on('error', onError);
+      w.on('exit', onExit);
+      w.postMessage({ k, cmd, first });
+    });
+  }
+
+  async close(): Promise<void> {
+    const w = this.worker;
+    this.worker = undefined;
+    await w?.terminate();
+  }
+}
