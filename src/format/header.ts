@@ -208,7 +208,9 @@ export function decodeHeader(b: Uint8Array, fileSize: number): ParsedHeader {
       { field: 'crypt_method', offset: 0x20, cryptMethod },
     );
   }
-  if (size > L.MAX_SUPPORTED_BYTES) fail('size', 24, `virtual size ${size} is above the supported 2^53 bytes`);
+  // compared exactly: a JS number rounds 2^53 + 1 down to 2^53, which would pass
+  const exactSize = u64big(b, 24);
+  if (exactSize > BigInt(L.MAX_SUPPORTED_BYTES)) fail('size', 24, `virtual size ${exactSize} is above the supported 2^53 bytes`);
 
   if ((incompatibleFeatures & INCOMPAT_EXTL2) && clusterBits < L.MIN_EXTL2_CLUSTER_BITS) {
     fail('incompatible_features', 72, `extended L2 entries need clusters of at least 16 KiB (cluster_bits ${clusterBits})`);

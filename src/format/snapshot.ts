@@ -16,7 +16,7 @@
  */
 
 import { FormatError, hex } from '../errors.ts';
-import { u16, u32, u64, putU16, putU32, putU64 } from './bytes.ts';
+import { u16, u32, u64, u64big, putU16, putU32, putU64 } from './bytes.ts';
 import { MAX_L1_BYTES, MAX_SNAPSHOT_EXTRA_DATA } from './limits.ts';
 
 export interface SnapshotEntry {
@@ -64,9 +64,11 @@ export function decodeSnapshotTable(
     if (extraLen > MAX_SNAPSHOT_EXTRA_DATA) throw new FormatError(S, `extra_data_size of entry ${i}`, at + 36, `${extraLen} bytes is too much extra data`);
     const end = off + 40 + extraLen + idLen + nameLen;
     if (end > b.length) throw new FormatError(S, `entry ${i}`, at, 'entry runs past the end of the file');
-    if (l1TableOffset % clusterSize !== 0) throw new FormatError(S, `l1_table_offset of entry ${i}`, at, `${hex(l1TableOffset)} is not cluster aligned`);
+    // judged on the exact value: above 2^53 a JS number is rounded (2^60 + 1 would pass as aligned)
+    const exactL1 = u64big(b, off);
+    if (exactL1 % BigInt(clusterSize) !== 0n) throw new FormatError(S, `l1_table_offset of entry ${i}`, at, `${hex(exactL1)} is not cluster aligned`);
     if (l1Size > MAX_L1_BYTES / 8) throw new FormatError(S, `l1_size of entry ${i}`, at + 8, `${l1Size} entries is too large`);
-    if (l1TableOffset + l1Size * 8 > fileSize) throw new FormatError(S, `l1_table_offset of entry ${i}`, at, `L1 table at ${hex(l1TableOffset)} ends past the end of the file`);
+    if (l1TableOffset + l1Size * 8 > fileSize) throw new FormatError(S, `l1_table_offset of entry ${i}`, at, `L1 table at ${hex(exactL1)} ends past the end of the file`);
     const x = off + 40;
     const vmStateLarge = extraLen >= 8 ? u64(b, x) : undefined;
     entries.push({

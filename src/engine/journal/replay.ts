@@ -175,8 +175,8 @@ async function planReplay(dev: BlockDevice, parsed: ParsedHeader, fileSize: numb
     autoclear_features: h.autoclearFeatures,
     // the extension as it is, even while its bit is clear (a crash inside the switch's phases)
     nb_bitmaps: BigInt(rawBitmaps ? u32(rawBitmaps, 0) : 0),
-    bitmap_directory_size: BigInt(rawBitmaps ? u64(rawBitmaps, 8) : 0),
-    bitmap_directory_offset: BigInt(rawBitmaps ? u64(rawBitmaps, 16) : 0),
+    bitmap_directory_size: rawBitmaps ? u64big(rawBitmaps, 8) : 0n,
+    bitmap_directory_offset: rawBitmaps ? u64big(rawBitmaps, 16) : 0n,
   };
   const finalField = { ...diskField };
   for (const [f, s] of fields) {
