@@ -164,7 +164,7 @@ describe('bad input', () => {
 });
 
 describe('64-bit header fields compared exactly (issue 20, item 2)', () => {
-  it('a virtual size of 2^53 + 1 is refused with its exact value (as a JS number it rounds to 2^53, which would pass)', async () => {
+  it('a virtual size of 2^53 + 1 is refused with its exact value (as a JS number it rounds to 2^53, which would pass); an unaligned table offset past 2^53 too', async () => {
     const f = join(dir, 'size-2p53-plus-1.qcow2');
     writeFileSync(f, withField((b) => putU64(b, 24, 2n ** 53n + 1n)));
     const before = readFileSync(f);
@@ -174,6 +174,9 @@ describe('64-bit header fields compared exactly (issue 20, item 2)', () => {
     const w = await cli('io', '-c', 'write 0 512', f);
     expect(w.code).toBe(1);
     expect(readFileSync(f).equals(before)).toBe(true);
+    // a table offset of 2^60 + 1 is unaligned (as a number it rounds to an aligned 2^60), and says so exactly
+    writeFileSync(f, withField((b) => putU64(b, 40, 2n ** 60n + 1n)));
+    expect((await cli('info', f)).err).toContain('l1_table_offset at offset 0x28: 0x1000000000000001 is not aligned to a cluster');
     // 2^53 itself is the limit: not refused for its size (this image's one-entry L1 table is what is too small then)
     writeFileSync(f, withField((b) => putU64(b, 24, 2n ** 53n)));
     expect((await cli('info', f)).err).not.toContain('above the supported');

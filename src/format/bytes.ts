@@ -3,6 +3,16 @@
  * qledger accepts fits in 2^53 (8 PiB), so 64-bit fields are read as two
  * 32-bit halves and combined into a number; callers that need all 64 bits
  * (feature masks, entries with flag bits) use the bigint or half readers.
+ *
+ * The rule the 64-bit audit (issue 20) holds the code to: a number from
+ * u64 is exact below 2^53, and a masked table offset (bits 9 and up, a
+ * multiple of 512) is exact below 2^62; above that it is rounded, but it
+ * stays above 2^53, so a comparison with a file size or a limit still
+ * refuses it. What rounding can get wrong is anything else: alignment
+ * (2^60 + 1 rounds to an aligned 2^60), equality, and the value a message
+ * prints. Those take the exact value (u64big) from the bytes: the header's
+ * size and table offsets, a snapshot's L1 offset, the bitmaps extension,
+ * compressed descriptors, L2 entries and 64-bit refcounts in check.
  */
 
 export const TWO_32 = 0x1_0000_0000;

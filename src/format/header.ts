@@ -178,7 +178,7 @@ export function decodeHeader(b: Uint8Array, fileSize: number): ParsedHeader {
   const snapshotsOffset = u64(b, 64);
 
   if (backingFileOffset !== 0) {
-    if (backingFileOffset > clusterSize) fail('backing_file_offset', 8, `${hex(backingFileOffset)} lies outside cluster 0`);
+    if (backingFileOffset > clusterSize) fail('backing_file_offset', 8, `${hex(u64big(b, 8))} lies outside cluster 0`);
     if (backingFileSize > Math.min(L.MAX_BACKING_FILE_NAME, clusterSize - backingFileOffset)) {
       fail('backing_file_size', 16, `backing file name of ${backingFileSize} bytes is too long`);
     }
@@ -233,14 +233,14 @@ export function decodeHeader(b: Uint8Array, fileSize: number): ParsedHeader {
   const l1Needed = Math.ceil(size / (clusterSize * l2Entries));
   if (l1Size > L.MAX_L1_BYTES / 8) fail('l1_size', 36, `active L1 table of ${l1Size} entries is too large`);
   if (l1Size < l1Needed) fail('l1_size', 36, `L1 table of ${l1Size} entries is too small for a ${size}-byte disk (needs ${l1Needed})`);
-  checkTable('l1_table_offset', 40, l1TableOffset, l1Size * 8, clusterSize, fileSize);
+  checkTable('l1_table_offset', 40, l1TableOffset, l1Size * 8, clusterSize, fileSize, S, u64big(b, 40));
   if (refcountTableClusters === 0) fail('refcount_table_clusters', 56, 'image has no refcount table');
   if (refcountTableClusters * clusterSize > L.MAX_REFTABLE_BYTES) {
     fail('refcount_table_clusters', 56, `refcount table of ${refcountTableClusters} clusters is too large`);
   }
-  checkTable('refcount_table_offset', 48, refcountTableOffset, refcountTableClusters * clusterSize, clusterSize, fileSize);
+  checkTable('refcount_table_offset', 48, refcountTableOffset, refcountTableClusters * clusterSize, clusterSize, fileSize, S, u64big(b, 48));
   if (nbSnapshots > L.MAX_SNAPSHOTS) fail('nb_snapshots', 60, `${nbSnapshots} snapshots is more than ${L.MAX_SNAPSHOTS}`);
-  if (nbSnapshots > 0) checkTable('snapshots_offset', 64, snapshotsOffset, nbSnapshots * 40, clusterSize, fileSize);
+  if (nbSnapshots > 0) checkTable('snapshots_offset', 64, snapshotsOffset, nbSnapshots * 40, clusterSize, fileSize, S, u64big(b, 64));
 
   let backingFile: string | undefined;
   if (backingFileOffset !== 0) backingFile = decoder.decode(b.subarray(backingFileOffset, backingFileOffset + backingFileSize));
@@ -284,9 +284,9 @@ export function decodeHeader(b: Uint8Array, fileSize: number): ParsedHeader {
     if (u32(raw, 4) !== 0) throw new FormatError(E, 'bitmaps reserved', at + 4, 'reserved field is not zero');
     if (bitmaps.nbBitmaps > L.MAX_BITMAPS) throw new FormatError(E, 'nb_bitmaps', at, `${bitmaps.nbBitmaps} bitmaps is more than ${L.MAX_BITMAPS}`);
     if (bitmaps.nbBitmaps === 0) throw new FormatError(E, 'nb_bitmaps', at, 'bitmaps extension with no bitmaps');
-    if (bitmaps.directorySize > L.MAX_BITMAP_DIRECTORY_BYTES) throw new FormatError(E, 'bitmap_directory_size', at + 8, `${bitmaps.directorySize} bytes is too large`);
+    if (bitmaps.directorySize > L.MAX_BITMAP_DIRECTORY_BYTES) throw new FormatError(E, 'bitmap_directory_size', at + 8, `${u64big(raw, 8)} bytes is too large`);
+    checkTable('bitmap_directory_offset', ext.bitmapsOffset + 16, bitmaps.directoryOffset, bitmaps.directorySize, clusterSize, fileSize, 'bitmaps extension', u64big(raw, 16));
   }
-  if (bitmaps) checkTable('bitmap_directory_offset', ext.bitmapsOffset + 16, bitmaps.directoryOffset, bitmaps.directorySize, clusterSize, fileSize, 'bitmaps extension');
   return { header, ...ext, bitmaps, backingFile, warnings };
 }
 
@@ -298,11 +298,13 @@ function checkTable(
   clusterSize: number,
   fileSize: number,
   structure = S,
+  /** the field's exact value: above 2^53 `offset` is rounded (2^60 + 1 would pass as aligned, and print wrong) */
+  exact: bigint = BigInt(offset),
 ): void {
-  if (offset % clusterSize !== 0) throw new FormatError(structure, field, at, `${hex(offset)} is not aligned to a cluster`);
+  if (exact % BigInt(clusterSize) !== 0n) throw new FormatError(structure, field, at, `${hex(exact)} is not aligned to a cluster`);
   if (bytes > 0 && offset === 0) throw new FormatError(structure, field, at, 'table would overlap the header at offset 0x0');
   if (offset + bytes > fileSize) {
-    throw new FormatError(structure, field, at, `table at ${hex(offset)} (${bytes} bytes) ends past the end of the file (${hex(fileSize)})`);
+    throw new FormatError(structure, field, at, `table at ${hex(exact)} (${bytes} bytes) ends past the end of the file (${hex(fileSize)})`);
   }
 }
 
