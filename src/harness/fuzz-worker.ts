@@ -33,16 +33,18 @@ export function isFuzzWorker(): boolean {
   return !isMainThread && (workerData as Partial<WorkerSetup> | undefined)?.qledgerFuzzWorker === true;
 }
 
-/** The worker's loop: a case number and a command in, the outcome out. */
+/** The worker's loop: a case number and its commands in, each command's outcome out as it finishes. */
 export function serveFuzzWorker(): void {
   const setup = workerData as WorkerSetup;
-  let cached: { k: number; name: string; bytes: Uint8Array } | undefined;
-  parentPort!.on('message', (m: { k: number; cmd: FuzzCommand; first: boolean }) => {
+  parentPort!.on('message', (m: { k: number; cmds: FuzzCommand[]; first: boolean }) => {
     void (async () => {
-      if (cached?.k !== m.k) cached = { k: m.k, name: `case-${m.k}.qcow2`, bytes: fuzzCase(setup.images, setup.seed, m.k).bytes };
-      if (m.first && m.k === setup.spinCase) for (;;);
-      const r: Reply = await runOne(m.cmd, cached.name, cached.bytes, setup.timeoutMs, setup.memoryBytes);
-      parentPort!.postMessage(r);
+      const name = `case-${m.k}.qcow2`;
+      const bytes = fuzzCase(setup.images, setup.seed, m.k).bytes;
+      for (const [i, cmd] of m.cmds.entries()) {
+        if (i === 0 && m.first && m.k === setup.spinCase) for (;;);
+        const r: Reply = await runOne(cmd, name, bytes, setup.timeoutMs, setup.memoryBytes);
+        parentPort!.postMessage(r);
+      }
     })();
   });
 }
@@ -60,7 +62,6 @@ function workerEntry(): { file: string; eval: boolean } {
 /** The main thread's side: one worker at a time, a watchdog per command. */
 export class WorkerRunner implements CaseRunner {
   private worker: Worker | undefined;
-  private lastK = -1;
   private readonly watchdogMs: number;
 
   constructor(private readonly setup: Omit<WorkerSetup, 'qledgerFuzzWorker'>) {
@@ -82,34 +83,53 @@ export class WorkerRunner implements CaseRunner {
     return w;
   }
 
-  run(k: number, cmd: FuzzCommand): Promise<Reply> {
-    const first = k !== this.lastK;
-    this.lastK = k;
+  async runCase(k: number, commands: readonly FuzzCommand[]): Promise<Reply[]> {
+    const out: Reply[] = [];
+    // one message per case; after a stopped worker, the rest of the case goes to a new one
+    while (out.length < commands.length) out.push(...(await this.runSome(k, commands.slice(out.length), out.length === 0)));
+    return out;
+  }
+
+  /** Commands of case k in the current worker until they are done or one fails the worker (its outcome the last one returned). */
+  private runSome(k: number, cmds: readonly FuzzCommand[], first: boolean): Promise<Reply[]> {
     const w = (this.worker ??= this.start());
-    return new Promise<Reply>((resolve) => {
+    const got: Reply[] = [];
+    return new Promise<Reply[]>((resolve) => {
       let settled = false;
-      const done = (r: Reply, stop: boolean) => {
-        if (settled) return;
+      let timer: NodeJS.Timeout | undefined;
+      const arm = () => {
+        clearTimeout(timer);
+        timer = setTimeout(() => stop({ cls: 'hang', message: `no result within ${this.watchdogMs} ms (stuck in a synchronous step: the worker was stopped)` }), this.watchdogMs);
+      };
+      const finish = () => {
         settled = true;
         clearTimeout(timer);
         w.off('message', onMessage);
         w.off('error', onError);
         w.off('exit', onExit);
-        if (stop) {
-          if (this.worker === w) this.worker = undefined;
-          void w.terminate();
-        }
-        resolve(r);
+        resolve(got);
       };
-      const onMessage = (r: Reply) => done(r, false);
+      const stop = (r: Reply) => {
+        if (settled) return;
+        got.push(r);
+        if (this.worker === w) this.worker = undefined;
+        void w.terminate();
+        finish();
+      };
+      const onMessage = (r: Reply) => {
+        if (settled) return;
+        got.push(r);
+        if (got.length === cmds.length) finish();
+        else arm();
+      };
       const onError = (e: Error & { code?: string }) =>
-        done(e.code === 'ERR_WORKER_OUT_OF_MEMORY' ? { cls: 'memory', message: `the worker ran out of its ${this.setup.memoryBytes + (256 << 20)}-byte heap` } : { cls: 'crash', message: `the worker failed: ${e.message}` }, true);
-      const onExit = (code: number) => done({ cls: 'crash', message: `the worker exited (${code})` }, true);
-      const timer = setTimeout(() => done({ cls: 'hang', message: `no result within ${this.watchdogMs} ms (stuck in a synchronous step: the worker was stopped)` }, true), this.watchdogMs);
+        stop(e.code === 'ERR_WORKER_OUT_OF_MEMORY' ? { cls: 'memory', message: `the worker ran out of its ${this.setup.memoryBytes + (256 << 20)}-byte heap` } : { cls: 'crash', message: `the worker failed: ${e.message}` });
+      const onExit = (code: number) => stop({ cls: 'crash', message: `the worker exited (${code})` });
       w.on('message', onMessage);
       w.on('error', onError);
       w.on('exit', onExit);
-      w.postMessage({ k, cmd, first });
+      arm();
+      w.postMessage({ k, cmds, first });
     });
   }
 

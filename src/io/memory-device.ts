@@ -29,9 +29,10 @@ export class MemoryDevice implements BlockDevice {
   constructor(
     readonly name = 'memory',
     initial?: Uint8Array,
-    opts: { readOnly?: boolean } = {},
+    /** `share` (read-only devices): the bytes are used as they are, not copied; the caller leaves them unchanged while the device is open */
+    opts: { readOnly?: boolean; share?: boolean } = {},
   ) {
-    this.buf = initial ? initial.slice() : new Uint8Array(0);
+    this.buf = initial ? (opts.share && opts.readOnly ? initial : initial.slice()) : new Uint8Array(0);
     this.length = this.buf.length;
     this.readOnly = opts.readOnly ?? false;
   }
