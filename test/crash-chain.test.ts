@@ -60,19 +60,22 @@ async function judge(ops: GuestOp[], kind: Kind, extra: Partial<CrashTestOptions
   return { r: await crashTest(ops, o), repro: reproduction(ops, o) };
 }
 
+/** Random workloads of `kind`: no failing crash state, no corruption or wrong data, no leak after the journal's recovery (v3). */
+async function everyStateSound(workloads: fc.Arbitrary<GuestOp[]>, kind: Kind): Promise<void> {
+  await fc.assert(
+    fc.asyncProperty(workloads, async (ops) => {
+      const { r, repro } = await judge(ops, kind);
+      expect(r.failures, `${r.failures.slice(0, 3).map((f) => `${f.state}: ${f.problem}`).join('\n')}\nreplay: ${repro}`).toEqual([]);
+      expect(r.corruptions + r.dataErrors).toBe(0);
+      if (kind.create.compat !== '0.10') expect(r.leaksAfterRecovery).toBe(0);
+    }),
+    { numRuns: RUNS, verbose: 1 },
+  );
+}
+
 describe('rebase onto no backing file: every crash state', () => {
   for (const kind of KINDS) {
-    it(kind.name, async () => {
-      await fc.assert(
-        fc.asyncProperty(workload, async (ops) => {
-          const { r, repro } = await judge(ops, kind);
-          expect(r.failures, `${r.failures.slice(0, 3).map((f) => `${f.state}: ${f.problem}`).join('\n')}\nreplay: ${repro}`).toEqual([]);
-          expect(r.corruptions + r.dataErrors).toBe(0);
-          if (kind.create.compat !== '0.10') expect(r.leaksAfterRecovery).toBe(0);
-        }),
-        { numRuns: RUNS, verbose: 1 },
-      );
-    });
+    it(kind.name, () => everyStateSound(workload, kind));
   }
 
   it('the workload lines parse and print back', () => {
@@ -93,16 +96,7 @@ describe('rebase onto no backing file: every crash state', () => {
 
 describe('commit into the backing file: every crash state of the top, and of the backing file during the copy', () => {
   for (const kind of KINDS) {
-    it(kind.name, async () => {
-      await fc.assert(
-        fc.asyncProperty(commitWorkload, async (ops) => {
-          const { r, repro } = await judge(ops, kind);
-          expect(r.failures, `${r.failures.slice(0, 3).map((f) => `${f.state}: ${f.problem}`).join('\n')}\nreplay: ${repro}`).toEqual([]);
-          if (kind.create.compat !== '0.10') expect(r.leaksAfterRecovery).toBe(0);
-        }),
-        { numRuns: RUNS, verbose: 1 },
-      );
-    });
+    it(kind.name, () => everyStateSound(commitWorkload, kind));
   }
 
   it('the copy is judged: the backing file\'s own crash states are counted', async () => {
@@ -114,34 +108,27 @@ describe('commit into the backing file: every crash state of the top, and of the
   });
 });
 
+/** The first failing crash state among the first few workloads with `fault` on, or undefined. */
+async function firstFailure(samples: fc.Arbitrary<GuestOp[]>, kind: Kind, fault: 'commit-empty-early' | 'rebase-switch-early'): Promise<string | undefined> {
+  for (const ops of fc.sample(samples, { numRuns: 30, seed: 42 })) {
+    const { r } = await judge(ops, kind, { fault, stopAtFirst: true });
+    if (r.failures.length) return `${r.failures[0]!.state}: ${r.failures[0]!.problem}`;
+  }
+  return undefined;
+}
+
 describe("the fault 'commit-empty-early' is caught", () => {
   for (const kind of [KINDS[0]!, KINDS[2]!]) {
     it(kind.name, async () => {
-      let found: string | undefined;
-      for (const ops of fc.sample(commitWorkload, { numRuns: 30, seed: 42 })) {
-        const { r } = await judge(ops, kind, { fault: 'commit-empty-early', stopAtFirst: true });
-        if (r.failures.length) {
-          found = `${r.failures[0]!.state}: ${r.failures[0]!.problem}`;
-          break;
-        }
-      }
-      expect(found, 'no failing crash state found with fault commit-empty-early').toBeDefined();
+      expect(await firstFailure(commitWorkload, kind, 'commit-empty-early'), 'no failing crash state found with fault commit-empty-early').toBeDefined();
     });
   }
 });
 
 describe("the fault 'rebase-switch-early' is caught", () => {
   it('some workload of the first few fails a crash state', async () => {
-    let found: string | undefined;
-    const samples = fc.sample(workload.map((ops) => ops.map((x) => (x.op === 'rebase' ? { op: 'rebase' as const, unsafe: false } : x))), { numRuns: 30, seed: 42 });
-    for (const ops of samples) {
-      const { r } = await judge(ops, KINDS[0]!, { fault: 'rebase-switch-early', stopAtFirst: true });
-      if (r.failures.length) {
-        found = `${r.failures[0]!.state}: ${r.failures[0]!.problem}`;
-        break;
-      }
-    }
-    expect(found, 'no failing crash state found with fault rebase-switch-early').toBeDefined();
+    const safe = workload.map((ops) => ops.map((x): GuestOp => (x.op === 'rebase' ? { op: 'rebase', unsafe: false } : x)));
+    expect(await firstFailure(safe, KINDS[0]!, 'rebase-switch-early'), 'no failing crash state found with fault rebase-switch-early').toBeDefined();
   });
 });
 
