@@ -29,8 +29,11 @@ export class MemoryDevice implements BlockDevice {
   constructor(
     readonly name = 'memory',
     initial?: Uint8Array,
-    /** `share` (read-only devices): the bytes are used as they are, not copied; the caller leaves them unchanged while the device is open */
-    opts: { readOnly?: boolean; share?: boolean } = {},
+    opts: {
+      readOnly?: boolean;
+      /** read-only devices: the bytes are used as they are, not copied (the caller leaves them unchanged while the device is open) */
+      share?: boolean;
+    } = {},
   ) {
     this.buf = initial ? (opts.share && opts.readOnly ? initial : initial.slice()) : new Uint8Array(0);
     this.length = this.buf.length;
