@@ -10,7 +10,8 @@ import { describe, it, expect } from 'vitest';
 import fc from 'fast-check';
 import { groupByBlock } from '../src/engine/write/tree-refs.ts';
 import { getRefcount, maxRefcount, nextZeroRefcount, readRefcounts, setRefcount, writeRefcounts } from '../src/format/refcount.ts';
-import { mergeAdjacent, type DeviceWrite } from '../src/engine/ordering.ts';
+import type { DeviceWrite } from '../src/engine/ordering.ts';
+import { mergeAdjacent } from '../src/engine/device-writes.ts';
 import { host } from '../src/format/offsets.ts';
 
 const runs = Number(process.env['QLEDGER_PROPERTY_RUNS'] ?? 200);

@@ -14,7 +14,8 @@ import { EXT_QLEDGER_VACANT, planExtensionInsert, planExtensionRemove } from '..
 import { host } from '../src/format/offsets.ts';
 import { planClusterWrite, type PlanEnv } from '../src/engine/write/data-write.ts';
 import { FaultPlan } from '../src/engine/faults.ts';
-import { PhaseLists, dirtySectors } from '../src/engine/ordering.ts';
+import { PhaseLists } from '../src/engine/ordering.ts';
+import { dirtySectors } from '../src/engine/device-writes.ts';
 import { MemoryDevice } from '../src/io/memory-device.ts';
 import { createOnDevice } from '../src/engine/writable.ts';
 import { readAt } from '../src/io/device.ts';

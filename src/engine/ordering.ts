@@ -57,6 +57,7 @@ import { host, type HostOffset } from '../format/offsets.ts';
 import { maxRefcount, getRefcount, readRefcounts, setRefcount, writeRefcounts } from '../format/refcount.ts';
 import type { MetaRecord, Word64 } from '../journal/records.ts';
 import { PTrie } from '../state/ptrie.ts';
+import { dirtySectors, mergeAdjacent, padSector } from './device-writes.ts';
 import { OL_ACTIVE_L1, OL_ACTIVE_L2, OL_INACTIVE_L2, OL_MAIN_HEADER, OL_REFCOUNT_BLOCK, OL_REFCOUNT_TABLE } from './write/overlap.ts';
 import { CHUNK_ENTRIES, l1Bytes, l1TableOffset, reftableBytes, reftableEntry, type HeaderState, type MetaState } from '../state/state.ts';
 
@@ -196,8 +197,8 @@ export interface WriteAhead {
 /**
  * The writes of one phase: in order, or `concurrency` at a time (the writes
  * of a phase have no order among them). In order, writes that follow each
- * other on the device, of one kind and category, go as one request of up
- * to MERGE_BYTES: a snapshot's write-back changes every table of a tree,
+ * other on the device, of one kind and category, go as one request
+ * (device-writes.ts): a snapshot's write-back changes every table of a tree,
  * thousands of adjacent clusters, and each request costs a system call and
  * an overlap check.
  */
@@ -209,36 +210,6 @@ async function runPhase(phase: Phase, io: PlanIO, concurrency: number): Promise<
   for (let i = 0; i < phase.writes.length; i += concurrency) {
     await Promise.all(phase.writes.slice(i, i + concurrency).map((w) => io.write(w, phase)));
   }
-}
-
-const MERGE_BYTES = 4 << 20;
-
-/** `writes` with runs of adjacent writes of the same kind and category joined (the bytes copied once). */
-export function mergeAdjacent(writes: readonly DeviceWrite[]): readonly DeviceWrite[] {
-  if (writes.length < 2) return writes;
-  const sorted = [...writes].sort((x, y) => x.offset - y.offset);
-  const out: DeviceWrite[] = [];
-  for (let i = 0; i < sorted.length; ) {
-    const first = sorted[i]!;
-    let end = first.offset + first.data.length;
-    let bytes = first.data.length;
-    let j = i + 1;
-    while (j < sorted.length) {
-      const w = sorted[j]!;
-      if (w.offset !== end || w.kind !== first.kind || w.category !== first.category || bytes + w.data.length > MERGE_BYTES) break;
-      end += w.data.length;
-      bytes += w.data.length;
-      j++;
-    }
-    if (j === i + 1) out.push(first);
-    else {
-      const data = new Uint8Array(bytes);
-      for (let k = i, o = 0; k < j; o += sorted[k]!.data.length, k++) data.set(sorted[k]!.data, o);
-      out.push({ ...first, data, what: `${first.what} and ${j - i - 1} adjacent` });
-    }
-    i = j;
-  }
-  return out;
 }
 
 /**
@@ -274,41 +245,6 @@ export async function executePlan(phases: readonly Phase[], io: PlanIO, o: { wri
   if (phases.length === 0 && !skipEmpty) await io.barrier();
   if (wa) await wa.checkpoint();
   return writes;
-}
-
-const SECTOR = 512;
-const BLOCK = 16 * SECTOR;
-
-/** Writes for the sectors of `next` that differ from `prev` (all of them when prev is undefined). */
-export function dirtySectors(prev: Uint8Array | undefined, next: Uint8Array, base: HostOffset, what: string, kind?: number): DeviceWrite[] {
-  if (!prev) return [{ offset: base, data: next, what, kind }];
-  const out: DeviceWrite[] = [];
-  if (prev === next) return out;
-  const a = Buffer.from(prev.buffer, prev.byteOffset, prev.byteLength);
-  // Blocks of 16 sectors first: a write-back usually changes a few entries of a 64 KiB table, and
-  // 8 comparisons find the blocks that hold them (the sectors inside only those are compared).
-  const differs = (o: number, end: number) => end > prev.length || a.compare(next, o, end, o, end) !== 0;
-  let runStart = -1;
-  for (let blk = 0; blk < next.length; blk += BLOCK) {
-    const blkEnd = Math.min(next.length, blk + BLOCK);
-    if (!differs(blk, blkEnd)) {
-      if (runStart >= 0) {
-        out.push({ offset: host(base + runStart), data: next.subarray(runStart, blk), what, kind });
-        runStart = -1;
-      }
-      continue;
-    }
-    for (let o = blk; o < blkEnd; o += SECTOR) {
-      const d = differs(o, Math.min(blkEnd, o + SECTOR));
-      if (d && runStart < 0) runStart = o;
-      if (!d && runStart >= 0) {
-        out.push({ offset: host(base + runStart), data: next.subarray(runStart, o), what, kind });
-        runStart = -1;
-      }
-    }
-  }
-  if (runStart >= 0) out.push({ offset: host(base + runStart), data: next.subarray(runStart), what, kind });
-  return out;
 }
 
 export function planFlush(p: PlanInput): Plan {
@@ -611,13 +547,4 @@ function withCopiedFrom(table: Uint8Array, before: Uint8Array, after: Uint8Array
 function sameLow(x: Uint8Array, y: Uint8Array, o: number): boolean {
   for (let k = 1; k < 8; k++) if (x[o + k] !== y[o + k]) return false;
   return true;
-}
-
-/** `b` zero-padded to whole 512-byte sectors (an L1 table need not be sector-sized). */
-export function padSector(b: Uint8Array): Uint8Array {
-  const n = Math.ceil(b.length / SECTOR) * SECTOR;
-  if (n === b.length) return b;
-  const out = new Uint8Array(n);
-  out.set(b);
-  return out;
 }

@@ -41,17 +41,16 @@ import { guest } from '../engine/layer.ts';
 import { checkDevice } from '../engine/check/check.ts';
 import { createOnDevice, openSession, openWriterOnDevice } from '../engine/writable.ts';
 import type { CreateOptions } from '../engine/create.ts';
-import type { Fault } from '../engine/faults.ts';
+import { faultPlan, type Fault } from '../engine/faults.ts';
 import type { GuestOp } from './workload.ts';
 import { makeEmptyFast } from '../engine/make-empty-fast.ts';
-import { faultPlan } from '../engine/faults.ts';
 import { CorruptionError, QledgerError } from '../errors.ts';
-
-export { parseWorkload, reproduction, workloadCommands, type GuestOp } from './workload.ts';
 import { judgeBitmaps } from './bitmap-oracle.ts';
 import { amendDevice, flattenCopy, namesBacking } from './offline-ops.ts';
 import { CrashBase, memLayer } from './chain-base.ts';
 import { switchBacking } from '../engine/rebase.ts';
+
+export { parseWorkload, reproduction, workloadCommands, type GuestOp } from './workload.ts';
 
 export interface CrashTestOptions {
   /** the image: qemu-img create options (size included) */
@@ -335,10 +334,8 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
         case 'rebase': {
           // qemu-img rebase [-u] -b '' : onto no backing file; an image without one has nothing to change
           if (!namesBacking(rec.snapshot())) break;
-          // safe: the differences copied through the session (made durable by its close) before the switch;
-          // with the fault, the switch first and the copy after it
-          const early = faultPlan(o.fault)?.rebaseSwitchEarly === true;
-          const late = op.unsafe ? [] : await flattenCopy(w, early);
+          // safe: the differences copied through the session (its close makes them durable), then the switch (the fault: the other way round)
+          const late = op.unsafe ? [] : await flattenCopy(w, faultPlan(o.fault)?.rebaseSwitchEarly === true);
           await w.close();
           await switchBacking(rec, name, undefined, undefined);
           flattened = true;
