@@ -1,7 +1,7 @@
 /**
  * qledger fuzz: `fuzz [--cases N] [--seed S] [--shard I/N] [--commands
  * LIST] [--timeout MS] [--memory MIB] [--out DIR] [--qemu] [--output=
- * human|json] [--in-process] [IMAGE...]`, qledger's own: seeded mutations of the given
+ * human|json] [--in-process] [--checkpoint FILE] [IMAGE...]`, qledger's own: seeded mutations of the given
  * images (or the built-in kinds) with every command run on each, the
  * outcomes counted by class (harness/fuzz.ts), failing cases written to
  * --out. The commands run in a worker thread that is stopped when one
@@ -11,16 +11,16 @@
  * reported, not failed).
  */
 
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { basename } from 'node:path';
 import { UsageError } from '../errors.ts';
-import { FUZZ_CLASSES, FUZZ_COMMANDS, builtinImages, fuzz, type FuzzCommand } from '../harness/fuzz.ts';
+import { FUZZ_CLASSES, FUZZ_COMMANDS, builtinImages, fuzz, type FuzzCommand, type FuzzSummary } from '../harness/fuzz.ts';
 import { WorkerRunner } from '../harness/fuzz-worker.ts';
 import { getopt } from './args.ts';
 import type { Output } from './output.ts';
 
 export async function runFuzz(argv: string[], io: Output): Promise<number> {
-  const p = getopt(argv, { withArg: '', flags: 'q', long: { cases: true, seed: true, shard: true, commands: true, timeout: true, memory: true, out: true, qemu: false, output: true, 'in-process': false } }, 'fuzz');
+  const p = getopt(argv, { withArg: '', flags: 'q', long: { cases: true, seed: true, shard: true, commands: true, timeout: true, memory: true, out: true, qemu: false, output: true, 'in-process': false, checkpoint: true } }, 'fuzz');
   const last = (k: string) => p.opts.filter(([x]) => x === k).at(-1)?.[1];
   const int = (k: string, d: number, min = 0) => {
     const v = last(k);
@@ -56,8 +56,22 @@ export async function runFuzz(argv: string[], io: Output): Promise<number> {
   const inProcess = p.opts.some(([k]) => k === 'in-process');
   const seedImages = images ?? (await builtinImages());
   const runner = inProcess ? undefined : new WorkerRunner({ images: seedImages, seed, timeoutMs, memoryBytes });
+  // --checkpoint FILE: the summary so far written every 1000 cases and when the campaign is stopped
+  // (SIGTERM, SIGINT: a job runner's time limit), so a long campaign cut short still leaves its counts
+  const checkpoint = last('checkpoint');
+  let latest: FuzzSummary | undefined;
+  const save = () => latest && checkpoint !== undefined && writeFileSync(String(checkpoint), JSON.stringify({ ...latest, stopped: true }, null, 2) + '\n');
+  const onSignal = () => {
+    save();
+    process.exit(130);
+  };
+  if (checkpoint !== undefined) {
+    process.once('SIGTERM', onSignal);
+    process.once('SIGINT', onSignal);
+  }
   const r = await fuzz({
     runner,
+    onProgress: checkpoint === undefined ? undefined : (x) => ((latest = x), save()),
     cases,
     seed,
     shard,
@@ -70,6 +84,11 @@ export async function runFuzz(argv: string[], io: Output): Promise<number> {
     onCase: quiet || output === 'json' ? undefined : (k) => (k % step === 0 ? io.err(`case ${k}\n`) : undefined),
   });
   await runner?.close();
+  if (checkpoint !== undefined) {
+    process.off('SIGTERM', onSignal);
+    process.off('SIGINT', onSignal);
+    writeFileSync(String(checkpoint), JSON.stringify(r, null, 2) + '\n');
+  }
   if (output === 'json') io.out(JSON.stringify(r, null, 2) + '\n');
   else {
     io.out(`cases: ${r.cases} (seed ${r.seed}${shard ? `, shard ${shard.index}/${shard.count}` : ''}), command runs: ${r.runs}, ${r.casesPerSecond.toFixed(1)} cases per second\n`);

@@ -65,6 +65,9 @@ export interface FuzzOptions {
   readonly qemu?: boolean | undefined;
   /** after each case */
   readonly onCase?: ((k: number) => void) | undefined;
+  /** every `progressEvery` cases (default 1000): the summary so far, as the campaign would end now */
+  readonly onProgress?: ((s: FuzzSummary) => void) | undefined;
+  readonly progressEvery?: number | undefined;
   /** where the commands run (default: here, in process; fuzz-worker.ts runs them in a worker thread) */
   readonly runner?: CaseRunner | undefined;
 }
@@ -370,6 +373,7 @@ export async function fuzz(o: FuzzOptions): Promise<FuzzSummary> {
   const shard = o.shard ?? { index: 0, count: 1 };
   if (o.outDir) mkdirSync(o.outDir, { recursive: true });
   let runs = 0;
+  let done = 0;
   for (let k = shard.index; k < o.cases; k += shard.count) {
     const c = fuzzCase(images, o.seed, k);
     const name = `case-${k}.qcow2`;
@@ -408,8 +412,15 @@ export async function fuzz(o: FuzzOptions): Promise<FuzzSummary> {
       }
     }
     o.onCase?.(k);
+    done++;
+    if (o.onProgress && done % (o.progressEvery ?? 1000) === 0) o.onProgress(summary(done));
   }
-  const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
-  const cases = Math.ceil((o.cases - shard.index) / shard.count);
-  return { seed: o.seed, cases, runs, seconds, casesPerSecond: cases / seconds, classes, byCommand, failures };
+  return summary(done);
+
+  function summary(cases: number): FuzzSummary {
+    const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
+    // copies: a progress summary must not change under its reader
+    const byCmd = Object.fromEntries(Object.entries(byCommand).map(([c, x]) => [c, { ...x }])) as Record<FuzzCommand, Record<FuzzClass, number>>;
+    return { seed: o.seed, cases, runs, seconds, casesPerSecond: cases / seconds, classes: { ...classes }, byCommand: byCmd, failures: [...failures] };
+  }
 }
