@@ -10,7 +10,7 @@
  */
 
 import { MemoryDevice } from '../io/memory-device.ts';
-import { RecordingDevice, crashStates, type RecordedOp } from '../io/crash-device.ts';
+import { RecordingDevice, crashStates, replayOps, type RecordedOp } from '../io/crash-device.ts';
 import { readGuest } from '../engine/read.ts';
 import { openQcow2Layer } from '../engine/qcow2-layer.ts';
 import { RawLayer } from '../engine/raw-layer.ts';
@@ -44,27 +44,6 @@ export async function makeBacking(format: 'raw' | 'qcow2', size: number): Promis
   if (size >= 80 * 4096) await w.writeZeroes(64 * 4096, 16 * 4096);
   await w.close();
   return dev.snapshot();
-}
-
-/** `initial` with the writes and truncations of `ops[0 .. end)` applied. */
-function replay(initial: Uint8Array, ops: readonly RecordedOp[], end: number): Uint8Array {
-  let img = initial.slice();
-  for (let i = 0; i < end; i++) {
-    const op = ops[i]!;
-    if (op.kind === 'truncate') {
-      const n = new Uint8Array(op.size);
-      n.set(img.subarray(0, Math.min(img.length, op.size)));
-      img = n;
-    } else if (op.kind === 'write') {
-      if (op.offset + op.data.length > img.length) {
-        const n = new Uint8Array(op.offset + op.data.length);
-        n.set(img);
-        img = n;
-      }
-      img.set(op.data, op.offset);
-    }
-  }
-  return img;
 }
 
 export class CrashBase {
@@ -104,7 +83,7 @@ export class CrashBase {
       // every write before the last flush that came before the emptying
       let lastFlush = 0;
       for (let i = 0; i < this.atEmpty; i++) if (this.rec.ops[i]!.kind === 'flush') lastFlush = i;
-      return memLayer(this.name, replay(this.initial, this.rec.ops, lastFlush), this.format);
+      return memLayer(this.name, replayOps(this.initial, this.rec.ops, lastFlush), this.format);
     })();
     return this.durableLayer;
   }
@@ -162,7 +141,7 @@ export class CrashBase {
   async judgeCopy(topName: string, topInitial: Uint8Array, topOps: readonly RecordedOp[], maxStates: number, seed: number): Promise<{ states: number; failures: Array<{ state: string; problem: string }> }> {
     const failures: Array<{ state: string; problem: string }> = [];
     if (!this.committed || !this.expected) return { states: 0, failures };
-    const top = replay(topInitial, topOps, this.topAtEmpty);
+    const top = replayOps(topInitial, topOps, this.topAtEmpty);
     let states = 0;
     for (const st of crashStates(this.initial, this.rec.ops.slice(0, this.atEmpty), { maxStates, seed })) {
       states++;

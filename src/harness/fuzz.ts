@@ -400,7 +400,7 @@ export async function fuzz(o: FuzzOptions): Promise<FuzzSummary> {
       const theirs = qemuTotals(f);
       if (theirs !== undefined) {
         try {
-          const r = await checkDevice(new MemoryDevice(name, c.bytes, { readOnly: true }), name, { maxFindings: 0 });
+          const r = await checkDevice(new MemoryDevice(name, c.bytes, { readOnly: true, share: true }), name, { maxFindings: 0 });
           const ours = `${r.corruptions}/${r.leaks}/${r.checkErrors}`;
           if (ours !== theirs) {
             classes.disagreement++;

@@ -112,6 +112,13 @@ function epochs(ops: readonly RecordedOp[]): Epoch[] {
   return out.filter((e) => e.writes.length > 0 || e.start === -1);
 }
 
+/** `initial` with the first `end` recorded operations applied whole (no crash: every write and truncation as it was made). */
+export function replayOps(initial: Uint8Array, ops: readonly RecordedOp[], end: number): Uint8Array {
+  const img = new Image(initial, initial.length);
+  for (let i = 0; i < end; i++) img.apply(ops[i]!);
+  return img.bytes();
+}
+
 class Image {
   buf: Uint8Array;
   length: number;
