@@ -76,10 +76,10 @@ const DAMAGES: Record<string, Damage> = {
 };
 
 /** The findings on stderr, without the host-offset suffix qledger adds and with qemu-img's name. */
-const qemuWords = (err: string) => err.replace(/ \((?:offset|host offset|L2 table at) 0x[0-9a-f]+(?:, index \d+)?\)$/gm, '').replace(/^qledger:/gm, 'qemu-img:');
+const qemuWords = (err: string) => err.replace(/ \((?:offset|host offset|L2 table at) 0x[0-9a-f]+(?:, index \d+)?\)$/gm, '').replace(/^qledger:/gm, 'qemu-img:').replace(/qledger (amend|convert)/g, 'qemu-img $1');
 
 function json(args: string[], file: string): { code: number | null; json: unknown; stderr: string } {
-  const r = spawnSync('qemu-img', ['check', '--output=json', ...args, file], { encoding: 'utf8' });
+  const r = spawnSync('qemu-img', ['check', '--output=json', ...args, file], { encoding: 'utf8', maxBuffer: 1 << 30 });
   let j: unknown;
   try {
     j = JSON.parse(r.stdout);
@@ -267,4 +267,73 @@ describe('findings in bounded memory (issue 20): streamed as found, a bounded nu
     expect(capped.findings.map((f) => f.message)).toEqual(seen.slice(0, 5));
     expect([capped.corruptions, capped.leaks, capped.checkErrors]).toEqual([all.corruptions, all.leaks, all.checkErrors]);
   });
+});
+
+/**
+ * An image whose L1 table names one L2 table `refs` times (as a fuzzed
+ * l1_size past the real table does): the table holds `fill` data clusters,
+ * entry 1 with a reserved bit set and entry 2 with COPIED cleared, so that
+ * every reference to it has findings of its own.
+ */
+async function manyReferences(refs: number, fill: number, refcountBits: number): Promise<Uint8Array> {
+  const { MemoryDevice } = await import('../src/io/memory-device.ts');
+  const { createOnDevice, openWriterOnDevice } = await import('../src/engine/writable.ts');
+  const dev = new MemoryDevice('refs.qcow2');
+  await createOnDevice(dev, 'refs.qcow2', { size: 2 << 20, clusterSize: CS, refcountBits });
+  const w = await openWriterOnDevice(dev, 'refs.qcow2', { journal: false });
+  await w.write(0, new Uint8Array(fill * CS).fill(7));
+  await w.close();
+  const b = dev.snapshot();
+  const l1 = (u32(b, 40) & 0x00ff_ffff) * 2 ** 32 + u32(b, 44);
+  const l2 = (u32(b, l1) & 0x00ff_ffff) * 2 ** 32 + (u32(b, l1 + 4) & 0xffff_fe00);
+  b[l2 + 8 + 7] = b[l2 + 8 + 7]! | 0x02; // entry 1: a reserved bit
+  b[l2 + 16] = b[l2 + 16]! & 0x7f; // entry 2: COPIED cleared
+  const at = Math.ceil(b.length / CS) * CS;
+  const out = new Uint8Array(at + Math.ceil((refs * 8) / CS) * CS);
+  out.set(b);
+  for (let i = 0; i < refs; i++) {
+    putU32(out, at + i * 8, u32(b, l1) & (i % 3 === 0 ? 0x7fff_ffff : 0xffff_ffff)); // every third without COPIED
+    putU32(out, at + i * 8 + 4, u32(b, l1 + 4));
+  }
+  putU64(out, 40, at);
+  putU32(out, 36, refs);
+  putU64(out, 24, refs * (CS / 8) * CS);
+  return out;
+}
+
+describe('check time linear in the metadata, not in the references to one table (issue 20, item 4)', () => {
+  it.skipIf(!qemuAvailable)('one table named 70,000 times (past what 16 refcount bits count): totals, exit code and every message as qemu-img check prints them', async () => {
+    const tmp = tempDir('qledger-refs-');
+    try {
+      const f = join(tmp.dir, 'refs.qcow2');
+      writeFileSync(f, await manyReferences(70_000, 6, 16));
+      const q = json([], f);
+      const r = await ours(['check', '--output=json', f]);
+      expect({ code: r.code, json: JSON.parse(r.out || '{}') }).toEqual({ code: q.code, json: q.json });
+      const mine = qemuWords(r.err).split('\n');
+      const theirs = q.stderr.split('\n');
+      // the same messages in the same order, but for the overflow ones: QEMU reports each at the
+      // reference that passes the limit, qledger (counting a table's references at once) at its first
+      const overflow = (l: string) => l.startsWith('ERROR: overflow') || l.startsWith('Use qemu-img amend');
+      expect(mine.filter((l) => !overflow(l))).toEqual(theirs.filter((l) => !overflow(l)));
+      expect(mine.filter(overflow).sort()).toEqual(theirs.filter(overflow).sort());
+      expect(theirs.filter(overflow).length).toBe((70_000 - 65_535) * 7 * 2); // the table and its six data clusters, two lines each
+    } finally {
+      tmp.cleanup();
+    }
+  }, 60_000);
+
+  it('one full table named 2,000,000 times checks in seconds (walking it per reference, as QEMU does, takes minutes)', async () => {
+    const { MemoryDevice } = await import('../src/io/memory-device.ts');
+    const { checkDevice } = await import('../src/engine/check/check.ts');
+    const bytes = await manyReferences(2_000_000, CS / 8, 64);
+    const t = performance.now();
+    const r = await checkDevice(new MemoryDevice('refs.qcow2', bytes, { readOnly: true }), 'refs.qcow2', { maxFindings: 10 });
+    const seconds = (performance.now() - t) / 1000;
+    // per reference: the reserved bit of entry 1, one COPIED finding for its data cluster (refcount 1, COPIED clear)
+    // and one for the L1 entry when its COPIED flag is wrong; plus one mismatch per referenced cluster
+    expect(r.corruptions).toBeGreaterThan(2 * 2_000_000);
+    expect(r.findings.length).toBe(10);
+    expect(seconds).toBeLessThan(40);
+  }, 120_000);
 });

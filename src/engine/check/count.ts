@@ -55,6 +55,19 @@ export class Counts {
     a[i]!++;
     return true;
   }
+  /** `n` more references to `c`, counted up to `max`: how many did not fit (0 when all did). */
+  bumpBy(c: number, n: number, max: number): number {
+    const k = Math.floor(c / 65536);
+    const a = k === this.lastKey ? this.last! : this.chunk(k, true)!;
+    const i = c - k * 65536;
+    const room = max - a[i]!;
+    if (n <= room) {
+      a[i]! += n;
+      return 0;
+    }
+    a[i] = max;
+    return n - Math.max(0, room);
+  }
   add(c: ClusterIndex, d: number): void {
     const a = this.chunk(Math.floor(c / 65536), true)!;
     const i = c % 65536;
@@ -84,6 +97,19 @@ export interface Analysis {
   readonly mismatches: Array<{ cluster: number; stored: number; counted: number; /** the stored value exactly, when a number rounds it */ storedText?: string | undefined }>;
 }
 
+/** What one L2 table references and what is wrong in it, from one walk of it. */
+interface TableWalk {
+  /** corruptions in the table, reported at every reference to it (as QEMU reports them) */
+  readonly findings: Array<{ readonly message: string; readonly offset: number }>;
+  /** whole host clusters inside the file it references, one per entry */
+  readonly clusters: number[];
+  /** other ranges it references inside the file (compressed, unaligned): offset, size pairs */
+  readonly ranges: number[];
+  allocated: number;
+  compressed: number;
+  fragmented: number;
+}
+
 export interface Image {
   readonly dev: BlockDevice;
   readonly parsed: ParsedHeader;
@@ -103,14 +129,38 @@ export interface Image {
 /** Tables read per batch: bounds memory whatever the image claims. */
 export const BATCH_BYTES = 64 * 1024 * 1024;
 
-/** L2 table offsets named by an L1 table, in L1 order, with their indices. */
-export function l1Entries(l1: Uint8Array, count: number): Array<{ i: number; hi: number; lo: number; l2: number }> {
-  const out: Array<{ i: number; hi: number; lo: number; l2: number }> = [];
-  for (let i = 0; i < count; i++) {
-    const hi = u32(l1, i * 8);
-    const lo = u32(l1, i * 8 + 4);
-    if (hi === 0 && lo === 0) continue;
-    out.push({ i, hi, lo, l2: entryOffset(hi, lo) });
+/** The indices of an L1 table's entries that are not zero, in L1 order (4 bytes each, whatever the table holds). */
+export function l1Used(l1: Uint8Array, count: number): Uint32Array {
+  let n = 0;
+  for (let i = 0; i < count; i++) if (u32(l1, i * 8) !== 0 || u32(l1, i * 8 + 4) !== 0) n++;
+  const out = new Uint32Array(n);
+  n = 0;
+  for (let i = 0; i < count; i++) if (u32(l1, i * 8) !== 0 || u32(l1, i * 8 + 4) !== 0) out[n++] = i;
+  return out;
+}
+
+/** L1 entry `i`: its two words and the L2 table offset it names. */
+export function l1Entry(l1: Uint8Array, i: number): { i: number; hi: number; lo: number; l2: number } {
+  const hi = u32(l1, i * 8);
+  const lo = u32(l1, i * 8 + 4);
+  return { i, hi, lo, l2: entryOffset(hi, lo) };
+}
+
+/**
+ * Most references to L2 tables the counting groups (8 bytes each while it
+ * counts them); past it, every reference walks its table again, as QEMU's do.
+ */
+export const GROUPED_REFERENCES = 2 ** 23;
+
+/** How often each value that occurs more than once occurs (sorts `values` in place). */
+export function repeated(values: Float64Array): Map<number, number> {
+  const out = new Map<number, number>();
+  values.sort();
+  for (let i = 0; i < values.length; ) {
+    let j = i + 1;
+    while (j < values.length && values[j] === values[i]) j++;
+    if (j - i > 1) out.set(values[i]!, j - i);
+    i = j;
   }
   return out;
 }
@@ -241,12 +291,15 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
     a.findings.push({ counts: 'corruption', message, offset, cluster: offset === undefined ? undefined : Math.floor(offset / cs), fixed: false });
   };
   const maxCount = Math.min(maxRefcount(g.refcountOrder), 0xffff_ffff);
+  // QEMU's two lines, its advice naming qledger's commands of the same names
+  const overflow = (c: number) =>
+    corrupt(`ERROR: overflow cluster offset=0x${hexDigits(c * cs)}\nUse qledger amend to increase the refcount entry width or qledger convert to create a clean copy if the image cannot be opened for writing`, c * cs);
   const inc = (offset: number, size: number, exact?: bigint) => {
     // the common case first: one whole cluster inside the file (every data cluster and L2 table)
     if (size === cs && offset % cs === 0 && offset + cs <= fileSize) {
       const c = offset / cs;
       if (c + 1 > a.nbClusters) a.nbClusters = c + 1;
-      if (!a.counts.bump(c, maxCount)) corrupt(`ERROR: overflow cluster offset=0x${hexDigits(offset)} (more references than refcount_bits=${g.refcountBits} can count)`, offset);
+      if (!a.counts.bump(c, maxCount)) overflow(c);
       return;
     }
     if (size <= 0) return;
@@ -258,86 +311,156 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
     // as QEMU's in-memory refcount table grows with the references: a cluster just past the end of the file is compared too
     if (last + 1 > a.nbClusters) a.nbClusters = last + 1;
     for (let c = clusterOf(host(offset), cs); c <= last; c = cluster(c + 1)) {
-      if (a.counts.get(c) >= maxCount) {
-        // QEMU stops counting at what refcount_bits can hold, and says so
-        corrupt(`ERROR: overflow cluster offset=0x${hexDigits(c * cs)} (more references than refcount_bits=${g.refcountBits} can count)`, c * cs);
-        continue;
-      }
-      a.counts.add(c, 1);
+      // QEMU stops counting at what refcount_bits can hold, and says so
+      if (a.counts.get(c) >= maxCount) overflow(c);
+      else a.counts.add(c, 1);
+    }
+  };
+
+  // A table's references counted `n` times at once (once per reference to the table): QEMU
+  // reports each reference past what refcount_bits can count, and so does this (at the first).
+  const apply = (w: TableWalk, n: number) => {
+    for (const c of w.clusters) for (let x = a.counts.bumpBy(c, n, maxCount); x > 0; x--) overflow(c);
+    for (let r = 0; r < w.ranges.length; r += 2) {
+      const first = Math.floor(w.ranges[r]! / cs);
+      const last = Math.floor((w.ranges[r]! + w.ranges[r + 1]! - 1) / cs);
+      for (let c = first; c <= last; c++) for (let x = a.counts.bumpBy(c, n, maxCount); x > 0; x--) overflow(c);
     }
   };
 
   const e: RawL2Entry = { hi: 0, lo: 0, bitmapHi: 0, bitmapLo: 0 };
   const entryHex = () => hexWord(e.hi, e.lo);
-  const walkL2 = (table: Uint8Array, l2Offset: number, frag: boolean) => {
+  /** One walk of an L2 table: what it references and what is wrong in it, counted nowhere yet. */
+  const walkL2 = (table: Uint8Array, l2Offset: number): TableWalk => {
+    const w: TableWalk = { findings: [], clusters: [], ranges: [], allocated: 0, compressed: 0, fragmented: 0 };
+    const bad = (message: string, offset: number) => w.findings.push({ message, offset });
+    // the reference a counting pass makes, sorted: a whole cluster, another range, or one past the end (reported)
+    const ref = (offset: number, size: number, exact?: bigint) => {
+      if (size === cs && offset % cs === 0 && offset + cs <= fileSize) {
+        const c = offset / cs;
+        if (c + 1 > a.nbClusters) a.nbClusters = c + 1;
+        w.clusters.push(c);
+        return;
+      }
+      if (size <= 0) return;
+      if (offset + size - fileSize >= cs) {
+        bad(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${hexDigits(exact ?? offset)} size 0x${hexDigits(size)}`, offset);
+        return;
+      }
+      const last = Math.floor((offset + size - 1) / cs);
+      if (last + 1 > a.nbClusters) a.nbClusters = last + 1;
+      w.ranges.push(offset, size);
+    };
     let next = 0;
     for (let j = 0; j < g.l2Entries; j++) {
       readL2Entry(table, j, g, e);
+      // the common case first: an unallocated entry (a table read past the end of the file is all of them)
+      if ((e.hi | e.lo) === 0 && (!g.extendedL2 || (e.bitmapLo | e.bitmapHi) === 0)) continue;
       const compressed = isCompressed(e);
       if (!compressed && ((e.hi & L2E_STD_RESERVED_HI) !== 0 || (e.lo & L2E_STD_RESERVED_LO) !== 0)) {
-        corrupt(`ERROR found l2 entry with reserved bits set: ${entryHex()} (L2 table at 0x${hexDigits(l2Offset)}, index ${j})`, l2Offset);
+        bad(`ERROR found l2 entry with reserved bits set: ${entryHex()} (L2 table at 0x${hexDigits(l2Offset)}, index ${j})`, l2Offset);
       }
       if (compressed) {
         if (isCopied(e)) {
           const d = compressedDescriptor({ ...e, hi: e.hi & ~L2E_COPIED_HI }, g.clusterBits);
-          corrupt(`ERROR: coffset=0x${hexDigits(d.exactOffset)}: copied flag must never be set for compressed clusters`, d.offset);
+          bad(`ERROR: coffset=0x${hexDigits(d.exactOffset)}: copied flag must never be set for compressed clusters`, d.offset);
         }
         if (hasDataFile) {
-          corrupt(`ERROR compressed cluster ${j} with data file, entry=0x${entryHex()} (L2 table at 0x${hexDigits(l2Offset)})`, l2Offset);
+          bad(`ERROR compressed cluster ${j} with data file, entry=0x${entryHex()} (L2 table at 0x${hexDigits(l2Offset)})`, l2Offset);
           continue;
         }
         if (g.extendedL2 && ((e.bitmapHi | e.bitmapLo) >>> 0) !== 0) {
-          corrupt(`ERROR compressed cluster ${j} with non-zero subcluster allocation bitmap, entry=0x${entryHex()}`, l2Offset);
+          bad(`ERROR compressed cluster ${j} with non-zero subcluster allocation bitmap, entry=0x${entryHex()}`, l2Offset);
           continue;
         }
         const d = compressedDescriptor({ ...e, hi: e.hi & ~L2E_COPIED_HI }, g.clusterBits);
-        inc(d.offset, d.length, d.exactOffset);
-        if (frag) {
-          a.allocated++;
-          a.compressed++;
-          a.fragmented++;
-        }
+        ref(d.offset, d.length, d.exactOffset);
+        w.allocated++;
+        w.compressed++;
+        w.fragmented++;
         continue;
       }
       const off = standardOffset(e);
       const allocated = off !== 0 || (hasDataFile && isCopied(e));
       if (!allocated) {
-        if (g.extendedL2 && (e.bitmapLo >>> 0) !== 0) corrupt(`ERROR: Unallocated cluster has non-zero subcluster allocation map (L2 table at 0x${hexDigits(l2Offset)}, index ${j})`, l2Offset);
+        if (g.extendedL2 && (e.bitmapLo >>> 0) !== 0) bad(`ERROR: Unallocated cluster has non-zero subcluster allocation map (L2 table at 0x${hexDigits(l2Offset)}, index ${j})`, l2Offset);
         continue;
       }
       if (g.extendedL2 && ((e.bitmapHi & e.bitmapLo) >>> 0) !== 0) {
-        corrupt(`ERROR offset=${hexDigits(off)}: Allocated cluster has corrupted subcluster allocation bitmap`, off);
+        bad(`ERROR offset=${hexDigits(off)}: Allocated cluster has corrupted subcluster allocation bitmap`, off);
       }
       if (off % cs !== 0) {
         const containsData = g.extendedL2 ? (e.bitmapLo >>> 0) !== 0 : (e.lo & 1) === 0;
         // QEMU reports it and still counts the (misaligned) range it names
-        corrupt(`ERROR offset=${hexDigits(off)}: ${containsData ? 'Data' : 'Preallocated'} cluster is not properly aligned; L2 entry corrupted. (L2 table at 0x${hexDigits(l2Offset)}, index ${j})`, off);
+        bad(`ERROR offset=${hexDigits(off)}: ${containsData ? 'Data' : 'Preallocated'} cluster is not properly aligned; L2 entry corrupted. (L2 table at 0x${hexDigits(l2Offset)}, index ${j})`, off);
       }
-      if (frag) {
-        a.allocated++;
-        if (next && off !== next) a.fragmented++;
-        next = off + cs;
-      }
-      if (!hasDataFile) inc(off, cs);
+      w.allocated++;
+      if (next && off !== next) w.fragmented++;
+      next = off + cs;
+      if (!hasDataFile) ref(off, cs);
     }
+    return w;
   };
+
+  // The L1 tables walked (the active one, then each snapshot's that can be read), and how often
+  // each L2 table is named in all of them: a table is walked once, at its first reference, and
+  // counted for all of them then; its findings are reported again at every reference, as QEMU's.
+  const snapshotL1 = (sn: SnapshotEntry) => sn.l1Size <= 32 * 1024 * 1024 / 8 && sn.l1TableOffset % cs === 0;
+  const l1Tables = [[h.l1TableOffset, h.l1Size], ...img.snapshots.filter(snapshotL1).map((sn) => [sn.l1TableOffset, sn.l1Size])] as Array<[number, number]>;
+  // the references of every table named more than once (offsets sorted, runs counted: 8 bytes a
+  // reference, where a map of every offset would take several times that)
+  let remaining = new Map<number, number>();
+  const total = l1Tables.reduce((t, [, size]) => t + size, 0);
+  if (total <= GROUPED_REFERENCES) {
+    const all = new Float64Array(total);
+    let n = 0;
+    for (const [off, size] of l1Tables) {
+      if (!size) continue;
+      const l1 = await readAt(dev, off, size * 8);
+      for (const i of l1Used(l1, size)) all[n++] = l1Entry(l1, i).l2;
+    }
+    remaining = repeated(all.subarray(0, n));
+  }
+  const walked = new Map<number, TableWalk>();
 
   const walkL1 = async (l1Off: number, l1Size: number, frag: boolean) => {
     if (!l1Size) return;
     inc(l1Off, l1Size * 8);
-    const entries = l1Entries(await readAt(dev, l1Off, l1Size * 8), l1Size);
+    const l1 = await readAt(dev, l1Off, l1Size * 8);
+    const used = l1Used(l1, l1Size);
     const perBatch = Math.max(1, Math.floor(BATCH_BYTES / cs));
-    for (let b = 0; b < entries.length; b += perBatch) {
+    for (let b = 0; b < used.length; b += perBatch) {
       img.signal?.throwIfAborted();
-      const batch = entries.slice(b, b + perBatch);
+      const batch = Array.from(used.subarray(b, b + perBatch), (i) => l1Entry(l1, i));
       // like QEMU, read each table where the entry says, aligned or not (past the end reads as zeros)
-      const aligned = await readClusters(dev, batch.filter((x) => x.l2 % cs === 0).map((x) => x.l2), cs);
+      const aligned = await readClusters(dev, batch.filter((x) => x.l2 % cs === 0 && (frag || !walked.has(x.l2))).map((x) => x.l2), cs);
       if (frag) for (const [o, t] of aligned) if ((a.activeTables.size + 1) * cs <= BATCH_BYTES) a.activeTables.set(o, t);
       for (const { i, hi, lo, l2 } of batch) {
         if (l1ReservedBits(hi, lo)) corrupt(`ERROR found L1 entry with reserved bits set: ${hexWord(hi, lo)}`, l1Off + i * 8);
         inc(l2, cs);
         if (l2 % cs !== 0) corrupt(`ERROR l2_offset=${hexDigits(l2)}: Table is not cluster aligned; L1 entry corrupted (L1 index ${i})`, l2);
-        walkL2(aligned.get(l2) ?? (await readAt(dev, l2, cs)), l2, frag);
+        let w = walked.get(l2);
+        if (!w) {
+          w = walkL2(aligned.get(l2) ?? (await readAt(dev, l2, cs)), l2);
+          apply(w, remaining.get(l2) ?? 1);
+          // counted for every reference: only the findings are kept for the later ones
+          w.clusters.length = 0;
+          w.ranges.length = 0;
+        }
+        for (const f of w.findings) corrupt(f.message, f.offset);
+        if (frag) {
+          a.allocated += w.allocated;
+          a.compressed += w.compressed;
+          a.fragmented += w.fragmented;
+        }
+        const left = (remaining.get(l2) ?? 1) - 1;
+        if (left > 0) {
+          remaining.set(l2, left);
+          walked.set(l2, w);
+        } else {
+          remaining.delete(l2);
+          walked.delete(l2);
+        }
       }
     }
   };

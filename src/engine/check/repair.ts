@@ -15,7 +15,7 @@ import { INCOMPAT_DATA_FILE } from '../../format/features.ts';
 import { COPIED_HI } from '../../format/l1.ts';
 import { isCompressed, isCopied, readL2Entry, standardOffset, type RawL2Entry, L2E_COPIED_HI } from '../../format/l2.ts';
 import { getRefcount, setRefcount, setRefcountTableEntry, maxRefcount, refcountStructureSize, refcountText } from '../../format/refcount.ts';
-import { l1Entries, Stored, BATCH_BYTES, type Analysis, type Image } from './count.ts';
+import { l1Entry, l1Used, repeated, Stored, BATCH_BYTES, type Analysis, type Image } from './count.ts';
 import type { CheckFinding, CheckReport, RepairMode } from './report.ts';
 import { patchHeader } from '../write/header-bits.ts';
 
@@ -72,16 +72,20 @@ export async function checkCopied(img: Image, a: Analysis, stored: Stored, repai
   if (h.l1TableOffset + h.l1Size * 8 > fileSize) return;
   const l1 = await readAt(dev, h.l1TableOffset, h.l1Size * 8);
   const e: RawL2Entry = { hi: 0, lo: 0, bitmapHi: 0, bitmapLo: 0 };
-  const entries = l1Entries(l1, h.l1Size).filter((x) => x.l2 !== 0);
+  const used = l1Used(l1, h.l1Size).filter((i) => l1Entry(l1, i).l2 !== 0);
   const perBatch = Math.max(1, Math.floor(BATCH_BYTES / cs));
-  for (let b = 0; b < entries.length; b += perBatch) {
-    const batch = entries.slice(b, b + perBatch);
+  // how often each table is named, and the findings of each one judged that is named again
+  const refs = repeated(Float64Array.from(used, (i) => l1Entry(l1, i).l2));
+  const judged = new Map<number, CheckFinding[]>();
+  const l1End = h.l1TableOffset + h.l1Size * 8;
+  for (let b = 0; b < used.length; b += perBatch) {
+    const batch = Array.from(used.subarray(b, b + perBatch), (i) => l1Entry(l1, i));
     // a table past the end of the file reads as zeros there, as QEMU's file driver reads it (a repair writes only inside the file)
     const wanted = batch.filter((x) => x.l2 % cs === 0 && (!repair || x.l2 + cs <= fileSize)).map((x) => x.l2);
-    const tables = await readClusters(dev, wanted.filter((o) => !a.activeTables.has(o)), cs);
+    const tables = await readClusters(dev, wanted.filter((o) => !a.activeTables.has(o) && !judged.has(o)), cs);
     // QEMU reads a table at an unaligned offset too (its entries judged as any others); a repair
     // would write it there, over other metadata, which QEMU's overlap check refuses: not repaired here
-    if (!repair) for (const x of batch) if (x.l2 % cs !== 0 && !tables.has(x.l2)) tables.set(x.l2, await readAt(dev, x.l2, cs));
+    if (!repair) for (const x of batch) if (x.l2 % cs !== 0 && !tables.has(x.l2) && !judged.has(x.l2)) tables.set(x.l2, await readAt(dev, x.l2, cs));
     for (const o of wanted) if (a.activeTables.has(o)) tables.set(o, a.activeTables.get(o)!);
     for (const { i, hi, lo, l2 } of batch) {
       const rc = stored.get(Math.floor(l2 / cs));
@@ -97,11 +101,25 @@ export async function checkCopied(img: Image, a: Analysis, stored: Stored, repai
           report.corruptionsFixed++;
         } else a.corruptions++;
       }
+      // a table named again is judged again: its findings again (QEMU reports them at every
+      // reference), from one walk of it; repaired, it has none left at its later references
+      const seen = judged.get(l2);
+      if (seen) {
+        for (const f of seen) {
+          a.findings.push({ ...f });
+          a.corruptions++;
+        }
+        const left = refs.get(l2)! - 1;
+        refs.set(l2, left);
+        if (!left) judged.delete(l2);
+        continue;
+      }
       const t0 = tables.get(l2);
       if (!t0) continue;
       // repairing: read it again, an L1 repair above may have written into it
       const t = repair ? await readAt(dev, l2, cs) : t0;
       let dirty = false;
+      const found: CheckFinding[] = [];
       for (let j = 0; j < g.l2Entries; j++) {
         readL2Entry(t, j, g, e);
         if (isCompressed(e)) continue;
@@ -117,9 +135,16 @@ export async function checkCopied(img: Image, a: Analysis, stored: Stored, repai
             dirty = true;
             f.fixed = true;
             report.corruptionsFixed++;
-          } else a.corruptions++;
+          } else {
+            a.corruptions++;
+            found.push({ ...f });
+          }
         }
       }
+      // kept while later references remain, unless the L1 table's repairs write into it
+      const left = (refs.get(l2) ?? 1) - 1;
+      if (left > 0) refs.set(l2, left);
+      if (left > 0 && !(repair && l2 < l1End && l2 + cs > h.l1TableOffset)) judged.set(l2, found);
       if (dirty) await dev.write(l2, t);
     }
   }
