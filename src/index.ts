@@ -17,7 +17,7 @@ export type { BitmapInfo } from './engine/write/bitmaps.ts';
 export { DirtyBitmap } from './engine/bitmaps/dirty-bitmap.ts';
 export { serveNbd, type NbdServeOptions, type NbdServerHandle } from './server/nbd-server.ts';
 export type { SnapshotFields } from './engine/write/snapshots.ts';
-export type { SnapshotEntry } from './format/snapshot.ts';
+export type { SnapshotEntry, SnapshotExactFields } from './format/snapshot.ts';
 export type { CreateOptions, Preallocation } from './engine/create.ts';
 export type { TraceEvent } from './engine/writer.ts';
 export type { ZeroOptions, DetectZeroes } from './engine/writer-options.ts';

@@ -67,6 +67,9 @@ export async function runSnapshot(argv: string[], io: Output): Promise<number> {
   } catch (e) {
     const errno = e instanceof QledgerError ? (e.data['errno'] as number | undefined) : undefined;
     if (errno === undefined) throw e;
+    // the reason QEMU reports on a line of its own before the command's failure (a refused size)
+    const detail = (e as QledgerError).data['detail'];
+    if (typeof detail === 'string') io.err(`qledger: ${detail}\n`);
     if (action === 'c') return fail(io, `Could not create snapshot '${name}': -${errno} (${STRERROR[errno] ?? 'Error'})`);
     if (action === 'a') return fail(io, `Could not apply snapshot '${name}': Failed to load snapshot: ${STRERROR[errno] ?? 'Error'}`);
     return fail(io, `Could not delete snapshot '${name}': ${errno === 2 ? 'snapshot not found' : `-${errno} (${STRERROR[errno] ?? 'Error'})`}`);

@@ -5,21 +5,28 @@
 
 import { AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2 } from '../format/features.ts';
 import { BME_FLAG_AUTO, BME_FLAG_IN_USE } from '../format/bitmaps.ts';
-import type { SnapshotEntry } from '../format/snapshot.ts';
+import { snapshotExact, type SnapshotEntry } from '../format/snapshot.ts';
 import { Qcow2Layer } from './qcow2-layer.ts';
 import { RawLayer } from './raw-layer.ts';
 import { combinePath } from './open.ts';
 import type { Layer } from './layer.ts';
 
+/** A snapshot as `qemu-img info` shows it; a 64-bit value past 2^53 is a bigint (exact), as QEMU prints int64s. */
 export interface SnapshotInfo {
-  icount?: number;
+  icount?: number | bigint;
   'vm-clock-nsec': number;
   name: string;
   'date-sec': number;
   'date-nsec': number;
-  'vm-clock-sec': number;
+  'vm-clock-sec': number | bigint;
   id: string;
-  'vm-state-size': number;
+  'vm-state-size': number | bigint;
+}
+
+/** QEMU's int64 view of a stored 64-bit value, as a number where that is exact. */
+function int64(v: bigint): number | bigint {
+  const s = BigInt.asIntN(64, v);
+  return s >= BigInt(Number.MIN_SAFE_INTEGER) && s <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(s) : s;
 }
 
 export interface Qcow2SpecificInfo {
@@ -49,16 +56,17 @@ export interface ImageInfo {
 }
 
 export function snapshotInfo(s: SnapshotEntry): SnapshotInfo {
+  const x = snapshotExact(s);
   const o: SnapshotInfo = {
-    'vm-clock-nsec': s.vmClockNsec % 1e9,
+    'vm-clock-nsec': Number(x.vmClockNsec % 1_000_000_000n),
     name: s.name,
     'date-sec': s.dateSec,
     'date-nsec': s.dateNsec,
-    'vm-clock-sec': Math.floor(s.vmClockNsec / 1e9),
+    'vm-clock-sec': int64(x.vmClockNsec / 1_000_000_000n),
     id: s.id,
-    'vm-state-size': s.vmStateSize,
+    'vm-state-size': int64(x.vmStateSize),
   };
-  return s.icount !== undefined ? { icount: s.icount, ...o } : o;
+  return x.icount !== undefined ? { icount: int64(x.icount), ...o } : o;
 }
 
 export async function imageInfo(layer: Layer): Promise<ImageInfo> {
@@ -138,6 +146,8 @@ export function qemuJson(v: unknown, indent = 0): string {
     if (keys.length === 0) return '{\n' + end + '}';
     return `{\n${keys.map(([k, x]) => `${pad}${JSON.stringify(k)}: ${qemuJson(x, indent + 4)}`).join(',\n')}\n${end}}`;
   }
+  // a 64-bit value past 2^53, printed exactly
+  if (typeof v === 'bigint') return v.toString();
   return JSON.stringify(v);
 }
 
@@ -167,7 +177,7 @@ function formatG3(x: number): string {
   return s;
 }
 
-function pad2(n: number): string {
+function pad2(n: number | bigint): string {
   return String(n).padStart(2, '0');
 }
 
@@ -176,9 +186,10 @@ export function snapshotLine(s?: SnapshotEntry): string {
   if (!s) return `${'ID'.padEnd(10)}${'TAG'.padEnd(17)}${'VM SIZE'.padStart(8)}${'DATE'.padStart(20)}${'VM CLOCK'.padStart(13)}${'ICOUNT'.padStart(11)}`;
   const t = new Date(s.dateSec * 1000);
   const date = `${t.getFullYear()}-${pad2(t.getMonth() + 1)}-${pad2(t.getDate())} ${pad2(t.getHours())}:${pad2(t.getMinutes())}:${pad2(t.getSeconds())}`;
-  const secs = Math.floor(s.vmClockNsec / 1e9);
-  const clock = `${pad2(Math.floor(secs / 3600))}:${pad2(Math.floor(secs / 60) % 60)}:${pad2(secs % 60)}.${String(Math.floor(s.vmClockNsec / 1e6) % 1000).padStart(3, '0')}`;
-  const icount = s.icount !== undefined ? String(s.icount) : '';
+  const x = snapshotExact(s);
+  const secs = x.vmClockNsec / 1_000_000_000n;
+  const clock = `${pad2(secs / 3600n)}:${pad2((secs / 60n) % 60n)}:${pad2(secs % 60n)}.${String((x.vmClockNsec / 1_000_000n) % 1000n).padStart(3, '0')}`;
+  const icount = x.icount !== undefined ? String(BigInt.asIntN(64, x.icount)) : '';
   return `${s.id.padEnd(9)} ${s.name.padEnd(16)} ${sizeToStr(s.vmStateSize).padStart(8)}${date.padStart(20)}${clock.padStart(13)}${icount.padStart(11)}`;
 }
 

@@ -34,6 +34,36 @@ export interface SnapshotEntry {
   readonly icount: number | undefined;
   /** extra data past the fields we know, kept verbatim */
   readonly extraUnknown: Uint8Array;
+  /**
+   * The 64-bit fields exactly as read (the numbers above round past 2^53):
+   * what info prints and what a rewrite of the table writes back, so that a
+   * table rewritten for another entry keeps every bit of this one.
+   */
+  readonly exact?: SnapshotExactFields | undefined;
+}
+
+/** A snapshot entry's 64-bit fields as stored. */
+export interface SnapshotExactFields {
+  readonly vmClockNsec: bigint;
+  readonly vmStateSize: bigint;
+  readonly diskSize: bigint | undefined;
+  readonly icount: bigint | undefined;
+}
+
+/** A field's exact value: the stored one while the number still says the same, else the number. */
+function exactOf(n: number | undefined, stored: bigint | undefined): bigint | undefined {
+  if (n === undefined) return undefined;
+  return stored !== undefined && Number(stored) === n ? stored : BigInt(n);
+}
+
+/** The exact 64-bit fields of an entry (those read, or its numbers' values for an entry made here). */
+export function snapshotExact(s: SnapshotEntry): SnapshotExactFields {
+  return {
+    vmClockNsec: exactOf(s.vmClockNsec, s.exact?.vmClockNsec)!,
+    vmStateSize: exactOf(s.vmStateSize, s.exact?.vmStateSize)!,
+    diskSize: exactOf(s.diskSize, s.exact?.diskSize),
+    icount: exactOf(s.icount, s.exact?.icount),
+  };
 }
 
 const S = 'snapshot table';
@@ -71,6 +101,7 @@ export function decodeSnapshotTable(
     if (l1TableOffset + l1Size * 8 > fileSize) throw new FormatError(S, `l1_table_offset of entry ${i}`, at, `L1 table at ${hex(exactL1)} ends past the end of the file`);
     const x = off + 40;
     const vmStateLarge = extraLen >= 8 ? u64(b, x) : undefined;
+    const noIcount = extraLen < 24 || (u32(b, x + 16) === 0xffff_ffff && u32(b, x + 20) === 0xffff_ffff);
     entries.push({
       l1TableOffset,
       l1Size,
@@ -81,8 +112,14 @@ export function decodeSnapshotTable(
       vmClockNsec: u64(b, off + 24),
       vmStateSize: vmStateLarge ?? u32(b, off + 32),
       diskSize: extraLen >= 16 ? u64(b, x + 8) : undefined,
-      icount: extraLen >= 24 && !(u32(b, x + 16) === 0xffff_ffff && u32(b, x + 20) === 0xffff_ffff) ? u64(b, x + 16) : undefined,
+      icount: noIcount ? undefined : u64(b, x + 16),
       extraUnknown: b.slice(x + Math.min(extraLen, 24), x + extraLen),
+      exact: {
+        vmClockNsec: u64big(b, off + 24),
+        vmStateSize: extraLen >= 8 ? u64big(b, x) : BigInt(u32(b, off + 32)),
+        diskSize: extraLen >= 16 ? u64big(b, x + 8) : undefined,
+        icount: noIcount ? undefined : u64big(b, x + 16),
+      },
     });
     off = Math.ceil(end / 8) * 8;
   }
@@ -103,12 +140,13 @@ export function encodeSnapshotTable(entries: readonly SnapshotEntry[]): Uint8Arr
     putU16(b, 14, name.length);
     putU32(b, 16, s.dateSec);
     putU32(b, 20, s.dateNsec);
-    putU64(b, 24, s.vmClockNsec);
-    putU32(b, 32, Math.min(s.vmStateSize, 0xffff_ffff));
+    const x = snapshotExact(s);
+    putU64(b, 24, x.vmClockNsec);
+    putU32(b, 32, Number(x.vmStateSize > 0xffff_ffffn ? 0xffff_ffffn : x.vmStateSize));
     putU32(b, 36, extraLen);
-    putU64(b, 40, s.vmStateSize);
-    putU64(b, 48, s.diskSize ?? 0);
-    putU64(b, 56, s.icount ?? 0xffff_ffff_ffff_ffffn);
+    putU64(b, 40, x.vmStateSize);
+    putU64(b, 48, x.diskSize ?? 0n);
+    putU64(b, 56, x.icount ?? 0xffff_ffff_ffff_ffffn);
     b.set(s.extraUnknown, 64);
     b.set(id, 40 + extraLen);
     b.set(name, 40 + extraLen + id.length);

@@ -54,7 +54,8 @@ export class Resizer {
       return;
     }
     const needL1 = Math.ceil(size / span);
-    if (needL1 * 8 > MAX_L1_BYTES) throw new QledgerError('E_UNSUPPORTED', `${ctx.filename}: an L1 table for ${size} bytes would exceed ${MAX_L1_BYTES} bytes`);
+    // QEMU's words (qcow2_co_truncate); the L1 table it would need is past QCOW_MAX_L1_SIZE
+    if (needL1 * 8 > MAX_L1_BYTES) throw new QledgerError('E_UNSUPPORTED', `${ctx.filename}: Failed to grow the L1 table: File too large (${size} bytes need an L1 table over ${MAX_L1_BYTES} bytes)`, { errno: 27, size });
     await this.growL1(needL1);
     ctx.emit({ kind: 'header', field: 'size', old: BigInt(h.size), new: BigInt(size) });
     // The new space must read as zero, not as whatever a longer backing file

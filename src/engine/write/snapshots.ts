@@ -23,7 +23,8 @@
 import { CorruptionError, QledgerError, hex } from '../../errors.ts';
 import { COPIED_HI, entryOffset } from '../../format/l1.ts';
 import { isCompressed, isCopied, l2EntryAt, standardOffset, L2E_COMPRESSED_HI, L2E_COPIED_HI, L2E_OFFSET_MASK_HI, L2E_OFFSET_MASK_LO } from '../../format/l2.ts';
-import { encodeSnapshotTable, type SnapshotEntry } from '../../format/snapshot.ts';
+import { encodeSnapshotTable, snapshotExact, type SnapshotEntry } from '../../format/snapshot.ts';
+import { MAX_L1_BYTES, MAX_SUPPORTED_BYTES } from '../../format/limits.ts';
 import { cluster, clusterOf, host, type HostOffset } from '../../format/offsets.ts';
 import { putU32, u32 } from '../../format/bytes.ts';
 import { readAt, readClusters } from '../../io/device.ts';
@@ -152,9 +153,16 @@ export class Snapshots {
     const at = findSnapshotIndex(this.list, key);
     if (at < 0) throw new QledgerError('E_NOT_FOUND', `${ctx.filename}: no snapshot with id or name '${key}'`, { errno: 2 });
     const sn = this.list[at]!;
-    const snapL1 = await this.readL1(sn);
-    const size = sn.diskSize ?? t.header.size;
     const h = t.header;
+    // the virtual size the snapshot brings back, judged exactly and before any change, as
+    // QEMU's apply truncates to it first (its refusals in its words, as `detail`)
+    const exactSize = snapshotExact(sn).diskSize ?? BigInt(h.size);
+    const refuse = (errno: number, detail: string) => new QledgerError(errno === 22 ? 'E_FORMAT' : 'E_UNSUPPORTED', `${ctx.filename}: snapshot '${key}': ${detail} (disk size ${exactSize})`, { errno, detail, field: 'disk_size', size: exactSize });
+    if (exactSize % 512n !== 0n) throw refuse(22, 'The new size must be a multiple of 512');
+    if (exactSize / BigInt(g.l2Entries * cs) + (exactSize % BigInt(g.l2Entries * cs) ? 1n : 0n) > BigInt(MAX_L1_BYTES / 8)) throw refuse(27, 'Failed to grow the L1 table: File too large');
+    if (exactSize > BigInt(MAX_SUPPORTED_BYTES)) throw refuse(27, 'a virtual size above 2^53 bytes is not supported');
+    const size = Number(exactSize);
+    const snapL1 = await this.readL1(sn);
 
     // Both trees, read first. Slots whose table is the same in both cancel out.
     const add = new ClusterList();
@@ -177,8 +185,9 @@ export class Snapshots {
     }
     // checked whole before its first record: a refusal changes nothing
     await this.alloc.changeRefcounts(add.view(), 1, { referenced: true });
-    // the active L1 takes the snapshot's size when that is larger (QEMU's qcow2_grow_l1_table); the entries stay
-    await this.resizer.growL1(sn.l1Size);
+    // the active L1 takes the snapshot's size when that is larger (QEMU's qcow2_grow_l1_table), and
+    // covers the virtual size the snapshot brings back (QEMU's truncate to it); the entries stay
+    await this.resizer.growL1(Math.max(sn.l1Size, Math.ceil(size / (g.l2Entries * cs))));
     for (const s of slots) {
       // the snapshot still holds the table: shared, so COPIED clear
       ctx.emit({ kind: 'l1', index: s.index, old: s.old, new: { hi: Math.floor(s.table / 0x1_0000_0000), lo: s.table % 0x1_0000_0000 } });
