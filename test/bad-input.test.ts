@@ -8,7 +8,7 @@ import { readFileSync, writeFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { decodeHeader, encodeHeader, QCOW2_MAGIC, putU32, putU64 } from '../src/format/index.ts';
 import { FormatError, UnsupportedError } from '../src/errors.ts';
-import { tempDir } from './helpers/qemu.ts';
+import { qemuAvailable, qemuImg, tempDir } from './helpers/qemu.ts';
 import { FileDevice } from '../src/io/file-device.ts';
 import { runCli } from './helpers/cli.ts';
 
@@ -180,6 +180,32 @@ describe('64-bit header fields compared exactly (issue 20, item 2)', () => {
     // 2^53 itself is the limit: not refused for its size (this image's one-entry L1 table is what is too small then)
     writeFileSync(f, withField((b) => putU64(b, 24, 2n ** 53n)));
     expect((await cli('info', f)).err).not.toContain('above the supported');
+  });
+});
+
+describe.skipIf(!qemuAvailable)('a bitmap table offset past 2^53 judged exactly (issue 20, item 2)', () => {
+  it('2^60 + 1 is unaligned (as a number it rounds to an aligned 2^60): a read-write open refuses it, printing it exactly, and writes nothing', async () => {
+    const f = join(dir, 'bitmap-offset.qcow2');
+    qemuImg(['create', '-q', '-f', 'qcow2', f, '1M']);
+    qemuImg(['bitmap', '--add', f, 'b0']);
+    const b = readFileSync(f);
+    // the bitmaps extension (0x23852875): nb_bitmaps, reserved, directory size, directory offset
+    let at = b.readUInt32BE(100); // header_length: the extensions follow
+    let dirOffset = -1;
+    while (at + 8 <= b.length) {
+      const type = b.readUInt32BE(at);
+      const len = b.readUInt32BE(at + 4);
+      if (type === 0) break;
+      if (type === 0x23852875) dirOffset = Number(b.readBigUInt64BE(at + 8 + 16));
+      at += 8 + Math.ceil(len / 8) * 8;
+    }
+    expect(dirOffset).toBeGreaterThan(0);
+    b.writeBigUInt64BE(2n ** 60n + 1n, dirOffset);
+    writeFileSync(f, b);
+    const r = await cli('io', '-c', 'write 0 512', f);
+    expect(r.code).toBe(1);
+    expect(r.err).toMatch(/bitmap_table_offset of bitmap 'b0' at offset 0x[0-9a-f]+: 0x1000000000000001 is not aligned to a cluster/);
+    expect(readFileSync(f).equals(b)).toBe(true);
   });
 });
 

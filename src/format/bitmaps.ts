@@ -15,7 +15,7 @@
  */
 
 import { FormatError, hex } from '../errors.ts';
-import { putU16, putU32, putU64, u16, u32, u64 } from './bytes.ts';
+import { putU16, putU32, putU64, u16, u32, u64, u64big } from './bytes.ts';
 import { MAX_BITMAP_DIRECTORY_BYTES, MAX_BITMAPS } from './limits.ts';
 
 export interface BitmapDirectoryEntry {
@@ -27,6 +27,8 @@ export interface BitmapDirectoryEntry {
   readonly name: string;
   /** bytes of extra data before the name (QEMU refuses any) */
   readonly extraDataSize?: number;
+  /** bitmap_table_offset exactly as read (tableOffset rounds past 2^53): judged and printed from this */
+  readonly exactTableOffset?: bigint;
 }
 
 export const BME_FLAG_IN_USE = 1;
@@ -69,6 +71,7 @@ export function decodeBitmapDirectory(b: Uint8Array, count: number, baseOffset: 
       granularityBits,
       name: dec.decode(b.subarray(off + 24 + extra, end)),
       extraDataSize: extra,
+      exactTableOffset: u64big(b, off),
     });
     off = Math.ceil(end / 8) * 8;
   }
@@ -139,7 +142,9 @@ export function checkDirectoryEntry(e: BitmapDirectoryEntry & { readonly extraDa
   };
   if (e.extraDataSize) bad('extra_data_size', 'bitmap extra data is not supported');
   if (e.tableOffset === 0 || e.tableSize === 0) bad('bitmap_table_offset', 'the bitmap has no table');
-  if (e.tableOffset % clusterSize !== 0) bad('bitmap_table_offset', `${hex(e.tableOffset)} is not aligned to a cluster`);
+  // alignment on the exact value: past 2^53 the number rounds (2^60 + 512 would pass as aligned)
+  const exact = e.exactTableOffset ?? BigInt(e.tableOffset);
+  if (exact % BigInt(clusterSize) !== 0n) bad('bitmap_table_offset', `${hex(exact)} is not aligned to a cluster`);
   if (e.tableSize > BME_MAX_TABLE_SIZE) bad('bitmap_table_size', `${e.tableSize} entries is more than ${BME_MAX_TABLE_SIZE}`);
   if (e.tableSize * clusterSize > BME_MAX_PHYS_SIZE) bad('bitmap_table_size', `${e.tableSize} clusters of bitmap data is more than ${BME_MAX_PHYS_SIZE} bytes`);
   if (e.name.length > BME_MAX_NAME_SIZE) bad('name_size', `the name is longer than ${BME_MAX_NAME_SIZE} bytes`);

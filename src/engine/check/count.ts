@@ -489,7 +489,7 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
     try {
       const dir = await readAt(dev, b.directoryOffset, b.directorySize);
       for (const bm of decodeBitmapDirectory(dir, b.nbBitmaps, b.directoryOffset)) {
-        inc(bm.tableOffset, bm.tableSize * 8);
+        inc(bm.tableOffset, bm.tableSize * 8, bm.exactTableOffset);
         if (bm.tableOffset + bm.tableSize * 8 > fileSize) continue;
         const t = await readAt(dev, bm.tableOffset, bm.tableSize * 8);
         for (let i = 0; i < bm.tableSize; i++) {
