@@ -412,3 +412,22 @@ describe.skipIf(!qemuAvailable)('with QEMU', () => {
     expect((await runCli('io', '--journal=maybe', '-c', 'flush', f2)).err).toMatch(/--journal expects on or off/);
   });
 });
+
+describe("qledger's own extensions past 2^53 (issue 20, item 2)", () => {
+  it('journal and dedup-index extension values and the area header are refused with their exact value, never rounded', async () => {
+    const { decodeDedupExtension } = await import('../src/format/dedup-index-area.ts');
+    const ext = new Uint8Array(16);
+    putU64(ext, 0, 2n ** 60n + 1n);
+    putU64(ext, 8, 1 << 23);
+    expect(() => log.decodeJournalExtension(ext, 0x100)).toThrow(/area offset at offset 0x108: 0x1000000000000001 is above 2\^53/);
+    expect(() => decodeDedupExtension(ext, 0x200)).toThrow(/area offset at offset 0x200: 0x1000000000000001 is above 2\^53/);
+    putU64(ext, 0, 2n ** 53n);
+    expect(log.decodeJournalExtension(ext, 0x100).offset).toBe(2 ** 53);
+    // an area header whose checksum holds but whose applied transaction a number would round
+    const h = log.encodeAreaHeader({ generation: 7n, size: 1 << 23, appliedTx: 1 });
+    putU64(h, 32, 2n ** 60n + 1n);
+    putU32(h, 44, 0);
+    putU32(h, 44, crc32(h));
+    expect(() => log.decodeAreaHeader(h, 0x10000)).toThrow(/applied_tx at offset 0x10020: 0x1000000000000001 is above 2\^53/);
+  });
+});

@@ -11,8 +11,12 @@
  * refuses it. What rounding can get wrong is anything else: alignment
  * (2^60 + 1 rounds to an aligned 2^60), equality, and the value a message
  * prints. Those take the exact value (u64big) from the bytes: the header's
- * size and table offsets, a snapshot's L1 offset, the bitmaps extension,
- * compressed descriptors, L2 entries and 64-bit refcounts in check.
+ * size and table offsets, a snapshot's L1 offset and its other 64-bit
+ * fields (kept as read and written back so), the bitmaps extension and a
+ * bitmap's table offset, compressed descriptors, L2 entries and 64-bit
+ * refcounts in check. Values of qledger's own structures (the journal and
+ * dedup-index extensions, the journal's area header and frame numbers) are
+ * refused above 2^53 with their exact value (u64Safe).
  */
 
 export const TWO_32 = 0x1_0000_0000;
@@ -36,6 +40,16 @@ export function u64(b: Uint8Array, off: number): number {
 
 export function u64big(b: Uint8Array, off: number): bigint {
   return (BigInt(u32(b, off)) << 32n) | BigInt(u32(b, off + 4));
+}
+
+/**
+ * A 64-bit offset or size that qledger itself wrote (its own extensions),
+ * as an exact number: undefined when it is above 2^53, for the caller to
+ * refuse with the exact value (u64big).
+ */
+export function u64Safe(b: Uint8Array, off: number): number | undefined {
+  const v = u64(b, off);
+  return v <= 2 ** 53 && (v < 2 ** 53 || u64big(b, off) === 2n ** 53n) ? v : undefined;
 }
 
 export function putU16(b: Uint8Array, off: number, v: number): void {

@@ -19,8 +19,8 @@
  *           of 4), guest cluster numbers (4n), in the byte order flag 0 says
  */
 
-import { FormatError } from '../errors.ts';
-import { u32, putU32, u64, putU64 } from './bytes.ts';
+import { FormatError, hex } from '../errors.ts';
+import { u32, putU32, u64big, u64Safe, putU64 } from './bytes.ts';
 
 const S = 'dedup index area';
 export const DEDUP_EXT_LENGTH = 16;
@@ -41,7 +41,12 @@ export function encodeDedupExtension(e: DedupIndexExtension): Uint8Array {
 
 export function decodeDedupExtension(b: Uint8Array, at: number): DedupIndexExtension {
   if (b.length !== DEDUP_EXT_LENGTH) throw new FormatError('dedup index extension', 'length', at, `is ${b.length} bytes, not ${DEDUP_EXT_LENGTH}`);
-  return { offset: u64(b, 0), length: u64(b, 8) };
+  const field = (o: number, name: string): number => {
+    const v = u64Safe(b, o);
+    if (v === undefined) throw new FormatError('dedup index extension', name, at + o, `${hex(u64big(b, o))} is above 2^53`);
+    return v;
+  };
+  return { offset: field(0, 'area offset'), length: field(8, 'area length') };
 }
 
 /** The area's size for a directory of 2^d + 1 entries and n entries. */

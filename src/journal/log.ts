@@ -17,8 +17,8 @@ import { createRequire } from 'node:module';
 // node:zlib's crc32, loaded at the first frame (a read-only open never needs it)
 let crcFn: ((b: Uint8Array) => number) | undefined;
 export const crc32 = (b: Uint8Array): number => (crcFn ??= (createRequire(import.meta.url)('node:zlib') as typeof import('node:zlib')).crc32)(b);
-import { FormatError } from '../errors.ts';
-import { u32, u64, putU32, putU64, u16, putU16, isZero } from '../format/bytes.ts';
+import { FormatError, hex } from '../errors.ts';
+import { u32, u64big, u64Safe, putU32, putU64, u16, putU16, isZero } from '../format/bytes.ts';
 import { decodeRecord, encodeRecordInto, encodedLength } from './codec.ts';
 import type { JournalRecord } from './records.ts';
 
@@ -43,7 +43,12 @@ export function encodeJournalExtension(e: JournalExtension): Uint8Array {
 
 export function decodeJournalExtension(data: Uint8Array, at: number): JournalExtension {
   if (data.length !== EXT_JOURNAL_LENGTH) throw new FormatError('journal header extension', 'length', at + 4, `${data.length} bytes, expected ${EXT_JOURNAL_LENGTH}`);
-  return { offset: u64(data, 0), size: u64(data, 8) };
+  const field = (o: number, name: string): number => {
+    const v = u64Safe(data, o);
+    if (v === undefined) throw new FormatError('journal header extension', name, at + 8 + o, `${hex(u64big(data, o))} is above 2^53`);
+    return v;
+  };
+  return { offset: field(0, 'area offset'), size: field(8, 'area size') };
 }
 
 // ---- area header -------------------------------------------------------------
@@ -87,7 +92,13 @@ export function decodeAreaHeader(b: Uint8Array, at: number): AreaHeader {
   const copy = b.slice(0, AREA_HEADER_SIZE);
   putU32(copy, 44, 0);
   if (crc32(copy) !== u32(b, 44)) throw new FormatError(S, 'crc32', at + 44, 'checksum mismatch');
-  return { generation: (BigInt(u32(b, 16)) << 32n) | BigInt(u32(b, 20)), size: u64(b, 24), appliedTx: u64(b, 32) };
+  // qledger writes sizes and transaction numbers far below 2^53: a larger one is refused exactly, never rounded
+  const exact = (o: number, field: string): number => {
+    const v = u64Safe(b, o);
+    if (v === undefined) throw new FormatError(S, field, at + o, `${hex(u64big(b, o))} is above 2^53`);
+    return v;
+  };
+  return { generation: (BigInt(u32(b, 16)) << 32n) | BigInt(u32(b, 20)), size: exact(24, 'size'), appliedTx: exact(32, 'applied_tx') };
 }
 
 // ---- frames --------------------------------------------------------------------
@@ -200,8 +211,10 @@ export function scanFrames(area: Uint8Array, generation: bigint): ScanResult {
     if (len % 8 !== 0 || off + FRAME_HEADER_SIZE + len > area.length) return stop(`frame payload length ${len} does not fit the area`);
     const gen = (BigInt(u32(area, off + 8)) << 32n) | BigInt(u32(area, off + 12));
     if (gen !== generation) return stop('frame from another generation');
-    const seq = u64(area, off + 16);
-    const tx = u64(area, off + 24);
+    const seq = u64Safe(area, off + 16);
+    const tx = u64Safe(area, off + 24);
+    // numbers qledger never writes, which a JS number would round into equal ones
+    if (seq === undefined || tx === undefined) return stop(`frame sequence ${hex(u64big(area, off + 16))} or transaction ${hex(u64big(area, off + 24))} is above 2^53`);
     const flags = u16(area, off + 32);
     const frame = area.slice(off, off + FRAME_HEADER_SIZE + len);
     putU32(frame, 36, 0);
