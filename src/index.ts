@@ -16,6 +16,7 @@ export { ImageBitmaps } from './engine/image-bitmaps.ts';
 export type { BitmapInfo } from './engine/write/bitmaps.ts';
 export { DirtyBitmap } from './engine/bitmaps/dirty-bitmap.ts';
 export { serveNbd, type NbdServeOptions, type NbdServerHandle } from './server/nbd-server.ts';
+export { loadTlsCredentials, type NbdTls, type NbdTlsSpec } from './server/nbd-tls.ts';
 export type { SnapshotFields } from './engine/write/snapshots.ts';
 export type { SnapshotEntry, SnapshotExactFields } from './format/snapshot.ts';
 export type { CreateOptions, Preallocation } from './engine/create.ts';

@@ -5,8 +5,9 @@
  * [--overlap-check=…] [--dedup] IMG` (--dedup, qledger's own: content
  * dedup of whole-cluster writes). It serves until its last client leaves
  * (or, with -t, until SIGTERM or SIGINT, which flush and close the image).
- * qemu-nbd's other modes (-c to attach a kernel device, --fork, TLS) are
- * refused by name.
+ * TLS as qemu-nbd takes it: `--object tls-creds-x509,id=ID,dir=DIR,
+ * endpoint=server` (or tls-creds-psk) and `--tls-creds ID`. qemu-nbd's
+ * other modes (-c to attach a kernel device, --fork) are refused by name.
  */
 
 import { writeFileSync, rmSync } from 'node:fs';
@@ -15,6 +16,7 @@ import { Image } from '../engine/image.ts';
 import { isOverlapMode, type OverlapMode } from '../engine/write/overlap.ts';
 import type { DetectZeroes } from '../engine/writer.ts';
 import { rawFileBackend, serveBackend, serveNbd } from '../server/nbd-server.ts';
+import { tlsCredentials } from '../server/nbd-tls.ts';
 import { FileDevice } from '../io/file-device.ts';
 import { imagePermissions } from '../io/image-lock.ts';
 import { getopt } from './args.ts';
@@ -35,7 +37,11 @@ export async function runNbd(argv: string[], io: Output): Promise<number> {
   for (const [k, v] of p.opts) opt.set(ALIAS[k] ?? k, v);
   const str = (k: string) => (typeof opt.get(k) === 'string' ? (opt.get(k) as string) : undefined);
   for (const k of ['connect', 'disconnect', 'fork', 'list']) if (opt.has(k)) throw new UnsupportedError(`nbd: --${k} is not supported (qledger serves NBD; it does not attach kernel devices, fork or act as a client)`);
-  for (const k of ['tls-creds', 'tls-authz', 'tls-hostname', 'object']) if (opt.has(k)) throw new UnsupportedError(`nbd: --${k} is not supported: qledger's NBD server has no TLS yet`);
+  for (const k of ['tls-authz', 'tls-hostname']) if (opt.has(k)) throw new UnsupportedError(`nbd: --${k} is not supported`);
+  // --object may repeat; --tls-creds names one of them
+  const objects = p.opts.filter(([k]) => k === 'object').map(([, v]) => String(v));
+  const tlsId = str('tls-creds');
+  const tls = tlsId !== undefined ? tlsCredentials(objects, tlsId) : undefined;
   for (const k of ['offset', 'trace']) if (opt.has(k)) throw new UnsupportedError(`nbd: --${k} is not supported yet`);
   // -B may repeat: every bitmap named is exported, listed last named first as qemu-nbd lists them
   const bitmaps = p.opts.filter(([k]) => k === 'B' || k === 'bitmap').map(([, v]) => String(v)).reverse();
@@ -104,6 +110,7 @@ export async function runNbd(argv: string[], io: Output): Promise<number> {
       handshakeMs,
       bitmaps,
       allocationDepth: opt.has('allocation-depth'),
+      tls,
       log: opt.has('verbose') ? (l: string) => io.err(`qledger: nbd: ${l}\n`) : undefined,
     } as const;
     // a raw file has no bitmaps (qemu-nbd: not found either)

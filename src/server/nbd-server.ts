@@ -6,6 +6,7 @@
  * `persistent`, and takes at most `shared` clients at once.
  */
 
+import type { NbdTls } from './nbd-tls.ts';
 import { createServer, type Server, type Socket } from 'node:net';
 import { rmSync } from 'node:fs';
 import type { Image } from '../engine/image.ts';
@@ -46,6 +47,8 @@ export interface NbdServeOptions {
   readonly discard?: 'unmap' | 'ignore' | undefined;
   /** lines about clients that misbehaved */
   readonly log?: ((line: string) => void) | undefined;
+  /** TLS credentials (tlsCredentials()): every client must negotiate TLS first, as with qemu-nbd --tls-creds */
+  readonly tls?: NbdTls | undefined;
 }
 
 export interface NbdServerHandle {
@@ -180,7 +183,7 @@ export async function serveBackend(backend: NbdBackend, o: NbdServeOptions = {})
     }
     sockets.add(socket);
     served++;
-    const s = new NbdSession(socket, exp, { handshakeMs: o.handshakeMs ?? 10_000, maxInFlight: 16, log: o.log })
+    const s = new NbdSession(socket, exp, { handshakeMs: o.handshakeMs ?? 10_000, maxInFlight: 16, log: o.log, tls: o.tls, multiConn: shared !== 1 })
       .run()
       .finally(() => {
         sockets.delete(socket);

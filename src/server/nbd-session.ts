@@ -18,6 +18,7 @@ import {
   STATE_DIRTY, STATE_HOLE, STATE_ZERO, TF, chunkHeader, decodeRequest, errorChunk, infoBlockSize, infoExport, infoString, optionError, optionReply, simpleReply, type Request,
 } from './nbd-protocol.ts';
 import { PeerGone, SocketReader } from './socket-reader.ts';
+import { upgrade, type NbdTls } from './nbd-tls.ts';
 
 /** What an export serves from: an image through the library (nbd-server.ts adapts `Image`). */
 export interface NbdBackend {
@@ -55,6 +56,10 @@ export interface SessionOptions {
   readonly maxInFlight: number;
   /** a line about what went wrong with this client (not its normal end) */
   readonly log?: ((line: string) => void) | undefined;
+  /** more than one connection is let in at once: CAN_MULTI_CONN is advertised */
+  readonly multiConn?: boolean | undefined;
+  /** TLS credentials: the client must negotiate TLS (NBD_OPT_STARTTLS) before anything else, as with qemu-nbd --tls-creds */
+  readonly tls?: NbdTls | undefined;
 }
 
 /** Options a client may send before it is cut off (a loop of LIST is not a way to hold a connection). */
@@ -66,7 +71,10 @@ const MAX_EXTENTS = 65536;
 const ACK = REP.ACK;
 
 export class NbdSession {
-  private readonly reader: SocketReader;
+  private reader: SocketReader;
+  /** the connection: the client's socket, then the TLS socket over it once STARTTLS has been negotiated */
+  private socket: Socket;
+  private secure = false;
   private structured = false;
   /** the metadata contexts SET_META_CONTEXT selected, by id (1: base:allocation, 2 + k: the k-th exported bitmap) */
   private contexts: number[] = [];
@@ -77,12 +85,17 @@ export class NbdSession {
   private closed = false;
 
   constructor(
-    private readonly socket: Socket,
+    socket: Socket,
     private readonly exp: NbdExport,
     private readonly o: SessionOptions,
   ) {
+    this.socket = socket;
     this.reader = new SocketReader(socket);
     socket.setNoDelay(true);
+    this.watch(socket);
+  }
+
+  private watch(socket: Socket): void {
     socket.on('drain', () => {
       const w = this.drainWaiter;
       this.drainWaiter = undefined;
@@ -140,13 +153,37 @@ export class NbdSession {
       const r = this.option(option, data);
       if (r === 'go') return true;
       if (r === 'abort') return false;
+      if (r === 'starttls') await this.startTls();
     }
     throw new Error(`more than ${MAX_OPTIONS} options`);
   }
 
-  /** One option: its replies sent; 'go' enters transmission, 'abort' ends the connection. */
-  private option(option: number, data: Buffer): 'go' | 'abort' | 'more' {
+  /**
+   * The rest of the handshake over TLS: the client's ClientHello follows the
+   * acknowledgement at once, so nothing it sent can be waiting in the reader.
+   */
+  private async startTls(): Promise<void> {
+    const raw = this.socket;
+    this.reader.detach();
+    raw.removeAllListeners('drain');
+    raw.removeAllListeners('close');
+    // the ACK must leave in the clear, before the TLS socket takes the connection
+    await new Promise<void>((resolve) => (raw.writableLength === 0 ? resolve() : raw.once('drain', () => resolve())));
+    const secure = await upgrade(raw, this.o.tls!);
+    this.socket = secure;
+    this.secure = true;
+    this.reader = new SocketReader(secure);
+    this.watch(secure);
+  }
+
+  /** One option: its replies sent; 'go' enters transmission, 'abort' ends the connection, 'starttls' upgrades it. */
+  private option(option: number, data: Buffer): 'go' | 'abort' | 'more' | 'starttls' {
     const exp = this.exp;
+    // with TLS configured, only STARTTLS and ABORT before TLS (qemu-nbd: ERR_TLS_REQD; EXPORT_NAME has no error reply)
+    if (this.o.tls && !this.secure && option !== OPT.STARTTLS && option !== OPT.ABORT) {
+      if (option === OPT.EXPORT_NAME) throw new Error('NBD_OPT_EXPORT_NAME before TLS: connection closed');
+      return this.reject(option, REP.ERR_TLS_REQD, 'Option not permitted before TLS');
+    }
     switch (option) {
       case OPT.EXPORT_NAME: {
         // no error reply exists for this option: an unknown name ends the connection
@@ -170,7 +207,11 @@ export class NbdSession {
         return 'more';
       }
       case OPT.STARTTLS:
-        return this.reject(option, REP.ERR_POLICY, 'TLS is not configured on this server');
+        if (!this.o.tls) return this.reject(option, REP.ERR_POLICY, 'TLS not configured');
+        if (this.secure) return this.reject(option, REP.ERR_INVALID, 'TLS already enabled');
+        if (data.length !== 0) return this.reject(option, REP.ERR_INVALID, 'NBD_OPT_STARTTLS takes no data');
+        this.send([optionReply(option, ACK)]);
+        return 'starttls';
       case OPT.INFO:
       case OPT.GO:
         return this.infoOrGo(option, data);
@@ -254,7 +295,9 @@ export class NbdSession {
   /** The transmission flags of this export on this connection. */
   private flags(): number {
     // One backend behind every connection: a flush on any of them makes every completed write durable.
-    let f = TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_FUA | TF.SEND_CACHE | TF.CAN_MULTI_CONN;
+    // Advertised only where a second connection is let in (as qemu-nbd): a client that believed it
+    // with -e 1 (nbdcopy) would open four and lose the three the server turns away.
+    let f = TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_FUA | TF.SEND_CACHE | (this.o.multiConn ? TF.CAN_MULTI_CONN : 0);
     if (this.exp.backend.readOnly) f |= TF.READ_ONLY;
     else f |= TF.SEND_TRIM | TF.SEND_WRITE_ZEROES | TF.SEND_FAST_ZERO;
     if (this.structured) f |= TF.SEND_DF;

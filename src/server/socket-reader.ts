@@ -24,20 +24,37 @@ export class SocketReader {
   private want: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | undefined;
   private gone: Error | undefined;
 
+  /** what this reader listens to, so that detach() can let go */
+  private readonly listeners: Array<[string, (...a: any[]) => void]>;
+
   constructor(private readonly socket: Socket) {
     socket.pause();
-    socket.on('data', (c: Buffer) => {
-      this.chunks.push(c);
-      this.have += c.length;
-      this.serve();
-    });
     const end = (e?: Error) => {
       this.gone ??= e ?? new PeerGone();
       this.serve();
     };
-    socket.on('end', () => end());
-    socket.on('close', () => end());
-    socket.on('error', (e) => end(new PeerGone(`the connection failed: ${e.message}`)));
+    this.listeners = [
+      ['data', (c: Buffer) => {
+        this.chunks.push(c);
+        this.have += c.length;
+        this.serve();
+      }],
+      ['end', () => end()],
+      ['close', () => end()],
+      ['error', (e: Error) => end(new PeerGone(`the connection failed: ${e.message}`))],
+    ];
+    for (const [ev, f] of this.listeners) socket.on(ev, f);
+  }
+
+  /**
+   * Stop reading the socket (another reader takes it over: TLS after
+   * STARTTLS). Bytes already read past the last request are a client that
+   * did not wait for the reply: refused.
+   */
+  detach(): void {
+    for (const [ev, f] of this.listeners) this.socket.off(ev, f);
+    this.socket.pause();
+    if (this.have > 0) throw new Error('data after NBD_OPT_STARTTLS before its reply');
   }
 
   /** The next `n` bytes. */
