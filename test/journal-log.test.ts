@@ -430,4 +430,12 @@ describe("qledger's own extensions past 2^53 (issue 20, item 2)", () => {
     putU32(h, 44, crc32(h));
     expect(() => log.decodeAreaHeader(h, 0x10000)).toThrow(/applied_tx at offset 0x10020: 0x1000000000000001 is above 2\^53/);
   });
+
+  it('a record whose offset a number would round (a frame qledger did not write) does not decode', async () => {
+    const { encodeRecord, decodeRecord } = await import('../src/journal/codec.ts');
+    const b = encodeRecord({ kind: 'refcount', cluster: 5, old: 0, new: 1 });
+    expect(decodeRecord(b).record).toEqual({ kind: 'refcount', cluster: 5, old: 0, new: 1 });
+    putU64(b, 8, 2n ** 60n + 1n);
+    expect(() => decodeRecord(b)).toThrow(/0x1000000000000001 is above 2\^53/);
+  });
 });

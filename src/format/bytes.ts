@@ -15,8 +15,9 @@
  * fields (kept as read and written back so), the bitmaps extension and a
  * bitmap's table offset, compressed descriptors, L2 entries and 64-bit
  * refcounts in check. Values of qledger's own structures (the journal and
- * dedup-index extensions, the journal's area header and frame numbers) are
- * refused above 2^53 with their exact value (u64Safe).
+ * dedup-index extensions, the journal's area header, frame numbers and
+ * every record's 64-bit fields) are refused above 2^53 with their exact
+ * value (u64Safe).
  */
 
 export const TWO_32 = 0x1_0000_0000;

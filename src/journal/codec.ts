@@ -6,7 +6,7 @@
  */
 
 import { FormatError } from '../errors.ts';
-import { u32, u64, putU32, putU64 } from '../format/bytes.ts';
+import { u32, u64Safe, putU32, putU64 } from '../format/bytes.ts';
 import type { HeaderField, ImageRole, JournalRecord, L2Word, TableRole, Word64 } from './records.ts';
 
 export const RECORD_TYPE = {
@@ -203,6 +203,13 @@ const KIND_BY_TYPE: Array<keyof typeof RECORD_TYPE | undefined> = (() => {
 
 const word = (b: Uint8Array, o: number): Word64 => ({ hi: u32(b, o), lo: u32(b, o + 4) });
 const l2word = (b: Uint8Array, o: number): L2Word => ({ hi: u32(b, o), lo: u32(b, o + 4), bitmapHi: u32(b, o + 8), bitmapLo: u32(b, o + 12) });
+// qledger writes offsets, counts and transaction numbers below 2^53: a larger one (a frame whose
+// checksum holds but that qledger did not write) would round, so it is refused, exactly
+const u64r = (b: Uint8Array, o: number): number => {
+  const v = u64Safe(b, o);
+  if (v === undefined) bad('value', o, `0x${big(b, o).toString(16)} is above 2^53`);
+  return v!;
+};
 const big = (b: Uint8Array, o: number): bigint => (BigInt(u32(b, o)) << 32n) | BigInt(u32(b, o + 4));
 
 /** Decode the record at `off`; throws FormatError for an unknown type or a short buffer. */
@@ -217,26 +224,26 @@ export function decodeRecord(b: Uint8Array, off = 0): { record: JournalRecord; l
   let record: JournalRecord;
   switch (kind) {
     case 'refcount':
-      record = { kind, cluster: u64(b, off + 8), old: u64(b, off + 16), new: u64(b, off + 24) };
+      record = { kind, cluster: u64r(b, off + 8), old: u64r(b, off + 16), new: u64r(b, off + 24) };
       break;
     case 'l2':
-      record = { kind, index: u32(b, off + 4), l1Index: u32(b, off + 8), table: u64(b, off + 16), old: l2word(b, off + 24), new: l2word(b, off + 40) };
+      record = { kind, index: u32(b, off + 4), l1Index: u32(b, off + 8), table: u64r(b, off + 16), old: l2word(b, off + 24), new: l2word(b, off + 40) };
       break;
     case 'l1':
       record = { kind, index: u32(b, off + 4), old: word(b, off + 8), new: word(b, off + 16) };
       break;
     case 'l1-swap':
-      record = { kind, oldOffset: u64(b, off + 8), newOffset: u64(b, off + 16), oldSize: u32(b, off + 24), newSize: u32(b, off + 28) };
+      record = { kind, oldOffset: u64r(b, off + 8), newOffset: u64r(b, off + 16), oldSize: u32(b, off + 24), newSize: u32(b, off + 28) };
       break;
     case 'reftable':
-      record = { kind, index: u32(b, off + 4), old: u64(b, off + 8), new: u64(b, off + 16) };
+      record = { kind, index: u32(b, off + 4), old: u64r(b, off + 8), new: u64r(b, off + 16) };
       break;
     case 'reftable-swap':
-      record = { kind, oldOffset: u64(b, off + 8), newOffset: u64(b, off + 16), oldClusters: u32(b, off + 24), newClusters: u32(b, off + 28) };
+      record = { kind, oldOffset: u64r(b, off + 8), newOffset: u64r(b, off + 16), oldClusters: u32(b, off + 24), newClusters: u32(b, off + 28) };
       break;
     case 'table-new': {
       const role = b[off + 1] === 0 ? 'l2' : b[off + 1] === 1 ? 'refblock' : bad('role', off + 1, `unknown table role ${b[off + 1]}`);
-      record = { kind, role, slot: u32(b, off + 4), offset: u64(b, off + 8), copyOf: u64(b, off + 16) };
+      record = { kind, role, slot: u32(b, off + 4), offset: u64r(b, off + 8), copyOf: u64r(b, off + 16) };
       break;
     }
     case 'header': {
@@ -246,25 +253,25 @@ export function decodeRecord(b: Uint8Array, off = 0): { record: JournalRecord; l
       break;
     }
     case 'data':
-      record = { kind, host: u64(b, off + 8), length: u64(b, off + 16) };
+      record = { kind, host: u64r(b, off + 8), length: u64r(b, off + 16) };
       break;
     case 'barrier':
       record = { kind };
       break;
     case 'begin':
-      record = { kind, tx: u64(b, off + 8), op: utf8d.decode(b.subarray(off + 16, off + 16 + u32(b, off + 4))) };
+      record = { kind, tx: u64r(b, off + 8), op: utf8d.decode(b.subarray(off + 16, off + 16 + u32(b, off + 4))) };
       break;
     case 'commit':
-      record = { kind, tx: u64(b, off + 8) };
+      record = { kind, tx: u64r(b, off + 8) };
       break;
     case 'image': {
       const role = (Object.keys(IMAGE_ROLE_ID) as ImageRole[]).find((k) => IMAGE_ROLE_ID[k] === b[off + 1]);
       if (!role) bad('role', off + 1, `unknown image role ${b[off + 1]}`);
-      record = { kind, role, offset: u64(b, off + 8), bytes: b.slice(off + 16, off + 16 + u32(b, off + 4)) };
+      record = { kind, role, offset: u64r(b, off + 8), bytes: b.slice(off + 16, off + 16 + u32(b, off + 4)) };
       break;
     }
     case 'unjournalled':
-      record = { kind, records: u64(b, off + 8) };
+      record = { kind, records: u64r(b, off + 8) };
       break;
     case 'refcounts': {
       const n = u32(b, off + 4);
@@ -272,11 +279,11 @@ export function decodeRecord(b: Uint8Array, off = 0): { record: JournalRecord; l
       const old = new Float64Array(n);
       const next = new Float64Array(n);
       for (let k = 0, o = off + 16; k < n; k++, o += 24) {
-        index[k] = u64(b, o);
-        old[k] = u64(b, o + 8);
-        next[k] = u64(b, o + 16);
+        index[k] = u64r(b, o);
+        old[k] = u64r(b, o + 8);
+        next[k] = u64r(b, o + 16);
       }
-      record = { kind, rt: u64(b, off + 8), index, old, new: next };
+      record = { kind, rt: u64r(b, off + 8), index, old, new: next };
       break;
     }
     case 'l2s': {
@@ -285,13 +292,13 @@ export function decodeRecord(b: Uint8Array, off = 0): { record: JournalRecord; l
       const old = new Uint32Array(n * 4);
       const next = new Uint32Array(n * 4);
       for (let k = 0, o = off + 24; k < n; k++, o += 40) {
-        index[k] = u64(b, o);
+        index[k] = u64r(b, o);
         for (let x = 0; x < 4; x++) {
           old[k * 4 + x] = u32(b, o + 8 + x * 4);
           next[k * 4 + x] = u32(b, o + 24 + x * 4);
         }
       }
-      record = { kind, l1Index: u32(b, off + 8), table: u64(b, off + 16), index, old, new: next };
+      record = { kind, l1Index: u32(b, off + 8), table: u64r(b, off + 16), index, old, new: next };
       break;
     }
   }
