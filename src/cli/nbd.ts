@@ -19,7 +19,7 @@ import { rawFileBackend, serveBackend, serveNbd } from '../server/nbd-server.ts'
 import { tlsCredentials } from '../server/nbd-tls.ts';
 import { FileDevice } from '../io/file-device.ts';
 import { imagePermissions } from '../io/image-lock.ts';
-import { getopt } from './args.ts';
+import { getopt, parseOptionList } from './args.ts';
 import { imageSpec } from './image-spec.ts';
 import type { Output } from './output.ts';
 
@@ -39,7 +39,14 @@ export async function runNbd(argv: string[], io: Output): Promise<number> {
   for (const k of ['connect', 'disconnect', 'fork', 'list']) if (opt.has(k)) throw new UnsupportedError(`nbd: --${k} is not supported (qledger serves NBD; it does not attach kernel devices, fork or act as a client)`);
   for (const k of ['tls-authz', 'tls-hostname']) if (opt.has(k)) throw new UnsupportedError(`nbd: --${k} is not supported`);
   // --object may repeat; --tls-creds names one of them
-  const objects = p.opts.filter(([k]) => k === 'object').map(([, v]) => String(v));
+  const objects = p.opts.filter(([k]) => k === 'object').map(([, v]) => {
+    // QEMU's `TYPE,key=value,…` (or qom-type=TYPE,…)
+    const props = parseOptionList(String(v));
+    const [first] = props.keys();
+    const type = props.get('qom-type') ?? first ?? '';
+    props.delete(props.has('qom-type') ? 'qom-type' : type);
+    return { type, props };
+  });
   const tlsId = str('tls-creds');
   const tls = tlsId !== undefined ? tlsCredentials(objects, tlsId) : undefined;
   for (const k of ['offset', 'trace']) if (opt.has(k)) throw new UnsupportedError(`nbd: --${k} is not supported yet`);

@@ -23,30 +23,10 @@ export interface NbdTls {
   readonly keys?: ReadonlyMap<string, Buffer> | undefined;
 }
 
-/** A `--object` value: the type, then key=value pairs (QEMU's keyval syntax, `,,` for a comma). */
-export function parseObject(spec: string): { type: string; props: Map<string, string> } {
-  const parts: string[] = [];
-  let cur = '';
-  for (let i = 0; i < spec.length; i++) {
-    if (spec[i] === ',' && spec[i + 1] === ',') {
-      cur += ',';
-      i++;
-    } else if (spec[i] === ',') {
-      parts.push(cur);
-      cur = '';
-    } else cur += spec[i];
-  }
-  parts.push(cur);
-  const [first, ...rest] = parts;
-  const props = new Map<string, string>();
-  let type = first!;
-  if (type.startsWith('qom-type=')) type = type.slice('qom-type='.length);
-  for (const p of rest) {
-    const eq = p.indexOf('=');
-    if (eq < 0) throw new UsageError(`Invalid parameter '${p}'`);
-    props.set(p.slice(0, eq), p.slice(eq + 1));
-  }
-  return { type, props };
+/** A `--object` value: its type and its properties (the CLI parses QEMU's `type,key=value,…`). */
+export interface TlsObject {
+  readonly type: string;
+  readonly props: ReadonlyMap<string, string>;
 }
 
 const onOff = (v: string | undefined, name: string, dflt: boolean): boolean => {
@@ -60,9 +40,8 @@ const onOff = (v: string | undefined, name: string, dflt: boolean): boolean => {
 export type NbdTlsSpec = { readonly kind: 'x509'; readonly dir: string; readonly verifyPeer?: boolean | undefined } | { readonly kind: 'psk'; readonly dir: string };
 
 /** The credentials `--tls-creds ID` names among the `--object` values, read from their directory. */
-export function tlsCredentials(objects: readonly string[], id: string): NbdTls {
-  const parsed = objects.map(parseObject);
-  const o = parsed.find((x) => x.props.get('id') === id);
+export function tlsCredentials(objects: readonly TlsObject[], id: string): NbdTls {
+  const o = objects.find((x) => x.props.get('id') === id);
   if (!o) throw new UsageError(`No TLS credentials with id '${id}'`);
   if (o.type !== 'tls-creds-x509' && o.type !== 'tls-creds-psk') throw new UsageError(`Object with id '${id}' is not TLS credentials`);
   for (const k of o.props.keys()) if (!['id', 'dir', 'endpoint', 'verify-peer', 'priority', 'username'].includes(k)) throw new UsageError(`Property '${o.type}.${k}' not found`);

@@ -294,23 +294,31 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
   // QEMU's two lines, its advice naming qledger's commands of the same names
   const overflow = (c: number) =>
     corrupt(`ERROR: overflow cluster offset=0x${hexDigits(c * cs)}\nUse qledger amend to increase the refcount entry width or qledger convert to create a clean copy if the image cannot be opened for writing`, c * cs);
-  const inc = (offset: number, size: number, exact?: bigint) => {
-    // the common case first: one whole cluster inside the file (every data cluster and L2 table)
+  /**
+   * What a reference to [offset, offset + size) is, as QEMU's counting sorts it: one whole
+   * cluster inside the file (every data cluster and L2 table: the common case, first), nothing,
+   * a range reaching a cluster or more past the end of the file (a corruption, not counted), or
+   * another range. The image grows by what it reaches, as QEMU's in-memory refcount table grows
+   * with the references (a cluster just past the end of the file is compared too).
+   */
+  const sortRef = (offset: number, size: number): 'whole' | 'none' | 'past' | 'range' => {
     if (size === cs && offset % cs === 0 && offset + cs <= fileSize) {
-      const c = offset / cs;
-      if (c + 1 > a.nbClusters) a.nbClusters = c + 1;
-      if (!a.counts.bump(c, maxCount)) overflow(c);
-      return;
+      if (offset / cs + 1 > a.nbClusters) a.nbClusters = offset / cs + 1;
+      return 'whole';
     }
-    if (size <= 0) return;
-    if (offset + size - fileSize >= cs) {
-      corrupt(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${hexDigits(exact ?? offset)} size 0x${hexDigits(size)}`, offset);
-      return;
-    }
+    if (size <= 0) return 'none';
+    if (offset + size - fileSize >= cs) return 'past';
     const last = Math.floor((offset + size - 1) / cs);
-    // as QEMU's in-memory refcount table grows with the references: a cluster just past the end of the file is compared too
     if (last + 1 > a.nbClusters) a.nbClusters = last + 1;
-    for (let c = clusterOf(host(offset), cs); c <= last; c = cluster(c + 1)) {
+    return 'range';
+  };
+  const pastEnd = (offset: number, size: number, exact?: bigint) => `ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${hexDigits(exact ?? offset)} size 0x${hexDigits(size)}`;
+  const inc = (offset: number, size: number, exact?: bigint) => {
+    const kind = sortRef(offset, size);
+    if (kind === 'whole' && !a.counts.bump(offset / cs, maxCount)) overflow(offset / cs);
+    if (kind === 'past') corrupt(pastEnd(offset, size, exact), offset);
+    if (kind !== 'range') return;
+    for (let c = clusterOf(host(offset), cs); c <= Math.floor((offset + size - 1) / cs); c = cluster(c + 1)) {
       // QEMU stops counting at what refcount_bits can hold, and says so
       if (a.counts.get(c) >= maxCount) overflow(c);
       else a.counts.add(c, 1);
@@ -334,22 +342,12 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
   const walkL2 = (table: Uint8Array, l2Offset: number): TableWalk => {
     const w: TableWalk = { findings: [], clusters: [], ranges: [], allocated: 0, compressed: 0, fragmented: 0 };
     const bad = (message: string, offset: number) => w.findings.push({ message, offset });
-    // the reference a counting pass makes, sorted: a whole cluster, another range, or one past the end (reported)
+    // the reference a counting pass makes, kept for apply(); one past the end is reported at each reference
     const ref = (offset: number, size: number, exact?: bigint) => {
-      if (size === cs && offset % cs === 0 && offset + cs <= fileSize) {
-        const c = offset / cs;
-        if (c + 1 > a.nbClusters) a.nbClusters = c + 1;
-        w.clusters.push(c);
-        return;
-      }
-      if (size <= 0) return;
-      if (offset + size - fileSize >= cs) {
-        bad(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${hexDigits(exact ?? offset)} size 0x${hexDigits(size)}`, offset);
-        return;
-      }
-      const last = Math.floor((offset + size - 1) / cs);
-      if (last + 1 > a.nbClusters) a.nbClusters = last + 1;
-      w.ranges.push(offset, size);
+      const kind = sortRef(offset, size);
+      if (kind === 'whole') w.clusters.push(offset / cs);
+      else if (kind === 'past') bad(pastEnd(offset, size, exact), offset);
+      else if (kind === 'range') w.ranges.push(offset, size);
     };
     let next = 0;
     for (let j = 0; j < g.l2Entries; j++) {
