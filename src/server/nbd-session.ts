@@ -92,20 +92,28 @@ export class NbdSession {
     this.socket = socket;
     this.reader = new SocketReader(socket);
     socket.setNoDelay(true);
-    this.watch(socket);
+    this.unwatch = this.watch(socket);
   }
 
-  private watch(socket: Socket): void {
-    socket.on('drain', () => {
+  /** Follow `socket`'s drain and close; the function returned lets go of it again. */
+  private watch(socket: Socket): () => void {
+    const drain = () => {
       const w = this.drainWaiter;
       this.drainWaiter = undefined;
       w?.();
-    });
-    socket.on('close', () => {
+    };
+    const close = () => {
       this.closed = true;
       this.drainWaiter?.();
-    });
+    };
+    socket.on('drain', drain);
+    socket.on('close', close);
+    return () => {
+      socket.off('drain', drain);
+      socket.off('close', close);
+    };
   }
+  private unwatch: (() => void) | undefined;
 
   /** Serve the connection to its end; never rejects (a client's failure is not the server's). */
   async run(): Promise<void> {
@@ -165,15 +173,14 @@ export class NbdSession {
   private async startTls(): Promise<void> {
     const raw = this.socket;
     this.reader.detach();
-    raw.removeAllListeners('drain');
-    raw.removeAllListeners('close');
+    this.unwatch?.();
     // the ACK must leave in the clear, before the TLS socket takes the connection
     await new Promise<void>((resolve) => (raw.writableLength === 0 ? resolve() : raw.once('drain', () => resolve())));
     const secure = await upgrade(raw, this.o.tls!);
     this.socket = secure;
     this.secure = true;
     this.reader = new SocketReader(secure);
-    this.watch(secure);
+    this.unwatch = this.watch(secure);
   }
 
   /** One option: its replies sent; 'go' enters transmission, 'abort' ends the connection, 'starttls' upgrades it. */

@@ -408,6 +408,7 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
   // the references of every table named more than once (offsets sorted, runs counted: 8 bytes a
   // reference, where a map of every offset would take several times that)
   let remaining = new Map<number, number>();
+  const l1Read = new Map<string, Uint8Array>();
   const total = l1Tables.reduce((t, [, size]) => t + size, 0);
   if (total <= GROUPED_REFERENCES) {
     const all = new Float64Array(total);
@@ -415,6 +416,8 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
     for (const [off, size] of l1Tables) {
       if (!size) continue;
       const l1 = await readAt(dev, off, size * 8);
+      // kept for the walk (at most GROUPED_REFERENCES * 8 bytes in all): each table read once
+      l1Read.set(`${off}/${size}`, l1);
       for (const i of l1Used(l1, size)) all[n++] = l1Entry(l1, i).l2;
     }
     remaining = repeated(all.subarray(0, n));
@@ -424,7 +427,8 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
   const walkL1 = async (l1Off: number, l1Size: number, frag: boolean) => {
     if (!l1Size) return;
     inc(l1Off, l1Size * 8);
-    const l1 = await readAt(dev, l1Off, l1Size * 8);
+    const l1 = l1Read.get(`${l1Off}/${l1Size}`) ?? (await readAt(dev, l1Off, l1Size * 8));
+    l1Read.delete(`${l1Off}/${l1Size}`);
     const used = l1Used(l1, l1Size);
     const perBatch = Math.max(1, Math.floor(BATCH_BYTES / cs));
     for (let b = 0; b < used.length; b += perBatch) {
