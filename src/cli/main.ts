@@ -527,10 +527,11 @@ export function runAsProgram(): void {
       throw e;
     });
   }
-  // One request at a time: file requests go straight to the kernel (file-device.ts), except for the
-  // server, whose clients' requests overlap. QLEDGER_INLINE_IO=BYTES overrides the limit (0: none inline).
+  // One request at a time: file requests go straight to the kernel (file-device.ts). The server's
+  // clients' requests overlap: there, only while they are page-cache quick (adaptive), and never a
+  // flush. QLEDGER_INLINE_IO=BYTES overrides the limit (0: none inline).
   const env = process.env['QLEDGER_INLINE_IO'];
-  setInlineIo(env !== undefined && /^\d+$/.test(env) ? Number(env) : process.argv[2] === 'nbd' ? 0 : INLINE_IO_LIMIT);
+  setInlineIo(env !== undefined && /^\d+$/.test(env) ? Number(env) : INLINE_IO_LIMIT, { adaptive: process.argv[2] === 'nbd' });
   main(process.argv.slice(2)).then((code) => {
     process.exitCode = code;
   });

@@ -256,7 +256,9 @@ export class Image {
   async read(offset: number, length: number): Promise<Uint8Array> {
     this.open();
     if (!Number.isSafeInteger(length) || length < 0) throw new RangeRequestError(`read of length ${length}: lengths are non-negative integers`, { offset, length });
-    const out = new Uint8Array(length);
+    // not zero-filled: readGuest writes every byte of it (zeros included), and the buffer is
+    // dropped if the read fails (zero-filling 1 GiB of NBD reads cost a fifth of the server's CPU)
+    const out = new Uint8Array(Buffer.allocUnsafeSlow(length).buffer, 0, length);
     await this.readInto(out, offset);
     return out;
   }

@@ -19,15 +19,62 @@ import { HeldLock, imagePermissions, type LockPermissions } from './image-lock.t
  * the promise machinery), but the event loop waits for the disk meanwhile.
  * That is the right trade for a command that has one request in flight at a
  * time (qledger io, convert, check: QEMU's tools block their own thread the
- * same way in a synchronous request); a server with many clients keeps 0.
+ * same way in a synchronous request); a server with many clients uses the
+ * adaptive mode below, which goes back to the pool when the disk is slow.
  */
 let inlineLimit = 0;
 
-/** Set the inline limit for every file device of the process (bytes; 0: everything through the pool). Returns the previous one. */
-export function setInlineIo(limit: number): number {
+/**
+ * Adaptive mode (a server's): reads and writes within the limit go inline
+ * only while inline requests stay quick (page-cache hits, about 10–60 µs
+ * for 256 KiB); one that takes longer than SLOW_MS (the disk, or the
+ * kernel throttling dirty pages) sends the next POOL_AFTER_SLOW requests
+ * through the pool, so a cold read never holds every other client for long
+ * more than once in a while. Flushes and truncations always go through the
+ * pool there: an fdatasync must not stop the other connections.
+ */
+let adaptive = false;
+const SLOW_MS = 1;
+const POOL_AFTER_SLOW = 256;
+let pooledLeft = 0;
+
+/** Whether a request of `bytes` goes inline now. */
+function inlineNow(bytes: number): boolean {
+  if (bytes > inlineLimit) return false;
+  if (!adaptive) return true;
+  if (pooledLeft > 0) {
+    pooledLeft--;
+    return false;
+  }
+  return true;
+}
+
+/** The clock before an inline request, in adaptive mode (0 otherwise). */
+function inlineStart(): number {
+  return adaptive ? performance.now() : 0;
+}
+
+/** After an inline request started at `t0`: a slow one sends the next requests through the pool. */
+function inlineDone(t0: number): void {
+  if (adaptive && performance.now() - t0 > SLOW_MS) pooledLeft = POOL_AFTER_SLOW;
+}
+
+/**
+ * Set the inline limit for every file device of the process (bytes; 0:
+ * everything through the pool); `adaptive`: the server's mode above.
+ * Returns the previous limit.
+ */
+export function setInlineIo(limit: number, opts: { adaptive?: boolean } = {}): number {
   const was = inlineLimit;
   inlineLimit = limit;
+  adaptive = opts.adaptive === true;
+  pooledLeft = 0;
   return was;
+}
+
+/** Flushes, sizes and truncations inline: only in the plain (one request at a time) mode. */
+function controlInline(): boolean {
+  return inlineLimit > 0 && !adaptive;
 }
 
 /** How a file is locked while open (see image-lock.ts): QEMU's permissions, or not at all. */
@@ -79,7 +126,7 @@ export class FileDevice implements BlockDevice {
   }
 
   async size(): Promise<number> {
-    if (inlineLimit > 0) return fstatSync(this.fh.fd).size;
+    if (controlInline()) return fstatSync(this.fh.fd).size;
     return (await this.fh.stat()).size;
   }
 
@@ -97,7 +144,8 @@ export class FileDevice implements BlockDevice {
       return;
     }
     let done = 0;
-    if (buf.length <= inlineLimit) {
+    if (inlineNow(buf.length)) {
+      const t0 = inlineStart();
       try {
         while (done < buf.length) {
           const n = readSync(this.fh.fd, buf, done, buf.length - done, offset + done);
@@ -109,6 +157,8 @@ export class FileDevice implements BlockDevice {
         }
       } catch (e) {
         throw deviceError(this.name, `read at 0x${hexDigits(offset + done)}`, e);
+      } finally {
+        inlineDone(t0);
       }
       return;
     }
@@ -129,11 +179,14 @@ export class FileDevice implements BlockDevice {
     // never let Node turn an impossible position into "the current position"
     if (!Number.isSafeInteger(offset + data.length) || offset < 0) throw new QledgerError('E_RANGE', `${this.name}: write at offset 0x${hexDigits(offset)} is outside any file`, { offset });
     let done = 0;
-    if (data.length <= inlineLimit) {
+    if (inlineNow(data.length)) {
+      const t0 = inlineStart();
       try {
         while (done < data.length) done += writeSync(this.fh.fd, data, done, data.length - done, offset + done);
       } catch (e) {
         throw deviceError(this.name, `write of ${data.length - done} bytes at 0x${hexDigits(offset + done)}`, e);
+      } finally {
+        inlineDone(t0);
       }
       return;
     }
@@ -147,7 +200,7 @@ export class FileDevice implements BlockDevice {
 
   async flush(): Promise<void> {
     if (!this.readOnly && !this.ignoreFlush) {
-      if (inlineLimit > 0) {
+      if (controlInline()) {
         try {
           fdatasyncSync(this.fh.fd);
         } catch (e) {
@@ -163,7 +216,7 @@ export class FileDevice implements BlockDevice {
 
   async truncate(size: number): Promise<void> {
     this.assertWritable();
-    if (inlineLimit > 0) {
+    if (controlInline()) {
       try {
         ftruncateSync(this.fh.fd, size);
       } catch (e) {

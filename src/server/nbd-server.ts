@@ -91,6 +91,7 @@ export function imageBackend(img: Image, readOnly: boolean, discard: 'unmap' | '
     },
     readOnly,
     read: (offset, length) => img.read(offset, length),
+    readInto: (offset, out) => img.readInto(out, offset),
     write: (offset, data) => img.write(offset, data),
     writeZeroes: (offset, length, unmap) => img.writeZeroes(offset, length, { unmap: unmap && unmapping }),
     // TRIM is advisory: ignoring it is a valid answer (what reads return afterwards is unspecified)

@@ -17,6 +17,7 @@ import {
   ALLOCATION_DEPTH, BASE_ALLOCATION, CF, DIRTY_BITMAP_PREFIX, CMD, ERRNO, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO, MAX_OPTION_BYTES, NBDMAGIC, OPT, REP, REPLY_FLAG_DONE, REPLY_TYPE,
   STATE_DIRTY, STATE_HOLE, STATE_ZERO, TF, chunkHeader, decodeRequest, errorChunk, infoBlockSize, infoExport, infoString, optionError, optionReply, simpleReply, type Request,
 } from './nbd-protocol.ts';
+import { BufferPool } from './buffer-pool.ts';
 import { PeerGone, SocketReader } from './socket-reader.ts';
 import { upgrade, type NbdTls } from './nbd-tls.ts';
 
@@ -25,6 +26,8 @@ export interface NbdBackend {
   readonly size: number;
   readonly readOnly: boolean;
   read(offset: number, length: number): Promise<Uint8Array>;
+  /** fill `out` with the bytes at `offset` (a server's read into a reused buffer); read() where absent */
+  readonly readInto?: ((offset: number, out: Uint8Array) => Promise<void>) | undefined;
   write(offset: number, data: Uint8Array): Promise<void>;
   writeZeroes(offset: number, length: number, unmap: boolean): Promise<void>;
   trim(offset: number, length: number): Promise<void>;
@@ -83,6 +86,8 @@ export class NbdSession {
   private slot: (() => void) | undefined;
   private drainWaiter: (() => void) | undefined;
   private closed = false;
+  /** read replies' buffers, reused */
+  private readonly pool = new BufferPool();
 
   constructor(
     socket: Socket,
@@ -314,6 +319,7 @@ export class NbdSession {
   // ---- transmission ----------------------------------------------------------
 
   private async transmission(): Promise<void> {
+    this.inTransmission = true;
     for (;;) {
       await this.room();
       const h = await this.reader.read(28);
@@ -398,33 +404,48 @@ export class NbdSession {
   /** A read: with structured replies, data chunks and hole chunks by the backend's map (one data chunk with DF). */
   private async read(req: Request): Promise<void> {
     const b = this.exp.backend;
-    if (!this.structured) {
-      const data = await b.read(req.offset, req.length);
-      return this.send([simpleReply(0, req.cookie), data]);
-    }
-    if (req.length === 0) return this.send([chunkHeader(REPLY_FLAG_DONE, REPLY_TYPE.NONE, req.cookie, 0)]);
-    const pieces: Buffer[] = [];
-    const end = req.offset + req.length;
-    const df = (req.flags & CF.DF) !== 0;
-    for (let at = req.offset; at < end; ) {
-      const st = df ? { length: end - at, zero: false } : await b.status(at, end - at);
-      const n = Math.max(1, Math.min(st.length, end - at));
-      const last = at + n >= end;
-      const flags = last ? REPLY_FLAG_DONE : 0;
-      if (st.zero && n >= 512) {
-        const h = Buffer.alloc(12);
-        h.writeBigUInt64BE(BigInt(at), 0);
-        h.writeUInt32BE(n, 8);
-        pieces.push(chunkHeader(flags, REPLY_TYPE.OFFSET_HOLE, req.cookie, 12), h);
-      } else {
-        const data = await b.read(at, n);
-        const h = Buffer.alloc(8);
-        h.writeBigUInt64BE(BigInt(at), 0);
-        pieces.push(chunkHeader(flags, REPLY_TYPE.OFFSET_DATA, req.cookie, 8 + data.length), h, Buffer.from(data.buffer, data.byteOffset, data.byteLength));
+    if (req.length === 0 && this.structured) return void this.send([chunkHeader(REPLY_FLAG_DONE, REPLY_TYPE.NONE, req.cookie, 0)]);
+    // the reply's data, read into one pooled buffer handed back once the socket has taken it
+    const buf = this.pool.get(req.length);
+    let sent = false;
+    try {
+      const fill = async (at: number, out: Uint8Array): Promise<Uint8Array> => {
+        if (b.readInto) {
+          await b.readInto(at, out);
+          return out;
+        }
+        return b.read(at, out.length);
+      };
+      if (!this.structured) {
+        const data = await fill(req.offset, buf);
+        sent = this.send([simpleReply(0, req.cookie), data], () => this.pool.release(buf));
+        return;
       }
-      at += n;
+      const pieces: Uint8Array[] = [];
+      const end = req.offset + req.length;
+      const df = (req.flags & CF.DF) !== 0;
+      for (let at = req.offset; at < end; ) {
+        const st = df ? { length: end - at, zero: false } : await b.status(at, end - at);
+        const n = Math.max(1, Math.min(st.length, end - at));
+        const last = at + n >= end;
+        const flags = last ? REPLY_FLAG_DONE : 0;
+        if (st.zero && n >= 512) {
+          const h = Buffer.allocUnsafe(12);
+          h.writeBigUInt64BE(BigInt(at), 0);
+          h.writeUInt32BE(n, 8);
+          pieces.push(chunkHeader(flags, REPLY_TYPE.OFFSET_HOLE, req.cookie, 12), h);
+        } else {
+          const data = await fill(at, buf.subarray(at - req.offset, at - req.offset + n));
+          const h = Buffer.allocUnsafe(8);
+          h.writeBigUInt64BE(BigInt(at), 0);
+          pieces.push(chunkHeader(flags, REPLY_TYPE.OFFSET_DATA, req.cookie, 8 + data.length), h, data);
+        }
+        at += n;
+      }
+      sent = this.send(pieces, () => this.pool.release(buf));
+    } finally {
+      if (!sent) this.pool.release(buf);
     }
-    this.send(pieces);
   }
 
   private async blockStatus(req: Request): Promise<void> {
@@ -516,17 +537,40 @@ export class NbdSession {
    * replies to every other command).
    */
   private reply(req: Request, error: number, message = ''): void {
-    if (this.structured && error !== 0 && (req.type === CMD.READ || req.type === CMD.BLOCK_STATUS)) return this.send([errorChunk(req.cookie, error, message)]);
+    if (this.structured && error !== 0 && (req.type === CMD.READ || req.type === CMD.BLOCK_STATUS)) return void this.send([errorChunk(req.cookie, error, message)]);
     this.send([simpleReply(error, req.cookie)]);
   }
 
-  /** Buffers of one reply, written in one go so replies never interleave. */
-  private send(parts: Uint8Array[]): void {
-    if (this.closed || this.socket.destroyed) return;
-    this.socket.cork();
-    for (const p of parts) this.socket.write(p);
-    this.socket.uncork();
+  /**
+   * Buffers of one reply, written in one go so replies never interleave;
+   * `done` runs once the socket no longer needs them (written or failed).
+   * False: the connection is gone and nothing was queued.
+   */
+  private send(parts: Uint8Array[], done?: () => void): boolean {
+    if (this.closed || this.socket.destroyed) return false;
+    // Replies that complete in the same turn of the event loop go out in one writev: the socket is
+    // corked until the current callbacks and promise reactions are done (a 16-byte reply per system
+    // call cost a third of a copy into the export).
+    if (!this.inTransmission) {
+      for (const p of parts) this.socket.write(p);
+      return true;
+    }
+    if (!this.batching) {
+      this.batching = true;
+      this.socket.cork();
+      process.nextTick(() => {
+        this.batching = false;
+        this.socket.uncork();
+      });
+    }
+    for (let i = 0; i < parts.length; i++) this.socket.write(parts[i]!, i === parts.length - 1 && done ? () => done() : undefined);
+    return true;
   }
+
+  /** the socket is corked for the replies of this turn */
+  private batching = false;
+  /** replies are batched only after the handshake (a STARTTLS reply must leave before the upgrade) */
+  private inTransmission = false;
 }
 
 /** The errno a failed operation answers with. */
