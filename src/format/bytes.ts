@@ -44,6 +44,14 @@ export function u64big(b: Uint8Array, off: number): bigint {
 }
 
 /**
+ * A plain Uint8Array of `n` bytes that is not zero-filled, for a caller
+ * that overwrites every byte before anyone reads it (reads of guest data).
+ */
+export function uninitialized(n: number): Uint8Array {
+  return new Uint8Array(Buffer.allocUnsafeSlow(n).buffer, 0, n);
+}
+
+/**
  * A 64-bit offset or size that qledger itself wrote (its own extensions),
  * as an exact number: undefined when it is above 2^53, for the caller to
  * refuse with the exact value (u64big).

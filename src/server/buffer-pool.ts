@@ -7,6 +7,8 @@
  * power-of-two capacities, and the pool keeps at most `limit` bytes idle.
  */
 
+import { uninitialized } from '../format/bytes.ts';
+
 /** Capacities below this are not pooled: small buffers are cheap and come from V8's own pool. */
 const MIN_POOLED = 16 * 1024;
 
@@ -26,7 +28,7 @@ export class BufferPool {
       this.idle -= cap;
       return new Uint8Array(ab, 0, length);
     }
-    return new Uint8Array(Buffer.allocUnsafeSlow(cap).buffer, 0, length);
+    return uninitialized(cap).subarray(0, length);
   }
 
   /** `b` (from get) is no longer used by anyone. */

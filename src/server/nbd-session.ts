@@ -548,13 +548,16 @@ export class NbdSession {
    */
   private send(parts: Uint8Array[], done?: () => void): boolean {
     if (this.closed || this.socket.destroyed) return false;
-    // Replies that complete in the same turn of the event loop go out in one writev: the socket is
-    // corked until the current callbacks and promise reactions are done (a 16-byte reply per system
-    // call cost a third of a copy into the export).
     if (!this.inTransmission) {
+      // the handshake: one reply at a time, written at once (a STARTTLS reply leaves before the upgrade)
+      this.socket.cork();
       for (const p of parts) this.socket.write(p);
+      this.socket.uncork();
       return true;
     }
+    // Replies that complete in the same turn of the event loop go out in one writev: the socket is
+    // corked until the current callbacks and promise reactions are done (pipelined reads at queue
+    // depth 16 then share system calls; a write's reply usually completes alone in its turn).
     if (!this.batching) {
       this.batching = true;
       this.socket.cork();
