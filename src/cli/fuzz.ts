@@ -93,6 +93,11 @@ export async function runFuzz(argv: string[], io: Output): Promise<number> {
   else {
     io.out(`cases: ${r.cases} (seed ${r.seed}${shard ? `, shard ${shard.index}/${shard.count}` : ''}), command runs: ${r.runs}, ${r.casesPerSecond.toFixed(1)} cases per second\n`);
     for (const k of FUZZ_CLASSES) io.out(`${k}: ${r.classes[k]}\n`);
+    if (r.differential) {
+      // for judgment, not failures: which side refused an image the other one opened or read, and why
+      io.out(`differential: ${r.differential.compared} outcomes compared with qemu-img info and qemu-io, ${r.differential.groups.reduce((n, g) => n + g.count, 0)} differ\n`);
+      for (const g of r.differential.groups.slice(0, 30)) io.out(`  ${g.command} ${g.side === 'qemu-only' ? 'qemu-img/qemu-io only' : 'qledger only'}: ${g.count} (case ${g.example}): ${g.reason}\n`);
+    }
     for (const f of r.failures.slice(0, 50)) io.out(`FAIL case ${f.case} (${f.image}: ${f.mutations.join('; ')}): ${f.command}: ${f.class}: ${f.message}${f.file ? `\n  reproduce: qledger ${f.command === 'write' ? "io -c 'write 0 128k'" : f.command === 'read' ? "io -r -c 'read 0 1M'" : f.command === 'convert' ? 'convert -O raw' : f.command} ${f.file}${f.command === 'convert' ? ' /dev/null' : ''}` : ''}\n`);
   }
   const bad = r.classes.crash + r.classes.hang + r.classes.memory + r.classes.writeAfterError;

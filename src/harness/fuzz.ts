@@ -29,7 +29,6 @@
  * which is stopped from outside.
  */
 
-import { spawnSync } from 'node:child_process';
 import { getHeapStatistics } from 'node:v8';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -40,6 +39,7 @@ import { MemoryDevice } from '../io/memory-device.ts';
 import { Image } from '../engine/image.ts';
 import { checkDevice } from '../engine/check/check.ts';
 import { createOnDevice, openWriterOnDevice } from '../engine/writable.ts';
+import { DifferentialTally, qemuProbe, qemuTotals, type DifferentialGroup, type ProbeCommand } from './fuzz-differential.ts';
 
 export const FUZZ_COMMANDS = ['info', 'check', 'map', 'read', 'convert', 'write'] as const;
 export type FuzzCommand = (typeof FUZZ_COMMANDS)[number];
@@ -61,7 +61,8 @@ export interface FuzzOptions {
   readonly memoryBytes?: number | undefined;
   /** where failing cases' images go (none: not written) */
   readonly outDir?: string | undefined;
-  /** compare check's totals with qemu-img check on each case (slow: one process per case) */
+  /** compare check's totals with qemu-img check on each case, and whether info and read work with
+   *  qemu-img info and qemu-io (slow: one process per command and case; fuzz-differential.ts) */
   readonly qemu?: boolean | undefined;
   /** after each case */
   readonly onCase?: ((k: number) => void) | undefined;
@@ -92,6 +93,8 @@ export interface FuzzSummary {
   readonly classes: Record<FuzzClass, number>;
   readonly byCommand: Record<FuzzCommand, Record<FuzzClass, number>>;
   readonly failures: FuzzFailure[];
+  /** with `qemu`: where qemu-img/qemu-io and qledger differ on whether info and read work, in groups (for judgment, not failures) */
+  readonly differential?: { readonly compared: number; readonly groups: DifferentialGroup[] } | undefined;
 }
 
 /** mulberry32: a small seeded generator (the same cases on every machine). */
@@ -348,18 +351,6 @@ export interface CaseRunner {
   close(): Promise<void>;
 }
 
-/** qemu-img check's totals on a file, or undefined when it could not check it. */
-function qemuTotals(file: string): string | undefined {
-  const q = spawnSync('qemu-img', ['check', '--output=json', file], { encoding: 'utf8', timeout: 60_000 });
-  if (q.status === null || q.status === 1 || q.status === 63) return undefined;
-  try {
-    const j = JSON.parse(q.stdout);
-    return `${j['corruptions'] ?? 0}/${j['leaks'] ?? 0}/${j['check-errors'] ?? 0}`;
-  } catch {
-    return undefined;
-  }
-}
-
 export async function fuzz(o: FuzzOptions): Promise<FuzzSummary> {
   const t0 = process.hrtime.bigint();
   const images = o.images ?? (await builtinImages());
@@ -374,6 +365,7 @@ export async function fuzz(o: FuzzOptions): Promise<FuzzSummary> {
   if (o.outDir) mkdirSync(o.outDir, { recursive: true });
   let runs = 0;
   let done = 0;
+  const tally = o.qemu ? new DifferentialTally() : undefined;
   for (let k = shard.index; k < o.cases; k += shard.count) {
     const c = fuzzCase(images, o.seed, k);
     const name = `case-${k}.qcow2`;
@@ -386,18 +378,27 @@ export async function fuzz(o: FuzzOptions): Promise<FuzzSummary> {
       failures.push({ case: k, image: c.image, mutations: c.mutations, command, class: cls, message: message.split('\n').slice(0, 3).join(' | '), file });
     };
     const outcomes = o.runner ? await o.runner.runCase(k, commands) : [];
+    const results: Array<{ cls: FuzzClass; message: string }> = [];
     for (const [i, cmd] of commands.entries()) {
       runs++;
-      const { cls, message } = o.runner ? outcomes[i]! : await runOne(cmd, name, c.bytes, timeoutMs, memoryBytes);
+      const r = o.runner ? outcomes[i]! : await runOne(cmd, name, c.bytes, timeoutMs, memoryBytes);
+      results.push(r);
+      const { cls, message } = r;
       classes[cls]++;
       byCommand[cmd][cls]++;
       if (cls !== 'ok' && cls !== 'cleanError') fail(cmd, cls, message);
     }
-    if (o.qemu && commands.includes('check')) {
-      const dir = o.outDir ?? '/tmp';
-      const f = join(dir, `qledger-fuzz-${process.pid}.qcow2`);
+    if (o.qemu) {
+      const f = join(o.outDir ?? '/tmp', `qledger-fuzz-${process.pid}.qcow2`);
       writeFileSync(f, c.bytes);
-      const theirs = qemuTotals(f);
+      for (const [i, cmd] of commands.entries()) {
+        if (cmd !== 'info' && cmd !== 'read') continue;
+        const ours = results[i]!;
+        if (ours.cls !== 'ok' && ours.cls !== 'cleanError') continue;
+        const theirs = qemuProbe(cmd as ProbeCommand, f, c.bytes);
+        if (theirs) tally!.add(k, cmd as ProbeCommand, { ok: ours.cls === 'ok', message: ours.message }, theirs);
+      }
+      const theirs = commands.includes('check') ? qemuTotals(f) : undefined;
       if (theirs !== undefined) {
         try {
           const r = await checkDevice(new MemoryDevice(name, c.bytes, { readOnly: true, share: true }), name, { maxFindings: 0 });
@@ -421,6 +422,6 @@ export async function fuzz(o: FuzzOptions): Promise<FuzzSummary> {
     const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
     // copies: a progress summary must not change under its reader
     const byCmd = Object.fromEntries(Object.entries(byCommand).map(([c, x]) => [c, { ...x }])) as Record<FuzzCommand, Record<FuzzClass, number>>;
-    return { seed: o.seed, cases, runs, seconds, casesPerSecond: cases / seconds, classes: { ...classes }, byCommand: byCmd, failures: [...failures] };
+    return { seed: o.seed, cases, runs, seconds, casesPerSecond: cases / seconds, classes: { ...classes }, byCommand: byCmd, failures: [...failures], ...(tally ? { differential: { compared: tally.compared, groups: tally.list() } } : {}) };
   }
 }
