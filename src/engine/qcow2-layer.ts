@@ -70,6 +70,8 @@ export class Qcow2Layer implements Layer {
   readonly dataDev: BlockDevice | undefined;
   private readonly hasDataFile: boolean;
   private readonly dataFileRaw: boolean;
+  /** a v2 image has no zero flag: an entry with it set is corrupt (QEMU's read fails on it) */
+  private readonly preV3: boolean;
   private lastCompressed: { offset: number; data: Uint8Array } | undefined;
   private readonly scratch: RawL2Entry = { hi: 0, lo: 0, bitmapHi: 0, bitmapLo: 0 };
 
@@ -87,6 +89,7 @@ export class Qcow2Layer implements Layer {
     this.backing = o.backing;
     this.hasDataFile = (o.parsed.header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
     this.dataFileRaw = (o.parsed.header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n;
+    this.preV3 = o.parsed.header.version < 3;
   }
 
   get fileSize(): number {
@@ -159,6 +162,9 @@ export class Qcow2Layer implements Layer {
     const type = subclusterType(e, sc, g, this.hasDataFile);
     if (type === 'invalid') {
       throw new CorruptionError(`${this.filename}: invalid cluster entry found (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(l2Index)})`, { l2Offset, l2Index });
+    }
+    if (this.preV3 && (type === 'zero-plain' || type === 'zero-alloc')) {
+      throw new CorruptionError(`${this.filename}: Zero cluster entry found in pre-v3 image (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(l2Index)})`, { l2Offset, l2Index });
     }
     if (type === 'compressed') {
       return { length: Math.min(maxLen, cs - inCluster), type, hostOffset: undefined };

@@ -241,6 +241,8 @@ export function decodeHeader(b: Uint8Array, fileSize: number): ParsedHeader {
   checkTable('refcount_table_offset', 48, refcountTableOffset, refcountTableClusters * clusterSize, clusterSize, fileSize, S, u64big(b, 48));
   if (nbSnapshots > L.MAX_SNAPSHOTS) fail('nb_snapshots', 60, `${nbSnapshots} snapshots is more than ${L.MAX_SNAPSHOTS}`);
   if (nbSnapshots > 0) checkTable('snapshots_offset', 64, snapshotsOffset, nbSnapshots * 40, clusterSize, fileSize, S, u64big(b, 64));
+  // with no snapshots there is no table to find, but QEMU's open still refuses an unaligned offset
+  else if (u64big(b, 64) % BigInt(clusterSize) !== 0n) fail('snapshots_offset', 64, `${hex(u64big(b, 64))} is not aligned to a cluster`);
 
   let backingFile: string | undefined;
   if (backingFileOffset !== 0) backingFile = decoder.decode(b.subarray(backingFileOffset, backingFileOffset + backingFileSize));
