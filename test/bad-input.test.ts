@@ -60,6 +60,7 @@ const cases: Array<[string, Uint8Array, RegExp]> = [
   ['version 4', withField((b) => putU32(b, 4, 4)), /version at offset 0x4: unsupported qcow2 version 4/],
   // QEMU refuses it too ("Snapshot table offset invalid"), though no snapshot table is read (found by fuzz --qemu)
   ['unaligned snapshots_offset with no snapshots', withField((b) => putU64(b, 64, 0x7fffffff)), /snapshots_offset at offset 0x40: 0x7fffffff is not aligned to a cluster/],
+  ['snapshots_offset past 2^63 with no snapshots', withField((b) => putU64(b, 64, 0xffffffff00000000n)), /snapshots_offset at offset 0x40: 0xffffffff00000000 is past the largest file offset/],
   ['cluster_bits 30', withField((b) => putU32(b, 20, 30)), /cluster_bits at offset 0x14/],
   ['header_length 100', withField((b) => putU32(b, 100, 100)), /header_length at offset 0x64/],
   ['L1 past the end', withField((b) => putU64(b, 40, 1 << 30)), /l1_table_offset at offset 0x28: .*past the end/],

@@ -241,8 +241,10 @@ export function decodeHeader(b: Uint8Array, fileSize: number): ParsedHeader {
   checkTable('refcount_table_offset', 48, refcountTableOffset, refcountTableClusters * clusterSize, clusterSize, fileSize, S, u64big(b, 48));
   if (nbSnapshots > L.MAX_SNAPSHOTS) fail('nb_snapshots', 60, `${nbSnapshots} snapshots is more than ${L.MAX_SNAPSHOTS}`);
   if (nbSnapshots > 0) checkTable('snapshots_offset', 64, snapshotsOffset, nbSnapshots * 40, clusterSize, fileSize, S, u64big(b, 64));
-  // with no snapshots there is no table to find, but QEMU's open still refuses an unaligned offset
+  // with no snapshots there is no table to find, but QEMU's open still refuses an unaligned offset,
+  // and one past the largest file offset (2^63 - 1)
   else if (u64big(b, 64) % BigInt(clusterSize) !== 0n) fail('snapshots_offset', 64, `${hex(u64big(b, 64))} is not aligned to a cluster`);
+  else if (u64big(b, 64) > 2n ** 63n - 1n) fail('snapshots_offset', 64, `${hex(u64big(b, 64))} is past the largest file offset`);
 
   let backingFile: string | undefined;
   if (backingFileOffset !== 0) backingFile = decoder.decode(b.subarray(backingFileOffset, backingFileOffset + backingFileSize));
