@@ -326,7 +326,8 @@ export class NbdSession {
       const req = decodeRequest(h);
       if (!req) throw new Error('request without the request magic');
       if (req.type === CMD.DISC) return; // in-flight requests finish first (run waits)
-      let payload: Buffer | undefined;
+      let payload: Uint8Array | undefined;
+      let pooled = false;
       if (req.type === CMD.WRITE) {
         if (req.length > this.exp.maxBlock) {
           // the payload has to be consumed to find the next request: dropped in bounded pieces
@@ -334,10 +335,12 @@ export class NbdSession {
           this.reply(req, ERRNO.EOVERFLOW, `write of ${req.length} bytes is over the ${this.exp.maxBlock}-byte maximum`);
           continue;
         }
-        payload = await this.reader.read(req.length);
+        ({ data: payload, pooled } = await this.reader.readPooled(req.length, this.pool));
       }
       this.inFlight++;
       void this.handle(req, payload).finally(() => {
+        // the engine has written the payload (or refused it): it keeps no reference past its promise
+        if (pooled) this.pool.release(payload!);
         this.inFlight--;
         const s = this.slot;
         this.slot = undefined;
@@ -362,7 +365,7 @@ export class NbdSession {
     while (this.inFlight > 0) await new Promise<void>((r) => (this.slot = r));
   }
 
-  private async handle(req: Request, payload: Buffer | undefined): Promise<void> {
+  private async handle(req: Request, payload: Uint8Array | undefined): Promise<void> {
     const b = this.exp.backend;
     const known = CF.FUA | CF.NO_HOLE | CF.DF | CF.REQ_ONE | CF.FAST_ZERO;
     if (req.flags & ~known) return this.reply(req, ERRNO.EINVAL, `unknown command flags 0x${req.flags.toString(16)}`);
@@ -556,15 +559,18 @@ export class NbdSession {
       return true;
     }
     // Replies that complete in the same turn of the event loop go out in one writev: the socket is
-    // corked until the current callbacks and promise reactions are done (pipelined reads at queue
-    // depth 16 then share system calls; a write's reply usually completes alone in its turn).
+    // corked until the loop's check phase, after every socket read and file completion of this
+    // poll phase (requests that arrived together are answered together). Uncorking at the end of
+    // each callback instead sent one 16-byte write reply per system call, each waking the client:
+    // a seventh of the server's CPU in a copy into the export; at queue depth 1 the wait is nil.
     if (!this.batching) {
       this.batching = true;
       this.socket.cork();
-      process.nextTick(() => {
+      const flush = () => {
         this.batching = false;
         this.socket.uncork();
-      });
+      };
+      setImmediate(flush);
     }
     for (let i = 0; i < parts.length; i++) this.socket.write(parts[i]!, i === parts.length - 1 && done ? () => done() : undefined);
     return true;

@@ -23,6 +23,9 @@ export class SocketReader {
   private have = 0;
   private want: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | undefined;
   private gone: Error | undefined;
+  /** where readPooled's joined bytes go, and whether the last read joined into it */
+  private joinInto: { get(n: number): Uint8Array } | undefined;
+  private joined = false;
 
   /** what this reader listens to, so that detach() can let go */
   private readonly listeners: Array<[string, (...a: any[]) => void]>;
@@ -66,6 +69,25 @@ export class SocketReader {
     });
   }
 
+  /**
+   * The next `n` bytes, as `read` gives them, except that bytes spread over
+   * several socket chunks are joined into a buffer from `pool` (`pooled`
+   * true: the caller gives it back once done with it) instead of a fresh one
+   * (a write payload of 256 KiB comes in 64 KiB chunks: a fresh buffer per
+   * request cost page faults and garbage collection).
+   */
+  async readPooled(n: number, pool: { get(n: number): Uint8Array }): Promise<{ data: Uint8Array; pooled: boolean }> {
+    this.joinInto = pool;
+    try {
+      const data = await this.read(n);
+      const pooled = this.joined;
+      this.joined = false;
+      return { data, pooled };
+    } finally {
+      this.joinInto = undefined;
+    }
+  }
+
   /** Read and drop `n` bytes, a chunk at a time (a payload the server refuses). */
   async skip(n: number): Promise<void> {
     for (let left = n; left > 0; ) {
@@ -105,7 +127,9 @@ export class SocketReader {
       this.have -= n;
       return out;
     }
-    const out = Buffer.allocUnsafe(n);
+    const into = this.joinInto?.get(n);
+    this.joined = into !== undefined;
+    const out = into ? Buffer.from(into.buffer, into.byteOffset, n) : Buffer.allocUnsafe(n);
     let o = 0;
     while (o < n) {
       const c = this.chunks[0]!;
