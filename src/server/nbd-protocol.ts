@@ -13,6 +13,9 @@ export const OPTION_REPLY_MAGIC = 0x3e889045565a9n;
 export const REQUEST_MAGIC = 0x25609513;
 export const SIMPLE_REPLY_MAGIC = 0x67446698;
 export const STRUCTURED_REPLY_MAGIC = 0x668e33ef;
+/** EXTENDED_HEADERS: 32-byte requests and reply chunks with 64-bit lengths */
+export const EXTENDED_REQUEST_MAGIC = 0x21e41c71;
+export const EXTENDED_REPLY_MAGIC = 0x6e8a278c;
 
 /** Handshake flags (server) and client flags. */
 export const FLAG_FIXED_NEWSTYLE = 1 << 0;
@@ -48,6 +51,7 @@ export const REP = {
   ERR_SHUTDOWN: ERR + 7,
   ERR_BLOCK_SIZE_REQD: ERR + 8,
   ERR_TOO_BIG: ERR + 9,
+  ERR_EXT_HEADER_REQD: ERR + 10,
 } as const;
 
 export const INFO = { EXPORT: 0, NAME: 1, DESCRIPTION: 2, BLOCK_SIZE: 3 } as const;
@@ -75,7 +79,7 @@ export const CF = { FUA: 1 << 0, NO_HOLE: 1 << 1, DF: 1 << 2, REQ_ONE: 1 << 3, F
 
 /** Structured reply flags and chunk types. */
 export const REPLY_FLAG_DONE = 1 << 0;
-export const REPLY_TYPE = { NONE: 0, OFFSET_DATA: 1, OFFSET_HOLE: 2, BLOCK_STATUS: 5, ERROR: 0x8000 + 1, ERROR_OFFSET: 0x8000 + 2 } as const;
+export const REPLY_TYPE = { NONE: 0, OFFSET_DATA: 1, OFFSET_HOLE: 2, BLOCK_STATUS: 5, BLOCK_STATUS_EXT: 6, ERROR: 0x8000 + 1, ERROR_OFFSET: 0x8000 + 2 } as const;
 
 /** base:allocation's extent flags. */
 export const STATE_HOLE = 1 << 0;
@@ -147,45 +151,31 @@ export function simpleReply(error: number, cookie: bigint): Buffer {
   return b;
 }
 
-/** A structured reply chunk header for a payload of `length` bytes. */
-export function chunkHeader(flags: number, type: number, cookie: bigint, length: number): Buffer {
-  const b = Buffer.alloc(20);
-  b.writeUInt32BE(STRUCTURED_REPLY_MAGIC, 0);
-  b.writeUInt16BE(flags, 4);
-  b.writeUInt16BE(type, 6);
-  b.writeBigUInt64BE(cookie, 8);
-  b.writeUInt32BE(length, 16);
-  return b;
-}
-
-/** A structured error chunk (always the last of its reply here). */
-export function errorChunk(cookie: bigint, error: number, message: string): Buffer {
-  const text = Buffer.from(message.slice(0, 4096), 'utf8');
-  const payload = Buffer.alloc(6 + text.length);
-  payload.writeUInt32BE(error, 0);
-  payload.writeUInt16BE(text.length, 4);
-  payload.set(text, 6);
-  return Buffer.concat([chunkHeader(REPLY_FLAG_DONE, REPLY_TYPE.ERROR, cookie, payload.length), payload]);
-}
-
-/** A request as read off the wire (the compact header: 28 bytes). */
+/** A request as read off the wire (compact: 28 bytes; extended: 32, with a 64-bit length). */
 export interface Request {
   readonly flags: number;
   readonly type: number;
   readonly cookie: bigint;
+  /** past 2^53 (past any export's end) it stays a number that says so; `exactOffset` keeps the value */
   readonly offset: number;
+  readonly exactOffset: bigint;
+  /** past 2^53 likewise (an extended request's effect length) */
   readonly length: number;
 }
 
+const SAFE = BigInt(Number.MAX_SAFE_INTEGER);
+const toNumber = (v: bigint): number => (v > SAFE ? Number.MAX_SAFE_INTEGER : Number(v));
+
+/** The compact request header (28 bytes), or undefined without its magic. */
 export function decodeRequest(b: Buffer): Request | undefined {
   if (b.readUInt32BE(0) !== REQUEST_MAGIC) return undefined;
   const off = b.readBigUInt64BE(16);
-  return {
-    flags: b.readUInt16BE(4),
-    type: b.readUInt16BE(6),
-    cookie: b.readBigUInt64BE(8),
-    // an offset past 2^53 is past any export's end: it stays a number that says so
-    offset: off > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(off),
-    length: b.readUInt32BE(24),
-  };
+  return { flags: b.readUInt16BE(4), type: b.readUInt16BE(6), cookie: b.readBigUInt64BE(8), offset: toNumber(off), exactOffset: off, length: b.readUInt32BE(24) };
+}
+
+/** The extended request header (32 bytes: the length is 64 bits), or undefined without its magic. */
+export function decodeExtendedRequest(b: Buffer): Request | undefined {
+  if (b.readUInt32BE(0) !== EXTENDED_REQUEST_MAGIC) return undefined;
+  const off = b.readBigUInt64BE(16);
+  return { flags: b.readUInt16BE(4), type: b.readUInt16BE(6), cookie: b.readBigUInt64BE(8), offset: toNumber(off), exactOffset: off, length: toNumber(b.readBigUInt64BE(24)) };
 }

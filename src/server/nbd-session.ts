@@ -1,6 +1,6 @@
 /**
  * One NBD connection: the fixed newstyle handshake (options EXPORT_NAME,
- * ABORT, LIST, INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT and
+ * ABORT, LIST, INFO, GO, STRUCTURED_REPLY, EXTENDED_HEADERS, LIST_META_CONTEXT and
  * SET_META_CONTEXT with base:allocation, qemu:allocation-depth and
  * qemu:dirty-bitmap:NAME) and the transmission phase
  * (READ with structured replies and hole chunks, WRITE, FLUSH, TRIM,
@@ -14,9 +14,11 @@
 import type { Socket } from 'node:net';
 import { QledgerError } from '../errors.ts';
 import {
-  ALLOCATION_DEPTH, BASE_ALLOCATION, CF, DIRTY_BITMAP_PREFIX, CMD, ERRNO, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO, MAX_OPTION_BYTES, NBDMAGIC, OPT, REP, REPLY_FLAG_DONE, REPLY_TYPE,
-  STATE_DIRTY, STATE_HOLE, STATE_ZERO, TF, chunkHeader, decodeRequest, errorChunk, infoBlockSize, infoExport, infoString, optionError, optionReply, simpleReply, type Request,
+  CF, CMD, ERRNO, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO, MAX_OPTION_BYTES, NBDMAGIC, OPT, REP, REPLY_FLAG_DONE, REPLY_TYPE,
+  TF, decodeExtendedRequest, decodeRequest, infoBlockSize, infoExport, infoString, optionError, optionReply, simpleReply, type Request,
 } from './nbd-protocol.ts';
+import { Replies } from './nbd-replies.ts';
+import { contextNames, extentsOf } from './nbd-extents.ts';
 import { BufferPool } from './buffer-pool.ts';
 import { PeerGone, SocketReader } from './socket-reader.ts';
 import { upgrade, type NbdTls } from './nbd-tls.ts';
@@ -69,8 +71,6 @@ export interface SessionOptions {
 const MAX_OPTIONS = 1000;
 /** Reply bytes queued on a socket before the session stops reading requests. */
 const MAX_QUEUED_REPLY_BYTES = 64 * 1024 * 1024;
-/** Extents one BLOCK_STATUS reply describes at most. */
-const MAX_EXTENTS = 65536;
 const ACK = REP.ACK;
 
 export class NbdSession {
@@ -78,7 +78,8 @@ export class NbdSession {
   /** the connection: the client's socket, then the TLS socket over it once STARTTLS has been negotiated */
   private socket: Socket;
   private secure = false;
-  private structured = false;
+  /** the reply style negotiated: simple, structured (STRUCTURED_REPLY) or extended (EXTENDED_HEADERS) */
+  private readonly replies = new Replies();
   /** the metadata contexts SET_META_CONTEXT selected, by id (1: base:allocation, 2 + k: the k-th exported bitmap) */
   private contexts: number[] = [];
   private noZeroes = false;
@@ -198,7 +199,9 @@ export class NbdSession {
     }
     switch (option) {
       case OPT.EXPORT_NAME: {
-        // no error reply exists for this option: an unknown name ends the connection
+        // no error reply exists for this option: an unknown name ends the connection, and so does the
+        // option after EXTENDED_HEADERS (which only GO may follow into transmission)
+        if (this.replies.style === 'extended') throw new Error('NBD_OPT_EXPORT_NAME after NBD_OPT_EXTENDED_HEADERS');
         if (data.toString('utf8') !== exp.name) throw new Error(`no export named '${data.toString('utf8')}'`);
         const b = Buffer.alloc(this.noZeroes ? 10 : 134);
         b.writeBigUInt64BE(BigInt(exp.backend.size), 0);
@@ -229,8 +232,16 @@ export class NbdSession {
         return this.infoOrGo(option, data);
       case OPT.STRUCTURED_REPLY:
         if (data.length !== 0) return this.reject(option, REP.ERR_INVALID, 'NBD_OPT_STRUCTURED_REPLY takes no data');
-        if (this.structured) return this.reject(option, REP.ERR_INVALID, 'structured replies are already negotiated');
-        this.structured = true;
+        if (this.replies.style === 'extended') return this.reject(option, REP.ERR_EXT_HEADER_REQD, 'extended headers are already negotiated');
+        if (this.replies.style === 'structured') return this.reject(option, REP.ERR_INVALID, 'structured replies are already negotiated');
+        this.replies.style = 'structured';
+        this.send([optionReply(option, ACK)]);
+        return 'more';
+      case OPT.EXTENDED_HEADERS:
+        // 32-byte requests and replies with 64-bit lengths; they take the place of structured replies
+        if (data.length !== 0) return this.reject(option, REP.ERR_INVALID, 'NBD_OPT_EXTENDED_HEADERS takes no data');
+        if (this.replies.style === 'extended') return this.reject(option, REP.ERR_INVALID, 'extended headers are already negotiated');
+        this.replies.style = 'extended';
         this.send([optionReply(option, ACK)]);
         return 'more';
       case OPT.LIST_META_CONTEXT:
@@ -269,7 +280,7 @@ export class NbdSession {
   /** LIST_META_CONTEXT / SET_META_CONTEXT: u32 name length, name, u32 count, count × (u32 length, query). */
   private metaContext(option: number, data: Buffer): 'more' {
     const set = option === OPT.SET_META_CONTEXT;
-    if (set && !this.structured) return this.reject(option, REP.ERR_INVALID, 'metadata contexts need structured replies first');
+    if (set && !this.replies.chunked) return this.reject(option, REP.ERR_INVALID, 'metadata contexts need structured replies or extended headers first');
     if (data.length < 8) return this.reject(option, REP.ERR_INVALID, 'request too short');
     const nameLen = data.readUInt32BE(0);
     if (nameLen > data.length - 8) return this.reject(option, REP.ERR_INVALID, 'name length past the request');
@@ -312,7 +323,7 @@ export class NbdSession {
     let f = TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_FUA | TF.SEND_CACHE | (this.o.multiConn ? TF.CAN_MULTI_CONN : 0);
     if (this.exp.backend.readOnly) f |= TF.READ_ONLY;
     else f |= TF.SEND_TRIM | TF.SEND_WRITE_ZEROES | TF.SEND_FAST_ZERO;
-    if (this.structured) f |= TF.SEND_DF;
+    if (this.replies.chunked) f |= TF.SEND_DF;
     return f;
   }
 
@@ -322,17 +333,31 @@ export class NbdSession {
     this.inTransmission = true;
     for (;;) {
       await this.room();
-      const h = await this.reader.read(28);
-      const req = decodeRequest(h);
-      if (!req) throw new Error('request without the request magic');
+      const extended = this.replies.style === 'extended';
+      const req = extended ? decodeExtendedRequest(await this.reader.read(32)) : decodeRequest(await this.reader.read(28));
+      if (!req) throw new Error(extended ? 'request without the extended request magic' : 'request without the request magic');
       if (req.type === CMD.DISC) return; // in-flight requests finish first (run waits)
       let payload: Uint8Array | undefined;
       let pooled = false;
-      if (req.type === CMD.WRITE) {
+      // a payload follows a compact WRITE, and an extended request that says so (PAYLOAD_LEN: a WRITE must)
+      const carries = extended ? (req.flags & CF.PAYLOAD_LEN) !== 0 : req.type === CMD.WRITE;
+      if (extended && req.type === CMD.WRITE && !carries) {
+        this.reply(req, ERRNO.EINVAL, 'an extended write without NBD_CMD_FLAG_PAYLOAD_LEN');
+        continue;
+      }
+      if (carries) {
         if (req.length > this.exp.maxBlock) {
-          // the payload has to be consumed to find the next request: dropped in bounded pieces
+          // past the advertised maximum an extended client has broken the protocol (a 64-bit length
+          // could be anything): disconnect; a compact write's payload is dropped in bounded pieces
+          if (extended) throw new Error(`a payload of ${req.length} bytes is over the ${this.exp.maxBlock}-byte maximum`);
           await this.reader.skip(req.length);
           this.reply(req, ERRNO.EOVERFLOW, `write of ${req.length} bytes is over the ${this.exp.maxBlock}-byte maximum`);
+          continue;
+        }
+        if (req.type !== CMD.WRITE) {
+          // no other command takes a payload here (NBD_FLAG_BLOCK_STATUS_PAYLOAD is not advertised)
+          await this.reader.skip(req.length);
+          this.reply(req, ERRNO.EINVAL, `command ${req.type} takes no payload`);
           continue;
         }
         ({ data: payload, pooled } = await this.reader.readPooled(req.length, this.pool));
@@ -367,7 +392,7 @@ export class NbdSession {
 
   private async handle(req: Request, payload: Uint8Array | undefined): Promise<void> {
     const b = this.exp.backend;
-    const known = CF.FUA | CF.NO_HOLE | CF.DF | CF.REQ_ONE | CF.FAST_ZERO;
+    const known = CF.FUA | CF.NO_HOLE | CF.DF | CF.REQ_ONE | CF.FAST_ZERO | (this.replies.style === 'extended' ? CF.PAYLOAD_LEN : 0);
     if (req.flags & ~known) return this.reply(req, ERRNO.EINVAL, `unknown command flags 0x${req.flags.toString(16)}`);
     const writes = req.type === CMD.WRITE || req.type === CMD.TRIM || req.type === CMD.WRITE_ZEROES;
     if (req.type > CMD.BLOCK_STATUS || req.type === CMD.DISC) return this.reply(req, ERRNO.EINVAL, `unknown command ${req.type}`);
@@ -407,7 +432,8 @@ export class NbdSession {
   /** A read: with structured replies, data chunks and hole chunks by the backend's map (one data chunk with DF). */
   private async read(req: Request): Promise<void> {
     const b = this.exp.backend;
-    if (req.length === 0 && this.structured) return void this.send([chunkHeader(REPLY_FLAG_DONE, REPLY_TYPE.NONE, req.cookie, 0)]);
+    const r = this.replies;
+    if (req.length === 0 && r.chunked) return void this.send([r.header(REPLY_FLAG_DONE, REPLY_TYPE.NONE, req, 0)]);
     // the reply's data, read into one pooled buffer handed back once the socket has taken it
     const buf = this.pool.get(req.length);
     let sent = false;
@@ -419,7 +445,7 @@ export class NbdSession {
         }
         return b.read(at, out.length);
       };
-      if (!this.structured) {
+      if (!r.chunked) {
         const data = await fill(req.offset, buf);
         sent = this.send([simpleReply(0, req.cookie), data], () => this.pool.release(buf));
         return;
@@ -436,12 +462,12 @@ export class NbdSession {
           const h = Buffer.allocUnsafe(12);
           h.writeBigUInt64BE(BigInt(at), 0);
           h.writeUInt32BE(n, 8);
-          pieces.push(chunkHeader(flags, REPLY_TYPE.OFFSET_HOLE, req.cookie, 12), h);
+          pieces.push(r.header(flags, REPLY_TYPE.OFFSET_HOLE, req, 12), h);
         } else {
           const data = await fill(at, buf.subarray(at - req.offset, at - req.offset + n));
           const h = Buffer.allocUnsafe(8);
           h.writeBigUInt64BE(BigInt(at), 0);
-          pieces.push(chunkHeader(flags, REPLY_TYPE.OFFSET_DATA, req.cookie, 8 + data.length), h, data);
+          pieces.push(r.header(flags, REPLY_TYPE.OFFSET_DATA, req, 8 + data.length), h, data);
         }
         at += n;
       }
@@ -452,96 +478,27 @@ export class NbdSession {
   }
 
   private async blockStatus(req: Request): Promise<void> {
-    if (!this.structured || this.contexts.length === 0) return this.reply(req, ERRNO.EINVAL, 'no metadata context is selected (SET_META_CONTEXT base:allocation)');
+    if (!this.replies.chunked || this.contexts.length === 0) return this.reply(req, ERRNO.EINVAL, 'no metadata context is selected (SET_META_CONTEXT base:allocation)');
     if (req.length === 0) return this.reply(req, ERRNO.EINVAL, 'block status of 0 bytes');
     const one = (req.flags & CF.REQ_ONE) !== 0;
     // one chunk per selected context, the last one done
     const chunks: Buffer[] = [];
     for (const [k, id] of this.contexts.entries()) {
       const name = this.contextNames()[id - 1]!;
-      const desc = name === BASE_ALLOCATION ? await this.allocationExtents(req, one) : name === ALLOCATION_DEPTH ? await this.depthExtents(req, one) : await this.dirtyExtents(req, one, name.slice(DIRTY_BITMAP_PREFIX.length));
-      const payload = Buffer.alloc(4 + desc.length * 4);
-      payload.writeUInt32BE(id, 0);
-      for (let i = 0; i < desc.length; i++) payload.writeUInt32BE(desc[i]!, 4 + i * 4);
-      chunks.push(chunkHeader(k === this.contexts.length - 1 ? REPLY_FLAG_DONE : 0, REPLY_TYPE.BLOCK_STATUS, req.cookie, payload.length), payload);
+      const desc = await extentsOf(this.exp.backend, name, req, one, this.replies.style === 'extended');
+      chunks.push(...this.replies.blockStatus(req, id, desc, k === this.contexts.length - 1));
     }
     this.send(chunks);
   }
 
   /** The contexts this export serves, in qemu-nbd's order; a context's id is its index + 1. */
   private contextNames(): string[] {
-    const b = this.exp.backend;
-    return [BASE_ALLOCATION, ...(b.depth ? [ALLOCATION_DEPTH] : []), ...(b.bitmaps ?? []).map((x) => DIRTY_BITMAP_PREFIX + x)];
+    return contextNames(this.exp.backend);
   }
 
-  /** qemu:allocation-depth's descriptors: 0 where no image of the chain allocates, else 1 + the depth of the one that does. */
-  private async depthExtents(req: Request, one: boolean): Promise<number[]> {
-    const end = req.offset + req.length;
-    const desc: number[] = [];
-    for (let at = req.offset; at < end && desc.length / 2 < MAX_EXTENTS; ) {
-      const st = await this.exp.backend.depth!(at, end - at);
-      const n = Math.max(1, Math.min(st.length, end - at, 0x8000_0000));
-      if (desc.length && desc[desc.length - 1] === st.depth && desc[desc.length - 2]! + n <= 0xffff_ffff) desc[desc.length - 2]! += n;
-      else desc.push(n, st.depth);
-      at += n;
-      if (one) break;
-    }
-    return desc;
-  }
-
-  /** qemu:dirty-bitmap:NAME's descriptors for a request: dirty and clean runs, up to the request's end. */
-  private async dirtyExtents(req: Request, one: boolean, name: string): Promise<number[]> {
-    const end = req.offset + req.length;
-    const desc: number[] = [];
-    const push = (n: number, flags: number) => {
-      if (n <= 0) return;
-      for (let left = n; left > 0; ) {
-        const m = Math.min(left, 0x8000_0000);
-        if (desc.length && desc[desc.length - 1] === flags && desc[desc.length - 2]! + m <= 0xffff_ffff) desc[desc.length - 2]! += m;
-        else desc.push(m, flags);
-        left -= m;
-      }
-    };
-    let at = req.offset;
-    for (const [s, e] of await this.exp.backend.dirty!(name, req.offset, req.length)) {
-      const a = Math.max(s, req.offset);
-      const z = Math.min(e, end);
-      if (z <= at) continue;
-      push(a - at, 0);
-      push(z - Math.max(a, at), STATE_DIRTY);
-      at = z;
-      if (desc.length / 2 >= MAX_EXTENTS) break;
-    }
-    if (desc.length / 2 < MAX_EXTENTS) push(end - at, 0);
-    return one ? desc.slice(0, 2) : desc;
-  }
-
-  /** base:allocation's descriptors for a request. */
-  private async allocationExtents(req: Request, one: boolean): Promise<number[]> {
-    const b = this.exp.backend;
-    const end = req.offset + req.length;
-    const desc: number[] = [];
-    for (let at = req.offset; at < end && desc.length / 2 < MAX_EXTENTS; ) {
-      const st = await b.status(at, end - at);
-      const n = Math.max(1, Math.min(st.length, end - at));
-      const flags = (st.hole ? STATE_HOLE : 0) | (st.zero ? STATE_ZERO : 0);
-      // neighbours with the same flags are one extent
-      if (desc.length && desc[desc.length - 1] === flags && desc[desc.length - 2]! + n <= 0xffff_ffff) desc[desc.length - 2]! += n;
-      else desc.push(n, flags);
-      at += n;
-      if (one) break;
-    }
-    return desc;
-  }
-
-  /**
-   * A reply without data: simple, except that with structured replies a
-   * READ or BLOCK_STATUS error is an error chunk (the protocol allows simple
-   * replies to every other command).
-   */
+  /** A reply without data, in the negotiated style (nbd-replies.ts). */
   private reply(req: Request, error: number, message = ''): void {
-    if (this.structured && error !== 0 && (req.type === CMD.READ || req.type === CMD.BLOCK_STATUS)) return void this.send([errorChunk(req.cookie, error, message)]);
-    this.send([simpleReply(error, req.cookie)]);
+    this.send(error === 0 ? this.replies.done(req) : this.replies.error(req, error, message));
   }
 
   /**
