@@ -6,7 +6,8 @@
  * dedup of whole-cluster writes). It serves until its last client leaves
  * (or, with -t, until SIGTERM or SIGINT, which flush and close the image).
  * TLS as qemu-nbd takes it: `--object tls-creds-x509,id=ID,dir=DIR,
- * endpoint=server` (or tls-creds-psk) and `--tls-creds ID`. qemu-nbd's
+ * endpoint=server` (or tls-creds-psk) and `--tls-creds ID`, and who may
+ * connect with `--tls-authz ID` (authz-simple, authz-list, authz-listfile). qemu-nbd's
  * other modes (-c to attach a kernel device, --fork) are refused by name.
  */
 
@@ -17,6 +18,7 @@ import { isOverlapMode, type OverlapMode } from '../engine/write/overlap.ts';
 import type { DetectZeroes } from '../engine/writer.ts';
 import { rawFileBackend, serveBackend, serveNbd } from '../server/nbd-server.ts';
 import { tlsCredentials } from '../server/nbd-tls.ts';
+import { tlsAuthz } from '../server/nbd-authz.ts';
 import { FileDevice } from '../io/file-device.ts';
 import { imagePermissions } from '../io/image-lock.ts';
 import { getopt, parseOptionList } from './args.ts';
@@ -37,7 +39,7 @@ export async function runNbd(argv: string[], io: Output): Promise<number> {
   for (const [k, v] of p.opts) opt.set(ALIAS[k] ?? k, v);
   const str = (k: string) => (typeof opt.get(k) === 'string' ? (opt.get(k) as string) : undefined);
   for (const k of ['connect', 'disconnect', 'fork', 'list']) if (opt.has(k)) throw new UnsupportedError(`nbd: --${k} is not supported (qledger serves NBD; it does not attach kernel devices, fork or act as a client)`);
-  for (const k of ['tls-authz', 'tls-hostname']) if (opt.has(k)) throw new UnsupportedError(`nbd: --${k} is not supported`);
+  if (opt.has('tls-hostname')) throw new UnsupportedError(`nbd: --tls-hostname is not supported`);
   // --object may repeat; --tls-creds names one of them
   const objects = p.opts.filter(([k]) => k === 'object').map(([, v]) => {
     // QEMU's `TYPE,key=value,…` (or qom-type=TYPE,…)
@@ -48,7 +50,10 @@ export async function runNbd(argv: string[], io: Output): Promise<number> {
     return { type, props };
   });
   const tlsId = str('tls-creds');
-  const tls = tlsId !== undefined ? tlsCredentials(objects, tlsId) : undefined;
+  const authzId = str('tls-authz');
+  // qemu-nbd's words
+  if (authzId !== undefined && tlsId === undefined) throw new UsageError('--tls-authz is not permitted without --tls-creds');
+  const tls = tlsId !== undefined ? { ...tlsCredentials(objects, tlsId), ...(authzId !== undefined ? { authz: tlsAuthz(objects, authzId) } : {}) } : undefined;
   for (const k of ['offset', 'trace']) if (opt.has(k)) throw new UnsupportedError(`nbd: --${k} is not supported yet`);
   // -B may repeat: every bitmap named is exported, listed last named first as qemu-nbd lists them
   const bitmaps = p.opts.filter(([k]) => k === 'B' || k === 'bitmap').map(([, v]) => String(v)).reverse();

@@ -182,7 +182,13 @@ export class NbdSession {
     this.unwatch?.();
     // the ACK must leave in the clear, before the TLS socket takes the connection
     await new Promise<void>((resolve) => (raw.writableLength === 0 ? resolve() : raw.once('drain', () => resolve())));
-    const secure = await upgrade(raw, this.o.tls!);
+    const { socket: secure, identity } = await upgrade(raw, this.o.tls!);
+    // qemu-nbd --tls-authz: the client's identity decides, before any option is read over TLS
+    const authz = this.o.tls!.authz;
+    if (authz && (identity === undefined || !authz(identity))) {
+      secure.destroy();
+      throw new Error(`TLS ${this.o.tls!.kind === 'psk' ? 'PSK' : 'x509'} authz check for ${identity ?? '(no identity)'} is denied`);
+    }
     this.socket = secure;
     this.secure = true;
     this.reader = new SocketReader(secure);

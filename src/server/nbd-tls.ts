@@ -13,6 +13,7 @@ import { join } from 'node:path';
 import { TLSSocket, createSecureContext, type SecureContext } from 'node:tls';
 import type { Socket } from 'node:net';
 import { UsageError } from '../errors.ts';
+import { distinguishedName } from './nbd-authz.ts';
 
 export interface NbdTls {
   readonly kind: 'x509' | 'psk';
@@ -21,6 +22,8 @@ export interface NbdTls {
   readonly verifyPeer: boolean;
   /** PSK: the key of each identity */
   readonly keys?: ReadonlyMap<string, Buffer> | undefined;
+  /** who may go on once TLS is up, by identity (qemu-nbd --tls-authz; nbd-authz.ts); everyone when absent */
+  readonly authz?: ((identity: string) => boolean) | undefined;
 }
 
 /** A `--object` value: its type and its properties (the CLI parses QEMU's `type,key=value,…`). */
@@ -83,14 +86,23 @@ export function loadTlsCredentials(spec: NbdTlsSpec): NbdTls {
   return { kind: 'psk', context, verifyPeer: false, keys };
 }
 
-/** The server side of TLS over `raw`, resolved once the handshake has succeeded (rejects when it fails). */
-export function upgrade(raw: Socket, t: NbdTls): Promise<TLSSocket> {
+/**
+ * The server side of TLS over `raw`, resolved once the handshake has
+ * succeeded (rejects when it fails), with the client's identity: its
+ * certificate's distinguished name (X.509) or its PSK username.
+ */
+export function upgrade(raw: Socket, t: NbdTls): Promise<{ socket: TLSSocket; identity: string | undefined }> {
+  let pskIdentity: string | undefined;
   const s = new TLSSocket(raw, {
     isServer: true,
     secureContext: t.context,
     requestCert: t.kind === 'x509' && t.verifyPeer,
     rejectUnauthorized: t.kind === 'x509' && t.verifyPeer,
-    ...(t.kind === 'psk' ? { pskCallback: (_socket: TLSSocket, identity: string) => t.keys!.get(identity) ?? null, ciphers: PSK_CIPHERS, maxVersion: 'TLSv1.2' as const } : {}),
+    ...(t.kind === 'psk' ? { pskCallback: (_socket: TLSSocket, identity: string) => {
+          const key = t.keys!.get(identity);
+          if (key) pskIdentity = identity;
+          return key ?? null;
+        }, ciphers: PSK_CIPHERS, maxVersion: 'TLSv1.2' as const } : {}),
   });
   return new Promise((resolve, reject) => {
     const fail = (e: Error) => {
@@ -99,7 +111,8 @@ export function upgrade(raw: Socket, t: NbdTls): Promise<TLSSocket> {
     };
     s.once('secure', () => {
       s.off('error', fail);
-      resolve(s);
+      const cert = t.kind === 'x509' ? s.getPeerX509Certificate() : undefined;
+      resolve({ socket: s, identity: t.kind === 'psk' ? pskIdentity : cert ? distinguishedName(cert) : undefined });
     });
     s.once('error', fail);
     s.once('close', () => reject(new Error('the client closed the connection during the TLS handshake')));
