@@ -235,3 +235,27 @@ describe('map in batches', () => {
     expect(Buffer.concat(none).toString()).toBe(formatMapJson([]));
   });
 });
+
+describe('streamMapJson', () => {
+  it('prints what formatMapJson prints: every flag combination, depths below and past its table of tails, with and without offsets, empty', async () => {
+    const entries: MapEntry[] = [];
+    let start = 0;
+    for (const depth of [0, 1, 15, 16, 40]) {
+      for (let f = 0; f < 8; f++) {
+        for (const offset of [undefined, 2 ** 40 + start]) {
+          const e: MapEntry = { start, length: 4096 * (f + 1), depth, present: (f & 4) !== 0, zero: (f & 2) !== 0, data: (f & 1) !== 0, ...(offset !== undefined ? { offset } : {}) };
+          entries.push(e);
+          start += e.length;
+        }
+      }
+    }
+    async function* batches(list: MapEntry[], size: number): AsyncIterable<MapEntry[]> {
+      for (let i = 0; i < list.length; i += size) yield list.slice(i, i + size);
+    }
+    for (const [list, size] of [[entries, 7], [entries.slice(0, 1), 1], [[], 1]] as const) {
+      const pieces: Buffer[] = [];
+      await streamMapJson(batches([...list], size), (b) => pieces.push(Buffer.from(b)));
+      expect(Buffer.concat(pieces).toString('latin1')).toBe(formatMapJson([...list]));
+    }
+  });
+});

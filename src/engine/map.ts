@@ -177,22 +177,26 @@ export async function streamMapJson(batches: AsyncIterable<readonly MapEntry[]>,
   for await (const batch of batches) {
     for (const e of batch) {
       w.reserve(ENTRY_MAX);
-      w.put(first ? JSON_FIRST : JSON_NEXT);
+      // the previous entry's close shares a put with this one's opening
+      w.put(first ? JSON_FIRST : JSON_CLOSE_NEXT);
       first = false;
       w.num(e.start);
       w.put(JSON_LENGTH);
       w.num(e.length);
-      w.put(JSON_DEPTH);
-      w.num(e.depth);
-      w.put(JSON_FLAGS[(e.present ? 4 : 0) | (e.zero ? 2 : 0) | (e.data ? 1 : 0)]!);
-      if (e.offset !== undefined) {
-        w.put(JSON_OFFSET);
-        w.num(e.offset);
+      const flags = (e.present ? 4 : 0) | (e.zero ? 2 : 0) | (e.data ? 1 : 0);
+      const hasOffset = e.offset !== undefined ? 1 : 0;
+      if (e.depth < TAIL_DEPTHS) w.put(JSON_TAIL[(e.depth * 8 + flags) * 2 + hasOffset]!);
+      else {
+        w.put(JSON_DEPTH);
+        w.num(e.depth);
+        w.put(JSON_FLAGS[flags]!);
+        if (hasOffset) w.put(JSON_OFFSET);
       }
-      w.put(JSON_CLOSE);
+      if (hasOffset) w.num(e.offset!);
     }
   }
-  w.reserve(2);
+  w.reserve(3);
+  if (!first) w.put(JSON_CLOSE);
   w.put(JSON_END);
   w.flush();
 }
@@ -200,13 +204,22 @@ export async function streamMapJson(batches: AsyncIterable<readonly MapEntry[]>,
 const ascii = (s: string) => Uint8Array.from(s, (c) => c.charCodeAt(0));
 const JSON_OPEN = ascii('[');
 const JSON_FIRST = ascii('{ "start": ');
-const JSON_NEXT = ascii(',\n{ "start": ');
 const JSON_LENGTH = ascii(', "length": ');
 const JSON_DEPTH = ascii(', "depth": ');
 /** the three flags together, indexed by present << 2 | zero << 1 | data */
 const JSON_FLAGS = Array.from({ length: 8 }, (_, k) => ascii(`, "present": ${(k & 4) !== 0}, "zero": ${(k & 2) !== 0}, "data": ${(k & 1) !== 0}`));
 const JSON_OFFSET = ascii(', "offset": ');
 const JSON_CLOSE = ascii('}');
+const JSON_CLOSE_NEXT = ascii('},\n{ "start": ');
+/** depths below this have their depth, flags and offset key in one piece */
+const TAIL_DEPTHS = 16;
+/** `, "depth": D, "present": …, "zero": …, "data": …` and, at odd indices, `, "offset": ` after it; by (depth * 8 + flags) * 2 + has offset */
+const JSON_TAIL = Array.from({ length: TAIL_DEPTHS * 16 }, (_, i) => {
+  const k = i >> 1;
+  const depth = k >> 3;
+  const f = k & 7;
+  return ascii(`, "depth": ${depth}, "present": ${(f & 4) !== 0}, "zero": ${(f & 2) !== 0}, "data": ${(f & 1) !== 0}${i & 1 ? ', "offset": ' : ''}`);
+});
 const JSON_END = ascii(']\n');
 /** the longest entry: its constant parts and four numbers of at most 16 digits */
 const ENTRY_MAX = 160;
@@ -227,10 +240,15 @@ class AsciiWriter {
   }
 
   put(b: Uint8Array): void {
-    const buf = this.buf;
-    let at = this.at;
-    for (let i = 0; i < b.length; i++) buf[at++] = b[i]!;
-    this.at = at;
+    const n = b.length;
+    // a long constant (an entry's tail) as one copy; short ones byte by byte (a call costs more)
+    if (n > 24) this.buf.set(b, this.at);
+    else {
+      const buf = this.buf;
+      const at = this.at;
+      for (let i = 0; i < n; i++) buf[at + i] = b[i]!;
+    }
+    this.at += n;
   }
 
   num(n: number): void {

@@ -253,21 +253,6 @@ export class Qcow2Layer implements Layer {
     return this.source.l2Table(l2Offset, l1Index);
   }
 
-  /** Refcount of a host cluster, or undefined when no refcount block covers it. */
-  async refcount(clusterIndex: number, reftable: Uint8Array, blocks: Map<number, Uint8Array>): Promise<number> {
-    const g = this.geometry;
-    const rtIndex = Math.floor(clusterIndex / g.refcountBlockEntries);
-    if (rtIndex * 8 >= reftable.length) return 0;
-    const { offset } = refcountTableEntry(reftable, rtIndex);
-    if (offset === 0 || offset + g.clusterSize > this.fileSize) return 0;
-    let block = blocks.get(offset);
-    if (!block) {
-      block = await readAt(this.dev, offset, g.clusterSize);
-      blocks.set(offset, block);
-    }
-    return getRefcount(block, clusterIndex % g.refcountBlockEntries, g.refcountOrder);
-  }
-
   private metadataPrealloc: Promise<boolean> | undefined;
 
   /**
@@ -284,11 +269,19 @@ export class Qcow2Layer implements Layer {
       const threshold = Math.max(Math.floor((realClusters * 10) / 9), realClusters + 2);
       const h = this.header;
       const reftable = await readAt(this.dev, h.refcountTableOffset, h.refcountTableClusters * g.clusterSize);
-      const blocks = new Map<number, Uint8Array>();
       const endCluster = Math.ceil(this.fileSize / g.clusterSize);
+      const per = g.refcountBlockEntries;
+      // a block at a time (one read, then a plain loop over its entries: an await per cluster had
+      // cost a million promise rounds on a 4 GiB image with 4 KiB clusters); as refcount() reads them
       let count = 0;
-      for (let i = 0; i < endCluster && count < threshold; i++) {
-        if ((await this.refcount(i, reftable, blocks)) !== 0) count++;
+      for (let first = 0; first < endCluster && count < threshold; first += per) {
+        const rtIndex = first / per;
+        if (rtIndex * 8 >= reftable.length) break;
+        const { offset } = refcountTableEntry(reftable, rtIndex);
+        if (offset === 0 || offset + g.clusterSize > this.fileSize) continue;
+        const block = await readAt(this.dev, offset, g.clusterSize);
+        const n = Math.min(per, endCluster - first);
+        for (let k = 0; k < n && count < threshold; k++) if (getRefcount(block, k, g.refcountOrder) !== 0) count++;
       }
       return count >= threshold;
     })();
