@@ -174,6 +174,7 @@ export async function streamMapJson(batches: AsyncIterable<readonly MapEntry[]>,
   w.reserve(1);
   w.put(JSON_OPEN);
   let first = true;
+  const JSON_TAIL = tails();
   for await (const batch of batches) {
     for (const e of batch) {
       w.reserve(ENTRY_MAX);
@@ -214,12 +215,17 @@ const JSON_CLOSE_NEXT = ascii('},\n{ "start": ');
 /** depths below this have their depth, flags and offset key in one piece */
 const TAIL_DEPTHS = 16;
 /** `, "depth": D, "present": …, "zero": …, "data": …` and, at odd indices, `, "offset": ` after it; by (depth * 8 + flags) * 2 + has offset */
-const JSON_TAIL = Array.from({ length: TAIL_DEPTHS * 16 }, (_, i) => {
-  const k = i >> 1;
-  const depth = k >> 3;
-  const f = k & 7;
-  return ascii(`, "depth": ${depth}, "present": ${(f & 4) !== 0}, "zero": ${(f & 2) !== 0}, "data": ${(f & 1) !== 0}${i & 1 ? ', "offset": ' : ''}`);
-});
+let jsonTail: Uint8Array[] | undefined;
+/** built at the first map, not at every command's start-up */
+function tails(): Uint8Array[] {
+  jsonTail ??= Array.from({ length: TAIL_DEPTHS * 16 }, (_, i) => {
+    const k = i >> 1;
+    const depth = k >> 3;
+    const f = k & 7;
+    return ascii(`, "depth": ${depth}, "present": ${(f & 4) !== 0}, "zero": ${(f & 2) !== 0}, "data": ${(f & 1) !== 0}${i & 1 ? ', "offset": ' : ''}`);
+  });
+  return jsonTail;
+}
 const JSON_END = ascii(']\n');
 /** the longest entry: its constant parts and four numbers of at most 16 digits */
 const ENTRY_MAX = 160;
