@@ -62,18 +62,34 @@ export class RawClient {
   }
   /** up to transmission: structured replies, base:allocation, GO */
   async go(): Promise<void> {
+    await this.negotiate([8], ['base:allocation']);
+  }
+  /** Up to transmission with extended headers (after structured replies when `structuredFirst`), selecting `contexts`. */
+  async goExtended(contexts: string[] = ['base:allocation'], structuredFirst = false): Promise<void> {
+    await this.negotiate(structuredFirst ? [8, 11] : [11], contexts);
+  }
+  /** The handshake: each option of `styles` acknowledged, SET_META_CONTEXT for `contexts` (if any), GO. */
+  private async negotiate(styles: number[], contexts: string[]): Promise<void> {
     await this.hello();
-    this.option(8);
-    expect((await this.optionReply()).type).toBe(1);
-    const ctx = Buffer.from('base:allocation');
-    const q = Buffer.alloc(12 + ctx.length);
-    q.writeUInt32BE(0, 0);
-    q.writeUInt32BE(1, 4);
-    q.writeUInt32BE(ctx.length, 8);
-    ctx.copy(q, 12);
-    this.option(10, q);
-    expect((await this.optionReply()).type).toBe(4);
-    expect((await this.optionReply()).type).toBe(1);
+    for (const opt of styles) {
+      this.option(opt);
+      expect((await this.optionReply()).type).toBe(1);
+    }
+    if (contexts.length) {
+      const parts = contexts.map((c) => Buffer.from(c));
+      const q = Buffer.alloc(8 + parts.reduce((n, p) => n + 4 + p.length, 0));
+      q.writeUInt32BE(0, 0);
+      q.writeUInt32BE(parts.length, 4);
+      let o = 8;
+      for (const p of parts) {
+        q.writeUInt32BE(p.length, o);
+        p.copy(q, o + 4);
+        o += 4 + p.length;
+      }
+      this.option(10, q);
+      for (let i = 0; i < contexts.length; i++) expect((await this.optionReply()).type).toBe(4);
+      expect((await this.optionReply()).type).toBe(1);
+    }
     this.option(7, Buffer.from([0, 0, 0, 0, 0, 0]));
     for (;;) {
       const r = await this.optionReply();
@@ -106,37 +122,6 @@ export class RawClient {
     const payload = await this.read(h.readUInt32BE(12));
     this.payload = payload;
     return type & 0x8000 ? payload.readUInt32BE(0) : 0;
-  }
-  /** Up to transmission with extended headers (after structured replies when `structuredFirst`), selecting `contexts`. */
-  async goExtended(contexts: string[] = ['base:allocation'], structuredFirst = false): Promise<void> {
-    await this.hello();
-    if (structuredFirst) {
-      this.option(8);
-      expect((await this.optionReply()).type).toBe(1);
-    }
-    this.option(11);
-    expect((await this.optionReply()).type).toBe(1);
-    if (contexts.length) {
-      const parts = contexts.map((c) => Buffer.from(c));
-      const q = Buffer.alloc(8 + parts.reduce((n, p) => n + 4 + p.length, 0));
-      q.writeUInt32BE(0, 0);
-      q.writeUInt32BE(parts.length, 4);
-      let o = 8;
-      for (const p of parts) {
-        q.writeUInt32BE(p.length, o);
-        p.copy(q, o + 4);
-        o += 4 + p.length;
-      }
-      this.option(10, q);
-      for (let i = 0; i < contexts.length; i++) expect((await this.optionReply()).type).toBe(4);
-      expect((await this.optionReply()).type).toBe(1);
-    }
-    this.option(7, Buffer.from([0, 0, 0, 0, 0, 0]));
-    for (;;) {
-      const r = await this.optionReply();
-      if (r.type === 1) break;
-      expect(r.type).toBe(3);
-    }
   }
   /** An extended request (32 bytes: a 64-bit length); PAYLOAD_LEN is the caller's to set. */
   requestExt(type: number, offset: bigint | number, length: bigint | number, flags = 0, cookie = 1n, payload?: Buffer): void {
