@@ -5,6 +5,7 @@
  * leave-one-out, torn and reordered writes, random sector choices; the full
  * per-sector space is astronomically larger). No QEMU counterpart exists.
  * BENCH_CRASH_STATES caps the states judged for the rate (default 2000).
+ * Then whole crash-test runs (issue 19, item 6), against BENCH_BASE if set.
  */
 
 import { crashTest, type GuestOp } from '../src/harness/crash-harness.ts';
@@ -59,4 +60,46 @@ const ops = workload100(2026);
   const max = Number(process.env['BENCH_CRASH_STATES'] ?? 2000);
   const r = await crashTest(ops, { create: { size: SIZE, clusterSize: CS }, maxStates: max, seed: 1 });
   console.log(`judged ${r.states} states (oracles a, b, c, d) in ${r.seconds.toFixed(2)} s: ${(r.states / r.seconds).toFixed(0)} states per second; corruptions ${r.corruptions}, data errors ${r.dataErrors}, states with leaks ${r.leaks}`);
+}
+// 3. issue 19, item 6: states per second of whole `qledger crash-test` runs (the built
+// CLI, wall clock of the run as the command reports it), median of BENCH_RUNS runs; with
+// BENCH_BASE=/path/to/another/checkout the same commands there, alternating, first.
+{
+  const { spawnSync } = await import('node:child_process');
+  const { fileURLToPath } = await import('node:url');
+  const here = fileURLToPath(new URL('..', import.meta.url));
+  const runs = Number(process.env['BENCH_RUNS'] ?? 3);
+  const cases: Array<{ name: string; args: string[]; target: number }> = [
+    { name: "the demo's: 10 random workloads, 4 KiB clusters, 1 MiB, 200 states each", args: ['-o', 'cluster_size=4k', '--random', '--runs', '10', '--seed', '1', '--max-states', '200'], target: 5000 },
+    { name: '50 random workloads, 4 KiB clusters, 1 MiB', args: ['-o', 'cluster_size=4k', '--random', '--runs', '50', '--seed', '1', '--max-states', '200'], target: 5000 },
+    { name: '30 random workloads, default options (64 KiB clusters, 1 MiB, growths to 512 MiB)', args: ['--random', '--runs', '30', '--seed', '1', '--max-states', '500'], target: 0 },
+    { name: '8 random workloads on 64 MiB images, 64 KiB clusters', args: ['-o', 'cluster_size=64k,size=64M', '--random', '--runs', '8', '--seed', '1', '--max-states', '200'], target: 1000 },
+  ];
+  const base = process.env['BENCH_BASE'];
+  const rate = (root: string, args: string[], jobs: boolean) => {
+    const r = spawnSync('node', [`${root}/dist/qledger.cjs`, 'crash-test', ...args, ...(jobs ? ['--jobs', '1'] : []), '--output=json'], { encoding: 'utf8' });
+    const j = JSON.parse(r.stdout);
+    return { sps: j['states-per-second'] as number, states: j.states as number, failures: j.corruptions + j['data-errors'] };
+  };
+  const median = (a: number[]) => [...a].sort((x, y) => x - y)[Math.floor(a.length / 2)]!;
+  for (const c of cases) {
+    const ours: number[] = [];
+    const theirs: number[] = [];
+    let states = 0;
+    let baseStates = 0;
+    for (let k = 0; k < runs; k++) {
+      // the base checkout may not know --jobs
+      if (base) {
+        const b = rate(base, c.args, false);
+        theirs.push(b.sps);
+        baseStates = b.states;
+      }
+      const r = rate(here, c.args, true);
+      if (r.failures) throw new Error(`crash-test ${c.args.join(' ')}: ${r.failures} failing states`);
+      states = r.states;
+      ours.push(r.sps);
+    }
+    const t = c.target ? `, target ≥ ${c.target}` : '';
+    console.log(`${c.name}: ${states} states, ${median(ours)} states per second (one thread${t})${base ? `; ${base}: ${baseStates} states, ${median(theirs)} (ratio ${(median(ours) / median(theirs)).toFixed(2)}${baseStates === states ? '' : ': other workloads'})` : ''}`);
+  }
 }

@@ -5,6 +5,8 @@
  */
 
 import { readFileSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
+import { crashTestParallel } from '../harness/crash-worker.ts';
 import { UsageError } from '../errors.ts';
 import { getopt, parseOptionList, parseSize } from './args.ts';
 import { createOptionsFrom } from '../engine/create.ts';
@@ -44,12 +46,20 @@ export function randomWorkload(seed: number, size: number, cs: number, dedup = f
     else ops.push({ op: 'flush' });
   }
   if (dedup && r() < 0.4) ops.push({ op: 'dedup' });
-  if (r() < 0.3) ops.push({ op: 'truncate', size: size * 4 }, { op: 'write', offset: 3 * size + int(size - 4096), length: 4096, pattern: 9 });
+  if (r() < 0.3) {
+    // A growth, and a write near the new end. Past the span of one L2 table
+    // where that is at most 1 GiB (64 KiB clusters: 512 MiB), so that the
+    // growth moves the L1 table and the header switches to it (the fault
+    // header-before-table); the guest model is sparse, so the size is cheap.
+    const span = (cs / 8) * cs;
+    const grown = span + cs <= 2 ** 30 && span + cs > size * 4 ? span + cs : size * 4;
+    ops.push({ op: 'truncate', size: grown }, { op: 'write', offset: grown - size + int(size - 4096), length: 4096, pattern: 9 });
+  }
   return ops;
 }
 
 export async function runCrashTest(argv: string[], io: Output): Promise<number> {
-  const p = getopt(argv, { withArg: 'o', flags: 'q', long: { output: true, workload: true, random: false, seed: true, runs: true, 'max-states': true, fault: true, 'qemu-samples': true, journal: true, dedup: false, backing: true } }, 'crash-test');
+  const p = getopt(argv, { withArg: 'o', flags: 'q', long: { output: true, workload: true, random: false, seed: true, runs: true, 'max-states': true, fault: true, 'qemu-samples': true, journal: true, dedup: false, backing: true, jobs: true } }, 'crash-test');
   const get = (k: string) => {
     let v: string | true | undefined;
     for (const [key, x] of p.opts) if (key === k) v = x;
@@ -97,18 +107,35 @@ export async function runCrashTest(argv: string[], io: Output): Promise<number> 
     const runs = num('runs', 10);
     for (let i = 0; i < runs; i++) workloads.push(randomWorkload(seed + i, size, cs, dedup));
   }
+  // threads (harness/crash-worker.ts); by default one core is left to V8's own threads
+  // (garbage collection and compilation), which a single thread keeps busy: on two
+  // cores a second worker gains nothing (BENCHMARKS.md, "Crash harness throughput")
+  const jobs = num('jobs', Math.max(1, Math.min(4, availableParallelism() - 1)));
+  if (jobs < 1) throw new UsageError('crash-test: --jobs expects a positive integer');
   const n = emptyCounts();
   const failures: Array<CrashFailure & { workload: number; reproduce: string }> = [];
   // writes the overlap index refused (a workload stops at its refusal; its states are judged as usual)
   const refusals: Array<{ workload: number; message: string }> = [];
+  const options = { create, maxStates, fault: fault as Fault | undefined, qemuSamples, journal, dedup, backing, backingFormat };
+  const t0 = process.hrtime.bigint();
+  const results =
+    jobs > 1
+      ? await crashTestParallel(
+          workloads.map((ops, i) => ({ ops, seed: seed + i })),
+          options,
+          jobs,
+        )
+      : [];
   for (const [i, ops] of workloads.entries()) {
-    const r = await crashTest(ops, { create, maxStates, seed: seed + i, fault: fault as Fault | undefined, qemuSamples, journal, dedup, backing, backingFormat });
+    const r = results[i] ?? (await crashTest(ops, { ...options, seed: seed + i }));
     addCounts(n, r);
     const repro = reproduction(ops, { create, seed: seed + i, fault: fault as Fault | undefined, dedup, withBacking: backingFormat });
     for (const f of r.failures.slice(0, 5)) failures.push({ ...f, workload: i, reproduce: repro });
     if (r.refusal) refusals.push({ workload: i, message: r.refusal });
   }
-  const { states, corruptions, dataErrors, leaks, replayed, leaksAfterRecovery: leaksAfter, copiedClear, seconds } = n;
+  const { states, corruptions, dataErrors, leaks, replayed, leaksAfterRecovery: leaksAfter, copiedClear } = n;
+  // wall clock of the whole run: the workloads, the threads' start and every share
+  const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
   const sps = seconds > 0 ? Math.round(states / seconds) : 0;
   if (output === 'json') {
     io.out(qemuJson({ workloads: workloads.length, states, corruptions, 'data-errors': dataErrors, leaks, 'journal-replays': replayed, 'leaks-after-recovery': leaksAfter, 'copied-clear': copiedClear, 'states-per-second': sps, 'overlap-refusals': refusals.length, failures }) + '\n');

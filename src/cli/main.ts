@@ -63,7 +63,8 @@ Commands (options as in qemu-img / qemu-io):
   check [-f qcow2] [--output=human|json] [-r leaks|all] [-q] FILE
      exit: 0 clean, 1 check not completed, 2 corruptions, 3 leaks only
   crash-test [-o CREATE_OPTS] [--workload FILE | --random] [--seed N] [--runs N] [--max-states N]
-             [--fault NAME|list] [--qemu-samples N] [--journal=on|off] [--dedup] [--output=human|json]
+             [--fault NAME|list] [--qemu-samples N] [--journal=on|off] [--dedup] [--backing raw|qcow2]
+             [--jobs N] [--output=human|json]
      exit: 0 no corruption and no wrong data in any crash state, 2 otherwise
   info [-f fmt] [--output=human|json] [--backing-chain] [--dedup] FILE
   map [-f fmt] [--output=human|json] [--start-offset=N] [--max-length=N] FILE

@@ -26,6 +26,10 @@
  * without the journal; reads and writes are right, a write copies first).
  * It counts in `copiedClear`; after the journal's recovery (d) it is a
  * failure like any other.
+ *
+ * The judging is crash-judge.ts's: it saves the work states share (memos,
+ * one reading of each epoch's durable image) and gives the verdicts the
+ * plain oracles give (`thorough` turns the savings off, for the tests).
  */
 
 import { spawnSync } from 'node:child_process';
@@ -33,21 +37,22 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { MemoryDevice } from '../io/memory-device.ts';
-import { RecordingDevice, crashStates } from '../io/crash-device.ts';
-import { isZero, u64big } from '../format/bytes.ts';
-import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../format/features.ts';
+import { RecordingDevice, crashStates, type RecordedOp } from '../io/crash-device.ts';
+import { u64big } from '../format/bytes.ts';
 import { readGuest } from '../engine/read.ts';
-import { guest } from '../engine/layer.ts';
+import { guest, type Layer } from '../engine/layer.ts';
 import { checkDevice } from '../engine/check/check.ts';
-import { createOnDevice, openSession, openWriterOnDevice } from '../engine/writable.ts';
+import { createOnDevice, openWriterOnDevice } from '../engine/writable.ts';
 import type { CreateOptions } from '../engine/create.ts';
 import { faultPlan, type Fault } from '../engine/faults.ts';
 import type { GuestOp } from './workload.ts';
 import { makeEmptyFast } from '../engine/make-empty-fast.ts';
 import { CorruptionError, QledgerError } from '../errors.ts';
-import { judgeBitmaps } from './bitmap-oracle.ts';
+import { StateJudge, type Step } from './crash-judge.ts';
+import { mergeRanges, type PagedDevice } from '../io/paged-device.ts';
 import { amendDevice, flattenCopy, namesBacking } from './offline-ops.ts';
 import { CrashBase, memLayer } from './chain-base.ts';
+import { GuestModel } from './guest-model.ts';
 import { switchBacking } from '../engine/rebase.ts';
 
 export { parseWorkload, reproduction, workloadCommands, type GuestOp } from './workload.ts';
@@ -74,6 +79,10 @@ export interface CrashTestOptions {
   readonly journalBytes?: number | undefined;
   /** every session opens with content dedup (implied by a workload with a `dedup` line) */
   readonly dedup?: boolean | undefined;
+  /** judge every state from scratch, without the harness's savings (crash-judge.ts): for testing the harness itself */
+  readonly thorough?: boolean | undefined;
+  /** judge only the states numbered index, index + count, … (threads share a workload this way) */
+  readonly partition?: { readonly index: number; readonly count: number } | undefined;
 }
 
 export interface CrashFailure {
@@ -105,6 +114,8 @@ export interface CrashTestResult {
   readonly seconds: number;
   /** device operations the workload produced */
   readonly deviceOps: number;
+  /** how the oracles' work was saved (crash-judge.ts): runs of (a) and (d) and verdicts reused, guest bytes read, states read whole */
+  readonly memo?: { checkRuns: number; checkHits: number; recoveryRuns: number; recoveryHits: number; guestBytes: number; wholeReads: number } | undefined;
 }
 
 /** The counters of a crash test, added up over several workloads by `addCounts`. */
@@ -119,16 +130,6 @@ export function addCounts(into: CrashCounts, r: CrashCounts): void {
 }
 
 const SECTOR = 512;
-
-interface Step {
-  readonly op: GuestOp;
-  readonly devStart: number;
-  readonly devEnd: number;
-  /** guest range the op changed and its content afterwards */
-  readonly lo: number;
-  readonly content: Uint8Array;
-  readonly size: number;
-}
 
 /**
  * Run one workload and judge every crash state within the budget: each
@@ -162,7 +163,11 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
   let flattened = false;
   const backingLayer = async () => (flattened ? undefined : chainBase?.current());
   // a crash state's own header says whether it has the backing file still; a commit says which state of it
-  const stateBacking = async (image: Uint8Array, crashPoint: number) => (namesBacking(image) ? chainBase?.at(crashPoint) : undefined);
+  const stateBacking = async (dev: PagedDevice, crashPoint: number) => {
+    const head = new Uint8Array(16);
+    dev.copyOut(head, 0);
+    return namesBacking(head) ? chainBase?.at(crashPoint) : undefined;
+  };
   if (o.image) await base.write(0, o.image);
   else {
     const create = o.backing ? { ...o.create, backingFile: bname, backingFormat: bfmt } : o.create;
@@ -170,12 +175,8 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
   }
   const initial = base.snapshot();
   // what the backing file reads as (a discard on v2 shows it again)
-  let backingGuest: Uint8Array | undefined;
-  if (o.backing) {
-    const l = (await backingLayer())!;
-    backingGuest = new Uint8Array(l.size);
-    await readGuest(l, guest(0), backingGuest);
-  }
+  let backingGuest: GuestModel | undefined;
+  if (o.backing) backingGuest = await modelOf((await backingLayer())!);
 
   // ---- run the workload, keeping the guest model ----
   const rec = new RecordingDevice(name, initial);
@@ -190,13 +191,12 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
   // an amend of compat may change both mid-workload: a v2 image has no journal, so leaks stay allowed
   let journalled = w.journalled;
   let v2 = (u64big(initial, 4) >> 32n) === 2n;
-  let model = new Uint8Array(w.size);
-  await w.read(0, model);
-  const initialModel = model.slice();
+  let model = await modelOf(await memLayer(name, initial, 'qcow2', await backingLayer()));
+  const initialModel = model.clone();
   const steps: Step[] = [];
   let refusal: string | undefined;
   // the snapshots the workload made, in table order, with the guest content each holds
-  const snaps: { name: string; content: Uint8Array }[] = [];
+  const snaps: { name: string; content: GuestModel }[] = [];
   const snapshotWorkload = ops.some((o) => o.op === 'snapshot') || dedupWorkload;
   // (f): each bitmap the workload added, the guest content then, and whether the oracle still applies to it
   const bitmapRefs = new Map<string, { content: Uint8Array; checkable: boolean }>();
@@ -225,13 +225,14 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
           }
           const after = new Uint8Array(op.length);
           await w.read(op.offset, after);
+          model.zero(op.offset, op.offset + op.length);
           model.set(after, op.offset);
           [lo, hi] = [op.offset, op.offset + op.length];
           break;
         }
         case 'zero':
           await w.writeZeroes(op.offset, op.length, { unmap: op.unmap });
-          model.fill(0, op.offset, op.offset + op.length);
+          model.zero(op.offset, op.offset + op.length);
           [lo, hi] = [op.offset, op.offset + op.length];
           break;
         case 'discard': {
@@ -241,10 +242,8 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
           hi = end === model.length ? end : end - (end % cs);
           for (let c = lo; c < hi; c += cs) {
             const to = Math.min(hi, c + cs);
-            if (v2 && backingGuest) {
-              model.fill(0, c, to);
-              model.set(backingGuest.subarray(c, Math.min(to, backingGuest.length)), c);
-            } else model.fill(0, c, to);
+            if (v2 && backingGuest) model.copyFrom(backingGuest, c, to);
+            else model.zero(c, to);
           }
           hi = Math.max(lo, hi);
           break;
@@ -267,7 +266,7 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
           }
           // a name used twice is not judged: a state may hold either bitmap of that name
           if (op.action === 'add') {
-            bitmapRefs.set(op.name, { content: model.slice(), checkable: !bitmapNames.has(op.name) });
+            bitmapRefs.set(op.name, { content: model.bytes(), checkable: !bitmapNames.has(op.name) });
             bitmapNames.add(op.name);
           } else if (op.action === 'remove') bitmapRefs.delete(op.name);
           else {
@@ -286,8 +285,8 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
             w = await session();
             if (!done) await w.makeEmpty();
           } else await w.makeEmpty();
-          model = new Uint8Array(model.length);
-          if (backingGuest) model.set(backingGuest.subarray(0, Math.min(backingGuest.length, model.length)));
+          model = new GuestModel(model.length);
+          if (backingGuest) model.copyFrom(backingGuest, 0, model.length);
           [lo, hi] = [0, model.length];
           break;
         }
@@ -296,7 +295,7 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
           try {
             if (op.action === 'create') {
               await w.createSnapshot(op.name);
-              snaps.push({ name: op.name, content: model.slice() });
+              snaps.push({ name: op.name, content: model.clone() });
             } else if (op.action === 'delete') {
               await w.deleteSnapshot(op.name, true);
               if (at >= 0) snaps.splice(at, 1);
@@ -304,7 +303,7 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
               uncheckAll();
               await w.applySnapshot(op.name);
               // the disk reads as the snapshot did, its size included
-              if (at >= 0) model = snaps[at]!.content.slice();
+              if (at >= 0) model = snaps[at]!.content.clone();
               [lo, hi] = [0, model.length];
             }
           } catch (e) {
@@ -326,8 +325,7 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
           uncheckAll();
           w = await chainBase.commit(w, () => rec.ops.length, session, faultPlan(o.fault)?.commitEmptyEarly === true);
           const b = await chainBase.current();
-          backingGuest = new Uint8Array(b.size);
-          await readGuest(b, guest(0), backingGuest);
+          backingGuest = await modelOf(b);
           [lo, hi] = [0, model.length];
           break;
         }
@@ -346,8 +344,13 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
           if (op.unsafe) {
             // the image's own content only: where it allocated nothing it reads zeros now
             uncheckAll();
-            model = new Uint8Array(w.size);
-            await w.read(0, model);
+            model = new GuestModel(w.size);
+            const buf = new Uint8Array(1 << 20);
+            for (let at = 0; at < w.size; at += buf.length) {
+              const piece = buf.subarray(0, Math.min(buf.length, w.size - at));
+              await w.read(at, piece);
+              model.set(piece, at);
+            }
           }
           [lo, hi] = [0, model.length];
           break;
@@ -379,15 +382,13 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
             // forfeited range reading as zeros or, over a backing file, as the
             // backing data there, as after a discard of it.
             const from = Math.floor(op.size / SECTOR) * SECTOR;
-            const zeros = new Uint8Array(model.length - from);
-            const shown = zeros.slice();
-            if (backingGuest) shown.set(backingGuest.subarray(from, Math.min(backingGuest.length, model.length)));
-            for (const content of [zeros, shown]) steps.push({ op: { op: 'discard', offset: from, length: model.length - from }, devStart, devEnd: rec.ops.length, lo: from, content, size: model.length });
+            const zeros = new GuestModel(model.length);
+            const shown = new GuestModel(model.length);
+            if (backingGuest) shown.copyFrom(backingGuest, from, Math.min(backingGuest.length, model.length));
+            for (const content of [zeros, shown]) steps.push({ op: { op: 'discard', offset: from, length: model.length - from }, devStart, devEnd: rec.ops.length, lo: from, hi: model.length, content, size: model.length });
           }
-          const next = new Uint8Array(op.size);
-          next.set(model.subarray(0, Math.min(model.length, op.size)));
           [lo, hi] = [Math.min(model.length, op.size), op.size];
-          model = next;
+          model = model.resized(op.size);
           break;
         }
       }
@@ -403,7 +404,10 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
     // whole sectors: a partial-sector write leaves the rest of its sector as it was
     lo = Math.floor(lo / SECTOR) * SECTOR;
     hi = Math.min(model.length, Math.ceil(hi / SECTOR) * SECTOR);
-    steps.push({ op, devStart, devEnd: rec.ops.length, lo, content: model.slice(lo, Math.max(lo, hi)), size: model.length });
+    // the step's content: the model's blocks in its range (a whole-disk step keeps the whole model)
+    const content = new GuestModel(model.length);
+    content.copyFrom(model, lo, Math.max(lo, hi));
+    steps.push({ op, devStart, devEnd: rec.ops.length, lo, hi: Math.max(lo, hi), content, size: model.length });
     if (refusal) break;
   }
   // a refusal marked the image corrupt: the session is over, nothing more is written
@@ -418,8 +422,6 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
   if (refusal) await w.abandon();
 
   // ---- judge the crash states ----
-  /** guest content at each completed guest flush, computed once */
-  const baseModels = new Map<number, Uint8Array>();
   const failures: CrashFailure[] = [];
   let states = 0;
   let corruptions = 0;
@@ -428,13 +430,29 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
   let leaksAfterRecovery = 0;
   let replayed = 0;
   let copiedClear = 0;
-  /** the one finding a snapshot workload may leave besides leaks (see the module comment) */
-  const onlyCopiedClear = (r: { corruptions: number; checkErrors: number; findings: ReadonlyArray<{ counts: string; copiedClear?: boolean | undefined }> }) =>
-    snapshotWorkload && r.checkErrors === 0 && r.corruptions > 0 && r.findings.every((f) => f.counts === 'leak' || f.counts === 'none' || f.copiedClear === true);
+  const judge = new StateJudge({
+    name,
+    steps,
+    ops: rec.ops,
+    initialModel,
+    journal,
+    journalled,
+    journalBytes: o.journalBytes ?? 64 * 1024,
+    snapshotWorkload,
+    bitmapRefs,
+    backing: (st) => stateBacking(st.device, st.crashPoint),
+    backingFixed: !chainBase?.committed,
+    written: writtenRanges(rec.ops, initial.length),
+    thorough: o.thorough,
+  });
   let qemuLeft = o.qemuSamples ?? 0;
   const tmp = qemuLeft > 0 ? mkdtempSync(join(tmpdir(), 'qledger-crash-')) : undefined;
+  const part = o.partition ?? { index: 0, count: 1 };
+  let k = -1;
   try {
     for (const st of crashStates(initial, rec.ops, { maxStates: o.maxStates, seed: o.seed })) {
+      // states partitioned by number between threads (each runs the same workload)
+      if (++k % part.count !== part.index) continue;
       states++;
       const fail = (problem: string, kind: 'corruption' | 'data') => {
         if (kind === 'corruption') corruptions++;
@@ -442,77 +460,27 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
         failures.push({ state: st.description, problem });
       };
       const before = failures.length;
-      const dirty = (u64big(st.image, 72) & INCOMPAT_DIRTY) !== 0n && (u64big(st.image, 4) >> 32n) === 3n;
-      // (a)
-      if (!dirty) {
-        try {
-          const r = await checkDevice(new MemoryDevice(name, st.image, { readOnly: true }), name);
-          if (onlyCopiedClear(r)) copiedClear++;
-          else if (r.corruptions || r.checkErrors) fail(`check: ${r.corruptions} corruptions, ${r.checkErrors} check errors: ${r.findings.filter((f) => f.counts !== 'leak').map((f) => f.message).slice(0, 3).join('; ')}`, 'corruption');
-          if (r.leaks) leaks++;
-        } catch (e) {
-          fail(`check failed: ${(e as Error).message}`, 'corruption');
-        }
-      }
-      // (b) and (c)
-      try {
-        const layer = await memLayer(name, st.image, 'qcow2', await stateBacking(st.image, st.crashPoint));
-        const got = new Uint8Array(layer.size);
-        await readGuest(layer, guest(0), got);
-        const problem = judgeData(got, st.image.length ? st : st, steps, initialModel);
-        if (problem) fail(problem, 'data');
-        // (f)
-        const missed = bitmapRefs.size ? await judgeBitmaps(layer, got, bitmapRefs) : undefined;
-        if (missed) fail(missed, 'data');
-      } catch (e) {
-        fail(`read failed: ${(e as Error).message}${process.env['QLEDGER_DEBUG'] ? (e as Error).stack : ''}`, 'corruption');
-      }
-      // (d); an image marked corrupt (after a refusal) must be refused read-write, as QEMU refuses it
-      const markedCorrupt = (u64big(st.image, 72) & INCOMPAT_CORRUPT) !== 0n && (u64big(st.image, 4) >> 32n) === 3n;
-      if (markedCorrupt) {
-        const opened = await openSession(new MemoryDevice(name, st.image), undefined, name, await stateBacking(st.image, st.crashPoint), { journal }).then(
-          async (x) => {
-            await x.writer.abandon();
-            return true;
-          },
-          () => false,
-        );
-        if (opened) fail('an image marked corrupt was opened read-write', 'corruption');
-      } else {
-        try {
-          const dev = new MemoryDevice(name, st.image);
-          const warnings: string[] = [];
-          const { writer: rw, recovery } = await openSession(dev, undefined, name, await stateBacking(st.image, st.crashPoint), { journal, journalBytes: o.journalBytes ?? 64 * 1024, onWarning: (m) => warnings.push(m) });
-          if (recovery.action === 'replayed') replayed++;
-          // a journal qledger wrote and a crash cut is never invalid
-          if (recovery.action === 'ignored') fail(`the journal was ignored: ${warnings.join('; ')}`, 'corruption');
-          await rw.close();
-          const r = await checkDevice(new MemoryDevice(name, dev.snapshot(), { readOnly: true }), name);
-          // without the journal nothing completes a snapshot operation cut short: its harmless COPIED finding stays
-          if (!journalled && onlyCopiedClear(r)) copiedClear++;
-          else if (r.corruptions || r.checkErrors) fail(`after a read-write open: ${r.corruptions} corruptions: ${r.findings.filter((f) => f.counts !== 'leak').map((f) => f.message).slice(0, 3).join('; ')}`, 'corruption');
-          else if (r.leaks && journalled) {
-            leaksAfterRecovery++;
-            fail(`after the journal's recovery: ${r.leaks} leaked clusters: ${r.findings.filter((f) => f.counts === 'leak').map((f) => f.message).slice(0, 3).join('; ')}`, 'corruption');
-          }
-        } catch (e) {
-          fail(`read-write open failed: ${(e as Error).message}`, 'corruption');
-        }
-      }
+      const v = await judge.judge(st);
+      for (const p of v.problems) fail(p.problem, p.kind);
+      if (v.leaks) leaks++;
+      if (v.replayed) replayed++;
+      if (v.leaksAfterRecovery) leaksAfterRecovery++;
+      copiedClear += v.copiedClear;
       // (e)
-      if (tmp && qemuLeft > 0 && !dirty) {
+      if (tmp && qemuLeft > 0 && !v.dirty) {
         qemuLeft--;
         const f = join(tmp, 'state.qcow2');
-        writeFileSync(f, st.image);
+        const image = st.image;
+        writeFileSync(f, image);
         if (o.backing) writeFileSync(join(tmp, bname), o.backing);
         const q = spawnSync('qemu-img', ['check', f], { encoding: 'utf8' });
-        const harmless = q.status === 2 && snapshotWorkload && /OFLAG_COPIED/.test(q.stderr + q.stdout) && onlyCopiedClear(await checkDevice(new MemoryDevice(name, st.image, { readOnly: true }), name));
+        const harmless = q.status === 2 && snapshotWorkload && /OFLAG_COPIED/.test(q.stderr + q.stdout) && judge.onlyCopiedClear(await checkDevice(new MemoryDevice(name, image, { readOnly: true }), name));
         if (q.status !== 0 && q.status !== 3 && !harmless) fail(`qemu-img check exit ${q.status}: ${(q.stdout + q.stderr).trim().split('\n').slice(0, 3).join('; ')}`, 'corruption');
       }
       if (o.stopAtFirst && failures.length > before) break;
     }
-    // the commit's copy: the top as it was then over each crash state of the backing file
-    const copy = await chainBase?.judgeCopy(name, initial, rec.ops, Math.max(8, Math.floor(o.maxStates / 4)), o.seed);
+    // the commit's copy: the top as it was then over each crash state of the backing file (the first thread's share)
+    const copy = part.index === 0 ? await chainBase?.judgeCopy(name, initial, rec.ops, Math.max(8, Math.floor(o.maxStates / 4)), o.seed) : undefined;
     if (copy && !(o.stopAtFirst && failures.length)) {
       states += copy.states;
       dataErrors += copy.failures.length;
@@ -521,79 +489,41 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
   } finally {
     if (tmp) rmSync(tmp, { recursive: true, force: true });
   }
-  return { states, corruptions, dataErrors, leaks, leaksAfterRecovery, replayed, copiedClear, failures, refusal, seconds: Number(process.hrtime.bigint() - t0) / 1e9, deviceOps: rec.ops.length };
+  return { states, corruptions, dataErrors, leaks, leaksAfterRecovery, replayed, copiedClear, failures, refusal, seconds: Number(process.hrtime.bigint() - t0) / 1e9, deviceOps: rec.ops.length, memo: { ...judge.memoFigures, guestBytes: judge.guestBytes, wholeReads: judge.wholeReads } };
+}
 
-  function judgeData(got: Uint8Array, st: { crashPoint: number; epoch: number; description: string }, all: readonly Step[], init: Uint8Array): string | undefined {
-    // the flush that opens this state's epoch is its last durable point
-    const durableUpTo = (() => {
-      let flushes = 0;
-      let idx = -1;
-      for (let i = 0; i < rec.ops.length && flushes < st.epoch; i++) {
-        if (rec.ops[i]!.kind === 'flush') {
-          flushes++;
-          idx = i;
-        }
-      }
-      return idx;
-    })();
-    // last guest flush whose device operations all completed by then
-    let g = -1;
-    for (let k = 0; k < all.length; k++) if (all[k]!.op.op === 'flush' && all[k]!.devEnd - 1 <= durableUpTo) g = k;
-    let baseModel = baseModels.get(g) ?? init;
-    if (g >= 0 && !baseModels.has(g)) {
-      baseModel = new Uint8Array(all[g]!.size);
-      baseModel.set(init.subarray(0, Math.min(init.length, baseModel.length)));
-      for (let k = 0; k <= g; k++) {
-        const s = all[k]!;
-        if (s.size !== baseModel.length) {
-          // a resize, or a snapshot applied with another size
-          const n = new Uint8Array(s.size);
-          n.set(baseModel.subarray(0, Math.min(baseModel.length, s.size)));
-          baseModel = n;
-        }
-        // past the end (a shrink came later): nothing of it stays
-        if (s.lo < baseModel.length) baseModel.set(s.content.subarray(0, Math.max(0, Math.min(s.content.length, baseModel.length - s.lo))), s.lo);
-      }
-      baseModels.set(g, baseModel);
+/** A layer's guest content as a model, read where it is not zeros (so a large sparse disk costs what it holds). */
+async function modelOf(layer: Layer): Promise<GuestModel> {
+  const m = new GuestModel(layer.size);
+  const buf = new Uint8Array(1 << 20);
+  for (let at = 0; at < layer.size; ) {
+    const st = await layer.status(guest(at), layer.size - at);
+    const end = at + st.length;
+    const zero = st.type === 'zero-plain' || st.type === 'zero-alloc' || ((st.type === 'unallocated-plain' || st.type === 'unallocated-alloc') && !layer.backing);
+    for (let x = at; x < end && !zero; x += buf.length) {
+      const piece = buf.subarray(0, Math.min(buf.length, end - x));
+      await readGuest(layer, guest(x), piece);
+      m.set(piece, x);
     }
-    const later = all.slice(g + 1).filter((s) => s.devStart < st.crashPoint);
-    const sizes = new Set([baseModel.length, ...later.map((s) => s.size)]);
-    if (!sizes.has(got.length)) return `virtual size ${got.length} is none of ${[...sizes].join(', ')}`;
-    const G = asBuffer(got);
-    const B = asBuffer(baseModel);
-    const minSize = Math.min(...sizes);
-    const BLOCK = 64 * 1024;
-    for (let x0 = 0; x0 < got.length; x0 += BLOCK) {
-      const x1 = Math.min(got.length, x0 + BLOCK);
-      // most blocks read exactly as at the last flush: one comparison for all their sectors
-      if (x1 <= B.length && G.compare(B, x0, x1, x0, x1) === 0) continue;
-      for (let x = x0; x < x1; x += SECTOR) {
-        const end = Math.min(got.length, x + SECTOR);
-        if (end <= B.length && G.compare(B, x, end, x, end) === 0) continue;
-        let ok = false;
-        for (const s of later) {
-          if (x >= s.lo && end <= s.lo + s.content.length && G.compare(asBuffer(s.content), x - s.lo, end - s.lo, x, end) === 0) {
-            ok = true;
-            break;
-          }
-        }
-        // a sector beyond every earlier size reads as zero when the disk grew
-        if (!ok && x >= minSize && isZero(got.subarray(x, end))) ok = true;
-        if (!ok) {
-          return `guest sector at 0x${x.toString(16)} reads neither its content at the last completed flush nor any later write (first bytes ${G.subarray(x, x + 8).toString('hex')})`;
-        }
-      }
-    }
-    return undefined;
+    at = end;
   }
+  return m;
+}
+
+/** Every host range a recorded write or truncation touches (a truncation: between the lengths before and after). */
+function writtenRanges(ops: readonly RecordedOp[], length: number): Array<[number, number]> {
+  const r: Array<[number, number]> = [];
+  for (const op of ops) {
+    if (op.kind === 'write') r.push([op.offset, op.offset + op.data.length]);
+    else if (op.kind === 'truncate') {
+      r.push([Math.min(length, op.size), Math.max(length, op.size)]);
+      length = op.size;
+    }
+  }
+  return mergeRanges(r);
 }
 
 /** The overlap index's refusal (overlap-guard.ts): a CorruptionError in QEMU's words. */
 function isRefusal(e: unknown): boolean {
   return e instanceof CorruptionError && /Preventing invalid write/.test(e.message);
-}
-
-/** A Buffer view of the same bytes (no copy), for its native compare. */
-function asBuffer(a: Uint8Array): Buffer {
-  return Buffer.isBuffer(a) ? a : Buffer.from(a.buffer, a.byteOffset, a.length);
 }

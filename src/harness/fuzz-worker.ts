@@ -12,8 +12,7 @@
  */
 
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
-import { createRequire } from 'node:module';
-import { fileURLToPath, pathToFileURL } from 'node:url';
+import { workerEntry } from './worker-entry.ts';
 import { fuzzCase, runOne, type CaseRunner, type FuzzClass, type FuzzCommand } from './fuzz.ts';
 
 interface WorkerSetup {
@@ -49,16 +48,6 @@ export function serveFuzzWorker(): void {
   });
 }
 
-/** How a new thread runs this module's worker side: the bundle itself (flagged), or the worker entry beside this file (the sources through tsx's loader, registered in the thread first). */
-function workerEntry(): { file: string; eval: boolean } {
-  const here = import.meta.url;
-  if (here.endsWith('.cjs')) return { file: fileURLToPath(here), eval: false };
-  if (!here.endsWith('.ts')) return { file: fileURLToPath(new URL('./fuzz-worker-main.js', here)), eval: false };
-  const api = new URL('./api/index.mjs', pathToFileURL(createRequire(here).resolve('tsx/esm'))).href;
-  const entry = new URL('./fuzz-worker-main.ts', here).href;
-  return { file: `import(${JSON.stringify(api)}).then((m) => { m.register(); return import(${JSON.stringify(entry)}); });`, eval: true };
-}
-
 /** The main thread's side: one worker at a time, a watchdog per command. */
 export class WorkerRunner implements CaseRunner {
   private worker: Worker | undefined;
@@ -70,7 +59,7 @@ export class WorkerRunner implements CaseRunner {
   }
 
   private start(): Worker {
-    const entry = workerEntry();
+    const entry = workerEntry(import.meta.url, 'fuzz-worker-main');
     const w = new Worker(entry.file, {
       eval: entry.eval,
       workerData: { ...this.setup, qledgerFuzzWorker: true } satisfies WorkerSetup,

@@ -17,9 +17,9 @@
  * Identical images are produced once.
  */
 
-import { createHash } from 'node:crypto';
 import { DeviceWrapper } from './device.ts';
 import { MemoryDevice } from './memory-device.ts';
+import { PagedDevice, mergeRanges } from './paged-device.ts';
 
 export type RecordedOp =
   | { readonly kind: 'write'; readonly offset: number; readonly data: Uint8Array }
@@ -83,9 +83,18 @@ export interface CrashState {
   /** which epoch (0 = before the first flush) and how the pending writes were chosen */
   readonly epoch: number;
   readonly description: string;
+  /** the state's bytes: the epoch's durable image plus the writes it keeps (copy-on-write; clone it to write) */
+  readonly device: PagedDevice;
+  /** the same bytes as one buffer (a copy, made on each use) */
   readonly image: Uint8Array;
   /** index into the recording of the first op not covered by the crash (for the oracle) */
   readonly crashPoint: number;
+  /** index of the flush that opens the epoch: every op before it is on the disk (-1: none) */
+  readonly durableAt: number;
+  /** the epoch's durable image (no pending write kept) */
+  readonly durable: PagedDevice;
+  /** the host ranges the epoch's writes touch, sorted [offset, end) pairs (a state differs from the epoch's durable image only there) */
+  readonly pending: ReadonlyArray<readonly [number, number]>;
 }
 
 interface Epoch {
@@ -114,47 +123,37 @@ function epochs(ops: readonly RecordedOp[]): Epoch[] {
 
 /** `initial` with the first `end` recorded operations applied whole (no crash: every write and truncation as it was made). */
 export function replayOps(initial: Uint8Array, ops: readonly RecordedOp[], end: number): Uint8Array {
-  const img = new Image(initial, initial.length);
-  for (let i = 0; i < end; i++) img.apply(ops[i]!);
-  return img.bytes();
+  const img = new PagedDevice('replay', initial);
+  for (let i = 0; i < end; i++) apply(img, ops[i]!);
+  return img.snapshot();
 }
 
-class Image {
-  buf: Uint8Array;
-  length: number;
-  constructor(base: Uint8Array, length: number) {
-    this.buf = new Uint8Array(Math.max(base.length, length));
-    this.buf.set(base.subarray(0, Math.min(base.length, this.buf.length)));
-    this.length = length;
-  }
-  ensure(end: number): void {
-    if (end > this.buf.length) {
-      const n = new Uint8Array(Math.max(end, this.buf.length * 2));
-      n.set(this.buf.subarray(0, this.length));
-      this.buf = n;
+/** Apply a recorded op to an image, whole or (a torn write) only the disk sectors [from, to) of it. */
+function apply(img: PagedDevice, op: RecordedOp, sectors?: { from: number; to: number }): void {
+  if (op.kind === 'truncate') return img.truncateSync(op.size);
+  if (op.kind !== 'write') return;
+  // Sectors are the disk's: numbered from the first one the write touches,
+  // so a torn unaligned write keeps whole disk sectors, never half of one.
+  const first = Math.floor(op.offset / SECTOR);
+  const from = sectors ? Math.max(op.offset, (first + sectors.from) * SECTOR) : op.offset;
+  const to = sectors ? Math.min(op.offset + op.data.length, (first + sectors.to) * SECTOR) : op.offset + op.data.length;
+  if (to <= from) return;
+  img.writeSync(from, op.data.subarray(from - op.offset, to - op.offset));
+}
+
+/** The host ranges an epoch's writes (and truncations) may change, merged. */
+function pendingRanges(ep: Epoch, lengthBefore: number): Array<[number, number]> {
+  const r: Array<[number, number]> = [];
+  let length = lengthBefore;
+  for (const { op } of ep.writes) {
+    if (op.kind === 'write') r.push([op.offset, op.offset + op.data.length]);
+    else {
+      // a cut and a growth: the bytes between the two lengths change
+      r.push([Math.min(length, op.size), Math.max(length, op.size)]);
+      length = op.size;
     }
   }
-  apply(op: RecordedOp, sectors?: { from: number; to: number }): void {
-    if (op.kind === 'truncate') {
-      if (op.size < this.length) this.buf.fill(0, op.size, this.length);
-      this.ensure(op.size);
-      this.length = op.size;
-      return;
-    }
-    if (op.kind !== 'write') return;
-    // Sectors are the disk's: numbered from the first one the write touches,
-    // so a torn unaligned write keeps whole disk sectors, never half of one.
-    const first = Math.floor(op.offset / SECTOR);
-    const from = sectors ? Math.max(op.offset, (first + sectors.from) * SECTOR) : op.offset;
-    const to = sectors ? Math.min(op.offset + op.data.length, (first + sectors.to) * SECTOR) : op.offset + op.data.length;
-    if (to <= from) return;
-    this.ensure(to);
-    this.buf.set(op.data.subarray(from - op.offset, to - op.offset), from);
-    if (to > this.length) this.length = to;
-  }
-  bytes(): Uint8Array {
-    return this.buf.slice(0, this.length);
-  }
+  return mergeRanges(r);
 }
 
 /** Number of disk sectors a write touches. */
@@ -196,33 +195,46 @@ export function* crashStates(initial: Uint8Array, ops: readonly RecordedOp[], o:
   const random = rng(o.seed);
   const limit = o.subsetLimit ?? 8;
   let produced = 0;
-  // durable image at the start of each epoch
-  const durable: Image[] = [];
+  // durable image at the start of each epoch, all over the initial one: a state shares their pages
+  const durable: PagedDevice[] = [];
+  const pending: Array<Array<[number, number]>> = [];
   {
-    const img = new Image(initial, initial.length);
+    const img = new PagedDevice('crash', initial);
     let i = 0;
     for (const e of eps) {
-      for (; i <= e.start; i++) img.apply(ops[i]!);
-      durable.push(new Image(img.bytes(), img.length));
+      for (; i <= e.start; i++) apply(img, ops[i]!);
+      durable.push(img.clone());
+      pending.push(pendingRanges(e, img.sizeSync()));
     }
   }
-  const emit = function* (epoch: number, description: string, image: Uint8Array, crashPoint: number): Generator<CrashState> {
-    const h = createHash('sha1').update(image).digest('hex');
+  const emit = function* (epoch: number, description: string, device: PagedDevice, crashPoint: number): Generator<CrashState> {
+    const h = device.digest();
     if (seen.has(h)) return;
     seen.add(h);
     produced++;
-    yield { epoch, description, image, crashPoint };
+    yield {
+      epoch,
+      description,
+      device,
+      get image() {
+        return device.snapshot();
+      },
+      crashPoint,
+      durableAt: eps[epoch]!.start,
+      durable: durable[epoch]!,
+      pending: pending[epoch]!,
+    };
   };
-  const build = (e: number, choose: (k: number) => boolean | { from: number; to: number }, order?: number[]): Uint8Array => {
+  const build = (e: number, choose: (k: number) => boolean | { from: number; to: number }, order?: number[]): PagedDevice => {
     const ep = eps[e]!;
-    const img = new Image(durable[e]!.bytes(), durable[e]!.length);
+    const img = durable[e]!.clone();
     const idx = order ?? ep.writes.map((_, k) => k);
     for (const k of idx) {
       const c = choose(k);
       if (c === false) continue;
-      img.apply(ep.writes[k]!.op, c === true ? undefined : c);
+      apply(img, ep.writes[k]!.op, c === true ? undefined : c);
     }
-    return img.bytes();
+    return img;
   };
   // Round 1 for every epoch: prefixes (what an ordered disk would show). Round 2: subsets
   // or leave-one-out/only-one. Round 3: torn and reordered writes. Round 4: random sectors.

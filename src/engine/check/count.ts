@@ -28,6 +28,12 @@ import { loadQcow2 } from '../qcow2-layer.ts';
 import { FindingList, type CheckFinding } from './report.ts';
 import { cluster, clusterOf, host, type ClusterIndex } from '../../format/offsets.ts';
 
+/**
+ * Counters per chunk: 8,192 clusters (32 KiB), so that a small image's
+ * check zero-fills little (the crash harness checks thousands of them).
+ */
+const COUNTS_CHUNK = 8192;
+
 /** One counter per host cluster, in chunks allocated where references land. */
 export class Counts {
   private readonly chunks = new Map<number, Uint32Array>();
@@ -36,7 +42,7 @@ export class Counts {
   private chunk(k: number, create: boolean): Uint32Array | undefined {
     if (k === this.lastKey) return this.last;
     let a = this.chunks.get(k);
-    if (!a && create) this.chunks.set(k, (a = new Uint32Array(65536)));
+    if (!a && create) this.chunks.set(k, (a = new Uint32Array(COUNTS_CHUNK)));
     if (a) {
       this.lastKey = k;
       this.last = a;
@@ -44,22 +50,22 @@ export class Counts {
     return a;
   }
   get(c: ClusterIndex): number {
-    return this.chunk(Math.floor(c / 65536), false)?.[c % 65536] ?? 0;
+    return this.chunk(Math.floor(c / COUNTS_CHUNK), false)?.[c % COUNTS_CHUNK] ?? 0;
   }
   /** One more reference to `c`, unless it already has `max`: false then (nothing counted). */
   bump(c: number, max: number): boolean {
-    const k = Math.floor(c / 65536);
+    const k = Math.floor(c / COUNTS_CHUNK);
     const a = k === this.lastKey ? this.last! : this.chunk(k, true)!;
-    const i = c - k * 65536;
+    const i = c - k * COUNTS_CHUNK;
     if (a[i]! >= max) return false;
     a[i]!++;
     return true;
   }
   /** `n` more references to `c`, counted up to `max`: how many did not fit (0 when all did). */
   bumpBy(c: number, n: number, max: number): number {
-    const k = Math.floor(c / 65536);
+    const k = Math.floor(c / COUNTS_CHUNK);
     const a = k === this.lastKey ? this.last! : this.chunk(k, true)!;
-    const i = c - k * 65536;
+    const i = c - k * COUNTS_CHUNK;
     const room = max - a[i]!;
     if (n <= room) {
       a[i]! += n;
@@ -69,8 +75,8 @@ export class Counts {
     return n - Math.max(0, room);
   }
   add(c: ClusterIndex, d: number): void {
-    const a = this.chunk(Math.floor(c / 65536), true)!;
-    const i = c % 65536;
+    const a = this.chunk(Math.floor(c / COUNTS_CHUNK), true)!;
+    const i = c % COUNTS_CHUNK;
     a[i] = Math.max(0, a[i]! + d);
   }
 }
