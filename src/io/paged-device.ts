@@ -12,8 +12,28 @@ import type { BlockDevice } from './device.ts';
 
 const PAGE = 4096;
 /** a shared page's hash in `digest` (its bytes no longer change) */
-const pageHashes = new WeakMap<Uint8Array, [number, number]>();
+const pageHashes = new WeakMap<Uint8Array, { h: [number, number]; cut: number }>();
 const ZERO_PAGE = new Uint8Array(PAGE);
+
+/**
+ * Pages come from 1 MiB slabs: a typed array with a backing store of its
+ * own per 4 KiB page costs several microseconds to make and to collect.
+ * A slab lives while any page of it does.
+ */
+let slab = new Uint8Array(0);
+let slabUsed = 0;
+function newPage(): Uint8Array {
+  if (slabUsed === slab.length) {
+    slab = new Uint8Array(256 * PAGE);
+    slabUsed = 0;
+  }
+  slabUsed += PAGE;
+  return slab.subarray(slabUsed - PAGE, slabUsed);
+}
+
+function xor2(a: number, b: number, h: readonly [number, number]): [number, number] {
+  return [a ^ h[0], b ^ h[1]];
+}
 
 /**
  * Two 32-bit lanes of a multiply-xorshift hash of a page and its index: not
@@ -69,6 +89,10 @@ export class PagedDevice implements BlockDevice {
   /** while tracking: the ranges read that this device had not written since tracking began (see `track`) */
   private reads: Array<[number, number]> | undefined;
   private written: Array<[number, number]> = [];
+  /** for `digest`: the digest lanes at the clone, the pages changed since (with the page each replaced), and the lanes last computed */
+  private inherited: [number, number] | undefined;
+  private replaced: Map<number, Uint8Array | undefined> | undefined;
+  private lanes: [number, number] | undefined;
 
   constructor(
     readonly name: string,
@@ -87,7 +111,11 @@ export class PagedDevice implements BlockDevice {
   clone(opts: { readOnly?: boolean; name?: string } = {}): PagedDevice {
     // the clone shares the pages: neither may change one in place from now on
     this.owned.clear();
-    return new PagedDevice(opts.name ?? this.name, this.base, { readOnly: opts.readOnly ?? this.readOnly, length: this.length, pages: this.pages, cut: this.cut });
+    const c = new PagedDevice(opts.name ?? this.name, this.base, { readOnly: opts.readOnly ?? this.readOnly, length: this.length, pages: this.pages, cut: this.cut });
+    // the clone's digest starts from this one's and follows the pages it changes
+    c.inherited = this.digestLanes();
+    c.replaced = new Map();
+    return c;
   }
 
   /** The whole image as one buffer (a copy). */
@@ -112,20 +140,37 @@ export class PagedDevice implements BlockDevice {
    * pages it wrote itself. Call it when the device is no longer written.
    */
   digest(): string {
+    const [x0, x1] = this.digestLanes();
+    return `${this.length}/${Math.min(this.cut, this.length)}/${x0 >>> 0}/${x1 >>> 0}`;
+  }
+
+  private digestLanes(): [number, number] {
+    if (this.lanes) return this.lanes;
     let x0 = 0;
     let x1 = 0;
-    for (const [i, p] of this.pages) {
-      if (i * PAGE >= this.length) continue;
-      let h = pageHashes.get(p);
-      if (h === undefined) {
-        h = this.equalsBase(i, p) ? [0, 0] : pageHash(i, p);
-        // owned pages may still change: only shared ones are remembered
-        if (!this.owned.has(i)) pageHashes.set(p, h);
+    if (this.inherited && this.replaced) {
+      // the clone's lanes, less the pages it replaced, plus their new bytes
+      [x0, x1] = this.inherited;
+      for (const [i, old] of this.replaced) {
+        if (old) [x0, x1] = xor2(x0, x1, this.pageLanes(i, old));
+        const now = this.pages.get(i);
+        if (now && i * PAGE < this.length) [x0, x1] = xor2(x0, x1, this.pageLanes(i, now));
       }
-      x0 ^= h[0];
-      x1 ^= h[1];
+    } else {
+      for (const [i, p] of this.pages) if (i * PAGE < this.length) [x0, x1] = xor2(x0, x1, this.pageLanes(i, p));
     }
-    return `${this.length}/${Math.min(this.cut, this.length)}/${x0 >>> 0}/${x1 >>> 0}`;
+    return (this.lanes = [x0, x1]);
+  }
+
+  /** A page's share of the digest: 0 when it reads as the base there, its hash otherwise (remembered once the page is shared). */
+  private pageLanes(i: number, p: Uint8Array): [number, number] {
+    // whether a page reads as the base depends on the cut: remembered with it
+    const known = pageHashes.get(p);
+    if (known && known.cut === this.cut) return known.h;
+    const h: [number, number] = this.equalsBase(i, p) ? [0, 0] : pageHash(i, p);
+    // owned pages may still change: only shared ones are remembered
+    if (this.pages.get(i) !== p || !this.owned.has(i)) pageHashes.set(p, { h, cut: this.cut });
+    return h;
   }
 
   /** Whether page i reads as the base does there (no copy). */
@@ -219,11 +264,14 @@ export class PagedDevice implements BlockDevice {
   }
 
   /** The page at index i, ready to change in place. */
-  private page(i: number): Uint8Array {
+  private page(i: number, whole = false): Uint8Array {
     let p = this.pages.get(i);
     if (p && this.owned.has(i)) return p;
-    const fresh = new Uint8Array(PAGE);
-    if (p) fresh.set(p);
+    if (this.replaced && !this.replaced.has(i)) this.replaced.set(i, p);
+    const fresh = newPage();
+    if (whole) {
+      // the caller overwrites it all
+    } else if (p) fresh.set(p);
     else if (i * PAGE < this.length) this.baseInto(fresh, i * PAGE);
     // bytes past the end read as zero when the device grows over them
     if ((i + 1) * PAGE > this.length) fresh.fill(0, Math.max(0, this.length - i * PAGE));
@@ -241,13 +289,14 @@ export class PagedDevice implements BlockDevice {
   /** Synchronous write (the crash harness applies recorded writes this way). */
   writeSync(offset: number, data: Uint8Array): void {
     if (this.reads && data.length) this.written.push([offset, offset + data.length]);
+    this.lanes = undefined;
     let at = 0;
     while (at < data.length) {
       const pos = offset + at;
       const i = pos >>> SHIFT;
       const within = pos - i * PAGE;
       const take = Math.min(data.length - at, PAGE - within);
-      this.page(i).set(data.subarray(at, at + take), within);
+      this.page(i, take === PAGE).set(data.subarray(at, at + take), within);
       at += take;
     }
     if (offset + data.length > this.length) this.length = offset + data.length;
@@ -263,7 +312,11 @@ export class PagedDevice implements BlockDevice {
   truncateSync(size: number): void {
     // a reader that truncates decides the bytes past the cut and up to the new end
     if (this.reads) this.written.push([Math.min(size, this.length), Number.MAX_SAFE_INTEGER]);
+    this.lanes = undefined;
     if (size < this.length) {
+      // which pages read as the base changes with the cut: the digest starts over
+      this.inherited = undefined;
+      this.replaced = undefined;
       this.cut = Math.min(this.cut, size);
       for (const i of [...this.pages.keys()]) {
         if (i * PAGE >= size) {
