@@ -194,6 +194,34 @@ d('what clients see: the same as from qemu-nbd', () => {
     }
   });
 
+  it('--fork: the command returns once the server listens, the server serves in the background until SIGTERM; a server that fails says why and the command exits 1', async () => {
+    const a = sample('fork.qcow2');
+    const sock = join(dir, 'fork.sock');
+    const pidFile = join(dir, 'fork.pid');
+    const r = spawnSync(join(root, 'tools/qledger'), ['nbd', '--fork', '-t', '-k', sock, '--pid-file', pidFile, a], { encoding: 'utf8', timeout: 20_000 });
+    expect(r.status).toBe(0);
+    // listening when the command returned, in a process of its own
+    expect(existsSync(sock)).toBe(true);
+    const pid = Number(readFileSync(pidFile, 'utf8'));
+    expect(pid).toBeGreaterThan(0);
+    expect(() => process.kill(pid, 0)).not.toThrow();
+    try {
+      qemuIo(uri(sock), ['write -P 61 2M 1M'], ['-f', 'raw']);
+      expect(qemuIo(uri(sock), ['read -P 61 2M 1M'], ['-f', 'raw'])).not.toContain('Pattern verification failed');
+    } finally {
+      process.kill(pid, 'SIGTERM');
+    }
+    for (let i = 0; i < 200 && existsSync(pidFile); i++) await new Promise((res) => setTimeout(res, 50));
+    expect(existsSync(pidFile)).toBe(false);
+    expect(spawnSync('qemu-img', ['check', a]).status).toBe(0);
+    expect(qemuIo(a, ['read -P 61 2M 1M'])).not.toContain('Pattern verification failed');
+    const bad = spawnSync(join(root, 'tools/qledger'), ['nbd', '--fork', '-k', join(dir, 'fork2.sock'), join(dir, 'missing.qcow2')], { encoding: 'utf8', timeout: 20_000 });
+    expect(bad.status).toBe(1);
+    expect(bad.stderr.trim().split('\n')).toHaveLength(1);
+    expect(bad.stderr).toContain('missing.qcow2');
+    expect(existsSync(join(dir, 'fork2.sock'))).toBe(false);
+  });
+
   it('SIGTERM: the image is flushed and closed clean (no dirty bit, journal closed), every acknowledged write in it', async () => {
     const a = sample('term.qcow2');
     const l = await server('qledger', a, ['-t']);

@@ -83,7 +83,7 @@ Commands (options as in qemu-img / qemu-io):
   rebase [-f fmt] [-p] [-q] [-u] -b BACKING [-F fmt] FILE
   resize [--shrink] [--preallocation=off|metadata|falloc|full] [-f fmt] [--image-opts] [-q] FILE [+|-]SIZE
   compare [-f fmt] [-F fmt] [-s] [-q] FILE1 FILE2
-  nbd [-r] [-k SOCKET | -p PORT -b ADDR] [-x NAME] [-D DESC] [-e N] [-t] [-f fmt] [-l SNAPSHOT] [-A] [-B BITMAP] [--pid-file FILE] [--dedup] FILE
+  nbd [-r] [-k SOCKET | -p PORT -b ADDR] [-x NAME] [-D DESC] [-e N] [-t] [-f fmt] [-l SNAPSHOT] [-A] [-B BITMAP] [--pid-file FILE] [--fork] [--dedup] FILE
      serve the image over NBD (qemu-nbd's options); until the last client leaves, or with -t until SIGTERM
   journal dump [--output=human|json] FILE
      the journal's transactions and records, read-only

@@ -7,11 +7,16 @@
  * (or, with -t, until SIGTERM or SIGINT, which flush and close the image).
  * TLS as qemu-nbd takes it: `--object tls-creds-x509,id=ID,dir=DIR,
  * endpoint=server` (or tls-creds-psk) and `--tls-creds ID`, and who may
- * connect with `--tls-authz ID` (authz-simple, authz-list, authz-listfile). qemu-nbd's
- * other modes (-c to attach a kernel device, --fork) are refused by name.
+ * connect with `--tls-authz ID` (authz-simple, authz-list, authz-listfile).
+ * `--fork` as qemu-nbd's: the command returns once the server listens (exit
+ * 0) or has failed (its message, exit 1), and the server goes on in the
+ * background; Node cannot fork, so the server is the same command started
+ * again, detached, and it reports readiness over a pipe. qemu-nbd's other
+ * modes (-c to attach a kernel device, -d, -L) are refused by name.
  */
 
-import { writeFileSync, rmSync } from 'node:fs';
+import { closeSync, writeSync, writeFileSync, rmSync } from 'node:fs';
+import { spawn } from 'node:child_process';
 import { UnsupportedError, UsageError } from '../errors.ts';
 import { Image } from '../engine/image.ts';
 import { isOverlapMode, type OverlapMode } from '../engine/write/overlap.ts';
@@ -33,12 +38,18 @@ const LONG = {
 };
 const ALIAS: Record<string, string> = { r: 'read-only', k: 'socket', p: 'port', b: 'bind', x: 'export-name', D: 'description', e: 'shared', t: 'persistent', f: 'format', l: 'load-snapshot', c: 'connect', d: 'disconnect', v: 'verbose', B: 'bitmap', A: 'allocation-depth', o: 'offset', L: 'list', n: 'nocache', T: 'trace' };
 
-export async function runNbd(argv: string[], io: Output): Promise<number> {
+export async function runNbd(argv: string[], out: Output): Promise<number> {
+  // the server started by --fork: it tells the command that started it when it listens,
+  // and from then on, as qemu-nbd's, writes nothing (the command's stderr is gone)
+  const forked = process.env['QLEDGER_NBD_FORKED'] === '1';
+  let detached = false;
+  const io: Output = forked ? { ...out, out: (t) => detached || out.out(t), err: (t) => detached || out.err(t) } : out;
   const p = getopt(argv, { withArg: 'kpbxDeflcBoT', flags: 'rtdvALn', long: LONG }, 'nbd');
   const opt = new Map<string, string | true>();
   for (const [k, v] of p.opts) opt.set(ALIAS[k] ?? k, v);
   const str = (k: string) => (typeof opt.get(k) === 'string' ? (opt.get(k) as string) : undefined);
-  for (const k of ['connect', 'disconnect', 'fork', 'list']) if (opt.has(k)) throw new UnsupportedError(`nbd: --${k} is not supported (qledger serves NBD; it does not attach kernel devices, fork or act as a client)`);
+  for (const k of ['connect', 'disconnect', 'list']) if (opt.has(k)) throw new UnsupportedError(`nbd: --${k} is not supported (qledger serves NBD; it does not attach kernel devices or act as a client)`);
+  if (opt.has('fork') && !forked) return forkServer(argv, io);
   if (opt.has('tls-hostname')) throw new UnsupportedError(`nbd: --tls-hostname is not supported`);
   // --object may repeat; --tls-creds names one of them
   const objects = p.opts.filter(([k]) => k === 'object').map(([, v]) => {
@@ -129,6 +140,17 @@ export async function runNbd(argv: string[], io: Output): Promise<number> {
     if (rawDev && bitmaps.length) throw new UsageError(`Bitmap '${bitmaps[0]}' is not found`);
     const server = rawDev ? await serveBackend(rawFileBackend(rawDev, await rawDev.size(), options.discard), options) : await serveNbd(img!, options);
     if (pidFile) writeFileSync(pidFile, `${process.pid}\n`);
+    if (forked) {
+      // listening: the starting command may return (fd 3 is its pipe)
+      try {
+        writeSync(3, 'ready\n');
+        closeSync(3);
+      } catch {
+        // not started by --fork after all (no pipe there)
+      }
+      detached = true;
+      process.stderr.on('error', () => {});
+    }
     const stop = () => void server.close();
     process.once('SIGTERM', stop);
     process.once('SIGINT', stop);
@@ -148,4 +170,48 @@ export async function runNbd(argv: string[], io: Output): Promise<number> {
     if (pidFile) rmSync(pidFile, { force: true });
   }
   return 0;
+}
+
+/**
+ * `--fork`: this command again without --fork, detached, its stderr
+ * relayed until it listens (its errors print as the command's would), and
+ * a pipe on which it says so. Returns 0 then, or the server's exit status
+ * when it ends first. The server keeps none of the command's output
+ * streams (a caller that waits for them to close, as ssh does, returns).
+ */
+async function forkServer(argv: readonly string[], io: Output): Promise<number> {
+  const entry = process.argv[1];
+  if (!entry) throw new UnsupportedError('nbd: --fork needs qledger run as a program');
+  const args = argv.filter((a) => a !== '--fork');
+  const child = spawn(process.execPath, [...process.execArgv, entry, 'nbd', ...args], {
+    detached: true,
+    stdio: ['ignore', 'ignore', 'pipe', 'pipe'],
+    env: { ...process.env, QLEDGER_NBD_FORKED: '1' },
+  });
+  const pipe = child.stdio[3] as NodeJS.ReadableStream;
+  child.stderr!.setEncoding('utf8');
+  child.stderr!.on('data', (t: string) => io.err(t));
+  let said = '';
+  pipe.setEncoding('utf8');
+  const ready = await new Promise<boolean>((resolve) => {
+    pipe.on('data', (d: string) => {
+      said += d;
+      if (said.includes('ready')) resolve(true);
+    });
+    child.once('exit', () => resolve(said.includes('ready')));
+    child.once('error', (e) => {
+      io.err(`qledger: nbd: --fork: ${e.message}\n`);
+      resolve(false);
+    });
+  });
+  if (ready) {
+    (pipe as unknown as { destroy(): void }).destroy();
+    child.stderr!.destroy();
+    child.unref();
+    return 0;
+  }
+  const code = child.exitCode ?? (await new Promise<number | null>((r) => child.once('exit', (c) => r(c))));
+  // what it said before it ended
+  await new Promise((r) => (child.stderr!.readableEnded ? r(undefined) : child.stderr!.once('end', r)));
+  return code && code > 0 ? code : 1;
 }
