@@ -140,9 +140,20 @@ export class Image {
     await this.w().write(offset, data);
   }
 
-  /** Compressed write (deflate images): whole clusters that hold no data yet, as qemu-io write -c. */
-  async writeCompressed(offset: number, data: Uint8Array): Promise<void> {
-    await this.w().writeCompressed(offset, data);
+  /**
+   * Compressed write: whole clusters that hold no data yet, as qemu-io
+   * write -c. `opts.compressed` gives each cluster's stream made already
+   * with `compressCluster(img.compressionType, cluster)` (qledger convert
+   * -c makes them on worker threads); undefined for a cluster that does not
+   * get smaller (written uncompressed).
+   */
+  async writeCompressed(offset: number, data: Uint8Array, opts: { readonly compressed?: ReadonlyArray<Uint8Array | undefined> } = {}): Promise<void> {
+    await this.w().writeCompressed(offset, data, opts.compressed);
+  }
+
+  /** The compression type of a writable qcow2 image's compressed clusters (format/features.ts: deflate 0, zstd 1). */
+  get compressionType(): number {
+    return this.w().compressionType;
   }
 
   async writeZeroes(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {

@@ -202,6 +202,11 @@ export class Qcow2Writer {
   }
 
   /** write-backs go through the durable journal (v3 image, journal on, room for its header extension) */
+  /** the header's compression type (compressed clusters: deflate or zstd) */
+  get compressionType(): number {
+    return this.rooms.compressed.type;
+  }
+
   get journalled(): boolean {
     return this.rooms.journal.journalled;
   }
@@ -262,8 +267,11 @@ export class Qcow2Writer {
    * Compressed write (qemu-io write -c): whole clusters only, each into a
    * cluster that has no data yet; deflate or zstd with QEMU's parameters. A cluster
    * that does not compress below the cluster size is written normally.
+   * `compressed`: each cluster's stream, made already for this image's
+   * compression type (`compressionType`) by compress.ts (convert -c's
+   * worker threads); undefined for a cluster that did not get smaller.
    */
-  writeCompressed(offset: number, data: Uint8Array): Promise<void> {
+  writeCompressed(offset: number, data: Uint8Array, compressed?: ReadonlyArray<Uint8Array | undefined>): Promise<void> {
     return this.serial(async () => {
       await this.guestOp('compressed write', offset, data.length);
       const cs = this.geometry.clusterSize;
@@ -273,7 +281,9 @@ export class Qcow2Writer {
       }
       if (this.ctx.hasDataFile) throw new QledgerError('E_UNSUPPORTED', `${this.filename}: compressed writes are not possible with an external data file`);
       await this.run('compressed write', async () => {
-        for (let c = offset; c < end; c += cs) await this.rooms.compressed.writeCluster(guest(c), data.subarray(c - offset, Math.min(end, c + cs) - offset));
+        for (let c = offset, k = 0; c < end; c += cs, k++) {
+          await this.rooms.compressed.writeCluster(guest(c), data.subarray(c - offset, Math.min(end, c + cs) - offset), compressed ? { z: compressed[k] } : undefined);
+        }
       });
       await this.rooms.writeback.maybe();
     });

@@ -10,7 +10,7 @@
 
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
 import { addCounts, crashTest, emptyCounts, type CrashTestOptions, type CrashTestResult, type GuestOp } from './crash-harness.ts';
-import { workerEntry } from './worker-entry.ts';
+import { workerEntry } from '../worker-entry.ts';
 
 type Options = Omit<CrashTestOptions, 'seed' | 'partition'>;
 
@@ -57,7 +57,7 @@ export async function crashTestParallel(workloads: ReadonlyArray<{ ops: readonly
     Array.from({ length: jobs }, (_, index) => {
       const mine = byState ? workloads.length : workloads.filter((_, i) => i % jobs === index).length;
       if (!mine) return undefined;
-      const entry = workerEntry(import.meta.url, 'crash-worker-main');
+      const entry = workerEntry(import.meta.url, './crash-worker-main');
       const w = new Worker(entry.file, { eval: entry.eval, workerData: { qledgerCrashWorker: true, workloads, options, index, count: jobs, byState } satisfies Setup });
       return new Promise<void>((resolve, reject) => {
         let got = 0;

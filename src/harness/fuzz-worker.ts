@@ -12,7 +12,7 @@
  */
 
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
-import { workerEntry } from './worker-entry.ts';
+import { workerEntry } from '../worker-entry.ts';
 import { fuzzCase, runOne, type CaseRunner, type FuzzClass, type FuzzCommand } from './fuzz.ts';
 
 interface WorkerSetup {
@@ -59,7 +59,7 @@ export class WorkerRunner implements CaseRunner {
   }
 
   private start(): Worker {
-    const entry = workerEntry(import.meta.url, 'fuzz-worker-main');
+    const entry = workerEntry(import.meta.url, './fuzz-worker-main');
     const w = new Worker(entry.file, {
       eval: entry.eval,
       workerData: { ...this.setup, qledgerFuzzWorker: true } satisfies WorkerSetup,

@@ -28,11 +28,10 @@ import { loadQcow2 } from '../qcow2-layer.ts';
 import { FindingList, type CheckFinding } from './report.ts';
 import { cluster, clusterOf, host, type ClusterIndex } from '../../format/offsets.ts';
 
-/**
- * Counters per chunk: 8,192 clusters (32 KiB), so that a small image's
- * check zero-fills little (the crash harness checks thousands of them).
- */
-const COUNTS_CHUNK = 8192;
+/** Counters per chunk: 65,536 clusters (256 KiB when whole). */
+const COUNTS_CHUNK = 65536;
+/** A chunk starts this short and doubles as references land further in, so that a small image's check zero-fills little (the crash harness checks thousands of them). */
+const FIRST_LENGTH = 1024;
 
 /** One counter per host cluster, in chunks allocated where references land. */
 export class Counts {
@@ -42,11 +41,24 @@ export class Counts {
   private chunk(k: number, create: boolean): Uint32Array | undefined {
     if (k === this.lastKey) return this.last;
     let a = this.chunks.get(k);
-    if (!a && create) this.chunks.set(k, (a = new Uint32Array(COUNTS_CHUNK)));
+    if (!a && create) this.chunks.set(k, (a = new Uint32Array(FIRST_LENGTH)));
     if (a) {
       this.lastKey = k;
       this.last = a;
     }
+    return a;
+  }
+  /** Chunk k long enough for index i (a copy twice as long, or longer, as needed). */
+  private grow(k: number, i: number): Uint32Array {
+    const old = this.chunk(k, true)!;
+    if (i < old.length) return old;
+    let n = old.length * 2;
+    while (n <= i) n *= 2;
+    const a = new Uint32Array(Math.min(COUNTS_CHUNK, n));
+    a.set(old);
+    this.chunks.set(k, a);
+    this.lastKey = k;
+    this.last = a;
     return a;
   }
   get(c: ClusterIndex): number {
@@ -55,8 +67,9 @@ export class Counts {
   /** One more reference to `c`, unless it already has `max`: false then (nothing counted). */
   bump(c: number, max: number): boolean {
     const k = Math.floor(c / COUNTS_CHUNK);
-    const a = k === this.lastKey ? this.last! : this.chunk(k, true)!;
+    let a = k === this.lastKey ? this.last! : this.chunk(k, true)!;
     const i = c - k * COUNTS_CHUNK;
+    if (i >= a.length) a = this.grow(k, i);
     if (a[i]! >= max) return false;
     a[i]!++;
     return true;
@@ -64,8 +77,9 @@ export class Counts {
   /** `n` more references to `c`, counted up to `max`: how many did not fit (0 when all did). */
   bumpBy(c: number, n: number, max: number): number {
     const k = Math.floor(c / COUNTS_CHUNK);
-    const a = k === this.lastKey ? this.last! : this.chunk(k, true)!;
+    let a = k === this.lastKey ? this.last! : this.chunk(k, true)!;
     const i = c - k * COUNTS_CHUNK;
+    if (i >= a.length) a = this.grow(k, i);
     const room = max - a[i]!;
     if (n <= room) {
       a[i]! += n;
@@ -75,8 +89,9 @@ export class Counts {
     return n - Math.max(0, room);
   }
   add(c: ClusterIndex, d: number): void {
-    const a = this.chunk(Math.floor(c / COUNTS_CHUNK), true)!;
+    const k = Math.floor(c / COUNTS_CHUNK);
     const i = c % COUNTS_CHUNK;
+    const a = this.grow(k, i);
     a[i] = Math.max(0, a[i]! + d);
   }
 }

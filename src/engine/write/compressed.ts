@@ -45,7 +45,13 @@ export class CompressedWriter {
     }
   }
 
-  async writeCluster(guestOff: GuestOffset, piece: Uint8Array): Promise<void> {
+  /** @param pre the cluster's compressed stream made already (compress-pool.ts; undefined inside: it did not get smaller) */
+  /** the image's compression type */
+  get type(): number {
+    return this.compressionType;
+  }
+
+  async writeCluster(guestOff: GuestOffset, piece: Uint8Array, pre?: { readonly z: Uint8Array | undefined }): Promise<void> {
     const ctx = this.ctx;
     const g = ctx.geometry;
     const cs = g.clusterSize;
@@ -61,11 +67,11 @@ export class CompressedWriter {
       throw new QledgerError('E_IO', `${ctx.filename}: compressed write to guest offset ${hex(guestOff)}, which already has a host cluster`, { guestOff });
     }
     let full = piece;
-    if (piece.length !== cs) {
+    if (piece.length !== cs && !pre) {
       full = new Uint8Array(cs);
       full.set(piece);
     }
-    const z = await compressCluster(this.compressionType, full);
+    const z = pre ? pre.z : await compressCluster(this.compressionType, full);
     if (!z) {
       await this.data.write(guestOff, piece);
       return;

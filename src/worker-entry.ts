@@ -1,5 +1,6 @@
 /**
- * How a harness starts a worker thread on its own code, in each of the
+ * How qledger starts a worker thread on its own code (the fuzzer's and
+ * crash-test's workers, the compression pool), in each of the
  * three ways qledger runs: the bundled CLI (the thread runs the bundle
  * itself, which checks its workerData before it runs as a program:
  * cli/bin.ts), the compiled library (the entry module beside the caller),
@@ -9,11 +10,11 @@
 import { createRequire } from 'node:module';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 
-/** `callerUrl`: the caller's import.meta.url; `entry`: the basename (no extension) of the entry module beside it. */
+/** `callerUrl`: the caller's import.meta.url; `entry`: the path (no extension) of the entry module, relative to the caller. */
 export function workerEntry(callerUrl: string, entry: string): { file: string; eval: boolean } {
   if (callerUrl.endsWith('.cjs')) return { file: fileURLToPath(callerUrl), eval: false };
-  if (!callerUrl.endsWith('.ts')) return { file: fileURLToPath(new URL(`./${entry}.js`, callerUrl)), eval: false };
+  if (!callerUrl.endsWith('.ts')) return { file: fileURLToPath(new URL(`${entry}.js`, callerUrl)), eval: false };
   const api = new URL('./api/index.mjs', pathToFileURL(createRequire(callerUrl).resolve('tsx/esm'))).href;
-  const main = new URL(`./${entry}.ts`, callerUrl).href;
+  const main = new URL(`${entry}.ts`, callerUrl).href;
   return { file: `import(${JSON.stringify(api)}).then((m) => { m.register(); return import(${JSON.stringify(main)}); });`, eval: true };
 }
