@@ -17,6 +17,7 @@ import { Image } from '../src/index.ts';
 const { dir, cleanup } = tempDir('qledger-convq-');
 afterAll(cleanup);
 const f = (n: string) => join(dir, n);
+const root = new URL('..', import.meta.url).pathname;
 const d = qemuAvailable ? describe : describe.skip;
 
 /** qemu-img map --output=json without host offsets, neighbours with the same flags merged (host placement differs). */
@@ -87,6 +88,20 @@ d('convert -O qcow2, as qemu-img', () => {
         files.push(readFileSync(out));
       }
       expect(files[1]!.equals(files[0]!)).toBe(true);
+    }
+  });
+
+  it('the qledger program (the bundle when it is built) starts its compression workers: convert -c of a 40 MiB input', () => {
+    const big = f('big.raw');
+    qemuImg(['create', '-q', '-f', 'raw', big, '40M']);
+    qemuIo(big, ['write -P 11 0 8M', 'write -P 12 20M 12M', 'write -P 13 39M 1M'], ['-f', 'raw']);
+    for (const t of ['zlib', 'zstd']) {
+      const out = f(`big-${t}.qcow2`);
+      const r = spawnSync(join(root, 'tools/qledger'), ['convert', '-c', '-f', 'raw', '-O', 'qcow2', '-o', `compression_type=${t}`, big, out], { encoding: 'utf8', timeout: 60_000 });
+      expect({ status: r.status, stderr: r.stderr }).toEqual({ status: 0, stderr: '' });
+      expect(spawnSync('qemu-img', ['check', out]).status).toBe(0);
+      expect(spawnSync('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', big, out]).status).toBe(0);
+      expect(JSON.parse(qemuImg(['info', '--output=json', out]))['format-specific'].data['compression-type']).toBe(t);
     }
   });
 

@@ -21,6 +21,8 @@ import { randomWorkload } from '../src/cli/crash-test.ts';
 import type { Fault } from '../src/engine/faults.ts';
 import type { CreateOptions } from '../src/engine/create.ts';
 import { runCli } from './helpers/cli.ts';
+import { spawnSync } from 'node:child_process';
+import { join } from 'node:path';
 
 const RUNS = Number(process.env['QLEDGER_CRASH_RUNS'] ?? 1);
 
@@ -185,6 +187,20 @@ describe('crash-test on threads', () => {
     delete b['states-per-second'];
     expect(b).toEqual(a);
   }, 120_000);
+});
+
+describe('crash-test threads in the qledger program', () => {
+  it('tools/qledger crash-test --jobs 2 (the bundle when it is built starts its workers) reports what --jobs 1 does', () => {
+    const root = new URL('..', import.meta.url).pathname;
+    const run = (jobs: string) => {
+      const r = spawnSync(join(root, 'tools/qledger'), ['crash-test', '-o', 'cluster_size=4k', '--random', '--runs', '4', '--seed', '8', '--max-states', '60', '--jobs', jobs, '--output=json'], { encoding: 'utf8', timeout: 120_000 });
+      expect(r.status).toBe(0);
+      const j = JSON.parse(r.stdout);
+      delete j['states-per-second'];
+      return j;
+    };
+    expect(run('2')).toEqual(run('1'));
+  }, 150_000);
 });
 
 describe('the random search reaches every ordering rule', () => {
