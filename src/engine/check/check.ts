@@ -24,7 +24,8 @@ async function onePass(img: Image, repair: RepairMode | undefined, report: Check
   const stored = new Stored(img, reftable, await img.dev.size());
   await stored.load(a.nbClusters);
   // QEMU's corruption signal while reading; a repair rebuilds instead of marking the image corrupt
-  if (repair === undefined) for (const message of stored.notes) a.findings.push({ counts: 'none', message, fixed: false });
+  const notes = stored.takeNotes();
+  if (repair === undefined) for (const message of notes) a.findings.push({ counts: 'none', message, fixed: false });
   // As QEMU: compare without fixing first. When the refcount structure must
   // be rebuilt, nothing is written to the old one (its blocks may be guest
   // data now, a block an L2 entry points into), and -r leaks stops there.

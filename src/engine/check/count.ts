@@ -236,9 +236,7 @@ export class Stored {
         continue;
       }
       this.unreadableBlocks.add(rt);
-      if (off % cs !== 0 && !this.notes.length) {
-        this.notes.push(`qcow2: Image is corrupt: Refblock offset 0x${hexDigits(off)} unaligned (reftable index: ${rt === 0 ? '0' : `0x${rt.toString(16)}`}); further non-fatal corruption events will be suppressed`);
-      }
+      this.noteUnaligned(off, rt);
     }
     // a block past the end of the file reads as zeros, as every device reads there
     const got = await readClusters(dev, want.values(), cs);
@@ -249,6 +247,34 @@ export class Stored {
   block(rt: number): Uint8Array | undefined {
     return this.blocks.get(rt);
   }
+  /**
+   * A block `load` did not look at (its clusters lie past the file): QEMU
+   * judges its table entry when a lookup lands there (qcow2_get_refcount),
+   * an unaligned or unreadable one failing with EIO and its corruption
+   * signal printed, if no other was, at that moment.
+   */
+  private unreadableLate(rt: number): boolean {
+    if (this.blocks.has(rt)) return false;
+    const off = this.entry(rt);
+    if (!off || this.readable(off)) return false;
+    this.unreadableBlocks.add(rt);
+    this.noteUnaligned(off, rt);
+    return true;
+  }
+  /** QEMU's corruption signal for an unaligned refcount block, printed once for the image. */
+  private noteUnaligned(off: number, rt: number): void {
+    if (off % this.img.g.clusterSize !== 0 && !this.notes.length) {
+      this.notes.push(`qcow2: Image is corrupt: Refblock offset 0x${hexDigits(off)} unaligned (reftable index: ${rt === 0 ? '0' : `0x${rt.toString(16)}`}); further non-fatal corruption events will be suppressed`);
+    }
+  }
+  private taken = 0;
+  /** The notes not taken yet, in order (each is printed where QEMU prints it). */
+  takeNotes(): string[] {
+    const n = this.notes.slice(this.taken);
+    this.taken = this.notes.length;
+    return n;
+  }
+
   /** True when the block of refcount-table index `rt` cannot be read (QEMU: EIO). */
   unreadable(rt: number): boolean {
     return this.unreadableBlocks.has(rt);
@@ -257,7 +283,7 @@ export class Stored {
   get(cluster: number): number | undefined {
     const g = this.img.g;
     const rt = Math.floor(cluster / g.refcountBlockEntries);
-    if (this.unreadableBlocks.has(rt)) return undefined;
+    if (this.unreadableBlocks.has(rt) || this.unreadableLate(rt)) return undefined;
     const b = this.blocks.get(rt);
     return b ? getRefcount(b, cluster % g.refcountBlockEntries, g.refcountOrder) : 0;
   }
@@ -265,7 +291,7 @@ export class Stored {
   text(cluster: number): string | undefined {
     const g = this.img.g;
     const rt = Math.floor(cluster / g.refcountBlockEntries);
-    if (this.unreadableBlocks.has(rt)) return undefined;
+    if (this.unreadableBlocks.has(rt) || this.unreadableLate(rt)) return undefined;
     const b = this.blocks.get(rt);
     return b ? refcountText(b, cluster % g.refcountBlockEntries, g.refcountOrder) : '0';
   }

@@ -89,8 +89,11 @@ export async function checkCopied(img: Image, a: Analysis, stored: Stored, repai
     for (const o of wanted) if (a.activeTables.has(o)) tables.set(o, a.activeTables.get(o)!);
     for (const { i, hi, lo, l2 } of batch) {
       const rc = stored.get(Math.floor(l2 / cs));
-      // an unreadable refcount: QEMU skips the entry without a word
-      if (rc === undefined) continue;
+      // an unreadable refcount: QEMU skips the entry (its corruption signal printed, the first time)
+      if (rc === undefined) {
+        if (!repair) for (const message of stored.takeNotes()) a.findings.push({ counts: 'none', message, fixed: false });
+        continue;
+      }
       if ((rc === 1) !== ((hi & COPIED_HI) !== 0)) {
         const f: CheckFinding = { counts: 'corruption', message: `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hexWord(hi, lo)} refcount=${stored.text(Math.floor(l2 / cs))} (L2 table at 0x${hexDigits(l2)})`, offset: l2, cluster: Math.floor(l2 / cs), copiedClear: rc === 1, fixed: false };
         a.findings.push(f);
