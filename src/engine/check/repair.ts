@@ -15,7 +15,8 @@ import { INCOMPAT_DATA_FILE } from '../../format/features.ts';
 import { COPIED_HI } from '../../format/l1.ts';
 import { isCompressed, isCopied, readL2Entry, standardOffset, type RawL2Entry, L2E_COPIED_HI } from '../../format/l2.ts';
 import { getRefcount, setRefcount, setRefcountTableEntry, maxRefcount, refcountStructureSize, refcountText } from '../../format/refcount.ts';
-import { l1Entry, l1Used, repeated, Stored, BATCH_BYTES, type Analysis, type Image } from './count.ts';
+import { l1Entry, l1Used, repeated, BATCH_BYTES, type Analysis, type Image } from './count.ts';
+import { Stored } from './stored.ts';
 import type { CheckFinding, CheckReport, RepairMode } from './report.ts';
 import { patchHeader } from '../write/header-bits.ts';
 
