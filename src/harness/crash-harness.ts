@@ -37,7 +37,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { MemoryDevice } from '../io/memory-device.ts';
-import { RecordingDevice, crashStates, type RecordedOp } from '../io/crash-device.ts';
+import { RecordingDevice, crashStates, touchedRanges } from '../io/crash-device.ts';
 import { u64big } from '../format/bytes.ts';
 import { readGuest } from '../engine/read.ts';
 import { guest, type Layer } from '../engine/layer.ts';
@@ -48,8 +48,8 @@ import { faultPlan, type Fault } from '../engine/faults.ts';
 import type { GuestOp } from './workload.ts';
 import { makeEmptyFast } from '../engine/make-empty-fast.ts';
 import { CorruptionError, QledgerError } from '../errors.ts';
-import { StateJudge, type Step } from './crash-judge.ts';
-import { mergeRanges, type PagedDevice } from '../io/paged-device.ts';
+import { StateJudge, readsZero, statusRuns, type Step } from './crash-judge.ts';
+import type { PagedDevice } from '../io/paged-device.ts';
 import { amendDevice, flattenCopy, namesBacking } from './offline-ops.ts';
 import { CrashBase, memLayer } from './chain-base.ts';
 import { GuestModel } from './guest-model.ts';
@@ -442,7 +442,7 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
     bitmapRefs,
     backing: (st) => stateBacking(st.device, st.crashPoint),
     backingFixed: !chainBase?.committed,
-    written: writtenRanges(rec.ops, initial.length),
+    written: touchedRanges(rec.ops, initial.length),
     thorough: o.thorough,
   });
   let qemuLeft = o.qemuSamples ?? 0;
@@ -496,31 +496,15 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
 async function modelOf(layer: Layer): Promise<GuestModel> {
   const m = new GuestModel(layer.size);
   const buf = new Uint8Array(1 << 20);
-  for (let at = 0; at < layer.size; ) {
-    const st = await layer.status(guest(at), layer.size - at);
-    const end = at + st.length;
-    const zero = st.type === 'zero-plain' || st.type === 'zero-alloc' || ((st.type === 'unallocated-plain' || st.type === 'unallocated-alloc') && !layer.backing);
-    for (let x = at; x < end && !zero; x += buf.length) {
-      const piece = buf.subarray(0, Math.min(buf.length, end - x));
+  for (const r of await statusRuns(layer)) {
+    if (readsZero(r.type, layer)) continue;
+    for (let x = r.start; x < r.end; x += buf.length) {
+      const piece = buf.subarray(0, Math.min(buf.length, r.end - x));
       await readGuest(layer, guest(x), piece);
       m.set(piece, x);
     }
-    at = end;
   }
   return m;
-}
-
-/** Every host range a recorded write or truncation touches (a truncation: between the lengths before and after). */
-function writtenRanges(ops: readonly RecordedOp[], length: number): Array<[number, number]> {
-  const r: Array<[number, number]> = [];
-  for (const op of ops) {
-    if (op.kind === 'write') r.push([op.offset, op.offset + op.data.length]);
-    else if (op.kind === 'truncate') {
-      r.push([Math.min(length, op.size), Math.max(length, op.size)]);
-      length = op.size;
-    }
-  }
-  return mergeRanges(r);
 }
 
 /** The overlap index's refusal (overlap-guard.ts): a CorruptionError in QEMU's words. */

@@ -20,7 +20,7 @@
  *   looks at every granule) or whose backing file changes (a commit).
  */
 
-import { hashRanges, type PagedDevice } from '../io/paged-device.ts';
+import { hashRanges, mergeRanges, type PagedDevice } from '../io/paged-device.ts';
 import type { CrashState, RecordedOp } from '../io/crash-device.ts';
 import { isZero, u64big } from '../format/bytes.ts';
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../format/features.ts';
@@ -111,7 +111,7 @@ class ReadSetMemo<T> {
     for (let i = 0; i < Math.min(this.shapes.length, 8); i++) {
       const s = this.shapes[i]!;
       if (s.length !== length) continue;
-      const r = s.results.get(token + digestAt(state, s.ranges));
+      const r = s.results.get(token + hashRanges(state, s.ranges));
       if (r === undefined) continue;
       // most recently useful first
       if (i > 0) this.shapes.unshift(...this.shapes.splice(i, 1));
@@ -133,7 +133,7 @@ class ReadSetMemo<T> {
       if (this.shapes.length > 64) this.shapes.pop();
     }
     // the state's bytes there, not the clone's: a run that writes reads some of its own writes back
-    shape.results.set(token + digestAt(state, keyed), result);
+    shape.results.set(token + hashRanges(state, keyed), result);
     return result;
   }
 }
@@ -149,12 +149,10 @@ function intersect(a: ReadonlyArray<readonly [number, number]>, b: ReadonlyArray
   return out;
 }
 
-const digestAt = hashRanges;
-
 /** A status run of the top layer: [start, end), its type and where its bytes start in the file. */
 type Run = { start: number; end: number; type: LayerStatus['type']; host: number | undefined };
 
-async function statusRuns(layer: Layer): Promise<Run[]> {
+export async function statusRuns(layer: Layer): Promise<Run[]> {
   const runs: Run[] = [];
   for (let at = 0; at < layer.size; ) {
     const st = await layer.status(guest(at), layer.size - at);
@@ -163,6 +161,11 @@ async function statusRuns(layer: Layer): Promise<Run[]> {
     at = end;
   }
   return runs;
+}
+
+/** Whether a run of a layer reads as zeros whatever the file holds (zero clusters; unallocated ones without a backing file). */
+export function readsZero(t: Run['type'], layer: Layer): boolean {
+  return t === 'zero-plain' || t === 'zero-alloc' || ((t === 'unallocated-plain' || t === 'unallocated-alloc') && !layer.backing);
 }
 
 /** Whether a run's bytes are the file's bytes at its host offset (so they change when those do). */
@@ -325,8 +328,7 @@ export class StateJudge {
     let buf = new Uint8Array(0);
     for (const r of runs) {
       if (problem) break;
-      const zero = r.type === 'zero-plain' || r.type === 'zero-alloc' || ((r.type === 'unallocated-plain' || r.type === 'unallocated-alloc') && !layer.backing);
-      if (zero) {
+      if (readsZero(r.type, layer)) {
         problem = this.judgeZeros(r.start, r.end, layer.size, st);
         continue;
       }
@@ -463,11 +465,7 @@ export class StateJudge {
  */
 export function suspects(ref: readonly Run[], now: readonly Run[], pending: ReadonlyArray<readonly [number, number]>): Array<[number, number]> {
   const out: Array<[number, number]> = [];
-  const add = (a: number, b: number) => {
-    const last = out[out.length - 1];
-    if (last && a <= last[1]) last[1] = Math.max(last[1], b);
-    else out.push([a, b]);
-  };
+  const add = (a: number, b: number) => void out.push([a, b]);
   let i = 0;
   let j = 0;
   let x = 0;
@@ -490,7 +488,7 @@ export function suspects(ref: readonly Run[], now: readonly Run[], pending: Read
     if (a.end === end) i++;
     if (b.end === end) j++;
   }
-  return out;
+  return mergeRanges(out);
 }
 
 /** A Buffer view of the same bytes (no copy), for its native compare. */

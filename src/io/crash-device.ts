@@ -141,14 +141,16 @@ function apply(img: PagedDevice, op: RecordedOp, sectors?: { from: number; to: n
   img.writeSync(from, op.data.subarray(from - op.offset, to - op.offset));
 }
 
-/** The host ranges an epoch's writes (and truncations) may change, merged. */
-function pendingRanges(ep: Epoch, lengthBefore: number): Array<[number, number]> {
+/**
+ * The host ranges recorded writes and truncations change, merged: a
+ * truncation changes the bytes between the lengths before and after it.
+ * `length`: the file's length before the first of them.
+ */
+export function touchedRanges(ops: Iterable<RecordedOp>, length: number): Array<[number, number]> {
   const r: Array<[number, number]> = [];
-  let length = lengthBefore;
-  for (const { op } of ep.writes) {
+  for (const op of ops) {
     if (op.kind === 'write') r.push([op.offset, op.offset + op.data.length]);
-    else {
-      // a cut and a growth: the bytes between the two lengths change
+    else if (op.kind === 'truncate') {
       r.push([Math.min(length, op.size), Math.max(length, op.size)]);
       length = op.size;
     }
@@ -204,7 +206,7 @@ export function* crashStates(initial: Uint8Array, ops: readonly RecordedOp[], o:
     for (const e of eps) {
       for (; i <= e.start; i++) apply(img, ops[i]!);
       durable.push(img.clone());
-      pending.push(pendingRanges(e, img.sizeSync()));
+      pending.push(touchedRanges(e.writes.map((w) => w.op), img.sizeSync()));
     }
   }
   const emit = function* (epoch: number, description: string, device: PagedDevice, crashPoint: number): Generator<CrashState> {
