@@ -133,6 +133,38 @@ describe('qledger fuzz', () => {
   });
 });
 
+describe('qledger fuzz --checkpoint --resume', () => {
+  it('a campaign stopped at a checkpoint and resumed runs each case once and ends with the counts of one run straight through', async () => {
+    const cp = join(dir, 'cp.json');
+    const args = ['fuzz', '--cases', '30', '--seed', '11', '--shard', '1/2', '--commands', 'info,check', '--in-process', '--output=json', '--checkpoint', cp, '--resume'];
+    const straight = await runCli(...args.slice(0, -3));
+    expect(straight.code).toBe(0);
+    const whole = JSON.parse(straight.out);
+    // a checkpoint as a stop after 6 of the shard's 15 cases leaves it (progress every 1000 cases is too rare to wait for)
+    const images = await builtinImages();
+    const part = await fuzz({ cases: 13, seed: 11, images, commands: ['info', 'check'], shard: { index: 1, count: 2 } });
+    expect(part.next).toBe(13);
+    writeFileSync(cp, JSON.stringify({ ...part, campaign: { ...part.campaign, cases: 30 } }));
+    const resumed = await runCli(...args);
+    expect(resumed.code).toBe(0);
+    const r = JSON.parse(resumed.out);
+    expect([r.cases, r.runs, r.next]).toEqual([15, 30, 31]);
+    expect(r.classes).toEqual(whole.classes);
+    expect(r.byCommand).toEqual(whole.byCommand);
+    expect(JSON.parse(readFileSync(cp, 'utf8')).classes).toEqual(whole.classes);
+    // run again on a complete checkpoint: nothing more is run
+    const again = JSON.parse((await runCli(...args)).out);
+    expect([again.cases, again.runs]).toEqual([15, 30]);
+    // another campaign's checkpoint is refused, naming both
+    const other = await runCli(...args.map((a) => (a === '11' ? '12' : a)));
+    expect(other.code).toBe(1);
+    expect(other.err).toMatch(/checkpoint is of another campaign \(seed 11.*this one: seed 12/);
+    expect((await runCli('fuzz', '--resume')).err).toMatch(/--resume needs --checkpoint/);
+    writeFileSync(cp, '{"cases": 3}');
+    expect((await runCli(...args)).err).toMatch(/not a campaign summary \(no next case\)/);
+  }, 60_000);
+});
+
 describe('qledger fuzz in a worker thread', () => {
   it('a command stuck in a synchronous step counts as a hang, the worker is replaced, and the campaign goes on', async () => {
     const images = await builtinImages();

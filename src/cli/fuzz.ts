@@ -1,7 +1,7 @@
 /**
  * qledger fuzz: `fuzz [--cases N] [--seed S] [--shard I/N] [--commands
  * LIST] [--timeout MS] [--memory MIB] [--out DIR] [--qemu] [--output=
- * human|json] [--in-process] [--checkpoint FILE] [IMAGE...]`, qledger's own: seeded mutations of the given
+ * human|json] [--in-process] [--checkpoint FILE [--resume]] [IMAGE...]`, qledger's own: seeded mutations of the given
  * images (or the built-in kinds) with every command run on each, the
  * outcomes counted by class (harness/fuzz.ts), failing cases written to
  * --out. The commands run in a worker thread that is stopped when one
@@ -11,7 +11,7 @@
  * reported, not failed).
  */
 
-import { readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { basename } from 'node:path';
 import { UsageError } from '../errors.ts';
 import { FUZZ_CLASSES, FUZZ_COMMANDS, builtinImages, fuzz, type FuzzCommand, type FuzzSummary } from '../harness/fuzz.ts';
@@ -20,7 +20,7 @@ import { getopt } from './args.ts';
 import type { Output } from './output.ts';
 
 export async function runFuzz(argv: string[], io: Output): Promise<number> {
-  const p = getopt(argv, { withArg: '', flags: 'q', long: { cases: true, seed: true, shard: true, commands: true, timeout: true, memory: true, out: true, qemu: false, output: true, 'in-process': false, checkpoint: true } }, 'fuzz');
+  const p = getopt(argv, { withArg: '', flags: 'q', long: { cases: true, seed: true, shard: true, commands: true, timeout: true, memory: true, out: true, qemu: false, output: true, 'in-process': false, checkpoint: true, resume: false } }, 'fuzz');
   const last = (k: string) => p.opts.filter(([x]) => x === k).at(-1)?.[1];
   const int = (k: string, d: number, min = 0) => {
     const v = last(k);
@@ -59,6 +59,20 @@ export async function runFuzz(argv: string[], io: Output): Promise<number> {
   // --checkpoint FILE: the summary so far written every 1000 cases and when the campaign is stopped
   // (SIGTERM, SIGINT: a job runner's time limit), so a long campaign cut short still leaves its counts
   const checkpoint = last('checkpoint');
+  // --resume: a campaign whose checkpoint is there goes on from it (the same command line run again
+  // after a stop); with no checkpoint file yet it starts
+  let resume: FuzzSummary | undefined;
+  if (p.opts.some(([k]) => k === 'resume')) {
+    if (checkpoint === undefined) throw new UsageError('fuzz: --resume needs --checkpoint FILE');
+    if (existsSync(String(checkpoint))) {
+      try {
+        resume = JSON.parse(readFileSync(String(checkpoint), 'utf8')) as FuzzSummary;
+      } catch (e) {
+        throw new UsageError(`fuzz: the checkpoint '${String(checkpoint)}' is not a campaign summary (${e instanceof Error ? e.message : String(e)})`);
+      }
+      if (typeof resume?.next !== 'number' || typeof resume.campaign !== 'object') throw new UsageError(`fuzz: the checkpoint '${String(checkpoint)}' is not a campaign summary (no next case)`);
+    }
+  }
   let latest: FuzzSummary | undefined;
   const save = () => latest && checkpoint !== undefined && writeFileSync(String(checkpoint), JSON.stringify({ ...latest, stopped: true }, null, 2) + '\n');
   const onSignal = () => {
@@ -72,6 +86,7 @@ export async function runFuzz(argv: string[], io: Output): Promise<number> {
   const r = await fuzz({
     runner,
     onProgress: checkpoint === undefined ? undefined : (x) => ((latest = x), save()),
+    resume,
     cases,
     seed,
     shard,

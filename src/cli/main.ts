@@ -76,7 +76,7 @@ Commands (options as in qemu-img / qemu-io):
      compat=0.10|1.1, lazy_refcounts=on|off, refcount_bits=N, size=N, data_file=NAME, data_file_raw=off
   dedup [-f qcow2] [-p] [-q] [--output=human|json] FILE
      offline content dedup: identical clusters of the active tree stored once (qledger's own)
-  fuzz [--cases N] [--seed S] [--shard I/N] [--commands info,check,map,read,convert,write] [--timeout MS] [--memory MIB] [--out DIR] [--qemu] [--output=human|json] [--in-process] [--checkpoint FILE] [IMAGE...]
+  fuzz [--cases N] [--seed S] [--shard I/N] [--commands info,check,map,read,convert,write] [--timeout MS] [--memory MIB] [--out DIR] [--qemu] [--output=human|json] [--in-process] [--checkpoint FILE [--resume]] [IMAGE...]
      seeded mutations of images, every command run on each, outcomes counted (qledger's own); exit 2 on a crash, hang, memory or write after error
   dd [-f fmt] [-O raw|qcow2] [-U] [bs=N] [count=N] [skip=N] if=INPUT of=OUTPUT
   measure [--output=human|json] [-O qcow2|raw] [-o OPTIONS] [--size N | [-f fmt] [-l SNAPSHOT] [-U] FILE]

@@ -112,6 +112,13 @@ export class DifferentialTally {
   /** cases where both tools were asked and gave a verdict */
   compared = 0;
 
+  /** A tally carried on from a checkpoint's groups (a resumed campaign). */
+  constructor(from?: { readonly compared: number; readonly groups: readonly DifferentialGroup[] }) {
+    if (!from) return;
+    this.compared = from.compared;
+    for (const g of from.groups) this.groups.set(`${g.command}\0${g.side}\0${g.reason}`, { ...g });
+  }
+
   /** qledger's outcome (`ok`, or refused with `message`) beside QEMU's, for case k. */
   add(k: number, command: ProbeCommand, ours: { ok: boolean; message: string }, theirs: QemuOutcome): void {
     this.compared++;

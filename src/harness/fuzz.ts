@@ -32,7 +32,7 @@
 import { getHeapStatistics } from 'node:v8';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { QledgerError } from '../errors.ts';
+import { QledgerError, UsageError } from '../errors.ts';
 import { putU32, putU64, u32, u64 } from '../format/bytes.ts';
 import { decodeHeader } from '../format/header.ts';
 import { MemoryDevice } from '../io/memory-device.ts';
@@ -71,6 +71,9 @@ export interface FuzzOptions {
   readonly progressEvery?: number | undefined;
   /** where the commands run (default: here, in process; fuzz-worker.ts runs them in a worker thread) */
   readonly runner?: CaseRunner | undefined;
+  /** a checkpoint of this same campaign (seed, cases, shard, commands): its counts carried on and its
+   *  cases not run again, so a campaign cut short goes on where it stopped */
+  readonly resume?: FuzzSummary | undefined;
 }
 
 export interface FuzzFailure {
@@ -95,6 +98,10 @@ export interface FuzzSummary {
   readonly failures: FuzzFailure[];
   /** with `qemu`: where qemu-img/qemu-io and qledger differ on whether info and read work, in groups (for judgment, not failures) */
   readonly differential?: { readonly compared: number; readonly groups: DifferentialGroup[] } | undefined;
+  /** what identifies the campaign, for a resumed one to be checked against */
+  readonly campaign: { readonly cases: number; readonly shard: string; readonly commands: string; readonly qemu: boolean };
+  /** the next case number this shard runs (o.cases or more: the campaign is complete) */
+  readonly next: number;
 }
 
 /** mulberry32: a small seeded generator (the same cases on every machine). */
@@ -358,15 +365,20 @@ export async function fuzz(o: FuzzOptions): Promise<FuzzSummary> {
   const timeoutMs = o.timeoutMs ?? 10_000;
   const memoryBytes = o.memoryBytes ?? 512 << 20;
   const zero = () => Object.fromEntries(FUZZ_CLASSES.map((c) => [c, 0])) as Record<FuzzClass, number>;
-  const classes = zero();
-  const byCommand = Object.fromEntries(FUZZ_COMMANDS.map((c) => [c, zero()])) as Record<FuzzCommand, Record<FuzzClass, number>>;
-  const failures: FuzzFailure[] = [];
   const shard = o.shard ?? { index: 0, count: 1 };
+  const campaign = { cases: o.cases, shard: `${shard.index}/${shard.count}`, commands: commands.join(','), qemu: !!o.qemu };
+  const was = o.resume;
+  if (was && (was.seed !== o.seed || JSON.stringify(was.campaign) !== JSON.stringify(campaign)))
+    throw new UsageError(`fuzz: the checkpoint is of another campaign (seed ${was.seed}, ${JSON.stringify(was.campaign)}; this one: seed ${o.seed}, ${JSON.stringify(campaign)})`);
+  const classes = was ? { ...was.classes } : zero();
+  const byCommand = Object.fromEntries(FUZZ_COMMANDS.map((c) => [c, was ? { ...was.byCommand[c] } : zero()])) as Record<FuzzCommand, Record<FuzzClass, number>>;
+  const failures: FuzzFailure[] = was ? [...was.failures] : [];
   if (o.outDir) mkdirSync(o.outDir, { recursive: true });
-  let runs = 0;
-  let done = 0;
-  const tally = o.qemu ? new DifferentialTally() : undefined;
-  for (let k = shard.index; k < o.cases; k += shard.count) {
+  let runs = was?.runs ?? 0;
+  let done = was?.cases ?? 0;
+  const tally = o.qemu ? new DifferentialTally(was?.differential) : undefined;
+  let k = was?.next ?? shard.index;
+  for (; k < o.cases; k += shard.count) {
     const c = fuzzCase(images, o.seed, k);
     const name = `case-${k}.qcow2`;
     const fail = (command: FuzzCommand, cls: FuzzClass, message: string) => {
@@ -414,14 +426,14 @@ export async function fuzz(o: FuzzOptions): Promise<FuzzSummary> {
     }
     o.onCase?.(k);
     done++;
-    if (o.onProgress && done % (o.progressEvery ?? 1000) === 0) o.onProgress(summary(done));
+    if (o.onProgress && done % (o.progressEvery ?? 1000) === 0) o.onProgress(summary(done, k + shard.count));
   }
-  return summary(done);
+  return summary(done, k);
 
-  function summary(cases: number): FuzzSummary {
-    const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
+  function summary(cases: number, next: number): FuzzSummary {
+    const seconds = (was?.seconds ?? 0) + Number(process.hrtime.bigint() - t0) / 1e9;
     // copies: a progress summary must not change under its reader
     const byCmd = Object.fromEntries(Object.entries(byCommand).map(([c, x]) => [c, { ...x }])) as Record<FuzzCommand, Record<FuzzClass, number>>;
-    return { seed: o.seed, cases, runs, seconds, casesPerSecond: cases / seconds, classes: { ...classes }, byCommand: byCmd, failures: [...failures], ...(tally ? { differential: { compared: tally.compared, groups: tally.list() } } : {}) };
+    return { seed: o.seed, cases, runs, seconds, casesPerSecond: cases / seconds, classes: { ...classes }, byCommand: byCmd, failures: [...failures], ...(tally ? { differential: { compared: tally.compared, groups: tally.list() } } : {}), campaign, next };
   }
 }
