@@ -63,6 +63,8 @@ const DAMAGES: Record<string, Damage> = {
     putU32(b, L.l1, u32(b, L.l1) & 0x7fff_ffff);
     putU32(b, L.l2 + 32, u32(b, L.l2 + 32) & 0x7fff_ffff);
   },
+  // the counting walk's COPIED marks must send the check to its full COPIED walk, in QEMU's words
+  'COPIED set on a data cluster a snapshot shares': (b, L) => putU32(b, L.l2, u32(b, L.l2) | 0x8000_0000),
   'L1 entry pointing at the L1 table': (b, L) => setEntry(b, L.l1 + 8, L.l1, true),
   'refcount table entry pointing into the header': (b, L) => putU64(b, L.reftable + 8, 0x200),
   'refcount too high on the L2 table': (b, L) => setRefcount16(b, L, L.l2 / CS, 3),

@@ -19,7 +19,7 @@ import { readAt, readClusters, type BlockDevice } from '../../io/device.ts';
 import { geometryOf, type Geometry, type ParsedHeader } from '../../format/header.ts';
 import { u32 } from '../../format/bytes.ts';
 import { AUTOCLEAR_BITMAPS, INCOMPAT_DATA_FILE } from '../../format/features.ts';
-import { compressedDescriptor, isCompressed, isCopied, readL2Entry, standardOffset, type RawL2Entry, L2E_COPIED_HI, L2E_STD_RESERVED_HI, L2E_STD_RESERVED_LO } from '../../format/l2.ts';
+import { compressedDescriptor, isCompressed, isCopied, readL2Entry, standardOffset, type RawL2Entry, L2E_COMPRESSED_HI, L2E_COPIED_HI, L2E_OFFSET_MASK_HI, L2E_OFFSET_MASK_LO, L2E_STD_RESERVED_HI, L2E_STD_RESERVED_LO } from '../../format/l2.ts';
 import { entryOffset, l1ReservedBits } from '../../format/l1.ts';
 import { refcountTableEntry, maxRefcount } from '../../format/refcount.ts';
 import { decodeBitmapDirectory } from '../../format/bitmaps.ts';
@@ -88,6 +88,19 @@ export class Counts {
     a[i] = max;
     return n - Math.max(0, room);
   }
+  /** The counters of clusters [first, first + n) into out[0, n) (zeros where none were counted): a block at a time for the comparison. */
+  copyRange(first: number, n: number, out: Uint32Array): void {
+    for (let c = first; c < first + n; ) {
+      const k = Math.floor(c / COUNTS_CHUNK);
+      const i = c - k * COUNTS_CHUNK;
+      const take = Math.min(first + n - c, COUNTS_CHUNK - i);
+      const a = this.chunks.get(k);
+      const have = a ? Math.max(0, Math.min(take, a.length - i)) : 0;
+      if (have) out.set(a!.subarray(i, i + have), c - first);
+      out.fill(0, c - first + have, c - first + take);
+      c += take;
+    }
+  }
   add(c: ClusterIndex, d: number): void {
     const k = Math.floor(c / COUNTS_CHUNK);
     const i = c % COUNTS_CHUNK;
@@ -114,6 +127,15 @@ export interface Analysis {
   readonly countedBlocks: ClusterIndex[];
   /** active L2 tables as read, kept (up to BATCH_BYTES) for the COPIED check */
   readonly activeTables: Map<number, Uint8Array>;
+  /**
+   * For the COPIED check without a second walk of the active tables: per cluster, bit 1 when an
+   * active L2 entry names it with COPIED set, bit 2 when one names it without (undefined: not kept,
+   * a data file or too many clusters). `copiedSlow`: an entry fell outside the marks. The comparison
+   * then sets `copiedClean` when every marked cluster's stored refcount agrees with its entries.
+   */
+  readonly copiedMarks: Uint8Array | undefined;
+  copiedSlow: boolean;
+  copiedClean: boolean;
   /** cluster -> stored refcount, for clusters whose stored value differs */
   readonly mismatches: Array<{ cluster: number; stored: number; counted: number; /** the stored value exactly, when a number rounds it */ storedText?: string | undefined }>;
 }
@@ -131,6 +153,8 @@ interface TableWalk {
   allocated: number;
   compressed: number;
   fragmented: number;
+  /** its entries' COPIED flags went into the analysis's copiedMarks */
+  readonly marked: boolean;
 }
 
 export interface Image {
@@ -151,6 +175,8 @@ export interface Image {
 
 /** Tables read per batch: bounds memory whatever the image claims. */
 export const BATCH_BYTES = 64 * 1024 * 1024;
+/** Up to this many clusters in the file (a byte each), the counting walk keeps the COPIED marks. */
+const MAX_COPIED_MARKS = 64 * 1024 * 1024;
 
 /** The indices of an L1 table's entries that are not zero, in L1 order (4 bytes each, whatever the table holds). */
 export function l1Used(l1: Uint8Array, count: number): Uint32Array {
@@ -209,6 +235,9 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
     validBlocks: new Map(),
     countedBlocks: [],
     activeTables: new Map(),
+    copiedMarks: hasDataFile || Math.ceil(fileSize / cs) > MAX_COPIED_MARKS ? undefined : new Uint8Array(Math.ceil(fileSize / cs)),
+    copiedSlow: false,
+    copiedClean: false,
     mismatches: [],
   };
   const corrupt = (message: string, offset?: number) => {
@@ -267,8 +296,9 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
   /** One walk of an L2 table: what it references and what is wrong in it, counted nowhere yet. */
   // at most one whole cluster per entry (an extended entry's is 16 bytes: fewer)
   const scratch = new Float64Array(cs / 8);
-  const walkL2 = (table: Uint8Array, l2Offset: number): TableWalk => {
-    const w: TableWalk = { findings: [], clusters: scratch, nClusters: 0, ranges: [], allocated: 0, compressed: 0, fragmented: 0 };
+  const plain = !g.extendedL2 && !hasDataFile;
+  const walkL2 = (table: Uint8Array, l2Offset: number, marks: Uint8Array | undefined): TableWalk => {
+    const w: TableWalk = { findings: [], clusters: scratch, nClusters: 0, ranges: [], allocated: 0, compressed: 0, fragmented: 0, marked: marks !== undefined };
     const bad = (message: string, offset: number) => w.findings.push({ message, offset });
     // the reference a counting pass makes, kept for apply(); one past the end is reported at each reference
     const ref = (offset: number, size: number, exact?: bigint) => {
@@ -279,6 +309,27 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
     };
     let next = 0;
     for (let j = 0; j < g.l2Entries; j++) {
+      if (plain) {
+        // the common entries first, as the general path below judges them: unallocated, or a
+        // standard entry without reserved bits naming one whole aligned cluster inside the file
+        const hi = u32(table, j * 8);
+        const lo = u32(table, j * 8 + 4);
+        if ((hi | lo) === 0) continue;
+        const off = (hi & L2E_OFFSET_MASK_HI) * 2 ** 32 + ((lo & L2E_OFFSET_MASK_LO) >>> 0);
+        if ((hi & (L2E_COMPRESSED_HI | L2E_STD_RESERVED_HI)) === 0 && (lo & L2E_STD_RESERVED_LO) === 0 && off !== 0 && off % cs === 0 && off + cs <= fileSize) {
+          const c = off / cs;
+          if (marks) {
+            if (c < marks.length) marks[c]! |= hi & L2E_COPIED_HI ? 1 : 2;
+            else a.copiedSlow = true;
+          }
+          w.allocated++;
+          if (next && off !== next) w.fragmented++;
+          next = off + cs;
+          if (c + 1 > a.nbClusters) a.nbClusters = c + 1;
+          w.clusters[w.nClusters++] = c;
+          continue;
+        }
+      }
       readL2Entry(table, j, g, e);
       // the common case first: an unallocated entry (a table read past the end of the file is all of them)
       if ((e.hi | e.lo) === 0 && (!g.extendedL2 || (e.bitmapLo | e.bitmapHi) === 0)) continue;
@@ -319,6 +370,11 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
         const containsData = g.extendedL2 ? (e.bitmapLo >>> 0) !== 0 : (e.lo & 1) === 0;
         // QEMU reports it and still counts the (misaligned) range it names
         bad(`ERROR offset=${hexDigits(off)}: ${containsData ? 'Data' : 'Preallocated'} cluster is not properly aligned; L2 entry corrupted. (L2 table at 0x${hexDigits(l2Offset)}, index ${j})`, off);
+      }
+      if (marks) {
+        const c = Math.floor(off / cs);
+        if (c < marks.length) marks[c]! |= isCopied(e) ? 1 : 2;
+        else a.copiedSlow = true;
       }
       w.allocated++;
       if (next && off !== next) w.fragmented++;
@@ -371,12 +427,13 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
         if (l2 % cs !== 0) corrupt(`ERROR l2_offset=${hexDigits(l2)}: Table is not cluster aligned; L1 entry corrupted (L1 index ${i})`, l2);
         let w = walked.get(l2);
         if (!w) {
-          w = walkL2(aligned.get(l2) ?? (await readAt(dev, l2, cs)), l2);
+          w = walkL2(aligned.get(l2) ?? (await readAt(dev, l2, cs)), l2, frag ? a.copiedMarks : undefined);
           apply(w, remaining.get(l2) ?? 1);
           // counted for every reference: only the findings are kept for the later ones
           w.nClusters = 0;
           w.ranges.length = 0;
         }
+        else if (frag && !w.marked) a.copiedSlow = true;
         for (const f of w.findings) corrupt(f.message, f.offset);
         if (frag) {
           a.allocated += w.allocated;

@@ -29,6 +29,10 @@ export async function compare(img: Image, a: Analysis, stored: Stored, repair: R
   const cs = img.g.clusterSize;
   const E = img.g.refcountBlockEntries;
   const order = img.g.refcountOrder;
+  const counted = new Uint32Array(Math.min(E, a.nbClusters));
+  // the COPIED verdict from the counting walk's marks: only for a check that changes nothing here
+  const marks = repair === undefined && !a.copiedSlow ? a.copiedMarks : undefined;
+  let clean = marks !== undefined && marks.length <= a.nbClusters;
   for (let base = 0; base < a.nbClusters; base += E) {
     const block = stored.block(base / E);
     const end = Math.min(a.nbClusters, base + E);
@@ -38,15 +42,27 @@ export async function compare(img: Image, a: Analysis, stored: Stored, repair: R
       a.checkErrors += end - base;
       continue;
     }
+    a.counts.copyRange(base, end - base, counted);
     for (let c = base; c < end; c++) {
-      const s = block ? getRefcount(block, c - base, order) : 0;
-      const n = a.counts.get(cluster(c));
+      const i = c - base;
+      // 16-bit refcounts (the default) decoded here, the others through getRefcount
+      const s = !block ? 0 : order === 4 ? (block[2 * i]! << 8) | block[2 * i + 1]! : getRefcount(block, i, order);
+      const n = counted[i]!;
+      if (clean && c < marks!.length) {
+        const m = marks![c]!;
+        // an entry with COPIED on a cluster whose refcount is not 1, or one without it on a cluster whose refcount is
+        if (m && (s === 1 ? m & 2 : m & 1)) clean = false;
+      }
+      if (s === n) {
+        if (s > 0) a.highest = c;
+        continue;
+      }
       if (s > 0 || n > 0) a.highest = c;
-      if (s === n) continue;
       a.mismatches.push({ cluster: c, stored: s, counted: n, storedText: order === 6 && s > Number.MAX_SAFE_INTEGER ? refcountText(block!, c - base, order) : undefined });
       if (s === 0) a.rebuild = true;
     }
   }
+  a.copiedClean = clean;
   const fixing = repair !== undefined && !a.rebuild;
   for (const { cluster: c, stored: s, counted: n, storedText } of a.mismatches) {
     const fix = fixing && ((s > n && repair !== undefined) || (s < n && repair === 'all')) ? (s > n ? 'leak' : 'corruption') : undefined;
@@ -83,10 +99,11 @@ export async function checkCopied(img: Image, a: Analysis, stored: Stored, repai
     const batch = Array.from(used.subarray(b, b + perBatch), (i) => l1Entry(l1, i));
     // a table past the end of the file reads as zeros there, as QEMU's file driver reads it (a repair writes only inside the file)
     const wanted = batch.filter((x) => x.l2 % cs === 0 && (!repair || x.l2 + cs <= fileSize)).map((x) => x.l2);
-    const tables = await readClusters(dev, wanted.filter((o) => !a.activeTables.has(o) && !judged.has(o)), cs);
+    // the counting walk's marks found every data entry's COPIED flag right: no table read again
+    const tables = a.copiedClean ? new Map<number, Uint8Array>() : await readClusters(dev, wanted.filter((o) => !a.activeTables.has(o) && !judged.has(o)), cs);
     // QEMU reads a table at an unaligned offset too (its entries judged as any others); a repair
     // would write it there, over other metadata, which QEMU's overlap check refuses: not repaired here
-    if (!repair) for (const x of batch) if (x.l2 % cs !== 0 && !tables.has(x.l2) && !judged.has(x.l2)) tables.set(x.l2, await readAt(dev, x.l2, cs));
+    if (!repair && !a.copiedClean) for (const x of batch) if (x.l2 % cs !== 0 && !tables.has(x.l2) && !judged.has(x.l2)) tables.set(x.l2, await readAt(dev, x.l2, cs));
     for (const o of wanted) if (a.activeTables.has(o)) tables.set(o, a.activeTables.get(o)!);
     for (const { i, hi, lo, l2 } of batch) {
       const rc = stored.get(Math.floor(l2 / cs));
@@ -118,7 +135,7 @@ export async function checkCopied(img: Image, a: Analysis, stored: Stored, repai
         if (!left) judged.delete(l2);
         continue;
       }
-      const t0 = tables.get(l2);
+      const t0 = a.copiedClean ? undefined : tables.get(l2);
       if (!t0) continue;
       // repairing: read it again, an L1 repair above may have written into it
       const t = repair ? await readAt(dev, l2, cs) : t0;

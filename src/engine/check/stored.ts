@@ -104,10 +104,18 @@ export class Stored {
   get(cluster: number): number | undefined {
     const g = this.img.g;
     const rt = Math.floor(cluster / g.refcountBlockEntries);
-    if (this.unreadableBlocks.has(rt) || this.unreadableLate(rt)) return undefined;
-    const b = this.blocks.get(rt);
-    return b ? getRefcount(b, cluster % g.refcountBlockEntries, g.refcountOrder) : 0;
+    // the last readable block's index first: the COPIED check asks about clusters in file order
+    if (rt !== this.lastRt) {
+      if (this.unreadableBlocks.has(rt) || this.unreadableLate(rt)) return undefined;
+      this.lastRt = rt;
+      this.lastBlock = this.blocks.get(rt);
+    }
+    const b = this.lastBlock;
+    return b ? getRefcount(b, cluster - rt * g.refcountBlockEntries, g.refcountOrder) : 0;
   }
+  // a readable block's index and its block (none: it reads as zeros); neither changes once known
+  private lastRt = -1;
+  private lastBlock: Uint8Array | undefined;
   /** The stored refcount of a cluster in decimal, exactly (for messages); undefined as `get`. */
   text(cluster: number): string | undefined {
     const g = this.img.g;
