@@ -6,6 +6,22 @@ import {
   decodeSnapshotTable, encodeSnapshotTable, type SnapshotEntry,
 } from '../src/format/index.ts';
 import { zstdFrameEnd } from '../src/engine/compress.ts';
+import { u64big } from '../src/format/bytes.ts';
+
+describe('64-bit fields', () => {
+  it('putU64 writes a number as its BigInt would be written (the fast path for safe integers, two\'s complement for negatives)', () => {
+    fc.assert(
+      fc.property(fc.oneof(fc.maxSafeNat(), fc.integer({ min: -(2 ** 31), max: 2 ** 32 }), fc.constantFrom(0, 2 ** 32 - 1, 2 ** 32, 2 ** 53 - 1, -1)), (v) => {
+        const a = new Uint8Array(8);
+        putU64(a, 0, v);
+        expect(u64big(a, 0)).toBe(BigInt.asUintN(64, BigInt(v)));
+        const b = new Uint8Array(8);
+        putU64(b, 0, BigInt(v));
+        expect(b).toEqual(a);
+      }),
+    );
+  });
+});
 
 describe('refcount blocks', () => {
   for (let order = 0; order <= 6; order++) {

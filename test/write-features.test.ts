@@ -95,6 +95,31 @@ describe.skipIf(!qemuAvailable)('header bits', () => {
     expect(check(f).status).toBe(0);
   });
 
+  it('a zero write over whole tables is one l2s record per table (seed 001: batched L2 updates); an unmapping one keeps each entry before its reference is dropped', async () => {
+    const f = join(dir, 'batched.qcow2');
+    await Image.create(f, { size: 8 << 20, clusterSize: 4096 });
+    const img0 = await Image.open(f, { write: true });
+    await img0.write(0, new Uint8Array(6 << 20).fill(9));
+    await img0.close();
+    const trace: TraceEvent[] = [];
+    const img = await Image.open(f, { write: true, trace });
+    // 4 KiB clusters: 512 entries, 2 MiB, per table; [1 MiB, 5 MiB) touches three tables
+    await img.writeZeroes(1 << 20, 4 << 20);
+    const recs = trace.flatMap((e) => (e.type === 'record' && (e.record.kind === 'l2' || e.record.kind === 'l2s') ? [e.record] : []));
+    expect(recs.map((r) => (r.kind === 'l2s' ? r.index.length : 1))).toEqual([256, 512, 256]);
+    trace.length = 0;
+    await img.writeZeroes(0, 1 << 20, { unmap: true });
+    const kinds = trace.flatMap((e) => (e.type === 'record' && /^(l2|refcount)/.test(e.record.kind) ? [e.record.kind] : []));
+    expect(kinds.filter((k) => k === 'l2s')).toEqual([]);
+    expect(kinds.filter((k) => k === 'l2').length).toBe(256);
+    // each entry's record comes before its cluster's reference is dropped
+    expect(kinds[0]).toBe('l2');
+    await img.close();
+    expect(check(f).status).toBe(0);
+    expect(qemuIo(f, ['read -P 0 0 5M', 'read -P 9 5M 1M', 'read -P 0 6M 2M'])).not.toContain('Pattern verification failed');
+    expect(qemuImg(['map', '--output=json', f])).toContain('"zero": true');
+  });
+
   it('COPIED flags are right after copy-on-write of snapshot-shared clusters (qemu-img check counts them)', async () => {
     const f = join(dir, 'copied.qcow2');
     qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', f, '4M']);

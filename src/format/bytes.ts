@@ -74,6 +74,12 @@ export function putU32(b: Uint8Array, off: number, v: number): void {
 }
 
 export function putU64(b: Uint8Array, off: number, v: number | bigint): void {
+  // a non-negative safe integer (every offset, index and count) without a BigInt: the journal's encoder writes millions
+  if (typeof v === 'number' && v >= 0 && v <= Number.MAX_SAFE_INTEGER && Number.isInteger(v)) {
+    putU32(b, off, Math.floor(v / 4294967296));
+    putU32(b, off + 4, v >>> 0);
+    return;
+  }
   const big = BigInt(v);
   putU32(b, off, Number((big >> 32n) & 0xffff_ffffn));
   putU32(b, off + 4, Number(big & 0xffff_ffffn));

@@ -159,27 +159,36 @@ export function encodeRecordInto(r: JournalRecord, b: Uint8Array, off: number): 
     case 'unjournalled':
       putU64(b, off + 8, r.records);
       break;
-    case 'refcounts':
+    case 'refcounts': {
       putU32(b, off + 4, r.index.length);
       putU64(b, off + 8, r.rt);
-      for (let k = 0, o = off + 16; k < r.index.length; k++, o += 24) {
-        putU64(b, o, r.index[k]!);
-        putU64(b, o + 8, r.old[k]!);
-        putU64(b, o + 16, r.new[k]!);
+      // a batch has up to a block's entries: one DataView, the arrays in locals
+      const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
+      const { index, old, new: next } = r;
+      for (let k = 0, o = off + 16; k < index.length; k++, o += 24) {
+        // an index is under 2^32; a refcount may be up to 2^64 - 1, stored as a number
+        dv.setUint32(o + 4, index[k]!);
+        putU64(b, o + 8, old[k]!);
+        putU64(b, o + 16, next[k]!);
       }
       break;
-    case 'l2s':
+    }
+    case 'l2s': {
       putU32(b, off + 4, r.index.length);
       putU32(b, off + 8, r.l1Index);
       putU64(b, off + 16, r.table);
-      for (let k = 0, o = off + 24; k < r.index.length; k++, o += 40) {
-        putU64(b, o, r.index[k]!);
+      const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
+      const { index, old, new: next } = r;
+      for (let k = 0, o = off + 24; k < index.length; k++, o += 40) {
+        // the index's high word stays zero (the buffer was zeroed above)
+        dv.setUint32(o + 4, index[k]!);
         for (let x = 0; x < 4; x++) {
-          putU32(b, o + 8 + x * 4, r.old[k * 4 + x]!);
-          putU32(b, o + 24 + x * 4, r.new[k * 4 + x]!);
+          dv.setUint32(o + 8 + x * 4, old[k * 4 + x]!);
+          dv.setUint32(o + 24 + x * 4, next[k * 4 + x]!);
         }
       }
       break;
+    }
   }
   return n;
 }

@@ -151,14 +151,23 @@ export class Mapping {
       }
       await this.l2ForWrite(l1Index);
       const table = t.l1TableOffset(l1Index);
-      for (; c < to; c = guest(c + cs)) {
-        const index = l2IndexOf(g, c);
-        const entry = this.entry(l1Index, index);
-        if (o.validate !== false) await this.validate(entry, table, index, c);
-        const change = await visit({ l1Index, index, guest: c, table, entry });
-        if (!change || sameL2Entry(entry, change.next)) continue;
-        this.set({ l1Index, index }, table, entry, change.next);
-        if (change.unref) await this.unref(entry, { l1Index, index });
+      const batch = new EntryBatch(this.ctx, l1Index, table, Math.ceil((to - c) / cs));
+      try {
+        for (; c < to; c = guest(c + cs)) {
+          const index = l2IndexOf(g, c);
+          const entry = this.entry(l1Index, index);
+          if (o.validate !== false) await this.validate(entry, table, index, c);
+          const change = await visit({ l1Index, index, guest: c, table, entry });
+          if (!change || sameL2Entry(entry, change.next)) continue;
+          batch.add(index, entry, change.next);
+          if (!change.unref) continue;
+          // the reference goes after its entry's record, as it always has (and before the next entry is looked at)
+          batch.emit();
+          await this.unref(entry, { l1Index, index });
+        }
+      } finally {
+        // what was changed before a refused entry stays changed, as if recorded one by one
+        batch.emit();
       }
     }
   }
@@ -166,5 +175,55 @@ export class Mapping {
   /** The entry maps a (standard) host cluster: an offset, or with an external data file COPIED at offset 0. */
   static hasHostCluster(e: L2Entry, hasDataFile: boolean): boolean {
     return !isCompressed(e) && (standardOffset(e) !== 0 || (hasDataFile && isCopied(e)));
+  }
+}
+
+/**
+ * The changes a span walk makes to one table, emitted as one 'l2s' record
+ * (one 'l2' when there is one change): a 1 GiB zero write with 64 KiB clusters is 2 records, not
+ * 16,384, for the state, the journal's stream and its encoder alike.
+ */
+class EntryBatch {
+  private n = 0;
+  private index: Uint32Array;
+  private old: Uint32Array;
+  private next: Uint32Array;
+  private first: { index: number; old: L2Entry; next: L2Entry } | undefined;
+  constructor(
+    private readonly ctx: WriteContext,
+    private readonly l1Index: number,
+    private readonly table: HostOffset,
+    capacity: number,
+  ) {
+    this.index = new Uint32Array(capacity);
+    this.old = new Uint32Array(capacity * 4);
+    this.next = new Uint32Array(capacity * 4);
+  }
+  add(index: number, old: L2Entry, next: L2Entry): void {
+    if (this.n === 0) this.first = { index, old, next };
+    const k = this.n++;
+    this.index[k] = index;
+    const o = this.old;
+    const x = this.next;
+    o[k * 4] = old.hi;
+    o[k * 4 + 1] = old.lo;
+    o[k * 4 + 2] = old.bitmapHi;
+    o[k * 4 + 3] = old.bitmapLo;
+    x[k * 4] = next.hi;
+    x[k * 4 + 1] = next.lo;
+    x[k * 4 + 2] = next.bitmapHi;
+    x[k * 4 + 3] = next.bitmapLo;
+  }
+  emit(): void {
+    const n = this.n;
+    if (n === 0) return;
+    this.n = 0;
+    if (n === 1) {
+      const f = this.first!;
+      this.ctx.emit({ kind: 'l2', l1Index: this.l1Index, table: this.table, index: f.index, old: f.old, new: f.next });
+      return;
+    }
+    // the record keeps its arrays: copies, the batch goes on with its own
+    this.ctx.emit({ kind: 'l2s', l1Index: this.l1Index, table: this.table, index: this.index.slice(0, n), old: this.old.slice(0, n * 4), new: this.next.slice(0, n * 4) });
   }
 }
