@@ -102,7 +102,8 @@ describe('qledger fuzz', () => {
     // seed 7 case 2243: a 64-bit refcount of 2^63 and compressed offsets above 2^53 (printed exactly), an L2 table past the end of the file (read as zeros)
     // seed 20261202 case 2993: a bitmap table just past the end of the file (counted there: refcount 0, one reference)
     // seed 20261216 case 90090: an L2 table far past the end of the file whose refcount lies under an unaligned refcount-table entry past the file (QEMU's lookup fails there: no COPIED finding, its corruption signal printed)
-    for (const [seed, k] of [[2, 189], [7, 231], [7, 2243], [20261202, 2993], [20261202, 7976], [20261216, 90090]] as const) {
+    // seed 20261216 case 227267: an L1 entry naming a table past the file whose refcount block lies inside the file but past the file's clusters' blocks (QEMU reads it: refcount 1, a COPIED finding)
+    for (const [seed, k] of [[2, 189], [7, 231], [7, 2243], [20261202, 2993], [20261202, 7976], [20261216, 90090], [20261216, 227267]] as const) {
       const f = join(dir, `regression-${seed}-${k}.qcow2`);
       writeFileSync(f, fuzzCase(images, seed, k).bytes);
       const q = spawnSync('qemu-img', ['check', f], { encoding: 'utf8' });

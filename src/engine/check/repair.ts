@@ -95,6 +95,8 @@ export async function checkCopied(img: Image, a: Analysis, stored: Stored, repai
   const refs = repeated(Float64Array.from(used, (i) => l1Entry(l1, i).l2));
   const judged = new Map<number, CheckFinding[]>();
   const l1End = h.l1TableOffset + h.l1Size * 8;
+  // clusters from here on lie past what the stored refcounts' load covered: their blocks are read on demand
+  const pastLoaded = Math.ceil(a.nbClusters / g.refcountBlockEntries) * g.refcountBlockEntries * cs;
   for (let b = 0; b < used.length; b += perBatch) {
     const batch = Array.from(used.subarray(b, b + perBatch), (i) => l1Entry(l1, i));
     // a table past the end of the file reads as zeros there, as QEMU's file driver reads it (a repair writes only inside the file)
@@ -106,6 +108,7 @@ export async function checkCopied(img: Image, a: Analysis, stored: Stored, repai
     if (!repair && !a.copiedClean) for (const x of batch) if (x.l2 % cs !== 0 && !tables.has(x.l2) && !judged.has(x.l2)) tables.set(x.l2, await readAt(dev, x.l2, cs));
     for (const o of wanted) if (a.activeTables.has(o)) tables.set(o, a.activeTables.get(o)!);
     for (const { i, hi, lo, l2 } of batch) {
+      if (l2 >= pastLoaded) await stored.ensure(Math.floor(l2 / cs));
       const rc = stored.get(Math.floor(l2 / cs));
       // an unreadable refcount: QEMU skips the entry (its corruption signal printed, the first time)
       if (rc === undefined) {
@@ -146,6 +149,7 @@ export async function checkCopied(img: Image, a: Analysis, stored: Stored, repai
         if (isCompressed(e)) continue;
         const off = standardOffset(e);
         if (off === 0 && !(hasDataFile && isCopied(e))) continue;
+        if (!hasDataFile && off >= pastLoaded) await stored.ensure(Math.floor(off / cs));
         const rc2 = hasDataFile ? 1 : stored.get(Math.floor(off / cs));
         if (rc2 === undefined) continue;
         if ((rc2 === 1) !== isCopied(e)) {

@@ -5,7 +5,7 @@
  */
 
 import { hexDigits } from '../../errors.ts';
-import { readClusters } from '../../io/device.ts';
+import { readAt, readClusters } from '../../io/device.ts';
 import { getRefcount, setRefcount, refcountTableEntry, maxRefcount, refcountText } from '../../format/refcount.ts';
 import type { Image } from './count.ts';
 
@@ -15,6 +15,9 @@ import type { Image } from './count.ts';
  * and qemu-img reports each cluster it covers as a check error.
  */
 export const BLOCK_LAYER_MAX = 2 ** 63 - 2 ** 30;
+
+/** Refcount blocks past the file kept at once for COPIED lookups (QEMU's refcount cache is of the same order). */
+const LATE_BLOCKS = 64;
 
 /**
  * Stored refcounts, read through the refcount table the way QEMU's
@@ -28,6 +31,8 @@ export const BLOCK_LAYER_MAX = 2 ** 63 - 2 ** 30;
  */
 export class Stored {
   private readonly blocks = new Map<number, Uint8Array>();
+  /** blocks `ensure` read for clusters past the file (at most LATE_BLOCKS, the oldest dropped first) */
+  private readonly late = new Map<number, Uint8Array>();
   private readonly unreadableBlocks = new Set<number>();
   constructor(
     private readonly img: Image,
@@ -64,6 +69,25 @@ export class Stored {
     // a private copy per block: two entries may name the same cluster
     for (const [rt, off] of want) this.blocks.set(rt, got.get(off)!.slice());
   }
+  /**
+   * Before `get` or `text` of a cluster past the clusters `load` covered
+   * (an L1 or L2 entry naming a cluster past the file): read its block as
+   * QEMU's qcow2_get_refcount reads any block the table names, inside the
+   * file or past it (zeros there). Kept in a small cache: a hostile image
+   * can name a block for every entry.
+   */
+  async ensure(cluster: number): Promise<void> {
+    const { g, dev } = this.img;
+    const rt = Math.floor(cluster / g.refcountBlockEntries);
+    if (this.blocks.has(rt) || this.late.has(rt) || this.unreadableBlocks.has(rt)) return;
+    const off = this.entry(rt);
+    // none, or one `get` judges unreadable
+    if (!off || !this.readable(off)) return;
+    const b = await readAt(dev, off, g.clusterSize);
+    if (this.late.size >= LATE_BLOCKS) this.late.delete(this.late.keys().next().value!);
+    this.late.set(rt, b);
+    if (rt === this.lastRt) this.lastRt = -1;
+  }
   /** The loaded refcount block of refcount-table index `rt`, if any. */
   block(rt: number): Uint8Array | undefined {
     return this.blocks.get(rt);
@@ -75,7 +99,7 @@ export class Stored {
    * signal printed, if no other was, at that moment.
    */
   private unreadableLate(rt: number): boolean {
-    if (this.blocks.has(rt)) return false;
+    if (this.blocks.has(rt) || this.late.has(rt)) return false;
     const off = this.entry(rt);
     if (!off || this.readable(off)) return false;
     this.unreadableBlocks.add(rt);
@@ -108,7 +132,7 @@ export class Stored {
     if (rt !== this.lastRt) {
       if (this.unreadableBlocks.has(rt) || this.unreadableLate(rt)) return undefined;
       this.lastRt = rt;
-      this.lastBlock = this.blocks.get(rt);
+      this.lastBlock = this.blocks.get(rt) ?? this.late.get(rt);
     }
     const b = this.lastBlock;
     return b ? getRefcount(b, cluster - rt * g.refcountBlockEntries, g.refcountOrder) : 0;
@@ -121,7 +145,7 @@ export class Stored {
     const g = this.img.g;
     const rt = Math.floor(cluster / g.refcountBlockEntries);
     if (this.unreadableBlocks.has(rt) || this.unreadableLate(rt)) return undefined;
-    const b = this.blocks.get(rt);
+    const b = this.blocks.get(rt) ?? this.late.get(rt);
     return b ? refcountText(b, cluster % g.refcountBlockEntries, g.refcountOrder) : '0';
   }
   /** Change a stored refcount on disk (its block must exist inside the file). */
