@@ -101,12 +101,14 @@ export async function checkCopied(img: Image, a: Analysis, stored: Stored, repai
     const batch = Array.from(used.subarray(b, b + perBatch), (i) => l1Entry(l1, i));
     // a table past the end of the file reads as zeros there, as QEMU's file driver reads it (a repair writes only inside the file)
     const wanted = batch.filter((x) => x.l2 % cs === 0 && (!repair || x.l2 + cs <= fileSize)).map((x) => x.l2);
-    // the counting walk's marks found every data entry's COPIED flag right: no table read again
+    // the counting walk's marks found every data entry's COPIED flag right: no table is looked at again
     const tables = a.copiedClean ? new Map<number, Uint8Array>() : await readClusters(dev, wanted.filter((o) => !a.activeTables.has(o) && !judged.has(o)), cs);
-    // QEMU reads a table at an unaligned offset too (its entries judged as any others); a repair
-    // would write it there, over other metadata, which QEMU's overlap check refuses: not repaired here
-    if (!repair && !a.copiedClean) for (const x of batch) if (x.l2 % cs !== 0 && !tables.has(x.l2) && !judged.has(x.l2)) tables.set(x.l2, await readAt(dev, x.l2, cs));
-    for (const o of wanted) if (a.activeTables.has(o)) tables.set(o, a.activeTables.get(o)!);
+    if (!a.copiedClean) {
+      // QEMU reads a table at an unaligned offset too (its entries judged as any others); a repair
+      // would write it there, over other metadata, which QEMU's overlap check refuses: not repaired here
+      if (!repair) for (const x of batch) if (x.l2 % cs !== 0 && !tables.has(x.l2) && !judged.has(x.l2)) tables.set(x.l2, await readAt(dev, x.l2, cs));
+      for (const o of wanted) if (a.activeTables.has(o)) tables.set(o, a.activeTables.get(o)!);
+    }
     for (const { i, hi, lo, l2 } of batch) {
       if (l2 >= pastLoaded) await stored.ensure(Math.floor(l2 / cs));
       const rc = stored.get(Math.floor(l2 / cs));
@@ -138,7 +140,7 @@ export async function checkCopied(img: Image, a: Analysis, stored: Stored, repai
         if (!left) judged.delete(l2);
         continue;
       }
-      const t0 = a.copiedClean ? undefined : tables.get(l2);
+      const t0 = tables.get(l2);
       if (!t0) continue;
       // repairing: read it again, an L1 repair above may have written into it
       const t = repair ? await readAt(dev, l2, cs) : t0;
