@@ -45,12 +45,12 @@ export class CompressedWriter {
     }
   }
 
-  /** @param pre the cluster's compressed stream made already (compress-pool.ts; undefined inside: it did not get smaller) */
   /** the image's compression type */
   get type(): number {
     return this.compressionType;
   }
 
+  /** @param pre the cluster's compressed stream made already (compress-pool.ts; undefined inside: it did not get smaller) */
   async writeCluster(guestOff: GuestOffset, piece: Uint8Array, pre?: { readonly z: Uint8Array | undefined }): Promise<void> {
     const ctx = this.ctx;
     const g = ctx.geometry;
