@@ -16,6 +16,7 @@ import { Image } from '../src/engine/image.ts';
 import { IoError } from '../src/errors.ts';
 import { createHash } from 'node:crypto';
 import type { MetaState } from '../src/state/state.ts';
+import { uninitialized, zeroedIoBuffer } from '../src/format/bytes.ts';
 import { formatMapJson, streamMapJson, type MapEntry } from '../src/engine/map.ts';
 
 const runs = Number(process.env['QLEDGER_PROPERTY_RUNS'] ?? 100);
@@ -148,6 +149,41 @@ describe('reads in concurrent pieces', () => {
     await img.readInto(part, 1234);
     expect(Buffer.compare(part, model.subarray(1234, 1234 + part.length))).toBe(0);
     await img.close();
+  });
+
+  it('a long read into fresh zero pages (zero runs skipped) still reads zero clusters over backing data, and zeros past a shorter backing file', async () => {
+    const d = tmp();
+    const base = join(d, 'base.qcow2');
+    const top = join(d, 'top.qcow2');
+    const mib = 1 << 20;
+    await Image.create(base, { size: 64 * mib });
+    const b = await Image.open(base, { write: true });
+    await b.write(0, new Uint8Array(64 * mib).fill(0xaa));
+    await b.close();
+    await Image.create(top, { size: 72 * mib, backingFile: 'base.qcow2', backingFormat: 'qcow2' });
+    const t = await Image.open(top, { write: true });
+    await t.writeZeroes(mib, mib);
+    await t.write(3 * mib, new Uint8Array(mib).fill(0x55));
+    await t.close();
+    const model = new Uint8Array(72 * mib);
+    model.fill(0xaa, 0, 64 * mib);
+    model.fill(0, mib, 2 * mib);
+    model.fill(0x55, 3 * mib, 4 * mib);
+    const img = await Image.open(top);
+    const whole = await img.read(0, 72 * mib);
+    expect(Buffer.compare(whole, model)).toBe(0);
+    // the path below the zero-pages length fills every byte itself
+    const short = await img.read(mib - 4096, 3 * mib);
+    expect(Buffer.compare(short, model.subarray(mib - 4096, 4 * mib - 4096))).toBe(0);
+    await img.close();
+  });
+
+  it('large I/O buffers start on a page of their own allocation (past the allocator\'s 16-byte header), small ones at 0', () => {
+    const big = uninitialized(1 << 20);
+    const zeroed = zeroedIoBuffer(1 << 20);
+    expect([big.length, big.byteOffset % 4096, zeroed.length, zeroed.byteOffset % 4096]).toEqual([1 << 20, 4080, 1 << 20, 4080]);
+    expect(zeroed.every((x) => x === 0)).toBe(true);
+    expect(uninitialized(4096).byteOffset).toBe(0);
   });
 });
 

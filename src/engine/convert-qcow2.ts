@@ -15,7 +15,7 @@
  */
 
 import { UsageError } from '../errors.ts';
-import { isZero } from '../format/bytes.ts';
+import { isZero, uninitialized } from '../format/bytes.ts';
 import type { CreateOptions } from './create.ts';
 import type { ProgressFn } from './convert.ts';
 import { Image } from './image.ts';
@@ -90,7 +90,7 @@ export async function convertToQcow2(img: Image, outPath: string, o: Qcow2Conver
     if (overBacking) await ontoBacking(img, out, size, rule, o);
     else if (o.compress) await compressed(img, out, size, zeroes, rule, o);
     else {
-      const buf = new Uint8Array(CHUNK);
+      const buf = uninitialized(CHUNK);
       for (let pos = 0; pos < size; ) {
         o.signal?.throwIfAborted();
         const st = await img.status(pos, Math.min(size - pos, 1 << 30));
@@ -128,7 +128,7 @@ export async function convertToQcow2(img: Image, outPath: string, o: Qcow2Conver
 async function ontoBacking(img: Image, out: Image, size: number, rule: SparseRule, o: Qcow2ConvertOptions): Promise<void> {
   const cs = out.geometry!.clusterSize;
   const zeroes = (off: number, len: number) => out.writeZeroes(off, len, { unmap: false });
-  const buf = new Uint8Array(CHUNK);
+  const buf = uninitialized(CHUNK);
   for (let pos = 0; pos < size; ) {
     o.signal?.throwIfAborted();
     const st = await img.status(pos, Math.min(size - pos, 1 << 30));

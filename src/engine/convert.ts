@@ -2,7 +2,7 @@
 
 import type { MapEntry } from './map.ts';
 import { FileDevice } from '../io/file-device.ts';
-import { isZero } from '../format/bytes.ts';
+import { isZero, uninitialized } from '../format/bytes.ts';
 import { UsageError } from '../errors.ts';
 import type { Image } from './image.ts';
 import { DEFAULT_SPARSE, WINDOW, sparseRule, sparseRuns, type SparseRule } from './sparse.ts';
@@ -103,7 +103,7 @@ export async function convertToRaw(img: Image, outPath: string, progress?: Progr
     };
     await Promise.all(
       Array.from({ length: opts.workers ?? WORKERS }, () =>
-        worker(new Uint8Array(step)).catch((e: unknown) => {
+        worker(uninitialized(step)).catch((e: unknown) => {
           failure ??= { error: e };
         }),
       ),
@@ -183,8 +183,8 @@ export async function compareImages(a: Image, b: Image, strict = false): Promise
   const common = Math.min(a.size, b.size);
   const sizeMismatch = a.size !== b.size;
   if (sizeMismatch && strict) return { identical: false, offset: common, sizeMismatch, reason: 'size' };
-  const ba = new Uint8Array(COMPARE_CHUNK);
-  const bb = new Uint8Array(COMPARE_CHUNK);
+  const ba = uninitialized(COMPARE_CHUNK);
+  const bb = uninitialized(COMPARE_CHUNK);
   let pos = 0;
   while (pos < common) {
     const [sa, sb] = await Promise.all([a.status(pos, common - pos), b.status(pos, common - pos)]);

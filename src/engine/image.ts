@@ -15,7 +15,7 @@ import { mapExtents, extentBatches, chainStatus, type MapEntry } from './map.ts'
 import { imageInfo, type ImageInfo } from './info.ts';
 import { Qcow2Layer } from './qcow2-layer.ts';
 import { allocatedHere, guest, type Layer } from './layer.ts';
-import { uninitialized } from '../format/bytes.ts';
+import { uninitialized, zeroedIoBuffer } from '../format/bytes.ts';
 import type { Geometry } from '../format/header.ts';
 import type { SnapshotEntry } from '../format/snapshot.ts';
 import { QledgerError, RangeRequestError } from '../errors.ts';
@@ -29,6 +29,13 @@ import { dedupRefusal, dedupState, type DedupState } from './dedup/stats.ts';
 
 // Loaded when first needed: a read-only open (qledger info, map, compare)
 // never pays for the write engine or for node:stream.
+/**
+ * Reads at least this long get fresh zeroed memory (Image.read). glibc's malloc maps allocations
+ * above its mmap threshold (at most 32 MiB on 64-bit) straight from the kernel, so calloc gets
+ * zero pages without writing them; below it a calloc may clear recycled memory, which costs more
+ * than the zero runs' fill it would save.
+ */
+const ZEROED_READ = 64 << 20;
 const writable = () => import('./writable.ts');
 let streamModule: typeof import('node:stream') | undefined;
 const stream = () => (streamModule ??= createRequire(import.meta.url)('node:stream') as typeof import('node:stream'));
@@ -268,10 +275,17 @@ export class Image {
   async read(offset: number, length: number): Promise<Uint8Array> {
     this.open();
     if (!Number.isSafeInteger(length) || length < 0) throw new RangeRequestError(`read of length ${length}: lengths are non-negative integers`, { offset, length });
-    // not zero-filled: readGuest writes every byte of it (zeros included), and the buffer is
-    // dropped if the read fails (zero-filling 1 GiB of NBD reads cost a fifth of the server's CPU)
-    const out = uninitialized(length);
-    await this.readInto(out, offset);
+    // A short read gets a buffer that is not zero-filled: readGuest writes every byte of it (zeros
+    // included), and the buffer is dropped if the read fails (zero-filling 1 GiB of NBD reads in
+    // small requests cost a fifth of the server's CPU). A long one gets fresh zero pages
+    // (ZEROED_READ) and readGuest skips the zero runs, so their pages are never touched.
+    if (length < ZEROED_READ || this.writer) {
+      const out = uninitialized(length);
+      await this.readInto(out, offset);
+      return out;
+    }
+    const out = zeroedIoBuffer(length);
+    await readGuest(this.top, guest(offset), out, true);
     return out;
   }
 

@@ -16,8 +16,13 @@ import { guest, host, type GuestOffset, type Layer } from './layer.ts';
 const PIECE = 1 << 20;
 const IN_FLIGHT = 4;
 
-/** Fill `out` with the guest bytes at `offset` as seen through `layer` and its backing chain. */
-export async function readGuest(layer: Layer, offset: GuestOffset, out: Uint8Array): Promise<void> {
+/**
+ * Fill `out` with the guest bytes at `offset` as seen through `layer` and its
+ * backing chain. `zeroed`: `out` already holds zeros (a fresh allocation), so
+ * ranges that read as zero are not written: a 1 GiB read of a half-empty
+ * image then never touches the pages of its empty half.
+ */
+export async function readGuest(layer: Layer, offset: GuestOffset, out: Uint8Array, zeroed = false): Promise<void> {
   if (!Number.isSafeInteger(offset) || offset < 0) throw new RangeRequestError(`read at offset ${offset}: offsets are non-negative integers`, { offset, length: out.length });
   if (offset + out.length > layer.size) {
     throw new RangeRequestError(`read of ${out.length} bytes at ${hex(offset)} is outside the ${layer.size}-byte disk`, { offset, length: out.length });
@@ -59,16 +64,16 @@ export async function readGuest(layer: Layer, offset: GuestOffset, out: Uint8Arr
           break;
         case 'zero-plain':
         case 'zero-alloc':
-          sub.fill(0);
+          if (!zeroed) sub.fill(0);
           break;
         case 'unallocated-plain':
         case 'unallocated-alloc': {
           const b = layer.backing;
           const inBacking = b ? Math.max(0, Math.min(sub.length, b.size - at)) : 0;
-          sub.fill(0, inBacking);
+          if (!zeroed) sub.fill(0, inBacking);
           if (b && inBacking > 0) {
             await room();
-            start(readGuest(b, at, sub.subarray(0, inBacking)));
+            start(readGuest(b, at, sub.subarray(0, inBacking), zeroed));
           }
           break;
         }

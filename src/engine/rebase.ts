@@ -10,6 +10,7 @@
 
 import { QledgerError } from '../errors.ts';
 import { planBackingChange } from '../format/backing-change.ts';
+import { uninitialized } from '../format/bytes.ts';
 import { FileDevice } from '../io/file-device.ts';
 import { readAt, type BlockDevice } from '../io/device.ts';
 import { Image } from './image.ts';
@@ -78,8 +79,8 @@ export interface RebaseTarget extends RebaseSource {
  */
 export async function copyBackingDifferences(img: RebaseTarget, next: RebaseSource | undefined, progress?: (done: number, total: number) => void): Promise<void> {
   const size = img.size;
-  const a = new Uint8Array(CHUNK);
-  const b = new Uint8Array(CHUNK);
+  const a = uninitialized(CHUNK);
+  const b = uninitialized(CHUNK);
   progress?.(0, size);
   for (let pos = 0; pos < size; ) {
     const st = await img.topStatus(pos, Math.min(size - pos, 1 << 30));

@@ -13,7 +13,8 @@ import { uninitialized } from '../format/bytes.ts';
 const MIN_POOLED = 16 * 1024;
 
 export class BufferPool {
-  private readonly free = new Map<number, ArrayBuffer[]>();
+  /** idle buffers by capacity, each a view of its whole capacity (uninitialized may start it inside its ArrayBuffer) */
+  private readonly free = new Map<number, Uint8Array[]>();
   private idle = 0;
 
   constructor(private readonly limit = 32 * 1024 * 1024) {}
@@ -23,21 +24,22 @@ export class BufferPool {
     if (length < MIN_POOLED) return new Uint8Array(length);
     const cap = capacityOf(length);
     const list = this.free.get(cap);
-    const ab = list?.pop();
-    if (ab) {
+    const whole = list?.pop();
+    if (whole) {
       this.idle -= cap;
-      return new Uint8Array(ab, 0, length);
+      return whole.subarray(0, length);
     }
     return uninitialized(cap).subarray(0, length);
   }
 
   /** `b` (from get) is no longer used by anyone. */
   release(b: Uint8Array): void {
-    const cap = b.buffer.byteLength;
-    if (b.byteLength < MIN_POOLED || cap !== capacityOf(cap) || this.idle + cap > this.limit) return;
+    const cap = capacityOf(b.byteLength);
+    // a buffer that did not come from get (too short behind its view to hold its capacity) is left alone
+    if (b.byteLength < MIN_POOLED || b.byteOffset + cap > b.buffer.byteLength || this.idle + cap > this.limit) return;
     let list = this.free.get(cap);
     if (!list) this.free.set(cap, (list = []));
-    list.push(b.buffer as ArrayBuffer);
+    list.push(new Uint8Array(b.buffer, b.byteOffset, cap));
     this.idle += cap;
   }
 
