@@ -16,6 +16,7 @@
 import { resolve } from 'node:path';
 import { NotFoundError, UnsupportedError, UsageError } from '../errors.ts';
 import { FileDevice } from '../io/file-device.ts';
+import { uninitialized } from '../format/bytes.ts';
 import { Image } from '../engine/image.ts';
 import { combinePath, probeFormat, type ImageFormat } from '../engine/open.ts';
 import { Qcow2Layer } from '../engine/qcow2-layer.ts';
@@ -153,7 +154,7 @@ async function copy(
   progress: (bytes: number) => void,
 ): Promise<void> {
   // two buffers: the next piece is read while the last one is written (the base's writes stay in order)
-  const bufs = [new Uint8Array(CHUNK), new Uint8Array(CHUNK)];
+  const bufs = [uninitialized(CHUNK), uninitialized(CHUNK)];
   let k = 0;
   let writing: Promise<void> | undefined;
   let failed: { error: unknown } | undefined;
