@@ -185,6 +185,9 @@ export async function compareImages(a: Image, b: Image, strict = false): Promise
   if (sizeMismatch && strict) return { identical: false, offset: common, sizeMismatch, reason: 'size' };
   const ba = uninitialized(COMPARE_CHUNK);
   const bb = uninitialized(COMPARE_CHUNK);
+  // Buffer views of the same bytes, for equals (the buffers need not start their ArrayBuffers)
+  const va = Buffer.from(ba.buffer, ba.byteOffset, ba.byteLength);
+  const vb = Buffer.from(bb.buffer, bb.byteOffset, bb.byteLength);
   let pos = 0;
   while (pos < common) {
     const [sa, sb] = await Promise.all([a.status(pos, common - pos), b.status(pos, common - pos)]);
@@ -198,10 +201,10 @@ export async function compareImages(a: Image, b: Image, strict = false): Promise
     while (pos < end) {
       const n = Math.min(COMPARE_CHUNK, end - pos);
       await Promise.all([a.readInto(ba.subarray(0, n), pos), b.readInto(bb.subarray(0, n), pos)]);
-      if (!Buffer.from(ba.buffer, 0, n).equals(Buffer.from(bb.buffer, 0, n))) {
+      if (!va.subarray(0, n).equals(vb.subarray(0, n))) {
         for (let s = 0; s < n; s += SECTOR) {
           const e = Math.min(n, s + SECTOR);
-          if (!Buffer.from(ba.buffer, s, e - s).equals(Buffer.from(bb.buffer, s, e - s))) {
+          if (!va.subarray(s, e).equals(vb.subarray(s, e))) {
             return { identical: false, offset: pos + s, sizeMismatch, reason: 'content' };
           }
         }
