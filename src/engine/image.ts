@@ -272,6 +272,11 @@ export class Image {
     return { allocated: allocatedHere(st), length: st.length };
   }
 
+  /**
+   * The guest bytes [offset, offset + length), through the backing chain, in
+   * a new array. A long one is a view that starts inside its ArrayBuffer
+   * (its first bytes page-aligned): use `byteOffset` with `.buffer`.
+   */
   async read(offset: number, length: number): Promise<Uint8Array> {
     this.open();
     if (!Number.isSafeInteger(length) || length < 0) throw new RangeRequestError(`read of length ${length}: lengths are non-negative integers`, { offset, length });
