@@ -27,8 +27,6 @@ import { ImageSnapshots } from './image-snapshots.ts';
 import { ImageBitmaps } from './image-bitmaps.ts';
 import { dedupRefusal, dedupState, type DedupState } from './dedup/stats.ts';
 
-// Loaded when first needed: a read-only open (qledger info, map, compare)
-// never pays for the write engine or for node:stream.
 /**
  * Reads at least this long get fresh zeroed memory (Image.read). glibc's malloc maps allocations
  * above its mmap threshold (at most 32 MiB on 64-bit) straight from the kernel, so calloc gets
@@ -36,6 +34,9 @@ import { dedupRefusal, dedupState, type DedupState } from './dedup/stats.ts';
  * than the zero runs' fill it would save.
  */
 const ZEROED_READ = 64 << 20;
+
+// Loaded when first needed: a read-only open (qledger info, map, compare)
+// never pays for the write engine or for node:stream.
 const writable = () => import('./writable.ts');
 let streamModule: typeof import('node:stream') | undefined;
 const stream = () => (streamModule ??= createRequire(import.meta.url)('node:stream') as typeof import('node:stream'));
