@@ -196,7 +196,7 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
   const steps: Step[] = [];
   let refusal: string | undefined;
   // the snapshots the workload made, in table order, with the guest content each holds
-  const snaps: { name: string; content: GuestModel }[] = [];
+  const snaps: { name: string; content: GuestModel; backing: GuestModel | undefined }[] = [];
   const snapshotWorkload = ops.some((o) => o.op === 'snapshot') || dedupWorkload;
   // (f): each bitmap the workload added, the guest content then, and whether the oracle still applies to it
   const bitmapRefs = new Map<string, { content: Uint8Array; checkable: boolean }>();
@@ -295,15 +295,20 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
           try {
             if (op.action === 'create') {
               await w.createSnapshot(op.name);
-              snaps.push({ name: op.name, content: model.clone() });
+              snaps.push({ name: op.name, content: model.clone(), backing: backingGuest });
             } else if (op.action === 'delete') {
               await w.deleteSnapshot(op.name, true);
               if (at >= 0) snaps.splice(at, 1);
             } else {
               uncheckAll();
               await w.applySnapshot(op.name);
-              // the disk reads as the snapshot did, its size included
-              if (at >= 0) model = snaps[at]!.content.clone();
+              // the disk reads as the snapshot did, its size included; but a snapshot keeps no backing
+              // file of its own: where its tree allocates nothing it reads as the image's backing file
+              // now, which a rebase or a commit since its creation may have changed (as in QEMU)
+              if (at >= 0) {
+                const snap = snaps[at]!;
+                model = snap.backing === backingGuest ? snap.content.clone() : await overCurrentBacking(snap.content, await memLayer(name, rec.snapshot(), 'qcow2', await backingLayer()), backingGuest);
+              }
               [lo, hi] = [0, model.length];
             }
           } catch (e) {
@@ -503,6 +508,24 @@ async function modelOf(layer: Layer): Promise<GuestModel> {
       await readGuest(layer, guest(x), piece);
       m.set(piece, x);
     }
+  }
+  return m;
+}
+
+/**
+ * A snapshot's content once applied over a backing file other than the one
+ * it was taken over: its recorded content where the applied tree (`top`,
+ * the image after the apply) allocates, the backing file's now (or zeros)
+ * elsewhere. Only the tree's allocation comes from the image.
+ */
+async function overCurrentBacking(content: GuestModel, top: Layer, backing: GuestModel | undefined): Promise<GuestModel> {
+  const m = new GuestModel(content.length);
+  for (const r of await statusRuns(top)) {
+    const end = Math.min(r.end, m.length);
+    if (r.start >= end) continue;
+    if (r.type === 'unallocated-plain' || r.type === 'unallocated-alloc') {
+      if (backing) m.copyFrom(backing, r.start, Math.min(end, backing.length));
+    } else m.copyFrom(content, r.start, end);
   }
   return m;
 }
