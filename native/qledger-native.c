@@ -10,6 +10,10 @@
  *     locks QEMU's file driver uses to advertise permissions.
  *   ofdHeld(fd, start, length): whether another open file description holds
  *     a lock there (F_OFD_GETLK asking for an exclusive lock), as QEMU tests.
+ *   copyRange(fdIn, offIn, fdOut, offOut, length): copy_file_range(2), bytes
+ *     copied inside the kernel (no trip through user memory); -1 where the
+ *     kernel or the file systems cannot (EXDEV, EINVAL, EOPNOTSUPP, ENOSYS),
+ *     so that the caller copies through a buffer instead.
  * Errors are thrown as JS errors carrying the errno name in `code`.
  */
 #define _GNU_SOURCE
@@ -95,6 +99,27 @@ static napi_value ofd_held(napi_env env, napi_callback_info info) {
   return r;
 }
 
+static napi_value copy_range(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  size_t argc = 5;
+  double a[5];
+  napi_value r;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 5) return throw_errno(env, EINVAL, "copyRange");
+  for (size_t i = 0; i < 5; i++)
+    if (napi_get_value_double(env, argv[i], &a[i]) != napi_ok) return throw_errno(env, EINVAL, "copyRange");
+  off64_t in = (off64_t)a[1], out = (off64_t)a[3];
+  ssize_t n = copy_file_range((int)a[0], &in, (int)a[2], &out, (size_t)a[4], 0);
+  if (n < 0) {
+    if (errno == EXDEV || errno == EINVAL || errno == EOPNOTSUPP || errno == ENOSYS) {
+      napi_create_double(env, -1, &r);
+      return r;
+    }
+    return throw_errno(env, errno, "copy_file_range");
+  }
+  napi_create_double(env, (double)n, &r);
+  return r;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor d[] = {
     {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_default, NULL},
@@ -102,6 +127,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"fallocate", NULL, do_fallocate, NULL, NULL, NULL, napi_default, NULL},
     {"ofdLock", NULL, ofd_lock, NULL, NULL, NULL, napi_default, NULL},
     {"ofdHeld", NULL, ofd_held, NULL, NULL, NULL, napi_default, NULL},
+    {"copyRange", NULL, copy_range, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof d / sizeof d[0], d);
   return exports;

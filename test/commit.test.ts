@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { readFileSync, statSync } from 'node:fs';
 import { qemuAvailable, qemuImg, qemuIo, tempDir } from './helpers/qemu.ts';
 import { runCli } from './helpers/cli.ts';
-import { FileDevice } from '../src/io/file-device.ts';
+import { FileDevice, setInlineIo } from '../src/io/file-device.ts';
 import { makeEmptyFast } from '../src/engine/make-empty-fast.ts';
 
 const { dir, cleanup } = tempDir('qledger-commit-');
@@ -35,12 +35,14 @@ function chain(tag: string, baseFmt: 'qcow2' | 'raw'): { base: string; top: stri
 }
 
 d('commit, as qemu-img', () => {
-  for (const fmt of ['qcow2', 'raw'] as const) {
-    it(`into a ${fmt} base (grown to the top's size), the top emptied`, async () => {
-      const q = chain(`q-${fmt}`, fmt);
-      const l = chain(`l-${fmt}`, fmt);
+  // inline: file requests on the calling thread, as the CLI's process makes them; then the kernel copies the top's data clusters (copy_file_range)
+  for (const [fmt, inline] of [['qcow2', false], ['raw', false], ['qcow2', true], ['raw', true]] as const) {
+    it(`into a ${fmt} base (grown to the top's size), the top emptied${inline ? ', file requests inline (copied in the kernel)' : ''}`, async () => {
+      const q = chain(`q-${fmt}${inline}`, fmt);
+      const l = chain(`l-${fmt}${inline}`, fmt);
       const qr = spawnSync('qemu-img', ['commit', q.top], { encoding: 'utf8' });
-      const lr = await runCli('commit', l.top);
+      if (inline) setInlineIo(256 << 10);
+      const lr = await runCli('commit', l.top).finally(() => setInlineIo(0));
       expect(lr).toEqual({ code: qr.status, out: qr.stdout, err: qr.stderr });
       expect(lr.out).toBe('Image committed.\n');
       expect(same(l.base, q.base, fmt, fmt)).toBe(true);

@@ -149,6 +149,17 @@ export class Image {
   }
 
   /**
+   * Write `length` bytes read from `from.device` at `from.offset` (a host
+   * range of another image, say) to guest `offset`. Where both are files the
+   * kernel copies them (copy_file_range) when the process makes its file
+   * requests inline (the CLI: `setInlineIo`); otherwise they pass through a
+   * buffer. Zeros in them are written as data, not detected.
+   */
+  async writeFrom(offset: number, length: number, from: { readonly device: BlockDevice; readonly offset: number }): Promise<void> {
+    await this.w().writeFrom(offset, length, from);
+  }
+
+  /**
    * Compressed write: whole clusters that hold no data yet, as qemu-io
    * write -c. `opts.compressed` gives each cluster's stream made already
    * with `compressCluster(img.compressionType, cluster)` (qledger convert

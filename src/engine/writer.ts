@@ -37,6 +37,7 @@ import type { SnapshotFields } from './write/snapshots.ts';
 import type { SnapshotEntry } from '../format/snapshot.ts';
 import { buildRooms, type Rooms } from './write/rooms.ts';
 import type { Bitmaps } from './write/bitmaps.ts';
+import type { CopySource } from './write/data-write.ts';
 import { Trace, type TraceEvent } from './write/trace.ts';
 import type { DetectZeroes, WriterOptions, ZeroOptions } from './writer-options.ts';
 
@@ -258,6 +259,23 @@ export class Qcow2Writer {
       if (this.detectZeroes !== 'off' && isZero(data)) {
         await this.run('write (zero detected)', () => this.rooms.zero.zeroRange(guest(offset), data.length, this.detectZeroes === 'unmap'), false, true);
       } else await this.run('write', () => this.rooms.data.write(guest(offset), data), false, true);
+      await this.rooms.bitmaps.afterWrite();
+      await this.rooms.writeback.maybe();
+    });
+  }
+
+  /**
+   * A write of `length` bytes that lie on another device (`from.device` at
+   * `from.offset`), copied there without a trip through memory where both
+   * are files (commit's path). As a write of those bytes would be, except
+   * that zeros are not detected: that needs the bytes (QEMU's commit does
+   * not detect them either).
+   */
+  writeFrom(offset: number, length: number, from: CopySource): Promise<void> {
+    return this.serial(async () => {
+      await this.guestOp('write', offset, length);
+      if (length === 0) return;
+      await this.run('write', () => this.rooms.data.writeFrom(guest(offset), length, from), false, true);
       await this.rooms.bitmaps.afterWrite();
       await this.rooms.writeback.maybe();
     });

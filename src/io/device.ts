@@ -3,6 +3,8 @@
  * Offsets are byte offsets in the device (host offsets for an image file).
  */
 
+import { uninitialized } from '../format/bytes.ts';
+
 export interface BlockDevice {
   /** A name for messages: the path for files. */
   readonly name: string;
@@ -28,6 +30,13 @@ export interface BlockDevice {
   allocate?(offset: number, length: number): Promise<boolean>;
   /** Bytes the device can still take (a file system's free space); optional, undefined when unknown. */
   available?(): Promise<number | undefined>;
+  /**
+   * Copy `length` bytes of `src` from `srcOffset` to `offset` without
+   * bringing them into memory (copy_file_range between two files); returns
+   * how many bytes it copied from the start, 0 when it cannot, and the
+   * caller copies the rest (`copyRange`). Optional.
+   */
+  copyFrom?(src: BlockDevice, srcOffset: number, offset: number, length: number): Promise<number>;
   close(): Promise<void>;
 }
 
@@ -77,6 +86,10 @@ export class DeviceWrapper implements BlockDevice {
   available(): Promise<number | undefined> {
     return this.inner.available ? this.inner.available() : Promise.resolve(undefined);
   }
+  /** Never passed down: a wrapper that records, holds or fails writes would not see the copy's. */
+  copyFrom(_src: BlockDevice, _srcOffset: number, _offset: number, _length: number): Promise<number> {
+    return Promise.resolve(0);
+  }
   close(): Promise<void> {
     return this.inner.close();
   }
@@ -87,6 +100,25 @@ export async function readAt(dev: BlockDevice, offset: number, length: number): 
   await dev.readInto(b, offset);
   return b;
 }
+
+/**
+ * Copy `length` bytes from `src` at `srcOffset` to `dst` at `offset`: in the
+ * kernel as far as `dst.copyFrom` goes, the rest through one buffer of up to
+ * 4 MiB (reads of `src` past its end give zeros, as every read does).
+ */
+export async function copyRange(dst: BlockDevice, src: BlockDevice, srcOffset: number, offset: number, length: number): Promise<void> {
+  let done = dst.copyFrom ? await dst.copyFrom(src, srcOffset, offset, length) : 0;
+  if (done >= length) return;
+  const buf = uninitialized(Math.min(length - done, COPY_CHUNK));
+  while (done < length) {
+    const b = buf.subarray(0, Math.min(buf.length, length - done));
+    await src.readInto(b, srcOffset + done);
+    await dst.write(offset + done, b);
+    done += b.length;
+  }
+}
+
+const COPY_CHUNK = 4 << 20;
 
 /** Zero buffer shared by writeZeroes fallbacks; never written to. */
 export const ZERO_CHUNK = new Uint8Array(1 << 20);

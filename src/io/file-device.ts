@@ -24,6 +24,9 @@ import { HeldLock, imagePermissions, type LockPermissions } from './image-lock.t
  */
 let inlineLimit = 0;
 
+/** One copy_file_range call's bytes at most: the thread is back between calls. */
+const COPY_STEP = 8 << 20;
+
 /**
  * Adaptive mode (a server's): reads and writes within the limit go inline
  * only while inline requests stay quick (page-cache hits, about 10–60 µs
@@ -295,6 +298,33 @@ export class FileDevice implements BlockDevice {
     } catch {
       return undefined;
     }
+  }
+
+  /**
+   * copy_file_range from another file device: the kernel moves the bytes
+   * from page cache to page cache (or shares extents where the file system
+   * can), about 40% less system time than a read and a write through a
+   * buffer. Only in the plain inline mode (the CLI's, one request at a time),
+   * since the call blocks the thread for as long as the copy takes; 0 (the
+   * caller copies) without the helper, between file systems the kernel cannot
+   * copy across, or for any other device.
+   */
+  async copyFrom(src: BlockDevice, srcOffset: number, offset: number, length: number): Promise<number> {
+    this.assertWritable();
+    const copy = native?.copyRange;
+    if (!copy || !(src instanceof FileDevice) || !controlInline() || src.closed) return 0;
+    if (!Number.isSafeInteger(srcOffset + length) || !Number.isSafeInteger(offset + length) || srcOffset < 0 || offset < 0) return 0;
+    let done = 0;
+    try {
+      while (done < length) {
+        const n = copy(src.fh.fd, srcOffset + done, this.fh.fd, offset + done, Math.min(length - done, COPY_STEP));
+        if (n <= 0) break; // cannot (-1), or the source ends (0): the caller reads the rest as zeros
+        done += n;
+      }
+    } catch (e) {
+      throw deviceError(this.name, `copy of ${length - done} bytes to 0x${hexDigits(offset + done)} from ${src.name}`, e);
+    }
+    return done;
   }
 
   /** Punch a hole (fallocate PUNCH_HOLE through the native helper); a no-op without it, as discard is only a hint. */

@@ -1,7 +1,7 @@
 /**
  * The optional native helper (native/qledger-native.c, built by `npm install`
- * through node-gyp): SEEK_DATA/SEEK_HOLE, fallocate and OFD byte-range locks,
- * which Node's fs lacks. Everything works without it; hole detection becomes
+ * through node-gyp): SEEK_DATA/SEEK_HOLE, fallocate, OFD byte-range locks and
+ * copy_file_range, which Node's fs lacks. Everything works without it; hole detection becomes
  * a content guess and image locks hold only within this process.
  */
 
@@ -15,6 +15,8 @@ export interface NativeHelper {
   ofdLock?(fd: number, start: number, length: number, take: 0 | 1): void;
   /** whether another open file description holds a lock on the range */
   ofdHeld?(fd: number, start: number, length: number): boolean;
+  /** copy_file_range(2): the bytes copied (0 at the source's end), -1 where the kernel cannot copy between these files */
+  copyRange?(fdIn: number, offIn: number, fdOut: number, offOut: number, length: number): number;
 }
 
 function load(): NativeHelper | undefined {

@@ -90,7 +90,7 @@ export class CompressedWriter {
       at = hostOf(n, cs);
       this.tail = { cluster: n, used: z.length };
     }
-    await this.data.deviceWrites([{ offset: at, data: new Uint8Array(z.buffer, z.byteOffset, z.length), what: 'compressed data' }]);
+    await this.data.deviceWrites([{ offset: at, data: new Uint8Array(z.buffer, z.byteOffset, z.length), length: z.length, what: 'compressed data' }]);
     this.mapping.set({ l1Index, index }, table, e, encodeCompressedDescriptor(at, z.length, g.clusterBits));
   }
 }

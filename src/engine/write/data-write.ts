@@ -13,6 +13,7 @@ import { ALL_SUBCLUSTERS, L2E_ZERO_LO, isCompressed, isCopied, sameL2Entry, stan
 import { cluster, guest, host, hostOf, type GuestOffset, type HostOffset } from '../../format/offsets.ts';
 import { Buffer } from 'node:buffer';
 import { readGuest } from '../read.ts';
+import { uninitialized } from '../../format/bytes.ts';
 import { Mapping } from './mapping.ts';
 /** A whole cluster a span wrote, for dedup: its guest cluster, fingerprint, bytes, host cluster and update (-1: in place). */
 interface SpanCluster {
@@ -23,14 +24,26 @@ interface SpanCluster {
   readonly update: number;
 }
 
-/** Guest bytes bound for the device: `what` for traces, the guest offset for a refusal's message (built only then). */
+/**
+ * Guest bytes bound for the device: `what` for traces, the guest offset for a refusal's message (built only then).
+ * The bytes are `data`, or `length` bytes of another device (`from`: a copy the kernel can make).
+ */
 export interface DataWrite {
   readonly offset: HostOffset;
-  readonly data: Uint8Array;
+  readonly data: Uint8Array | undefined;
+  readonly from?: CopySource | undefined;
+  readonly length: number;
   readonly what: string;
   readonly guest?: number | undefined;
 }
+
+/** Guest bytes that lie on another device: `device` from `offset` (a commit's source image's data clusters). */
+export interface CopySource {
+  readonly device: BlockDevice;
+  readonly offset: number;
+}
 import type { Allocator } from './allocator.ts';
+import type { BlockDevice } from '../../io/device.ts';
 import type { WriteContext } from './context.ts';
 import type { SharedClusters } from './shared.ts';
 import type { Dedup } from './dedup.ts';
@@ -128,13 +141,36 @@ export class DataWriter {
     while (pos < data.length) {
       const at = offset + pos;
       const n = Math.min(data.length - pos, span - (at % span));
-      await this.writeSpan(guest(at), data.subarray(pos, pos + n));
+      await this.writeSpan(guest(at), n, data.subarray(pos, pos + n), undefined);
       pos += n;
     }
   }
 
-  /** A write inside one L2 table's span. */
-  private async writeSpan(offset: GuestOffset, data: Uint8Array): Promise<void> {
+  /**
+   * A write of `length` guest bytes that lie on another device: the plans
+   * are those of a write of the bytes, and what reaches the image is a copy
+   * from that device (in the kernel where both are files, FileDevice.copyFrom).
+   * Only a copy-on-write fill reads a cluster's bytes; with dedup on, every
+   * span's bytes are read, since fingerprints need them.
+   */
+  async writeFrom(offset: GuestOffset, length: number, from: CopySource): Promise<void> {
+    const span = this.ctx.geometry.l2Entries * this.ctx.geometry.clusterSize;
+    let pos = 0;
+    while (pos < length) {
+      const at = offset + pos;
+      const n = Math.min(length - pos, span - (at % span));
+      const src: CopySource = { device: from.device, offset: from.offset + pos };
+      if (this.dedup) {
+        const bytes = uninitialized(n);
+        await src.device.readInto(bytes, src.offset);
+        await this.writeSpan(guest(at), n, bytes, undefined);
+      } else await this.writeSpan(guest(at), n, undefined, src);
+      pos += n;
+    }
+  }
+
+  /** A write inside one L2 table's span: `length` bytes, `data` or from `src`. */
+  private async writeSpan(offset: GuestOffset, length: number, data: Uint8Array | undefined, src: CopySource | undefined): Promise<void> {
     const ctx = this.ctx;
     const g = ctx.geometry;
     const cs = g.clusterSize;
@@ -147,15 +183,15 @@ export class DataWriter {
     const updates: Array<{ index: number; old: L2Entry; new: L2Entry; unref: boolean }> = [];
     /** clusters this span allocated, given back if the data cannot be written */
     const fresh: number[] = [];
-    const end = offset + data.length;
-    const dd = this.dedup;
+    const end = offset + length;
+    const dd = data ? this.dedup : undefined;
     /** dedup: whole clusters this span writes, to index once written (and to share within the span) */
     const written: SpanCluster[] | undefined = dd ? [] : undefined;
     /** dedup: the fingerprints of the span's whole clusters, by guest cluster */
     const fps = dd ? new Map<number, Fingerprint>() : undefined;
     /** dedup: the span's fresh whole clusters by fingerprint half, for sharing within the span */
     const byFp = dd ? new Map<number, SpanCluster[]>() : undefined;
-    if (dd && fps) {
+    if (dd && fps && data) {
       const first = Math.ceil(offset / cs) * cs;
       dd.endSpan(); // nothing of an earlier span that failed half-way
       for (let c = first; c + cs <= offset + data.length; c += cs) fps.set(c / cs, fingerprint(data.subarray(c - offset, c - offset + cs)));
@@ -164,14 +200,15 @@ export class DataWriter {
     for (let cstart = guest(offset - (offset % cs)); cstart < end; cstart = guest(cstart + cs)) {
       const a = Math.max(offset, cstart) - cstart;
       const b = Math.min(end, cstart + cs) - cstart;
-      const piece = data.subarray(cstart + a - offset, cstart + b - offset);
+      const piece = data?.subarray(cstart + a - offset, cstart + b - offset);
+      const pieceFrom = src && { device: src.device, offset: src.offset + (cstart + a - offset) };
       const index = l2IndexOf(g, cstart);
       const e = this.mapping.entry(l1Index, index);
       await this.mapping.validate(e, table, index, cstart);
       const p = planClusterWrite(e, a, b, env);
       if (p.invalid) await ctx.signalCorruption(`${p.invalid} (L2 offset: ${hex(table)}, L2 index: ${hex(index)})`);
       const fp = fps && a === 0 && b === cs ? fps.get(cstart / cs) : undefined;
-      if (dd && written && byFp && fp) {
+      if (dd && written && byFp && fp && piece) {
         const gc = cstart / cs;
         const same = sameInSpan(byFp, piece, fp);
         if (same && dd.canTake(await this.alloc.refcount(cluster(same.at / cs)))) {
@@ -204,7 +241,7 @@ export class DataWriter {
         at = hostOf(await this.alloc.allocate(1, 'data'), cs);
         fresh.push(at / cs);
       }
-      if (written && fp) {
+      if (written && fp && piece) {
         const w: SpanCluster = { gc: cstart / cs, fp, piece, at, update: p.inPlace ? -1 : updates.length };
         written.push(w);
         if (w.update >= 0) {
@@ -215,10 +252,10 @@ export class DataWriter {
       }
       switch (p.fill) {
         case 'piece':
-          writes.push({ offset: host(at + a), data: piece, what: 'data', guest: cstart + a });
+          writes.push({ offset: host(at + a), data: piece, from: pieceFrom, length: b - a, what: 'data', guest: cstart + a });
           break;
         case 'piece-zeroes':
-          writes.push({ offset: host(at + a), data: piece, what: 'data', guest: cstart + a });
+          writes.push({ offset: host(at + a), data: piece, from: pieceFrom, length: b - a, what: 'data', guest: cstart + a });
           // past everything ever written, the rest of the cluster already reads as zero
           if (at < ctx.extent.zeroFrom) {
             if (a > 0) zeroes.push({ offset: at, length: a });
@@ -229,8 +266,9 @@ export class DataWriter {
         case 'zero-buffer': {
           const buf = new Uint8Array(p.to - p.from);
           if (p.fill === 'cow') await readGuest(ctx.reader(), guest(cstart + p.from), buf);
-          buf.set(piece, a - p.from);
-          writes.push({ offset: host(at + p.from), data: buf, what: 'data (cow)', guest: cstart + p.from });
+          if (piece) buf.set(piece, a - p.from);
+          else await pieceFrom!.device.readInto(buf.subarray(a - p.from, b - p.from), pieceFrom!.offset);
+          writes.push({ offset: host(at + p.from), data: buf, length: buf.length, what: 'data (cow)', guest: cstart + p.from });
           break;
         }
       }
@@ -260,7 +298,7 @@ export class DataWriter {
     }
   }
 
-  /** Device writes, merged where they are contiguous both on the device and in memory. */
+  /** Device writes, merged where they are contiguous both on the device and in memory (or on the source device). */
   async deviceWrites(writes: DataWrite[]): Promise<void> {
     const ctx = this.ctx;
     const dev = ctx.files.guest;
@@ -270,17 +308,25 @@ export class DataWriter {
       let j = i + 1;
       while (j < writes.length) {
         const nx = writes[j]!;
-        if (nx.offset !== cur.offset + cur.data.length || nx.data.buffer !== cur.data.buffer || nx.data.byteOffset !== cur.data.byteOffset + cur.data.length) break;
-        cur = { offset: cur.offset, data: new Uint8Array(cur.data.buffer, cur.data.byteOffset, cur.data.length + nx.data.length), what: cur.what, guest: cur.guest };
+        if (nx.offset !== cur.offset + cur.length) break;
+        if (cur.data && nx.data) {
+          if (nx.data.buffer !== cur.data.buffer || nx.data.byteOffset !== cur.data.byteOffset + cur.data.length) break;
+          cur = { offset: cur.offset, data: new Uint8Array(cur.data.buffer, cur.data.byteOffset, cur.length + nx.length), length: cur.length + nx.length, what: cur.what, guest: cur.guest };
+        } else if (cur.from && nx.from && !cur.data && !nx.data) {
+          if (nx.from.device !== cur.from.device || nx.from.offset !== cur.from.offset + cur.length) break;
+          cur = { offset: cur.offset, data: undefined, from: cur.from, length: cur.length + nx.length, what: cur.what, guest: cur.guest };
+        } else break;
         j++;
       }
       // the overlap index checks it (overlap-guard.ts): guest data may touch no metadata; the
       // refusal's label is built only for a refusal (this is every guest write's path)
       const w = cur;
-      await dev.writeAs(w.offset, w.data, 0, w.guest === undefined ? w.what : () => w.what.replace('data', `data for guest offset ${hex(w.guest!)}`));
-      ctx.trace.record({ kind: 'data', host: cur.offset, length: cur.data.length });
-      ctx.trace.write(cur.offset, cur.data.length, cur.what);
-      ctx.extent.noteData(cur.offset, cur.data.length, !ctx.hasDataFile);
+      const label = w.guest === undefined ? w.what : () => w.what.replace('data', `data for guest offset ${hex(w.guest!)}`);
+      if (w.data) await dev.writeAs(w.offset, w.data, 0, label);
+      else await dev.copyAs(w.from!.device, w.from!.offset, w.offset, w.length, 0, label);
+      ctx.trace.record({ kind: 'data', host: cur.offset, length: cur.length });
+      ctx.trace.write(cur.offset, cur.length, cur.what);
+      ctx.extent.noteData(cur.offset, cur.length, !ctx.hasDataFile);
       i = j;
     }
   }

@@ -11,7 +11,7 @@
  */
 
 import { hex } from '../../errors.ts';
-import { DeviceWrapper, type BlockDevice } from '../../io/device.ts';
+import { DeviceWrapper, copyRange, type BlockDevice } from '../../io/device.ts';
 import { ANY_KIND, OverlapIndex } from './overlap.ts';
 
 /** A write's name for a refusal: given, or built when needed (guest writes name their guest offset). */
@@ -105,6 +105,12 @@ export class GuardedDevice extends DeviceWrapper {
   async writeAs(offset: number, data: Uint8Array, kinds: number, what: string | (() => string)): Promise<void> {
     await this.check(offset, data.length, kinds, what);
     await this.inner.write(offset, data);
+  }
+
+  /** `length` bytes of `src` from `srcOffset` written at `offset` (in the kernel where it can: copyRange), checked as writeAs checks. */
+  async copyAs(src: BlockDevice, srcOffset: number, offset: number, length: number, kinds: number, what: string | (() => string)): Promise<void> {
+    await this.check(offset, length, kinds, what);
+    await copyRange(this.inner, src, srcOffset, offset, length);
   }
 
   override async write(offset: number, data: Uint8Array): Promise<void> {
