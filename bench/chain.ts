@@ -15,7 +15,8 @@
  * equal (qemu-img compare) and pass qemu-img check. Inputs that a command
  * changes are copied fresh before every run, outside the timing.
  * BENCH_CHAIN_MB (1024) sizes the images, BENCH_CHAIN_COMPRESS_MB (256) the
- * compressed case.
+ * compressed case. BENCH_CASE=<substring> runs only the cases whose name
+ * has it (and builds only their inputs).
  */
 
 import { execFileSync, spawnSync } from 'node:child_process';
@@ -74,7 +75,20 @@ interface Case {
   readonly reference?: string;
 }
 
+const only = process.env['BENCH_CASE'];
+const NAMES = {
+  convertRaw: 'convert -O qcow2, raw input (64 KiB data, 64 KiB zeros)',
+  convertQcow2: 'convert -O qcow2, qcow2 input (the same content)',
+  deflate: 'convert -c -O qcow2 (deflate)',
+  zstd: 'convert -c -O qcow2 -o compression_type=zstd',
+  commit: `commit of a ${sizeMb} MiB overlay into its base`,
+  rebase: `rebase (safe) of an overlay onto its backing file's backing file, ${sizeMb} MiB chain`,
+};
+/** whether a case named `name` runs (BENCH_CASE) */
+const wanted = (name: string) => !only || name.includes(only);
+
 function measure(c: Case): void {
+  if (!wanted(c.name)) return;
   for (const who of ['q', 'l'] as const) {
     c.prepare?.(who);
     const [cmd, args] = c.cmd(who);
@@ -102,23 +116,31 @@ try {
     console.error('bench: qemu-img not found (apt-get install qemu-utils): the comparison needs it');
     process.exit(1);
   }
-  rawInput(f('alt.raw'), sizeMb, false);
-  sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', f('alt.raw'), f('alt.qcow2')]);
-  rawInput(f('text.raw'), compressMb, true);
-  // commit: a full base and an overlay written all over it
-  rawInput(f('full.raw'), sizeMb, false, false);
-  sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', f('full.raw'), f('base.qcow2')]);
-  sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', f('top.qcow2')]);
-  sh('qemu-io', ['-c', `write -q -P 0x6c 0 ${sizeMb}M`, f('top.qcow2')]);
-  sh('qemu-img', ['convert', '-O', 'raw', f('top.qcow2'), f('top-content.raw')]);
-  // rebase: base (full), mid over it rewriting every other cluster, top over mid with a little of its own
-  sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', f('mid.qcow2')]);
-  const mid: string[] = [];
-  for (let c = 0; c < sizeMb * 16; c += 2) mid.push('-c', `write -q -P ${1 + (c % 200)} ${c * 65536} 64k`);
-  for (let k = 0; k < mid.length; k += 4000) sh('qemu-io', [...mid.slice(k, k + 4000), f('mid.qcow2')]);
-  sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', f('rtop.qcow2')]);
-  sh('qemu-io', ['-c', 'write -q -P 0x33 0 1M', '-c', `write -q -P 0x34 ${Math.floor(sizeMb / 2)}M 1M`, f('rtop.qcow2')]);
-  sh('qemu-img', ['convert', '-O', 'raw', f('rtop.qcow2'), f('rtop-content.raw')]);
+  if (wanted(NAMES.convertRaw) || wanted(NAMES.convertQcow2)) {
+    rawInput(f('alt.raw'), sizeMb, false);
+    sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', f('alt.raw'), f('alt.qcow2')]);
+  }
+  if (wanted(NAMES.deflate) || wanted(NAMES.zstd)) rawInput(f('text.raw'), compressMb, true);
+  if (wanted(NAMES.commit) || wanted(NAMES.rebase)) {
+    // commit: a full base and an overlay written all over it
+    rawInput(f('full.raw'), sizeMb, false, false);
+    sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', f('full.raw'), f('base.qcow2')]);
+  }
+  if (wanted(NAMES.commit)) {
+    sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', f('top.qcow2')]);
+    sh('qemu-io', ['-c', `write -q -P 0x6c 0 ${sizeMb}M`, f('top.qcow2')]);
+    sh('qemu-img', ['convert', '-O', 'raw', f('top.qcow2'), f('top-content.raw')]);
+  }
+  if (wanted(NAMES.rebase)) {
+    // rebase: base (full), mid over it rewriting every other cluster, top over mid with a little of its own
+    sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', f('mid.qcow2')]);
+    const mid: string[] = [];
+    for (let c = 0; c < sizeMb * 16; c += 2) mid.push('-c', `write -q -P ${1 + (c % 200)} ${c * 65536} 64k`);
+    for (let k = 0; k < mid.length; k += 4000) sh('qemu-io', [...mid.slice(k, k + 4000), f('mid.qcow2')]);
+    sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', f('rtop.qcow2')]);
+    sh('qemu-io', ['-c', 'write -q -P 0x33 0 1M', '-c', `write -q -P 0x34 ${Math.floor(sizeMb / 2)}M 1M`, f('rtop.qcow2')]);
+    sh('qemu-img', ['convert', '-O', 'raw', f('rtop.qcow2'), f('rtop-content.raw')]);
+  }
 
   const tool = (who: 'q' | 'l') => (who === 'q' ? 'qemu-img' : qledger);
   console.log(`chain benchmarks: ${sizeMb} MiB images (${compressMb} MiB for -c), 64 KiB clusters; ${runs} runs each, median, whole process, order alternating`);
@@ -133,12 +155,12 @@ try {
     result: out,
     reference: input,
   });
-  measure(convert('convert -O qcow2, raw input (64 KiB data, 64 KiB zeros)', f('alt.raw'), ['-f', 'raw'], '≥ 1'));
-  measure(convert('convert -O qcow2, qcow2 input (the same content)', f('alt.qcow2'), [], '≥ 1'));
-  measure(convert('convert -c -O qcow2 (deflate)', f('text.raw'), ['-f', 'raw', '-c'], '≥ 1'));
-  measure(convert('convert -c -O qcow2 -o compression_type=zstd', f('text.raw'), ['-f', 'raw', '-c', '-o', 'compression_type=zstd'], '≥ 1'));
+  measure(convert(NAMES.convertRaw, f('alt.raw'), ['-f', 'raw'], '≥ 1'));
+  measure(convert(NAMES.convertQcow2, f('alt.qcow2'), [], '≥ 1'));
+  measure(convert(NAMES.deflate, f('text.raw'), ['-f', 'raw', '-c'], '≥ 1'));
+  measure(convert(NAMES.zstd, f('text.raw'), ['-f', 'raw', '-c', '-o', 'compression_type=zstd'], '≥ 1'));
   measure({
-    name: `commit of a ${sizeMb} MiB overlay into its base`,
+    name: NAMES.commit,
     target: '≥ 1',
     prepare: (who) => {
       copyFileSync(f('base.qcow2'), f(`c-${who}-base.qcow2`));
@@ -150,7 +172,7 @@ try {
     reference: f('top-content.raw'),
   });
   measure({
-    name: `rebase (safe) of an overlay onto its backing file's backing file, ${sizeMb} MiB chain`,
+    name: NAMES.rebase,
     target: '≥ 1',
     prepare: (who) => copyFileSync(f('rtop.qcow2'), f(`r-${who}-top.qcow2`)),
     cmd: (who) => [tool(who), ['rebase', '-b', 'base.qcow2', '-F', 'qcow2', f(`r-${who}-top.qcow2`)]],

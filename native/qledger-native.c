@@ -14,6 +14,10 @@
  *     copied inside the kernel (no trip through user memory); -1 where the
  *     kernel or the file systems cannot (EXDEV, EINVAL, EOPNOTSUPP, ENOSYS),
  *     so that the caller copies through a buffer instead.
+ *   writeBehind(fd, offset, length): sync_file_range(2) with
+ *     SYNC_FILE_RANGE_WRITE: starts writing the range's dirty pages back
+ *     without waiting, so a later fdatasync finds less to write; false when
+ *     it cannot (a hint, never an error).
  * Errors are thrown as JS errors carrying the errno name in `code`.
  */
 #define _GNU_SOURCE
@@ -120,6 +124,14 @@ static napi_value copy_range(napi_env env, napi_callback_info info) {
   return r;
 }
 
+static napi_value write_behind(napi_env env, napi_callback_info info) {
+  double a[3];
+  napi_value r;
+  if (get_args(env, info, 3, a)) return throw_errno(env, EINVAL, "writeBehind");
+  napi_get_boolean(env, sync_file_range((int)a[0], (off64_t)a[1], (off64_t)a[2], SYNC_FILE_RANGE_WRITE) == 0, &r);
+  return r;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor d[] = {
     {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_default, NULL},
@@ -128,6 +140,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"ofdLock", NULL, ofd_lock, NULL, NULL, NULL, napi_default, NULL},
     {"ofdHeld", NULL, ofd_held, NULL, NULL, NULL, napi_default, NULL},
     {"copyRange", NULL, copy_range, NULL, NULL, NULL, napi_default, NULL},
+    {"writeBehind", NULL, write_behind, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof d / sizeof d[0], d);
   return exports;

@@ -11,7 +11,7 @@ import fc from 'fast-check';
 import { mkdtempSync, rmSync, writeFileSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { FileDevice, setInlineIo } from '../src/io/file-device.ts';
+import { FileDevice, setInlineIo, setWriteBehind } from '../src/io/file-device.ts';
 import { MemoryDevice } from '../src/io/memory-device.ts';
 import { DeviceWrapper, copyRange, type BlockDevice } from '../src/io/device.ts';
 import { native } from '../src/io/native.ts';
@@ -173,5 +173,45 @@ describe('Image.writeFrom', () => {
       ),
       { numRuns: Math.max(5, Math.floor(runs / 10)) },
     );
+  });
+});
+
+describe('write-behind (setWriteBehind)', () => {
+  it.runIf(native?.writeBehind !== undefined)('starts the write-back of large writes and copies only, never on a device that ignores flushes', async () => {
+    const d = tmp();
+    const calls: Array<[number, number]> = [];
+    const helper = native as unknown as { writeBehind: (fd: number, offset: number, length: number) => boolean };
+    const real = helper.writeBehind;
+    helper.writeBehind = (fd, offset, length) => (calls.push([offset, length]), real(fd, offset, length));
+    try {
+      writeFileSync(join(d, 'src'), pattern(4 << 20, 3));
+      const src = await FileDevice.open(join(d, 'src'), { readOnly: true, lock: false });
+      const dev = await FileDevice.open(join(d, 'f'), { readOnly: false, create: true, lock: false });
+      const unsafe = await FileDevice.open(join(d, 'g'), { readOnly: false, create: true, lock: false, unsafe: true });
+      try {
+        const before = setWriteBehind(1 << 20);
+        expect(before).toBe(0); // off unless a program turns it on (the CLI does)
+        await dev.write(0, new Uint8Array(4096));
+        await dev.write(8192, new Uint8Array(2 << 20));
+        await unsafe.write(0, new Uint8Array(2 << 20));
+        setInlineIo(256 << 10);
+        await dev.write(4 << 20, new Uint8Array(1 << 20)); // inline, as the CLI writes
+        if (kernelCopy) expect(await dev.copyFrom(src, 0, 8 << 20, 3 << 20)).toBe(3 << 20);
+        setWriteBehind(0);
+        await dev.write(16 << 20, new Uint8Array(2 << 20));
+        expect(calls).toEqual([[8192, 2 << 20], [4 << 20, 1 << 20], ...(kernelCopy ? [[8 << 20, 3 << 20] as [number, number]] : [])]);
+        // a hint only: the bytes are those written
+        const back = new Uint8Array(3 << 20);
+        await dev.readInto(back, 8 << 20);
+        if (kernelCopy) expectSame(back, pattern(4 << 20, 3).subarray(0, 3 << 20));
+      } finally {
+        setWriteBehind(0);
+        await src.close();
+        await dev.close();
+        await unsafe.close();
+      }
+    } finally {
+      helper.writeBehind = real;
+    }
   });
 });

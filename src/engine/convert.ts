@@ -67,7 +67,8 @@ export interface ConvertOptions {
  */
 export async function convertToRaw(img: Image, outPath: string, progress?: ProgressFn, flush = false, signal?: AbortSignal, opts: ConvertOptions = {}): Promise<void> {
   signal?.throwIfAborted();
-  const out = await FileDevice.open(outPath, { readOnly: false, create: !opts.existing });
+  // without a flush the output is cache=unsafe's: no write-behind either (file-device.ts), the kernel writes it back when it will
+  const out = await FileDevice.open(outPath, { readOnly: false, create: !opts.existing, unsafe: !flush });
   try {
     const size = img.size;
     if (opts.existing && (await out.size()) < size) throw new UsageError('output file is smaller than input file', { path: outPath });

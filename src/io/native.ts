@@ -1,7 +1,7 @@
 /**
  * The optional native helper (native/qledger-native.c, built by `npm install`
- * through node-gyp): SEEK_DATA/SEEK_HOLE, fallocate, OFD byte-range locks and
- * copy_file_range, which Node's fs lacks. Everything works without it; hole detection becomes
+ * through node-gyp): SEEK_DATA/SEEK_HOLE, fallocate, OFD byte-range locks,
+ * copy_file_range and sync_file_range, which Node's fs lacks. Everything works without it; hole detection becomes
  * a content guess and image locks hold only within this process.
  */
 
@@ -17,6 +17,8 @@ export interface NativeHelper {
   ofdHeld?(fd: number, start: number, length: number): boolean;
   /** copy_file_range(2): the bytes copied (0 at the source's end), -1 where the kernel cannot copy between these files */
   copyRange?(fdIn: number, offIn: number, fdOut: number, offOut: number, length: number): number;
+  /** sync_file_range(SYNC_FILE_RANGE_WRITE): the range's write-back started, not waited for; false where it cannot */
+  writeBehind?(fd: number, offset: number, length: number): boolean;
 }
 
 function load(): NativeHelper | undefined {
@@ -26,7 +28,7 @@ function load(): NativeHelper | undefined {
     // from src/io/ or dist/io/ (two levels below the package root), or from the CLI bundle in dist/ (one level)
     for (const at of ['../../build/Release/qledger_native.node', '../build/Release/qledger_native.node']) {
       try {
-        return require(at) as NativeHelper;
+        return ownCopy(require(at) as Record<string, unknown>);
       } catch {
         // try the next place
       }
@@ -35,6 +37,17 @@ function load(): NativeHelper | undefined {
     // no helper: the fallbacks apply
   }
   return undefined;
+}
+
+/**
+ * The helper's functions on a plain object: an addon's properties are
+ * read-only, and a test wraps one to see how it is called.
+ */
+function ownCopy(m: Record<string, unknown>): NativeHelper {
+  const out: Record<string, unknown> = {};
+  for (const k of ['seekData', 'seekHole', 'fallocate', 'ofdLock', 'ofdHeld', 'copyRange', 'writeBehind']) if (typeof m[k] === 'function') out[k] = m[k];
+  if (typeof out['seekData'] !== 'function') throw new Error('not the helper');
+  return out as unknown as NativeHelper;
 }
 
 export const native: NativeHelper | undefined = load();
