@@ -10,6 +10,7 @@ import { mkdtempSync, rmSync, chmodSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { FileDevice, setInlineIo } from '../src/io/file-device.ts';
+import { native } from '../src/io/native.ts';
 import { MemoryDevice } from '../src/io/memory-device.ts';
 import { createOnDevice, openWriterOnDevice } from '../src/engine/writable.ts';
 import { Image } from '../src/engine/image.ts';
@@ -292,6 +293,28 @@ describe('streamMapJson', () => {
       const pieces: Buffer[] = [];
       await streamMapJson(batches([...list], size), (b) => pieces.push(Buffer.from(b)));
       expect(Buffer.concat(pieces).toString('latin1')).toBe(formatMapJson([...list]));
+    }
+  });
+});
+
+describe('the hole query remembers its last data run', () => {
+  it.runIf(native !== undefined)('answers inside it without asking again, and forgets it when a discard, a zero write or a cut may have made a hole', async () => {
+    const path = join(tmp(), 'h.bin');
+    writeFileSync(path, new Uint8Array(8 << 20).fill(1));
+    const dev = await FileDevice.open(path, { readOnly: false, lock: false });
+    try {
+      expect(dev.holeRun(0, 1 << 30)).toEqual({ zero: false, length: 8 << 20 });
+      expect(dev.holeRun(3 << 20, 1 << 20)).toEqual({ zero: false, length: 1 << 20 });
+      await dev.discard(1 << 20, 1 << 20);
+      // ext4 and tmpfs punch the hole (a stale run would still say data)
+      expect(dev.holeRun(1 << 20, 1 << 20)).toEqual({ zero: true, length: 1 << 20 });
+      expect(dev.holeRun(4 << 20, 1 << 20)).toEqual({ zero: false, length: 1 << 20 });
+      await dev.writeZeroes(5 << 20, 1 << 20, true);
+      expect(dev.holeRun(5 << 20, 1 << 20)).toEqual({ zero: true, length: 1 << 20 });
+      await dev.truncate(2 << 20);
+      expect(dev.holeRun(3 << 20, 1 << 20)).toEqual({ zero: true, length: 1 << 20 });
+    } finally {
+      await dev.close();
     }
   });
 });

@@ -116,6 +116,16 @@ export class FileDevice implements BlockDevice {
   private ignoreFlush = false;
 
   /**
+   * The last data run SEEK_DATA/SEEK_HOLE found, as QEMU's block-status
+   * cache keeps it: a conversion asks at every data or zero run of its
+   * input, and on tmpfs each SEEK_HOLE walks the file's pages to the next
+   * hole (436 µs a call over 256 MiB, 3.6 s for a convert's 8,192 asks).
+   * Writes cannot turn data into a hole; truncation, zeroing and discards
+   * can, and forget it.
+   */
+  private dataRun: { from: number; to: number } | undefined;
+
+  /**
    * Open a file, locked as QEMU locks an image file unless `lock` says
    * otherwise (default: an image opened read-only or read-write). `create`
    * empties the file, but only once the lock is held: a file another
@@ -250,6 +260,7 @@ export class FileDevice implements BlockDevice {
 
   async truncate(size: number): Promise<void> {
     this.assertWritable();
+    this.dataRun = undefined;
     if (controlInline()) {
       try {
         ftruncateSync(this.fh.fd, size);
@@ -272,6 +283,7 @@ export class FileDevice implements BlockDevice {
    */
   async writeZeroes(offset: number, length: number, unmap: boolean): Promise<void> {
     this.assertWritable();
+    this.dataRun = undefined;
     if (length <= 0) return;
     const size = await this.size();
     const end = offset + length;
@@ -316,11 +328,14 @@ export class FileDevice implements BlockDevice {
    */
   holeRun(offset: number, bytes: number): { zero: boolean; length: number } | undefined {
     if (!native) return undefined;
+    const c = this.dataRun;
+    if (c && offset >= c.from && offset < c.to) return { zero: false, length: Math.min(bytes, c.to - offset) };
     try {
       const data = native.seekData(this.fh.fd, offset);
       if (data === -1) return { zero: true, length: bytes };
       if (data > offset) return { zero: true, length: Math.min(bytes, data - offset) };
       const hole = native.seekHole(this.fh.fd, offset);
+      this.dataRun = { from: offset, to: hole };
       return { zero: false, length: Math.min(bytes, Math.max(1, hole - offset)) };
     } catch {
       return undefined;
@@ -358,6 +373,7 @@ export class FileDevice implements BlockDevice {
   /** Punch a hole (fallocate PUNCH_HOLE through the native helper); a no-op without it, as discard is only a hint. */
   async discard(offset: number, length: number): Promise<void> {
     this.assertWritable();
+    this.dataRun = undefined;
     if (native && length > 0) this.tryFallocate(1, offset, length);
   }
 

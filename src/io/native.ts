@@ -1,7 +1,8 @@
 /**
  * The optional native helper (native/qledger-native.c, built by `npm install`
  * through node-gyp): SEEK_DATA/SEEK_HOLE, fallocate, OFD byte-range locks,
- * copy_file_range and sync_file_range, which Node's fs lacks. Everything works without it; hole detection becomes
+ * copy_file_range and sync_file_range, which Node's fs lacks, and zstd
+ * compression from the system's libzstd, which Node 20's zlib lacks. Everything works without it; hole detection becomes
  * a content guess and image locks hold only within this process.
  */
 
@@ -19,6 +20,8 @@ export interface NativeHelper {
   copyRange?(fdIn: number, offIn: number, fdOut: number, offOut: number, length: number): number;
   /** sync_file_range(SYNC_FILE_RANGE_WRITE): the range's write-back started, not waited for; false where it cannot */
   writeBehind?(fd: number, offset: number, length: number): boolean;
+  /** one zstd frame at `level` from the system's libzstd (dlopen at the first call); undefined where it is missing */
+  zstdCompress?(data: Uint8Array, level: number): Uint8Array | undefined;
 }
 
 function load(): NativeHelper | undefined {
@@ -45,7 +48,7 @@ function load(): NativeHelper | undefined {
  */
 function ownCopy(m: Record<string, unknown>): NativeHelper {
   const out: Record<string, unknown> = {};
-  for (const k of ['seekData', 'seekHole', 'fallocate', 'ofdLock', 'ofdHeld', 'copyRange', 'writeBehind']) if (typeof m[k] === 'function') out[k] = m[k];
+  for (const k of ['seekData', 'seekHole', 'fallocate', 'ofdLock', 'ofdHeld', 'copyRange', 'writeBehind', 'zstdCompress']) if (typeof m[k] === 'function') out[k] = m[k];
   if (typeof out['seekData'] !== 'function') throw new Error('not the helper');
   return out as unknown as NativeHelper;
 }
