@@ -11,8 +11,9 @@ import { Worker, isMainThread, parentPort, workerData } from 'node:worker_thread
 import { compressCluster } from './compress.ts';
 import { workerEntry } from '../worker-entry.ts';
 
-type Job = { id: number; type: number; data: Uint8Array };
-type Done = { id: number; z: Uint8Array | null } | { id: number; error: string };
+/** `which` clusters (indices) of `data`, each `cs` bytes, to compress; `data` goes to the worker and comes back */
+type Job = { id: number; type: number; cs: number; which: number[]; data: Uint8Array };
+type Done = { id: number; data: Uint8Array; z: Array<Uint8Array | null> } | { id: number; error: string };
 
 /** True in a thread started as a compression worker (the bundled CLI checks this before it runs as a program). */
 export function isCompressWorker(): boolean {
@@ -22,16 +23,22 @@ export function isCompressWorker(): boolean {
 /** The worker: a cluster in, its compressed stream (or null: not smaller) out. */
 export function serveCompressWorker(): void {
   parentPort!.on('message', (j: Job) => {
-    compressCluster(j.type, j.data).then(
-      (z) => parentPort!.postMessage({ id: j.id, z: z ?? null } satisfies Done),
+    Promise.all(j.which.map((i) => compressCluster(j.type, j.data.subarray(i * j.cs, (i + 1) * j.cs)))).then(
+      (zs) => parentPort!.postMessage({ id: j.id, data: j.data, z: zs.map((z) => z ?? null) } satisfies Done, [j.data.buffer as ArrayBuffer]),
       (e: unknown) => parentPort!.postMessage({ id: j.id, error: (e as Error).message } satisfies Done),
     );
   });
 }
 
+/** A compressed batch: its bytes back, and a stream (or undefined: not smaller) per cluster asked for. */
+export interface Compressed {
+  readonly data: Uint8Array;
+  readonly z: ReadonlyArray<Uint8Array | undefined>;
+}
+
 export class CompressPool {
   private readonly workers: Worker[] = [];
-  private readonly waiting = new Map<number, { resolve: (z: Uint8Array | undefined) => void; reject: (e: Error) => void }>();
+  private readonly waiting = new Map<number, { resolve: (r: Compressed) => void; reject: (e: Error) => void }>();
   private next = 0;
   private failed: Error | undefined;
 
@@ -43,7 +50,7 @@ export class CompressPool {
         const p = this.waiting.get(m.id);
         this.waiting.delete(m.id);
         if ('error' in m) p?.reject(new Error(m.error));
-        else p?.resolve(m.z ?? undefined);
+        else p?.resolve({ data: m.data, z: m.z.map((z) => z ?? undefined) });
       });
       w.on('error', (e) => this.fail(e));
       w.on('exit', (code) => code !== 0 && this.fail(new Error(`a compression worker exited (${code})`)));
@@ -57,14 +64,19 @@ export class CompressPool {
     this.waiting.clear();
   }
 
-  /** One whole cluster compressed for compression type `type` (undefined: not smaller), on the next worker in turn. The bytes are copied. */
-  compress(type: number, cluster: Uint8Array): Promise<Uint8Array | undefined> {
+  /**
+   * Clusters `which` of `data` (whole clusters of `cs` bytes) compressed for
+   * compression type `type` on the next worker in turn, in one message: a
+   * message per cluster had cost the main thread more than reading them.
+   * `data` is moved to the worker (unusable meanwhile) and comes back in the
+   * answer, with each cluster's stream (undefined: not smaller).
+   */
+  compressMany(type: number, cs: number, data: Uint8Array, which: number[]): Promise<Compressed> {
     if (this.failed) return Promise.reject(this.failed);
     const id = this.next++;
-    const data = cluster.slice();
     return new Promise((resolve, reject) => {
       this.waiting.set(id, { resolve, reject });
-      this.workers[id % this.workers.length]!.postMessage({ id, type, data } satisfies Job, [data.buffer]);
+      this.workers[id % this.workers.length]!.postMessage({ id, type, cs, which, data } satisfies Job, [data.buffer as ArrayBuffer]);
     });
   }
 

@@ -302,7 +302,9 @@ export class Qcow2Writer {
         for (let c = offset, k = 0; c < end; c += cs, k++) {
           await this.rooms.compressed.writeCluster(guest(c), data.subarray(c - offset, Math.min(end, c + cs) - offset), compressed ? { z: compressed[k] } : undefined);
         }
-      });
+        // held with the writes around it, as a write is (context.ts): convert -c writes a cluster at a
+        // time, and a transaction each had copied its L2 table and refcount block every time
+      }, false, true);
       await this.rooms.writeback.maybe();
     });
   }
