@@ -264,13 +264,7 @@ export class Qcow2Writer {
     });
   }
 
-  /**
-   * A write of `length` bytes that lie on another device (`from.device` at
-   * `from.offset`), copied there without a trip through memory where both
-   * are files (commit's path). As a write of those bytes would be, except
-   * that zeros are not detected: that needs the bytes (QEMU's commit does
-   * not detect them either).
-   */
+  /** A write of `length` bytes on another device (`from`), copied in the kernel where both are files (commit); zeros not detected (that needs the bytes; QEMU's commit does not either). */
   writeFrom(offset: number, length: number, from: CopySource): Promise<void> {
     return this.serial(async () => {
       await this.guestOp('write', offset, length);
@@ -302,8 +296,7 @@ export class Qcow2Writer {
         for (let c = offset, k = 0; c < end; c += cs, k++) {
           await this.rooms.compressed.writeCluster(guest(c), data.subarray(c - offset, Math.min(end, c + cs) - offset), compressed ? { z: compressed[k] } : undefined);
         }
-        // held with the writes around it, as a write is (context.ts): convert -c writes a cluster at a
-        // time, and a transaction each had copied its L2 table and refcount block every time
+        // held with the writes around it as a write is (context.ts): one table copy per run, not per cluster
       }, false, true);
       await this.rooms.writeback.maybe();
     });
