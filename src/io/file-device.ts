@@ -28,15 +28,16 @@ let inlineLimit = 0;
 const COPY_STEP = 8 << 20;
 
 /**
- * Write-behind: after a write or copy of at least this many bytes (0: never),
- * the range's write-back to the disk is started at once (sync_file_range
- * WRITE, not waited for) instead of when the kernel gets to it. The disk
+ * Write-behind: once writes or copies that continue one another add up to
+ * this many bytes (0: never), their write-back to the disk is started at
+ * once (sync_file_range WRITE, not waited for) instead of when the kernel
+ * gets to it. The disk
  * then works while the process goes on copying, and the flush at the end
  * (commit's, or qemu-io's at exit) waits for the last pieces only: a 1 GiB
  * copy's fdatasync here went from 0.2 s to under 0.02 s. Only for a device
  * whose flushes reach the disk (never cache=unsafe, which never flushes) and
- * only for large requests: small rewrites of a page under write-back would
- * wait for it.
+ * only for sequential runs: scattered rewrites of a page under write-back
+ * would wait for it.
  */
 let writeBehindFrom = 0;
 
@@ -237,9 +238,24 @@ export class FileDevice implements BlockDevice {
     this.behind(offset, data.length);
   }
 
-  /** Write-behind of a range just written, where it applies (setWriteBehind). */
+  /** the contiguous run of writes not yet handed to write-behind: [behindFrom, behindTo) */
+  private behindFrom = 0;
+  private behindTo = -1;
+
+  /**
+   * Write-behind (setWriteBehind) of a range just written: writes that
+   * continue one another gather into a run, and each time the run reaches
+   * the threshold its write-back is started and a new run begins. A write
+   * elsewhere starts a new run, so scattered small writes never get one.
+   */
   private behind(offset: number, length: number): void {
-    if (writeBehindFrom > 0 && length >= writeBehindFrom && !this.ignoreFlush) native?.writeBehind?.(this.fh.fd, offset, length);
+    if (writeBehindFrom === 0 || this.ignoreFlush || !native?.writeBehind) return;
+    if (offset !== this.behindTo) this.behindFrom = offset;
+    this.behindTo = offset + length;
+    if (this.behindTo - this.behindFrom >= writeBehindFrom) {
+      native.writeBehind(this.fh.fd, this.behindFrom, this.behindTo - this.behindFrom);
+      this.behindFrom = this.behindTo;
+    }
   }
 
   async flush(): Promise<void> {
