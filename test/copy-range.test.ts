@@ -8,8 +8,8 @@
 
 import { describe, it, expect, afterEach } from 'vitest';
 import fc from 'fast-check';
-import { mkdtempSync, rmSync, writeFileSync, readFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { writeFileSync, readFileSync } from 'node:fs';
+import { tempDir } from './helpers/qemu.ts';
 import { join } from 'node:path';
 import { FileDevice, setInlineIo, setWriteBehind } from '../src/io/file-device.ts';
 import { MemoryDevice } from '../src/io/memory-device.ts';
@@ -24,15 +24,15 @@ if (!kernelCopy) {
   console.warn('\n' + '!'.repeat(72) + '\n!!! native helper NOT BUILT: the kernel-copy assertions are SKIPPED (the fallback is tested).\n' + '!'.repeat(72) + '\n');
 }
 
-const dirs: string[] = [];
+const made: Array<() => void> = [];
 const tmp = () => {
-  const d = mkdtempSync(join(tmpdir(), 'qledger-copy-'));
-  dirs.push(d);
-  return d;
+  const t = tempDir('qledger-copy-');
+  made.push(t.cleanup);
+  return t.dir;
 };
 afterEach(() => {
   setInlineIo(0);
-  for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
+  for (const cleanup of made.splice(0)) cleanup();
 });
 
 /** Equal bytes, or the first offset where they differ (toEqual walks megabytes element by element). */
