@@ -19,6 +19,7 @@ export const FAULTS = {
   'free-before-unmap': 'refcount decrements are written before the L2/L1 change that drops the reference',
   'header-before-table': 'the header switches to a new L1 or refcount table before the table is durable',
   'data-after-mapping': 'guest data reaches the device only after the L2 entry that maps it',
+  'unsummed-data': "guest data shares the journal transaction's flush without its checksums in the transaction",
   'unshare-with-increment': 'entries lose COPIED with the refcount increments that make their clusters shared, no barrier between',
   'snapshot-before-refcounts': 'the header switches to a new snapshot table with the refcount increments for its tree, no barrier between',
   'copied-before-free': 'entries gain COPIED with the refcount decrement that leaves one reference, no barrier between',
@@ -51,6 +52,11 @@ export class FaultPlan implements PhaseRearranger {
   /** Rule: an entry that lost COPIED and then moved on loses COPIED on disk before its old cluster's refcount passes 1. */
   get movedUnshareLate(): boolean {
     return this.fault === 'moved-unshare-late';
+  }
+
+  /** Rule (journal): data that shares the frames' flush is in the transaction with its checksums. */
+  get unsummedData(): boolean {
+    return this.fault === 'unsummed-data';
   }
 
   /** Rule: the enabled bitmaps are in use on disk before the first guest write of a session. */

@@ -13,7 +13,9 @@
  *      else (no stale data from another guest location);
  *  (d) a read-write open (which replays the journal, or rebuilds refcounts
  *      of a dirty image) and a close leave no corruption, and with the
- *      journal on (v3 images) no leaked cluster either;
+ *      journal on (v3 images) no leaked cluster either, and after a
+ *      replay (b) and (c) hold as well (the journal may complete or drop a
+ *      transaction, never mix another location's data in);
  *  (e) on a sample of states, `qemu-img check` exits 0 or 3;
  *  (f) a persistent bitmap the state holds as not in use marks every
  *      granule whose content differs from what it was when the bitmap was
@@ -404,6 +406,10 @@ export async function crashTest(ops: readonly GuestOp[], o: CrashTestOptions): P
       if (op.op === 'write') {
         model.fill(op.pattern, op.offset, op.offset + op.length);
         [lo, hi] = [op.offset, op.offset + op.length];
+      } else if (op.op === 'truncate') {
+        // refused in its write-back after the journal had the transaction: a recovery completes it
+        [lo, hi] = [Math.min(model.length, op.size), op.size];
+        model = model.resized(op.size);
       }
     }
     // whole sectors: a partial-sector write leaves the rest of its sector as it was

@@ -36,6 +36,7 @@ import { BLOCK, GuestModel } from './guest-model.ts';
 const SECTOR = 512;
 const CHUNK = 1 << 20;
 const ZEROS = Buffer.alloc(CHUNK);
+const NO_BITMAPS: JudgeContext['bitmapRefs'] = new Map();
 
 /** One guest operation of the workload: the guest range it changed and its content afterwards. */
 export interface Step {
@@ -253,6 +254,12 @@ export class StateJudge {
       leaksAfterRecovery = r.leaksAfter;
       if (r.copiedClear) copiedClear++;
       if (r.problem) problems.push(r.problem);
+      // (b) and (c) again after a replay: what it maps must be what was written (the verdict above is
+      // shared by states that differ in data sectors alone, so this runs per state)
+      if (replayed && !problems.length) {
+        const problem = await this.judgeRecovered(st, backing);
+        if (problem) problems.push({ problem: `after the journal's recovery: ${problem}`, kind: 'data' });
+      }
     }
     return { problems, leaks, copiedClear, replayed, leaksAfterRecovery, dirty };
   }
@@ -284,22 +291,35 @@ export class StateJudge {
     }
   }
 
-  /** (b), (c) and (f): the guest content of the state, read where it can differ from its epoch's durable image. */
-  private async judgeGuest(st: CrashState, dev: PagedDevice, backing: Layer | undefined): Promise<string | undefined> {
+  /** (b) and (c) on a clone of the state after a read-write open's recovery. */
+  private async judgeRecovered(st: CrashState, backing: Layer | undefined): Promise<string | undefined> {
+    const dev = st.device.clone();
+    try {
+      const { writer } = await openSession(dev, undefined, this.c.name, backing, { journal: this.c.journal, journalBytes: this.c.journalBytes, onWarning: () => {} });
+      await writer.abandon();
+    } catch (e) {
+      return `read-write open failed: ${(e as Error).message}`;
+    }
+    return this.judgeGuest(st, dev.clone({ readOnly: true }), backing, false);
+  }
+
+  /** (b), (c) and (f) (unless `!bitmaps`): the guest content of the state, read where it can differ from its epoch's durable image. */
+  private async judgeGuest(st: CrashState, dev: PagedDevice, backing: Layer | undefined, bitmaps = true): Promise<string | undefined> {
     const c = this.c;
+    const refs = bitmaps ? c.bitmapRefs : NO_BITMAPS;
     const layer = await openQcow2Layer(dev, c.name, { backing });
     const whole = async () => {
       this.wholeReads++;
       // without bitmaps to judge, run by run (a large sparse disk is mostly zeros)
-      if (!c.bitmapRefs.size && !c.thorough) return this.judgeRuns(layer, await statusRuns(layer), st);
+      if (!refs.size && !c.thorough) return this.judgeRuns(layer, await statusRuns(layer), st);
       const got = new Uint8Array(layer.size);
       await readGuest(layer, guest(0), got);
       this.guestBytes += got.length;
       const problem = this.judgeData(got, 0, got.length, st);
       if (problem) return problem;
-      return c.bitmapRefs.size ? judgeBitmaps(layer, got, c.bitmapRefs) : undefined;
+      return refs.size ? judgeBitmaps(layer, got, refs) : undefined;
     };
-    if (c.bitmapRefs.size || !c.backingFixed || c.thorough) return whole();
+    if (refs.size || !c.backingFixed || c.thorough) return whole();
     const ref = await this.epochRef(st, backing);
     // the runs say where every byte comes from; an external data file is another device
     if (!ref?.valid || ref.size !== layer.size || ref.backing !== backing || (layer instanceof Qcow2Layer && layer.dataDev)) return whole();

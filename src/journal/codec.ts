@@ -24,6 +24,7 @@ export const RECORD_TYPE = {
   begin: 18,
   commit: 19,
   unjournalled: 20,
+  'data-crc': 21,
   refcounts: 10,
   l2s: 11,
 } as const;
@@ -42,6 +43,7 @@ export const RECORD_LENGTH: Record<Exclude<JournalRecord['kind'], 'begin' | 'ima
   barrier: 8,
   commit: 16,
   unjournalled: 16,
+  'data-crc': 24,
 };
 
 export const HEADER_FIELD_ID: Record<HeaderField, number> = {
@@ -158,6 +160,11 @@ export function encodeRecordInto(r: JournalRecord, b: Uint8Array, off: number): 
       break;
     case 'unjournalled':
       putU64(b, off + 8, r.records);
+      break;
+    case 'data-crc':
+      putU32(b, off + 4, r.crc);
+      putU64(b, off + 8, r.host);
+      putU64(b, off + 16, r.length);
       break;
     case 'refcounts': {
       putU32(b, off + 4, r.index.length);
@@ -281,6 +288,9 @@ export function decodeRecord(b: Uint8Array, off = 0): { record: JournalRecord; l
     }
     case 'unjournalled':
       record = { kind, records: u64r(b, off + 8) };
+      break;
+    case 'data-crc':
+      record = { kind, host: u64r(b, off + 8), length: u64r(b, off + 16), crc: u32(b, off + 4) };
       break;
     case 'refcounts': {
       const n = u32(b, off + 4);

@@ -88,7 +88,13 @@ export type LogRecord =
   /** The final content of a table the transaction moved (L1, refcount table) or created as a copy (L2). */
   | { readonly kind: 'image'; readonly role: ImageRole; readonly offset: number; readonly bytes: Uint8Array }
   /** The write-back did not fit the journal: its records are not here, and recovery must count references instead. */
-  | { readonly kind: 'unjournalled'; readonly records: number };
+  | { readonly kind: 'unjournalled'; readonly records: number }
+  /**
+   * Guest bytes at `host` that went to the device since the last barrier and
+   * share the transaction's flush instead of one of their own: the
+   * transaction is complete only where they read back with this CRC-32.
+   */
+  | { readonly kind: 'data-crc'; readonly host: number; readonly length: number; readonly crc: number };
 
 export type JournalRecord = MetaRecord | MarkerRecord | LogRecord;
 
@@ -154,5 +160,7 @@ export function describe(r: JournalRecord): string {
       return `image ${r.role} at ${hex(r.offset)} (${r.bytes.length} bytes)`;
     case 'unjournalled':
       return `unjournalled write-back of ${r.records} records`;
+    case 'data-crc':
+      return `data ${hex(r.host)} +${hex(r.length)} crc32 ${hex(r.crc)}`;
   }
 }

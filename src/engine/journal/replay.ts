@@ -20,7 +20,7 @@ import { decodeL1Entry, entryOffset, l1Offset } from '../../format/l1.ts';
 import { isCompressed, isCopied, l2EntryAt, sameL2Entry, standardOffset, standardReservedBits, writeL2Entry, type L2Entry } from '../../format/l2.ts';
 import { getRefcount, maxRefcount, refcountTableEntry, setRefcount } from '../../format/refcount.ts';
 import { readAt, readClusters, type BlockDevice } from '../../io/device.ts';
-import type { JournalTransaction } from '../../journal/log.ts';
+import { crc32, type JournalTransaction } from '../../journal/log.ts';
 import { expandRecords, type HeaderField } from '../../journal/records.ts';
 import { encodeBitmapsExtension } from '../../format/bitmaps.ts';
 import { PhaseLists, executePlan, type Phase } from '../ordering.ts';
@@ -34,8 +34,10 @@ import { locateJournal, type JournalView, type Located } from './locate.ts';
 export interface RecoveryReport {
   /** 'replayed': a committed transaction was completed in place; 'scan': the
    * transaction was too big for the journal and references must be counted;
-   * 'ignored': a journal was found but not trusted (see warnings) */
-  readonly action: 'none' | 'replayed' | 'scan' | 'ignored';
+   * 'ignored': a journal was found but not trusted (see warnings);
+   * 'dropped': the transaction's own flush never completed (the data that
+   * shared it does not read back), so none of it is in place */
+  readonly action: 'none' | 'replayed' | 'scan' | 'ignored' | 'dropped';
   readonly tx?: number | undefined;
   readonly records?: number | undefined;
   /** device writes recovery made */
@@ -80,6 +82,17 @@ export async function recoverJournal(
   }
   const tx = unapplied[0]!;
   if (tx.records.some((r) => r.kind === 'unjournalled')) return { ...none, action: 'scan', tx: tx.tx };
+  const torn = await dataMismatch(dev, fileSize, tx);
+  if (torn === 'too much') return { ...none, action: 'ignored', warnings: [`${name}: journal transaction ${tx.tx} ignored, its data checksums cover more than ${SUMMED_MAX} bytes, which qledger never writes`] };
+  if (torn) {
+    // The data that shared the transaction's flush did not all reach the disk, so that flush never
+    // completed and nothing of the transaction is in place; or it did, and the transaction was
+    // entirely in place before later guest writes changed that data (a write-back runs alone).
+    // Either way there is nothing to complete. The checkpoint keeps the transaction from being
+    // weighed again (a later write of the same bytes there must not revive it).
+    await checkpoint(dev, j.ext, j.generation, tx.tx);
+    return { ...none, action: 'dropped', tx: tx.tx };
+  }
   const plan = await planReplay(dev, parsed, fileSize, j, tx);
   if (typeof plan === 'string') {
     return { ...none, action: 'ignored', warnings: [`${name}: journal transaction ${tx.tx} ignored, it does not match the image: ${plan}. Leaked clusters, if any, stay until 'qledger check -r leaks'`] };
@@ -91,6 +104,26 @@ export async function recoverJournal(
   // (idempotent), and the session's first write-back starts a new generation anyway
   await checkpoint(dev, j.ext, j.generation, tx.tx);
   return { action: 'replayed', tx: tx.tx, records: tx.records.length, writes, warnings: [] };
+}
+
+/** What recovery reads back at most for a transaction's data checksums (the writer carries up to 128 KiB). */
+const SUMMED_MAX = 16 << 20;
+
+/**
+ * Whether the data a transaction's checksums cover reads back otherwise
+ * (a range past the end of the file reads otherwise): the first such
+ * range, or 'too much' when they cover more than SUMMED_MAX bytes.
+ */
+async function dataMismatch(dev: BlockDevice, fileSize: number, tx: JournalTransaction): Promise<string | 'too much' | undefined> {
+  let total = 0;
+  for (const r of tx.records) if (r.kind === 'data-crc') total += r.length;
+  if (total > SUMMED_MAX) return 'too much';
+  for (const r of tx.records) {
+    if (r.kind !== 'data-crc') continue;
+    if (r.host + r.length > fileSize) return `data at ${hex(r.host)} past the end of the file`;
+    if (crc32(await readAt(dev, r.host, r.length)) !== r.crc) return `data at ${hex(r.host)} (${r.length} bytes) does not match its checksum`;
+  }
+  return undefined;
 }
 
 /**

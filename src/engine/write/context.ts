@@ -17,6 +17,7 @@ import type { Qcow2Layer } from '../qcow2-layer.ts';
 import type { HeaderBits } from './header-bits.ts';
 import type { GuardedDevice } from './overlap-guard.ts';
 import type { Trace } from './trace.ts';
+import { crc32 } from '../../journal/log.ts';
 
 export interface WriteFiles {
   /** the image file: metadata, and guest data without an external data file; every write checked by the overlap index */
@@ -59,18 +60,78 @@ export class FileExtent {
     if (endCluster > this.endCluster) this.endCluster = endCluster;
   }
 
-  /** Data reached a device; `onImage`: the image file (not an external data file), so zeroFrom moves. */
-  noteData(offset: number, length: number, onImage: boolean): void {
+  /**
+   * Data reached a device; `onImage`: the image file (not an external data
+   * file), so zeroFrom moves. `bytes`, when the caller has them: what was
+   * written, so that its checksum can stand in for a barrier of its own.
+   */
+  noteData(offset: number, length: number, onImage: boolean, bytes?: Uint8Array): void {
     if (onImage) this.zeroFrom = Math.max(this.zeroFrom, Math.ceil((offset + length) / this.clusterSize) * this.clusterSize);
-    this.noteDeviceChange();
+    this.dataWritten = true;
+    this.dataSinceBarrier = true;
+    const sums = this.sums;
+    if (!sums) return;
+    if (!onImage || !bytes || this.sumBytes + length > SHARED_FLUSH_MAX || sums.length >= SHARED_FLUSH_WRITES) {
+      this.sums = undefined;
+      return;
+    }
+    // a rewrite of a range summed before: the same range takes the new sum, a partial overlap ends the sums
+    for (let k = 0; k < sums.length; k++) {
+      const e = sums[k]!;
+      if (e.host >= offset + length || offset >= e.host + e.length) continue;
+      if (e.host === offset && e.length === length) {
+        sums[k] = { kind: 'data-crc', host: offset, length, crc: crc32(bytes) };
+        return;
+      }
+      this.sums = undefined;
+      return;
+    }
+    sums.push({ kind: 'data-crc', host: offset, length, crc: crc32(bytes) });
+    this.sumBytes += length;
   }
 
-  /** Guest-visible bytes changed on a device (zeroes, preallocation): the next barrier must cover them. */
+  /** Guest-visible bytes changed on a device (zeroes, preallocation, a kernel copy): the next barrier must cover them. */
   noteDeviceChange(): void {
     this.dataWritten = true;
     this.dataSinceBarrier = true;
+    this.sums = undefined;
   }
+
+  /**
+   * The checksums of every data write since the last barrier, when each
+   * was a write of bytes into the image file and they add up to at most
+   * SHARED_FLUSH_MAX; undefined otherwise. With them a journalled
+   * write-back may let that data share its frames' flush (recovery reads
+   * the bytes back and drops a transaction whose data does not match:
+   * journal-format.md, "Write protocol").
+   */
+  get dataSums(): readonly DataCrc[] | undefined {
+    return this.sums;
+  }
+
+  /** A barrier: everything written is durable. */
+  barrierDone(): void {
+    this.dataSinceBarrier = false;
+    this.sums = [];
+    this.sumBytes = 0;
+  }
+
+  private sums: DataCrc[] | undefined = [];
+  private sumBytes = 0;
 }
+
+type DataCrc = Extract<JournalRecord, { kind: 'data-crc' }>;
+
+/**
+ * Data since the last barrier up to this many bytes is checksummed into the
+ * transaction instead of flushed before it. A flush here costs about
+ * 0.13 ms and a CRC-32 of 1 MiB about 0.3 ms: a sequential run of 1 MiB
+ * writethrough writes went from 1.45 s to 1.64 s with a 1 MiB limit, so
+ * the limit is where the checksum costs well under the flush it saves.
+ */
+export const SHARED_FLUSH_MAX = 128 << 10;
+/** ... and in at most this many writes (each new one is compared with those before it). */
+export const SHARED_FLUSH_WRITES = 64;
 
 export type RecordListener = (r: JournalRecord) => void;
 
@@ -212,7 +273,7 @@ export class WriteContext {
     await this.files.image.writeAs(offset, bytes, 0, () => `${what} at ${hex(offset)}`);
     this.trace.record({ kind: 'data', host: offset, length: bytes.length });
     this.trace.write(offset, bytes.length, what);
-    this.extent.noteData(offset, bytes.length, true);
+    this.extent.noteData(offset, bytes.length, true, bytes);
   }
 
   /** the records of an operation that is undone if it fails (metadata-only operations: snapshots, bitmaps) */

@@ -281,6 +281,8 @@ export class DataWriter {
         await ctx.files.guest.writeZeroes(z.offset, z.length, false);
         ctx.trace.write(z.offset, z.length, 'zeroes (cow)');
       }
+      // no checksum covers the zeroes: the next write-back flushes before its frames
+      if (zeroes.length) ctx.extent.noteDeviceChange();
     } catch (e) {
       // the device refused the data (a full disk, say): nothing maps the new clusters, so they go
       // back instead of leaking; the write fails, every earlier one stays
@@ -326,7 +328,7 @@ export class DataWriter {
       else await dev.copyAs(w.from!.device, w.from!.offset, w.offset, w.length, 0, label);
       ctx.trace.record({ kind: 'data', host: cur.offset, length: cur.length });
       ctx.trace.write(cur.offset, cur.length, cur.what);
-      ctx.extent.noteData(cur.offset, cur.length, !ctx.hasDataFile);
+      ctx.extent.noteData(cur.offset, cur.length, !ctx.hasDataFile, cur.data);
       i = j;
     }
   }

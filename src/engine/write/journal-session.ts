@@ -13,6 +13,7 @@ import { l1Bytes, l1TableOffset, reftableBytes } from '../../state/state.ts';
 import type { HeaderState } from '../../state/state.ts';
 import { activateJournal, removeHeaderExtension, type JournalLog, type JournalPlan } from '../journal/live.ts';
 import type { WriteAhead } from '../ordering.ts';
+import type { FaultPlan } from '../faults.ts';
 import { host } from '../../format/offsets.ts';
 import { EXT_BITMAPS, EXT_JOURNAL } from '../../format/features.ts';
 import { findExtension } from '../../format/extension-insert.ts';
@@ -36,6 +37,7 @@ export class JournalSession {
     private plan: JournalPlan | undefined,
     private readonly extensions: Parameters<typeof activateJournal>[4],
     private readonly onWarning: ((message: string) => void) | undefined,
+    private readonly faults?: FaultPlan | undefined,
   ) {
     // the journal area has refcount 0 (QEMU must not count it): the allocator and overlap checks skip it by the index
     if (plan?.reuse) overlap.reserve(host(plan.reuse.offset), plan.reuse.size, OL_JOURNAL);
@@ -157,10 +159,16 @@ export class JournalSession {
     if (!log || !this.live || pending.length === 0) return undefined;
     const ctx = this.ctx;
     let tx = 0;
+    // data since the last barrier, every byte of it checksummed, shares the frames' flush: recovery
+    // drops a transaction whose data does not read back (test fault 'unsummed-data': without the sums)
+    const sums = ctx.extent.dataSinceBarrier ? ctx.extent.dataSums : [];
+    const unsummed = this.faults?.unsummedData === true;
+    const shared = unsummed || sums !== undefined;
+    const carried = unsummed ? [] : (sums ?? []);
     return {
-      dataPending: ctx.extent.dataSinceBarrier,
+      dataPending: ctx.extent.dataSinceBarrier && !shared,
       append: async () => {
-        const r = await log.append([...this.stream, ...this.tableImages(pending)], pending.length, this.streamBytes);
+        const r = await log.append([...this.stream, ...this.tableImages(pending), ...carried], pending.length, this.streamBytes + carried.length * 24);
         tx = r.tx;
         ctx.trace.write(log.ext.offset, r.bytes, `journal tx ${r.tx}${r.fits ? '' : ' (unjournalled: too big)'} [journal]`);
         // The first transaction carries the autoclear bit in the same flush: a bit

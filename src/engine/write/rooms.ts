@@ -79,7 +79,7 @@ export function buildRooms(ctx: WriteContext, o: RoomOptions): Rooms {
   data.dedup = dedup;
   shared.dedup = o.dedup;
   const zero = new ZeroWriter(ctx, mapping, data, zeroCluster);
-  const journal = new JournalSession(ctx, overlap, o.journal, o.extensions, o.onWarning);
+  const journal = new JournalSession(ctx, overlap, o.journal, o.extensions, o.onWarning, o.faults);
   const writeback = new WriteBack(ctx, alloc, tables, journal, overlap, o.faults, o.writebackRecords, o.stopAfterPhase);
   ctx.subscribe((r) => ctx.trace.record(r));
   ctx.subscribe((r) => overlap.follow(r));

@@ -216,7 +216,7 @@ export class SharedClusters implements UnrefListener {
     await ctx.files.guest.writeAs(hostOf(own, cs), bytes, 0, 'data (copy of a cluster left unshared)');
     ctx.trace.record({ kind: 'data', host: hostOf(own, cs), length: cs });
     ctx.trace.write(hostOf(own, cs), cs, 'data (unshare copy)');
-    ctx.extent.noteData(hostOf(own, cs), cs, true);
+    ctx.extent.noteData(hostOf(own, cs), cs, true, bytes);
   }
 
   /** Every active L2 entry that maps a host cluster without COPIED, by host offset (one scan of the active tables). */

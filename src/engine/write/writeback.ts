@@ -55,7 +55,7 @@ export class WriteBack {
 
   async barrier(): Promise<void> {
     const ctx = this.ctx;
-    ctx.extent.dataSinceBarrier = false;
+    ctx.extent.barrierDone();
     await ctx.files.image.flush();
     if (ctx.files.data) await ctx.files.data.flush();
     ctx.trace.record({ kind: 'barrier' });
