@@ -26,7 +26,8 @@ import { isZero, u64big } from '../format/bytes.ts';
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../format/features.ts';
 import { readGuest } from '../engine/read.ts';
 import { guest, type Layer, type LayerStatus } from '../engine/layer.ts';
-import { Qcow2Layer, openQcow2Layer } from '../engine/qcow2-layer.ts';
+import { Qcow2Layer, loadQcow2, openQcow2Layer } from '../engine/qcow2-layer.ts';
+import { recoverJournal } from '../engine/journal/replay.ts';
 import { checkDevice } from '../engine/check/check.ts';
 import { openSession } from '../engine/writable.ts';
 import type { GuestOp } from './workload.ts';
@@ -291,14 +292,19 @@ export class StateJudge {
     }
   }
 
-  /** (b) and (c) on a clone of the state after a read-write open's recovery. */
+  /**
+   * (b) and (c) on a clone of the state after the journal's recovery: the
+   * replay alone, not a whole read-write open (the rest of the open, a
+   * refcount rebuild of a dirty image included, changes no guest data).
+   */
   private async judgeRecovered(st: CrashState, backing: Layer | undefined): Promise<string | undefined> {
     const dev = st.device.clone();
     try {
-      const { writer } = await openSession(dev, undefined, this.c.name, backing, { journal: this.c.journal, journalBytes: this.c.journalBytes, onWarning: () => {} });
-      await writer.abandon();
+      const loaded = await loadQcow2(dev);
+      const r = await recoverJournal(dev, this.c.name, loaded.parsed, loaded.fileSize, undefined, { entries: loaded.snapshots, tableBytes: loaded.snapshotTableBytes });
+      if (r.action !== 'replayed') return `the recovery did ${r.action} on a second run where the first replayed`;
     } catch (e) {
-      return `read-write open failed: ${(e as Error).message}`;
+      return `the journal's recovery failed: ${(e as Error).message}`;
     }
     return this.judgeGuest(st, dev.clone({ readOnly: true }), backing, false);
   }
