@@ -95,7 +95,8 @@ describe('qledger fuzz', () => {
   }, 120_000);
 
   it.skipIf(!qemuAvailable)('regressions the differential campaign found: the same findings as qemu-img check, message for message', async () => {
-    const images = await builtinImages();
+    // the campaigns that found them had the first five kinds (the crashed-journal kind came after)
+    const images = (await builtinImages()).slice(0, 5);
     const { spawnSync } = await import('node:child_process');
     // seed 2 case 189: an L1 entry naming an unaligned L2 table (QEMU judges its entries' COPIED flags too);
     // seed 7 case 231: nb_snapshots past the table (v3 entries without 16 bytes of extra data are incomplete);

@@ -300,6 +300,43 @@ describe('recovery', () => {
     expect(Buffer.from(dev.snapshot()).equals(Buffer.from(forged))).toBe(true);
   });
 
+  it('a damaged image with a transaction to replay is refused as it is: recovery writes nothing first (fuzz findings)', async () => {
+    const { builtinImages } = await import('../src/harness/fuzz.ts');
+    const { decodeHeader } = await import('../src/format/header.ts');
+    const seed = (await builtinImages()).at(-1)!;
+    expect(seed.name).toBe('v3-4k-crashed-journal');
+    const p = decodeHeader(seed.bytes, seed.bytes.length);
+    // undamaged, it replays
+    const fine = await openSession(new MemoryDevice('c.qcow2', seed.bytes.slice()), undefined, 'c.qcow2', undefined, {});
+    expect(fine.recovery.action).toBe('replayed');
+    await fine.writer.abandon();
+    const damage: Array<[string, (b: Uint8Array) => void, RegExp]> = [
+      // a refcount table entry past the end of the file (the writer's open refuses it)
+      ['refcount table', (b) => putU64(b, p.header.refcountTableOffset + 8 * 40, 2 ** 40), /refcount table entry 40 .* past the end of the file/],
+      // reserved flags in the bitmap directory's entry (QEMU's directory check refuses it)
+      ['bitmap directory', (b) => putU32(b, p.bitmaps!.directoryOffset + 12, u32(b, p.bitmaps!.directoryOffset + 12) | 0x100), /reserved flags are set/],
+    ];
+    for (const [what, hurt, message] of damage) {
+      const bytes = seed.bytes.slice();
+      hurt(bytes);
+      const dev = new MemoryDevice('c.qcow2', bytes.slice());
+      await expect(openSession(dev, undefined, 'c.qcow2', undefined, {}), what).rejects.toThrow(message);
+      expect(Buffer.from(dev.snapshot()).equals(Buffer.from(bytes)), `${what}: nothing written`).toBe(true);
+    }
+    // metadata that overlaps already: not replayed (the writer then refuses writes), nothing written
+    const bytes = seed.bytes.slice();
+    const l2 = Number(u64big(bytes, p.header.l1TableOffset) & 0x00ff_ffff_ffff_fe00n);
+    putU64(bytes, p.header.refcountTableOffset + 8 * 40, l2);
+    const dev = new MemoryDevice('c.qcow2', bytes.slice());
+    const warnings: string[] = [];
+    const o = await openSession(dev, undefined, 'c.qcow2', undefined, { onWarning: (m) => warnings.push(m) });
+    expect(o.recovery.action).toBe('ignored');
+    expect(o.recovery.warnings.join()).toMatch(/not replayed, the image's .* already share the cluster at 0x[0-9a-f]+/);
+    expect(o.writer.refusal).toMatch(/metadata overlaps/);
+    await o.writer.abandon();
+    expect(Buffer.from(dev.snapshot()).equals(Buffer.from(bytes))).toBe(true);
+  });
+
   it('recovery touches only the area, the tables the transaction names and the header', async () => {
     const c = await crashedImage(1, 5);
     const dev = new MemoryDevice('j.qcow2', c.image.slice());

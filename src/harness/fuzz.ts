@@ -144,7 +144,39 @@ export async function builtinImages(): Promise<Array<{ name: string; bytes: Uint
     await w.close();
     out.push({ name, bytes: dev.snapshot() });
   }
+  out.push({ name: 'v3-4k-crashed-journal', bytes: await crashedJournalImage() });
   return out;
+}
+
+/**
+ * The last kind: a journalled image (64 KiB area) with a snapshot and a
+ * bitmap whose last write-back stopped after its first in-place phase, as a
+ * power cut would leave it: a read-write open replays the transaction (its
+ * data checksums included), so its mutations reach recovery.
+ */
+async function crashedJournalImage(): Promise<Uint8Array> {
+  const dev = new MemoryDevice('v3-4k-crashed-journal.qcow2');
+  await createOnDevice(dev, dev.name, { size: 4 << 20, clusterSize: 4096 });
+  const w = await openWriterOnDevice(dev, dev.name, { journalBytes: 65536 });
+  const cs = w.geometry.clusterSize;
+  await w.write(0, new Uint8Array(3 * cs).fill(0x11));
+  await w.createSnapshot('s1');
+  await w.bitmaps.add('b1', { granularity: cs });
+  await w.write(0, new Uint8Array(cs).fill(0x44));
+  await w.flush();
+  await w.write(8 * cs, new Uint8Array(2 * cs).fill(0x66));
+  await w.write(300 * cs + 512, new Uint8Array(512).fill(0x77));
+  w.stopAfterPhase = 1;
+  await w.flush().then(
+    () => {
+      throw new Error('the write-back did not stop');
+    },
+    (e: unknown) => {
+      if (!(e instanceof QledgerError)) throw e;
+    },
+  );
+  await w.abandon();
+  return dev.snapshot();
 }
 
 /** Where the metadata is: [offset, length, what] ranges of the image's structures (from its pristine header). */

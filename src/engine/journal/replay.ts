@@ -27,7 +27,7 @@ import { PhaseLists, executePlan, type Phase } from '../ordering.ts';
 import { dirtySectors, padSector } from '../device-writes.ts';
 import { checkpoint } from './live.ts';
 import type { SnapshotEntry } from '../../format/snapshot.ts';
-import { OL_ACTIVE_L1, OL_ACTIVE_L2, OL_MAIN_HEADER, OL_REFCOUNT_BLOCK, OL_REFCOUNT_TABLE, OverlapIndex, overlapName } from '../write/overlap.ts';
+import { OL_ACTIVE_L1, OL_ACTIVE_L2, OL_MAIN_HEADER, OL_REFCOUNT_BLOCK, OL_REFCOUNT_TABLE, OverlapIndex, overlapName, overlapNames } from '../write/overlap.ts';
 import { buildOverlapIndex } from '../write/overlap-build.ts';
 import { locateJournal, type JournalView, type Located } from './locate.ts';
 
@@ -82,6 +82,11 @@ export async function recoverJournal(
   }
   const tx = unapplied[0]!;
   if (tx.records.some((r) => r.kind === 'unjournalled')) return { ...none, action: 'scan', tx: tx.tx };
+  // no crash point leaves two structures in one cluster: an image that has them is damaged
+  // otherwise, the writer's open refuses its writes, and recovery must not write first either
+  const index = await currentOverlap(dev, parsed, snapshots);
+  const damaged = index.firstOverlap();
+  if (damaged) return { ...none, action: 'ignored', warnings: [`${name}: journal transaction ${tx.tx} not replayed, the image's ${overlapNames(damaged.kinds).join(' and ')} already share the cluster at ${hex(damaged.offset)}`] };
   const torn = await dataMismatch(dev, fileSize, tx);
   if (torn === 'too much') return { ...none, action: 'ignored', warnings: [`${name}: journal transaction ${tx.tx} ignored, its data checksums cover more than ${SUMMED_MAX} bytes, which qledger never writes`] };
   if (torn) {
@@ -97,7 +102,7 @@ export async function recoverJournal(
   if (typeof plan === 'string') {
     return { ...none, action: 'ignored', warnings: [`${name}: journal transaction ${tx.tx} ignored, it does not match the image: ${plan}. Leaked clusters, if any, stay until 'qledger check -r leaks'`] };
   }
-  const clash = await replayOverlap(dev, parsed, snapshots, tx, plan);
+  const clash = replayOverlap(index, tx, plan);
   if (clash) return { ...none, action: 'ignored', warnings: [`${name}: journal transaction ${tx.tx} ignored, its replay would overwrite other metadata: ${clash}. Leaked clusters, if any, stay until 'qledger check -r leaks'`] };
   const writes = await executePlan(plan, { write: (w) => dev.write(w.offset, w.data), barrier: () => dev.flush() }, { concurrency: CONCURRENCY, skipEmpty: true });
   // no flush of its own: until it is durable a crash only means replaying again
@@ -126,19 +131,24 @@ async function dataMismatch(dev: BlockDevice, fileSize: number, tx: JournalTrans
   return undefined;
 }
 
-/**
- * The overlap check of a replay: the index of what the image holds now,
- * following the transaction's records (the structures it creates and
- * moves), and every planned write checked against it as the kind it is,
- * before any is made. The first conflict, or undefined.
- */
-async function replayOverlap(dev: BlockDevice, parsed: ParsedHeader, snapshots: { readonly entries: readonly SnapshotEntry[]; readonly tableBytes: number }, tx: JournalTransaction, plan: readonly Phase[]): Promise<string | undefined> {
+/** The overlap index of what the image holds now (before the replay). */
+async function currentOverlap(dev: BlockDevice, parsed: ParsedHeader, snapshots: { readonly entries: readonly SnapshotEntry[]; readonly tableBytes: number }): Promise<OverlapIndex> {
   const h = parsed.header;
   const cs = 2 ** h.clusterBits;
   const index = new OverlapIndex(geometryOf(h), 'all');
   const l1 = await readAt(dev, h.l1TableOffset, h.l1Size * 8);
   const reftable = await readAt(dev, h.refcountTableOffset, h.refcountTableClusters * cs);
   await buildOverlapIndex(index, { dev, parsed, l1, reftable, snapshots: snapshots.entries, snapshotTableBytes: snapshots.tableBytes });
+  return index;
+}
+
+/**
+ * The overlap check of a replay: `index` (what the image holds now)
+ * follows the transaction's records (the structures it creates and
+ * moves), and every planned write is checked against it as the kind it
+ * is, before any is made. The first conflict, or undefined.
+ */
+function replayOverlap(index: OverlapIndex, tx: JournalTransaction, plan: readonly Phase[]): string | undefined {
   // a crash mid-write-back leaves some of the transaction's tables in place already: follow, do not judge
   for (const r of tx.records) index.follow(r);
   for (const phase of plan) {

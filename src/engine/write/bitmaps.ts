@@ -129,14 +129,8 @@ export class Bitmaps {
     const b = parsed.bitmaps;
     if (!b) return;
     const cs = this.ctx.geometry.clusterSize;
-    const dir = decodeBitmapDirectory(await readAt(this.ctx.files.image, b.directoryOffset, b.directorySize), b.nbBitmaps, b.directoryOffset);
-    let at = b.directoryOffset;
-    const names = new Set<string>();
+    const dir = await readBitmapDirectory(this.ctx.files.image, this.ctx.filename, parsed, cs, this.ctx.header().size);
     for (const e of dir) {
-      checkDirectoryEntry(e, cs, this.ctx.header().size, at);
-      if (names.has(e.name)) throw new QledgerError('E_FORMAT', `${this.ctx.filename}: bitmap directory at ${hex(b.directoryOffset)}: two bitmaps are named '${e.name}'`);
-      names.add(e.name);
-      at += directoryEntrySize(e.name);
       const inconsistent = (e.flags & BME_FLAG_IN_USE) !== 0;
       this.list.push({ name: e.name, granularityBits: e.granularityBits, flags: e.flags, inconsistent, table: { offset: e.tableOffset, size: e.tableSize }, added: undefined, cleared: false, stored: undefined, resized: false });
     }
@@ -498,4 +492,25 @@ export class Bitmaps {
     await removeHeaderExtension(dev, this.ctx.geometry.clusterSize, EXT_BITMAPS);
     this.ctx.bitmapsExt = undefined;
   }
+}
+
+/**
+ * The bitmap directory `parsed` names, read and checked as QEMU checks it
+ * at open (empty without one). `size`: the disk size its tables must cover
+ * (0 skips that check: the read-write open checks the directory before the
+ * journal's recovery, which may still change the size, and again after).
+ */
+export async function readBitmapDirectory(dev: BlockDevice, filename: string, parsed: ParsedHeader, clusterSize: number, size: number): Promise<BitmapDirectoryEntry[]> {
+  const b = parsed.bitmaps;
+  if (!b) return [];
+  const dir = decodeBitmapDirectory(await readAt(dev, b.directoryOffset, b.directorySize), b.nbBitmaps, b.directoryOffset);
+  let at = b.directoryOffset;
+  const names = new Set<string>();
+  for (const e of dir) {
+    checkDirectoryEntry(e, clusterSize, size, at);
+    if (names.has(e.name)) throw new QledgerError('E_FORMAT', `${filename}: bitmap directory at ${hex(b.directoryOffset)}: two bitmaps are named '${e.name}'`);
+    names.add(e.name);
+    at += directoryEntrySize(e.name);
+  }
+  return dir;
 }
