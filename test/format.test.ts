@@ -6,7 +6,7 @@ import {
   decodeSnapshotTable, encodeSnapshotTable, type SnapshotEntry,
 } from '../src/format/index.ts';
 import { zstdFrameEnd } from '../src/engine/compress.ts';
-import { u64big } from '../src/format/bytes.ts';
+import { nonZeroEntries, u64big } from '../src/format/bytes.ts';
 
 describe('64-bit fields', () => {
   it('putU64 writes a number as its BigInt would be written (the fast path for safe integers, two\'s complement for negatives)', () => {
@@ -19,6 +19,27 @@ describe('64-bit fields', () => {
         putU64(b, 0, BigInt(v));
         expect(b).toEqual(a);
       }),
+    );
+  });
+});
+
+describe('table entries', () => {
+  it('nonZeroEntries finds exactly the entries with a non-zero byte, on any view and length', () => {
+    fc.assert(
+      fc.property(
+        fc.integer({ min: 0, max: 300 }),
+        fc.array(fc.tuple(fc.nat(), fc.integer({ min: 1, max: 255 })), { maxLength: 20 }),
+        fc.integer({ min: 0, max: 7 }),
+        (entries, hits, shift) => {
+          const backing = new Uint8Array(entries * 8 + shift);
+          const t = backing.subarray(shift);
+          for (const [at, v] of hits) if (t.length) t[at % t.length] = v;
+          const want: number[] = [];
+          for (let i = 0; i < entries; i++) if (t.subarray(i * 8, i * 8 + 8).some((b) => b !== 0)) want.push(i);
+          expect(nonZeroEntries(t)).toEqual(want);
+        },
+      ),
+      { numRuns: 300 },
     );
   });
 });

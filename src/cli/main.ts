@@ -416,7 +416,7 @@ async function cmdCheck(argv: string[], io: Output): Promise<number> {
   if (r === undefined && report.leaks && !report.corruptions) {
     const j = await (await lazy.locate()).readJournal(at.path).catch(() => undefined);
     if (j?.live && j.transactions.some((t) => t.committed && !t.applied)) {
-      io.err(`qledger: note: the image's journal holds a committed write-back that is not in place yet; a read-write open (qledger io) completes it and removes these leaks\n`);
+      io.err(`qledger: note: the image's journal holds a committed write-back that is not in place yet; a read-write open completes it and removes these leaks (qledger io opens read-write when a command writes)\n`);
     }
   }
 

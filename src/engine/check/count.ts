@@ -17,7 +17,7 @@
 import { QledgerError, hexDigits, hexWord } from '../../errors.ts';
 import { readAt, readClusters, type BlockDevice } from '../../io/device.ts';
 import { geometryOf, type Geometry, type ParsedHeader } from '../../format/header.ts';
-import { u32 } from '../../format/bytes.ts';
+import { nonZeroEntries, u32 } from '../../format/bytes.ts';
 import { AUTOCLEAR_BITMAPS, INCOMPAT_DATA_FILE } from '../../format/features.ts';
 import { compressedDescriptor, isCompressed, isCopied, readL2Entry, standardOffset, type RawL2Entry, L2E_COMPRESSED_HI, L2E_COPIED_HI, L2E_OFFSET_MASK_HI, L2E_OFFSET_MASK_LO, L2E_STD_RESERVED_HI, L2E_STD_RESERVED_LO } from '../../format/l2.ts';
 import { entryOffset, l1ReservedBits } from '../../format/l1.ts';
@@ -492,7 +492,7 @@ export async function analyze(img: Image, opts: { bitmaps?: boolean } = {}): Pro
   }
   // refcount blocks: each must be aligned, inside the image, and referenced exactly once
   const reftable = await readAt(dev, h.refcountTableOffset, h.refcountTableClusters * cs);
-  for (let i = 0; i < reftable.length / 8; i++) {
+  for (const i of nonZeroEntries(reftable)) {
     const { offset, reservedBits } = refcountTableEntry(reftable, i);
     if (reservedBits) {
       corrupt(`ERROR refcount table entry ${i} has reserved bits set`, h.refcountTableOffset + i * 8);

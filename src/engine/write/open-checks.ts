@@ -7,7 +7,7 @@
  */
 
 import { CorruptionError, QledgerError, hex } from '../../errors.ts';
-import { u32 } from '../../format/bytes.ts';
+import { nonZeroEntries, u32 } from '../../format/bytes.ts';
 import { AUTOCLEAR_JOURNAL } from '../../format/features.ts';
 import { bitmapsFields, type Geometry, type ParsedHeader } from '../../format/header.ts';
 import type { HeaderState } from '../../state/state.ts';
@@ -30,13 +30,13 @@ export function validateTables(name: string, g: Geometry, l1: Uint8Array, reftab
   const refuse = (what: string, at: number, off: number, problem: string) => {
     throw new CorruptionError(`${name}: ${what} at ${hex(at)} points at ${hex(off)}, ${problem}; cannot be opened read/write. Run 'qledger check -r all' first`, { path: name, offset: at, points: off });
   };
-  for (let i = 0; i < reftable.length / 8; i++) {
+  for (const i of nonZeroEntries(reftable)) {
     const off = reftableEntryOffset(u32(reftable, i * 8), u32(reftable, i * 8 + 4));
     if (off === 0) continue;
     if (off % cs !== 0) refuse(`refcount table entry ${i}`, reftableAt + i * 8, off, 'which is not cluster aligned');
     if (off + cs > fileSize) refuse(`refcount table entry ${i}`, reftableAt + i * 8, off, `past the end of the file (${hex(fileSize)})`);
   }
-  for (let i = 0; i < l1.length / 8; i++) {
+  for (const i of nonZeroEntries(l1)) {
     const off = entryOffset(u32(l1, i * 8), u32(l1, i * 8 + 4));
     if (off === 0) continue;
     if (off % cs !== 0) refuse(`L1 entry ${i}`, l1At + i * 8, off, 'which is not cluster aligned');
