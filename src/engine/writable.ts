@@ -12,7 +12,7 @@ import { getRefcount } from '../format/refcount.ts';
 import { u64 } from '../format/bytes.ts';
 import { readAt } from '../io/device.ts';
 import type { SnapshotEntry } from '../format/snapshot.ts';
-import { geometryOf, type ParsedHeader } from '../format/header.ts';
+import type { ParsedHeader } from '../format/header.ts';
 import { locateJournal } from './journal/locate.ts';
 import { planJournal, type JournalPlan } from './journal/live.ts';
 import { recoverJournal, type RecoveryReport } from './journal/replay.ts';
@@ -21,8 +21,6 @@ import { checkUntrusted, combinePath, openLayer, probeFormat, type ImageFormat }
 import { allowedDirOf } from './untrusted.ts';
 import { Qcow2Writer, type DetectZeroes, type TraceEvent } from './writer.ts';
 import { countReferences } from './check/count.ts';
-import { validateTables } from './write/open-checks.ts';
-import { readBitmapDirectory } from './write/bitmaps.ts';
 import { planCreate, writeSkeleton, writeSkeletonTo, type CreateOptions } from './create.ts';
 import type { Fault } from './faults.ts';
 import type { Layer } from './layer.ts';
@@ -94,14 +92,6 @@ export async function openSession(dev: BlockDevice, dataDev: BlockDevice | undef
   let recovery: RecoveryReport = { action: 'none', writes: 0, warnings: [] };
   let journal: JournalPlan | undefined;
   if ((h0.incompatibleFeatures & INCOMPAT_CORRUPT) === 0n) {
-    // the tables the writer will trust are checked before recovery writes anything (and again by
-    // the writer, after it): a crash leaves them valid at every point, so a damaged image is refused
-    // as it is, never half repaired first
-    const g0 = geometryOf(h0);
-    const l1 = await readAt(dev, h0.l1TableOffset, h0.l1Size * 8);
-    const reftable = await readAt(dev, h0.refcountTableOffset, h0.refcountTableClusters * g0.clusterSize);
-    validateTables(name, g0, l1, reftable, h0.l1TableOffset, h0.refcountTableOffset, loaded.fileSize);
-    if (h0.version === 3) await readBitmapDirectory(dev, name, loaded.parsed, g0.clusterSize, 0);
     // read once: recovery may move the checkpoint, never the area or the extension
     const located = await locateJournal(dev, loaded.parsed, loaded.fileSize);
     recovery = await recoverJournal(dev, name, loaded.parsed, loaded.fileSize, located, { entries: loaded.snapshots, tableBytes: loaded.snapshotTableBytes });

@@ -29,6 +29,8 @@ import { checkpoint } from './live.ts';
 import type { SnapshotEntry } from '../../format/snapshot.ts';
 import { OL_ACTIVE_L1, OL_ACTIVE_L2, OL_MAIN_HEADER, OL_REFCOUNT_BLOCK, OL_REFCOUNT_TABLE, OverlapIndex, overlapName, overlapNames } from '../write/overlap.ts';
 import { buildOverlapIndex } from '../write/overlap-build.ts';
+import { validateTables } from '../write/open-checks.ts';
+import { readBitmapDirectory } from '../write/bitmaps.ts';
 import { locateJournal, type JournalView, type Located } from './locate.ts';
 
 export interface RecoveryReport {
@@ -82,9 +84,10 @@ export async function recoverJournal(
   }
   const tx = unapplied[0]!;
   if (tx.records.some((r) => r.kind === 'unjournalled')) return { ...none, action: 'scan', tx: tx.tx };
-  // no crash point leaves two structures in one cluster: an image that has them is damaged
-  // otherwise, the writer's open refuses its writes, and recovery must not write first either
-  const index = await currentOverlap(dev, parsed, snapshots);
+  // Before anything is written: what the writer's open refuses (the tables, the bitmap directory)
+  // is refused here the same way, and no crash point leaves two structures in one cluster: an image
+  // that has them is damaged otherwise, the writer refuses its writes, and recovery writes nothing.
+  const index = await checkedOverlap(dev, name, parsed, fileSize, snapshots);
   const damaged = index.firstOverlap();
   if (damaged) return { ...none, action: 'ignored', warnings: [`${name}: journal transaction ${tx.tx} not replayed, the image's ${overlapNames(damaged.kinds).join(' and ')} already share the cluster at ${hex(damaged.offset)}`] };
   const torn = await dataMismatch(dev, fileSize, tx);
@@ -131,13 +134,21 @@ async function dataMismatch(dev: BlockDevice, fileSize: number, tx: JournalTrans
   return undefined;
 }
 
-/** The overlap index of what the image holds now (before the replay). */
-async function currentOverlap(dev: BlockDevice, parsed: ParsedHeader, snapshots: { readonly entries: readonly SnapshotEntry[]; readonly tableBytes: number }): Promise<OverlapIndex> {
+/**
+ * The overlap index of what the image holds now (before the replay), after
+ * the checks of the writer's open (write/open-checks.ts validateTables, the
+ * bitmap directory as QEMU loads it, without the size its tables must
+ * cover, which the replay may change): a failure throws as the open would.
+ */
+async function checkedOverlap(dev: BlockDevice, name: string, parsed: ParsedHeader, fileSize: number, snapshots: { readonly entries: readonly SnapshotEntry[]; readonly tableBytes: number }): Promise<OverlapIndex> {
   const h = parsed.header;
-  const cs = 2 ** h.clusterBits;
-  const index = new OverlapIndex(geometryOf(h), 'all');
+  const g = geometryOf(h);
+  const cs = g.clusterSize;
   const l1 = await readAt(dev, h.l1TableOffset, h.l1Size * 8);
   const reftable = await readAt(dev, h.refcountTableOffset, h.refcountTableClusters * cs);
+  validateTables(name, g, l1, reftable, h.l1TableOffset, h.refcountTableOffset, fileSize);
+  await readBitmapDirectory(dev, name, parsed, cs, 0);
+  const index = new OverlapIndex(g, 'all');
   await buildOverlapIndex(index, { dev, parsed, l1, reftable, snapshots: snapshots.entries, snapshotTableBytes: snapshots.tableBytes });
   return index;
 }
