@@ -288,29 +288,13 @@ export function planFlush(p: PlanInput): Plan {
       let list = batches.get(r.rt);
       if (!list) batches.set(r.rt, (list = []));
       list.push(r);
-      // the record's arrays in locals: `r` is of many shapes here, and a load through it per entry is slow
-      const ro = r.old;
-      const rn = r.new;
-      for (let k = 0; k < rn.length && !decrements; k++) if (rn[k]! < ro[k]!) decrements = true;
+      if (!decrements) decrements = anyDecrement(r.old, r.new);
     } else if (r.kind === 'l2s') {
       changedL2.set(r.l1Index, r.table);
       // the entries whose change is COPIED alone, by direction; a snapshot's record is all one or the other
-      const ri = r.index;
-      const ro = r.old;
-      const rn = r.new;
-      const gain = new Uint32Array(ri.length);
-      const lose = new Uint32Array(ri.length);
-      let g1 = 0;
-      let l1 = 0;
-      for (let k = 0; k < ri.length; k++) {
-        const oh = ro[k * 4]!;
-        const nh = rn[k * 4]!;
-        if (((oh ^ nh) & COPIED) === 0 || ro[k * 4 + 1] !== rn[k * 4 + 1] || ((oh ^ nh) & ~COPIED) !== 0) continue;
-        if ((nh & COPIED) !== 0) gain[g1++] = ri[k]!;
-        else lose[l1++] = ri[k]!;
-      }
-      if (g1) pushChunk(gainCopiedL2, r.l1Index, gain.subarray(0, g1));
-      if (l1) pushChunk(loseCopiedL2, r.l1Index, lose.subarray(0, l1));
+      const { gain, lose } = copiedOnly(r.index, r.old, r.new);
+      if (gain.length) pushChunk(gainCopiedL2, r.l1Index, gain);
+      if (lose.length) pushChunk(loseCopiedL2, r.l1Index, lose);
     } else if (r.kind === 'l2') {
       changedL2.set(r.l1Index, r.table);
       // most records keep COPIED as it is: one test of the bit before the full comparison
@@ -359,18 +343,7 @@ export function planFlush(p: PlanInput): Plan {
       const i = cluster % E;
       setRefcount(view, i, g.refcountOrder, Math.min(max, getRefcount(view, i, g.refcountOrder) + inc));
     }
-    for (const b of batches.get(rt) ?? []) {
-      // a tree's worth in one read and one write of the block's entries (a decrement keeps the value)
-      const vals = new Float64Array(b.index.length);
-      readRefcounts(view, b.index, g.refcountOrder, vals);
-      const bo = b.old;
-      const bn = b.new;
-      for (let k = 0; k < vals.length; k++) {
-        const inc = bn[k]! - bo[k]!;
-        if (inc > 0) vals[k] = Math.min(max, vals[k]! + inc);
-      }
-      writeRefcounts(view, b.index, g.refcountOrder, vals);
-    }
+    for (const b of batches.get(rt) ?? []) addIncrements(view, b.index, b.old, b.new, g.refcountOrder, max);
     if (p.lazy) view.set(cur); // a new block under lazy refcounts: its exact values, dirty bit covers it
     afterPhase0.set(rt, view);
     phase0.push(...dirtySectors(base, view, offset, `refblock ${hex(offset)}`, OL_REFCOUNT_BLOCK));
@@ -443,6 +416,44 @@ export function planFlush(p: PlanInput): Plan {
   p.faults?.rearrange(lists, l1Moved || reftableMoved);
   const phases = lists.phases(p.dataWritten);
   return { phases, lazySkipped };
+}
+
+// The per-entry loops over a record's arrays are functions of their own: planFlush runs once per
+// write-back, so in a fresh process its body stays unoptimised, while these, called once per record
+// (thousands of times for a snapshot), are optimised early. Their arguments are the record's arrays,
+// never the record: records come in many shapes, and a load through one per entry is slow.
+
+/** whether any entry's new refcount is below its old one */
+function anyDecrement(old: ArrayLike<number>, now: ArrayLike<number>): boolean {
+  for (let k = 0; k < now.length; k++) if (now[k]! < old[k]!) return true;
+  return false;
+}
+
+/** the indices of an `l2s` record whose entries change in their COPIED bit alone, by direction (entries as 4 words each) */
+function copiedOnly(index: ArrayLike<number>, old: ArrayLike<number>, now: ArrayLike<number>): { gain: Uint32Array; lose: Uint32Array } {
+  const gain = new Uint32Array(index.length);
+  const lose = new Uint32Array(index.length);
+  let g = 0;
+  let l = 0;
+  for (let k = 0; k < index.length; k++) {
+    const oh = old[k * 4]!;
+    const nh = now[k * 4]!;
+    if (((oh ^ nh) & COPIED) === 0 || old[k * 4 + 1] !== now[k * 4 + 1] || ((oh ^ nh) & ~COPIED) !== 0) continue;
+    if ((nh & COPIED) !== 0) gain[g++] = index[k]!;
+    else lose[l++] = index[k]!;
+  }
+  return { gain: gain.subarray(0, g), lose: lose.subarray(0, l) };
+}
+
+/** a `refcounts` record's increments added to `view` in one read and one write of its entries (a decrement keeps the value) */
+function addIncrements(view: Uint8Array, index: ArrayLike<number>, old: ArrayLike<number>, now: ArrayLike<number>, order: number, max: number): void {
+  const vals = new Float64Array(index.length);
+  readRefcounts(view, index, order, vals);
+  for (let k = 0; k < vals.length; k++) {
+    const inc = now[k]! - old[k]!;
+    if (inc > 0) vals[k] = Math.min(max, vals[k]! + inc);
+  }
+  writeRefcounts(view, index, order, vals);
 }
 
 function bitmapsChanged(a: HeaderState, b: HeaderState): boolean {
