@@ -99,11 +99,11 @@ export class Allocator {
       const old = new Float64Array(m);
       const next = new Float64Array(m);
       readRefcounts(block, grp.index, order, old);
-      for (let k = 0; k < m; k++) {
+      const k = addDelta(old, grp.times, delta, next, this.max, o.referenced === true);
+      if (k < m) {
+        // the first refused entry (each case below throws)
         const was = old[k]!;
-        const now = was + grp.times[k]! * delta;
-        next[k] = now;
-        if (!((was === 0 && o.referenced) || now < 0 || now > this.max)) continue;
+        const now = next[k]!;
         const i = grp.index[k]!;
         const c = rt * E + i;
         if (was === 0 && o.referenced) throw new CorruptionError(`${ctx.filename}: cluster ${where(c)} is referenced but its refcount is 0; run 'qledger check -r all'`, { cluster: c });
@@ -114,8 +114,7 @@ export class Allocator {
     }
     for (const r of out) {
       ctx.emit(r);
-      const { onResult } = o;
-      if (onResult) for (let k = 0, base = r.rt * E, { index, new: next } = r; k < index.length; k++) onResult(base + index[k]!, next[k]!);
+      if (o.onResult) eachResult(r.rt * E, r.index, r.new, o.onResult);
     }
   }
 
@@ -544,4 +543,28 @@ export class Allocator {
       }
     }
   }
+}
+
+// changeRefcounts' per-entry loops, as functions of their own: in its async body they would run
+// unoptimised in a fresh process (a snapshot passes a million entries through them)
+
+/**
+ * next[k] = old[k] + times[k] * delta for every entry; the first k whose
+ * result is refused (below 0, above `max`, or from 0 when `referenced`), or
+ * the length when none is.
+ */
+function addDelta(old: Float64Array, times: Float64Array, delta: number, next: Float64Array, max: number, referenced: boolean): number {
+  let bad = old.length;
+  for (let k = 0; k < old.length; k++) {
+    const was = old[k]!;
+    const now = was + times[k]! * delta;
+    next[k] = now;
+    if (bad === old.length && ((was === 0 && referenced) || now < 0 || now > max)) bad = k;
+  }
+  return bad;
+}
+
+/** onResult(cluster, refcount) for every entry of a `refcounts` record */
+function eachResult(base: number, index: Uint32Array, next: Float64Array, onResult: (c: number, refcount: number) => void): void {
+  for (let k = 0; k < index.length; k++) onResult(base + index[k]!, next[k]!);
 }
