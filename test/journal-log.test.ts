@@ -151,14 +151,20 @@ async function recoverAndCheck(image: Uint8Array): Promise<{ corruptions: number
   return { corruptions: r.corruptions + r.checkErrors, leaks: r.leaks, action: recovery.action, warnings };
 }
 
+// A write-back stopped after 0 phases has its frames durable and no in-place write. Its data (all in
+// clusters it allocates) shared the frames' flush, and without an increment on disk recovery cannot
+// tell that flush completed: it drops the transaction (nothing of it is in place; the write was never
+// acknowledged). From the first phase on, the increments show the flush completed: it completes it.
+const expectedAt = (phases: number) => (phases === 0 ? 'dropped' : 'replayed');
+
 describe('recovery', () => {
-  it('a crash at any phase of a journalled write-back: the open completes it, no leak, no corruption', async () => {
+  it('a crash at any phase of a journalled write-back: the open completes it (or drops it, before any in-place write), no leak, no corruption', async () => {
     for (const phases of [0, 1, 2, 3]) {
       const c = await crashedImage(phases, 11 + phases);
       const raw = await checkDevice(new MemoryDevice('j', c.image, { readOnly: true }), 'j');
       expect(raw.corruptions + raw.checkErrors).toBe(0);
       const r = await recoverAndCheck(c.image);
-      expect(r, `stopped after ${phases} phases`).toMatchObject({ corruptions: 0, leaks: 0, action: 'replayed', warnings: [] });
+      expect(r, `stopped after ${phases} phases`).toMatchObject({ corruptions: 0, leaks: 0, action: expectedAt(phases), warnings: [] });
     }
   });
 
@@ -180,7 +186,7 @@ describe('recovery', () => {
       expect(stopped, `stopped after ${phases}`).toBe(true);
       expect(trace.some((e) => e.type === 'record' && e.record.kind === 'reftable-swap')).toBe(true);
       const r = await recoverAndCheck(dev.snapshot());
-      expect(r, `stopped after ${phases} phases`).toMatchObject({ corruptions: 0, leaks: 0, action: 'replayed' });
+      expect(r, `stopped after ${phases} phases`).toMatchObject({ corruptions: 0, leaks: 0, action: expectedAt(phases) });
     }
   });
 
@@ -192,6 +198,9 @@ describe('recovery', () => {
     await w.write(0, new Uint8Array(4096).fill(1));
     await w.flush();
     (w as unknown as { stopAfterPhase: number }).stopAfterPhase = 0;
+    // a rewrite of the first cluster too, so that the data is summed (not all in new clusters) and the
+    // transaction, its data intact, is one recovery would complete
+    await w.write(0, new Uint8Array(4096).fill(3));
     await w.write(6 << 20, new Uint8Array(4096).fill(2));
     await expect(w.flush()).rejects.toThrow(/stopped after 0 phases/);
     const image = made.snapshot();
@@ -214,18 +223,26 @@ describe('recovery', () => {
     expect(ok.action).toBe('replayed');
   });
 
-  /** A journalled write-back of one write at `at` of `length` bytes into new clusters, traced; the writer is left open. */
-  async function tracedWriteBack(length: number, stopAfterPhase?: number) {
+  /**
+   * A journalled write-back of `length` bytes at guest 2 MiB, traced; the
+   * writer is left open. Into new clusters, or with `overwrite`, over
+   * clusters written before, with 4 KiB into a new cluster at guest 4 MiB
+   * in the same write-back (so that it has a transaction whose data is not
+   * all in clusters it allocates).
+   */
+  async function tracedWriteBack(length: number, stopAfterPhase?: number, overwrite = false) {
     const dev = new MemoryDevice('d.qcow2');
     await createOnDevice(dev, 'd.qcow2', { size: 8 << 20, clusterSize: 4096 });
     const w = await openWriterOnDevice(dev, 'd.qcow2', { journalBytes: 1 << 20 });
     await w.write(0, new Uint8Array(4096).fill(1));
+    if (overwrite) await w.write(2 << 20, new Uint8Array(length).fill(2));
     await w.flush(); // the journal started: what follows is the steady state
     const trace: import('../src/engine/writer.ts').TraceEvent[] = [];
     (w as unknown as { trace: unknown }).trace = trace;
     if (stopAfterPhase !== undefined) (w as unknown as { stopAfterPhase: number }).stopAfterPhase = stopAfterPhase;
     const bytes = new Uint8Array(length).map((_, i) => 1 + (i % 251));
     await w.write(2 << 20, bytes);
+    if (overwrite) await w.write(4 << 20, new Uint8Array(4096).fill(3));
     const flushed = await w.flush().then(
       () => true,
       (e: unknown) => {
@@ -236,42 +253,55 @@ describe('recovery', () => {
     const image = dev.snapshot();
     const { parsed, fileSize } = await loadQcow2(new MemoryDevice('d', image, { readOnly: true }));
     const d = await dumpJournal(new MemoryDevice('d', image, { readOnly: true }), parsed, fileSize);
-    const sums = d.transactions.at(-1)!.records.filter((r) => r.kind === 'data-crc') as Array<Extract<JournalRecord, { kind: 'data-crc' }>>;
-    return { w, trace, flushed, image, sums, bytes, flushes: trace.filter((e) => e.type === 'flush').length };
+    const records = d.transactions.at(-1)!.records;
+    const sums = records.filter((r) => r.kind === 'data-crc') as Array<Extract<JournalRecord, { kind: 'data-crc' }>>;
+    const fresh = records.filter((r) => r.kind === 'data-fresh') as Array<Extract<JournalRecord, { kind: 'data-fresh' }>>;
+    return { w, trace, flushed, image, sums, fresh, bytes, flushes: trace.filter((e) => e.type === 'flush').length };
   }
 
-  it('a small write shares the frames\' flush: its checksum is in the transaction, three flushes instead of four', async () => {
-    const small = await tracedWriteBack(4096);
-    expect(small.flushed).toBe(true);
-    // frames with the data; refcount increment and new L2 table; the L2 entry
+  it('data into clusters the write-back allocates shares the frames\' flush, whatever its size: three flushes instead of four', async () => {
+    for (const length of [4096, 256 << 10, 2 << 20]) {
+      const c = await tracedWriteBack(length);
+      expect(c.flushed).toBe(true);
+      // frames with the data; refcount increments and new L2 table; the L2 entries
+      expect(c.flushes, `${length} bytes`).toBe(3);
+      expect(c.sums).toHaveLength(0);
+      expect(c.fresh.reduce((n, r) => n + r.length, 0)).toBe(length);
+      await c.w.close();
+    }
+  });
+
+  it('other data shares the flush with its checksums up to 128 KiB, and is flushed on its own past that', async () => {
+    const small = await tracedWriteBack(8192, undefined, true);
     expect(small.flushes).toBe(3);
-    expect(small.sums).toHaveLength(1);
-    expect(small.sums[0]!.length).toBe(4096);
+    expect(small.fresh).toHaveLength(0);
+    expect(small.sums.map((x) => x.length)).toEqual([8192, 4096]);
     expect(small.sums[0]!.crc).toBe(crc32(small.bytes));
-    expect(crc32(small.image.subarray(small.sums[0]!.host, small.sums[0]!.host + 4096))).toBe(small.sums[0]!.crc);
-    // past 128 KiB of data since the last flush: the data is flushed on its own first, and nothing is summed
-    const big = await tracedWriteBack(256 << 10);
+    expect(crc32(small.image.subarray(small.sums[0]!.host, small.sums[0]!.host + 8192))).toBe(small.sums[0]!.crc);
+    const big = await tracedWriteBack(256 << 10, undefined, true);
     expect(big.flushes).toBe(4);
     expect(big.sums).toHaveLength(0);
+    expect(big.fresh).toHaveLength(0);
   });
 
   it('recovery drops a transaction whose summed data did not reach the disk, and completes it when it did', async () => {
     // stopped after the frames' flush: the data is durable with them
-    const c = await tracedWriteBack(8192, 0);
+    const c = await tracedWriteBack(8192, 0, true);
     expect(c.flushed).toBe(false);
-    expect(c.sums).toHaveLength(1);
+    expect(c.sums).toHaveLength(2);
     const whole = await recoverAndCheck(c.image.slice());
     expect(whole).toMatchObject({ corruptions: 0, leaks: 0, action: 'replayed' });
-    // the same frames beside torn data (a power cut before that flush completed): the mapping would
-    // show bytes that were never written, so nothing of the transaction may be completed
+    // the same frames beside a torn new cluster (a power cut before that flush completed): the mapping
+    // would show bytes that were never written, so nothing of the transaction may be completed
+    const added = c.sums[1]!;
     const torn = c.image.slice();
-    torn.fill(0xee, c.sums[0]!.host + 4096, c.sums[0]!.host + 8192);
+    torn.fill(0xee, added.host + 2048, added.host + 4096);
     const dev = new MemoryDevice('d.qcow2', torn);
     const { writer, recovery } = await openSession(dev, undefined, 'd.qcow2', undefined, {});
     expect(recovery).toMatchObject({ action: 'dropped', warnings: [] });
-    const got = new Uint8Array(8192);
-    await writer.read(2 << 20, got);
-    expect(Buffer.from(got).equals(Buffer.alloc(8192))).toBe(true);
+    const got = new Uint8Array(4096);
+    await writer.read(4 << 20, got);
+    expect(Buffer.from(got).equals(Buffer.alloc(4096))).toBe(true);
     await writer.close();
     const r = await checkDevice(new MemoryDevice('d.qcow2', dev.snapshot(), { readOnly: true }), 'd.qcow2');
     expect(r.corruptions + r.checkErrors + r.leaks).toBe(0);
@@ -281,6 +311,47 @@ describe('recovery', () => {
     const { parsed, fileSize } = await loadQcow2(new MemoryDevice('d', dev.snapshot(), { readOnly: true }));
     const { recoverJournal } = await import('../src/engine/journal/replay.ts');
     expect((await recoverJournal(new MemoryDevice('d.qcow2', dev.snapshot()), 'd.qcow2', parsed, fileSize)).action).toBe('none');
+  });
+
+  it('data in new clusters: dropped while none of the refcount increments is on disk, completed once one is; refused where the transaction does not allocate it', async () => {
+    // stopped after the frames' flush: the increments were not written, so that flush may not have
+    // completed (the data may be torn) and nothing of the transaction is in place
+    const before = await tracedWriteBack(64 << 10, 0);
+    expect(before.fresh).toHaveLength(1);
+    const torn = before.image.slice();
+    torn.fill(0xee, before.fresh[0]!.host, before.fresh[0]!.host + 4096);
+    const dev = new MemoryDevice('d.qcow2', torn);
+    const { writer, recovery } = await openSession(dev, undefined, 'd.qcow2', undefined, {});
+    expect(recovery).toMatchObject({ action: 'dropped', warnings: [] });
+    const got = new Uint8Array(64 << 10);
+    await writer.read(2 << 20, got);
+    expect(Buffer.from(got).equals(Buffer.alloc(64 << 10))).toBe(true);
+    await writer.close();
+    const r = await checkDevice(new MemoryDevice('d.qcow2', dev.snapshot(), { readOnly: true }), 'd.qcow2');
+    expect(r.corruptions + r.checkErrors + r.leaks).toBe(0);
+    // stopped after the increments: the flush had completed, the data is there, and it is completed
+    const after = await tracedWriteBack(64 << 10, 1);
+    const done = await recoverAndCheck(after.image.slice());
+    expect(done).toMatchObject({ corruptions: 0, leaks: 0, action: 'replayed' });
+    const dev2 = new MemoryDevice('d.qcow2', after.image.slice());
+    const o = await openSession(dev2, undefined, 'd.qcow2', undefined, {});
+    const back = new Uint8Array(64 << 10);
+    await o.writer.read(2 << 20, back);
+    expect(Buffer.from(back).equals(Buffer.from(after.bytes))).toBe(true);
+    await o.writer.abandon();
+    // a range in a cluster the transaction does not allocate (the header's): not a journal qledger wrote
+    const { parsed, fileSize } = await loadQcow2(new MemoryDevice('d', before.image, { readOnly: true }));
+    const d = await dumpJournal(new MemoryDevice('d', before.image, { readOnly: true }), parsed, fileSize);
+    const tx = d.transactions.at(-1)!;
+    const forged = before.image.slice();
+    const enc = log.encodeTransaction([...tx.records, { kind: 'data-fresh', host: 0, length: 512 }], { generation: d.area!.generation, tx: tx.tx, seq: tx.firstSeq });
+    forged.set(enc.bytes, d.area!.offset + 512);
+    const dev3 = new MemoryDevice('d.qcow2', forged.slice());
+    const { recoverJournal } = await import('../src/engine/journal/replay.ts');
+    const x = await recoverJournal(dev3, 'd.qcow2', parsed, fileSize);
+    expect(x.action).toBe('ignored');
+    expect(x.warnings.join()).toMatch(/its data at 0x0 is in cluster 0x0, which it does not allocate/);
+    expect(Buffer.from(dev3.snapshot()).equals(Buffer.from(forged))).toBe(true);
   });
 
   it('a transaction whose checksums cover more than 16 MiB is not one qledger wrote: ignored, nothing written', async () => {
@@ -454,7 +525,7 @@ describe.skipIf(!qemuAvailable)('with QEMU', () => {
       const before = check(f);
       expect([0, 3], before.stdout).toContain(before.status);
       const img = await Image.open(f, { write: true });
-      expect(img.recovery?.action).toBe('replayed');
+      expect(img.recovery?.action).toBe(expectedAt(phases));
       await img.close();
       expect(check(f).status).toBe(0);
     }

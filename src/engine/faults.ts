@@ -20,6 +20,7 @@ export const FAULTS = {
   'header-before-table': 'the header switches to a new L1 or refcount table before the table is durable',
   'data-after-mapping': 'guest data reaches the device only after the L2 entry that maps it',
   'unsummed-data': "guest data shares the journal transaction's flush without its checksums in the transaction",
+  'fresh-data-any': "guest data shares the journal transaction's flush as if written into clusters it allocates, wherever it went",
   'unshare-with-increment': 'entries lose COPIED with the refcount increments that make their clusters shared, no barrier between',
   'snapshot-before-refcounts': 'the header switches to a new snapshot table with the refcount increments for its tree, no barrier between',
   'copied-before-free': 'entries gain COPIED with the refcount decrement that leaves one reference, no barrier between',
@@ -57,6 +58,11 @@ export class FaultPlan implements PhaseRearranger {
   /** Rule (journal): data that shares the frames' flush is in the transaction with its checksums. */
   get unsummedData(): boolean {
     return this.fault === 'unsummed-data';
+  }
+
+  /** Rule (journal): data shares the frames' flush without checksums only when every cluster it went to is one the transaction allocates. */
+  get freshDataAny(): boolean {
+    return this.fault === 'fresh-data-any';
   }
 
   /** Rule: the enabled bitmaps are in use on disk before the first guest write of a session. */

@@ -25,6 +25,7 @@ export const RECORD_TYPE = {
   commit: 19,
   unjournalled: 20,
   'data-crc': 21,
+  'data-fresh': 22,
   refcounts: 10,
   l2s: 11,
 } as const;
@@ -44,6 +45,7 @@ export const RECORD_LENGTH: Record<Exclude<JournalRecord['kind'], 'begin' | 'ima
   commit: 16,
   unjournalled: 16,
   'data-crc': 24,
+  'data-fresh': 24,
 };
 
 export const HEADER_FIELD_ID: Record<HeaderField, number> = {
@@ -163,6 +165,10 @@ export function encodeRecordInto(r: JournalRecord, b: Uint8Array, off: number): 
       break;
     case 'data-crc':
       putU32(b, off + 4, r.crc);
+      putU64(b, off + 8, r.host);
+      putU64(b, off + 16, r.length);
+      break;
+    case 'data-fresh':
       putU64(b, off + 8, r.host);
       putU64(b, off + 16, r.length);
       break;
@@ -291,6 +297,9 @@ export function decodeRecord(b: Uint8Array, off = 0): { record: JournalRecord; l
       break;
     case 'data-crc':
       record = { kind, host: u64r(b, off + 8), length: u64r(b, off + 16), crc: u32(b, off + 4) };
+      break;
+    case 'data-fresh':
+      record = { kind, host: u64r(b, off + 8), length: u64r(b, off + 16) };
       break;
     case 'refcounts': {
       const n = u32(b, off + 4);

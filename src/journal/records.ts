@@ -94,7 +94,15 @@ export type LogRecord =
    * share the transaction's flush instead of one of their own: the
    * transaction is complete only where they read back with this CRC-32.
    */
-  | { readonly kind: 'data-crc'; readonly host: number; readonly length: number; readonly crc: number };
+  | { readonly kind: 'data-crc'; readonly host: number; readonly length: number; readonly crc: number }
+  /**
+   * Guest bytes at `host` that share the transaction's flush, written into
+   * clusters the transaction allocates (their refcounts rise from 0): the
+   * refcount increments are written only after that flush, so while none
+   * of the transaction's increments is on disk the flush may not have
+   * completed, and nothing of the transaction is in place.
+   */
+  | { readonly kind: 'data-fresh'; readonly host: number; readonly length: number };
 
 export type JournalRecord = MetaRecord | MarkerRecord | LogRecord;
 
@@ -162,5 +170,7 @@ export function describe(r: JournalRecord): string {
       return `unjournalled write-back of ${r.records} records`;
     case 'data-crc':
       return `data ${hex(r.host)} +${hex(r.length)} crc32 ${hex(r.crc)}`;
+    case 'data-fresh':
+      return `data ${hex(r.host)} +${hex(r.length)} in new clusters`;
   }
 }

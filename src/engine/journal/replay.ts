@@ -92,7 +92,9 @@ export async function recoverJournal(
   if (damaged) return { ...none, action: 'ignored', warnings: [`${name}: journal transaction ${tx.tx} not replayed, the image's ${overlapNames(damaged.kinds).join(' and ')} already share the cluster at ${hex(damaged.offset)}`] };
   const torn = await dataMismatch(dev, fileSize, tx);
   if (torn === 'too much') return { ...none, action: 'ignored', warnings: [`${name}: journal transaction ${tx.tx} ignored, its data checksums cover more than ${SUMMED_MAX} bytes, which qledger never writes`] };
-  if (torn) {
+  const fresh = torn ? 'mixed' : await freshDataUnflushed(dev, parsed, tx);
+  if (typeof fresh === 'string' && fresh !== 'mixed') return { ...none, action: 'ignored', warnings: [`${name}: journal transaction ${tx.tx} ignored, ${fresh}, which qledger never writes`] };
+  if (torn || fresh === true) {
     // The data that shared the transaction's flush did not all reach the disk, so that flush never
     // completed and nothing of the transaction is in place; or it did, and the transaction was
     // entirely in place before later guest writes changed that data (a write-back runs alone).
@@ -132,6 +134,53 @@ async function dataMismatch(dev: BlockDevice, fileSize: number, tx: JournalTrans
     if (crc32(await readAt(dev, r.host, r.length)) !== r.crc) return `data at ${hex(r.host)} (${r.length} bytes) does not match its checksum`;
   }
   return undefined;
+}
+
+/**
+ * For a transaction whose data shares its flush in clusters it allocates
+ * (`data-fresh` records): true when none of its refcount changes is on
+ * disk, so that the flush may never have completed and nothing of it is in
+ * place (the increments are written only after that flush, and everything
+ * else after them); false when one is, or when it has no such data; a
+ * string when the records do not fit (data in a cluster the transaction
+ * does not allocate, or an image with lazy refcounts, whose increments are
+ * not written in place).
+ */
+async function freshDataUnflushed(dev: BlockDevice, parsed: ParsedHeader, tx: JournalTransaction): Promise<boolean | string> {
+  const ranges = tx.records.filter((r) => r.kind === 'data-fresh');
+  if (!ranges.length) return false;
+  const h = parsed.header;
+  if ((h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n) return 'it shares its flush with data on an image whose refcounts are not kept in place';
+  const g = geometryOf(h);
+  const cs = g.clusterSize;
+  const E = g.refcountBlockEntries;
+  const first = new Map<number, number>();
+  const last = new Map<number, number>();
+  for (const r of expandRecords(tx.records, E)) {
+    if (r.kind !== 'refcount') continue;
+    if (!first.has(r.cluster)) first.set(r.cluster, r.old);
+    last.set(r.cluster, r.new);
+  }
+  let total = 0;
+  for (const r of ranges) {
+    total += r.length;
+    if (total > 2 ** 40 || r.length <= 0) return `its data ranges are not ranges qledger writes`;
+    for (let c = Math.floor(r.host / cs); c <= Math.floor((r.host + r.length - 1) / cs); c++) {
+      if (first.get(c) !== 0 || !((last.get(c) ?? 0) > 0)) return `its data at ${hex(r.host)} is in cluster ${hex(c * cs)}, which it does not allocate`;
+    }
+  }
+  const reftable = await readAt(dev, h.refcountTableOffset, h.refcountTableClusters * cs);
+  const blocks = new Map<number, Uint8Array | undefined>();
+  for (const [c, was] of first) {
+    const rt = Math.floor(c / E);
+    if (!blocks.has(rt)) {
+      const B = rt * 8 < reftable.length ? refcountTableEntry(reftable, rt).offset : 0;
+      blocks.set(rt, B === 0 || B % cs !== 0 ? undefined : await readAt(dev, B, cs));
+    }
+    const b = blocks.get(rt);
+    if ((b ? getRefcount(b, c % E, g.refcountOrder) : 0) !== was) return false;
+  }
+  return true;
 }
 
 /**

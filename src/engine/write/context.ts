@@ -69,6 +69,13 @@ export class FileExtent {
     if (onImage) this.zeroFrom = Math.max(this.zeroFrom, Math.ceil((offset + length) / this.clusterSize) * this.clusterSize);
     this.dataWritten = true;
     this.dataSinceBarrier = true;
+    const ranges = this.ranges;
+    if (ranges) {
+      const last = ranges[ranges.length - 1];
+      if (!onImage || ranges.length >= DATA_RANGES_MAX) this.ranges = undefined;
+      else if (last && last.host + last.length === offset) ranges[ranges.length - 1] = { kind: 'data-fresh', host: last.host, length: last.length + length };
+      else ranges.push({ kind: 'data-fresh', host: offset, length });
+    }
     const sums = this.sums;
     if (!sums) return;
     if (!onImage || !bytes || this.sumBytes + length > SHARED_FLUSH_MAX || sums.length >= SHARED_FLUSH_WRITES) {
@@ -95,6 +102,18 @@ export class FileExtent {
     this.dataWritten = true;
     this.dataSinceBarrier = true;
     this.sums = undefined;
+    this.ranges = undefined;
+  }
+
+  /**
+   * Where the data since the last barrier went (the image file only,
+   * adjacent writes joined), when every change was a write of bytes into
+   * the image file, in at most DATA_RANGES_MAX ranges; undefined otherwise.
+   * When the transaction allocates every cluster of these ranges, the data
+   * may share the frames' flush without checksums (journal-session.ts).
+   */
+  get dataRanges(): readonly DataFresh[] | undefined {
+    return this.ranges;
   }
 
   /**
@@ -114,13 +133,19 @@ export class FileExtent {
     this.dataSinceBarrier = false;
     this.sums = [];
     this.sumBytes = 0;
+    this.ranges = [];
   }
 
+  private ranges: DataFresh[] | undefined = [];
   private sums: DataCrc[] | undefined = [];
   private sumBytes = 0;
 }
 
 type DataCrc = Extract<JournalRecord, { kind: 'data-crc' }>;
+type DataFresh = Extract<JournalRecord, { kind: 'data-fresh' }>;
+
+/** Data ranges since the last barrier kept for the fresh-cluster rule, at most (a write-back of more keeps its data flush). */
+export const DATA_RANGES_MAX = 4096;
 
 /**
  * Data since the last barrier up to this many bytes is checksummed into the

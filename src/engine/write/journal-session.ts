@@ -154,17 +154,22 @@ export class JournalSession {
   }
 
   /** The write-ahead step for a write-back of `pending` records, or undefined when it is not journalled. */
-  writeAhead(pending: readonly MetaRecord[], durableHeader: HeaderState): WriteAhead | undefined {
+  writeAhead(pending: readonly MetaRecord[], durableHeader: HeaderState, lazy = false): WriteAhead | undefined {
     const log = this.log;
     if (!log || !this.live || pending.length === 0) return undefined;
     const ctx = this.ctx;
     let tx = 0;
-    // data since the last barrier, every byte of it checksummed, shares the frames' flush: recovery
-    // drops a transaction whose data does not read back (test fault 'unsummed-data': without the sums)
+    // Data since the last barrier may share the frames' flush (journal-format.md, "Write protocol"):
+    // written into clusters this transaction allocates (recovery then sees whether the refcount
+    // increments, written after that flush, reached the disk), or else every byte of it checksummed
+    // (recovery drops a transaction whose data does not read back). Test faults: 'unsummed-data'
+    // shares the flush with neither; 'fresh-data-any' takes any data as written into new clusters.
+    const ranges = ctx.extent.dataSinceBarrier ? ctx.extent.dataRanges : [];
+    const fresh = !lazy && ranges !== undefined && ranges.length > 0 && (this.faults?.freshDataAny === true || allocatedHere(ranges, pending, ctx.geometry.clusterSize, ctx.geometry.refcountBlockEntries));
     const sums = ctx.extent.dataSinceBarrier ? ctx.extent.dataSums : [];
     const unsummed = this.faults?.unsummedData === true;
-    const shared = unsummed || sums !== undefined;
-    const carried = unsummed ? [] : (sums ?? []);
+    const shared = unsummed || fresh || sums !== undefined;
+    const carried = unsummed ? [] : fresh ? ranges : (sums ?? []);
     return {
       dataPending: ctx.extent.dataSinceBarrier && !shared,
       append: async () => {
@@ -276,4 +281,32 @@ export class JournalSession {
     }
     return out;
   }
+}
+
+/**
+ * Whether every cluster of `ranges` is one the pending records allocate:
+ * its first refcount record starts from 0 and its last ends above 0.
+ */
+function allocatedHere(ranges: readonly { readonly host: number; readonly length: number }[], pending: readonly MetaRecord[], cs: number, blockEntries: number): boolean {
+  const first = new Map<number, number>();
+  const last = new Map<number, number>();
+  for (const r of pending) {
+    if (r.kind === 'refcount') {
+      if (!first.has(r.cluster)) first.set(r.cluster, r.old);
+      last.set(r.cluster, r.new);
+    } else if (r.kind === 'refcounts') {
+      const { index, old, new: now } = r;
+      for (let k = 0; k < index.length; k++) {
+        const c = r.rt * blockEntries + index[k]!;
+        if (!first.has(c)) first.set(c, old[k]!);
+        last.set(c, now[k]!);
+      }
+    }
+  }
+  for (const r of ranges) {
+    for (let c = Math.floor(r.host / cs); c <= Math.floor((r.host + r.length - 1) / cs); c++) {
+      if (first.get(c) !== 0 || !((last.get(c) ?? 0) > 0)) return false;
+    }
+  }
+  return true;
 }

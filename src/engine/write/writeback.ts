@@ -104,7 +104,7 @@ export class WriteBack {
       afterPhase: async (phase) => this.faults?.afterPhase(phase, onHeld),
       afterPhases: async () => this.faults?.afterPhase(undefined, () => {}),
     };
-    await executePlan(plan.phases, io, { writeAhead: this.journal.writeAhead(this.pending, ctx.durable.header) });
+    await executePlan(plan.phases, io, { writeAhead: this.journal.writeAhead(this.pending, ctx.durable.header, lazy) });
     this.journal.written();
     let durable = ctx.cur;
     if (plan.lazySkipped.length) {
