@@ -32,6 +32,7 @@ import { buildOverlapIndex } from '../write/overlap-build.ts';
 import { validateTables } from '../write/open-checks.ts';
 import { readBitmapDirectory } from '../write/bitmaps.ts';
 import { locateJournal, type JournalView, type Located } from './locate.ts';
+import { DATA_RANGES_MAX } from '../write/context.ts';
 
 export interface RecoveryReport {
   /** 'replayed': a committed transaction was completed in place; 'scan': the
@@ -161,13 +162,16 @@ async function freshDataUnflushed(dev: BlockDevice, parsed: ParsedHeader, tx: Jo
     if (!first.has(r.cluster)) first.set(r.cluster, r.old);
     last.set(r.cluster, r.new);
   }
-  let total = 0;
-  for (const r of ranges) {
-    total += r.length;
-    if (total > 2 ** 40 || r.length <= 0) return `its data ranges are not ranges qledger writes`;
-    for (let c = Math.floor(r.host / cs); c <= Math.floor((r.host + r.length - 1) / cs); c++) {
-      if (first.get(c) !== 0 || !((last.get(c) ?? 0) > 0)) return `its data at ${hex(r.host)} is in cluster ${hex(c * cs)}, which it does not allocate`;
+  if (ranges.length > DATA_RANGES_MAX || ranges.some((r) => !(r.length > 0) || !Number.isSafeInteger(r.host + r.length))) return `its data ranges are not ranges qledger writes`;
+  // the clusters of the ranges' union, each once (a hostile journal's overlapping ranges cost no more
+  // than its records): every one must be a cluster the transaction allocates
+  const spans = ranges.map((r) => [Math.floor(r.host / cs), Math.floor((r.host + r.length - 1) / cs)] as const).sort((a, b) => a[0] - b[0]);
+  let next = 0;
+  for (const [lo, hi] of spans) {
+    for (let c = Math.max(lo, next); c <= hi; c++) {
+      if (first.get(c) !== 0 || !((last.get(c) ?? 0) > 0)) return `its data at ${hex(c * cs)} is in a cluster it does not allocate`;
     }
+    next = Math.max(next, hi + 1);
   }
   const reftable = await readAt(dev, h.refcountTableOffset, h.refcountTableClusters * cs);
   const blocks = new Map<number, Uint8Array | undefined>();
