@@ -164,11 +164,9 @@ export function encodeRecordInto(r: JournalRecord, b: Uint8Array, off: number): 
       putU64(b, off + 8, r.records);
       break;
     case 'data-crc':
-      putU32(b, off + 4, r.crc);
-      putU64(b, off + 8, r.host);
-      putU64(b, off + 16, r.length);
-      break;
     case 'data-fresh':
+      // the same layout; a data-fresh record's bytes 4-7 stay 0
+      if (r.kind === 'data-crc') putU32(b, off + 4, r.crc);
       putU64(b, off + 8, r.host);
       putU64(b, off + 16, r.length);
       break;
